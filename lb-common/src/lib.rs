@@ -1,0 +1,17 @@
+//! Types, constants and pure logic shared by `lb-ebpf` (kernel) and `lb-userspace` (daemon).
+//!
+//! Everything here is `no_std` and free of BPF helpers so that `cargo test -p lb-common` runs
+//! the very code the kernel runs. Map keys and values are `#[repr(C)]` without implicit padding:
+//! the kernel compares keys byte for byte.
+#![no_std]
+
+#[cfg(any(feature = "user", test))]
+extern crate std;
+
+pub mod maps;
+pub mod net;
+pub mod reason;
+pub mod stats;
+
+pub use reason::{Action, Reason};
+pub use stats::Counter;

@@ -1,0 +1,165 @@
+//! Verdicts and the named reasons behind every packet the data path does not forward.
+//!
+//! Every packet is counted exactly once by its [`Action`]. Every packet that is not forwarded
+//! (passed to the kernel or dropped) is also counted exactly once by its [`Reason`], so the
+//! reason counters explain the pass and drop counters completely.
+
+/// XDP verdicts, with the kernel's numeric values (`enum xdp_action`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Aborted = 0,
+    Drop = 1,
+    Pass = 2,
+    Tx = 3,
+    Redirect = 4,
+}
+
+impl Action {
+    /// Every action, in numeric order.
+    pub const ALL: [Self; 5] = [Self::Aborted, Self::Drop, Self::Pass, Self::Tx, Self::Redirect];
+
+    /// The kernel's verdict value.
+    #[inline(always)]
+    #[must_use]
+    pub const fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// Label used in metrics and logs.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Aborted => "aborted",
+            Self::Drop => "drop",
+            Self::Pass => "pass",
+            Self::Tx => "tx",
+            Self::Redirect => "redirect",
+        }
+    }
+
+    /// The action for a raw verdict value, if it is one the kernel defines.
+    #[must_use]
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Self::Aborted),
+            1 => Some(Self::Drop),
+            2 => Some(Self::Pass),
+            3 => Some(Self::Tx),
+            4 => Some(Self::Redirect),
+            _ => None,
+        }
+    }
+}
+
+/// Why a packet was passed to the kernel or dropped instead of being forwarded.
+///
+/// The discriminant indexes the reason part of the `STATS` counters, so values are stable:
+/// new reasons take new numbers, old numbers are never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the kernel's business.
+    NotIp = 0,
+    /// Well-formed IP traffic that is not addressed to a service.
+    NotService = 1,
+    /// The frame ends inside a header it announces.
+    Truncated = 2,
+    /// IPv4 header with a wrong version, IHL below 5 or a total length that does not fit
+    /// the header or the frame.
+    BadIpv4Header = 3,
+    /// IPv6 header with a wrong version or a payload length beyond the frame.
+    BadIpv6Header = 4,
+    /// More stacked VLAN tags than `MAX_VLAN_TAGS`.
+    TooManyVlanTags = 5,
+    /// More IPv6 extension headers than `MAX_IPV6_EXT_HEADERS`.
+    TooManyExtHeaders = 6,
+    /// A TCP header whose data offset is below 5 words.
+    BadTcpHeader = 7,
+    /// Headers reach past `MAX_L4_OFFSET` (very long IPv6 extension headers).
+    HeadersTooLong = 8,
+}
+
+impl Reason {
+    /// Every reason, in numeric order; userspace iterates this to read and export counters.
+    pub const ALL: [Self; 9] = [
+        Self::NotIp,
+        Self::NotService,
+        Self::Truncated,
+        Self::BadIpv4Header,
+        Self::BadIpv6Header,
+        Self::TooManyVlanTags,
+        Self::TooManyExtHeaders,
+        Self::BadTcpHeader,
+        Self::HeadersTooLong,
+    ];
+
+    /// What the data path does with a packet for this reason.
+    ///
+    /// Malformed packets go to the kernel rather than being dropped here: the kernel's own
+    /// checks drop and count them (`InHdrErrors`, `InTruncatedPkts`), so this program never
+    /// hides a fault from the host's usual tools.
+    #[inline(always)]
+    #[must_use]
+    pub const fn action(self) -> Action {
+        match self {
+            Self::NotIp
+            | Self::NotService
+            | Self::Truncated
+            | Self::BadIpv4Header
+            | Self::BadIpv6Header
+            | Self::TooManyVlanTags
+            | Self::TooManyExtHeaders
+            | Self::BadTcpHeader
+            | Self::HeadersTooLong => Action::Pass,
+        }
+    }
+
+    /// Label used in metrics (`lb_packets_total{reason="..."}`) and logs.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NotIp => "not_ip",
+            Self::NotService => "not_service",
+            Self::Truncated => "truncated",
+            Self::BadIpv4Header => "bad_ipv4_header",
+            Self::BadIpv6Header => "bad_ipv6_header",
+            Self::TooManyVlanTags => "too_many_vlan_tags",
+            Self::TooManyExtHeaders => "too_many_ext_headers",
+            Self::BadTcpHeader => "bad_tcp_header",
+            Self::HeadersTooLong => "headers_too_long",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_list_is_complete_and_ordered() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?} out of order in Reason::ALL");
+        }
+        assert!(Reason::ALL.len() <= crate::stats::REASON_SLOTS as usize);
+    }
+
+    #[test]
+    fn reason_names_are_unique_snake_case() {
+        let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        for name in &names {
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn action_round_trips() {
+        for action in Action::ALL {
+            assert_eq!(Action::from_u32(action.as_u32()), Some(action));
+        }
+        assert_eq!(Action::from_u32(5), None);
+    }
+}

@@ -1,0 +1,386 @@
+//! Header access and the one packet parser every feature uses.
+//!
+//! Every read of packet bytes goes through [`ptr_at`], which checks the access against
+//! `data_end` (the verifier insists, and a malformed frame must never be read past its end).
+//! Header structs are made of byte arrays so they have alignment 1 and can sit at any offset.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    Reason,
+    net::{
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPPROTO_FRAGMENT,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IPV6_HLEN,
+        MAX_IPV6_EXT_HEADERS, MAX_L4_OFFSET, MAX_VLAN_TAGS, TCP_MIN_HLEN, UDP_HLEN, VLAN_HLEN,
+        ipv6_ext_header_len, is_ipv6_ext_header,
+    },
+};
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The first two bytes of every IPv6 extension header.
+#[repr(C)]
+pub struct Ipv6ExtHdr {
+    pub next_header: u8,
+    pub len: u8,
+    pub rest: [u8; 2],
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack_seq: [u8; 4],
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg_ptr: [u8; 2],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// Pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // verifier: a packet pointer may only move by a bounded offset; callers' offsets are below
+    // MAX_L4_OFFSET plus a header, and this check makes the bound explicit.
+    if offset > MAX_L4_OFFSET + 64 {
+        return Err(Reason::HeadersTooLong);
+    }
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(Reason::Truncated);
+    }
+    Ok((start + offset) as *const T)
+}
+
+/// Mutable variant of [`ptr_at`], for the rewrite modules.
+#[inline(always)]
+#[allow(dead_code, reason = "used by the rewrite paths")]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
+    ptr_at::<T>(ctx, offset).map(|p| p.cast_mut())
+}
+
+/// Address family of a parsed packet.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4 = 4,
+    V6 = 6,
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not a fragment.
+    None = 0,
+    /// The first fragment: it carries the L4 header.
+    First = 1,
+    /// A later fragment: no L4 header, so no ports.
+    Later = 2,
+}
+
+/// What the parser learned about a frame; offsets are from the start of the frame.
+#[derive(Clone, Copy)]
+#[allow(dead_code, reason = "the filter and balancer stages read these fields")]
+pub struct Packet {
+    /// Start of the IP header.
+    pub l3_off: usize,
+    /// Start of the L4 header; only meaningful when `has_l4` is set.
+    pub l4_off: usize,
+    /// End of the IP datagram by its own length field (Ethernet padding excluded).
+    pub l3_end: usize,
+    pub family: Family,
+    /// Final protocol after any IPv6 extension headers.
+    pub proto: u8,
+    pub vlan_tags: u8,
+    pub fragment: Fragment,
+    /// IPv4 options present (IHL > 5) or IPv6 extension headers present.
+    pub has_ip_options: bool,
+    /// The L4 header of `proto` (TCP, UDP, ICMP or ICMPv6) was found and is complete.
+    pub has_l4: bool,
+    /// Source address in network byte order; IPv4 uses the first word, the rest is zero.
+    pub src: [u32; 4],
+    /// Destination address, laid out like `src`.
+    pub dst: [u32; 4],
+    /// Source port in network byte order (zero without ports).
+    pub sport: u16,
+    /// Destination port in network byte order (zero without ports).
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+#[inline(always)]
+fn be16(bytes: [u8; 2]) -> u16 {
+    u16::from_be_bytes(bytes)
+}
+
+#[inline(always)]
+fn words4(bytes: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(bytes), 0, 0, 0]
+}
+
+#[inline(always)]
+fn words16(b: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Parses Ethernet, up to [`MAX_VLAN_TAGS`] VLAN tags, IPv4 or IPv6 (with extension headers)
+/// and the TCP, UDP or ICMP header behind them.
+///
+/// Errors name why the frame cannot be balanced; the caller passes such frames to the kernel.
+#[inline(always)]
+pub fn parse_packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the header lies inside the frame.
+    let mut ether_type = be16(unsafe { (*eth).proto });
+    let mut off = ETH_HLEN;
+    let mut vlan_tags = 0u8;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan: *const VlanHdr = ptr_at(ctx, off)?;
+        // SAFETY: checked by ptr_at.
+        ether_type = be16(unsafe { (*vlan).proto });
+        off += VLAN_HLEN;
+        vlan_tags += 1;
+    }
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return Err(Reason::TooManyVlanTags);
+    }
+    let mut packet = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, off)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, off)?,
+        _ => return Err(Reason::NotIp),
+    };
+    packet.vlan_tags = vlan_tags;
+    if packet.fragment != Fragment::Later {
+        parse_l4(ctx, &mut packet)?;
+    }
+    Ok(packet)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.version_ihl >> 4 != 4 {
+        return Err(Reason::BadIpv4Header);
+    }
+    let hlen = usize::from(ip.version_ihl & 0x0f) * 4;
+    if hlen < IPV4_MIN_HLEN {
+        return Err(Reason::BadIpv4Header);
+    }
+    let tot_len = usize::from(be16(ip.tot_len));
+    if tot_len < hlen {
+        return Err(Reason::BadIpv4Header);
+    }
+    let l3_end = l3_off + tot_len;
+    if ctx.data() + l3_end > ctx.data_end() {
+        return Err(Reason::BadIpv4Header);
+    }
+    let frag = be16(ip.frag_off);
+    let fragment = if frag & 0x1fff != 0 {
+        Fragment::Later
+    } else if frag & 0x2000 != 0 {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    Ok(Packet {
+        l3_off,
+        l4_off: l3_off + hlen,
+        l3_end,
+        family: Family::V4,
+        proto: ip.proto,
+        vlan_tags: 0,
+        fragment,
+        has_ip_options: hlen > IPV4_MIN_HLEN,
+        has_l4: false,
+        src: words4(ip.src),
+        dst: words4(ip.dst),
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.version_tc_flow[0] >> 4 != 6 {
+        return Err(Reason::BadIpv6Header);
+    }
+    let l3_end = l3_off + IPV6_HLEN + usize::from(be16(ip.payload_len));
+    if ctx.data() + l3_end > ctx.data_end() {
+        return Err(Reason::BadIpv6Header);
+    }
+    let mut next = ip.next_header;
+    let mut off = l3_off + IPV6_HLEN;
+    let mut fragment = Fragment::None;
+    let mut ext_headers = 0u8;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if !is_ipv6_ext_header(next) {
+            break;
+        }
+        let ext: *const Ipv6ExtHdr = ptr_at(ctx, off)?;
+        // SAFETY: checked by ptr_at.
+        let ext = unsafe { &*ext };
+        if next == IPPROTO_FRAGMENT {
+            // Fragment offset is the top 13 bits of bytes 2-3; bit 0 is "more fragments".
+            let frag = be16(ext.rest);
+            if frag & 0xfff8 != 0 {
+                fragment = Fragment::Later;
+            } else if frag & 1 != 0 {
+                fragment = Fragment::First;
+            }
+        }
+        off += ipv6_ext_header_len(next, ext.len);
+        next = ext.next_header;
+        ext_headers += 1;
+        if off > MAX_L4_OFFSET {
+            return Err(Reason::HeadersTooLong);
+        }
+        if fragment == Fragment::Later {
+            break;
+        }
+    }
+    if fragment != Fragment::Later && is_ipv6_ext_header(next) {
+        return Err(Reason::TooManyExtHeaders);
+    }
+    if off > l3_end {
+        return Err(Reason::Truncated);
+    }
+    Ok(Packet {
+        l3_off,
+        l4_off: off,
+        l3_end,
+        family: Family::V6,
+        proto: next,
+        vlan_tags: 0,
+        fragment,
+        has_ip_options: ext_headers > 0,
+        has_l4: false,
+        src: words16(ip.src),
+        dst: words16(ip.dst),
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+    })
+}
+
+/// Reads the L4 header of `packet.proto`, if it is one the balancer understands.
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, packet: &mut Packet) -> Result<(), Reason> {
+    let off = packet.l4_off;
+    if off > MAX_L4_OFFSET {
+        return Err(Reason::HeadersTooLong);
+    }
+    match packet.proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+            // SAFETY: checked by ptr_at.
+            let tcp = unsafe { &*tcp };
+            let hlen = usize::from(tcp.doff_res >> 4) * 4;
+            if hlen < TCP_MIN_HLEN {
+                return Err(Reason::BadTcpHeader);
+            }
+            if off + hlen > packet.l3_end {
+                return Err(Reason::Truncated);
+            }
+            packet.sport = u16::from_ne_bytes(tcp.sport);
+            packet.dport = u16::from_ne_bytes(tcp.dport);
+            packet.tcp_flags = tcp.flags;
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, off)?;
+            if off + UDP_HLEN > packet.l3_end {
+                return Err(Reason::Truncated);
+            }
+            // SAFETY: checked by ptr_at.
+            let udp = unsafe { &*udp };
+            packet.sport = u16::from_ne_bytes(udp.sport);
+            packet.dport = u16::from_ne_bytes(udp.dport);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, off)?;
+            if off + ICMP_HLEN > packet.l3_end {
+                return Err(Reason::Truncated);
+            }
+            // SAFETY: checked by ptr_at.
+            let icmp = unsafe { &*icmp };
+            packet.icmp_type = icmp.kind;
+            packet.icmp_code = icmp.code;
+        }
+        _ => return Ok(()),
+    }
+    packet.has_l4 = true;
+    Ok(())
+}

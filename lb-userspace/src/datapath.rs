@@ -1,0 +1,211 @@
+//! Loading the XDP object into the kernel and attaching its programs to interfaces.
+
+use aya::{
+    Ebpf,
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::maps;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::warn;
+
+use crate::maps::{MapError, StatsMap};
+
+/// The compiled data path, built for the BPF target by this crate's build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// Name of the main XDP program in [`EBPF_OBJECT`].
+pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// Name of the pass-through program the lab attaches to veth peers.
+pub const LAB_PEER_PROGRAM: &str = "lab_peer_pass";
+
+/// How to attach XDP, as configured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Driver (native) mode, falling back to generic mode when the driver lacks XDP support.
+    #[default]
+    Auto,
+    /// Driver mode only: fail rather than run slower.
+    Driver,
+    /// Generic (skb) mode: works on every interface, at the cost of an skb per packet.
+    Generic,
+}
+
+/// The mode a program was actually attached in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Driver,
+    Generic,
+}
+
+impl AttachedMode {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// Failure to load or attach the data path.
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("failed to parse the XDP object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the XDP object")]
+    MissingProgram { name: &'static str },
+    #[error("program {name} is not an XDP program: {source}")]
+    NotXdp { name: &'static str, source: ProgramError },
+    #[error("the kernel rejected program {name}: {source}\n{log}")]
+    Verifier { name: &'static str, source: ProgramError, log: String },
+    #[error("no interface named {interface}")]
+    UnknownInterface { interface: String },
+    #[error(
+        "failed to attach XDP to {interface} in driver mode: {source}; \
+         try `xdp_mode = \"generic\"` or `\"auto\"`"
+    )]
+    AttachDriver { interface: String, source: ProgramError },
+    #[error("failed to attach XDP to {interface}: {source}")]
+    Attach { interface: String, source: ProgramError },
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+#[derive(Debug)]
+struct Attachment {
+    program: &'static str,
+    interface: String,
+    link: XdpLinkId,
+}
+
+/// The loaded XDP object and the interfaces its programs are attached to.
+#[derive(Debug)]
+pub struct Datapath {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+}
+
+impl Datapath {
+    /// Loads [`EBPF_OBJECT`] and its programs into the kernel (nothing is attached yet).
+    pub fn load() -> Result<Self, DatapathError> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Object)?;
+        for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM] {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok(Self { ebpf, attachments: Vec::new() })
+    }
+
+    /// The main XDP program, for `test_run` in datapath tests and benchmarks.
+    pub fn ingress_program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        xdp_program(&mut self.ebpf, INGRESS_PROGRAM)
+    }
+
+    /// Attaches the main program to `interface` and reports the mode it runs in.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: XdpModeSetting,
+    ) -> Result<AttachedMode, DatapathError> {
+        self.attach_program(INGRESS_PROGRAM, interface, mode)
+    }
+
+    /// Attaches the pass-through program (lab veth peers only).
+    pub fn attach_lab_peer(&mut self, interface: &str) -> Result<AttachedMode, DatapathError> {
+        self.attach_program(LAB_PEER_PROGRAM, interface, XdpModeSetting::Driver)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        mode: XdpModeSetting,
+    ) -> Result<AttachedMode, DatapathError> {
+        let program = xdp_program(&mut self.ebpf, name)?;
+        let unknown = |source: ProgramError| match source {
+            ProgramError::UnknownInterface { .. } => {
+                DatapathError::UnknownInterface { interface: interface.to_owned() }
+            }
+            source => DatapathError::Attach { interface: interface.to_owned(), source },
+        };
+        let (link, attached) = match mode {
+            XdpModeSetting::Generic => {
+                (program.attach(interface, XdpMode::Skb).map_err(unknown)?, AttachedMode::Generic)
+            }
+            XdpModeSetting::Driver => {
+                let link = program.attach(interface, XdpMode::Driver).map_err(|source| {
+                    match unknown(source) {
+                        DatapathError::Attach { interface, source } => {
+                            DatapathError::AttachDriver { interface, source }
+                        }
+                        other => other,
+                    }
+                })?;
+                (link, AttachedMode::Driver)
+            }
+            XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(link) => (link, AttachedMode::Driver),
+                Err(ProgramError::UnknownInterface { .. }) => {
+                    return Err(DatapathError::UnknownInterface { interface: interface.to_owned() });
+                }
+                Err(error) => {
+                    warn!(%interface, %error, "driver-mode XDP unavailable, falling back to generic mode");
+                    let link = program.attach(interface, XdpMode::Skb).map_err(unknown)?;
+                    (link, AttachedMode::Generic)
+                }
+            },
+        };
+        self.attachments.push(Attachment { program: name, interface: interface.to_owned(), link });
+        Ok(attached)
+    }
+
+    /// Detaches every program this `Datapath` attached.
+    pub fn detach_all(&mut self) {
+        for Attachment { program, interface, link } in self.attachments.drain(..) {
+            match xdp_program(&mut self.ebpf, program) {
+                Ok(xdp) => {
+                    if let Err(error) = xdp.detach(link) {
+                        warn!(%interface, %error, "failed to detach XDP program");
+                    }
+                }
+                Err(error) => warn!(%interface, %error, "failed to detach XDP program"),
+            }
+        }
+    }
+
+    /// The verdict and reason counters.
+    pub fn stats(&self) -> Result<StatsMap<'_>, DatapathError> {
+        let map = self.ebpf.map(maps::STATS).ok_or(MapError::Missing { name: maps::STATS })?;
+        Ok(StatsMap::new(map)?)
+    }
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DatapathError::NotXdp { name, source })
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let program = xdp_program(ebpf, name)?;
+    program.load().map_err(|source| {
+        let log = match &source {
+            ProgramError::LoadError { verifier_log, .. } => verifier_log.to_string(),
+            _ => String::new(),
+        };
+        DatapathError::Verifier { name, source, log }
+    })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so large maps load there.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) };
+    if ret != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}

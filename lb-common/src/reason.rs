@@ -17,7 +17,13 @@ pub enum Action {
 
 impl Action {
     /// Every action, in numeric order.
-    pub const ALL: [Self; 5] = [Self::Aborted, Self::Drop, Self::Pass, Self::Tx, Self::Redirect];
+    pub const ALL: [Self; 5] = [
+        Self::Aborted,
+        Self::Drop,
+        Self::Pass,
+        Self::Tx,
+        Self::Redirect,
+    ];
 
     /// The kernel's verdict value.
     #[inline(always)]
@@ -139,7 +145,10 @@ mod tests {
     #[test]
     fn reason_list_is_complete_and_ordered() {
         for (i, reason) in Reason::ALL.iter().enumerate() {
-            assert_eq!(*reason as usize, i, "{reason:?} out of order in Reason::ALL");
+            assert_eq!(
+                *reason as usize, i,
+                "{reason:?} out of order in Reason::ALL"
+            );
         }
         assert!(Reason::ALL.len() <= crate::stats::REASON_SLOTS as usize);
     }
@@ -148,7 +157,10 @@ mod tests {
     fn reason_names_are_unique_snake_case() {
         let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         for name in &names {
-            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{name}"
+            );
         }
         names.sort_unstable();
         names.dedup();

@@ -13,6 +13,10 @@ use lb_common::{Action, Reason};
 /// The data path: parse, then (as features land) filter and balance. Attached to every
 /// interface the daemon serves.
 #[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
     let action = match try_lb_ingress(&ctx) {
         Ok(action) => action,

@@ -109,7 +109,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Reason> {
 #[inline(always)]
 #[allow(dead_code, reason = "used by the rewrite paths")]
 pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
-    ptr_at::<T>(ctx, offset).map(|p| p.cast_mut())
+    ptr_at::<T>(ctx, offset).map(<*const T>::cast_mut)
 }
 
 /// Address family of a parsed packet.

@@ -25,7 +25,11 @@ pub struct RunOptions {
 
 /// Runs the daemon until `shutdown` is cancelled: loads the data path, attaches it to every
 /// configured interface and logs its counters.
-pub async fn run(config: Config, options: RunOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut datapath = Datapath::load().context("failed to load the XDP data path")?;
     for interface in &config.interfaces {
         let mode = datapath

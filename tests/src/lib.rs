@@ -1,1 +1,7 @@
-//! placeholder
+//! Test support shared by every end-to-end test and by `cargo xtask run`'s lab: a packet
+//! builder, network namespaces, the lab topology, and the privilege gate.
+
+pub mod lab;
+pub mod netns;
+pub mod packet;
+pub mod privileged;

@@ -1,0 +1,116 @@
+//! `lab`: what `cargo xtask run` starts without arguments. Builds the lab (client, load
+//! balancer, three backends), runs `lbd` on the load balancer's interfaces, prints the command
+//! that reaches the service, and removes everything on Ctrl-C.
+
+use std::{
+    io::Write as _,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use lb_tests::lab::{self, Lab};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("lab: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let lab = Lab::create(3).context("failed to build the lab")?;
+    let config_path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
+    std::fs::write(&config_path, lab_config()).context("failed to write the lab's lbd config")?;
+    let lbd = lab::bin_path("lbd")?;
+    let pid = lab.lb.spawn(
+        &[
+            lbd.as_os_str(),
+            "--config".as_ref(),
+            config_path.as_os_str(),
+            "--detach-on-exit".as_ref(),
+        ],
+        true,
+    )?;
+    let mut daemon = lab.lb.take_child(pid).context("lbd child vanished")?;
+
+    let client = lab.client.name();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\nlab {} is up: client, load balancer, {} backends.",
+        lab.id,
+        lab.backends.len()
+    )?;
+    writeln!(
+        out,
+        "lbd runs in namespace {} on interfaces front and back.\n",
+        lab.lb.name()
+    )?;
+    writeln!(out, "Reach a backend through the load balancer:\n")?;
+    writeln!(
+        out,
+        "    ip netns exec {client} curl http://{}/\n",
+        lab::backend_v4(0)
+    )?;
+    writeln!(
+        out,
+        "lbd logs its counters every 2 s below. Ctrl-C removes the lab.\n"
+    )?;
+    drop(out);
+
+    let status = loop {
+        if let Some(status) = daemon.try_wait()? {
+            // A Ctrl-C reaches lbd and this process together; give ours time to land.
+            std::thread::sleep(Duration::from_millis(300));
+            if STOP.load(Ordering::SeqCst) {
+                break None;
+            }
+            break Some(status);
+        }
+        if STOP.load(Ordering::SeqCst) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let code = if let Some(status) = status {
+        eprintln!("lab: lbd exited ({status}); removing the lab");
+        ExitCode::FAILURE
+    } else {
+        // The terminal's Ctrl-C reached lbd too; signal it anyway in case it came by kill.
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(i32::try_from(daemon.id())?, libc::SIGINT) };
+        let _ = daemon.wait();
+        eprintln!("lab: removing the lab");
+        ExitCode::SUCCESS
+    };
+    drop(lab);
+    let _ = std::fs::remove_file(&config_path);
+    Ok(code)
+}
+
+fn lab_config() -> String {
+    format!(
+        "# Written by `cargo xtask run` for the lab.\n\
+         [daemon]\nstats_log_interval_secs = 2\n\n\
+         [[interface]]\nname = \"{}\"\nxdp_mode = \"auto\"\n\n\
+         [[interface]]\nname = \"{}\"\nxdp_mode = \"auto\"\n",
+        lab::LB_FRONT_IF,
+        lab::LB_BACK_IF
+    )
+}

@@ -1,0 +1,271 @@
+//! The lab: a client, the load balancer and a pool of backends in network namespaces, used by
+//! `cargo xtask run` and by the attach tests.
+//!
+//! ```text
+//!  client ns                lb ns                    switch ns (bridge br0)      backend ns ×N
+//!  eth0 198.18.0.2 ─────── front 198.18.0.1
+//!       fd00::2                  fd00::1
+//!                          back 198.18.1.1 ───────── lb ─┬─ b1 ──────────────── eth0 198.18.1.11
+//!                               fd00:1::1                ├─ b2 ──────────────── eth0 198.18.1.12
+//!                                                        └─ …                         fd00:1::1N
+//! ```
+//!
+//! The load balancer's namespace routes between the two segments, so until a service takes
+//! them, packets pass its XDP program and the kernel forwards them. Nothing routes out of the
+//! lab: every route points at another lab address.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::{Netns, unique_id, veth, wait_for};
+
+/// The client's address on the front segment.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// The load balancer's front address (the client's gateway).
+pub const LB_FRONT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const LB_FRONT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// The load balancer's back address (the backends' gateway).
+pub const LB_BACK_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const LB_BACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+/// Interface names inside the load balancer's namespace.
+pub const LB_FRONT_IF: &str = "front";
+pub const LB_BACK_IF: &str = "back";
+/// Port of every backend's HTTP server.
+pub const HTTP_PORT: u16 = 80;
+/// Port of every backend's UDP responder.
+pub const UDP_PORT: u16 = 5353;
+
+/// Address of backend `i` (0-based).
+#[must_use]
+pub fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, 11 + u8::try_from(i).expect("backend index"))
+}
+
+#[must_use]
+pub fn backend_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x11 + u16::try_from(i).expect("backend index"),
+    )
+}
+
+/// One backend host.
+#[derive(Debug)]
+pub struct LabBackend {
+    /// The name its servers answer with (`backend-1`, ...).
+    pub name: String,
+    pub ns: Netns,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// A running lab. Dropping it stops every process and removes every namespace.
+#[derive(Debug)]
+pub struct Lab {
+    pub id: String,
+    // Field order is drop order: backends and their processes first, the switch last.
+    pub backends: Vec<LabBackend>,
+    pub client: Netns,
+    pub lb: Netns,
+    pub switch: Netns,
+}
+
+impl Lab {
+    /// Builds the lab with `backends` backend hosts, each running the lab backend server.
+    pub fn create(backends: usize) -> anyhow::Result<Self> {
+        crate::netns::cleanup_stale();
+        let id = unique_id();
+        let switch = Netns::create(&format!("{id}-sw"))?;
+        let lb = Netns::create(&format!("{id}-lb"))?;
+        let client = Netns::create(&format!("{id}-client"))?;
+        let mut lab = Self {
+            id,
+            backends: Vec::new(),
+            client,
+            lb,
+            switch,
+        };
+
+        // Front segment: client <-> lb.
+        veth(&lab.client, "eth0", &lab.lb, LB_FRONT_IF)?;
+        lab.client
+            .ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
+        lab.client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        lab.lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_FRONT_V4}/24"),
+            "dev",
+            LB_FRONT_IF,
+        ])?;
+        lab.lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_FRONT_V6}/64"),
+            "dev",
+            LB_FRONT_IF,
+            "nodad",
+        ])?;
+        // Everything else in the lab is reached through the load balancer.
+        lab.client.ip(&[
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            &LB_FRONT_V4.to_string(),
+        ])?;
+        lab.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00::/8",
+            "via",
+            &LB_FRONT_V6.to_string(),
+        ])?;
+
+        // Back segment: lb and backends on one bridge.
+        lab.switch
+            .ip(&["link", "add", "name", "br0", "type", "bridge"])?;
+        lab.switch.ip(&["link", "set", "br0", "up"])?;
+        veth(&lab.lb, LB_BACK_IF, &lab.switch, "lb")?;
+        lab.switch.ip(&["link", "set", "lb", "master", "br0"])?;
+        lab.lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_BACK_V4}/24"),
+            "dev",
+            LB_BACK_IF,
+        ])?;
+        lab.lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_BACK_V6}/64"),
+            "dev",
+            LB_BACK_IF,
+            "nodad",
+        ])?;
+        lab.lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lab.lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+
+        for i in 0..backends {
+            lab.add_backend(i)?;
+        }
+        // Locally generated packets may carry partial checksums on veth, which would fool a
+        // data path that updates checksums incrementally; real NICs hand over full ones.
+        for ns in lab.hosts() {
+            ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        }
+        lab.wait_for_backends()?;
+        Ok(lab)
+    }
+
+    fn add_backend(&mut self, i: usize) -> anyhow::Result<()> {
+        let name = format!("backend-{}", i + 1);
+        let ns = Netns::create(&format!("{}-b{}", self.id, i + 1))?;
+        let port = format!("b{}", i + 1);
+        veth(&ns, "eth0", &self.switch, &port)?;
+        self.switch.ip(&["link", "set", &port, "master", "br0"])?;
+        let (v4, v6) = (backend_v4(i), backend_v6(i));
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            &LB_BACK_V4.to_string(),
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00::/8",
+            "via",
+            &LB_BACK_V6.to_string(),
+        ])?;
+        let server = bin_path("lab-backend")?;
+        ns.spawn(
+            &[
+                server.as_os_str(),
+                "--name".as_ref(),
+                name.as_ref(),
+                "--http".as_ref(),
+                format!("[::]:{HTTP_PORT}").as_ref(),
+                "--udp".as_ref(),
+                format!("[::]:{UDP_PORT}").as_ref(),
+            ],
+            false,
+        )?;
+        self.backends.push(LabBackend { name, ns, v4, v6 });
+        Ok(())
+    }
+
+    fn hosts(&self) -> impl Iterator<Item = &Netns> {
+        std::iter::once(&self.client).chain(self.backends.iter().map(|b| &b.ns))
+    }
+
+    fn wait_for_backends(&self) -> anyhow::Result<()> {
+        for backend in &self.backends {
+            let ready = wait_for(Duration::from_secs(10), || {
+                let out = backend
+                    .ns
+                    .exec(&["ss", "-Htln", "sport", "=", ":80"])
+                    .ok()?;
+                (!out.trim().is_empty()).then_some(())
+            });
+            if ready.is_none() {
+                bail!("{}'s HTTP server did not start listening", backend.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// `curl` from the client to `addr`, returning the body.
+    pub fn curl(&self, addr: IpAddr, port: u16) -> anyhow::Result<String> {
+        let url = match addr {
+            IpAddr::V4(a) => format!("http://{a}:{port}/"),
+            IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
+        };
+        self.client
+            .exec(&["curl", "-sS", "--max-time", "5", &url])
+            .with_context(|| format!("curl {url} from the client"))
+    }
+}
+
+/// Path of a binary built from this workspace, next to the running executable (or one level
+/// up, for test executables in `target/<profile>/deps`).
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    for candidate in [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} not found next to {}; build it first (`cargo xtask test` and `cargo xtask run` do)",
+        exe.display()
+    )
+}

@@ -1,0 +1,273 @@
+//! Network namespaces owned by a test: created with a unique name, removed on drop together
+//! with every process started in them, even when the test fails.
+
+use std::{
+    ffi::OsStr,
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Prefix of every namespace a test or lab creates; `cleanup_stale` removes leftovers by it.
+pub const NETNS_PREFIX: &str = "lbt";
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call: `lbt<pid>x<n>`.
+#[must_use]
+pub fn unique_id() -> String {
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    format!("{NETNS_PREFIX}{}x{n}", std::process::id())
+}
+
+/// A network namespace, deleted on drop with every process started in it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Netns {
+    /// Creates the namespace `name` and brings its loopback up.
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        run_cmd(Command::new("ip").args(["netns", "add", name]))
+            .with_context(|| format!("failed to create network namespace {name}"))?;
+        let ns = Self {
+            name: name.to_owned(),
+            children: Mutex::new(Vec::new()),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `args` inside the namespace and returns its stdout; a non-zero exit is an error
+    /// carrying stderr.
+    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        let out = run_cmd(&mut cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `args` inside the namespace and returns its whole output, whatever its status.
+    pub fn exec_output<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("failed to run ip netns exec")
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &self.name]).args(args);
+        let out = run_cmd(&mut cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(drop)
+    }
+
+    /// Starts `args` in the background inside the namespace; it is killed when the namespace
+    /// is dropped. Output goes to the returned child's pipes only if `capture` is set.
+    pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S], capture: bool) -> anyhow::Result<u32> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null());
+        if !capture {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd
+            .spawn()
+            .context("failed to spawn a process in a namespace")?;
+        let pid = child.id();
+        self.children.lock().expect("children lock").push(child);
+        Ok(pid)
+    }
+
+    /// Takes back a child started by [`Netns::spawn`], for a test that waits for it itself.
+    pub fn take_child(&self, pid: u32) -> Option<Child> {
+        let mut children = self.children.lock().expect("children lock");
+        let index = children.iter().position(|c| c.id() == pid)?;
+        Some(children.swap_remove(index))
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets, interface lookups and
+    /// netlink calls made by `f` happen inside it.
+    pub fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("failed to open {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: setns on this thread only; the fd is valid for the call.
+                    let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    if ret != 0 {
+                        bail!("setns into {path}: {}", std::io::Error::last_os_error());
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        })
+    }
+
+    fn kill_children(&self) {
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for child in children.iter_mut() {
+            // SAFETY: plain kill(2) on a pid we spawned and have not reaped yet.
+            unsafe {
+                libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for child in children.iter_mut() {
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        children.clear();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_children();
+        kill_all_in(&self.name);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Kills every process still running in namespace `name` (grandchildren included).
+fn kill_all_in(name: &str) {
+    let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", name])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            // SAFETY: plain kill(2).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Removes namespaces left behind by lab processes that no longer exist (a run killed with
+/// SIGKILL cannot clean up after itself).
+pub fn cleanup_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        kill_all_in(name);
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+    }
+}
+
+/// Creates a veth pair with one end in each namespace; both ends come up.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<()> {
+    run_cmd(Command::new("ip").args([
+        "link",
+        "add",
+        "name",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]))
+    .with_context(|| {
+        format!(
+            "failed to create veth {}:{a_name} <-> {}:{b_name}",
+            a.name(),
+            b.name()
+        )
+    })?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["link", "set", b_name, "up"])?;
+    Ok(())
+}
+
+/// Runs a command and fails with its stderr when it exits non-zero.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -158,7 +158,8 @@ mod tests {
         let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         for name in &names {
             assert!(
-                name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{name}"
             );
         }

@@ -303,6 +303,9 @@ fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Reason> {
         off += ipv6_ext_header_len(next, ext.len);
         next = ext.next_header;
         ext_headers += 1;
+        if off > l3_end {
+            return Err(Reason::Truncated);
+        }
         if off > MAX_L4_OFFSET {
             return Err(Reason::HeadersTooLong);
         }

@@ -5,3 +5,4 @@ pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod privileged;
+pub mod testrun;

@@ -526,9 +526,14 @@ impl ExtHeader {
         match self {
             Self::HopByHop { len } | Self::DestOpts { len } => {
                 let size = 8 * (usize::from(*len) + 1);
-                // PadN option covering the rest of the header.
-                let mut h = vec![next, *len, 1, u8::try_from(size - 4).expect("pad")];
-                h.resize(size, 0);
+                let mut h = vec![next, *len];
+                // PadN options (at most 255 data bytes each) fill the header.
+                while h.len() < size {
+                    let data = (size - h.len() - 2).min(255);
+                    h.push(1);
+                    h.push(u8::try_from(data).expect("PadN length"));
+                    h.resize(h.len() + data, 0);
+                }
                 h
             }
             Self::Routing { len } => {

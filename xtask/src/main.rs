@@ -73,8 +73,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = setup::ensure_all(setup::Need::Tests)?;
             build(&env, Profile::Dev)?;
             let mut cmd = cargo(&env);
-            cmd.args(["test", "--workspace", "--exclude", "lb-ebpf"])
-                .args(&args);
+            cmd.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--no-fail-fast",
+            ])
+            .args(&args);
             run_status(&mut cmd)
         }
         Cmd::Lint => {

@@ -1,0 +1,180 @@
+//! Tier (b) harness: runs the real XDP object on a frame inside the kernel with
+//! `BPF_PROG_TEST_RUN` (no interface involved) and checks a table of cases Katran-style:
+//! description, input frame, expected verdict, expected output frame, expected counters.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{Action, Reason};
+use lb_userspace::{Datapath, maps::StatsSnapshot};
+
+/// What a case expects the program to do with the frame.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// The frame leaves exactly as it came.
+    Unchanged,
+    /// The frame leaves as these bytes.
+    Frame(Vec<u8>),
+}
+
+/// One row of a datapath test table.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub description: String,
+    pub input: Vec<u8>,
+    pub verdict: Action,
+    /// The reason counted, for packets that are passed or dropped.
+    pub reason: Option<Reason>,
+    pub output: Output,
+}
+
+impl Case {
+    /// A case whose frame is passed to the kernel untouched for `reason`.
+    #[must_use]
+    pub fn pass(description: impl Into<String>, input: Vec<u8>, reason: Reason) -> Self {
+        Self {
+            description: description.into(),
+            input,
+            verdict: Action::Pass,
+            reason: Some(reason),
+            output: Output::Unchanged,
+        }
+    }
+}
+
+/// The verdict and output frame of one run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub verdict: Option<Action>,
+    pub raw_verdict: u32,
+    pub output: Vec<u8>,
+}
+
+/// A freshly loaded data path (own maps, nothing attached) to run frames through.
+#[derive(Debug)]
+pub struct TestBed {
+    pub datapath: Datapath,
+}
+
+impl TestBed {
+    pub fn load() -> anyhow::Result<Self> {
+        Ok(Self {
+            datapath: Datapath::load().context("failed to load the XDP object")?,
+        })
+    }
+
+    /// Runs the ingress program once on `frame`.
+    pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+        // Room for encapsulation headers added by the program.
+        let mut out = vec![0u8; frame.len() + 256];
+        let program = self.datapath.ingress_program()?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN failed")?;
+        out.truncate(usize::try_from(result.data_size_out)?);
+        Ok(RunResult {
+            verdict: Action::from_u32(result.return_value),
+            raw_verdict: result.return_value,
+            output: out,
+        })
+    }
+
+    pub fn stats(&self) -> anyhow::Result<StatsSnapshot> {
+        Ok(self.datapath.stats()?.read()?)
+    }
+
+    /// Runs one case and describes every way it differs from its expectations.
+    pub fn check(&mut self, case: &Case) -> anyhow::Result<Option<String>> {
+        let before = self.stats()?;
+        let result = self.run(&case.input)?;
+        let delta = self.stats()?.since(&before);
+        let mut problems = String::new();
+        if result.verdict != Some(case.verdict) {
+            let _ = write!(
+                problems,
+                "\n  verdict {:?} (raw {}), expected {:?}",
+                result.verdict, result.raw_verdict, case.verdict
+            );
+        }
+        let expected_output = match &case.output {
+            Output::Unchanged => &case.input,
+            Output::Frame(frame) => frame,
+        };
+        if &result.output != expected_output {
+            let _ = write!(
+                problems,
+                "\n  output frame differs:\n    got      {}\n    expected {}",
+                hex(&result.output),
+                hex(expected_output)
+            );
+        }
+        let frame_len = u64::try_from(case.input.len())?;
+        let action = delta.action(case.verdict);
+        if delta.packets() != 1 || action.packets != 1 || action.bytes != frame_len {
+            let _ = write!(
+                problems,
+                "\n  verdict counters moved wrongly: {}",
+                delta.summary()
+            );
+        }
+        let reasons: u64 = delta.reasons.iter().map(|c| c.packets).sum();
+        match case.reason {
+            Some(reason) => {
+                let counted = delta.reason(reason);
+                if reasons != 1 || counted.packets != 1 || counted.bytes != frame_len {
+                    let _ = write!(
+                        problems,
+                        "\n  expected reason {} counted once, got {}",
+                        reason.name(),
+                        delta.summary()
+                    );
+                }
+            }
+            None if reasons != 0 => {
+                let _ = write!(
+                    problems,
+                    "\n  expected no reason counted, got {}",
+                    delta.summary()
+                );
+            }
+            None => {}
+        }
+        Ok((!problems.is_empty()).then(|| format!("{}:{problems}", case.description)))
+    }
+
+    /// Checks every case and fails with all the differences at once.
+    pub fn check_all(&mut self, cases: &[Case]) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for case in cases {
+            if let Some(problem) = self.check(case)? {
+                failures.push(problem);
+            }
+        }
+        if !failures.is_empty() {
+            bail!(
+                "{} of {} cases failed:\n{}",
+                failures.len(),
+                cases.len(),
+                failures.join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Lower-case hex of `bytes`, for frame diffs.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

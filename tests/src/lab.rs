@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{Netns, unique_id, veth, wait_for};
+use crate::netns::{ChildOutput, Netns, unique_id, veth, wait_for};
 
 /// The client's address on the front segment.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -213,7 +213,7 @@ impl Lab {
                 "--udp".as_ref(),
                 format!("[::]:{UDP_PORT}").as_ref(),
             ],
-            false,
+            ChildOutput::Discard,
         )?;
         self.backends.push(LabBackend { name, ns, v4, v6 });
         Ok(())

@@ -27,6 +27,16 @@ pub fn unique_id() -> String {
     format!("{NETNS_PREFIX}{}x{n}", std::process::id())
 }
 
+/// Where a background process's stdout and stderr go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildOutput {
+    Discard,
+    /// To this process's own stdout and stderr.
+    Inherit,
+    /// To pipes, read with `Child::wait_with_output` after [`Netns::take_child`].
+    Capture,
+}
+
 /// A network namespace, deleted on drop with every process started in it.
 #[derive(Debug)]
 pub struct Netns {
@@ -86,15 +96,17 @@ impl Netns {
     }
 
     /// Starts `args` in the background inside the namespace; it is killed when the namespace
-    /// is dropped. Output goes to the returned child's pipes only if `capture` is set.
-    pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S], capture: bool) -> anyhow::Result<u32> {
+    /// is dropped unless taken back with [`Netns::take_child`].
+    pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S], output: ChildOutput) -> anyhow::Result<u32> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
             .args(args)
             .stdin(Stdio::null());
-        if !capture {
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        }
+        match output {
+            ChildOutput::Discard => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+            ChildOutput::Inherit => &mut cmd,
+            ChildOutput::Capture => cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        };
         let child = cmd
             .spawn()
             .context("failed to spawn a process in a namespace")?;

@@ -45,7 +45,7 @@ fn run() -> anyhow::Result<ExitCode> {
             config_path.as_os_str(),
             "--detach-on-exit".as_ref(),
         ],
-        true,
+        lb_tests::netns::ChildOutput::Inherit,
     )?;
     let mut daemon = lab.lb.take_child(pid).context("lbd child vanished")?;
 

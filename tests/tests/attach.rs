@@ -2,6 +2,8 @@
 //! namespace (ping, curl over TCP, UDP datagrams), and the program's counters checked exactly
 //! against nftables counters on the same interface.
 
+#![allow(clippy::too_many_lines, reason = "an end-to-end scenario reads best top to bottom")]
+
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     process::Command,

@@ -8,10 +8,16 @@
 #[cfg(any(feature = "user", test))]
 extern crate std;
 
+pub mod conntrack;
+pub mod csum;
+pub mod flow;
+pub mod maglev;
 pub mod maps;
 pub mod net;
 pub mod reason;
+pub mod service;
 pub mod stats;
 
 pub use reason::{Action, Reason};
+pub use flow::FlowKey;
 pub use stats::Counter;

@@ -6,3 +6,20 @@
 
 /// Per-CPU array of [`crate::Counter`]: verdict and reason counters (see [`crate::stats`]).
 pub const STATS: &str = "STATS";
+/// Hash of [`crate::service::ServiceKey`] to [`crate::service::Service`].
+pub const SERVICES: &str = "SERVICES";
+/// Array of [`crate::service::Backend`], indexed by backend id.
+pub const BACKENDS: &str = "BACKENDS";
+/// Array of maps: service id to that service's Maglev table (array of backend ids).
+pub const MAGLEV: &str = "MAGLEV";
+/// LRU hash of [`crate::FlowKey`] to [`crate::conntrack::Flow`].
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Array of [`crate::service::NextHop`] per backend id (written by the data path).
+pub const NEXTHOPS: &str = "NEXTHOPS";
+/// Single-entry array of [`crate::service::Globals`].
+pub const GLOBALS: &str = "GLOBALS";
+/// Per-CPU arrays of [`crate::service::TrafficCounter`] by service id and by backend id.
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+/// Device map of the interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
+pub const TX_PORTS: &str = "TX_PORTS";

@@ -1,0 +1,246 @@
+//! Connection tracking: the `CONNTRACK` entry, its TCP/UDP state machine and timeouts.
+//!
+//! A flow keeps its backend while its entry lives, whatever happens to the Maglev table. NAT
+//! flows have two entries, one per direction, each holding what the other direction needs,
+//! so either can rebuild its partner (an LRU map may evict one without the other).
+
+use crate::net::tcp_flags;
+
+/// Flow states. Stored as `u8` in [`Flow::state`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowState {
+    /// A SYN opened the flow; no ACK from the client yet.
+    SynSeen = 1,
+    /// The client acknowledged (or the flow was picked up mid-stream).
+    Established = 2,
+    /// A FIN was seen: the connection is closing.
+    Closing = 3,
+    /// A RST was seen: the next SYN on this tuple is a new connection.
+    Closed = 4,
+    /// A UDP (or other connectionless) flow.
+    Datagram = 5,
+}
+
+impl FlowState {
+    #[must_use]
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::SynSeen),
+            2 => Some(Self::Established),
+            3 => Some(Self::Closing),
+            4 => Some(Self::Closed),
+            5 => Some(Self::Datagram),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SynSeen => "syn_seen",
+            Self::Established => "established",
+            Self::Closing => "closing",
+            Self::Closed => "closed",
+            Self::Datagram => "datagram",
+        }
+    }
+}
+
+/// `Flow::flags`: this entry is the reply direction of a NAT flow (backend to load balancer).
+pub const FLOW_REPLY: u8 = 0x01;
+/// `Flow::flags`: the flow is translated (full NAT); otherwise it is forwarded as is (DSR).
+pub const FLOW_NAT: u8 = 0x02;
+
+/// Value of the `CONNTRACK` map.
+///
+/// Forward entries (client to service) need `backend_id`, `nat_port` and the service port;
+/// reply entries (backend to the NAT address) carry the client's address and port and the
+/// service's, to translate replies back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most every
+    /// [`REFRESH_NS`].
+    pub last_seen_ns: u64,
+    /// Reply entries: the client's address. Forward entries of NAT flows: the NAT source
+    /// address. Network order.
+    pub peer_addr: [u32; 4],
+    /// The service (VIP) address, network order.
+    pub vip_addr: [u32; 4],
+    /// Index in `BACKENDS`.
+    pub backend_id: u32,
+    /// Reply entries: the client's port. Forward entries: unused. Network order.
+    pub peer_port: u16,
+    /// The service port the client connected to (network order).
+    pub vip_port: u16,
+    /// NAT source port towards the backend (network order); zero for DSR.
+    pub nat_port: u16,
+    /// A [`FlowState`].
+    pub state: u8,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    /// Index in the service counters, so replies count against their service.
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding, plain integers.
+unsafe impl aya::Pod for Flow {}
+
+/// How often a live flow's `last_seen_ns` is rewritten: often enough for second-granularity
+/// timeouts, rarely enough to keep the entry's cache line mostly read-only.
+pub const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Idle timeouts per state, in nanoseconds; value of the `TIMEOUTS` part of `GLOBALS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub syn_ns: u64,
+    pub established_ns: u64,
+    pub closing_ns: u64,
+    pub closed_ns: u64,
+    pub datagram_ns: u64,
+}
+
+impl Default for Timeouts {
+    /// Defaults close to Linux conntrack's, shortened where an LB holds many idle flows:
+    /// SYN 60 s, established 2 h, FIN 60 s, RST 10 s, UDP 60 s.
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        Self {
+            syn_ns: 60 * S,
+            established_ns: 7200 * S,
+            closing_ns: 60 * S,
+            closed_ns: 10 * S,
+            datagram_ns: 60 * S,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Idle timeout of a flow in `state` (a raw `FlowState`; unknown states expire at once).
+    #[inline(always)]
+    #[must_use]
+    pub const fn for_state(&self, state: u8) -> u64 {
+        match FlowState::from_u8(state) {
+            Some(FlowState::SynSeen) => self.syn_ns,
+            Some(FlowState::Established) => self.established_ns,
+            Some(FlowState::Closing) => self.closing_ns,
+            Some(FlowState::Closed) => self.closed_ns,
+            Some(FlowState::Datagram) => self.datagram_ns,
+            None => 0,
+        }
+    }
+
+    /// Whether a flow last seen at `last_seen_ns` in `state` has expired at `now_ns`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_expired(&self, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.saturating_sub(last_seen_ns) > self.for_state(state)
+    }
+}
+
+/// What a packet does to a tracked flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Keep the flow (possibly in a new state).
+    Keep(FlowState),
+    /// The packet opens a new connection on a tuple whose old one is over: choose the backend
+    /// afresh.
+    Restart,
+}
+
+/// The state a new TCP flow starts in for a packet with `flags`. A flow picked up without its
+/// SYN (after a restart, or a failover from another node) is taken as established.
+#[inline(always)]
+#[must_use]
+pub const fn initial_tcp_state(flags: u8) -> FlowState {
+    if flags & tcp_flags::RST != 0 {
+        FlowState::Closed
+    } else if flags & tcp_flags::FIN != 0 {
+        FlowState::Closing
+    } else if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
+        FlowState::SynSeen
+    } else {
+        FlowState::Established
+    }
+}
+
+/// The next state of a tracked TCP flow in `state` on a packet with `flags`, from the
+/// client's side (the only side a DSR balancer sees).
+///
+/// A retransmitted SYN keeps the flow (and so its backend and NAT port): no second entry.
+/// A SYN on a closed or closing tuple starts a new connection.
+#[inline(always)]
+#[must_use]
+pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
+    let syn_only = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
+    match FlowState::from_u8(state) {
+        Some(FlowState::Closed | FlowState::Closing) if syn_only => Transition::Restart,
+        _ if flags & tcp_flags::RST != 0 => Transition::Keep(FlowState::Closed),
+        Some(FlowState::Closed) => Transition::Keep(FlowState::Closed),
+        _ if flags & tcp_flags::FIN != 0 => Transition::Keep(FlowState::Closing),
+        Some(FlowState::Closing) => Transition::Keep(FlowState::Closing),
+        Some(FlowState::SynSeen) if syn_only => Transition::Keep(FlowState::SynSeen),
+        Some(FlowState::Established) if syn_only => Transition::Keep(FlowState::Established),
+        Some(FlowState::SynSeen | FlowState::Established) => {
+            Transition::Keep(FlowState::Established)
+        }
+        _ => Transition::Restart,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::tcp_flags::{ACK, FIN, PSH, RST, SYN};
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn handshake_data_and_close() {
+        let syn = initial_tcp_state(SYN);
+        assert_eq!(syn, FlowState::SynSeen);
+        let Transition::Keep(est) = next_tcp_state(syn as u8, ACK) else { panic!() };
+        assert_eq!(est, FlowState::Established);
+        assert_eq!(next_tcp_state(est as u8, ACK | PSH), Transition::Keep(FlowState::Established));
+        assert_eq!(next_tcp_state(est as u8, FIN | ACK), Transition::Keep(FlowState::Closing));
+        assert_eq!(next_tcp_state(FlowState::Closing as u8, ACK), Transition::Keep(FlowState::Closing));
+        assert_eq!(next_tcp_state(est as u8, RST), Transition::Keep(FlowState::Closed));
+        assert_eq!(next_tcp_state(FlowState::Closing as u8, RST | ACK), Transition::Keep(FlowState::Closed));
+    }
+
+    #[test]
+    fn retransmitted_syn_keeps_the_flow() {
+        assert_eq!(next_tcp_state(FlowState::SynSeen as u8, SYN), Transition::Keep(FlowState::SynSeen));
+        assert_eq!(next_tcp_state(FlowState::Established as u8, SYN), Transition::Keep(FlowState::Established));
+    }
+
+    #[test]
+    fn syn_after_close_restarts() {
+        assert_eq!(next_tcp_state(FlowState::Closed as u8, SYN), Transition::Restart);
+        assert_eq!(next_tcp_state(FlowState::Closing as u8, SYN), Transition::Restart);
+        assert_eq!(next_tcp_state(FlowState::Closed as u8, ACK), Transition::Keep(FlowState::Closed));
+        assert_eq!(next_tcp_state(0, ACK), Transition::Restart, "unknown state");
+    }
+
+    #[test]
+    fn mid_stream_pickup_is_established() {
+        assert_eq!(initial_tcp_state(ACK), FlowState::Established);
+        assert_eq!(initial_tcp_state(SYN | ACK), FlowState::Established);
+        assert_eq!(initial_tcp_state(FIN | ACK), FlowState::Closing);
+        assert_eq!(initial_tcp_state(RST), FlowState::Closed);
+    }
+
+    #[test]
+    fn timeouts_by_state() {
+        let t = Timeouts::default();
+        assert!(!t.is_expired(FlowState::Established as u8, 0, 7200 * S));
+        assert!(t.is_expired(FlowState::Established as u8, 0, 7200 * S + 1));
+        assert!(t.is_expired(FlowState::Closed as u8, 100 * S, 111 * S));
+        assert!(!t.is_expired(FlowState::Datagram as u8, 100 * S, 159 * S));
+        assert!(t.is_expired(0, 5, 6), "unknown state expires at once");
+        assert!(!t.is_expired(FlowState::SynSeen as u8, 10 * S, 5 * S), "clock behind last_seen");
+    }
+}

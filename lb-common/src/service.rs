@@ -1,0 +1,136 @@
+//! Services, backends and their counters: the `SERVICES`, `BACKENDS`, `NEXTHOPS`, `GLOBALS`
+//! and per-service/per-backend counter maps.
+
+use crate::conntrack::Timeouts;
+
+/// Services the data path holds (and entries of the Maglev outer array). Each service is one
+/// address, protocol and port; a thousand covers a busy host with room to spare.
+pub const MAX_SERVICES: u32 = 1024;
+/// Backends across all pools (entries of `BACKENDS` and of the backend counters).
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Backends in one pool: 10,000 gives every backend 100 slots of the largest Maglev table.
+pub const MAX_BACKENDS_PER_POOL: u32 = 10_000;
+/// Default `CONNTRACK` capacity: 2^21 entries hold a million NAT flows (two entries each) or
+/// two million DSR flows.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 2_097_152;
+
+/// `Service::flags`: full NAT (destination and source rewritten); without it, L2 DSR.
+pub const SERVICE_NAT: u32 = 0x01;
+/// `Service::flags`: hash the source address only (client affinity) instead of the 5-tuple.
+pub const SERVICE_HASH_SOURCE: u32 = 0x02;
+
+/// Key of the `SERVICES` map. `port` zero means every port of the address and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Service (VIP) address, network order; IPv4 in the first word.
+    pub addr: [u32; 4],
+    /// Network order; 0 for an all-ports service.
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding.
+unsafe impl aya::Pod for ServiceKey {}
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index of the service's Maglev table and counters, `0..MAX_SERVICES`.
+    pub id: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
+    /// Slots in the service's Maglev table (prime).
+    pub table_size: u32,
+    /// First and last NAT source port (host order), for NAT services.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// NAT source address (network order), for NAT services.
+    pub nat_addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 32);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding.
+unsafe impl aya::Pod for Service {}
+
+/// Value of the `BACKENDS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Network order; IPv4 in the first word.
+    pub addr: [u32; 4],
+    /// Network order; 0 keeps the port the client used.
+    pub port: u16,
+    /// 4 or 6; 0 marks an unused slot.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), explicit padding.
+unsafe impl aya::Pod for Backend {}
+
+/// Value of the `NEXTHOPS` array: the data path's cache of `bpf_fib_lookup` per backend,
+/// refreshed every [`NEXTHOP_REFRESH_NS`], so an established flow costs no route lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub refreshed_ns: u64,
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding.
+unsafe impl aya::Pod for NextHop {}
+
+/// How long a cached next hop is trusted before the route and neighbour are looked up again.
+pub const NEXTHOP_REFRESH_NS: u64 = 1_000_000_000;
+
+/// The single entry of the `GLOBALS` array: settings the daemon writes for the data path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Globals {
+    pub timeouts: Timeouts,
+    /// Seed of the flow hash; the same on every node that must agree on backends.
+    pub hash_seed: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Globals>() == 48);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), explicit padding.
+unsafe impl aya::Pod for Globals {}
+
+/// Per-service and per-backend counters (per CPU; the daemon sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounter {
+    /// Packets and bytes forwarded towards backends.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Connections (or UDP flows) newly assigned.
+    pub new_flows: u64,
+    /// Reply packets translated back to clients (NAT).
+    pub reply_packets: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 32);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), plain u64s.
+unsafe impl aya::Pod for TrafficCounter {}
+
+impl TrafficCounter {
+    #[must_use]
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(o.packets),
+            bytes: self.bytes.wrapping_add(o.bytes),
+            new_flows: self.new_flows.wrapping_add(o.new_flows),
+            reply_packets: self.reply_packets.wrapping_add(o.reply_packets),
+        }
+    }
+}

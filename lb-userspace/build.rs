@@ -13,11 +13,7 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../lb-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("lb-ebpf path is not UTF-8")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "lb-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "lb-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::Custom(&toolchain),
     )
     .context("building the XDP object failed; run `cargo xtask build` to install the BPF toolchain")

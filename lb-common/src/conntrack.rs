@@ -82,8 +82,15 @@ pub struct Flow {
     pub flags: u8,
     /// Index in the service counters, so replies count against their service.
     pub service_id: u32,
+    /// Reply entries: the interface the client's packets arrived on, where replies leave.
+    pub reply_ifindex: u32,
+    /// Reply entries: destination MAC for replies (the client's packets' source MAC: the
+    /// client or its router).
+    pub reply_dmac: [u8; 6],
+    /// Reply entries: source MAC for replies (the load balancer's MAC the client used).
+    pub reply_smac: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::size_of::<Flow>() == 72);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), no implicit padding, plain integers.
 unsafe impl aya::Pod for Flow {}
@@ -192,6 +199,11 @@ pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use super::*;
     use crate::net::tcp_flags::{ACK, FIN, PSH, RST, SYN};
@@ -206,22 +218,37 @@ mod tests {
         assert_eq!(est, FlowState::Established);
         assert_eq!(next_tcp_state(est as u8, ACK | PSH), Transition::Keep(FlowState::Established));
         assert_eq!(next_tcp_state(est as u8, FIN | ACK), Transition::Keep(FlowState::Closing));
-        assert_eq!(next_tcp_state(FlowState::Closing as u8, ACK), Transition::Keep(FlowState::Closing));
+        assert_eq!(
+            next_tcp_state(FlowState::Closing as u8, ACK),
+            Transition::Keep(FlowState::Closing)
+        );
         assert_eq!(next_tcp_state(est as u8, RST), Transition::Keep(FlowState::Closed));
-        assert_eq!(next_tcp_state(FlowState::Closing as u8, RST | ACK), Transition::Keep(FlowState::Closed));
+        assert_eq!(
+            next_tcp_state(FlowState::Closing as u8, RST | ACK),
+            Transition::Keep(FlowState::Closed)
+        );
     }
 
     #[test]
     fn retransmitted_syn_keeps_the_flow() {
-        assert_eq!(next_tcp_state(FlowState::SynSeen as u8, SYN), Transition::Keep(FlowState::SynSeen));
-        assert_eq!(next_tcp_state(FlowState::Established as u8, SYN), Transition::Keep(FlowState::Established));
+        assert_eq!(
+            next_tcp_state(FlowState::SynSeen as u8, SYN),
+            Transition::Keep(FlowState::SynSeen)
+        );
+        assert_eq!(
+            next_tcp_state(FlowState::Established as u8, SYN),
+            Transition::Keep(FlowState::Established)
+        );
     }
 
     #[test]
     fn syn_after_close_restarts() {
         assert_eq!(next_tcp_state(FlowState::Closed as u8, SYN), Transition::Restart);
         assert_eq!(next_tcp_state(FlowState::Closing as u8, SYN), Transition::Restart);
-        assert_eq!(next_tcp_state(FlowState::Closed as u8, ACK), Transition::Keep(FlowState::Closed));
+        assert_eq!(
+            next_tcp_state(FlowState::Closed as u8, ACK),
+            Transition::Keep(FlowState::Closed)
+        );
         assert_eq!(next_tcp_state(0, ACK), Transition::Restart, "unknown state");
     }
 

@@ -12,7 +12,9 @@
 pub const fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
+    #[allow(clippy::cast_possible_truncation, reason = "folded twice, so below 0x10000")]
+    let folded = sum as u16;
+    folded
 }
 
 /// The checksum after replacing the 16-bit word `old` by `new` (RFC 1624 eqn. 3:
@@ -27,11 +29,8 @@ pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
 #[inline(always)]
 #[must_use]
 pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check) as u32
-        + (!(old >> 16) & 0xffff)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum =
+        (!check) as u32 + (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 
@@ -55,6 +54,11 @@ pub const fn udp_nonzero(check: u16) -> u16 {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use std::vec::Vec;
 
@@ -72,7 +76,8 @@ mod tests {
 
     #[test]
     fn replacing_words_matches_recomputation() {
-        let mut words: Vec<u16> = (0..40u16).map(|i| i.wrapping_mul(0x1357).wrapping_add(7)).collect();
+        let mut words: Vec<u16> =
+            (0..40u16).map(|i| i.wrapping_mul(0x1357).wrapping_add(7)).collect();
         let mut check = full(&words);
         let mut state = 0x1234_5678u32;
         for _ in 0..10_000 {
@@ -93,7 +98,11 @@ mod tests {
             }
             // The two encodings of zero are equivalent; the recomputation yields the canonical one.
             let expected = full(&words);
-            assert!(check == expected || (check == 0xffff && expected == 0) || (check == 0 && expected == 0xffff));
+            assert!(
+                check == expected
+                    || (check == 0xffff && expected == 0)
+                    || (check == 0 && expected == 0xffff)
+            );
         }
     }
 
@@ -101,7 +110,8 @@ mod tests {
     fn raw_byte_order_gives_raw_result() {
         // The same update done on big-endian values and on their raw (byte-swapped on little
         // endian) forms gives the same bytes on the wire.
-        let words = [0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4006, 0x0000, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
+        let words =
+            [0x4500u16, 0x0054, 0x1c46, 0x4000, 0x4006, 0x0000, 0xc0a8, 0x0001, 0xc0a8, 0x00c7];
         let check = full(&words);
         let old = 0xc0a8_00c7u32;
         let new = 0x0a00_0001u32;

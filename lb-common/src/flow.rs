@@ -156,6 +156,11 @@ mod user {
 pub use user::{addr_words, port_raw, raw_port, words_addr};
 
 #[cfg(all(test, feature = "user"))]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use std::{collections::HashSet, format, vec};
 
@@ -163,7 +168,9 @@ mod tests {
 
     fn key(i: u32) -> FlowKey {
         FlowKey::new(
-            format!("198.18.{}.{}:{}", (i >> 8) & 0xff, i & 0xff, 1024 + (i % 50000)).parse().unwrap(),
+            format!("198.18.{}.{}:{}", (i >> 8) & 0xff, i & 0xff, 1024 + (i % 50000))
+                .parse()
+                .unwrap(),
             "198.18.100.1:80".parse().unwrap(),
             6,
         )

@@ -4,6 +4,9 @@
 //! the very code the kernel runs. Map keys and values are `#[repr(C)]` without implicit padding:
 //! the kernel compares keys byte for byte.
 #![no_std]
+// Map types zero their explicit padding in public `_pad` fields (the kernel compares keys as
+// raw bytes), by the house convention.
+#![allow(clippy::pub_underscore_fields)]
 
 #[cfg(any(feature = "user", test))]
 extern crate std;
@@ -18,6 +21,6 @@ pub mod reason;
 pub mod service;
 pub mod stats;
 
-pub use reason::{Action, Reason};
 pub use flow::FlowKey;
+pub use reason::{Action, Reason};
 pub use stats::Counter;

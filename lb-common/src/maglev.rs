@@ -28,12 +28,12 @@ pub const fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return n == 2;
     }
     let mut d = 3u32;
     while d as u64 * d as u64 <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 2;
@@ -53,6 +53,7 @@ pub const fn table_size_for(backends: u32) -> Option<u32> {
     if wanted > MAX_TABLE_SIZE as u64 {
         return None;
     }
+    #[allow(clippy::cast_possible_truncation, reason = "wanted <= MAX_TABLE_SIZE, a u32")]
     let mut n = wanted as u32;
     while !is_prime(n) {
         n += 1;
@@ -126,6 +127,7 @@ mod build {
                 }
                 credit[i] -= max_weight;
                 loop {
+                    #[allow(clippy::cast_possible_truncation, reason = "below m, a u32")]
                     let slot = ((offsets[i] + next[i] * skips[i]) % m) as usize;
                     next[i] += 1;
                     if table[slot] == NO_BACKEND {
@@ -145,6 +147,11 @@ mod build {
 pub use build::build_table;
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use std::{collections::HashMap, format, vec::Vec};
 
@@ -198,7 +205,7 @@ mod tests {
         let s = table_size_for(1000).unwrap();
         assert!(s >= 100_000 && is_prime(s), "{s}");
         let s = table_size_for(10_485).unwrap();
-        assert!(s >= 1_048_500 && s <= MAX_TABLE_SIZE && is_prime(s), "{s}");
+        assert!((1_048_500..=MAX_TABLE_SIZE).contains(&s) && is_prime(s), "{s}");
         assert_eq!(table_size_for(10_486), None);
     }
 
@@ -220,7 +227,7 @@ mod tests {
 
     #[test]
     fn weight_zero_takes_no_slots_and_no_backends_leaves_the_table_empty() {
-        let list = backends(4, |i| if i == 2 { 0 } else { 1 });
+        let list = backends(4, |i| u32::from(i != 2));
         let c = counts(&build_table(&list, 101));
         assert!(!c.contains_key(&2));
         assert_eq!(c.len(), 3);
@@ -233,7 +240,10 @@ mod tests {
         let list = backends(50, |i| 1 + i % 3);
         let mut reversed = list.clone();
         reversed.reverse();
-        assert_eq!(build_table(&list, DEFAULT_TABLE_SIZE), build_table(&reversed, DEFAULT_TABLE_SIZE));
+        assert_eq!(
+            build_table(&list, DEFAULT_TABLE_SIZE),
+            build_table(&reversed, DEFAULT_TABLE_SIZE)
+        );
     }
 
     /// Slots that changed owner between two tables, not counting those of `except`.

@@ -23,3 +23,7 @@ pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// Device map of the interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
 pub const TX_PORTS: &str = "TX_PORTS";
+/// Set of service addresses ([`crate::service::AddrKey`] to service count).
+pub const VIPS: &str = "VIPS";
+/// Set of NAT source addresses ([`crate::service::AddrKey`] to service count).
+pub const NAT_SOURCES: &str = "NAT_SOURCES";

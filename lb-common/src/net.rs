@@ -86,6 +86,11 @@ pub const fn ipv6_ext_header_len(next_header: u8, len_byte: u8) -> usize {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use super::*;
 

@@ -17,13 +17,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in numeric order.
-    pub const ALL: [Self; 5] = [
-        Self::Aborted,
-        Self::Drop,
-        Self::Pass,
-        Self::Tx,
-        Self::Redirect,
-    ];
+    pub const ALL: [Self; 5] = [Self::Aborted, Self::Drop, Self::Pass, Self::Tx, Self::Redirect];
 
     /// The kernel's verdict value.
     #[inline(always)]
@@ -84,11 +78,28 @@ pub enum Reason {
     BadTcpHeader = 7,
     /// Headers reach past `MAX_L4_OFFSET` (very long IPv6 extension headers).
     HeadersTooLong = 8,
+    /// An IP fragment addressed to a service: fragments carry no ports (or only the first
+    /// does), so they cannot be balanced consistently; clients must use path MTU discovery.
+    Fragment = 9,
+    /// IPv4 options or IPv6 extension headers on a packet to a service.
+    IpOptions = 10,
+    /// The service has no backend to send the flow to (empty pool, every weight zero).
+    NoBackend = 11,
+    /// No route or no neighbour (MAC address) is known for the backend yet.
+    NoNextHop = 12,
+    /// Every NAT source port the service may use towards this backend is taken.
+    NatPortsExhausted = 13,
+    /// The backend's egress interface is not one the data path may redirect to.
+    TxPortMissing = 14,
+    /// The connection table refused a new entry.
+    ConntrackInsertFailed = 15,
+    /// A DSR backend is not on a directly attached network (its next hop is a router).
+    DsrBackendNotOnLink = 16,
 }
 
 impl Reason {
     /// Every reason, in numeric order; userspace iterates this to read and export counters.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 17] = [
         Self::NotIp,
         Self::NotService,
         Self::Truncated,
@@ -98,6 +109,14 @@ impl Reason {
         Self::TooManyExtHeaders,
         Self::BadTcpHeader,
         Self::HeadersTooLong,
+        Self::Fragment,
+        Self::IpOptions,
+        Self::NoBackend,
+        Self::NoNextHop,
+        Self::NatPortsExhausted,
+        Self::TxPortMissing,
+        Self::ConntrackInsertFailed,
+        Self::DsrBackendNotOnLink,
     ];
 
     /// What the data path does with a packet for this reason.
@@ -118,7 +137,22 @@ impl Reason {
             | Self::TooManyExtHeaders
             | Self::BadTcpHeader
             | Self::HeadersTooLong => Action::Pass,
+            Self::Fragment
+            | Self::IpOptions
+            | Self::NoBackend
+            | Self::NoNextHop
+            | Self::NatPortsExhausted
+            | Self::TxPortMissing
+            | Self::ConntrackInsertFailed
+            | Self::DsrBackendNotOnLink => Action::Drop,
         }
+    }
+
+    /// The reason with discriminant `value`, if there is one.
+    #[inline(always)]
+    #[must_use]
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        if (value as usize) < Self::ALL.len() { Some(Self::ALL[value as usize]) } else { None }
     }
 
     /// Label used in metrics (`lb_packets_total{reason="..."}`) and logs.
@@ -134,21 +168,31 @@ impl Reason {
             Self::TooManyExtHeaders => "too_many_ext_headers",
             Self::BadTcpHeader => "bad_tcp_header",
             Self::HeadersTooLong => "headers_too_long",
+            Self::Fragment => "fragment",
+            Self::IpOptions => "ip_options",
+            Self::NoBackend => "no_backend",
+            Self::NoNextHop => "no_next_hop",
+            Self::NatPortsExhausted => "nat_ports_exhausted",
+            Self::TxPortMissing => "tx_port_missing",
+            Self::ConntrackInsertFailed => "conntrack_insert_failed",
+            Self::DsrBackendNotOnLink => "dsr_backend_not_on_link",
         }
     }
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use super::*;
 
     #[test]
     fn reason_list_is_complete_and_ordered() {
         for (i, reason) in Reason::ALL.iter().enumerate() {
-            assert_eq!(
-                *reason as usize, i,
-                "{reason:?} out of order in Reason::ALL"
-            );
+            assert_eq!(*reason as usize, i, "{reason:?} out of order in Reason::ALL");
         }
         assert!(Reason::ALL.len() <= crate::stats::REASON_SLOTS as usize);
     }
@@ -158,14 +202,21 @@ mod tests {
         let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
         for name in &names {
             assert!(
-                name.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{name}"
             );
         }
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn reason_round_trips() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_u32(reason as u32), Some(reason));
+        }
+        assert_eq!(Reason::from_u32(Reason::ALL.len() as u32), None);
     }
 
     #[test]

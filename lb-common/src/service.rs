@@ -36,6 +36,28 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 // SAFETY: repr(C), no implicit padding.
 unsafe impl aya::Pod for ServiceKey {}
 
+/// An address alone: key of the `VIPS` set (addresses with at least one service, consulted for
+/// fragments, which carry no ports) and of the `NAT_SOURCES` set (addresses replies come back
+/// to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// Network order; IPv4 in the first word.
+    pub addr: [u32; 4],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), explicit padding.
+unsafe impl aya::Pod for AddrKey {}
+
+/// Addresses used as NAT sources (one per NAT service at most, usually one per host).
+pub const MAX_NAT_SOURCES: u32 = 256;
+/// Interfaces `XDP_REDIRECT` may send to.
+pub const MAX_TX_PORTS: u32 = 256;
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,23 +96,27 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 // SAFETY: repr(C), explicit padding.
 unsafe impl aya::Pod for Backend {}
 
-/// Value of the `NEXTHOPS` array: the data path's cache of `bpf_fib_lookup` per backend,
-/// refreshed every [`NEXTHOP_REFRESH_NS`], so an established flow costs no route lookup.
+/// Value of the `NEXTHOPS` array: where to send a backend's packets, resolved by the daemon
+/// from the kernel's routes and neighbours (so the data path needs no route lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    pub refreshed_ns: u64,
+    /// Egress interface; 0 while unresolved.
     pub ifindex: u32,
+    /// `NEXTHOP_*` bits.
+    pub flags: u32,
+    /// MAC of the next hop (the backend itself when on link).
     pub dmac: [u8; 6],
+    /// MAC of the egress interface.
     pub smac: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), no implicit padding.
 unsafe impl aya::Pod for NextHop {}
 
-/// How long a cached next hop is trusted before the route and neighbour are looked up again.
-pub const NEXTHOP_REFRESH_NS: u64 = 1_000_000_000;
+/// `NextHop::flags`: the backend is on a directly attached network (required for L2 DSR).
+pub const NEXTHOP_ON_LINK: u32 = 0x01;
 
 /// The single entry of the `GLOBALS` array: settings the daemon writes for the data path.
 #[repr(C)]

@@ -52,6 +52,11 @@ pub const fn reason_slot(reason: Reason) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    reason = "test arithmetic on small, known values"
+)]
 mod tests {
     use super::*;
 

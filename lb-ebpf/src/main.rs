@@ -1,17 +1,42 @@
-//! XDP entry points of the load balancer. Only entry points live here; the work is in the
-//! modules, one per concern.
+//! XDP entry points of the load balancer. Only entry points and the top-level flow live here;
+//! the work is in the modules, one per concern.
 #![no_std]
 #![no_main]
+// Map helpers take `impl Borrow<K>`: passing keys and values by reference keeps them off the
+// 512-byte stack, which is the point, whatever the lint prefers.
+#![allow(clippy::needless_borrows_for_generic_args)]
+// Header fields and the kernel's context have fixed widths; narrowing casts here are checked
+// by the surrounding code (ports below 65536, ifindex below 2^32).
+#![allow(clippy::cast_possible_truncation)]
 
+mod conntrack;
+mod forward;
 mod maps;
+mod nat;
+mod outcome;
 mod parse;
+mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Action, Reason};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
+};
+use lb_common::{
+    Action, FlowKey, Reason,
+    service::{NEXTHOP_ON_LINK, SERVICE_NAT, Service},
+};
 
-/// The data path: parse, then (as features land) filter and balance. Attached to every
-/// interface the daemon serves.
+use crate::{
+    conntrack::{EntryBuf, LiveNat},
+    maps::Scratch,
+    nat::Rewrite,
+    outcome::Outcome,
+    parse::Fragment,
+    select::{StaleNat, Tracked},
+};
+
+/// The data path: parse, then balance packets to services and translate replies of NAT flows;
+/// everything else goes to the kernel. Attached to every interface the daemon serves.
 #[xdp]
 #[allow(
     clippy::needless_pass_by_value,
@@ -31,8 +56,147 @@ pub fn lb_ingress(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
-    let _packet = parse::parse_packet(ctx)?;
-    Err(Reason::NotService)
+    // Parsed headers and flow keys live in per-CPU scratch memory, not on the stack.
+    let scratch = maps::SCRATCH.get_ptr_mut(0).ok_or(Reason::Truncated)?;
+    // SAFETY: a per-CPU map value, used by this program run alone.
+    let scratch = unsafe { &mut *scratch };
+    parse::parse_packet(ctx, &mut scratch.packet).into_status()?;
+    let packet = &scratch.packet;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if packet.fragment != Fragment::None {
+        return if select::is_vip(packet) {
+            Err(Reason::Fragment)
+        } else {
+            Err(Reason::NotService)
+        };
+    }
+    match select::lookup_service(packet) {
+        Some(service) => balance(ctx, scratch, service, now).into_result(),
+        None => nat::try_reply(ctx, packet, now).into_result(),
+    }
+}
+
+/// Sends a packet for `service` to its flow's backend. Not inlined, so its stack frame and
+/// the reply path's are never live together.
+#[inline(never)]
+fn balance(ctx: &XdpContext, scratch: &mut Scratch, service: &Service, now: u64) -> Outcome {
+    let ctx = &parse::reload(ctx);
+    Outcome::from_result(try_balance(ctx, scratch, service, now))
+}
+
+#[inline(always)]
+fn try_balance(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    service: &Service,
+    now: u64,
+) -> Result<Action, Reason> {
+    let Scratch { packet, key, buf } = scratch;
+    if packet.has_ip_options {
+        return Err(Reason::IpOptions);
+    }
+    *key = select::flow_key(packet);
+    let g = select::globals()?;
+    let is_nat = service.flags & SERVICE_NAT != 0;
+    let mut live = LiveNat {
+        backend_id: 0,
+        service_id: service.id,
+        nat_addr: service.nat_addr,
+        nat_port: 0,
+        state: 0,
+        new_flow: false,
+        now,
+    };
+    let new_flow = match select::track(packet, key, g, now) {
+        Tracked::Existing { backend_id, nat_port, state, refresh } => {
+            live.backend_id = backend_id;
+            live.nat_port = nat_port;
+            live.state = state;
+            if is_nat && refresh {
+                conntrack::refresh_reply(ctx, key, &live, buf).into_status()?;
+            }
+            false
+        }
+        Tracked::New { state, stale } => {
+            live.state = state as u8;
+            if let Some(stale) = stale {
+                conntrack::release(key, &stale, buf);
+            }
+            open_flow(ctx, key, service, &mut live, buf).into_status()?;
+            live.new_flow
+        }
+    };
+    let hop = forward::next_hop(live.backend_id)?;
+    if is_nat {
+        let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
+        let to = Rewrite {
+            src: service.nat_addr,
+            dst: backend.addr,
+            sport: live.nat_port,
+            dport: backend_port,
+        };
+        nat::rewrite(ctx, packet, &to)?;
+    } else if hop.flags & NEXTHOP_ON_LINK == 0 {
+        return Err(Reason::DsrBackendNotOnLink);
+    }
+    stats::count_traffic(service.id, live.backend_id, stats::frame_len(ctx), new_flow, false);
+    forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
+}
+
+/// Chooses a backend for a new flow and records it (with a NAT source port for NAT
+/// services) in `live`, which also tells whether this packet opened the flow (another CPU
+/// may have won a race for it). Not inlined: the new-flow path gets a stack frame of its own.
+#[inline(never)]
+fn open_flow(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    service: &Service,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+) -> Outcome {
+    let ctx = &parse::reload(ctx);
+    match try_open_flow(ctx, key, service, live, buf) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_open_flow(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    service: &Service,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+) -> Result<(), Reason> {
+    let g = select::globals()?;
+    let is_nat = service.flags & SERVICE_NAT != 0;
+    live.backend_id = select::choose_backend(service, key, g)?;
+    if is_nat {
+        conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
+    }
+    conntrack::set_forward_entry(buf, key, service, live, is_nat);
+    let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
+    conntrack::insert_forward(buf, &mut winner).into_status()?;
+    if winner.lost {
+        // Another CPU opened this flow first: follow it, and free the port taken here.
+        if is_nat && winner.nat_port != live.nat_port {
+            let ours = StaleNat {
+                backend_id: live.backend_id,
+                nat_addr: service.nat_addr,
+                nat_port: live.nat_port,
+                vip_port: key.dport,
+            };
+            conntrack::release(key, &ours, buf);
+        }
+        live.backend_id = winner.backend_id;
+        live.nat_port = winner.nat_port;
+        live.new_flow = false;
+    } else {
+        live.new_flow = true;
+    }
+    Ok(())
 }
 
 /// Passes every frame. The lab attaches it to veth peers that receive `XDP_TX` and

@@ -1,8 +1,90 @@
-//! Every map of the data path. Names and capacities come from `lb_common::maps`.
+//! Every map of the data path. Names, capacities and value types come from `lb_common`.
+//!
+//! The daemon writes every map but `STATS`, the counter maps and `CONNTRACK`, which only the
+//! data path writes (the daemon reads them, and removes expired connection pairs).
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{Counter, stats::STATS_SLOTS};
+use aya_ebpf::{
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Counter, FlowKey,
+    conntrack::Flow,
+    maglev::DEFAULT_TABLE_SIZE,
+    service::{
+        AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS, MAX_NAT_SOURCES,
+        MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, TrafficCounter,
+    },
+    stats::STATS_SLOTS,
+};
 
-/// Verdict and reason counters; layout in `lb_common::stats`. Written only here.
-#[map(name = "STATS")]
-pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+const SERVICES_N: usize = MAX_SERVICES as usize;
+const BACKENDS_N: usize = MAX_BACKENDS as usize;
+
+/// Verdict and reason counters; layout in `lb_common::stats`.
+#[btf_map]
+pub static STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();
+
+/// Services by address, protocol and port (port 0: every port).
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, SERVICES_N> = HashMap::new();
+
+/// Addresses with at least one service (for fragments, which may carry no ports).
+#[btf_map]
+pub static VIPS: HashMap<AddrKey, u32, SERVICES_N> = HashMap::new();
+
+/// Addresses NAT services use as their source; replies to them are looked up in `CONNTRACK`.
+#[btf_map]
+pub static NAT_SOURCES: HashMap<AddrKey, u32, { MAX_NAT_SOURCES as usize }> = HashMap::new();
+
+/// Backends by id.
+#[btf_map]
+pub static BACKENDS: Array<Backend, BACKENDS_N> = Array::new();
+
+/// Next hop (egress interface and MAC addresses) of each backend, resolved by the daemon.
+#[btf_map]
+pub static NEXTHOPS: Array<NextHop, BACKENDS_N> = Array::new();
+
+/// Service id to the service's Maglev table. Inner tables may have any size
+/// (`BPF_F_INNER_MAP`); each service's size is in its `Service::table_size`.
+#[btf_map]
+pub static MAGLEV: ArrayOfMaps<
+    Array<u32, { DEFAULT_TABLE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    SERVICES_N,
+> = ArrayOfMaps::new();
+
+/// Connection table; one shared LRU so both directions of a NAT flow are visible from every
+/// CPU. The daemon may resize it at load time.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Settings from the daemon (timeouts, hash seed).
+#[btf_map]
+pub static GLOBALS: Array<Globals, 1> = Array::new();
+
+/// Traffic per service and per backend.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<TrafficCounter, SERVICES_N> = PerCpuArray::new();
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounter, BACKENDS_N> = PerCpuArray::new();
+
+/// Interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+/// Values too large for the 512-byte BPF stack, in per-CPU memory: one program run uses them
+/// at a time.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub packet: crate::parse::Packet,
+    /// The packet's flow key.
+    pub key: FlowKey,
+    /// A connection-table entry being built.
+    pub buf: crate::conntrack::EntryBuf,
+}
+
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();

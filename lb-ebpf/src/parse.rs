@@ -5,6 +5,8 @@
 //! Header structs are made of byte arrays so they have alignment 1 and can sit at any offset.
 
 use aya_ebpf::programs::XdpContext;
+
+use crate::outcome::Outcome;
 use lb_common::{
     Reason,
     net::{
@@ -87,6 +89,16 @@ pub struct IcmpHdr {
     pub code: u8,
     pub check: [u8; 2],
     pub rest: [u8; 4],
+}
+
+/// The context again, read so that LLVM cannot hand a non-inlined function the packet
+/// pointers themselves: it would pass them as plain integers and zero-extend them with
+/// shifts, which the verifier forbids on packet pointers. Every non-inlined function that
+/// takes the context starts with this.
+#[inline(always)]
+pub fn reload(ctx: &XdpContext) -> XdpContext {
+    // SAFETY: reads the context pointer the caller holds; volatile keeps the read in place.
+    XdpContext::new(unsafe { core::ptr::read_volatile(&raw const ctx.ctx) })
 }
 
 /// Pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
@@ -188,8 +200,24 @@ fn words16(b: [u8; 16]) -> [u32; 4] {
 /// and the TCP, UDP or ICMP header behind them.
 ///
 /// Errors name why the frame cannot be balanced; the caller passes such frames to the kernel.
+///
+/// Not inlined, and the result goes to `out` (a per-CPU scratch value) rather than the
+/// stack: the verifier then sees one state after parsing instead of one per header layout,
+/// which keeps the rest of the program cheap to verify.
+#[inline(never)]
+pub fn parse_packet(ctx: &XdpContext, out: &mut Packet) -> Outcome {
+    let ctx = &reload(ctx);
+    match try_parse_packet(ctx) {
+        Ok(packet) => {
+            *out = packet;
+            Outcome::DONE
+        }
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
 #[inline(always)]
-pub fn parse_packet(ctx: &XdpContext) -> Result<Packet, Reason> {
+fn try_parse_packet(ctx: &XdpContext) -> Result<Packet, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the frame.
     let mut ether_type = be16(unsafe { (*eth).proto });

@@ -57,31 +57,18 @@ pub enum DatapathError {
     #[error("program {name} is missing from the XDP object")]
     MissingProgram { name: &'static str },
     #[error("program {name} is not an XDP program: {source}")]
-    NotXdp {
-        name: &'static str,
-        source: ProgramError,
-    },
+    NotXdp { name: &'static str, source: ProgramError },
     #[error("the kernel rejected program {name}: {source}\n{log}")]
-    Verifier {
-        name: &'static str,
-        source: ProgramError,
-        log: String,
-    },
+    Verifier { name: &'static str, source: ProgramError, log: String },
     #[error("no interface named {interface}")]
     UnknownInterface { interface: String },
     #[error(
         "failed to attach XDP to {interface} in driver mode: {source}; \
          try `xdp_mode = \"generic\"` or `\"auto\"`"
     )]
-    AttachDriver {
-        interface: String,
-        source: ProgramError,
-    },
+    AttachDriver { interface: String, source: ProgramError },
     #[error("failed to attach XDP to {interface}: {source}")]
-    Attach {
-        interface: String,
-        source: ProgramError,
-    },
+    Attach { interface: String, source: ProgramError },
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -108,10 +95,7 @@ impl Datapath {
         for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
-        Ok(Self {
-            ebpf,
-            attachments: Vec::new(),
-        })
+        Ok(Self { ebpf, attachments: Vec::new() })
     }
 
     /// The main XDP program, for `test_run` in datapath tests and benchmarks.
@@ -141,28 +125,24 @@ impl Datapath {
     ) -> Result<AttachedMode, DatapathError> {
         let program = xdp_program(&mut self.ebpf, name)?;
         let unknown = |source: ProgramError| match source {
-            ProgramError::UnknownInterface { .. } => DatapathError::UnknownInterface {
-                interface: interface.to_owned(),
-            },
-            source => DatapathError::Attach {
-                interface: interface.to_owned(),
-                source,
-            },
+            ProgramError::UnknownInterface { .. } => {
+                DatapathError::UnknownInterface { interface: interface.to_owned() }
+            }
+            source => DatapathError::Attach { interface: interface.to_owned(), source },
         };
         let (link, attached) = match mode {
-            XdpModeSetting::Generic => (
-                program.attach(interface, XdpMode::Skb).map_err(unknown)?,
-                AttachedMode::Generic,
-            ),
+            XdpModeSetting::Generic => {
+                (program.attach(interface, XdpMode::Skb).map_err(unknown)?, AttachedMode::Generic)
+            }
             XdpModeSetting::Driver => {
-                let link = program
-                    .attach(interface, XdpMode::Driver)
-                    .map_err(|source| match unknown(source) {
+                let link = program.attach(interface, XdpMode::Driver).map_err(|source| {
+                    match unknown(source) {
                         DatapathError::Attach { interface, source } => {
                             DatapathError::AttachDriver { interface, source }
                         }
                         other => other,
-                    })?;
+                    }
+                })?;
                 (link, AttachedMode::Driver)
             }
             XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
@@ -179,22 +159,13 @@ impl Datapath {
                 }
             },
         };
-        self.attachments.push(Attachment {
-            program: name,
-            interface: interface.to_owned(),
-            link,
-        });
+        self.attachments.push(Attachment { program: name, interface: interface.to_owned(), link });
         Ok(attached)
     }
 
     /// Detaches every program this `Datapath` attached.
     pub fn detach_all(&mut self) {
-        for Attachment {
-            program,
-            interface,
-            link,
-        } in self.attachments.drain(..)
-        {
+        for Attachment { program, interface, link } in self.attachments.drain(..) {
             match xdp_program(&mut self.ebpf, program) {
                 Ok(xdp) => {
                     if let Err(error) = xdp.detach(link) {
@@ -208,10 +179,7 @@ impl Datapath {
 
     /// The verdict and reason counters.
     pub fn stats(&self) -> Result<StatsMap<'_>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(maps::STATS)
-            .ok_or(MapError::Missing { name: maps::STATS })?;
+        let map = self.ebpf.map(maps::STATS).ok_or(MapError::Missing { name: maps::STATS })?;
         Ok(StatsMap::new(map)?)
     }
 }
@@ -236,10 +204,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so large maps load there.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit only reads the struct we pass.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) };
     if ret != 0 {

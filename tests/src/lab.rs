@@ -49,16 +49,7 @@ pub fn backend_v4(i: usize) -> Ipv4Addr {
 
 #[must_use]
 pub fn backend_v6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0x11 + u16::try_from(i).expect("backend index"),
-    )
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11 + u16::try_from(i).expect("backend index"))
 }
 
 /// One backend host.
@@ -90,79 +81,25 @@ impl Lab {
         let switch = Netns::create(&format!("{id}-sw"))?;
         let lb = Netns::create(&format!("{id}-lb"))?;
         let client = Netns::create(&format!("{id}-client"))?;
-        let mut lab = Self {
-            id,
-            backends: Vec::new(),
-            client,
-            lb,
-            switch,
-        };
+        let mut lab = Self { id, backends: Vec::new(), client, lb, switch };
 
         // Front segment: client <-> lb.
         veth(&lab.client, "eth0", &lab.lb, LB_FRONT_IF)?;
-        lab.client
-            .ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
-        lab.client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        lab.lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_FRONT_V4}/24"),
-            "dev",
-            LB_FRONT_IF,
-        ])?;
-        lab.lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_FRONT_V6}/64"),
-            "dev",
-            LB_FRONT_IF,
-            "nodad",
-        ])?;
+        lab.client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
+        lab.client.ip(&["addr", "add", &format!("{CLIENT_V6}/64"), "dev", "eth0", "nodad"])?;
+        lab.lb.ip(&["addr", "add", &format!("{LB_FRONT_V4}/24"), "dev", LB_FRONT_IF])?;
+        lab.lb.ip(&["addr", "add", &format!("{LB_FRONT_V6}/64"), "dev", LB_FRONT_IF, "nodad"])?;
         // Everything else in the lab is reached through the load balancer.
-        lab.client.ip(&[
-            "route",
-            "add",
-            "198.18.0.0/15",
-            "via",
-            &LB_FRONT_V4.to_string(),
-        ])?;
-        lab.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00::/8",
-            "via",
-            &LB_FRONT_V6.to_string(),
-        ])?;
+        lab.client.ip(&["route", "add", "198.18.0.0/15", "via", &LB_FRONT_V4.to_string()])?;
+        lab.client.ip(&["-6", "route", "add", "fd00::/8", "via", &LB_FRONT_V6.to_string()])?;
 
         // Back segment: lb and backends on one bridge.
-        lab.switch
-            .ip(&["link", "add", "name", "br0", "type", "bridge"])?;
+        lab.switch.ip(&["link", "add", "name", "br0", "type", "bridge"])?;
         lab.switch.ip(&["link", "set", "br0", "up"])?;
         veth(&lab.lb, LB_BACK_IF, &lab.switch, "lb")?;
         lab.switch.ip(&["link", "set", "lb", "master", "br0"])?;
-        lab.lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_BACK_V4}/24"),
-            "dev",
-            LB_BACK_IF,
-        ])?;
-        lab.lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_BACK_V6}/64"),
-            "dev",
-            LB_BACK_IF,
-            "nodad",
-        ])?;
+        lab.lb.ip(&["addr", "add", &format!("{LB_BACK_V4}/24"), "dev", LB_BACK_IF])?;
+        lab.lb.ip(&["addr", "add", &format!("{LB_BACK_V6}/64"), "dev", LB_BACK_IF, "nodad"])?;
         lab.lb.sysctl("net.ipv4.ip_forward", "1")?;
         lab.lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
@@ -187,21 +124,8 @@ impl Lab {
         let (v4, v6) = (backend_v4(i), backend_v6(i));
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "198.18.0.0/15",
-            "via",
-            &LB_BACK_V4.to_string(),
-        ])?;
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "fd00::/8",
-            "via",
-            &LB_BACK_V6.to_string(),
-        ])?;
+        ns.ip(&["route", "add", "198.18.0.0/15", "via", &LB_BACK_V4.to_string()])?;
+        ns.ip(&["-6", "route", "add", "fd00::/8", "via", &LB_BACK_V6.to_string()])?;
         let server = bin_path("lab-backend")?;
         ns.spawn(
             &[
@@ -226,10 +150,7 @@ impl Lab {
     fn wait_for_backends(&self) -> anyhow::Result<()> {
         for backend in &self.backends {
             let ready = wait_for(Duration::from_secs(10), || {
-                let out = backend
-                    .ns
-                    .exec(&["ss", "-Htln", "sport", "=", ":80"])
-                    .ok()?;
+                let out = backend.ns.exec(&["ss", "-Htln", "sport", "=", ":80"]).ok()?;
                 (!out.trim().is_empty()).then_some(())
             });
             if ready.is_none() {
@@ -256,10 +177,7 @@ impl Lab {
 pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     let dir = exe.parent().context("executable has no directory")?;
-    for candidate in [
-        dir.join(name),
-        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
-    ] {
+    for candidate in [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()] {
         if candidate.is_file() {
             return Ok(candidate);
         }

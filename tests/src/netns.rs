@@ -49,10 +49,7 @@ impl Netns {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         run_cmd(Command::new("ip").args(["netns", "add", name]))
             .with_context(|| format!("failed to create network namespace {name}"))?;
-        let ns = Self {
-            name: name.to_owned(),
-            children: Mutex::new(Vec::new()),
-        };
+        let ns = Self { name: name.to_owned(), children: Mutex::new(Vec::new()) };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -91,25 +88,20 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
-            .map(drop)
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
     }
 
     /// Starts `args` in the background inside the namespace; it is killed when the namespace
     /// is dropped unless taken back with [`Netns::take_child`].
     pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S], output: ChildOutput) -> anyhow::Result<u32> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name])
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.args(["netns", "exec", &self.name]).args(args).stdin(Stdio::null());
         match output {
             ChildOutput::Discard => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
             ChildOutput::Inherit => &mut cmd,
             ChildOutput::Capture => cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
         };
-        let child = cmd
-            .spawn()
-            .context("failed to spawn a process in a namespace")?;
+        let child = cmd.spawn().context("failed to spawn a process in a namespace")?;
         let pid = child.id();
         self.children.lock().expect("children lock").push(child);
         Ok(pid)
@@ -143,10 +135,7 @@ impl Netns {
     }
 
     fn kill_children(&self) {
-        let mut children = self
-            .children
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut children = self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for child in children.iter_mut() {
             // SAFETY: plain kill(2) on a pid we spawned and have not reaped yet.
             unsafe {
@@ -172,19 +161,14 @@ impl Drop for Netns {
     fn drop(&mut self) {
         self.kill_children();
         kill_all_in(&self.name);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ =
+            Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
 /// Kills every process still running in namespace `name` (grandchildren included).
 fn kill_all_in(name: &str) {
-    let Ok(out) = Command::new("ip")
-        .args(["netns", "pids", name])
-        .stderr(Stdio::null())
-        .output()
+    let Ok(out) = Command::new("ip").args(["netns", "pids", name]).stderr(Stdio::null()).output()
     else {
         return;
     };
@@ -243,11 +227,7 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<
         b.name(),
     ]))
     .with_context(|| {
-        format!(
-            "failed to create veth {}:{a_name} <-> {}:{b_name}",
-            a.name(),
-            b.name()
-        )
+        format!("failed to create veth {}:{a_name} <-> {}:{b_name}", a.name(), b.name())
     })?;
     a.ip(&["link", "set", a_name, "up"])?;
     b.ip(&["link", "set", b_name, "up"])?;
@@ -256,16 +236,10 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> anyhow::Result<
 
 /// Runs a command and fails with its stderr when it exits non-zero.
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let out =
+        cmd.stdin(Stdio::null()).output().with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }

@@ -56,32 +56,18 @@ enum L3 {
         ext: Vec<ExtHeader>,
     },
     /// Any other EtherType with raw bytes after the Ethernet header.
-    Raw { ether_type: u16, bytes: Vec<u8> },
+    Raw {
+        ether_type: u16,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug)]
 enum L4 {
-    None {
-        proto: u8,
-    },
-    Tcp {
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: u32,
-        flags: u8,
-        window: u16,
-        options: Vec<u8>,
-    },
-    Udp {
-        sport: u16,
-        dport: u16,
-    },
-    Icmp {
-        kind: u8,
-        code: u8,
-        rest: [u8; 4],
-    },
+    None { proto: u8 },
+    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, window: u16, options: Vec<u8> },
+    Udp { sport: u16, dport: u16 },
+    Icmp { kind: u8, code: u8, rest: [u8; 4] },
 }
 
 /// A packet under construction. Every setter returns the builder; [`Packet::build`] renders
@@ -127,21 +113,13 @@ impl Packet {
     /// An IPv6 packet (next header 253 until an L4 is chosen).
     #[must_use]
     pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr) -> Self {
-        Self::with_l3(L3::V6 {
-            src,
-            dst,
-            hop_limit: 64,
-            ext: Vec::new(),
-        })
+        Self::with_l3(L3::V6 { src, dst, hop_limit: 64, ext: Vec::new() })
     }
 
     /// A non-IP frame: `bytes` follow the Ethernet header (and VLAN tags).
     #[must_use]
     pub fn raw(ether_type: u16, bytes: &[u8]) -> Self {
-        Self::with_l3(L3::Raw {
-            ether_type,
-            bytes: bytes.to_vec(),
-        })
+        Self::with_l3(L3::Raw { ether_type, bytes: bytes.to_vec() })
     }
 
     /// An ARP request for `target` from `sender`.
@@ -190,9 +168,7 @@ impl Packet {
     /// IPv4 options (padded with End-of-Options to a multiple of four bytes).
     #[must_use]
     pub fn ipv4_options(mut self, bytes: &[u8]) -> Self {
-        let L3::V4 { options, .. } = &mut self.l3 else {
-            panic!("IPv4 options on non-IPv4")
-        };
+        let L3::V4 { options, .. } = &mut self.l3 else { panic!("IPv4 options on non-IPv4") };
         *options = bytes.to_vec();
         while options.len() % 4 != 0 {
             options.push(0);
@@ -204,13 +180,7 @@ impl Packet {
     /// Makes an IPv4 packet a fragment (offset in 8-byte units).
     #[must_use]
     pub fn ipv4_fragment(mut self, offset: u16, more: bool) -> Self {
-        let L3::V4 {
-            dont_fragment,
-            more_fragments,
-            frag_offset,
-            ..
-        } = &mut self.l3
-        else {
+        let L3::V4 { dont_fragment, more_fragments, frag_offset, .. } = &mut self.l3 else {
             panic!("IPv4 fragment on non-IPv4")
         };
         *dont_fragment = false;
@@ -222,9 +192,7 @@ impl Packet {
     /// Appends an IPv6 extension header.
     #[must_use]
     pub fn ext_header(mut self, header: ExtHeader) -> Self {
-        let L3::V6 { ext, .. } = &mut self.l3 else {
-            panic!("extension header on non-IPv6")
-        };
+        let L3::V6 { ext, .. } = &mut self.l3 else { panic!("extension header on non-IPv6") };
         ext.push(header);
         self
     }
@@ -246,18 +214,14 @@ impl Packet {
 
     #[must_use]
     pub fn flags(mut self, value: u8) -> Self {
-        let L4::Tcp { flags, .. } = &mut self.l4 else {
-            panic!("flags on non-TCP")
-        };
+        let L4::Tcp { flags, .. } = &mut self.l4 else { panic!("flags on non-TCP") };
         *flags = value;
         self
     }
 
     #[must_use]
     pub fn seq_ack(mut self, seq_value: u32, ack_value: u32) -> Self {
-        let L4::Tcp { seq, ack, .. } = &mut self.l4 else {
-            panic!("seq on non-TCP")
-        };
+        let L4::Tcp { seq, ack, .. } = &mut self.l4 else { panic!("seq on non-TCP") };
         *seq = seq_value;
         *ack = ack_value;
         self
@@ -266,9 +230,7 @@ impl Packet {
     /// TCP options (padded with End-of-Options to a multiple of four bytes).
     #[must_use]
     pub fn tcp_options(mut self, bytes: &[u8]) -> Self {
-        let L4::Tcp { options, .. } = &mut self.l4 else {
-            panic!("TCP options on non-TCP")
-        };
+        let L4::Tcp { options, .. } = &mut self.l4 else { panic!("TCP options on non-TCP") };
         *options = bytes.to_vec();
         while options.len() % 4 != 0 {
             options.push(0);
@@ -292,11 +254,7 @@ impl Packet {
     /// An echo request (ICMP type 8 or ICMPv6 type 128).
     #[must_use]
     pub fn echo_request(self, id: u16, seq: u16) -> Self {
-        let kind = if matches!(self.l3, L3::V6 { .. }) {
-            128
-        } else {
-            8
-        };
+        let kind = if matches!(self.l3, L3::V6 { .. }) { 128 } else { 8 };
         let [a, b] = id.to_be_bytes();
         let [c, d] = seq.to_be_bytes();
         self.icmp(kind, 0, [a, b, c, d])
@@ -342,11 +300,7 @@ impl Packet {
         let l4_off = match &self.l3 {
             L3::Raw { bytes, .. } => {
                 frame.extend_from_slice(bytes);
-                return Layout {
-                    bytes: frame,
-                    l3_off,
-                    l4_off: l3_off,
-                };
+                return Layout { bytes: frame, l3_off, l4_off: l3_off };
             }
             L3::V4 { .. } => {
                 let header = self.render_ipv4(l4_proto, l4_bytes.len());
@@ -362,11 +316,7 @@ impl Packet {
         let mut l4_bytes = l4_bytes;
         self.fill_l4_checksum(&mut l4_bytes);
         frame.extend_from_slice(&l4_bytes);
-        Layout {
-            bytes: frame,
-            l3_off,
-            l4_off,
-        }
+        Layout { bytes: frame, l3_off, l4_off }
     }
 
     /// The L4 protocol number and the L4 header plus payload, checksum field zero.
@@ -375,15 +325,7 @@ impl Packet {
         let mut out = Vec::new();
         let proto = match &self.l4 {
             L4::None { proto } => *proto,
-            L4::Tcp {
-                sport,
-                dport,
-                seq,
-                ack,
-                flags,
-                window,
-                options,
-            } => {
+            L4::Tcp { sport, dport, seq, ack, flags, window, options } => {
                 out.extend_from_slice(&sport.to_be_bytes());
                 out.extend_from_slice(&dport.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
@@ -409,11 +351,7 @@ impl Packet {
                 out.push(*code);
                 out.extend_from_slice(&[0, 0]);
                 out.extend_from_slice(rest);
-                if v6 {
-                    lb_common::net::IPPROTO_ICMPV6
-                } else {
-                    lb_common::net::IPPROTO_ICMP
-                }
+                if v6 { lb_common::net::IPPROTO_ICMPV6 } else { lb_common::net::IPPROTO_ICMP }
             }
         };
         out.extend_from_slice(&self.payload);
@@ -421,17 +359,8 @@ impl Packet {
     }
 
     fn render_ipv4(&self, proto: u8, l4_len: usize) -> Vec<u8> {
-        let L3::V4 {
-            src,
-            dst,
-            ttl,
-            tos,
-            id,
-            dont_fragment,
-            more_fragments,
-            frag_offset,
-            options,
-        } = &self.l3
+        let L3::V4 { src, dst, ttl, tos, id, dont_fragment, more_fragments, frag_offset, options } =
+            &self.l3
         else {
             unreachable!()
         };
@@ -456,15 +385,7 @@ impl Packet {
     }
 
     fn render_ipv6(&self, proto: u8, l4_len: usize) -> Vec<u8> {
-        let L3::V6 {
-            src,
-            dst,
-            hop_limit,
-            ext,
-        } = &self.l3
-        else {
-            unreachable!()
-        };
+        let L3::V6 { src, dst, hop_limit, ext } = &self.l3 else { unreachable!() };
         let mut ext_bytes = Vec::new();
         let mut kinds: Vec<u8> = ext.iter().map(ExtHeader::number).collect();
         kinds.push(proto);
@@ -606,10 +527,7 @@ mod tests {
     use super::*;
 
     fn v4() -> (Ipv4Addr, Ipv4Addr) {
-        (
-            "198.18.0.2".parse().unwrap(),
-            "198.18.100.1".parse().unwrap(),
-        )
+        ("198.18.0.2".parse().unwrap(), "198.18.100.1".parse().unwrap())
     }
 
     fn v6() -> (Ipv6Addr, Ipv6Addr) {
@@ -623,29 +541,19 @@ mod tests {
         match &sliced.net {
             Some(NetSlice::Ipv4(ip)) => {
                 let header = ip.header().to_header();
-                assert_eq!(
-                    header.header_checksum,
-                    header.calc_header_checksum(),
-                    "IPv4 header"
-                );
+                assert_eq!(header.header_checksum, header.calc_header_checksum(), "IPv4 header");
                 let (src, dst) = (ip.header().source(), ip.header().destination());
                 payload_of_transport = ip.payload().payload;
                 match &sliced.transport {
                     Some(TransportSlice::Tcp(tcp)) => {
                         let h: TcpHeader = tcp.to_header();
                         let data = &payload_of_transport[h.header_len()..];
-                        assert_eq!(
-                            h.checksum,
-                            h.calc_checksum_ipv4_raw(src, dst, data).unwrap()
-                        );
+                        assert_eq!(h.checksum, h.calc_checksum_ipv4_raw(src, dst, data).unwrap());
                     }
                     Some(TransportSlice::Udp(udp)) => {
                         let h: UdpHeader = udp.to_header();
                         let data = &payload_of_transport[8..];
-                        assert_eq!(
-                            h.checksum,
-                            h.calc_checksum_ipv4_raw(src, dst, data).unwrap()
-                        );
+                        assert_eq!(h.checksum, h.calc_checksum_ipv4_raw(src, dst, data).unwrap());
                     }
                     Some(TransportSlice::Icmpv4(icmp)) => {
                         let h: Icmpv4Header = icmp.header();
@@ -662,18 +570,12 @@ mod tests {
                     Some(TransportSlice::Tcp(tcp)) => {
                         let h: TcpHeader = tcp.to_header();
                         let data = &payload_of_transport[h.header_len()..];
-                        assert_eq!(
-                            h.checksum,
-                            h.calc_checksum_ipv6_raw(src, dst, data).unwrap()
-                        );
+                        assert_eq!(h.checksum, h.calc_checksum_ipv6_raw(src, dst, data).unwrap());
                     }
                     Some(TransportSlice::Udp(udp)) => {
                         let h: UdpHeader = udp.to_header();
                         let data = &payload_of_transport[8..];
-                        assert_eq!(
-                            h.checksum,
-                            h.calc_checksum_ipv6_raw(src, dst, data).unwrap()
-                        );
+                        assert_eq!(h.checksum, h.calc_checksum_ipv6_raw(src, dst, data).unwrap());
                     }
                     Some(TransportSlice::Icmpv6(icmp)) => {
                         let h: Icmpv6Header = icmp.header();
@@ -696,46 +598,29 @@ mod tests {
         let payloads: [&[u8]; 3] = [b"", b"odd", b"GET / HTTP/1.1\r\n\r\n"];
         for payload in payloads {
             let frames = [
-                Packet::ipv4(s4, d4)
-                    .tcp(40000, 80)
-                    .flags(tcp_flags::SYN)
-                    .payload(payload)
-                    .build(),
+                Packet::ipv4(s4, d4).tcp(40000, 80).flags(tcp_flags::SYN).payload(payload).build(),
                 Packet::ipv4(s4, d4)
                     .tcp(1, 65535)
                     .tcp_options(&[2, 4, 5, 0xb4])
                     .payload(payload)
                     .build(),
                 Packet::ipv4(s4, d4).udp(5353, 53).payload(payload).build(),
-                Packet::ipv4(s4, d4)
-                    .echo_request(7, 1)
-                    .payload(payload)
-                    .build(),
+                Packet::ipv4(s4, d4).echo_request(7, 1).payload(payload).build(),
                 Packet::ipv4(s4, d4)
                     .ipv4_options(&[7, 7, 4, 0, 0, 0, 0])
                     .udp(1, 2)
                     .payload(payload)
                     .build(),
-                Packet::ipv6(s6, d6)
-                    .tcp(40000, 443)
-                    .payload(payload)
-                    .build(),
+                Packet::ipv6(s6, d6).tcp(40000, 443).payload(payload).build(),
                 Packet::ipv6(s6, d6).udp(40000, 53).payload(payload).build(),
-                Packet::ipv6(s6, d6)
-                    .echo_request(9, 3)
-                    .payload(payload)
-                    .build(),
+                Packet::ipv6(s6, d6).echo_request(9, 3).payload(payload).build(),
                 Packet::ipv6(s6, d6)
                     .ext_header(ExtHeader::HopByHop { len: 0 })
                     .ext_header(ExtHeader::DestOpts { len: 1 })
                     .udp(1, 2)
                     .payload(payload)
                     .build(),
-                Packet::ipv4(s4, d4)
-                    .vlan(100)
-                    .udp(1, 2)
-                    .payload(payload)
-                    .build(),
+                Packet::ipv4(s4, d4).vlan(100).udp(1, 2).payload(payload).build(),
             ];
             for frame in frames {
                 assert_checksums_match_etherparse(&frame);
@@ -746,13 +631,8 @@ mod tests {
     #[test]
     fn ipv4_header_fields() {
         let (s, d) = v4();
-        let layout = Packet::ipv4(s, d)
-            .ipv4_options(&[1, 1, 1, 1, 1])
-            .udp(1, 2)
-            .build_layout();
-        let ip = Ipv4Header::from_slice(&layout.bytes[layout.l3_off..])
-            .unwrap()
-            .0;
+        let layout = Packet::ipv4(s, d).ipv4_options(&[1, 1, 1, 1, 1]).udp(1, 2).build_layout();
+        let ip = Ipv4Header::from_slice(&layout.bytes[layout.l3_off..]).unwrap().0;
         assert_eq!(ip.ihl(), 7, "options padded to 8 bytes");
         assert_eq!(usize::from(ip.total_len), layout.bytes.len() - 14);
         assert_eq!(layout.l4_off, 14 + 28);
@@ -780,11 +660,7 @@ mod tests {
         let layout = Packet::ipv6(s, d)
             .ext_header(ExtHeader::HopByHop { len: 0 })
             .ext_header(ExtHeader::Routing { len: 2 })
-            .ext_header(ExtHeader::Fragment {
-                offset: 0,
-                more: true,
-                id: 1,
-            })
+            .ext_header(ExtHeader::Fragment { offset: 0, more: true, id: 1 })
             .tcp(1, 2)
             .build_layout();
         let b = &layout.bytes;

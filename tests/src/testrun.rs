@@ -59,9 +59,7 @@ pub struct TestBed {
 
 impl TestBed {
     pub fn load() -> anyhow::Result<Self> {
-        Ok(Self {
-            datapath: Datapath::load().context("failed to load the XDP object")?,
-        })
+        Ok(Self { datapath: Datapath::load().context("failed to load the XDP object")? })
     }
 
     /// Runs the ingress program once on `frame`.
@@ -117,11 +115,7 @@ impl TestBed {
         let frame_len = u64::try_from(case.input.len())?;
         let action = delta.action(case.verdict);
         if delta.packets() != 1 || action.packets != 1 || action.bytes != frame_len {
-            let _ = write!(
-                problems,
-                "\n  verdict counters moved wrongly: {}",
-                delta.summary()
-            );
+            let _ = write!(problems, "\n  verdict counters moved wrongly: {}", delta.summary());
         }
         let reasons: u64 = delta.reasons.iter().map(|c| c.packets).sum();
         match case.reason {
@@ -137,11 +131,7 @@ impl TestBed {
                 }
             }
             None if reasons != 0 => {
-                let _ = write!(
-                    problems,
-                    "\n  expected no reason counted, got {}",
-                    delta.summary()
-                );
+                let _ = write!(problems, "\n  expected no reason counted, got {}", delta.summary());
             }
             None => {}
         }
@@ -157,12 +147,7 @@ impl TestBed {
             }
         }
         if !failures.is_empty() {
-            bail!(
-                "{} of {} cases failed:\n{}",
-                failures.len(),
-                cases.len(),
-                failures.join("\n")
-            );
+            bail!("{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
         }
         Ok(())
     }
@@ -171,10 +156,8 @@ impl TestBed {
 /// Lower-case hex of `bytes`, for frame diffs.
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }

@@ -47,10 +47,7 @@ struct NftCount {
 }
 
 fn nft_counter(lab: &Lab, name: &str) -> NftCount {
-    let out = lab
-        .lb
-        .exec(&["nft", "list", "counter", "netdev", "lbtest", name])
-        .unwrap();
+    let out = lab.lb.exec(&["nft", "list", "counter", "netdev", "lbtest", name]).unwrap();
     let field = |key: &str| -> u64 {
         let mut words = out.split_whitespace();
         words
@@ -59,10 +56,7 @@ fn nft_counter(lab: &Lab, name: &str) -> NftCount {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {key} in {out}"))
     };
-    NftCount {
-        packets: field("packets"),
-        bytes: field("bytes"),
-    }
+    NftCount { packets: field("packets"), bytes: field("bytes") }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,10 +99,7 @@ fn settled(lab: &Lab, datapath: &Datapath) -> Readings {
 }
 
 fn sub(a: NftCount, b: NftCount) -> NftCount {
-    NftCount {
-        packets: a.packets - b.packets,
-        bytes: a.bytes - b.bytes,
-    }
+    NftCount { packets: a.packets - b.packets, bytes: a.bytes - b.bytes }
 }
 
 #[test]
@@ -118,86 +109,37 @@ fn counters_match_real_traffic_exactly() {
     }
     let lab = Lab::create(1).unwrap();
     // One frame in, one skb up: no GRO merging between XDP and the nftables hook.
-    lab.lb
-        .exec(&["ethtool", "-K", LB_FRONT_IF, "gro", "off"])
-        .unwrap();
-    let nft = lab
-        .lb
-        .exec_output(&["sh", "-c", &format!("echo '{NFT_RULES}' | nft -f -")])
-        .unwrap();
-    assert!(
-        nft.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&nft.stderr)
-    );
+    lab.lb.exec(&["ethtool", "-K", LB_FRONT_IF, "gro", "off"]).unwrap();
+    let nft = lab.lb.exec_output(&["sh", "-c", &format!("echo '{NFT_RULES}' | nft -f -")]).unwrap();
+    assert!(nft.status.success(), "nft: {}", String::from_utf8_lossy(&nft.stderr));
 
     let mut datapath = lab.lb.enter(Datapath::load).unwrap().unwrap();
-    let mode = lab
-        .lb
-        .enter(|| datapath.attach(LB_FRONT_IF, XdpModeSetting::Auto))
-        .unwrap()
-        .unwrap();
+    let mode =
+        lab.lb.enter(|| datapath.attach(LB_FRONT_IF, XdpModeSetting::Auto)).unwrap().unwrap();
     assert_eq!(mode, AttachedMode::Driver, "veth supports driver-mode XDP");
 
     let before = settled(&lab, &datapath);
 
     // ICMP: 5 echo requests over IPv4 and 3 over IPv6 to the load balancer itself.
     lab.client
-        .exec(&[
-            "ping",
-            "-c",
-            "5",
-            "-i",
-            "0.05",
-            "-W",
-            "1",
-            &lab::LB_FRONT_V4.to_string(),
-        ])
+        .exec(&["ping", "-c", "5", "-i", "0.05", "-W", "1", &lab::LB_FRONT_V4.to_string()])
         .unwrap();
     lab.client
-        .exec(&[
-            "ping",
-            "-6",
-            "-c",
-            "3",
-            "-i",
-            "0.05",
-            "-W",
-            "1",
-            &lab::LB_FRONT_V6.to_string(),
-        ])
+        .exec(&["ping", "-6", "-c", "3", "-i", "0.05", "-W", "1", &lab::LB_FRONT_V6.to_string()])
         .unwrap();
     // TCP: curl to the backend, forwarded by the load balancer's kernel.
-    assert_eq!(
-        lab.curl(IpAddr::V4(lab::backend_v4(0)), lab::HTTP_PORT)
-            .unwrap(),
-        "backend-1\n"
-    );
-    assert_eq!(
-        lab.curl(IpAddr::V6(lab::backend_v6(0)), lab::HTTP_PORT)
-            .unwrap(),
-        "backend-1\n"
-    );
+    assert_eq!(lab.curl(IpAddr::V4(lab::backend_v4(0)), lab::HTTP_PORT).unwrap(), "backend-1\n");
+    assert_eq!(lab.curl(IpAddr::V6(lab::backend_v6(0)), lab::HTTP_PORT).unwrap(), "backend-1\n");
     // UDP: four datagrams each way, answered by the backend.
     let replies = lab
         .client
         .enter(|| {
             let mut replies = Vec::new();
-            for target in [
-                IpAddr::V4(lab::backend_v4(0)),
-                IpAddr::V6(lab::backend_v6(0)),
-            ] {
-                let bind: SocketAddr = if target.is_ipv4() {
-                    "0.0.0.0:0"
-                } else {
-                    "[::]:0"
-                }
-                .parse()
-                .unwrap();
+            for target in [IpAddr::V4(lab::backend_v4(0)), IpAddr::V6(lab::backend_v6(0))] {
+                let bind: SocketAddr =
+                    if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
                 let socket = UdpSocket::bind(bind).unwrap();
-                socket
-                    .set_read_timeout(Some(Duration::from_secs(2)))
-                    .unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 for i in 0..4 {
                     socket
                         .send_to(format!("hello {i}").as_bytes(), (target, lab::UDP_PORT))
@@ -211,10 +153,7 @@ fn counters_match_real_traffic_exactly() {
         })
         .unwrap();
     assert_eq!(replies.len(), 8);
-    assert!(
-        replies.iter().all(|r| r.starts_with("backend-1 hello")),
-        "{replies:?}"
-    );
+    assert!(replies.iter().all(|r| r.starts_with("backend-1 hello")), "{replies:?}");
 
     let after = settled(&lab, &datapath);
     let xdp = after.xdp.since(&before.xdp);
@@ -223,28 +162,12 @@ fn counters_match_real_traffic_exactly() {
     let ip6 = sub(after.ip6, before.ip6);
 
     // The reference saw our traffic...
-    assert_eq!(
-        sub(after.echo4, before.echo4).packets,
-        5,
-        "IPv4 echo requests"
-    );
-    assert_eq!(
-        sub(after.echo6, before.echo6).packets,
-        3,
-        "IPv6 echo requests"
-    );
+    assert_eq!(sub(after.echo4, before.echo4).packets, 5, "IPv4 echo requests");
+    assert_eq!(sub(after.echo6, before.echo6).packets, 3, "IPv6 echo requests");
     // (5 + 3 pings, two TCP connections of at least 5 client packets each, 8 datagrams.)
-    assert!(
-        ip4.packets + ip6.packets >= 5 + 3 + 10 + 8,
-        "too little traffic: {ip4:?} {ip6:?}"
-    );
+    assert!(ip4.packets + ip6.packets >= 5 + 3 + 10 + 8, "too little traffic: {ip4:?} {ip6:?}");
     // ...and the data path counted exactly the same frames: all passed, none dropped.
-    assert_eq!(
-        xdp.packets(),
-        all.packets,
-        "XDP saw {} but the stack got {all:?}",
-        xdp.summary()
-    );
+    assert_eq!(xdp.packets(), all.packets, "XDP saw {} but the stack got {all:?}", xdp.summary());
     assert_eq!(xdp.action(Action::Pass).packets, all.packets);
     assert_eq!(
         xdp.reason(Reason::NotService).packets,
@@ -252,29 +175,18 @@ fn counters_match_real_traffic_exactly() {
         "{}",
         xdp.summary()
     );
-    assert_eq!(
-        xdp.reason(Reason::NotIp).packets,
-        all.packets - ip4.packets - ip6.packets
-    );
+    assert_eq!(xdp.reason(Reason::NotIp).packets, all.packets - ip4.packets - ip6.packets);
     // XDP counts whole frames; the ingress hook counts from the network header.
     assert_eq!(xdp.action(Action::Pass).bytes, all.bytes + 14 * all.packets);
     for reason in Reason::ALL {
         if !matches!(reason, Reason::NotService | Reason::NotIp) {
-            assert_eq!(
-                xdp.reason(reason).packets,
-                0,
-                "unexpected {}",
-                reason.name()
-            );
+            assert_eq!(xdp.reason(reason).packets, 0, "unexpected {}", reason.name());
         }
     }
 
     datapath.detach_all();
     let link = lab.lb.ip(&["link", "show", LB_FRONT_IF]).unwrap();
-    assert!(
-        !link.contains("xdp"),
-        "program still attached after detach: {link}"
-    );
+    assert!(!link.contains("xdp"), "program still attached after detach: {link}");
 }
 
 #[test]
@@ -290,20 +202,14 @@ fn auto_mode_falls_back_to_generic_where_the_driver_has_no_xdp() {
             let driver = datapath.attach("lo", XdpModeSetting::Driver);
             let mode = datapath.attach("lo", XdpModeSetting::Auto).unwrap();
             let unknown = datapath.attach("nosuchif0", XdpModeSetting::Auto);
-            assert!(
-                matches!(unknown, Err(DatapathError::UnknownInterface { .. })),
-                "{unknown:?}"
-            );
+            assert!(matches!(unknown, Err(DatapathError::UnknownInterface { .. })), "{unknown:?}");
             datapath.detach_all();
             (mode, driver.err().map(|e| e.to_string()))
         })
         .unwrap();
     assert_eq!(mode, AttachedMode::Generic);
     let driver_error = driver_error.expect("driver mode on lo must fail");
-    assert!(
-        driver_error.contains("xdp_mode = \"generic\""),
-        "no hint in: {driver_error}"
-    );
+    assert!(driver_error.contains("xdp_mode = \"generic\""), "no hint in: {driver_error}");
 }
 
 #[test]
@@ -341,37 +247,21 @@ fn lbd_attaches_on_start_and_detaches_on_sigterm() {
         "lbd did not attach in driver mode to front and generic mode to back"
     );
     // Traffic still flows through the load balancer while lbd runs.
-    assert_eq!(
-        lab.curl(IpAddr::V4(lab::backend_v4(0)), lab::HTTP_PORT)
-            .unwrap(),
-        "backend-1\n"
-    );
+    assert_eq!(lab.curl(IpAddr::V4(lab::backend_v4(0)), lab::HTTP_PORT).unwrap(), "backend-1\n");
 
     // Let one counter summary (every second) reach the log.
     std::thread::sleep(Duration::from_millis(1500));
     let child = lab.lb.take_child(pid).unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "lbd failed: {log}");
-    assert!(
-        log.contains("XDP program attached") && log.contains("mode=\"driver\""),
-        "{log}"
-    );
-    assert!(
-        log.contains("data path counters"),
-        "no counter summary logged: {log}"
-    );
+    assert!(log.contains("XDP program attached") && log.contains("mode=\"driver\""), "{log}");
+    assert!(log.contains("data path counters"), "no counter summary logged: {log}");
     for interface in ["front", "back"] {
         let link = lab.lb.ip(&["link", "show", interface]).unwrap();
-        assert!(
-            !link.contains("xdp"),
-            "{interface} still has XDP after lbd exited: {link}"
-        );
+        assert!(!link.contains("xdp"), "{interface} still has XDP after lbd exited: {link}");
     }
     let _ = std::fs::remove_file(config);
 }
@@ -382,30 +272,14 @@ fn lbd_rejects_a_bad_config_without_touching_the_kernel() {
     let dir = std::env::temp_dir().join(lb_tests::netns::unique_id());
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[[interface]]\nname = \"eth0\"\nxdp_mode = \"fast\"\n",
-    )
-    .unwrap();
-    let out = Command::new(&lbd)
-        .args(["check-config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    std::fs::write(&bad, "[[interface]]\nname = \"eth0\"\nxdp_mode = \"fast\"\n").unwrap();
+    let out = Command::new(&lbd).args(["check-config"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3, column 12"), "{err}");
     let good = dir.join("good.toml");
     std::fs::write(&good, "[[interface]]\nname = \"eth0\"\n").unwrap();
-    let out = Command::new(&lbd)
-        .args(["check-config"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(&lbd).args(["check-config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -54,16 +54,10 @@ fn well_formed_frames_pass_untouched() {
         ),
         Case::pass(
             "IPv4 TCP with payload",
-            v4().tcp(40000, 80)
-                .payload(b"GET / HTTP/1.1\r\n\r\n")
-                .build(),
+            v4().tcp(40000, 80).payload(b"GET / HTTP/1.1\r\n\r\n").build(),
             Reason::NotService,
         ),
-        Case::pass(
-            "IPv4 UDP",
-            v4().udp(5353, 53).payload(b"query").build(),
-            Reason::NotService,
-        ),
+        Case::pass("IPv4 UDP", v4().udp(5353, 53).payload(b"query").build(), Reason::NotService),
         Case::pass(
             "IPv4 ICMP echo request",
             v4().echo_request(1, 1).payload(&[0; 56]).build(),
@@ -79,31 +73,11 @@ fn well_formed_frames_pass_untouched() {
             v6().tcp(40000, 443).flags(tcp_flags::SYN).build(),
             Reason::NotService,
         ),
-        Case::pass(
-            "IPv6 UDP",
-            v6().udp(40000, 53).payload(b"q").build(),
-            Reason::NotService,
-        ),
-        Case::pass(
-            "IPv6 ICMPv6 echo request",
-            v6().echo_request(1, 1).build(),
-            Reason::NotService,
-        ),
-        Case::pass(
-            "ARP request",
-            Packet::arp_request(SRC4, DST4).build(),
-            Reason::NotIp,
-        ),
-        Case::pass(
-            "LLDP frame",
-            Packet::raw(0x88cc, &[0; 46]).build(),
-            Reason::NotIp,
-        ),
-        Case::pass(
-            "802.1Q-tagged IPv4 UDP",
-            v4().vlan(100).udp(1, 53).build(),
-            Reason::NotService,
-        ),
+        Case::pass("IPv6 UDP", v6().udp(40000, 53).payload(b"q").build(), Reason::NotService),
+        Case::pass("IPv6 ICMPv6 echo request", v6().echo_request(1, 1).build(), Reason::NotService),
+        Case::pass("ARP request", Packet::arp_request(SRC4, DST4).build(), Reason::NotIp),
+        Case::pass("LLDP frame", Packet::raw(0x88cc, &[0; 46]).build(), Reason::NotIp),
+        Case::pass("802.1Q-tagged IPv4 UDP", v4().vlan(100).udp(1, 53).build(), Reason::NotService),
         Case::pass(
             "802.1Q-tagged IPv6 TCP",
             v6().vlan(4094).tcp(1, 80).build(),
@@ -121,11 +95,9 @@ fn well_formed_frames_pass_untouched() {
         ),
         Case::pass(
             "IPv4 with 20 bytes of options, TCP",
-            v4().ipv4_options(&[
-                0x94, 4, 0, 0, 1, 1, 1, 1, 7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            ])
-            .tcp(1, 80)
-            .build(),
+            v4().ipv4_options(&[0x94, 4, 0, 0, 1, 1, 1, 1, 7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                .tcp(1, 80)
+                .build(),
             Reason::NotService,
         ),
         Case::pass(
@@ -135,18 +107,12 @@ fn well_formed_frames_pass_untouched() {
         ),
         Case::pass(
             "IPv4 first fragment, UDP",
-            v4().ipv4_fragment(0, true)
-                .udp(1, 53)
-                .payload(&[0; 32])
-                .build(),
+            v4().ipv4_fragment(0, true).udp(1, 53).payload(&[0; 32]).build(),
             Reason::NotService,
         ),
         Case::pass(
             "IPv4 later fragment (no L4 header)",
-            v4().ipv4_fragment(185, false)
-                .proto(IPPROTO_UDP)
-                .payload(&[0xff; 3])
-                .build(),
+            v4().ipv4_fragment(185, false).proto(IPPROTO_UDP).payload(&[0xff; 3]).build(),
             Reason::NotService,
         ),
         Case::pass(
@@ -154,11 +120,7 @@ fn well_formed_frames_pass_untouched() {
             v6().ext_header(ExtHeader::HopByHop { len: 0 })
                 .ext_header(ExtHeader::DestOpts { len: 1 })
                 .ext_header(ExtHeader::Routing { len: 2 })
-                .ext_header(ExtHeader::Fragment {
-                    offset: 0,
-                    more: true,
-                    id: 7,
-                })
+                .ext_header(ExtHeader::Fragment { offset: 0, more: true, id: 7 })
                 .tcp(1, 80)
                 .build(),
             Reason::NotService,
@@ -173,14 +135,10 @@ fn well_formed_frames_pass_untouched() {
         ),
         Case::pass(
             "IPv6 later fragment (no L4 header)",
-            v6().ext_header(ExtHeader::Fragment {
-                offset: 100,
-                more: false,
-                id: 7,
-            })
-            .proto(IPPROTO_TCP)
-            .payload(&[1, 2, 3])
-            .build(),
+            v6().ext_header(ExtHeader::Fragment { offset: 100, more: false, id: 7 })
+                .proto(IPPROTO_TCP)
+                .payload(&[1, 2, 3])
+                .build(),
             Reason::NotService,
         ),
         Case::pass(
@@ -196,9 +154,7 @@ fn well_formed_frames_pass_untouched() {
             "TCP with options (MSS, SACK, timestamps)",
             v4().tcp(1, 80)
                 .flags(tcp_flags::SYN)
-                .tcp_options(&[
-                    2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
-                ])
+                .tcp_options(&[2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7])
                 .build(),
             Reason::NotService,
         ),
@@ -222,64 +178,32 @@ fn malformed_headers_pass_to_the_kernel_with_their_reason() {
     cases.push(Case::pass("IPv4 IHL 0", f, Reason::BadIpv4Header));
     let mut f = tcp4.clone();
     f[14] = 0x65;
-    cases.push(Case::pass(
-        "IPv4 EtherType with version 6",
-        f,
-        Reason::BadIpv4Header,
-    ));
+    cases.push(Case::pass("IPv4 EtherType with version 6", f, Reason::BadIpv4Header));
     let mut f = tcp4.clone();
     let len = f.len() - 14;
     set_ipv4_total_len(&mut f, len + 1);
-    cases.push(Case::pass(
-        "IPv4 total length one byte beyond the frame",
-        f,
-        Reason::BadIpv4Header,
-    ));
+    cases.push(Case::pass("IPv4 total length one byte beyond the frame", f, Reason::BadIpv4Header));
     let mut f = tcp4.clone();
     set_ipv4_total_len(&mut f, 0xffff);
-    cases.push(Case::pass(
-        "IPv4 total length 65535",
-        f,
-        Reason::BadIpv4Header,
-    ));
+    cases.push(Case::pass("IPv4 total length 65535", f, Reason::BadIpv4Header));
     let mut f = tcp4.clone();
     set_ipv4_total_len(&mut f, 19);
-    cases.push(Case::pass(
-        "IPv4 total length below the header length",
-        f,
-        Reason::BadIpv4Header,
-    ));
+    cases.push(Case::pass("IPv4 total length below the header length", f, Reason::BadIpv4Header));
     let mut f = v4().udp(1, 2).build();
     f[14] = 0x4f;
-    cases.push(Case::pass(
-        "IPv4 IHL 15 with a total length of 28",
-        f,
-        Reason::BadIpv4Header,
-    ));
+    cases.push(Case::pass("IPv4 IHL 15 with a total length of 28", f, Reason::BadIpv4Header));
 
     let mut f = tcp4.clone();
     f[14 + 20 + 12] = 0x40;
-    cases.push(Case::pass(
-        "TCP data offset 4 (below 5)",
-        f,
-        Reason::BadTcpHeader,
-    ));
+    cases.push(Case::pass("TCP data offset 4 (below 5)", f, Reason::BadTcpHeader));
     let mut f = tcp4.clone();
     f[14 + 20 + 12] = 0xf0;
-    cases.push(Case::pass(
-        "TCP data offset 15, beyond the packet",
-        f,
-        Reason::Truncated,
-    ));
+    cases.push(Case::pass("TCP data offset 15, beyond the packet", f, Reason::Truncated));
     // Lengths consistent with a cut-off L4 header: IP says the packet ends inside it.
     for (name, base, keep) in [
         ("TCP header cut to 19 bytes", v4().tcp(1, 80).build(), 19),
         ("UDP header cut to 7 bytes", v4().udp(1, 53).build(), 7),
-        (
-            "ICMP header cut to 4 bytes",
-            v4().echo_request(1, 1).build(),
-            4,
-        ),
+        ("ICMP header cut to 4 bytes", v4().echo_request(1, 1).build(), 4),
     ] {
         let mut f = base[..14 + 20 + keep].to_vec();
         set_ipv4_total_len(&mut f, 20 + keep);
@@ -289,11 +213,7 @@ fn malformed_headers_pass_to_the_kernel_with_their_reason() {
     let udp6 = v6().udp(1, 53).payload(b"x").build();
     let mut f = udp6.clone();
     f[14] = 0x40;
-    cases.push(Case::pass(
-        "IPv6 EtherType with version 4",
-        f,
-        Reason::BadIpv6Header,
-    ));
+    cases.push(Case::pass("IPv6 EtherType with version 4", f, Reason::BadIpv6Header));
     let mut f = udp6.clone();
     let payload = u16::try_from(f.len() - 54 + 1).unwrap();
     f[18..20].copy_from_slice(&payload.to_be_bytes());
@@ -304,23 +224,15 @@ fn malformed_headers_pass_to_the_kernel_with_their_reason() {
     ));
     cases.push(Case::pass(
         "IPv6 with seven extension headers (one beyond the limit)",
-        (0..7)
-            .fold(v6(), |p, _| p.ext_header(ExtHeader::DestOpts { len: 0 }))
-            .udp(1, 53)
-            .build(),
+        (0..7).fold(v6(), |p, _| p.ext_header(ExtHeader::DestOpts { len: 0 })).udp(1, 53).build(),
         Reason::TooManyExtHeaders,
     ));
     cases.push(Case::pass(
         "IPv6 hop-by-hop header of 1,128 bytes (past the parse bound)",
-        v6().ext_header(ExtHeader::HopByHop { len: 140 })
-            .udp(1, 53)
-            .build(),
+        v6().ext_header(ExtHeader::HopByHop { len: 140 }).udp(1, 53).build(),
         Reason::HeadersTooLong,
     ));
-    let mut f = v6()
-        .ext_header(ExtHeader::HopByHop { len: 0 })
-        .udp(1, 53)
-        .build();
+    let mut f = v6().ext_header(ExtHeader::HopByHop { len: 0 }).udp(1, 53).build();
     f[54 + 1] = 255;
     cases.push(Case::pass(
         "IPv6 hop-by-hop header claiming 2,048 bytes in a short frame",
@@ -330,11 +242,7 @@ fn malformed_headers_pass_to_the_kernel_with_their_reason() {
 
     cases.push(Case::pass(
         "three stacked VLAN tags (one beyond the limit)",
-        v4().vlan_tpid(ETH_P_8021AD, 1)
-            .vlan(2)
-            .vlan(3)
-            .udp(1, 53)
-            .build(),
+        v4().vlan_tpid(ETH_P_8021AD, 1).vlan(2).vlan(3).udp(1, 53).build(),
         Reason::TooManyVlanTags,
     ));
     bed.check_all(&cases).unwrap();
@@ -358,65 +266,33 @@ fn frames_truncated_at_every_length_are_counted_not_misread() {
         return;
     };
     let frames = [
-        (
-            "IPv4 TCP",
-            v4().tcp(1, 80).payload(b"abc").build_layout(),
-            false,
-            20,
-        ),
-        (
-            "IPv4 UDP",
-            v4().udp(1, 53).payload(b"abc").build_layout(),
-            false,
-            20,
-        ),
-        (
-            "IPv4 ICMP",
-            v4().echo_request(1, 1).build_layout(),
-            false,
-            20,
-        ),
+        ("IPv4 TCP", v4().tcp(1, 80).payload(b"abc").build_layout(), false, 20),
+        ("IPv4 UDP", v4().udp(1, 53).payload(b"abc").build_layout(), false, 20),
+        ("IPv4 ICMP", v4().echo_request(1, 1).build_layout(), false, 20),
         (
             "IPv4 with options, TCP",
             v4().ipv4_options(&[1; 12]).tcp(1, 80).build_layout(),
             false,
             20,
         ),
-        (
-            "802.1Q IPv4 UDP",
-            v4().vlan(5).udp(1, 53).build_layout(),
-            false,
-            20,
-        ),
+        ("802.1Q IPv4 UDP", v4().vlan(5).udp(1, 53).build_layout(), false, 20),
         (
             "QinQ IPv6 TCP",
-            v6().vlan_tpid(ETH_P_8021AD, 1)
-                .vlan(2)
-                .tcp(1, 80)
-                .build_layout(),
+            v6().vlan_tpid(ETH_P_8021AD, 1).vlan(2).tcp(1, 80).build_layout(),
             true,
             40,
         ),
         (
             "IPv6 hop-by-hop + fragment, UDP",
             v6().ext_header(ExtHeader::HopByHop { len: 0 })
-                .ext_header(ExtHeader::Fragment {
-                    offset: 0,
-                    more: true,
-                    id: 1,
-                })
+                .ext_header(ExtHeader::Fragment { offset: 0, more: true, id: 1 })
                 .udp(1, 53)
                 .payload(b"abc")
                 .build_layout(),
             true,
             40,
         ),
-        (
-            "IPv6 ICMPv6",
-            v6().echo_request(1, 1).build_layout(),
-            true,
-            40,
-        ),
+        ("IPv6 ICMPv6", v6().echo_request(1, 1).build_layout(), true, 40),
     ];
     let mut cases = Vec::new();
     for (name, layout, is_v6, l3_hdr) in frames {

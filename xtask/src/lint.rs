@@ -32,13 +32,7 @@ pub fn run(env: &Env) -> anyhow::Result<()> {
         .env_remove("CARGO")
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
         .args(["run", toolchain, "cargo", "clippy", "--package", "lb-ebpf"])
-        .args([
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--release",
-        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
         .args(["--", "-D", "warnings"]);
     run_status(&mut bpf)?;
     check_doc_headers(&root)

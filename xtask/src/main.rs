@@ -10,10 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "Build, run, test and lint the load balancer"
-)]
+#[command(name = "cargo xtask", about = "Build, run, test and lint the load balancer")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -73,14 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = setup::ensure_all(setup::Need::Tests)?;
             build(&env, Profile::Dev)?;
             let mut cmd = cargo(&env);
-            cmd.args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "lb-ebpf",
-                "--no-fail-fast",
-            ])
-            .args(&args);
+            cmd.args(["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"]).args(&args);
             run_status(&mut cmd)
         }
         Cmd::Lint => {
@@ -99,14 +89,7 @@ enum Profile {
 /// Builds every binary the tests and the lab start (lbd, lab, lab-backend).
 fn build(env: &setup::Env, profile: Profile) -> anyhow::Result<()> {
     let mut cmd = cargo(env);
-    cmd.args([
-        "build",
-        "--package",
-        "lb-userspace",
-        "--package",
-        "lb-tests",
-        "--bins",
-    ]);
+    cmd.args(["build", "--package", "lb-userspace", "--package", "lb-tests", "--bins"]);
     if profile == Profile::Release {
         cmd.arg("--release");
     }
@@ -126,9 +109,7 @@ fn cargo(env: &setup::Env) -> Command {
 }
 
 fn run_status(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -138,8 +119,5 @@ fn run_status(cmd: &mut Command) -> anyhow::Result<()> {
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR")
         .map_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    manifest
-        .parent()
-        .map(PathBuf::from)
-        .context("xtask has no parent directory")
+    manifest.parent().map(PathBuf::from).context("xtask has no parent directory")
 }

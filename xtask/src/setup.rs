@@ -35,12 +35,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the lab and the tests use, with the command that proves each is there.
 const PACKAGES_RUN: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
-const PACKAGES_TESTS: &[(&str, &str)] = &[
-    ("iputils-ping", "ping"),
-    ("curl", "curl"),
-    ("nftables", "nft"),
-    ("procps", "sysctl"),
-];
+const PACKAGES_TESTS: &[(&str, &str)] =
+    &[("iputils-ping", "ping"), ("curl", "curl"), ("nftables", "nft"), ("procps", "sysctl")];
 
 pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
     if !cfg!(target_os = "linux") {
@@ -61,10 +57,7 @@ pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
 }
 
 fn ensure_root() -> anyhow::Result<()> {
-    let out = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("failed to run `id -u`")?;
+    let out = Command::new("id").arg("-u").output().context("failed to run `id -u`")?;
     if String::from_utf8_lossy(&out.stdout).trim() != "0" {
         bail!(
             "loading XDP programs and creating network namespaces needs root: \
@@ -109,8 +102,7 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
         env.vars.push(("RUSTC_BOOTSTRAP".into(), "1".into()));
         "stable"
     };
-    env.vars
-        .push(("LB_EBPF_TOOLCHAIN".into(), toolchain.into()));
+    env.vars.push(("LB_EBPF_TOOLCHAIN".into(), toolchain.into()));
 
     let components = output(Command::new("rustup").args([
         "component",
@@ -152,26 +144,18 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
     eprintln!(
         "xtask: building bpf-linker {BPF_LINKER_VERSION} against the {toolchain} toolchain's LLVM (about 2 minutes)"
     );
-    let sysroot = output(
-        Command::new("rustc")
-            .arg(format!("+{toolchain}"))
-            .args(["--print", "sysroot"]),
-    )?;
+    let sysroot =
+        output(Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]))?;
     let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
     let llvm = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("failed to list {}", lib_dir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.22"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.22"))
         })
         .with_context(|| {
-            format!(
-                "no LLVM 22 library in {}; bpf-linker needs it",
-                lib_dir.display()
-            )
+            format!("no LLVM 22 library in {}; bpf-linker needs it", lib_dir.display())
         })?;
     // llvm-sys looks for `<prefix>/lib/libLLVM.so`; point a private prefix at the toolchain's.
     let prefix = std::env::temp_dir().join("lb-xtask-llvm-prefix");
@@ -182,22 +166,12 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
     status(
         Command::new("cargo")
             .arg(format!("+{toolchain}"))
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-                "--force",
-            ])
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env_remove("RUSTC")
             .env_remove("RUSTUP_TOOLCHAIN")
             .env("LLVM_PREFIX", &prefix)
-            .env(
-                "RUSTFLAGS",
-                format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
-            ),
+            .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display())),
     )
     .context("failed to build bpf-linker")?;
     Ok(())
@@ -255,10 +229,8 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let out =
+        cmd.stderr(Stdio::inherit()).output().with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({})", out.status);
     }
@@ -266,9 +238,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
-    let st = cmd
-        .status()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let st = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed ({st})");
     }

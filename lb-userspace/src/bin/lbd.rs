@@ -63,9 +63,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let options = RunOptions {
-                detach_on_exit: cli.detach_on_exit,
-            };
+            let options = RunOptions { detach_on_exit: cli.detach_on_exit };
             match serve(config, options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -83,10 +81,9 @@ async fn serve(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
+        let (Ok(mut int), Ok(mut term)) =
+            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+        else {
             return;
         };
         tokio::select! {

@@ -13,13 +13,7 @@ pub enum MapError {
     #[error("map {name} is missing from the XDP object")]
     Missing { name: &'static str },
     #[error("map {name} has an unexpected type or layout: {source}")]
-    Layout {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Layout { name: &'static str, source: aya::maps::MapError },
     #[error("failed to access map {name}: {source}")]
-    Access {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Access { name: &'static str, source: aya::maps::MapError },
 }

@@ -32,21 +32,17 @@ pub struct StatsSnapshot {
 
 impl<'a> StatsMap<'a> {
     pub(crate) fn new(map: &'a aya::maps::Map) -> Result<Self, MapError> {
-        let map = PerCpuArray::try_from(map).map_err(|source| MapError::Layout {
-            name: maps::STATS,
-            source,
-        })?;
+        let map = PerCpuArray::try_from(map)
+            .map_err(|source| MapError::Layout { name: maps::STATS, source })?;
         Ok(Self { map })
     }
 
     fn slot(&self, slot: u32) -> Result<Counter, MapError> {
-        let values = self.map.get(&slot, 0).map_err(|source| MapError::Access {
-            name: maps::STATS,
-            source,
-        })?;
-        Ok(values
-            .iter()
-            .fold(Counter::default(), |sum, c| sum.plus(*c)))
+        let values = self
+            .map
+            .get(&slot, 0)
+            .map_err(|source| MapError::Access { name: maps::STATS, source })?;
+        Ok(values.iter().fold(Counter::default(), |sum, c| sum.plus(*c)))
     }
 
     /// Reads every verdict and reason counter.

@@ -17,9 +17,7 @@ fn main() {
     let mut udp = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let value = args.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
         match flag.as_str() {
             "--name" => name = value,
             "--http" => http.push(parse_addr(&value)),
@@ -125,15 +123,11 @@ fn serve_udp(socket: &UdpSocket, name: &str) {
 }
 
 fn parse_addr(value: &str) -> SocketAddr {
-    value
-        .parse()
-        .unwrap_or_else(|e| usage(&format!("bad address {value}: {e}")))
+    value.parse().unwrap_or_else(|e| usage(&format!("bad address {value}: {e}")))
 }
 
 fn usage(message: &str) -> ! {
-    fail(&format!(
-        "{message}\nusage: lab-backend --name NAME [--http ADDR]... [--udp ADDR]..."
-    ))
+    fail(&format!("{message}\nusage: lab-backend --name NAME [--http ADDR]... [--udp ADDR]..."))
 }
 
 fn fail(message: &str) -> ! {

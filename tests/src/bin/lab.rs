@@ -57,21 +57,10 @@ fn run() -> anyhow::Result<ExitCode> {
         lab.id,
         lab.backends.len()
     )?;
-    writeln!(
-        out,
-        "lbd runs in namespace {} on interfaces front and back.\n",
-        lab.lb.name()
-    )?;
+    writeln!(out, "lbd runs in namespace {} on interfaces front and back.\n", lab.lb.name())?;
     writeln!(out, "Reach a backend through the load balancer:\n")?;
-    writeln!(
-        out,
-        "    ip netns exec {client} curl http://{}/\n",
-        lab::backend_v4(0)
-    )?;
-    writeln!(
-        out,
-        "lbd logs its counters every 2 s below. Ctrl-C removes the lab.\n"
-    )?;
+    writeln!(out, "    ip netns exec {client} curl http://{}/\n", lab::backend_v4(0))?;
+    writeln!(out, "lbd logs its counters every 2 s below. Ctrl-C removes the lab.\n")?;
     drop(out);
 
     let status = loop {

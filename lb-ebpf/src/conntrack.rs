@@ -1,0 +1,281 @@
+//! Writes to the connection table: opening flows, allocating NAT source ports, and keeping
+//! both entries of a NAT flow together (each direction can rebuild the other; both go at once).
+//!
+//! Entries are built in an [`EntryBuf`] in per-CPU scratch memory: a key and a value are 112
+//! bytes, too many to keep several of on the 512-byte BPF stack.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    programs::XdpContext,
+};
+use lb_common::{
+    FlowKey, Reason,
+    conntrack::{FLOW_NAT, FLOW_REPLY, Flow},
+    flow::flow_hash,
+    service::{Backend, MAX_BACKENDS, Service},
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK},
+    outcome::Outcome,
+    parse::{EthHdr, ptr_at, reload},
+    select::StaleNat,
+};
+
+/// NAT source ports tried for a new flow before giving up: with a range of thousands of
+/// ports per backend, eight random probes all colliding means the range is nearly full.
+const NAT_PORT_ATTEMPTS: u32 = 8;
+/// Seed tweak so the NAT port probe sequence is independent of the backend choice.
+const NAT_PORT_SEED: u32 = 0x5bd1_e995;
+
+/// A connection-table key and value under construction.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EntryBuf {
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+
+/// The backend's address and the port it receives on (raw network order).
+#[inline(always)]
+pub fn backend_at(backend_id: u32, vip_port: u16) -> Result<(Backend, u16), Reason> {
+    // verifier: ids are checked against the array size before every lookup.
+    if backend_id >= MAX_BACKENDS {
+        return Err(Reason::NoBackend);
+    }
+    // SAFETY: a map value pointer from a successful array lookup.
+    let backend = BACKENDS.get_ptr(backend_id).map(|b| unsafe { *b }).ok_or(Reason::NoBackend)?;
+    if backend.family == 0 {
+        return Err(Reason::NoBackend);
+    }
+    let port = if backend.port == 0 { vip_port } else { backend.port };
+    Ok((backend, port))
+}
+
+/// Writes the key of the reply direction of a NAT flow (backend to the NAT source) to `out`.
+#[inline(always)]
+fn set_reply_key(
+    out: &mut FlowKey,
+    key: &FlowKey,
+    backend: &Backend,
+    backend_port: u16,
+    nat_addr: [u32; 4],
+    nat_port: u16,
+) {
+    out.src = backend.addr;
+    out.dst = nat_addr;
+    out.sport = backend_port;
+    out.dport = nat_port;
+    out.proto = key.proto;
+    out.family = key.family;
+    out._pad = [0; 2];
+}
+
+/// Writes the reply entry of a NAT flow to `out`, from its forward key and the packet that
+/// opens or refreshes it (whose MAC addresses and interface replies go back through).
+#[inline(always)]
+fn set_reply_entry(
+    out: &mut Flow,
+    ctx: &XdpContext,
+    key: &FlowKey,
+    live: &LiveNat,
+) -> Result<(), Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: checked by ptr_at.
+    let eth = unsafe { &*eth };
+    out.last_seen_ns = live.now;
+    out.peer_addr = key.src;
+    out.vip_addr = key.dst;
+    out.backend_id = live.backend_id;
+    out.peer_port = key.sport;
+    out.vip_port = key.dport;
+    out.nat_port = live.nat_port;
+    out.state = live.state;
+    out.flags = FLOW_NAT | FLOW_REPLY;
+    out.service_id = live.service_id;
+    out.reply_ifindex = ctx.ingress_ifindex() as u32;
+    out.reply_dmac = eth.src;
+    out.reply_smac = eth.dst;
+    Ok(())
+}
+
+/// A NAT flow's identity: enough to build or find both of its entries.
+#[derive(Clone, Copy)]
+pub struct LiveNat {
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub nat_addr: [u32; 4],
+    /// Raw network order; zero until allocated.
+    pub nat_port: u16,
+    pub state: u8,
+    /// Set when this packet opened the flow.
+    pub new_flow: bool,
+    pub now: u64,
+}
+
+/// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
+/// reply entry under it; the port is written to `live.nat_port`.
+///
+/// Not inlined: its probe loop gets a stack frame of its own.
+#[inline(never)]
+pub fn open_nat(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    service: &Service,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+) -> Outcome {
+    let ctx = &reload(ctx);
+    match try_open_nat(ctx, key, service, live, buf) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_open_nat(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    service: &Service,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+) -> Result<(), Reason> {
+    let g = crate::select::globals()?;
+    let min = u32::from(service.nat_port_min);
+    let max = u32::from(service.nat_port_max);
+    if min == 0 || max < min {
+        return Err(Reason::NatPortsExhausted);
+    }
+    let (backend, backend_port) = backend_at(live.backend_id, key.dport)?;
+    let range = max - min + 1;
+    let start = flow_hash(key, g.hash_seed ^ NAT_PORT_SEED, false);
+    set_reply_entry(&mut buf.flow, ctx, key, live)?;
+    set_reply_key(&mut buf.key, key, &backend, backend_port, service.nat_addr, 0);
+    for attempt in 0..NAT_PORT_ATTEMPTS {
+        // Probes spread over the range with a large odd stride.
+        let port = min + (start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % range);
+        let raw_port = (port as u16).to_be();
+        buf.key.dport = raw_port;
+        buf.flow.nat_port = raw_port;
+        if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
+            live.nat_port = raw_port;
+            return Ok(());
+        }
+        // Taken: reuse it if the flow that held it is over.
+        if let Some(old) = CONNTRACK.get_ptr(&buf.key) {
+            // SAFETY: a map value pointer from a successful lookup.
+            let old = unsafe { &*old };
+            if g.timeouts.is_expired(old.state, old.last_seen_ns, live.now)
+                && CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_ANY)).is_ok()
+            {
+                live.nat_port = raw_port;
+                return Ok(());
+            }
+        }
+    }
+    Err(Reason::NatPortsExhausted)
+}
+
+/// Who owns a forward entry after [`insert_forward`]: `lost` is set when another CPU
+/// installed the flow first (two copies of a SYN racing), and then its choice is given.
+pub struct Winner {
+    pub backend_id: u32,
+    pub nat_port: u16,
+    pub lost: bool,
+}
+
+/// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
+#[inline(never)]
+pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner) -> Outcome {
+    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
+        return Outcome::DONE;
+    }
+    if let Some(existing) = CONNTRACK.get_ptr(&buf.key) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let e = unsafe { &*existing };
+        if e.flags & FLOW_REPLY != 0 {
+            return Outcome::err(Reason::ConntrackInsertFailed);
+        }
+        *winner = Winner { backend_id: e.backend_id, nat_port: e.nat_port, lost: true };
+        return Outcome::DONE;
+    }
+    // Present a moment ago, evicted since: take the slot.
+    match CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_ANY)) {
+        Ok(()) => Outcome::DONE,
+        Err(_) => Outcome::err(Reason::ConntrackInsertFailed),
+    }
+}
+
+/// Writes a new forward entry for `key` to `buf`.
+#[inline(always)]
+pub fn set_forward_entry(
+    buf: &mut EntryBuf,
+    key: &FlowKey,
+    service: &Service,
+    live: &LiveNat,
+    nat: bool,
+) {
+    buf.key = *key;
+    let f = &mut buf.flow;
+    f.last_seen_ns = live.now;
+    f.peer_addr = if nat { service.nat_addr } else { [0; 4] };
+    f.vip_addr = key.dst;
+    f.backend_id = live.backend_id;
+    f.peer_port = 0;
+    f.vip_port = key.dport;
+    f.nat_port = live.nat_port;
+    f.state = live.state;
+    f.flags = if nat { FLOW_NAT } else { 0 };
+    f.service_id = service.id;
+    f.reply_ifindex = 0;
+    f.reply_dmac = [0; 6];
+    f.reply_smac = [0; 6];
+}
+
+/// Keeps a live NAT flow's reply entry in step with its forward entry: refreshes its state
+/// and timestamp, or rebuilds it if the LRU evicted it.
+#[inline(never)]
+pub fn refresh_reply(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    live: &LiveNat,
+    buf: &mut EntryBuf,
+) -> Outcome {
+    let ctx = &reload(ctx);
+    match try_refresh_reply(ctx, key, live, buf) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_refresh_reply(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    live: &LiveNat,
+    buf: &mut EntryBuf,
+) -> Result<(), Reason> {
+    let (backend, backend_port) = backend_at(live.backend_id, key.dport)?;
+    set_reply_key(&mut buf.key, key, &backend, backend_port, live.nat_addr, live.nat_port);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let e = unsafe { &mut *entry };
+        e.last_seen_ns = live.now;
+        e.state = live.state;
+        return Ok(());
+    }
+    set_reply_entry(&mut buf.flow, ctx, key, live)?;
+    CONNTRACK
+        .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
+        .map_err(|_| Reason::ConntrackInsertFailed)
+}
+
+/// Removes the reply entry of a NAT flow that is over, so its port is free at once and no
+/// half of the pair outlives the other.
+#[inline(never)]
+pub fn release(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) {
+    if let Ok((backend, backend_port)) = backend_at(stale.backend_id, stale.vip_port) {
+        set_reply_key(&mut buf.key, key, &backend, backend_port, stale.nat_addr, stale.nat_port);
+        let _ = CONNTRACK.remove(&buf.key);
+    }
+}

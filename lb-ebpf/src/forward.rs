@@ -1,0 +1,51 @@
+//! Sending a rewritten frame on: next-hop MAC addresses, then `XDP_TX` back out of the
+//! interface it came in on or `XDP_REDIRECT` to another through the `TX_PORTS` device map.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    Action, Reason,
+    service::{MAX_BACKENDS, NextHop},
+};
+
+use crate::{
+    maps::{NEXTHOPS, TX_PORTS},
+    parse::{EthHdr, ptr_at_mut},
+};
+
+/// Where a backend's packets go, as the daemon resolved it.
+#[inline(always)]
+pub fn next_hop(backend_id: u32) -> Result<NextHop, Reason> {
+    // verifier: ids are checked against the array size before every lookup.
+    if backend_id >= MAX_BACKENDS {
+        return Err(Reason::NoNextHop);
+    }
+    // SAFETY: a map value pointer from a successful array lookup.
+    let hop = NEXTHOPS.get_ptr(backend_id).map(|h| unsafe { *h }).ok_or(Reason::NoNextHop)?;
+    if hop.ifindex == 0 {
+        return Err(Reason::NoNextHop);
+    }
+    Ok(hop)
+}
+
+/// Sets the frame's MAC addresses and sends it out of `ifindex`.
+#[inline(always)]
+pub fn transmit(
+    ctx: &XdpContext,
+    ifindex: u32,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+) -> Result<Action, Reason> {
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
+    // SAFETY: checked by ptr_at_mut.
+    unsafe {
+        (*eth).dst = *dmac;
+        (*eth).src = *smac;
+    }
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(Action::Tx);
+    }
+    match TX_PORTS.redirect(ifindex, 0) {
+        Ok(_) => Ok(Action::Redirect),
+        Err(_) => Err(Reason::TxPortMissing),
+    }
+}

@@ -1,0 +1,167 @@
+//! Full NAT: rewriting addresses and ports with incremental checksum updates, and translating
+//! replies from backends back to clients.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    Action, FlowKey, Reason,
+    conntrack::{FLOW_REPLY, FlowState, REFRESH_NS},
+    csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
+    net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
+    service::AddrKey,
+};
+
+use crate::{
+    forward,
+    maps::{CONNTRACK, NAT_SOURCES},
+    outcome::Outcome,
+    parse::{Family, Fragment, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, UdpHdr, ptr_at_mut},
+    select::{flow_key, globals},
+    stats,
+};
+
+/// New addresses and ports for a packet, raw network order.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Rewrites the packet's addresses and ports and fixes the IPv4 header checksum and the
+/// TCP/UDP checksum (whose pseudo-header covers the addresses).
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Result<(), Reason> {
+    // Sum of the pseudo-header change, applied to the L4 checksum below.
+    let l4_check_update = |check: u16| -> u16 {
+        let mut c = check;
+        if packet.family == Family::V4 {
+            c = replace_u32(c, packet.src[0], to.src[0]);
+            c = replace_u32(c, packet.dst[0], to.dst[0]);
+        } else {
+            c = replace_u128(c, &packet.src, &to.src);
+            c = replace_u128(c, &packet.dst, &to.dst);
+        }
+        c = replace_u16(c, packet.sport, to.sport);
+        replace_u16(c, packet.dport, to.dport)
+    };
+    match packet.proto {
+        IPPROTO_TCP => {
+            let tcp: *mut TcpHdr = ptr_at_mut(ctx, packet.l4_off)?;
+            // SAFETY: checked by ptr_at_mut.
+            let tcp = unsafe { &mut *tcp };
+            let check = l4_check_update(u16::from_ne_bytes(tcp.check));
+            tcp.check = check.to_ne_bytes();
+            tcp.sport = to.sport.to_ne_bytes();
+            tcp.dport = to.dport.to_ne_bytes();
+        }
+        IPPROTO_UDP => {
+            let udp: *mut UdpHdr = ptr_at_mut(ctx, packet.l4_off)?;
+            // SAFETY: checked by ptr_at_mut.
+            let udp = unsafe { &mut *udp };
+            let old = u16::from_ne_bytes(udp.check);
+            // IPv4 UDP may carry no checksum (zero); leave it so.
+            if old != 0 || packet.family == Family::V6 {
+                udp.check = udp_nonzero(l4_check_update(old)).to_ne_bytes();
+            }
+            udp.sport = to.sport.to_ne_bytes();
+            udp.dport = to.dport.to_ne_bytes();
+        }
+        _ => return Err(Reason::NotService),
+    }
+    if packet.family == Family::V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, packet.l3_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        let mut check = u16::from_ne_bytes(ip.check);
+        check = replace_u32(check, packet.src[0], to.src[0]);
+        check = replace_u32(check, packet.dst[0], to.dst[0]);
+        ip.check = check.to_ne_bytes();
+        ip.src = to.src[0].to_ne_bytes();
+        ip.dst = to.dst[0].to_ne_bytes();
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, packet.l3_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        ip.src = words_to_bytes(&to.src);
+        ip.dst = words_to_bytes(&to.dst);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let word = words[i].to_ne_bytes();
+        bytes[i * 4] = word[0];
+        bytes[i * 4 + 1] = word[1];
+        bytes[i * 4 + 2] = word[2];
+        bytes[i * 4 + 3] = word[3];
+        i += 1;
+    }
+    bytes
+}
+
+/// Whether `packet` is addressed to one of the NAT source addresses.
+#[inline(always)]
+fn is_nat_source(packet: &Packet) -> bool {
+    let key = AddrKey { addr: packet.dst, family: packet.family as u8, _pad: [0; 3] };
+    NAT_SOURCES.get_ptr(key).is_some()
+}
+
+/// Translates a backend's reply back to the client: a packet to a NAT source address that
+/// matches a reply entry. Anything else is not ours (`not_service`: the host's own traffic).
+#[inline(never)]
+pub fn try_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
+    let ctx = &crate::parse::reload(ctx);
+    Outcome::from_result(reply(ctx, packet, now))
+}
+
+#[inline(always)]
+fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> {
+    if !is_nat_source(packet)
+        || packet.fragment != Fragment::None
+        || !packet.has_l4
+        || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP)
+    {
+        return Err(Reason::NotService);
+    }
+    let key = flow_key(packet);
+    let entry = CONNTRACK.get_ptr_mut(key).ok_or(Reason::NotService)?;
+    // SAFETY: a map value pointer from a successful lookup.
+    let e = unsafe { &mut *entry };
+    let g = globals()?;
+    if e.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(e.state, e.last_seen_ns, now) {
+        return Err(Reason::NotService);
+    }
+    // A reset from the backend ends the flow for both directions; the client's next SYN on
+    // the tuple then starts afresh.
+    let reset = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::RST != 0;
+    if reset || now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
+        e.last_seen_ns = now;
+        if reset {
+            e.state = FlowState::Closed as u8;
+            let forward = FlowKey {
+                src: e.peer_addr,
+                dst: e.vip_addr,
+                sport: e.peer_port,
+                dport: e.vip_port,
+                proto: packet.proto,
+                family: packet.family as u8,
+                _pad: [0; 2],
+            };
+            if let Some(f) = CONNTRACK.get_ptr_mut(forward) {
+                // SAFETY: a map value pointer from a successful lookup.
+                unsafe { (*f).state = FlowState::Closed as u8 };
+            }
+        }
+    }
+    let to = Rewrite { src: e.vip_addr, dst: e.peer_addr, sport: e.vip_port, dport: e.peer_port };
+    let (ifindex, dmac, smac) = (e.reply_ifindex, e.reply_dmac, e.reply_smac);
+    let (service_id, backend_id) = (e.service_id, e.backend_id);
+    rewrite(ctx, packet, &to)?;
+    stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), false, true);
+    forward::transmit(ctx, ifindex, &dmac, &smac)
+}

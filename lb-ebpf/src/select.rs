@@ -1,0 +1,151 @@
+//! Backend choice: which service a packet is for, whether its flow is already tracked, and
+//! otherwise which backend the service's Maglev table gives its hash.
+
+use lb_common::{
+    FlowKey, Reason,
+    conntrack::{
+        FLOW_NAT, FLOW_REPLY, FlowState, REFRESH_NS, Transition, initial_tcp_state, next_tcp_state,
+    },
+    flow::flow_hash,
+    maglev::NO_BACKEND,
+    net::{IPPROTO_TCP, IPPROTO_UDP},
+    service::{
+        AddrKey, Globals, MAX_BACKENDS, MAX_SERVICES, SERVICE_HASH_SOURCE, Service, ServiceKey,
+    },
+};
+
+use crate::{
+    maps::{CONNTRACK, GLOBALS, MAGLEV, SERVICES, VIPS},
+    parse::Packet,
+};
+
+/// The service `packet` is addressed to: an exact (address, protocol, port) match first, then
+/// an all-ports service of the address and protocol.
+#[inline(always)]
+pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
+    if !packet.has_l4 || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let mut key = ServiceKey {
+        addr: packet.dst,
+        port: packet.dport,
+        proto: packet.proto,
+        family: packet.family as u8,
+    };
+    if let Some(service) = SERVICES.get_ptr(key) {
+        // SAFETY: a map value pointer from a successful lookup, valid for this program run.
+        return Some(unsafe { &*service });
+    }
+    key.port = 0;
+    // SAFETY: as above.
+    SERVICES.get_ptr(key).map(|service| unsafe { &*service })
+}
+
+/// Whether `packet`'s destination address carries any service (for fragments, whose ports
+/// are unknown).
+#[inline(always)]
+pub fn is_vip(packet: &Packet) -> bool {
+    let key = AddrKey { addr: packet.dst, family: packet.family as u8, _pad: [0; 3] };
+    VIPS.get_ptr(key).is_some()
+}
+
+/// The packet's flow as the connection table keys it.
+#[inline(always)]
+pub const fn flow_key(packet: &Packet) -> FlowKey {
+    FlowKey {
+        src: packet.src,
+        dst: packet.dst,
+        sport: packet.sport,
+        dport: packet.dport,
+        proto: packet.proto,
+        family: packet.family as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// The daemon's settings (written when the data path is loaded).
+#[inline(always)]
+pub fn globals() -> Result<&'static Globals, Reason> {
+    // SAFETY: a map value pointer from a successful array lookup, valid for this program run.
+    GLOBALS.get_ptr(0).map(|g| unsafe { &*g }).ok_or(Reason::NoBackend)
+}
+
+/// What the connection table says about a packet's flow.
+#[derive(Clone, Copy)]
+pub enum Tracked {
+    /// A live flow: keep its backend (and NAT port).
+    /// `refresh` is set when the entry was rewritten (new state or a second passed), which is
+    /// when a NAT flow's reply entry is refreshed too.
+    Existing { backend_id: u32, nat_port: u16, state: u8, refresh: bool },
+    /// No live flow: choose a backend. `stale` is a dead NAT entry whose reply partner must
+    /// go with it.
+    New { state: FlowState, stale: Option<StaleNat> },
+}
+
+/// What identifies the reply entry of a NAT flow that is over.
+#[derive(Clone, Copy)]
+pub struct StaleNat {
+    pub backend_id: u32,
+    pub nat_addr: [u32; 4],
+    pub nat_port: u16,
+    pub vip_port: u16,
+}
+
+/// Looks the flow up and advances its state; a live entry is updated in place.
+#[inline(always)]
+pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
+    let tcp = packet.proto == IPPROTO_TCP;
+    let mut stale = None;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
+        // on the timestamp and state, which any of them may win.
+        let e = unsafe { &mut *entry };
+        if e.flags & FLOW_REPLY == 0 && !g.timeouts.is_expired(e.state, e.last_seen_ns, now) {
+            let transition = if tcp {
+                next_tcp_state(e.state, packet.tcp_flags)
+            } else {
+                Transition::Keep(FlowState::Datagram)
+            };
+            if let Transition::Keep(state) = transition {
+                let state_changed = state as u8 != e.state;
+                let refresh = state_changed || now.saturating_sub(e.last_seen_ns) > REFRESH_NS;
+                if refresh {
+                    e.state = state as u8;
+                    e.last_seen_ns = now;
+                }
+                return Tracked::Existing {
+                    backend_id: e.backend_id,
+                    nat_port: e.nat_port,
+                    state: state as u8,
+                    refresh,
+                };
+            }
+        }
+        if e.flags & FLOW_NAT != 0 && e.flags & FLOW_REPLY == 0 {
+            stale = Some(StaleNat {
+                backend_id: e.backend_id,
+                nat_addr: e.peer_addr,
+                nat_port: e.nat_port,
+                vip_port: e.vip_port,
+            });
+        }
+    }
+    let initial = if tcp { initial_tcp_state(packet.tcp_flags) } else { FlowState::Datagram };
+    Tracked::New { state: initial, stale }
+}
+
+/// The backend the service's Maglev table assigns to `key`.
+#[inline(always)]
+pub fn choose_backend(service: &Service, key: &FlowKey, g: &Globals) -> Result<u32, Reason> {
+    let hash = flow_hash(key, g.hash_seed, service.flags & SERVICE_HASH_SOURCE != 0);
+    if service.table_size == 0 || service.id >= MAX_SERVICES {
+        return Err(Reason::NoBackend);
+    }
+    let slot = hash % service.table_size;
+    let backend_id = MAGLEV.get_value(service.id, &slot).copied().unwrap_or(NO_BACKEND);
+    // verifier: ids index BACKENDS and the counters; anything else (NO_BACKEND) is no backend.
+    if backend_id >= MAX_BACKENDS {
+        return Err(Reason::NoBackend);
+    }
+    Ok(backend_id)
+}

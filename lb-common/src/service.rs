@@ -40,7 +40,7 @@ unsafe impl aya::Pod for ServiceKey {}
 /// fragments, which carry no ports) and of the `NAT_SOURCES` set (addresses replies come back
 /// to).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
     /// Network order; IPv4 in the first word.
     pub addr: [u32; 4],

@@ -279,3 +279,9 @@ pub fn release(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) {
         let _ = CONNTRACK.remove(&buf.key);
     }
 }
+
+/// Removes a dead forward entry so a new connection on its tuple can take its place.
+#[inline(always)]
+pub fn forget(key: &FlowKey) {
+    let _ = CONNTRACK.remove(key);
+}

@@ -118,8 +118,11 @@ fn try_balance(
             }
             false
         }
-        Tracked::New { state, stale } => {
+        Tracked::New { state, stale, replaces } => {
             live.state = state as u8;
+            if replaces {
+                conntrack::forget(key);
+            }
             if let Some(stale) = stale {
                 conntrack::release(key, &stale, buf);
             }

@@ -79,7 +79,9 @@ pub enum Tracked {
     Existing { backend_id: u32, nat_port: u16, state: u8, refresh: bool },
     /// No live flow: choose a backend. `stale` is a dead NAT entry whose reply partner must
     /// go with it.
-    New { state: FlowState, stale: Option<StaleNat> },
+    /// `replaces` is set when a dead entry (expired, or a closed connection whose tuple is
+    /// reused) is still in the table and must make way.
+    New { state: FlowState, stale: Option<StaleNat>, replaces: bool },
 }
 
 /// What identifies the reply entry of a NAT flow that is over.
@@ -96,7 +98,9 @@ pub struct StaleNat {
 pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
     let tcp = packet.proto == IPPROTO_TCP;
     let mut stale = None;
+    let mut replaces = false;
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        replaces = true;
         // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
         // on the timestamp and state, which any of them may win.
         let e = unsafe { &mut *entry };
@@ -131,7 +135,7 @@ pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
         }
     }
     let initial = if tcp { initial_tcp_state(packet.tcp_flags) } else { FlowState::Datagram };
-    Tracked::New { state: initial, stale }
+    Tracked::New { state: initial, stale, replaces }
 }
 
 /// The backend the service's Maglev table assigns to `key`.

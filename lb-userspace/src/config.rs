@@ -1,12 +1,24 @@
 //! The daemon's TOML configuration: parsing, defaults and validation.
 //!
 //! Every key is documented in `docs/configuration.md`; unknown keys are errors, so a typo never
-//! silently changes behaviour.
+//! silently changes behaviour. Validation collects every problem, each with the line and
+//! column it comes from and a hint, rather than stopping at the first.
 
-use std::{collections::HashSet, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    ops::Range,
+    path::Path,
+};
 
+use lb_common::{
+    conntrack::Timeouts,
+    maglev::{MAX_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, table_size_for},
+    service::{DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_SERVICES},
+};
 use serde::Deserialize;
 use thiserror::Error;
+use toml::Spanned;
 
 use crate::datapath::XdpModeSetting;
 
@@ -16,9 +28,17 @@ use crate::datapath::XdpModeSetting;
 pub struct Config {
     #[serde(default)]
     pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
     /// Interfaces the data path is attached to (`[[interface]]` tables).
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<InterfaceConfig>,
+    /// Backend pools (`[[pool]]` tables).
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    /// Services (`[[service]]` tables).
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
 }
 
 /// `[daemon]`: settings of the process itself.
@@ -28,11 +48,15 @@ pub struct DaemonConfig {
     /// Seconds between counter summaries in the log; 0 turns them off.
     #[serde(default = "default_stats_log_interval")]
     pub stats_log_interval_secs: u64,
+    /// Seed of the flow hash. Load balancers behind one ECMP group must share it (and the
+    /// pools) to pick the same backend for a flow.
+    #[serde(default)]
+    pub hash_seed: u32,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        Self { stats_log_interval_secs: default_stats_log_interval() }
+        Self { stats_log_interval_secs: default_stats_log_interval(), hash_seed: 0 }
     }
 }
 
@@ -40,13 +64,212 @@ const fn default_stats_log_interval() -> u64 {
     10
 }
 
+/// `[conntrack]`: the connection table's size and idle timeouts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackConfig {
+    /// Entries (a DSR flow takes one, a NAT flow two); about 170 bytes of kernel memory each.
+    #[serde(default = "default_conntrack_entries")]
+    pub max_entries: u32,
+    #[serde(default = "default_syn_timeout")]
+    pub tcp_syn_timeout_secs: u64,
+    #[serde(default = "default_established_timeout")]
+    pub tcp_established_timeout_secs: u64,
+    #[serde(default = "default_closing_timeout")]
+    pub tcp_closing_timeout_secs: u64,
+    #[serde(default = "default_closed_timeout")]
+    pub tcp_closed_timeout_secs: u64,
+    #[serde(default = "default_udp_timeout")]
+    pub udp_timeout_secs: u64,
+}
+
+const NS: u64 = 1_000_000_000;
+const fn default_conntrack_entries() -> u32 {
+    DEFAULT_CONNTRACK_ENTRIES
+}
+fn default_syn_timeout() -> u64 {
+    Timeouts::default().syn_ns / NS
+}
+fn default_established_timeout() -> u64 {
+    Timeouts::default().established_ns / NS
+}
+fn default_closing_timeout() -> u64 {
+    Timeouts::default().closing_ns / NS
+}
+fn default_closed_timeout() -> u64 {
+    Timeouts::default().closed_ns / NS
+}
+fn default_udp_timeout() -> u64 {
+    Timeouts::default().datagram_ns / NS
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_conntrack_entries(),
+            tcp_syn_timeout_secs: default_syn_timeout(),
+            tcp_established_timeout_secs: default_established_timeout(),
+            tcp_closing_timeout_secs: default_closing_timeout(),
+            tcp_closed_timeout_secs: default_closed_timeout(),
+            udp_timeout_secs: default_udp_timeout(),
+        }
+    }
+}
+
+impl ConntrackConfig {
+    /// The timeouts as the data path takes them.
+    #[must_use]
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            syn_ns: self.tcp_syn_timeout_secs.saturating_mul(NS),
+            established_ns: self.tcp_established_timeout_secs.saturating_mul(NS),
+            closing_ns: self.tcp_closing_timeout_secs.saturating_mul(NS),
+            closed_ns: self.tcp_closed_timeout_secs.saturating_mul(NS),
+            datagram_ns: self.udp_timeout_secs.saturating_mul(NS),
+        }
+    }
+}
+
 /// `[[interface]]`: one interface the XDP program is attached to.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
-    pub name: String,
+    pub name: Spanned<String>,
     #[serde(default)]
     pub xdp_mode: XdpModeSetting,
+}
+
+/// `[[pool]]`: a named set of backends that services send to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: Spanned<String>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Weight of a backend that does not set one.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest weight: with 10,000 backends the weight total still fits comfortably in a u32.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+/// `[[pool.backend]]`: one backend.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: Spanned<IpAddr>,
+    /// Port the backend listens on; by default the port the client used.
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    #[serde(default = "default_weight")]
+    pub weight: Spanned<u32>,
+}
+
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_WEIGHT)
+}
+
+impl BackendConfig {
+    #[must_use]
+    pub fn port(&self) -> Option<u16> {
+        self.port.as_ref().map(|p| *p.get_ref())
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::net::IPPROTO_TCP,
+            Self::Udp => lb_common::net::IPPROTO_UDP,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// How a service's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum ForwardingMode {
+    /// Full NAT: destination and source rewritten; replies come back through the balancer.
+    #[serde(rename = "nat")]
+    Nat,
+    /// Layer-2 direct server return: only the destination MAC changes; backends hold the
+    /// service address on a loopback and answer clients directly.
+    #[serde(rename = "dsr-l2")]
+    DsrL2,
+}
+
+/// What the flow hash covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum HashInput {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    #[serde(rename = "5-tuple")]
+    FiveTuple,
+    /// The source address alone: a client sticks to one backend.
+    #[serde(rename = "source")]
+    Source,
+}
+
+/// Default NAT source port range: below the kernel's default ephemeral range (32768-60999),
+/// which `lbd` also reserves it from (`ip_local_reserved_ports`).
+pub const DEFAULT_NAT_PORTS: (u16, u16) = (20_000, 29_999);
+
+/// `[[service]]`: an address, protocol and port (or every port) balanced over a pool.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: Spanned<String>,
+    pub address: Spanned<IpAddr>,
+    pub protocol: Protocol,
+    /// The service port; absent means every port of the address and protocol.
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    pub pool: Spanned<String>,
+    pub mode: ForwardingMode,
+    #[serde(default)]
+    pub hash: HashInput,
+    /// Maglev table size (a prime); by default the smallest of 65,537 and the first prime
+    /// above 100 slots per backend.
+    #[serde(default)]
+    pub table_size: Option<Spanned<u32>>,
+    /// NAT source address (NAT mode): an address of this host the backends route back to.
+    #[serde(default)]
+    pub nat_source: Option<Spanned<IpAddr>>,
+    /// NAT source ports, `"first-last"`.
+    #[serde(default)]
+    pub nat_ports: Option<Spanned<String>>,
+}
+
+impl ServiceConfig {
+    #[must_use]
+    pub fn port(&self) -> Option<u16> {
+        self.port.as_ref().map(|p| *p.get_ref())
+    }
+
+    /// The NAT port range (validated configurations only).
+    #[must_use]
+    pub fn nat_port_range(&self) -> (u16, u16) {
+        self.nat_ports
+            .as_ref()
+            .and_then(|r| parse_port_range(r.get_ref()).ok())
+            .unwrap_or(DEFAULT_NAT_PORTS)
+    }
 }
 
 /// A configuration that cannot be used, with where and why.
@@ -56,7 +279,7 @@ pub enum ConfigError {
     Read { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: {}", .problems.join("\n"))]
+    #[error("{path}: {} problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
     Invalid { path: String, problems: Vec<String> },
 }
 
@@ -74,7 +297,7 @@ impl Config {
             path: origin.to_owned(),
             message: describe_toml_error(text, &error),
         })?;
-        let problems = config.problems();
+        let problems = config.problems(text);
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -82,33 +305,321 @@ impl Config {
         }
     }
 
-    /// Every validation problem, each a sentence with a hint.
-    fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+    /// The pool called `name`.
+    #[must_use]
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name.get_ref() == name)
+    }
+
+    /// Every validation problem, each a sentence with its position and a hint.
+    fn problems(&self, text: &str) -> Vec<String> {
+        let mut p = Problems { text, list: Vec::new() };
+        self.check_interfaces(&mut p);
+        self.check_conntrack(&mut p);
+        self.check_pools(&mut p);
+        self.check_services(&mut p);
+        p.list
+    }
+
+    fn check_interfaces(&self, p: &mut Problems<'_>) {
         if self.interfaces.is_empty() {
-            problems.push(
-                "no interfaces: add an `[[interface]]` table with the `name` of an interface \
-                 to attach to"
-                    .to_owned(),
-            );
+            p.add(None, "no interfaces: add an `[[interface]]` table with the `name` of an interface to attach to");
         }
         let mut seen = HashSet::new();
-        for (i, interface) in self.interfaces.iter().enumerate() {
-            if !is_valid_ifname(&interface.name) {
-                problems.push(format!(
-                    "interface[{i}].name {:?} is not a valid interface name (1-15 characters, \
-                     no '/', ':' or whitespace)",
-                    interface.name
-                ));
+        for interface in &self.interfaces {
+            let name = interface.name.get_ref();
+            if !is_valid_ifname(name) {
+                p.add(
+                    Some(interface.name.span()),
+                    &format!("interface name {name:?} is not valid (1-15 characters, no '/', ':' or whitespace)"),
+                );
             }
-            if !seen.insert(&interface.name) {
-                problems.push(format!(
-                    "interface[{i}].name {:?} is listed twice; list each interface once",
-                    interface.name
-                ));
+            if !seen.insert(name) {
+                p.add(
+                    Some(interface.name.span()),
+                    &format!("interface {name:?} is listed twice; list each interface once"),
+                );
             }
         }
-        problems
+    }
+
+    fn check_conntrack(&self, p: &mut Problems<'_>) {
+        let c = &self.conntrack;
+        if !(1024..=1 << 27).contains(&c.max_entries) {
+            p.add(
+                None,
+                &format!(
+                    "conntrack.max_entries {} is out of range; use 1024 to 134217728",
+                    c.max_entries
+                ),
+            );
+        }
+        for (key, value) in [
+            ("tcp_syn_timeout_secs", c.tcp_syn_timeout_secs),
+            ("tcp_established_timeout_secs", c.tcp_established_timeout_secs),
+            ("tcp_closing_timeout_secs", c.tcp_closing_timeout_secs),
+            ("tcp_closed_timeout_secs", c.tcp_closed_timeout_secs),
+            ("udp_timeout_secs", c.udp_timeout_secs),
+        ] {
+            if value == 0 || value > 30 * 86_400 {
+                p.add(
+                    None,
+                    &format!(
+                        "conntrack.{key} = {value} is out of range; use 1 to 2592000 (30 days)"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn check_pools(&self, p: &mut Problems<'_>) {
+        let mut names = HashSet::new();
+        let mut total = 0usize;
+        for pool in &self.pools {
+            let name = pool.name.get_ref();
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.add(
+                    Some(pool.name.span()),
+                    &format!(
+                        "pool name {name:?} is not valid; use 1-64 letters, digits, '-', '_' or '.'"
+                    ),
+                );
+            }
+            if !names.insert(name) {
+                p.add(
+                    Some(pool.name.span()),
+                    &format!("pool {name:?} is defined twice; give each pool a unique name"),
+                );
+            }
+            if pool.backends.len() > MAX_BACKENDS_PER_POOL as usize {
+                p.add(Some(pool.name.span()), &format!("pool {name:?} has {} backends; at most {MAX_BACKENDS_PER_POOL} are allowed", pool.backends.len()));
+            }
+            total += pool.backends.len();
+            let mut seen = HashSet::new();
+            for backend in &pool.backends {
+                let addr = *backend.address.get_ref();
+                if !seen.insert((addr, backend.port())) {
+                    p.add(
+                        Some(backend.address.span()),
+                        &format!(
+                            "backend {addr} (port {:?}) appears twice in pool {name:?}",
+                            backend.port()
+                        ),
+                    );
+                }
+                if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                    p.add(
+                        Some(backend.address.span()),
+                        &format!("backend address {addr} is not a unicast host address"),
+                    );
+                }
+                if backend.port().is_some_and(|port| port == 0) {
+                    p.add(
+                        backend.port.as_ref().map(Spanned::span),
+                        "backend port 0 is not valid; leave `port` out to keep the client's port",
+                    );
+                }
+                if *backend.weight.get_ref() > MAX_WEIGHT {
+                    p.add(
+                        Some(backend.weight.span()),
+                        &format!(
+                            "weight {} is above the maximum {MAX_WEIGHT}",
+                            backend.weight.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+        if total > MAX_BACKENDS as usize {
+            p.add(None, &format!("{total} backends in all; at most {MAX_BACKENDS} are allowed"));
+        }
+    }
+
+    fn check_services(&self, p: &mut Problems<'_>) {
+        if self.services.len() > MAX_SERVICES as usize {
+            p.add(
+                None,
+                &format!("{} services; at most {MAX_SERVICES} are allowed", self.services.len()),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut keys: HashMap<(IpAddr, Protocol, Option<u16>), &str> = HashMap::new();
+        for service in &self.services {
+            let name = service.name.get_ref();
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.add(Some(service.name.span()), &format!("service name {name:?} is not valid; use 1-64 letters, digits, '-', '_' or '.'"));
+            }
+            if !names.insert(name) {
+                p.add(
+                    Some(service.name.span()),
+                    &format!("service {name:?} is defined twice; give each service a unique name"),
+                );
+            }
+            let addr = *service.address.get_ref();
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                p.add(
+                    Some(service.address.span()),
+                    &format!("service address {addr} is not a unicast address"),
+                );
+            }
+            if service.port().is_some_and(|port| port == 0) {
+                p.add(
+                    service.port.as_ref().map(Spanned::span),
+                    "service port 0 is not valid; leave `port` out for a service on every port",
+                );
+            }
+            if let Some(other) = keys.insert((addr, service.protocol, service.port()), name) {
+                p.add(
+                    Some(service.address.span()),
+                    &format!(
+                        "services {other:?} and {name:?} both claim {addr} {} port {:?}",
+                        service.protocol.name(),
+                        service.port()
+                    ),
+                );
+            }
+            self.check_service_pool(service, p);
+            check_service_mode(service, p);
+        }
+    }
+
+    fn check_service_pool(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
+        let name = service.name.get_ref();
+        let pool_name = service.pool.get_ref();
+        let Some(pool) = self.pool(pool_name) else {
+            let known: Vec<&str> = self.pools.iter().map(|p| p.name.get_ref().as_str()).collect();
+            p.add(Some(service.pool.span()), &format!("service {name:?} uses pool {pool_name:?}, which is not defined (pools: {known:?})"));
+            return;
+        };
+        let v4 = service.address.get_ref().is_ipv4();
+        for backend in &pool.backends {
+            if backend.address.get_ref().is_ipv4() != v4 {
+                p.add(
+                    Some(backend.address.span()),
+                    &format!(
+                        "backend {} of pool {pool_name:?} is not the same address family as service {name:?} ({}); \
+                         use one pool per family",
+                        backend.address.get_ref(),
+                        service.address.get_ref()
+                    ),
+                );
+            }
+            if service.mode == ForwardingMode::DsrL2
+                && backend.port().is_some_and(|bp| Some(bp) != service.port())
+            {
+                p.add(
+                    backend.port.as_ref().map(Spanned::span),
+                    &format!("service {name:?} is dsr-l2, which cannot change ports; backends of pool {pool_name:?} must use the service port (leave `port` out)"),
+                );
+            }
+        }
+        let backends = u32::try_from(pool.backends.len()).unwrap_or(u32::MAX);
+        if let Some(size) = &service.table_size {
+            let size_value = *size.get_ref();
+            if !is_prime(size_value) || size_value > MAX_TABLE_SIZE {
+                p.add(Some(size.span()), &format!("table_size {size_value} must be a prime no larger than {MAX_TABLE_SIZE} (65537 is the default)"));
+            } else if u64::from(size_value) < u64::from(backends) * u64::from(MIN_SLOTS_PER_BACKEND)
+            {
+                let suggestion = table_size_for(backends)
+                    .map_or_else(|| "none fits".to_owned(), |s| s.to_string());
+                p.add(
+                    Some(size.span()),
+                    &format!("table_size {size_value} gives {backends} backends fewer than {MIN_SLOTS_PER_BACKEND} slots each; use at least {suggestion}"),
+                );
+            }
+        }
+    }
+
+    /// The Maglev table size of a (validated) service.
+    #[must_use]
+    pub fn table_size(&self, service: &ServiceConfig) -> u32 {
+        if let Some(size) = &service.table_size {
+            return *size.get_ref();
+        }
+        let backends = self.pool(service.pool.get_ref()).map_or(0, |p| p.backends.len());
+        table_size_for(u32::try_from(backends).unwrap_or(u32::MAX)).unwrap_or(MAX_TABLE_SIZE)
+    }
+}
+
+fn check_service_mode(service: &ServiceConfig, p: &mut Problems<'_>) {
+    let name = service.name.get_ref();
+    match service.mode {
+        ForwardingMode::Nat => {
+            match &service.nat_source {
+                None => p.add(
+                    Some(service.name.span()),
+                    &format!("service {name:?} is nat but has no `nat_source`; set it to an address of this host the backends route back to"),
+                ),
+                Some(source) if source.get_ref().is_ipv4() != service.address.get_ref().is_ipv4() => p.add(
+                    Some(source.span()),
+                    &format!("nat_source {} is not the same address family as service {name:?}", source.get_ref()),
+                ),
+                Some(_) => {}
+            }
+            if let Some(range) = &service.nat_ports
+                && let Err(message) = parse_port_range(range.get_ref())
+            {
+                p.add(Some(range.span()), &message);
+            }
+        }
+        ForwardingMode::DsrL2 => {
+            if let Some(source) = &service.nat_source {
+                p.add(
+                    Some(source.span()),
+                    &format!(
+                        "service {name:?} is dsr-l2; `nat_source` only applies to nat services"
+                    ),
+                );
+            }
+            if let Some(range) = &service.nat_ports {
+                p.add(
+                    Some(range.span()),
+                    &format!(
+                        "service {name:?} is dsr-l2; `nat_ports` only applies to nat services"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Parses `"first-last"` into a port range of at least one port, above 1023.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!(
+            "nat_ports {text:?} is not a range like \"20000-29999\" (ports 1024-65535, first <= last)"
+        )
+    };
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let first: u16 = a.trim().parse().map_err(|_| bad())?;
+    let last: u16 = b.trim().parse().map_err(|_| bad())?;
+    if first < 1024 || first > last {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
+/// Collects problems with their positions.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, span: Option<Range<usize>>, message: &str) {
+        match span.filter(|s| s.end > 0) {
+            Some(span) => {
+                let (line, column) = position(self.text, span.start);
+                self.list.push(format!("line {line}, column {column}: {message}"));
+            }
+            None => self.list.push(message.to_owned()),
+        }
     }
 }
 
@@ -119,14 +630,20 @@ fn is_valid_ifname(name: &str) -> bool {
         && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
+/// Line and column (both from 1) of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
 /// Renders a TOML error as `line L, column C: message`.
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end();
     match error.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let (line, column) = position(text, span.start);
             format!("line {line}, column {column}: {message}")
         }
         None => message.to_owned(),
@@ -137,12 +654,49 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 mod tests {
     use super::*;
 
+    const FULL: &str = r#"
+[[interface]]
+name = "eth0"
+
+[[pool]]
+name = "web"
+[[pool.backend]]
+address = "198.18.1.11"
+[[pool.backend]]
+address = "198.18.1.12"
+port = 8080
+weight = 200
+
+[[service]]
+name = "web"
+address = "198.18.100.1"
+protocol = "tcp"
+port = 80
+pool = "web"
+mode = "nat"
+nat_source = "198.18.1.1"
+"#;
+
     #[test]
     fn parses_a_minimal_config() {
         let config = Config::parse("[[interface]]\nname = \"eth0\"\n", "test").unwrap();
         assert_eq!(config.interfaces.len(), 1);
         assert_eq!(config.interfaces[0].xdp_mode, XdpModeSetting::Auto);
         assert_eq!(config.daemon.stats_log_interval_secs, 10);
+        assert_eq!(config.conntrack.timeouts(), Timeouts::default());
+    }
+
+    #[test]
+    fn parses_pools_and_services_with_defaults() {
+        let config = Config::parse(FULL, "t").unwrap();
+        let service = &config.services[0];
+        assert_eq!(service.mode, ForwardingMode::Nat);
+        assert_eq!(service.hash, HashInput::FiveTuple);
+        assert_eq!(service.nat_port_range(), DEFAULT_NAT_PORTS);
+        assert_eq!(config.table_size(service), 65_537);
+        let pool = config.pool("web").unwrap();
+        assert_eq!(*pool.backends[0].weight.get_ref(), DEFAULT_WEIGHT);
+        assert_eq!(pool.backends[1].port(), Some(8080));
     }
 
     #[test]
@@ -162,12 +716,61 @@ mod tests {
     }
 
     #[test]
-    fn reports_every_problem() {
-        let text = "[[interface]]\nname = \"a/b\"\n[[interface]]\nname = \"a/b\"\n";
-        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(text, "t") else {
+    fn reports_every_problem_with_its_position() {
+        let text = FULL
+            .replace("pool = \"web\"", "pool = \"webb\"")
+            .replace(
+                "nat_source = \"198.18.1.1\"",
+                "nat_source = \"fd00::1\"\nnat_ports = \"80-90\"",
+            )
+            .replace("weight = 200", "weight = 70000");
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&text, "t") else {
             panic!("expected validation errors");
         };
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.contains("pool \"webb\", which is not defined")
+                && p.starts_with("line 19, column 8")),
+            "{problems:#?}"
+        );
+        assert!(problems.iter().any(|p| p.contains("weight 70000")), "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("nat_source fd00::1 is not the same address family")),
+            "{problems:#?}"
+        );
+        assert!(problems.iter().any(|p| p.contains("nat_ports \"80-90\"")), "{problems:#?}");
+    }
+
+    #[test]
+    fn nat_needs_a_source_and_dsr_keeps_ports() {
+        let text = FULL.replace("nat_source = \"198.18.1.1\"\n", "");
+        let error = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(error.contains("has no `nat_source`"), "{error}");
+        let text = FULL.replace("mode = \"nat\"\nnat_source = \"198.18.1.1\"", "mode = \"dsr-l2\"");
+        let error = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(error.contains("cannot change ports"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_names_and_claims_are_rejected() {
+        let text = format!(
+            "{FULL}\n[[service]]\nname = \"web\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"web\"\nmode = \"dsr-l2\"\n"
+        );
+        let error = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(error.contains("defined twice"), "{error}");
+        assert!(error.contains("both claim 198.18.100.1 tcp"), "{error}");
+    }
+
+    #[test]
+    fn table_size_must_be_prime_and_large_enough() {
+        let text = FULL.replace("port = 80\n", "port = 80\ntable_size = 65536\n");
+        assert!(Config::parse(&text, "t").unwrap_err().to_string().contains("must be a prime"));
+        let text = FULL.replace("port = 80\n", "port = 80\ntable_size = 101\n");
+        assert!(
+            Config::parse(&text, "t").unwrap_err().to_string().contains("fewer than 100 slots")
+        );
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! Loading the XDP object into the kernel and attaching its programs to interfaces.
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
-use lb_common::maps;
+use lb_common::{
+    conntrack::Timeouts,
+    maps as names,
+    service::{DEFAULT_CONNTRACK_ENTRIES, Globals},
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::maps::{MapError, StatsMap};
+use crate::maps::{MapError, Maps, StatsMap};
 
 /// The compiled data path, built for the BPF target by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -80,22 +84,61 @@ struct Attachment {
     link: XdpLinkId,
 }
 
-/// The loaded XDP object and the interfaces its programs are attached to.
+/// Choices made when the data path is loaded (they size kernel memory).
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries of the connection table (`CONNTRACK`); see `docs/configuration.md` for memory.
+    pub conntrack_entries: u32,
+    /// Settings the data path starts with.
+    pub globals: Globals,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            globals: Globals { timeouts: Timeouts::default(), hash_seed: 0, _pad: 0 },
+        }
+    }
+}
+
+/// The loaded XDP object, its maps, and the interfaces its programs are attached to.
 #[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,
+    maps: Maps,
     attachments: Vec<Attachment>,
 }
 
 impl Datapath {
-    /// Loads [`EBPF_OBJECT`] and its programs into the kernel (nothing is attached yet).
+    /// Loads [`EBPF_OBJECT`] with default options (nothing is attached yet).
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Loads [`EBPF_OBJECT`] and its programs into the kernel and writes the initial settings.
+    pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Object)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, options.conntrack_entries)
+            .load(EBPF_OBJECT)
+            .map_err(DatapathError::Object)?;
         for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
-        Ok(Self { ebpf, attachments: Vec::new() })
+        let mut maps = Maps::take(&mut ebpf)?;
+        maps.globals.set(&options.globals)?;
+        Ok(Self { ebpf, maps, attachments: Vec::new() })
+    }
+
+    /// The data path's maps.
+    #[must_use]
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
     }
 
     /// The main XDP program, for `test_run` in datapath tests and benchmarks.
@@ -160,6 +203,11 @@ impl Datapath {
             },
         };
         self.attachments.push(Attachment { program: name, interface: interface.to_owned(), link });
+        if name == INGRESS_PROGRAM {
+            // Frames may be redirected out of every interface the data path serves.
+            let ifindex = if_index(interface)?;
+            self.maps.tx_ports.add(ifindex)?;
+        }
         Ok(attached)
     }
 
@@ -178,10 +226,22 @@ impl Datapath {
     }
 
     /// The verdict and reason counters.
-    pub fn stats(&self) -> Result<StatsMap<'_>, DatapathError> {
-        let map = self.ebpf.map(maps::STATS).ok_or(MapError::Missing { name: maps::STATS })?;
-        Ok(StatsMap::new(map)?)
+    #[must_use]
+    pub fn stats(&self) -> &StatsMap {
+        &self.maps.stats
     }
+}
+
+/// The index of `interface` in the current network namespace.
+pub fn if_index(interface: &str) -> Result<u32, DatapathError> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| DatapathError::UnknownInterface { interface: interface.to_owned() })?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(DatapathError::UnknownInterface { interface: interface.to_owned() });
+    }
+    Ok(index)
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {

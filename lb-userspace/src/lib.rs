@@ -3,18 +3,25 @@
 //!
 //! `lbd` (in `bin/`) is a thin shell around [`run`]; tests call the same entry points.
 
+pub mod balancer;
 pub mod config;
 pub mod datapath;
 pub mod maps;
+pub mod nexthop;
+pub mod sysctl;
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use lb_common::service::Globals;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
+pub use balancer::Balancer;
 pub use config::Config;
 pub use datapath::Datapath;
+
+use crate::{datapath::LoadOptions, nexthop::KernelResolver};
 
 /// Options of a daemon run that are not part of the configuration file.
 #[derive(Clone, Debug, Default)]
@@ -23,30 +30,87 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
 }
 
+/// How often next hops are re-resolved (route and neighbour changes show up within this).
+const NEXT_HOP_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the connection table is swept of expired flows.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Runs the daemon until `shutdown` is cancelled: loads the data path, attaches it to every
-/// configured interface and logs its counters.
+/// configured interface, installs the services, and keeps next hops and the connection table
+/// fresh.
 pub async fn run(
     config: Config,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load().context("failed to load the XDP data path")?;
+    let load = LoadOptions {
+        conntrack_entries: config.conntrack.max_entries,
+        globals: Globals {
+            timeouts: config.conntrack.timeouts(),
+            hash_seed: config.daemon.hash_seed,
+            _pad: 0,
+        },
+    };
+    let mut datapath = Datapath::load_with(&load).context("failed to load the XDP data path")?;
+    for range in config
+        .services
+        .iter()
+        .filter(|s| s.nat_source.is_some())
+        .map(config::ServiceConfig::nat_port_range)
+    {
+        if let Err(error) = sysctl::reserve_local_ports(range) {
+            warn!(%error, "could not reserve the NAT ports from the kernel's ephemeral range");
+        }
+    }
+    let mut resolver = KernelResolver;
+    let mut balancer = Balancer::new();
+    balancer
+        .apply(&config, datapath.maps_mut(), &mut resolver)
+        .context("failed to install the services")?;
     for interface in &config.interfaces {
         let mode = datapath
-            .attach(&interface.name, interface.xdp_mode)
-            .with_context(|| format!("failed to attach to {}", interface.name))?;
-        info!(interface = %interface.name, mode = mode.name(), "XDP program attached");
+            .attach(interface.name.get_ref(), interface.xdp_mode)
+            .with_context(|| format!("failed to attach to {}", interface.name.get_ref()))?;
+        info!(interface = %interface.name.get_ref(), mode = mode.name(), "XDP program attached");
     }
+    // Egress interfaces are known now that the programs are attached: resolve again.
+    balancer.refresh_next_hops(datapath.maps_mut(), &mut resolver)?;
 
     let interval = config.daemon.stats_log_interval_secs;
-    let mut ticker = tokio::time::interval(Duration::from_secs(interval.max(1)));
-    ticker.tick().await;
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
+    let mut hop_tick = tokio::time::interval(NEXT_HOP_INTERVAL);
+    let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
+    let timeouts = config.conntrack.timeouts();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticker.tick(), if interval > 0 => {
-                let stats = datapath.stats()?.read().context("failed to read STATS")?;
+            _ = stats_tick.tick(), if interval > 0 => {
+                let stats = datapath.stats().read().context("failed to read STATS")?;
                 info!(summary = %stats.summary(), "data path counters");
+            }
+            _ = hop_tick.tick() => {
+                if let Err(error) = balancer.refresh_next_hops(datapath.maps_mut(), &mut resolver) {
+                    warn!(%error, "next-hop refresh failed");
+                }
+            }
+            _ = sweep_tick.tick() => {
+                let now = monotonic_coarse_ns();
+                let swept = {
+                    let maps = datapath.maps_mut();
+                    let backend = |id| balancer.backend_entry(id);
+                    maps.conntrack.sweep(&timeouts, now, backend)
+                };
+                match swept {
+                    Ok(result) => {
+                        if result.removed > 0 {
+                            info!(removed = result.removed, live = result.live, "connection table swept");
+                        }
+                        if let Err(error) = balancer.release_retired(datapath.maps_mut(), &result.live_by_backend) {
+                            warn!(%error, "releasing retired backends failed");
+                        }
+                    }
+                    Err(error) => warn!(%error, "connection table sweep failed"),
+                }
             }
         }
     }
@@ -56,4 +120,13 @@ pub async fn run(
         info!("XDP programs detached");
     }
     Ok(())
+}
+
+/// The clock of the data path's `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`).
+#[must_use]
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

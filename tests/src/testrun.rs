@@ -7,7 +7,10 @@ use std::fmt::Write as _;
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{Action, Reason};
-use lb_userspace::{Datapath, maps::StatsSnapshot};
+use lb_userspace::{Datapath, datapath::LoadOptions, maps::StatsSnapshot};
+
+/// Connection-table size of test beds.
+pub const TEST_CONNTRACK_ENTRIES: u32 = 65_536;
 
 /// What a case expects the program to do with the frame.
 #[derive(Clone, Debug)]
@@ -58,8 +61,14 @@ pub struct TestBed {
 }
 
 impl TestBed {
+    /// Loads the object with a small connection table (tests need thousands of flows, not
+    /// millions, and several test beds load at once).
     pub fn load() -> anyhow::Result<Self> {
-        Ok(Self { datapath: Datapath::load().context("failed to load the XDP object")? })
+        let options =
+            LoadOptions { conntrack_entries: TEST_CONNTRACK_ENTRIES, ..LoadOptions::default() };
+        Ok(Self {
+            datapath: Datapath::load_with(&options).context("failed to load the XDP object")?,
+        })
     }
 
     /// Runs the ingress program once on `frame`.
@@ -84,7 +93,7 @@ impl TestBed {
     }
 
     pub fn stats(&self) -> anyhow::Result<StatsSnapshot> {
-        Ok(self.datapath.stats()?.read()?)
+        Ok(self.datapath.stats().read()?)
     }
 
     /// Runs one case and describes every way it differs from its expectations.

@@ -71,7 +71,7 @@ struct Readings {
 
 fn read(lab: &Lab, datapath: &Datapath) -> Readings {
     Readings {
-        xdp: datapath.stats().unwrap().read().unwrap(),
+        xdp: datapath.stats().read().unwrap(),
         all: nft_counter(lab, "c_all"),
         ip4: nft_counter(lab, "c_ip4"),
         ip6: nft_counter(lab, "c_ip6"),

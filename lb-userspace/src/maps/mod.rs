@@ -1,11 +1,27 @@
 //! Typed wrappers around the data path's maps, one module per map family. Nothing outside
-//! this module touches `aya::maps` directly.
+//! this module touches `aya::maps` directly, and only the daemon (through these wrappers)
+//! writes the configuration maps.
 
+pub mod backends;
+pub mod conntrack;
+pub mod globals;
+pub mod maglev;
+pub mod services;
 pub mod stats;
+pub mod traffic;
+pub mod tx_ports;
 
-pub use stats::{StatsMap, StatsSnapshot};
-
+use aya::{Ebpf, maps::Map};
 use thiserror::Error;
+
+pub use backends::BackendsMap;
+pub use conntrack::ConntrackMap;
+pub use globals::GlobalsMap;
+pub use maglev::MaglevMap;
+pub use services::ServicesMap;
+pub use stats::{StatsMap, StatsSnapshot};
+pub use traffic::TrafficMaps;
+pub use tx_ports::TxPortsMap;
 
 /// Failure to find or use one of the data path's maps.
 #[derive(Debug, Error)]
@@ -16,4 +32,63 @@ pub enum MapError {
     Layout { name: &'static str, source: aya::maps::MapError },
     #[error("failed to access map {name}: {source}")]
     Access { name: &'static str, source: aya::maps::MapError },
+    #[error("failed to update map {name}: {source}")]
+    Update { name: &'static str, source: aya::maps::MapError },
+    #[error("failed to update device map {name}: {source}")]
+    Devmap { name: &'static str, source: aya::maps::xdp::XdpMapError },
+    #[error("failed to count the possible CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("failed to create a Maglev table of {size} slots: {source}")]
+    CreateTable { size: u32, source: aya::maps::MapError },
+}
+
+/// Every map of the data path, taken out of the loaded object and typed.
+#[derive(Debug)]
+pub struct Maps {
+    pub stats: StatsMap,
+    pub services: ServicesMap,
+    pub backends: BackendsMap,
+    pub maglev: MaglevMap,
+    pub conntrack: ConntrackMap,
+    pub globals: GlobalsMap,
+    pub traffic: TrafficMaps,
+    pub tx_ports: TxPortsMap,
+}
+
+impl Maps {
+    /// Takes the maps out of `ebpf` (the programs keep their own references to them).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+        Ok(Self {
+            stats: StatsMap::new(take(ebpf, lb_common::maps::STATS)?)?,
+            services: ServicesMap::new(
+                take(ebpf, lb_common::maps::SERVICES)?,
+                take(ebpf, lb_common::maps::VIPS)?,
+                take(ebpf, lb_common::maps::NAT_SOURCES)?,
+            )?,
+            backends: BackendsMap::new(
+                take(ebpf, lb_common::maps::BACKENDS)?,
+                take(ebpf, lb_common::maps::NEXTHOPS)?,
+            )?,
+            maglev: MaglevMap::new(take(ebpf, lb_common::maps::MAGLEV)?)?,
+            conntrack: ConntrackMap::new(take(ebpf, lb_common::maps::CONNTRACK)?)?,
+            globals: GlobalsMap::new(take(ebpf, lb_common::maps::GLOBALS)?)?,
+            traffic: TrafficMaps::new(
+                take(ebpf, lb_common::maps::SERVICE_STATS)?,
+                take(ebpf, lb_common::maps::BACKEND_STATS)?,
+            )?,
+            tx_ports: TxPortsMap::new(take(ebpf, lb_common::maps::TX_PORTS)?)?,
+        })
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapError> {
+    ebpf.take_map(name).ok_or(MapError::Missing { name })
+}
+
+/// Converts a generic map into its typed wrapper, naming it in the error.
+fn typed<T>(name: &'static str, map: Map) -> Result<T, MapError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|source| MapError::Layout { name, source })
 }

@@ -2,20 +2,20 @@
 
 use std::fmt::Write as _;
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{
     Action, Counter, Reason, maps,
     stats::{action_slot, reason_slot},
 };
 
-use super::MapError;
+use super::{MapError, typed};
 
 /// Read access to the `STATS` map.
-pub struct StatsMap<'a> {
-    map: PerCpuArray<&'a MapData, Counter>,
+pub struct StatsMap {
+    map: PerCpuArray<MapData, Counter>,
 }
 
-impl std::fmt::Debug for StatsMap<'_> {
+impl std::fmt::Debug for StatsMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StatsMap").finish_non_exhaustive()
     }
@@ -30,11 +30,9 @@ pub struct StatsSnapshot {
     pub reasons: [Counter; Reason::ALL.len()],
 }
 
-impl<'a> StatsMap<'a> {
-    pub(crate) fn new(map: &'a aya::maps::Map) -> Result<Self, MapError> {
-        let map = PerCpuArray::try_from(map)
-            .map_err(|source| MapError::Layout { name: maps::STATS, source })?;
-        Ok(Self { map })
+impl StatsMap {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self { map: typed(maps::STATS, map)? })
     }
 
     fn slot(&self, slot: u32) -> Result<Counter, MapError> {

@@ -1,0 +1,445 @@
+//! The balancer's state: turns the configuration's pools and services into the data path's
+//! maps, keeping ids stable across reloads, and retires removed backends only once no flow
+//! uses them.
+//!
+//! Writes happen in an order that never shows a packet a half-made service: backends first,
+//! then their next hops, then each service's new Maglev table (switched whole), then the
+//! service entries; removals go the other way.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use lb_common::{
+    flow::{addr_words, port_raw},
+    maglev::{MaglevBackend, build_table, identity_hash},
+    service::{
+        AddrKey, Backend, Globals, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE,
+        SERVICE_NAT, Service, ServiceKey,
+    },
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, ForwardingMode, HashInput, ServiceConfig},
+    maps::{MapError, Maps},
+    nexthop::{Resolution, Resolver},
+};
+
+/// What identifies a backend: its pool, address and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendIdentity {
+    pub pool: String,
+    pub addr: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl BackendIdentity {
+    /// The stable Maglev identity: address and port only, so every node (whatever ids it
+    /// gives) builds the same table.
+    #[must_use]
+    pub fn maglev_identity(&self, seed: u32) -> u64 {
+        let mut bytes = match self.addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        bytes.extend_from_slice(&self.port.unwrap_or(0).to_be_bytes());
+        identity_hash(&bytes, u64::from(seed))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BackendState {
+    id: u32,
+    weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TableInput {
+    size: u32,
+    /// (identity, id, weight), sorted.
+    members: Vec<(u64, u32, u32)>,
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    id: u32,
+    key: ServiceKey,
+    value: Service,
+    table: TableInput,
+    pool: String,
+}
+
+/// The balancer's view of what the data path holds.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    services: BTreeMap<String, ServiceState>,
+    backends: HashMap<BackendIdentity, BackendState>,
+    /// Removed backends (id to identity) still carrying flows.
+    retired: BTreeMap<u32, BackendIdentity>,
+    /// Addresses of every backend id with an entry, for next-hop resolution.
+    backend_addrs: BTreeMap<u32, IpAddr>,
+    hash_seed: u32,
+}
+
+/// What one `apply` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub services_added: usize,
+    pub services_updated: usize,
+    pub services_removed: usize,
+    pub tables_installed: usize,
+    pub backends_added: usize,
+    pub backends_retired: usize,
+}
+
+/// Failure to apply a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no free {what} id (at most {max})")]
+    NoFreeId { what: &'static str, max: u32 },
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+impl Balancer {
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of a backend, if it is live.
+    #[must_use]
+    pub fn backend_id(&self, identity: &BackendIdentity) -> Option<u32> {
+        self.backends.get(identity).map(|b| b.id)
+    }
+
+    /// The id of a service, if it exists.
+    #[must_use]
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.services.get(name).map(|s| s.id)
+    }
+
+    /// Live backends with their ids.
+    pub fn backends(&self) -> impl Iterator<Item = (&BackendIdentity, u32)> {
+        self.backends.iter().map(|(k, v)| (k, v.id))
+    }
+
+    /// Services with their ids.
+    pub fn services(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.services.iter().map(|(k, v)| (k.as_str(), v.id))
+    }
+
+    /// Makes the data path serve exactly `config`'s pools and services.
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        maps: &mut Maps,
+        resolver: &mut dyn Resolver,
+    ) -> Result<ApplySummary, ApplyError> {
+        let mut summary = ApplySummary::default();
+        self.hash_seed = config.daemon.hash_seed;
+        maps.globals.set(&Globals {
+            timeouts: config.conntrack.timeouts(),
+            hash_seed: config.daemon.hash_seed,
+            _pad: 0,
+        })?;
+
+        // 1. Backends: keep ids of those that stay, give new ones free ids, retire the rest.
+        let wanted: BTreeMap<BackendIdentity, u32> = config
+            .pools
+            .iter()
+            .flat_map(|pool| {
+                pool.backends.iter().map(move |b| {
+                    let identity = BackendIdentity {
+                        pool: pool.name.get_ref().clone(),
+                        addr: *b.address.get_ref(),
+                        port: b.port(),
+                    };
+                    (identity, *b.weight.get_ref())
+                })
+            })
+            .collect();
+        for (identity, weight) in &wanted {
+            if let Some(state) = self.backends.get_mut(identity) {
+                state.weight = *weight;
+                continue;
+            }
+            let id = self.free_backend_id()?;
+            maps.traffic.reset_backend(id)?;
+            maps.backends.set(id, &backend_value(identity))?;
+            self.backend_addrs.insert(id, identity.addr);
+            self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
+            summary.backends_added += 1;
+        }
+
+        // 2. Next hops of every backend, before any table can send a flow to it.
+        self.refresh_next_hops(maps, resolver)?;
+
+        // 3. Services. Their addresses first: replies of NAT flows must be recognised before
+        // the first flow opens (the union of old and new until the old services are gone).
+        let mut vips: BTreeMap<AddrKey, u32> = BTreeMap::new();
+        let mut nat_sources: BTreeMap<AddrKey, u32> = BTreeMap::new();
+        for service in &config.services {
+            *vips.entry(addr_key(*service.address.get_ref())).or_default() += 1;
+            if let Some(source) =
+                service.nat_source.as_ref().filter(|_| service.mode == ForwardingMode::Nat)
+            {
+                *nat_sources.entry(addr_key(*source.get_ref())).or_default() += 1;
+            }
+        }
+        maps.services.set_addresses(
+            &union(&self.current_vips(), &vips),
+            &union(&self.current_nat_sources(), &nat_sources),
+        )?;
+        // Then each service: its table (switched whole), then its entry.
+        let mut kept = BTreeSet::new();
+        for service in &config.services {
+            let name = service.name.get_ref().clone();
+            kept.insert(name.clone());
+            let previous = self.services.get(&name).cloned();
+            let id = match &previous {
+                Some(state) => state.id,
+                None => self.free_service_id()?,
+            };
+            let key = service_key(service);
+            let value = service_value(config, service, id);
+            let table = TableInput {
+                size: config.table_size(service),
+                members: self.members(service.pool.get_ref(), config),
+            };
+            if previous.as_ref().is_none_or(|p| p.table != table) {
+                let members: Vec<MaglevBackend> = table
+                    .members
+                    .iter()
+                    .map(|(identity, id, weight)| MaglevBackend {
+                        id: *id,
+                        identity: *identity,
+                        weight: *weight,
+                    })
+                    .collect();
+                maps.maglev.install(id, &build_table(&members, table.size))?;
+                summary.tables_installed += 1;
+            }
+            match &previous {
+                None => {
+                    maps.traffic.reset_service(id)?;
+                    summary.services_added += 1;
+                }
+                Some(p) if p.key != key || p.value != value || p.table != table => {
+                    summary.services_updated += 1;
+                }
+                Some(_) => {}
+            }
+            if let Some(p) = previous.as_ref().filter(|p| p.key != key) {
+                maps.services.remove(&p.key)?;
+            }
+            maps.services.upsert(&key, &value)?;
+            self.services.insert(
+                name,
+                ServiceState { id, key, value, table, pool: service.pool.get_ref().clone() },
+            );
+        }
+        let removed: Vec<String> =
+            self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
+        for name in removed {
+            if let Some(state) = self.services.remove(&name) {
+                maps.services.remove(&state.key)?;
+                summary.services_removed += 1;
+            }
+        }
+        maps.services.set_addresses(
+            &vips.into_iter().collect::<Vec<_>>(),
+            &nat_sources.into_iter().collect::<Vec<_>>(),
+        )?;
+
+        // 4. Backends no longer configured: retired, cleared once their flows are gone.
+        let gone: Vec<BackendIdentity> =
+            self.backends.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for identity in gone {
+            if let Some(state) = self.backends.remove(&identity) {
+                self.retired.insert(state.id, identity);
+                summary.backends_retired += 1;
+            }
+        }
+        info!(?summary, "configuration applied");
+        Ok(summary)
+    }
+
+    /// Re-resolves every backend's next hop and writes the ones that changed.
+    pub fn refresh_next_hops(
+        &mut self,
+        maps: &mut Maps,
+        resolver: &mut dyn Resolver,
+    ) -> Result<(), MapError> {
+        let addrs: Vec<IpAddr> =
+            self.backend_addrs.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let resolved = resolver.resolve(&addrs);
+        for (id, addr) in &self.backend_addrs {
+            let hop = match resolved.get(addr) {
+                Some(Resolution::Resolved(hop)) => *hop,
+                Some(Resolution::NoNeighbour | Resolution::NoRoute) | None => NextHop::default(),
+            };
+            let current = maps.backends.next_hop(*id)?;
+            if current != hop {
+                if hop.ifindex != 0 && !maps.tx_ports.ifindexes().contains(&hop.ifindex) {
+                    maps.tx_ports.add(hop.ifindex)?;
+                }
+                if hop.ifindex == 0 && current.ifindex != 0 {
+                    warn!(backend = %addr, "next hop lost; keeping the last known one");
+                    continue;
+                }
+                maps.backends.set_next_hop(*id, &hop)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears retired backends that no live flow uses any more. `live` gives the number of
+    /// live flows per backend id (from a connection-table sweep).
+    pub fn release_retired(
+        &mut self,
+        maps: &mut Maps,
+        live: &HashMap<u32, u64>,
+    ) -> Result<usize, MapError> {
+        let done: Vec<u32> = self
+            .retired
+            .keys()
+            .filter(|id| live.get(id).copied().unwrap_or(0) == 0)
+            .copied()
+            .collect();
+        for id in &done {
+            maps.backends.clear(*id)?;
+            self.retired.remove(id);
+            self.backend_addrs.remove(id);
+        }
+        Ok(done.len())
+    }
+
+    /// The entry of backend `id` (live or retired), for the connection-table sweep.
+    #[must_use]
+    pub fn backend_entry(&self, id: u32) -> Option<Backend> {
+        let identity = self
+            .backends
+            .iter()
+            .find(|(_, s)| s.id == id)
+            .map(|(k, _)| k)
+            .or_else(|| self.retired.get(&id))?;
+        Some(backend_value(identity))
+    }
+
+    fn members(&self, pool: &str, config: &Config) -> Vec<(u64, u32, u32)> {
+        let Some(pool_config) = config.pool(pool) else { return Vec::new() };
+        let mut members: Vec<(u64, u32, u32)> = pool_config
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let identity = BackendIdentity {
+                    pool: pool.to_owned(),
+                    addr: *b.address.get_ref(),
+                    port: b.port(),
+                };
+                let state = self.backends.get(&identity)?;
+                Some((identity.maglev_identity(self.hash_seed), state.id, state.weight))
+            })
+            .collect();
+        members.sort_unstable();
+        members
+    }
+
+    fn current_vips(&self) -> BTreeMap<AddrKey, u32> {
+        let mut m: BTreeMap<AddrKey, u32> = BTreeMap::new();
+        for s in self.services.values() {
+            *m.entry(AddrKey { addr: s.key.addr, family: s.key.family, _pad: [0; 3] })
+                .or_default() += 1;
+        }
+        m
+    }
+
+    fn current_nat_sources(&self) -> BTreeMap<AddrKey, u32> {
+        let mut m: BTreeMap<AddrKey, u32> = BTreeMap::new();
+        for s in self.services.values().filter(|s| s.value.flags & SERVICE_NAT != 0) {
+            *m.entry(AddrKey { addr: s.value.nat_addr, family: s.key.family, _pad: [0; 3] })
+                .or_default() += 1;
+        }
+        m
+    }
+
+    fn free_backend_id(&self) -> Result<u32, ApplyError> {
+        let used: BTreeSet<u32> =
+            self.backends.values().map(|b| b.id).chain(self.retired.keys().copied()).collect();
+        (0..MAX_BACKENDS)
+            .find(|id| !used.contains(id))
+            .ok_or(ApplyError::NoFreeId { what: "backend", max: MAX_BACKENDS })
+    }
+
+    fn free_service_id(&self) -> Result<u32, ApplyError> {
+        let used: BTreeSet<u32> = self.services.values().map(|s| s.id).collect();
+        (0..MAX_SERVICES)
+            .find(|id| !used.contains(id))
+            .ok_or(ApplyError::NoFreeId { what: "service", max: MAX_SERVICES })
+    }
+
+    /// Pools each service uses (for metrics).
+    pub fn service_pools(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.services.iter().map(|(name, s)| (name.as_str(), s.pool.as_str()))
+    }
+}
+
+fn union(a: &BTreeMap<AddrKey, u32>, b: &BTreeMap<AddrKey, u32>) -> Vec<(AddrKey, u32)> {
+    let mut m = a.clone();
+    for (k, v) in b {
+        *m.entry(*k).or_default() += v;
+    }
+    m.into_iter().collect()
+}
+
+fn family(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 4 } else { 6 }
+}
+
+fn addr_key(addr: IpAddr) -> AddrKey {
+    AddrKey { addr: addr_words(addr), family: family(addr), _pad: [0; 3] }
+}
+
+fn backend_value(identity: &BackendIdentity) -> Backend {
+    Backend {
+        addr: addr_words(identity.addr),
+        port: identity.port.map_or(0, port_raw),
+        family: family(identity.addr),
+        _pad: 0,
+    }
+}
+
+/// The `SERVICES` key of a service.
+#[must_use]
+pub fn service_key(service: &ServiceConfig) -> ServiceKey {
+    let addr = *service.address.get_ref();
+    ServiceKey {
+        addr: addr_words(addr),
+        port: service.port().map_or(0, port_raw),
+        proto: service.protocol.number(),
+        family: family(addr),
+    }
+}
+
+fn service_value(config: &Config, service: &ServiceConfig, id: u32) -> Service {
+    let mut flags = 0;
+    if service.mode == ForwardingMode::Nat {
+        flags |= SERVICE_NAT;
+    }
+    if service.hash == HashInput::Source {
+        flags |= SERVICE_HASH_SOURCE;
+    }
+    let (min, max) = service.nat_port_range();
+    let nat_addr = service.nat_source.as_ref().map_or([0; 4], |s| addr_words(*s.get_ref()));
+    Service {
+        id,
+        flags,
+        table_size: config.table_size(service),
+        nat_port_min: if service.mode == ForwardingMode::Nat { min } else { 0 },
+        nat_port_max: if service.mode == ForwardingMode::Nat { max } else { 0 },
+        nat_addr,
+    }
+}

@@ -1,0 +1,128 @@
+//! `CONNTRACK`: read access for counting and inspecting flows, and the sweep that removes
+//! expired entries, both directions of a NAT flow together.
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    FlowKey,
+    conntrack::{FLOW_NAT, FLOW_REPLY, Flow, Timeouts},
+    maps,
+    service::Backend,
+};
+
+use super::{MapError, typed};
+
+pub struct ConntrackMap {
+    map: HashMap<MapData, FlowKey, Flow>,
+}
+
+impl std::fmt::Debug for ConntrackMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConntrackMap").finish_non_exhaustive()
+    }
+}
+
+/// What one sweep found and removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepResult {
+    /// Live entries left.
+    pub live: u64,
+    /// Expired entries removed (each NAT flow counts its two entries).
+    pub removed: u64,
+    /// Live flows (forward entries) per backend id.
+    pub live_by_backend: std::collections::HashMap<u32, u64>,
+}
+
+impl ConntrackMap {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self { map: typed(maps::CONNTRACK, map)? })
+    }
+
+    /// Every entry (for tests and inspection; a full walk, so not for the hot loop).
+    pub fn entries(&self) -> Result<Vec<(FlowKey, Flow)>, MapError> {
+        let mut out = Vec::new();
+        for item in &self.map {
+            match item {
+                Ok(entry) => out.push(entry),
+                // An entry evicted mid-walk: skip it.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapError::Access { name: maps::CONNTRACK, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<Flow> {
+        self.map.get(key, 0).ok()
+    }
+
+    /// Removes entries idle past their state's timeout at `now_ns` (the data path's
+    /// `bpf_ktime_get_coarse_ns` clock). A NAT flow's two entries go together: an expired
+    /// forward entry takes its reply entry with it and vice versa, so no half survives.
+    /// `backend` gives a backend id's current entry, to find a forward entry's partner.
+    pub fn sweep(
+        &mut self,
+        timeouts: &Timeouts,
+        now_ns: u64,
+        backend: impl Fn(u32) -> Option<Backend>,
+    ) -> Result<SweepResult, MapError> {
+        let entries = self.entries()?;
+        let mut result = SweepResult::default();
+        let mut doomed = Vec::new();
+        for (key, flow) in &entries {
+            if timeouts.is_expired(flow.state, flow.last_seen_ns, now_ns) {
+                doomed.push(*key);
+                if let Some(partner) = partner_key(key, flow, &backend) {
+                    doomed.push(partner);
+                }
+            } else {
+                result.live += 1;
+                if flow.flags & FLOW_REPLY == 0 {
+                    *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
+                }
+            }
+        }
+        doomed.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
+        doomed.dedup();
+        for key in doomed {
+            if self.map.remove(&key).is_ok() {
+                result.removed += 1;
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// The key of the other direction of a NAT flow, if `flow` is one.
+fn partner_key(
+    key: &FlowKey,
+    flow: &Flow,
+    backend: &impl Fn(u32) -> Option<Backend>,
+) -> Option<FlowKey> {
+    if flow.flags & FLOW_NAT == 0 {
+        return None;
+    }
+    if flow.flags & FLOW_REPLY != 0 {
+        // Reply entry: the forward key is client -> VIP.
+        return Some(FlowKey {
+            src: flow.peer_addr,
+            dst: flow.vip_addr,
+            sport: flow.peer_port,
+            dport: flow.vip_port,
+            proto: key.proto,
+            family: key.family,
+            _pad: [0; 2],
+        });
+    }
+    // Forward entry: the reply key is backend -> NAT source.
+    let backend = backend(flow.backend_id)?;
+    let port = if backend.port == 0 { flow.vip_port } else { backend.port };
+    Some(FlowKey {
+        src: backend.addr,
+        dst: flow.peer_addr,
+        sport: port,
+        dport: flow.nat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    })
+}

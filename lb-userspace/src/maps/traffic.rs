@@ -1,0 +1,66 @@
+//! `SERVICE_STATS` and `BACKEND_STATS`: per-CPU traffic counters by service and backend id.
+
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{maps, service::TrafficCounter};
+
+use super::{MapError, typed};
+
+pub struct TrafficMaps {
+    services: PerCpuArray<MapData, TrafficCounter>,
+    backends: PerCpuArray<MapData, TrafficCounter>,
+}
+
+impl std::fmt::Debug for TrafficMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrafficMaps").finish_non_exhaustive()
+    }
+}
+
+impl TrafficMaps {
+    pub(crate) fn new(services: Map, backends: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            services: typed(maps::SERVICE_STATS, services)?,
+            backends: typed(maps::BACKEND_STATS, backends)?,
+        })
+    }
+
+    /// Service `id`'s counters, summed over CPUs.
+    pub fn service(&self, id: u32) -> Result<TrafficCounter, MapError> {
+        sum(&self.services, id, maps::SERVICE_STATS)
+    }
+
+    /// Backend `id`'s counters, summed over CPUs.
+    pub fn backend(&self, id: u32) -> Result<TrafficCounter, MapError> {
+        sum(&self.backends, id, maps::BACKEND_STATS)
+    }
+
+    /// Zeroes a backend's counters (when its id is given to a new backend).
+    pub fn reset_backend(&mut self, id: u32) -> Result<(), MapError> {
+        zero(&mut self.backends, id, maps::BACKEND_STATS)
+    }
+
+    /// Zeroes a service's counters (when its id is given to a new service).
+    pub fn reset_service(&mut self, id: u32) -> Result<(), MapError> {
+        zero(&mut self.services, id, maps::SERVICE_STATS)
+    }
+}
+
+fn sum(
+    map: &PerCpuArray<MapData, TrafficCounter>,
+    id: u32,
+    name: &'static str,
+) -> Result<TrafficCounter, MapError> {
+    let values = map.get(&id, 0).map_err(|source| MapError::Access { name, source })?;
+    Ok(values.iter().fold(TrafficCounter::default(), |a, b| a.plus(*b)))
+}
+
+fn zero(
+    map: &mut PerCpuArray<MapData, TrafficCounter>,
+    id: u32,
+    name: &'static str,
+) -> Result<(), MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Cpus(e))?;
+    let values =
+        PerCpuValues::try_from(vec![TrafficCounter::default(); cpus]).map_err(MapError::Cpus)?;
+    map.set(id, values, 0).map_err(|source| MapError::Update { name, source })
+}

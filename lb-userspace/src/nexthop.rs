@@ -1,0 +1,212 @@
+//! Next-hop resolution: for each backend, the egress interface and the MAC addresses its
+//! packets need, from the kernel's routes and neighbours.
+//!
+//! The data path reads these from `NEXTHOPS` instead of calling `bpf_fib_lookup` per packet
+//! (which would also require IP forwarding enabled on the ingress interface). Resolution
+//! asks the kernel with `ip -json -batch`, one process for all backends; a backend whose
+//! neighbour is not known yet gets a probe datagram (UDP port 9, discard) so the kernel
+//! resolves it, and is retried on the next round.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::{Command, Stdio},
+};
+
+use lb_common::service::{NEXTHOP_ON_LINK, NextHop};
+use serde::Deserialize;
+use tracing::debug;
+
+/// How a backend's next hop was resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Resolved(NextHop),
+    /// The route is known but not the neighbour's MAC (a probe was sent).
+    NoNeighbour,
+    /// No route to the backend.
+    NoRoute,
+}
+
+/// Resolves backends' next hops.
+pub trait Resolver: Send {
+    fn resolve(&mut self, addrs: &[IpAddr]) -> HashMap<IpAddr, Resolution>;
+}
+
+/// Resolves through the kernel of the current network namespace.
+#[derive(Debug, Default)]
+pub struct KernelResolver;
+
+/// Fixed answers, for datapath tests that run the program without interfaces.
+#[derive(Debug, Default)]
+pub struct StaticResolver(pub HashMap<IpAddr, NextHop>);
+
+impl Resolver for StaticResolver {
+    fn resolve(&mut self, addrs: &[IpAddr]) -> HashMap<IpAddr, Resolution> {
+        addrs
+            .iter()
+            .map(|a| (*a, self.0.get(a).map_or(Resolution::NoRoute, |h| Resolution::Resolved(*h))))
+            .collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteJson {
+    dev: Option<String>,
+    gateway: Option<String>,
+    via: Option<ViaJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ViaJson {
+    host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NeighJson {
+    dst: String,
+    dev: Option<String>,
+    lladdr: Option<String>,
+    #[serde(default)]
+    state: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkJson {
+    ifindex: u32,
+    ifname: String,
+    address: Option<String>,
+}
+
+impl Resolver for KernelResolver {
+    fn resolve(&mut self, addrs: &[IpAddr]) -> HashMap<IpAddr, Resolution> {
+        let mut out: HashMap<IpAddr, Resolution> =
+            addrs.iter().map(|a| (*a, Resolution::NoRoute)).collect();
+        if addrs.is_empty() {
+            return out;
+        }
+        let mut script = String::new();
+        for addr in addrs {
+            let _ = writeln!(script, "route get {addr}");
+        }
+        script.push_str("neigh show\nlink show\n");
+        let values = match run_ip_batch(&script) {
+            Ok(values) => values,
+            Err(error) => {
+                tracing::warn!(%error, "next-hop resolution failed");
+                return out;
+            }
+        };
+        // The output is one JSON array per command; a failed `route get` prints nothing.
+        let (Some(links), Some(neighs)) = (values.last(), values.get(values.len().wrapping_sub(2)))
+        else {
+            return out;
+        };
+        let links: Vec<LinkJson> = serde_json::from_value(links.clone()).unwrap_or_default();
+        let neighs: Vec<NeighJson> = serde_json::from_value(neighs.clone()).unwrap_or_default();
+        let routes = &values[..values.len() - 2];
+        // Match routes to addresses in order: `route get` answers carry `dst`.
+        for route in routes {
+            let Some(first) = route.as_array().and_then(|a| a.first()) else { continue };
+            let Some(dst) =
+                first.get("dst").and_then(|d| d.as_str()).and_then(|d| d.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            if !out.contains_key(&dst) {
+                continue;
+            }
+            let Ok(route) = serde_json::from_value::<RouteJson>(first.clone()) else { continue };
+            let Some(dev) = route.dev else { continue };
+            let gateway = route
+                .gateway
+                .or(route.via.and_then(|v| v.host))
+                .and_then(|g| g.parse::<IpAddr>().ok());
+            let next = gateway.unwrap_or(dst);
+            let Some(link) = links.iter().find(|l| l.ifname == dev) else { continue };
+            let Some(smac) = link.address.as_deref().and_then(parse_mac) else { continue };
+            let neighbour = neighs.iter().find(|n| {
+                n.dst.parse::<IpAddr>().ok() == Some(next)
+                    && n.dev.as_deref() == Some(dev.as_str())
+                    && !n.state.iter().any(|s| s == "FAILED" || s == "INCOMPLETE")
+            });
+            if let Some(dmac) = neighbour.and_then(|n| n.lladdr.as_deref()).and_then(parse_mac) {
+                let flags = if gateway.is_none() { NEXTHOP_ON_LINK } else { 0 };
+                out.insert(
+                    dst,
+                    Resolution::Resolved(NextHop { ifindex: link.ifindex, flags, dmac, smac }),
+                );
+            } else {
+                probe(next);
+                out.insert(dst, Resolution::NoNeighbour);
+            }
+        }
+        out
+    }
+}
+
+fn run_ip_batch(script: &str) -> std::io::Result<Vec<serde_json::Value>> {
+    let mut child = Command::new("ip")
+        .args(["-json", "-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    let mut values = Vec::new();
+    for value in
+        serde_json::Deserializer::from_slice(&output.stdout).into_iter::<serde_json::Value>()
+    {
+        match value {
+            Ok(v) => values.push(v),
+            Err(_) => break,
+        }
+    }
+    Ok(values)
+}
+
+/// Sends one empty datagram to the discard port of `addr`, which makes the kernel resolve
+/// (or refresh) its neighbour entry.
+fn probe(addr: IpAddr) {
+    let bind: SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    if let Ok(socket) = UdpSocket::bind(bind) {
+        let _ = socket.send_to(&[], (addr, 9));
+        debug!(%addr, "probed neighbour");
+    }
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_macs() {
+        assert_eq!(parse_mac("02:00:00:00:0a:ff"), Some([2, 0, 0, 0, 10, 255]));
+        assert_eq!(parse_mac("02:00:00:00:0a"), None);
+        assert_eq!(parse_mac("02:00:00:00:0a:ff:01"), None);
+        assert_eq!(parse_mac("zz:00:00:00:0a:ff"), None);
+    }
+
+    #[test]
+    fn static_resolver_answers_what_it_holds() {
+        let addr: IpAddr = "198.18.1.11".parse().unwrap();
+        let hop = NextHop { ifindex: 3, flags: NEXTHOP_ON_LINK, dmac: [2; 6], smac: [1; 6] };
+        let mut r = StaticResolver([(addr, hop)].into());
+        let other: IpAddr = "198.18.1.12".parse().unwrap();
+        let got = r.resolve(&[addr, other]);
+        assert_eq!(got[&addr], Resolution::Resolved(hop));
+        assert_eq!(got[&other], Resolution::NoRoute);
+    }
+}

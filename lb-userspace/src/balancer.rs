@@ -175,7 +175,7 @@ impl Balancer {
         }
 
         // 2. Next hops of every backend, before any table can send a flow to it.
-        self.refresh_next_hops(maps, resolver)?;
+        let _unresolved = self.refresh_next_hops(maps, resolver)?;
 
         // 3. Services. Their addresses first: replies of NAT flows must be recognised before
         // the first flow opens (the union of old and new until the old services are gone).
@@ -267,19 +267,24 @@ impl Balancer {
         Ok(summary)
     }
 
-    /// Re-resolves every backend's next hop and writes the ones that changed.
+    /// Re-resolves every backend's next hop and writes the ones that changed. Returns how
+    /// many backends have no next hop yet.
     pub fn refresh_next_hops(
         &mut self,
         maps: &mut Maps,
         resolver: &mut dyn Resolver,
-    ) -> Result<(), MapError> {
+    ) -> Result<usize, MapError> {
+        let mut unresolved = 0;
         let addrs: Vec<IpAddr> =
             self.backend_addrs.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
         let resolved = resolver.resolve(&addrs);
         for (id, addr) in &self.backend_addrs {
             let hop = match resolved.get(addr) {
                 Some(Resolution::Resolved(hop)) => *hop,
-                Some(Resolution::NoNeighbour | Resolution::NoRoute) | None => NextHop::default(),
+                Some(Resolution::NoNeighbour | Resolution::NoRoute) | None => {
+                    unresolved += 1;
+                    NextHop::default()
+                }
             };
             let current = maps.backends.next_hop(*id)?;
             if current != hop {
@@ -293,7 +298,7 @@ impl Balancer {
                 maps.backends.set_next_hop(*id, &hop)?;
             }
         }
-        Ok(())
+        Ok(unresolved)
     }
 
     /// Clears retired backends that no live flow uses any more. `live` gives the number of

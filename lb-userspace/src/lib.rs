@@ -28,6 +28,8 @@ use crate::{datapath::LoadOptions, nexthop::KernelResolver};
 pub struct RunOptions {
     /// Remove programs from the interfaces on exit (the lab uses this).
     pub detach_on_exit: bool,
+    /// The configuration file, re-read on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// How often next hops are re-resolved (route and neighbour changes show up within this).
@@ -73,17 +75,40 @@ pub async fn run(
             .with_context(|| format!("failed to attach to {}", interface.name.get_ref()))?;
         info!(interface = %interface.name.get_ref(), mode = mode.name(), "XDP program attached");
     }
-    // Egress interfaces are known now that the programs are attached: resolve again.
-    balancer.refresh_next_hops(datapath.maps_mut(), &mut resolver)?;
+    // Neighbours probed during the first resolution answer within milliseconds: resolve
+    // again until every backend has a next hop (or a few seconds pass), so the first
+    // packets of the first flows are not dropped for want of a MAC address.
+    for _ in 0..30 {
+        let unresolved = balancer.refresh_next_hops(datapath.maps_mut(), &mut resolver)?;
+        if unresolved == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let interval = config.daemon.stats_log_interval_secs;
     let mut stats_tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
     let mut hop_tick = tokio::time::interval(NEXT_HOP_INTERVAL);
     let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
-    let timeouts = config.conntrack.timeouts();
+    let mut timeouts = config.conntrack.timeouts();
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("failed to listen for SIGHUP")?;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = hangups.recv() => {
+                let Some(path) = &options.config_path else { continue };
+                match Config::load(path) {
+                    Ok(new) => match balancer.apply(&new, datapath.maps_mut(), &mut resolver) {
+                        Ok(summary) => {
+                            info!(?summary, "configuration reloaded");
+                            timeouts = new.conntrack.timeouts();
+                        }
+                        Err(error) => warn!(%error, "reload failed part-way; fix the cause and send SIGHUP again"),
+                    },
+                    Err(error) => warn!("reload rejected, running configuration unchanged: {error}"),
+                }
+            }
             _ = stats_tick.tick(), if interval > 0 => {
                 let stats = datapath.stats().read().context("failed to read STATS")?;
                 info!(summary = %stats.summary(), "data path counters");

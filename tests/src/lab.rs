@@ -36,10 +36,32 @@ pub const LB_BACK_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
 /// Interface names inside the load balancer's namespace.
 pub const LB_FRONT_IF: &str = "front";
 pub const LB_BACK_IF: &str = "back";
+/// Service addresses: NAT services use these...
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+/// ...and DSR services these, which the backends hold on their loopback.
+pub const DSR_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+pub const DSR_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
+/// Extra client addresses, for traffic from several sources (`198.18.0.10` onwards).
+pub const EXTRA_CLIENT_ADDRESSES: u8 = 8;
+
 /// Port of every backend's HTTP server.
 pub const HTTP_PORT: u16 = 80;
+/// Port of the iperf3 servers a test may start on backends.
+pub const IPERF_PORT: u16 = 5201;
 /// Port of every backend's UDP responder.
 pub const UDP_PORT: u16 = 5353;
+
+/// Extra client address `i` (0-based).
+#[must_use]
+pub fn client_v4(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + i)
+}
+
+#[must_use]
+pub fn client_v6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10 + u16::from(i))
+}
 
 /// Address of backend `i` (0-based).
 #[must_use]
@@ -66,6 +88,9 @@ pub struct LabBackend {
 #[derive(Debug)]
 pub struct Lab {
     pub id: String,
+    /// The pass-through program on veth peers that receive redirected frames; dropping it
+    /// detaches them (it goes first).
+    peers: Option<lb_userspace::Datapath>,
     // Field order is drop order: backends and their processes first, the switch last.
     pub backends: Vec<LabBackend>,
     pub client: Netns,
@@ -81,11 +106,22 @@ impl Lab {
         let switch = Netns::create(&format!("{id}-sw"))?;
         let lb = Netns::create(&format!("{id}-lb"))?;
         let client = Netns::create(&format!("{id}-client"))?;
-        let mut lab = Self { id, backends: Vec::new(), client, lb, switch };
+        let mut lab = Self { id, peers: None, backends: Vec::new(), client, lb, switch };
 
         // Front segment: client <-> lb.
         veth(&lab.client, "eth0", &lab.lb, LB_FRONT_IF)?;
         lab.client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
+        for i in 0..EXTRA_CLIENT_ADDRESSES {
+            lab.client.ip(&["addr", "add", &format!("{}/24", client_v4(i)), "dev", "eth0"])?;
+            lab.client.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", client_v6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         lab.client.ip(&["addr", "add", &format!("{CLIENT_V6}/64"), "dev", "eth0", "nodad"])?;
         lab.lb.ip(&["addr", "add", &format!("{LB_FRONT_V4}/24"), "dev", LB_FRONT_IF])?;
         lab.lb.ip(&["addr", "add", &format!("{LB_FRONT_V6}/64"), "dev", LB_FRONT_IF, "nodad"])?;
@@ -111,6 +147,7 @@ impl Lab {
         for ns in lab.hosts() {
             ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
+        lab.attach_peer_programs()?;
         lab.wait_for_backends()?;
         Ok(lab)
     }
@@ -126,6 +163,12 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["route", "add", "198.18.0.0/15", "via", &LB_BACK_V4.to_string()])?;
         ns.ip(&["-6", "route", "add", "fd00::/8", "via", &LB_BACK_V6.to_string()])?;
+        // DSR: the service addresses live on the backend's loopback, and the backend neither
+        // answers ARP for them nor uses them as a source towards the segment.
+        ns.ip(&["addr", "add", &format!("{DSR_VIP_V4}/32"), "dev", "lo"])?;
+        ns.ip(&["addr", "add", &format!("{DSR_VIP_V6}/128"), "dev", "lo"])?;
+        ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+        ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
         let server = bin_path("lab-backend")?;
         ns.spawn(
             &[
@@ -136,10 +179,34 @@ impl Lab {
                 format!("[::]:{HTTP_PORT}").as_ref(),
                 "--udp".as_ref(),
                 format!("[::]:{UDP_PORT}").as_ref(),
+                "--udp".as_ref(),
+                format!("{DSR_VIP_V4}:{UDP_PORT}").as_ref(),
+                "--udp".as_ref(),
+                format!("[{DSR_VIP_V6}]:{UDP_PORT}").as_ref(),
             ],
             ChildOutput::Discard,
         )?;
         self.backends.push(LabBackend { name, ns, v4, v6 });
+        Ok(())
+    }
+
+    /// veth drops frames sent into it with `XDP_TX` or `XDP_REDIRECT` unless its peer runs
+    /// an XDP program: put the pass-through program on the peers of the load balancer's
+    /// interfaces (the client's `eth0` and the switch's `lb` port).
+    fn attach_peer_programs(&mut self) -> anyhow::Result<()> {
+        let options = lb_userspace::datapath::LoadOptions {
+            conntrack_entries: crate::testrun::TEST_CONNTRACK_ENTRIES,
+            ..Default::default()
+        };
+        let mut peers =
+            lb_userspace::Datapath::load_with(&options).context("load the peer program")?;
+        self.client
+            .enter(|| peers.attach_lab_peer("eth0"))?
+            .context("attach to the client's eth0")?;
+        self.switch
+            .enter(|| peers.attach_lab_peer("lb"))?
+            .context("attach to the switch's lb port")?;
+        self.peers = Some(peers);
         Ok(())
     }
 
@@ -158,6 +225,17 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// `curl` from `source` (one of the client's addresses) to `addr`, returning the body.
+    pub fn curl_from(&self, source: IpAddr, addr: IpAddr, port: u16) -> anyhow::Result<String> {
+        let url = match addr {
+            IpAddr::V4(a) => format!("http://{a}:{port}/"),
+            IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
+        };
+        self.client
+            .exec(&["curl", "-sS", "--max-time", "5", "--interface", &source.to_string(), &url])
+            .with_context(|| format!("curl {url} from {source}"))
     }
 
     /// `curl` from the client to `addr`, returning the body.
@@ -186,4 +264,93 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         "{name} not found next to {}; build it first (`cargo xtask test` and `cargo xtask run` do)",
         exe.display()
     )
+}
+
+/// A daemon configuration for the lab: the load balancer's two interfaces, one pool of every
+/// backend per address family (HTTP on port 80, UDP on 5353), and NAT and DSR services on
+/// both families. `weights` gives each backend's weight (default 100).
+#[must_use]
+pub fn lab_config(backends: usize, weights: &[u32]) -> String {
+    use std::fmt::Write as _;
+    let mut c = String::from("[daemon]\nstats_log_interval_secs = 2\n\n");
+    let _ = write!(
+        c,
+        "[[interface]]\nname = \"{LB_FRONT_IF}\"\n\n[[interface]]\nname = \"{LB_BACK_IF}\"\n\n"
+    );
+    for (pool, v6) in [("web4", false), ("web6", true)] {
+        let _ = write!(c, "[[pool]]\nname = \"{pool}\"\n");
+        for i in 0..backends {
+            let addr: IpAddr = if v6 { backend_v6(i).into() } else { backend_v4(i).into() };
+            let weight = weights.get(i).copied().unwrap_or(100);
+            let _ = write!(c, "[[pool.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+        }
+        c.push('\n');
+    }
+    // iperf3 opens a control and a data connection that must meet on one server: its
+    // services hash the client address only.
+    for (name, addr, proto, port, pool, mode, nat) in [
+        (
+            "web4",
+            IpAddr::from(VIP_V4),
+            "tcp",
+            HTTP_PORT,
+            "web4",
+            "nat",
+            Some(IpAddr::from(LB_BACK_V4)),
+        ),
+        (
+            "udp4",
+            IpAddr::from(VIP_V4),
+            "udp",
+            UDP_PORT,
+            "web4",
+            "nat",
+            Some(IpAddr::from(LB_BACK_V4)),
+        ),
+        (
+            "web6",
+            IpAddr::from(VIP_V6),
+            "tcp",
+            HTTP_PORT,
+            "web6",
+            "nat",
+            Some(IpAddr::from(LB_BACK_V6)),
+        ),
+        (
+            "udp6",
+            IpAddr::from(VIP_V6),
+            "udp",
+            UDP_PORT,
+            "web6",
+            "nat",
+            Some(IpAddr::from(LB_BACK_V6)),
+        ),
+        ("dsr4", IpAddr::from(DSR_VIP_V4), "tcp", HTTP_PORT, "web4", "dsr-l2", None),
+        ("dsr-udp4", IpAddr::from(DSR_VIP_V4), "udp", UDP_PORT, "web4", "dsr-l2", None),
+        ("dsr6", IpAddr::from(DSR_VIP_V6), "tcp", HTTP_PORT, "web6", "dsr-l2", None),
+        ("dsr-udp6", IpAddr::from(DSR_VIP_V6), "udp", UDP_PORT, "web6", "dsr-l2", None),
+        (
+            "iperf4",
+            IpAddr::from(VIP_V4),
+            "tcp",
+            IPERF_PORT,
+            "web4",
+            "nat",
+            Some(IpAddr::from(LB_BACK_V4)),
+        ),
+        ("iperf-dsr4", IpAddr::from(DSR_VIP_V4), "tcp", IPERF_PORT, "web4", "dsr-l2", None),
+    ] {
+        let _ = write!(
+            c,
+            "[[service]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"{proto}\"\nport = {port}\npool = \"{pool}\"\nmode = \"{mode}\"\n"
+        );
+        if let Some(nat) = nat {
+            let _ = writeln!(c, "nat_source = \"{nat}\"");
+        }
+        if port == IPERF_PORT {
+            c.push_str("hash = \"source\"\n");
+        }
+        c.push('\n');
+    }
+    c
 }

@@ -35,8 +35,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the lab and the tests use, with the command that proves each is there.
 const PACKAGES_RUN: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
-const PACKAGES_TESTS: &[(&str, &str)] =
-    &[("iputils-ping", "ping"), ("curl", "curl"), ("nftables", "nft"), ("procps", "sysctl")];
+const PACKAGES_TESTS: &[(&str, &str)] = &[
+    ("iputils-ping", "ping"),
+    ("curl", "curl"),
+    ("nftables", "nft"),
+    ("procps", "sysctl"),
+    ("iperf3", "iperf3"),
+];
 
 pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
     if !cfg!(target_os = "linux") {

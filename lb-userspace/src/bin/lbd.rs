@@ -63,7 +63,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let options = RunOptions { detach_on_exit: cli.detach_on_exit };
+            let options =
+                RunOptions { detach_on_exit: cli.detach_on_exit, config_path: Some(path) };
             match serve(config, options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

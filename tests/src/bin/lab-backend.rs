@@ -36,7 +36,7 @@ fn main() {
         threads.push(thread::spawn(move || serve_http(&listener, &name)));
     }
     for addr in udp {
-        let socket = UdpSocket::bind(addr).unwrap_or_else(|e| fail(&format!("bind {addr}: {e}")));
+        let socket = bind_udp(addr).unwrap_or_else(|e| fail(&format!("bind {addr}: {e}")));
         let name = name.clone();
         threads.push(thread::spawn(move || serve_udp(&socket, &name)));
     }
@@ -120,6 +120,16 @@ fn serve_udp(socket: &UdpSocket, name: &str) {
         reply.extend_from_slice(&buf[..n]);
         let _ = socket.send_to(&reply, peer);
     }
+}
+
+/// Binds with `SO_REUSEADDR`, so a socket on a specific address (a DSR service address, from
+/// which replies must come) can sit beside the wildcard one.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 fn parse_addr(value: &str) -> SocketAddr {

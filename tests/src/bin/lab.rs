@@ -36,7 +36,8 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     let lab = Lab::create(3).context("failed to build the lab")?;
     let config_path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
-    std::fs::write(&config_path, lab_config()).context("failed to write the lab's lbd config")?;
+    std::fs::write(&config_path, lab::lab_config(3, &[]))
+        .context("failed to write the lab's lbd config")?;
     let lbd = lab::bin_path("lbd")?;
     let pid = lab.lb.spawn(
         &[
@@ -58,8 +59,16 @@ fn run() -> anyhow::Result<ExitCode> {
         lab.backends.len()
     )?;
     writeln!(out, "lbd runs in namespace {} on interfaces front and back.\n", lab.lb.name())?;
-    writeln!(out, "Reach a backend through the load balancer:\n")?;
-    writeln!(out, "    ip netns exec {client} curl http://{}/\n", lab::backend_v4(0))?;
+    writeln!(out, "Reach the service through the load balancer (NAT; run it a few times):\n")?;
+    writeln!(out, "    ip netns exec {client} curl http://{}/\n", lab::VIP_V4)?;
+    writeln!(
+        out,
+        "Also: http://[{}]/ (NAT, IPv6), http://{}/ and http://[{}]/ (direct server return),",
+        lab::VIP_V6,
+        lab::DSR_VIP_V4,
+        lab::DSR_VIP_V6
+    )?;
+    writeln!(out, "and UDP port {} on each service address.\n", lab::UDP_PORT)?;
     writeln!(out, "lbd logs its counters every 2 s below. Ctrl-C removes the lab.\n")?;
     drop(out);
 
@@ -91,15 +100,4 @@ fn run() -> anyhow::Result<ExitCode> {
     drop(lab);
     let _ = std::fs::remove_file(&config_path);
     Ok(code)
-}
-
-fn lab_config() -> String {
-    format!(
-        "# Written by `cargo xtask run` for the lab.\n\
-         [daemon]\nstats_log_interval_secs = 2\n\n\
-         [[interface]]\nname = \"{}\"\nxdp_mode = \"auto\"\n\n\
-         [[interface]]\nname = \"{}\"\nxdp_mode = \"auto\"\n",
-        lab::LB_FRONT_IF,
-        lab::LB_BACK_IF
-    )
 }

@@ -11,6 +11,7 @@
 
 mod conntrack;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod outcome;
@@ -73,7 +74,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
     match select::lookup_service(packet) {
         Some(service) => balance(ctx, scratch, service, now).into_result(),
-        None => nat::try_reply(ctx, packet, now).into_result(),
+        None => nat::try_reply(ctx, scratch, now).into_result(),
     }
 }
 

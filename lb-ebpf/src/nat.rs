@@ -12,7 +12,7 @@ use lb_common::{
 
 use crate::{
     forward,
-    maps::{CONNTRACK, NAT_SOURCES},
+    maps::{CONNTRACK, NAT_SOURCES, Scratch},
     outcome::Outcome,
     parse::{Family, Fragment, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, UdpHdr, ptr_at_mut},
     select::{flow_key, globals},
@@ -90,7 +90,7 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Result<(), Re
 }
 
 #[inline(always)]
-fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
+pub fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
     let mut bytes = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -114,7 +114,22 @@ fn is_nat_source(packet: &Packet) -> bool {
 /// Translates a backend's reply back to the client: a packet to a NAT source address that
 /// matches a reply entry. Anything else is not ours (`not_service`: the host's own traffic).
 #[inline(never)]
-pub fn try_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
+pub fn try_reply(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
+    let ctx = &crate::parse::reload(ctx);
+    let Scratch { packet, buf, .. } = scratch;
+    if is_nat_source(packet)
+        && packet.has_l4
+        && packet.fragment == Fragment::None
+        && crate::icmp::is_error(packet)
+    {
+        return crate::icmp::translate_error(ctx, packet, buf, now);
+    }
+    translate_reply(ctx, packet, now)
+}
+
+/// Not inlined: the reply path's frame is never live with the ICMP path's.
+#[inline(never)]
+fn translate_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
     let ctx = &crate::parse::reload(ctx);
     Outcome::from_result(reply(ctx, packet, now))
 }

@@ -509,3 +509,118 @@ fn ipv4_udp_without_checksum_keeps_it_zero_through_nat() {
     expected[14 + 20 + 7] = 0;
     assert_eq!(out.output, expected);
 }
+
+/// Builds an ICMP or ICMPv6 error from `src` to `dst` quoting `quoted` (an IP packet).
+fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    let base = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Packet::ipv6(s, d),
+        _ => unreachable!(),
+    };
+    base.macs(macs.0, macs.1).icmp(kind, code, rest).payload(quoted).build()
+}
+
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
+    for v6 in [false, true] {
+        let family = if v6 { "v6" } else { "v4" };
+        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
+            (CLIENT6.into(), VIP6.into(), NAT6.into())
+        } else {
+            (CLIENT4.into(), VIP4.into(), NAT4.into())
+        };
+        let router: IpAddr =
+            if v6 { "fd00:1::fe".parse().unwrap() } else { "198.18.1.254".parse().unwrap() };
+        let toml = format!(
+            "{}{}",
+            nat_config(v6, "udp"),
+            nat_config(v6, "tcp")
+                .split("[[service]]")
+                .nth(1)
+                .map(|s| format!("[[service]]{}", s.replace("name = \"s\"", "name = \"t\"")))
+                .unwrap()
+        );
+        let Some(mut lb) = Lb::new(&format!("icmp_errors_{family}"), &toml, &[]) else { return };
+        let (unreach, port_unreach, too_big, too_big_code) =
+            if v6 { (1, 4, 2, 0) } else { (3, 3, 3, 4) };
+        let mtu = [0, 0, 0x05, 0x00];
+        let mut cases = Vec::new();
+        for (proto, cport) in [(IPPROTO_UDP, 48_000u16), (IPPROTO_TCP, 48_001)] {
+            let original = client_packet(client, vip, proto, cport, 80).build();
+            lb.bed.run(&original).unwrap();
+            let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, proto);
+            let sent =
+                rewritten(nat, backend, nat_port, bport, proto, (EGRESS_MAC, backend_mac(backend)));
+            let ip_len = if v6 { 40 } else { 20 };
+            for (who, from, kind, code, rest) in [
+                ("backend: port unreachable", backend, unreach, port_unreach, [0; 4]),
+                ("router: too big", router, too_big, too_big_code, mtu),
+            ] {
+                // The whole packet quoted, then only the IP header and eight bytes (where a TCP
+                // checksum is not quoted and so not rewritten).
+                for quote_len in [sent.len() - 14, ip_len + 8] {
+                    let input = icmp_error(
+                        from,
+                        nat,
+                        kind,
+                        code,
+                        rest,
+                        &sent[14..14 + quote_len],
+                        (backend_mac(backend), LB_MAC),
+                    );
+                    let out_from = if from == backend { vip } else { router };
+                    let expected = icmp_error(
+                        out_from,
+                        client,
+                        kind,
+                        code,
+                        rest,
+                        &original[14..14 + quote_len],
+                        (LB_MAC, CLIENT_MAC),
+                    );
+                    cases.push(Case {
+                        description: format!(
+                            "{family} {} {who}, {quote_len} bytes quoted",
+                            if proto == IPPROTO_TCP { "TCP" } else { "UDP" }
+                        ),
+                        input,
+                        verdict: Action::Tx,
+                        reason: None,
+                        output: Output::Frame(expected),
+                    });
+                }
+            }
+            // An error quoting a flow the balancer does not know goes to the kernel untouched.
+            let unknown = rewritten(
+                nat,
+                backend,
+                nat_port.wrapping_add(1),
+                bport,
+                proto,
+                (EGRESS_MAC, backend_mac(backend)),
+            );
+            cases.push(Case::pass(
+                format!("{family} error about an unknown flow"),
+                icmp_error(
+                    backend,
+                    nat,
+                    unreach,
+                    port_unreach,
+                    [0; 4],
+                    &unknown[14..],
+                    (backend_mac(backend), LB_MAC),
+                ),
+                Reason::NotService,
+            ));
+        }
+        lb.bed.check_all(&cases).unwrap();
+    }
+}

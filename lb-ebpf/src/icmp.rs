@@ -1,0 +1,213 @@
+//! ICMP errors about NAT flows: a "port unreachable", "fragmentation needed" or "packet too
+//! big" sent to the NAT address about a packet the balancer sent to a backend is translated
+//! back to the client, so path-MTU discovery and error reporting work through the NAT.
+//!
+//! The error quotes the translated packet (NAT address and port to backend). Its reply entry
+//! gives the client's view; the outer destination, the quoted addresses and ports, the quoted
+//! checksums and the ICMP checksum are all rewritten incrementally.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    Action, Reason,
+    conntrack::FLOW_REPLY,
+    csum::{replace_u16, replace_u32, replace_u128},
+    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN},
+};
+
+use crate::{
+    conntrack::EntryBuf,
+    forward,
+    maps::CONNTRACK,
+    outcome::Outcome,
+    parse::{Family, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at_mut, reload},
+    select::globals,
+    stats,
+};
+
+/// Whether an ICMP (v4) or ICMPv6 message is an error that quotes the packet it is about.
+#[inline(always)]
+pub const fn is_error(packet: &Packet) -> bool {
+    match packet.proto {
+        // Destination unreachable, time exceeded, parameter problem.
+        IPPROTO_ICMP => matches!(packet.icmp_type, 3 | 11 | 12),
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        IPPROTO_ICMPV6 => matches!(packet.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// Translates an ICMP error about a NAT flow back to the flow's client. The flow's key and
+/// entry are copied to `buf` (per-CPU scratch), which keeps this frame small.
+#[inline(never)]
+pub fn translate_error(ctx: &XdpContext, packet: &Packet, buf: &mut EntryBuf, now: u64) -> Outcome {
+    let ctx = &reload(ctx);
+    Outcome::from_result(try_translate_error(ctx, packet, buf, now))
+}
+
+/// The first eight bytes of the quoted L4 header: the ports and, for UDP, the checksum.
+#[repr(C)]
+struct QuotedL4 {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    rest: [u8; 4],
+}
+
+#[inline(always)]
+fn try_translate_error(
+    ctx: &XdpContext,
+    packet: &Packet,
+    buf: &mut EntryBuf,
+    now: u64,
+) -> Result<Action, Reason> {
+    let icmp: *mut IcmpHdr = ptr_at_mut(ctx, packet.l4_off)?;
+    let inner_off = packet.l4_off + 8;
+    // The quoted packet went from the NAT source to the backend: its reply entry is keyed the
+    // other way round. `buf.key` is that key; its `dst` is the quoted source and its `src` the
+    // quoted destination.
+    let key = &mut buf.key;
+    key.family = packet.family as u8;
+    key._pad = [0; 2];
+    let inner_l4 = if packet.family == Family::V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &*ip };
+        let hlen = usize::from(ip.version_ihl & 0x0f) * 4;
+        if hlen < 20 {
+            return Err(Reason::NotService);
+        }
+        key.dst = [u32::from_ne_bytes(ip.src), 0, 0, 0];
+        key.src = [u32::from_ne_bytes(ip.dst), 0, 0, 0];
+        key.proto = ip.proto;
+        inner_off + hlen
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, inner_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &*ip };
+        key.dst = words(&ip.src);
+        key.src = words(&ip.dst);
+        key.proto = ip.next_header;
+        inner_off + IPV6_HLEN
+    };
+    if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
+        return Err(Reason::NotService);
+    }
+    let l4: *mut QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
+    // SAFETY: checked by ptr_at_mut.
+    let l4 = unsafe { &mut *l4 };
+    key.dport = u16::from_ne_bytes(l4.sport);
+    key.sport = u16::from_ne_bytes(l4.dport);
+    let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
+    // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
+    buf.flow = unsafe { *entry };
+    let g = globals()?;
+    let (key, flow) = (&buf.key, &buf.flow);
+    if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen_ns, now) {
+        return Err(Reason::NotService);
+    }
+
+    // SAFETY: checked by ptr_at_mut above.
+    let icmp = unsafe { &mut *icmp };
+    let mut icmp_check = u16::from_ne_bytes(icmp.check);
+    // Outer header: the error goes to the client, and from the service if the backend sent it.
+    let from_backend = packet.src == key.src;
+    let new_src = if from_backend { &flow.vip_addr } else { &packet.src };
+    if packet.family == Family::V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, packet.l3_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        let mut check = u16::from_ne_bytes(ip.check);
+        check = replace_u32(check, packet.dst[0], flow.peer_addr[0]);
+        check = replace_u32(check, packet.src[0], new_src[0]);
+        ip.check = check.to_ne_bytes();
+        ip.dst = flow.peer_addr[0].to_ne_bytes();
+        ip.src = new_src[0].to_ne_bytes();
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, packet.l3_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        // ICMPv6's checksum covers a pseudo-header with the outer addresses.
+        icmp_check = replace_u128(icmp_check, &packet.dst, &flow.peer_addr);
+        icmp_check = replace_u128(icmp_check, &packet.src, new_src);
+        ip.dst = bytes(&flow.peer_addr);
+        ip.src = bytes(new_src);
+    }
+
+    // The quoted L4 header: ports back to the client's view, and its checksum (UDP's is in the
+    // quoted eight bytes; TCP's only when more of the header is quoted).
+    let v4 = packet.family == Family::V4;
+    let l4_update = |c: u16| -> u16 {
+        let mut c = c;
+        if v4 {
+            c = replace_u32(c, key.dst[0], flow.peer_addr[0]);
+            c = replace_u32(c, key.src[0], flow.vip_addr[0]);
+        } else {
+            c = replace_u128(c, &key.dst, &flow.peer_addr);
+            c = replace_u128(c, &key.src, &flow.vip_addr);
+        }
+        c = replace_u16(c, key.dport, flow.peer_port);
+        replace_u16(c, key.sport, flow.vip_port)
+    };
+    if key.proto == IPPROTO_UDP {
+        let old = u16::from_ne_bytes([l4.rest[2], l4.rest[3]]);
+        if old != 0 {
+            let new = l4_update(old);
+            icmp_check = replace_u16(icmp_check, old, new);
+            let [a, b] = new.to_ne_bytes();
+            l4.rest[2] = a;
+            l4.rest[3] = b;
+        }
+    } else if let Ok(check) = ptr_at_mut::<[u8; 2]>(ctx, inner_l4 + 16) {
+        // SAFETY: checked by ptr_at_mut.
+        let check = unsafe { &mut *check };
+        let old = u16::from_ne_bytes(*check);
+        let new = l4_update(old);
+        icmp_check = replace_u16(icmp_check, old, new);
+        *check = new.to_ne_bytes();
+    }
+    icmp_check = replace_u16(icmp_check, key.dport, flow.peer_port);
+    icmp_check = replace_u16(icmp_check, key.sport, flow.vip_port);
+    l4.sport = flow.peer_port.to_ne_bytes();
+    l4.dport = flow.vip_port.to_ne_bytes();
+
+    // The quoted IP header: addresses (and, for IPv4, its own checksum).
+    if v4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        let old_check = u16::from_ne_bytes(ip.check);
+        let mut check = replace_u32(old_check, key.dst[0], flow.peer_addr[0]);
+        check = replace_u32(check, key.src[0], flow.vip_addr[0]);
+        icmp_check = replace_u16(icmp_check, old_check, check);
+        icmp_check = replace_u32(icmp_check, key.dst[0], flow.peer_addr[0]);
+        icmp_check = replace_u32(icmp_check, key.src[0], flow.vip_addr[0]);
+        ip.check = check.to_ne_bytes();
+        ip.src = flow.peer_addr[0].to_ne_bytes();
+        ip.dst = flow.vip_addr[0].to_ne_bytes();
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, inner_off)?;
+        // SAFETY: checked by ptr_at_mut.
+        let ip = unsafe { &mut *ip };
+        icmp_check = replace_u128(icmp_check, &key.dst, &flow.peer_addr);
+        icmp_check = replace_u128(icmp_check, &key.src, &flow.vip_addr);
+        ip.src = bytes(&flow.peer_addr);
+        ip.dst = bytes(&flow.vip_addr);
+    }
+    icmp.check = icmp_check.to_ne_bytes();
+    stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
+    forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)
+}
+
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+#[inline(always)]
+fn bytes(w: &[u32; 4]) -> [u8; 16] {
+    crate::nat::words_to_bytes(w)
+}

@@ -19,7 +19,9 @@ pub struct FlowKey {
     pub proto: u8,
     /// 4 or 6.
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// Explicit padding, zero (an integer rather than a byte array: zeroing an array is a
+    /// `memset` call in BPF code).
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 #[cfg(feature = "user")]
@@ -38,7 +40,7 @@ impl FlowKey {
             dport: self.sport,
             proto: self.proto,
             family: self.family,
-            _pad: [0; 2],
+            _pad: 0,
         }
     }
 }
@@ -147,7 +149,7 @@ mod user {
                 dport: port_raw(dst.port()),
                 proto,
                 family: if src.is_ipv4() { 4 } else { 6 },
-                _pad: [0; 2],
+                _pad: 0,
             }
         }
     }

@@ -44,13 +44,12 @@ unsafe impl aya::Pod for ServiceKey {}
 pub struct AddrKey {
     /// Network order; IPv4 in the first word.
     pub addr: [u32; 4],
-    /// 4 or 6.
-    pub family: u8,
-    pub _pad: [u8; 3],
+    /// 4 or 6 (a whole word: no padding to zero).
+    pub family: u32,
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 #[cfg(feature = "user")]
-// SAFETY: repr(C), explicit padding.
+// SAFETY: repr(C), no padding.
 unsafe impl aya::Pod for AddrKey {}
 
 /// Addresses used as NAT sources (one per NAT service at most, usually one per host).

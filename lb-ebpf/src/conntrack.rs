@@ -22,9 +22,10 @@ use crate::{
     select::StaleNat,
 };
 
-/// NAT source ports tried for a new flow before giving up: with a range of thousands of
-/// ports per backend, eight random probes all colliding means the range is nearly full.
-const NAT_PORT_ATTEMPTS: u32 = 8;
+/// NAT source ports tried for a new flow before giving up. Probes are random, so with a
+/// fraction f of a backend's ports in use all of them collide with probability f^16: below
+/// one in a million while a backend holds under 40% of the range.
+const NAT_PORT_ATTEMPTS: u32 = 16;
 /// Seed tweak so the NAT port probe sequence is independent of the backend choice.
 const NAT_PORT_SEED: u32 = 0x5bd1_e995;
 
@@ -38,13 +39,13 @@ pub struct EntryBuf {
 
 /// The backend's address and the port it receives on (raw network order).
 #[inline(always)]
-pub fn backend_at(backend_id: u32, vip_port: u16) -> Result<(Backend, u16), Reason> {
+pub fn backend_at(backend_id: u32, vip_port: u16) -> Result<(&'static Backend, u16), Reason> {
     // verifier: ids are checked against the array size before every lookup.
     if backend_id >= MAX_BACKENDS {
         return Err(Reason::NoBackend);
     }
-    // SAFETY: a map value pointer from a successful array lookup.
-    let backend = BACKENDS.get_ptr(backend_id).map(|b| unsafe { *b }).ok_or(Reason::NoBackend)?;
+    // SAFETY: a map value pointer from a successful array lookup, valid for this program run.
+    let backend = BACKENDS.get_ptr(backend_id).map(|b| unsafe { &*b }).ok_or(Reason::NoBackend)?;
     if backend.family == 0 {
         return Err(Reason::NoBackend);
     }
@@ -68,7 +69,7 @@ fn set_reply_key(
     out.dport = nat_port;
     out.proto = key.proto;
     out.family = key.family;
-    out._pad = [0; 2];
+    out._pad = 0;
 }
 
 /// Writes the reply entry of a NAT flow to `out`, from its forward key and the packet that
@@ -94,8 +95,11 @@ fn set_reply_entry(
     out.flags = FLOW_NAT | FLOW_REPLY;
     out.service_id = live.service_id;
     out.reply_ifindex = ctx.ingress_ifindex() as u32;
-    out.reply_dmac = eth.src;
-    out.reply_smac = eth.dst;
+    // SAFETY: a checked packet range and a map value.
+    unsafe {
+        crate::mem::copy(&raw mut out.reply_dmac, &raw const eth.src);
+        crate::mem::copy(&raw mut out.reply_smac, &raw const eth.dst);
+    }
     Ok(())
 }
 
@@ -150,7 +154,7 @@ fn try_open_nat(
     let range = max - min + 1;
     let start = flow_hash(key, g.hash_seed ^ NAT_PORT_SEED, false);
     set_reply_entry(&mut buf.flow, ctx, key, live)?;
-    set_reply_key(&mut buf.key, key, &backend, backend_port, service.nat_addr, 0);
+    set_reply_key(&mut buf.key, key, backend, backend_port, service.nat_addr, 0);
     for attempt in 0..NAT_PORT_ATTEMPTS {
         // Probes spread over the range with a large odd stride.
         let port = min + (start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % range);
@@ -218,7 +222,12 @@ pub fn set_forward_entry(
     buf.key = *key;
     let f = &mut buf.flow;
     f.last_seen_ns = live.now;
-    f.peer_addr = if nat { service.nat_addr } else { [0; 4] };
+    if nat {
+        // SAFETY: map values.
+        unsafe { crate::mem::copy(&raw mut f.peer_addr, &raw const service.nat_addr) };
+    } else {
+        crate::mem::zero_addr(&mut f.peer_addr);
+    }
     f.vip_addr = key.dst;
     f.backend_id = live.backend_id;
     f.peer_port = 0;
@@ -228,8 +237,8 @@ pub fn set_forward_entry(
     f.flags = if nat { FLOW_NAT } else { 0 };
     f.service_id = service.id;
     f.reply_ifindex = 0;
-    f.reply_dmac = [0; 6];
-    f.reply_smac = [0; 6];
+    crate::mem::zero_mac(&mut f.reply_dmac);
+    crate::mem::zero_mac(&mut f.reply_smac);
 }
 
 /// Keeps a live NAT flow's reply entry in step with its forward entry: refreshes its state
@@ -256,7 +265,7 @@ fn try_refresh_reply(
     buf: &mut EntryBuf,
 ) -> Result<(), Reason> {
     let (backend, backend_port) = backend_at(live.backend_id, key.dport)?;
-    set_reply_key(&mut buf.key, key, &backend, backend_port, live.nat_addr, live.nat_port);
+    set_reply_key(&mut buf.key, key, backend, backend_port, live.nat_addr, live.nat_port);
     if let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
         // SAFETY: a map value pointer from a successful lookup.
         let e = unsafe { &mut *entry };
@@ -275,7 +284,7 @@ fn try_refresh_reply(
 #[inline(never)]
 pub fn release(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) {
     if let Ok((backend, backend_port)) = backend_at(stale.backend_id, stale.vip_port) {
-        set_reply_key(&mut buf.key, key, &backend, backend_port, stale.nat_addr, stale.nat_port);
+        set_reply_key(&mut buf.key, key, backend, backend_port, stale.nat_addr, stale.nat_port);
         let _ = CONNTRACK.remove(&buf.key);
     }
 }

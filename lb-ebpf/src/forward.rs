@@ -14,13 +14,13 @@ use crate::{
 
 /// Where a backend's packets go, as the daemon resolved it.
 #[inline(always)]
-pub fn next_hop(backend_id: u32) -> Result<NextHop, Reason> {
+pub fn next_hop(backend_id: u32) -> Result<&'static NextHop, Reason> {
     // verifier: ids are checked against the array size before every lookup.
     if backend_id >= MAX_BACKENDS {
         return Err(Reason::NoNextHop);
     }
-    // SAFETY: a map value pointer from a successful array lookup.
-    let hop = NEXTHOPS.get_ptr(backend_id).map(|h| unsafe { *h }).ok_or(Reason::NoNextHop)?;
+    // SAFETY: a map value pointer from a successful array lookup, valid for this program run.
+    let hop = NEXTHOPS.get_ptr(backend_id).map(|h| unsafe { &*h }).ok_or(Reason::NoNextHop)?;
     if hop.ifindex == 0 {
         return Err(Reason::NoNextHop);
     }
@@ -38,8 +38,8 @@ pub fn transmit(
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
     // SAFETY: checked by ptr_at_mut.
     unsafe {
-        (*eth).dst = *dmac;
-        (*eth).src = *smac;
+        crate::mem::copy(&raw mut (*eth).dst, dmac);
+        crate::mem::copy(&raw mut (*eth).src, smac);
     }
     if ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(Action::Tx);

@@ -59,14 +59,13 @@ fn try_translate_error(
     buf: &mut EntryBuf,
     now: u64,
 ) -> Result<Action, Reason> {
-    let icmp: *mut IcmpHdr = ptr_at_mut(ctx, packet.l4_off)?;
     let inner_off = packet.l4_off + 8;
     // The quoted packet went from the NAT source to the backend: its reply entry is keyed the
     // other way round. `buf.key` is that key; its `dst` is the quoted source and its `src` the
     // quoted destination.
     let key = &mut buf.key;
     key.family = packet.family as u8;
-    key._pad = [0; 2];
+    key._pad = 0;
     let inner_l4 = if packet.family == Family::V4 {
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, inner_off)?;
         // SAFETY: checked by ptr_at_mut.
@@ -98,14 +97,36 @@ fn try_translate_error(
     key.sport = u16::from_ne_bytes(l4.dport);
     let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
     // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
-    buf.flow = unsafe { *entry };
+    unsafe { crate::mem::copy(&raw mut buf.flow, entry) };
     let g = globals()?;
-    let (key, flow) = (&buf.key, &buf.flow);
+    let flow = &buf.flow;
     if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen_ns, now) {
         return Err(Reason::NotService);
     }
 
-    // SAFETY: checked by ptr_at_mut above.
+    rewrite_outer(ctx, packet, buf).into_status()?;
+    rewrite_quoted(ctx, packet, buf, inner_l4 as u32).into_status()?;
+    let flow = &buf.flow;
+    stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
+    forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)
+}
+
+/// Rewrites the outer header for the client; the running ICMP checksum is left in the packet.
+/// Not inlined, like [`rewrite_quoted`]: each gets a stack frame of its own.
+#[inline(never)]
+fn rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Outcome {
+    let ctx = &reload(ctx);
+    match try_rewrite_outer(ctx, packet, buf) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Result<(), Reason> {
+    let (key, flow) = (&buf.key, &buf.flow);
+    let icmp: *mut IcmpHdr = ptr_at_mut(ctx, packet.l4_off)?;
+    // SAFETY: checked by ptr_at_mut.
     let icmp = unsafe { &mut *icmp };
     let mut icmp_check = u16::from_ne_bytes(icmp.check);
     // Outer header: the error goes to the client, and from the service if the backend sent it.
@@ -132,6 +153,40 @@ fn try_translate_error(
         ip.src = bytes(new_src);
     }
 
+    icmp.check = icmp_check.to_ne_bytes();
+    Ok(())
+}
+
+/// Rewrites the quoted packet (at `inner_l4` its L4 header) for the client and finishes the
+/// ICMP checksum.
+#[inline(never)]
+fn rewrite_quoted(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf, inner_l4: u32) -> Outcome {
+    let ctx = &reload(ctx);
+    match try_rewrite_quoted(ctx, packet, buf, inner_l4 as usize) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_rewrite_quoted(
+    ctx: &XdpContext,
+    packet: &Packet,
+    buf: &EntryBuf,
+    inner_l4: usize,
+) -> Result<(), Reason> {
+    let (key, flow) = (&buf.key, &buf.flow);
+    let inner_off = packet.l4_off + 8;
+    if inner_l4 > lb_common::net::MAX_L4_OFFSET {
+        return Err(Reason::HeadersTooLong);
+    }
+    let icmp: *mut IcmpHdr = ptr_at_mut(ctx, packet.l4_off)?;
+    // SAFETY: checked by ptr_at_mut.
+    let icmp = unsafe { &mut *icmp };
+    let mut icmp_check = u16::from_ne_bytes(icmp.check);
+    let l4: *mut QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
+    // SAFETY: checked by ptr_at_mut.
+    let l4 = unsafe { &mut *l4 };
     // The quoted L4 header: ports back to the client's view, and its checksum (UDP's is in the
     // quoted eight bytes; TCP's only when more of the header is quoted).
     let v4 = packet.family == Family::V4;
@@ -193,8 +248,7 @@ fn try_translate_error(
         ip.dst = bytes(&flow.vip_addr);
     }
     icmp.check = icmp_check.to_ne_bytes();
-    stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
-    forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)
+    Ok(())
 }
 
 #[inline(always)]

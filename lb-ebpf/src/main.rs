@@ -9,10 +9,12 @@
 // by the surrounding code (ports below 65536, ifindex below 2^32).
 #![allow(clippy::cast_possible_truncation)]
 
+mod bench;
 mod conntrack;
 mod forward;
 mod icmp;
 mod maps;
+mod mem;
 mod nat;
 mod outcome;
 mod parse;
@@ -44,14 +46,20 @@ use crate::{
     reason = "the #[xdp] macro hands over the context by value"
 )]
 pub fn lb_ingress(ctx: XdpContext) -> u32 {
-    let action = match try_lb_ingress(&ctx) {
+    lb_ingress_inner(&ctx)
+}
+
+/// The body of `lb_ingress`, shared with the bench wrappers.
+#[inline(always)]
+fn lb_ingress_inner(ctx: &XdpContext) -> u32 {
+    let action = match try_lb_ingress(ctx) {
         Ok(action) => action,
         Err(reason) => {
-            stats::count_reason(&ctx, reason);
+            stats::count_reason(ctx, reason);
             reason.action()
         }
     };
-    stats::count_action(&ctx, action);
+    stats::count_action(ctx, action);
     action.as_u32()
 }
 
@@ -93,14 +101,14 @@ fn try_balance(
     service: &Service,
     now: u64,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf } = scratch;
+    let Scratch { packet, key, buf, live } = scratch;
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
     *key = select::flow_key(packet);
     let g = select::globals()?;
     let is_nat = service.flags & SERVICE_NAT != 0;
-    let mut live = LiveNat {
+    *live = LiveNat {
         backend_id: 0,
         service_id: service.id,
         nat_addr: service.nat_addr,
@@ -115,7 +123,7 @@ fn try_balance(
             live.nat_port = nat_port;
             live.state = state;
             if is_nat && refresh {
-                conntrack::refresh_reply(ctx, key, &live, buf).into_status()?;
+                conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
             }
             false
         }
@@ -127,7 +135,7 @@ fn try_balance(
             if let Some(stale) = stale {
                 conntrack::release(key, &stale, buf);
             }
-            open_flow(ctx, key, service, &mut live, buf).into_status()?;
+            open_flow(ctx, key, service, live, buf).into_status()?;
             live.new_flow
         }
     };
@@ -135,8 +143,8 @@ fn try_balance(
     if is_nat {
         let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
         let to = Rewrite {
-            src: service.nat_addr,
-            dst: backend.addr,
+            src: &service.nat_addr,
+            dst: &backend.addr,
             sport: live.nat_port,
             dport: backend_port,
         };
@@ -201,6 +209,46 @@ fn try_open_flow(
         live.new_flow = true;
     }
     Ok(())
+}
+
+/// Bench only: the data path inside the frame-restoring wrapper (see `bench.rs`).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_ingress(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, lb_ingress_inner)
+}
+
+/// Bench only: the wrapper around a program that does nothing (the floor).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |_| xdp_action::XDP_PASS)
+}
+
+/// Bench only: the data path with a new source port on every run (every run a new flow).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_new_flow(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, true, lb_ingress_inner)
+}
+
+/// Bench only: the new-flow wrapper around a program that does nothing (its floor).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_new_flow_floor(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, true, |_| xdp_action::XDP_PASS)
 }
 
 /// Passes every frame. The lab attaches it to veth peers that receive `XDP_TX` and

@@ -84,7 +84,13 @@ pub struct Scratch {
     pub key: FlowKey,
     /// A connection-table entry being built.
     pub buf: crate::conntrack::EntryBuf,
+    /// The flow being balanced.
+    pub live: crate::conntrack::LiveNat,
 }
 
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Saved frame heads for the bench-only wrappers (`bench.rs`).
+#[btf_map]
+pub static BENCH_SAVE: PerCpuArray<crate::bench::BenchSave, 1> = PerCpuArray::new();

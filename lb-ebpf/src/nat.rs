@@ -21,9 +21,9 @@ use crate::{
 
 /// New addresses and ports for a packet, raw network order.
 #[derive(Clone, Copy)]
-pub struct Rewrite {
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
+pub struct Rewrite<'a> {
+    pub src: &'a [u32; 4],
+    pub dst: &'a [u32; 4],
     pub sport: u16,
     pub dport: u16,
 }
@@ -31,7 +31,7 @@ pub struct Rewrite {
 /// Rewrites the packet's addresses and ports and fixes the IPv4 header checksum and the
 /// TCP/UDP checksum (whose pseudo-header covers the addresses).
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Result<(), Reason> {
+pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite<'_>) -> Result<(), Reason> {
     // Sum of the pseudo-header change, applied to the L4 checksum below.
     let l4_check_update = |check: u16| -> u16 {
         let mut c = check;
@@ -39,8 +39,8 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Result<(), Re
             c = replace_u32(c, packet.src[0], to.src[0]);
             c = replace_u32(c, packet.dst[0], to.dst[0]);
         } else {
-            c = replace_u128(c, &packet.src, &to.src);
-            c = replace_u128(c, &packet.dst, &to.dst);
+            c = replace_u128(c, &packet.src, to.src);
+            c = replace_u128(c, &packet.dst, to.dst);
         }
         c = replace_u16(c, packet.sport, to.sport);
         replace_u16(c, packet.dport, to.dport)
@@ -83,8 +83,8 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite) -> Result<(), Re
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, packet.l3_off)?;
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
-        ip.src = words_to_bytes(&to.src);
-        ip.dst = words_to_bytes(&to.dst);
+        ip.src = words_to_bytes(to.src);
+        ip.dst = words_to_bytes(to.dst);
     }
     Ok(())
 }
@@ -107,7 +107,7 @@ pub fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
 /// Whether `packet` is addressed to one of the NAT source addresses.
 #[inline(always)]
 fn is_nat_source(packet: &Packet) -> bool {
-    let key = AddrKey { addr: packet.dst, family: packet.family as u8, _pad: [0; 3] };
+    let key = AddrKey { addr: packet.dst, family: packet.family as u32 };
     NAT_SOURCES.get_ptr(key).is_some()
 }
 
@@ -165,7 +165,7 @@ fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> 
                 dport: e.vip_port,
                 proto: packet.proto,
                 family: packet.family as u8,
-                _pad: [0; 2],
+                _pad: 0,
             };
             if let Some(f) = CONNTRACK.get_ptr_mut(forward) {
                 // SAFETY: a map value pointer from a successful lookup.
@@ -173,10 +173,9 @@ fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> 
             }
         }
     }
-    let to = Rewrite { src: e.vip_addr, dst: e.peer_addr, sport: e.vip_port, dport: e.peer_port };
-    let (ifindex, dmac, smac) = (e.reply_ifindex, e.reply_dmac, e.reply_smac);
-    let (service_id, backend_id) = (e.service_id, e.backend_id);
+    let to = Rewrite { src: &e.vip_addr, dst: &e.peer_addr, sport: e.vip_port, dport: e.peer_port };
     rewrite(ctx, packet, &to)?;
+    let (service_id, backend_id) = (e.service_id, e.backend_id);
     stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), false, true);
-    forward::transmit(ctx, ifindex, &dmac, &smac)
+    forward::transmit(ctx, e.reply_ifindex, &e.reply_dmac, &e.reply_smac)
 }

@@ -45,7 +45,7 @@ pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
 /// are unknown).
 #[inline(always)]
 pub fn is_vip(packet: &Packet) -> bool {
-    let key = AddrKey { addr: packet.dst, family: packet.family as u8, _pad: [0; 3] };
+    let key = AddrKey { addr: packet.dst, family: packet.family as u32 };
     VIPS.get_ptr(key).is_some()
 }
 
@@ -59,7 +59,7 @@ pub const fn flow_key(packet: &Packet) -> FlowKey {
         dport: packet.dport,
         proto: packet.proto,
         family: packet.family as u8,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 

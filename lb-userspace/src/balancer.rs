@@ -356,8 +356,8 @@ impl Balancer {
     fn current_vips(&self) -> BTreeMap<AddrKey, u32> {
         let mut m: BTreeMap<AddrKey, u32> = BTreeMap::new();
         for s in self.services.values() {
-            *m.entry(AddrKey { addr: s.key.addr, family: s.key.family, _pad: [0; 3] })
-                .or_default() += 1;
+            *m.entry(AddrKey { addr: s.key.addr, family: u32::from(s.key.family) }).or_default() +=
+                1;
         }
         m
     }
@@ -365,7 +365,7 @@ impl Balancer {
     fn current_nat_sources(&self) -> BTreeMap<AddrKey, u32> {
         let mut m: BTreeMap<AddrKey, u32> = BTreeMap::new();
         for s in self.services.values().filter(|s| s.value.flags & SERVICE_NAT != 0) {
-            *m.entry(AddrKey { addr: s.value.nat_addr, family: s.key.family, _pad: [0; 3] })
+            *m.entry(AddrKey { addr: s.value.nat_addr, family: u32::from(s.key.family) })
                 .or_default() += 1;
         }
         m
@@ -405,7 +405,7 @@ fn family(addr: IpAddr) -> u8 {
 }
 
 fn addr_key(addr: IpAddr) -> AddrKey {
-    AddrKey { addr: addr_words(addr), family: family(addr), _pad: [0; 3] }
+    AddrKey { addr: addr_words(addr), family: u32::from(family(addr)) }
 }
 
 fn backend_value(identity: &BackendIdentity) -> Backend {

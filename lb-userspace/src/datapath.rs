@@ -20,6 +20,12 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the main XDP program in [`EBPF_OBJECT`].
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+/// Bench-only programs (see `lb-ebpf/src/bench.rs`), loaded on demand by the benchmarks.
+pub const BENCH_INGRESS: &str = "bench_ingress";
+pub const BENCH_FLOOR: &str = "bench_floor";
+pub const BENCH_NEW_FLOW: &str = "bench_new_flow";
+pub const BENCH_NEW_FLOW_FLOOR: &str = "bench_new_flow_floor";
+
 /// Name of the pass-through program the lab attaches to veth peers.
 pub const LAB_PEER_PROGRAM: &str = "lab_peer_pass";
 
@@ -144,6 +150,14 @@ impl Datapath {
     /// The main XDP program, for `test_run` in datapath tests and benchmarks.
     pub fn ingress_program(&mut self) -> Result<&mut Xdp, DatapathError> {
         xdp_program(&mut self.ebpf, INGRESS_PROGRAM)
+    }
+
+    /// A bench-only program (`BENCH_*`), loaded into the kernel on first use.
+    pub fn bench_program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        if xdp_program(&mut self.ebpf, name)?.fd().is_err() {
+            load_program(&mut self.ebpf, name)?;
+        }
+        xdp_program(&mut self.ebpf, name)
     }
 
     /// Attaches the main program to `interface` and reports the mode it runs in.

@@ -36,6 +36,12 @@ enum Cmd {
     },
     /// rustfmt check, clippy with warnings denied, and the `//!` header check.
     Lint,
+    /// Benchmarks: the data path's cost per packet next to a floor from the same run.
+    Bench {
+        /// A shorter run (fewer repetitions and rounds).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -71,6 +77,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             build(&env, Profile::Dev)?;
             let mut cmd = cargo(&env);
             cmd.args(["test", "--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"]).args(&args);
+            run_status(&mut cmd)
+        }
+        Cmd::Bench { quick } => {
+            let env = setup::ensure_all(setup::Need::Run)?;
+            build(&env, Profile::Release)?;
+            let mut cmd = Command::new(workspace_root()?.join("target/release/lb-bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
             run_status(&mut cmd)
         }
         Cmd::Lint => {

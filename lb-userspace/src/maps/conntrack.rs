@@ -51,6 +51,34 @@ impl ConntrackMap {
         Ok(out)
     }
 
+    /// Kernel memory charged to the table (`memlock` in its fdinfo), in bytes.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        use aya::maps::IterableMap as _;
+        let fd = self.map.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Removes every entry (benchmarks start each new-flow run from an empty table).
+    pub fn clear(&mut self) -> Result<usize, MapError> {
+        let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            let _ = self.map.remove(key);
+        }
+        Ok(keys.len())
+    }
+
+    /// Entries in the table (a full walk).
+    pub fn len(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get(&self, key: &FlowKey) -> Option<Flow> {
         self.map.get(key, 0).ok()
     }
@@ -110,7 +138,7 @@ fn partner_key(
             dport: flow.vip_port,
             proto: key.proto,
             family: key.family,
-            _pad: [0; 2],
+            _pad: 0,
         });
     }
     // Forward entry: the reply key is backend -> NAT source.
@@ -123,6 +151,6 @@ fn partner_key(
         dport: flow.nat_port,
         proto: key.proto,
         family: key.family,
-        _pad: [0; 2],
+        _pad: 0,
     })
 }

@@ -1,0 +1,483 @@
+//! `lb-bench`: what `cargo xtask bench` runs. Times the data path per packet through
+//! `BPF_PROG_TEST_RUN` next to a floor measured in the same run, and writes the table to
+//! stdout and JSON to `target/bench/datapath.json`.
+//!
+//! Frame-rewriting paths run inside the bench-only wrapper that restores the frame after each
+//! repetition; the same wrapper around a program that does nothing is the floor. Every timed
+//! run checks its verdict and the data path's own counters, so a wrong path cannot pass for a
+//! fast one.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_common::{
+    Action,
+    net::tcp_flags,
+    service::{NEXTHOP_ON_LINK, NextHop},
+};
+use lb_tests::{netns::Netns, packet::Packet};
+use lb_userspace::{
+    Balancer, Config, Datapath,
+    datapath::{
+        BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM,
+        LoadOptions,
+    },
+    nexthop::StaticResolver,
+};
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+const CONFIG: &str = r#"
+[[interface]]
+name = "lo"
+[[pool]]
+name = "p4"
+[[pool.backend]]
+address = "198.18.1.11"
+[[pool.backend]]
+address = "198.18.1.12"
+[[pool.backend]]
+address = "198.18.1.13"
+[[pool]]
+name = "p6"
+[[pool.backend]]
+address = "fd00:1::11"
+[[pool.backend]]
+address = "fd00:1::12"
+[[pool.backend]]
+address = "fd00:1::13"
+[[service]]
+name = "nat4"
+address = "198.18.100.1"
+protocol = "tcp"
+port = 80
+pool = "p4"
+mode = "nat"
+nat_source = "198.18.1.1"
+nat_ports = "1024-65535"
+[[service]]
+name = "dsr4"
+address = "198.18.100.2"
+protocol = "tcp"
+port = 80
+pool = "p4"
+mode = "dsr-l2"
+[[service]]
+name = "nat6"
+address = "fd00:100::1"
+protocol = "tcp"
+port = 80
+pool = "p6"
+mode = "nat"
+nat_source = "fd00:1::1"
+[[service]]
+name = "dsr6"
+address = "fd00:100::2"
+protocol = "tcp"
+port = 80
+pool = "p6"
+mode = "dsr-l2"
+"#;
+
+struct Scenario {
+    name: &'static str,
+    program: &'static str,
+    floor: &'static str,
+    frame: Vec<u8>,
+    verdict: Action,
+    /// Each repetition opens a flow (counted in the service's new flows).
+    new_flows: bool,
+    /// Packets to send once before timing (to open the flow).
+    warmup: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: &'static str,
+    median_ns: u64,
+    min_ns: u64,
+    max_ns: u64,
+    floor_median_ns: u64,
+    ratio_to_floor: f64,
+    minus_floor_ns: i64,
+}
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("lb-bench: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn frame(src: IpAddr, dst: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
+    let p = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Packet::ipv6(s, d),
+        _ => unreachable!(),
+    };
+    // 96 bytes or more, so the wrapper's saved head is all frame.
+    p.tcp(sport, 80).flags(flags).payload(&[0x61; 48]).build()
+}
+
+fn run() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let repeat: u32 = if quick { 200_000 } else { 1_000_000 };
+    let rounds = if quick { 3 } else { 5 };
+    print_machine();
+
+    let ns = Netns::create(&lb_tests::netns::unique_id())?;
+    let (mut datapath, balancer) = ns.enter(|| -> anyhow::Result<(Datapath, Balancer)> {
+        let config = Config::parse(CONFIG, "bench")?;
+        let mut datapath = Datapath::load_with(&LoadOptions::default())?;
+        let mut hops = HashMap::new();
+        for pool in &config.pools {
+            for b in &pool.backends {
+                hops.insert(
+                    *b.address.get_ref(),
+                    NextHop {
+                        ifindex: 1,
+                        flags: NEXTHOP_ON_LINK,
+                        dmac: [2, 0, 0, 0, 1, 1],
+                        smac: [2, 0, 0, 0, 0, 1],
+                    },
+                );
+            }
+        }
+        let mut balancer = Balancer::new();
+        balancer.apply(&config, datapath.maps_mut(), &mut StaticResolver(hops))?;
+        Ok((datapath, balancer))
+    })??;
+
+    let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 18, 100, last));
+    let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, last));
+    let (c4, c6) = (IpAddr::V4(CLIENT4), IpAddr::V6(CLIENT6));
+    let ack = tcp_flags::ACK;
+    let mut scenarios = vec![
+        Scenario {
+            name: "empty program, no wrapper",
+            program: LAB_PEER_PROGRAM,
+            floor: LAB_PEER_PROGRAM,
+            frame: frame(c4, v4(1), 39_999, ack),
+            verdict: Action::Pass,
+            new_flows: false,
+            warmup: false,
+        },
+        Scenario {
+            name: "not a service (pass)",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: frame(c4, IpAddr::V4(Ipv4Addr::new(198, 18, 50, 1)), 40_000, ack),
+            verdict: Action::Pass,
+            new_flows: false,
+            warmup: false,
+        },
+        Scenario {
+            name: "DSR IPv4 established",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: frame(c4, v4(2), 40_001, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+        },
+        Scenario {
+            name: "DSR IPv6 established",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: frame(c6, v6(2), 40_002, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+        },
+        Scenario {
+            name: "NAT IPv4 established",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: frame(c4, v4(1), 40_003, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+        },
+        Scenario {
+            name: "NAT IPv6 established",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: frame(c6, v6(1), 40_004, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+        },
+        Scenario {
+            name: "DSR IPv4 new flow",
+            program: BENCH_NEW_FLOW,
+            floor: BENCH_NEW_FLOW_FLOOR,
+            frame: frame(c4, v4(2), 40_005, tcp_flags::SYN),
+            verdict: Action::Tx,
+            new_flows: true,
+            warmup: false,
+        },
+        Scenario {
+            name: "NAT IPv4 new flow",
+            program: BENCH_NEW_FLOW,
+            floor: BENCH_NEW_FLOW_FLOOR,
+            frame: frame(c4, v4(1), 40_006, tcp_flags::SYN),
+            verdict: Action::Tx,
+            new_flows: true,
+            warmup: false,
+        },
+    ];
+    // The reply of an established NAT flow (timed before the new-flow runs, which empty the
+    // connection table): learn its NAT port from the table.
+    let reply = reply_frame(&mut datapath, &balancer)?;
+    scenarios.insert(
+        scenarios.len() - 2,
+        Scenario {
+            name: "NAT IPv4 reply",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: reply,
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: false,
+        },
+    );
+    let mut rows = Vec::new();
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10}",
+        "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
+    );
+    for s in &scenarios {
+        if s.warmup {
+            run_once(&mut datapath, s.program, &s.frame, s.verdict)?;
+        }
+        let floor = measure(&mut datapath, s.floor, &s.frame, Action::Pass, repeat, rounds, None)?;
+        let sid = if s.new_flows {
+            balancer.service_id(if s.name.starts_with("NAT") { "nat4" } else { "dsr4" })
+        } else {
+            None
+        };
+        let path = measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, rounds, sid)
+            .with_context(|| s.name)?;
+        let row = Row {
+            name: s.name,
+            median_ns: path.0,
+            min_ns: path.1,
+            max_ns: path.2,
+            floor_median_ns: floor.0,
+            ratio_to_floor: path.0 as f64 / floor.0.max(1) as f64,
+            minus_floor_ns: i64::try_from(path.0).unwrap_or(0)
+                - i64::try_from(floor.0).unwrap_or(0),
+        };
+        let _ = writeln!(
+            table,
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>7.2}x {:>10}",
+            row.name,
+            row.median_ns,
+            row.min_ns,
+            row.max_ns,
+            row.floor_median_ns,
+            row.ratio_to_floor,
+            row.minus_floor_ns
+        );
+        rows.push(row);
+    }
+    println!("\nData path, {repeat} repetitions per run, median of {rounds} runs:\n\n{table}");
+
+    // Connection-table memory with a million live NAT flows' worth of entries.
+    let memory = datapath.maps().conntrack.memory_bytes();
+    let entries = datapath.maps().conntrack.len();
+    if let Some(bytes) = memory {
+        println!(
+            "CONNTRACK: {} entries allocated, {:.1} MiB of kernel memory ({:.0} bytes per entry); {entries} in use after the runs.",
+            LoadOptions::default().conntrack_entries,
+            bytes as f64 / (1024.0 * 1024.0),
+            bytes as f64 / f64::from(LoadOptions::default().conntrack_entries)
+        );
+    }
+
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let json = serde_json::json!({
+        "date": chrono_free_date(),
+        "repeat": repeat,
+        "rounds": rounds,
+        "rows": rows,
+        "conntrack_memory_bytes": memory,
+        "conntrack_entries": LoadOptions::default().conntrack_entries,
+    });
+    let path = dir.join("datapath.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    drop(ns);
+    Ok(())
+}
+
+fn reply_frame(datapath: &mut Datapath, balancer: &Balancer) -> anyhow::Result<Vec<u8>> {
+    let open = frame(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)),
+        40_100,
+        tcp_flags::SYN,
+    );
+    run_once(datapath, BENCH_INGRESS, &open, Action::Tx)?;
+    let key = lb_common::FlowKey::new(
+        (IpAddr::V4(CLIENT4), 40_100).into(),
+        (IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)), 80).into(),
+        6,
+    );
+    let flow = datapath.maps().conntrack.get(&key).context("the NAT flow was not opened")?;
+    let backend = datapath.maps().backends.get(flow.backend_id)?;
+    let IpAddr::V4(backend_addr) = lb_common::flow::words_addr(backend.addr, 4) else {
+        bail!("not IPv4")
+    };
+    let _ = balancer;
+    Ok(Packet::ipv4(backend_addr, Ipv4Addr::new(198, 18, 1, 1))
+        .tcp(80, lb_common::flow::raw_port(flow.nat_port))
+        .flags(tcp_flags::ACK)
+        .payload(&[0x62; 48])
+        .build())
+}
+
+fn run_once(
+    datapath: &mut Datapath,
+    program: &'static str,
+    frame: &[u8],
+    verdict: Action,
+) -> anyhow::Result<()> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = datapath.bench_program(program)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..TestRunOptions::default()
+    })?;
+    ensure!(
+        Action::from_u32(result.return_value) == Some(verdict),
+        "{program}: verdict {} on warm-up, expected {verdict:?}",
+        result.return_value
+    );
+    Ok(())
+}
+
+/// Runs `program` `rounds` times with `repeat` repetitions; returns (median, min, max) ns per
+/// packet. Checks the verdict, the verdict counter and, for new flows, the new-flow counter.
+fn measure(
+    datapath: &mut Datapath,
+    program: &'static str,
+    frame: &[u8],
+    verdict: Action,
+    repeat: u32,
+    rounds: usize,
+    new_flow_service: Option<u32>,
+) -> anyhow::Result<(u64, u64, u64)> {
+    let mut samples = Vec::new();
+    // A NAT flow takes a source port from the service's range towards its backend, so one
+    // NAT address opens at most ~64,000 flows per backend: NAT new-flow runs are shorter.
+    let repeat = if new_flow_service.is_some() && program == BENCH_NEW_FLOW {
+        repeat.min(30_000)
+    } else {
+        repeat
+    };
+    let counts_packets = ![BENCH_FLOOR, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM].contains(&program);
+    for _ in 0..rounds {
+        if new_flow_service.is_some() {
+            datapath.maps_mut().conntrack.clear()?;
+        }
+        let before = datapath.stats().read()?;
+        let flows_before =
+            new_flow_service.map(|id| datapath.maps().traffic.service(id)).transpose()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let started = Instant::now();
+        let result = datapath.bench_program(program)?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        let wall = started.elapsed();
+        ensure!(
+            Action::from_u32(result.return_value) == Some(verdict),
+            "{program}: verdict {} , expected {verdict:?}",
+            result.return_value
+        );
+        ensure!(
+            out[..frame.len()] == *frame || program == LAB_PEER_PROGRAM,
+            "{program}: the wrapper did not restore the frame"
+        );
+        let delta = datapath.stats().read()?.since(&before);
+        let expected = if counts_packets { u64::from(repeat) } else { 0 };
+        ensure!(
+            delta.action(verdict).packets == expected,
+            "{program}: {} packets counted as {verdict:?}, expected {expected}: {}",
+            delta.action(verdict).packets,
+            delta.summary()
+        );
+        if let (Some(id), Some(before)) = (new_flow_service, flows_before) {
+            let opened = datapath.maps().traffic.service(id)?.new_flows - before.new_flows;
+            ensure!(
+                opened == u64::from(repeat),
+                "{program}: {opened} new flows for {repeat} packets"
+            );
+        }
+        let ns = u64::try_from(result.duration.as_nanos()).unwrap_or(u64::MAX);
+        // The kernel reports the mean per repetition; the wall clock bounds it.
+        ensure!(
+            ns > 0 && wall.as_nanos() >= u128::from(ns) * u128::from(repeat) / 2,
+            "{program}: implausible timing {ns} ns"
+        );
+        samples.push(ns);
+    }
+    samples.sort_unstable();
+    Ok((samples[samples.len() / 2], samples[0], samples[samples.len() - 1]))
+}
+
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    println!("machine: {cpu}, {cpus} CPUs, kernel {}", kernel.trim());
+}
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/lb-bench -> target
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
+fn chrono_free_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}

@@ -60,9 +60,9 @@ pub const FLOW_NAT: u8 = 0x02;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most every
-    /// [`REFRESH_NS`].
-    pub last_seen_ns: u64,
+    /// Data-path clock (`bpf_jiffies64`) at the last packet, refreshed at most every
+    /// `Globals::refresh` ticks.
+    pub last_seen: u64,
     /// Reply entries: the client's address. Forward entries of NAT flows: the NAT source
     /// address. Network order.
     pub peer_addr: [u32; 4],
@@ -95,56 +95,73 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 72);
 // SAFETY: repr(C), no implicit padding, plain integers.
 unsafe impl aya::Pod for Flow {}
 
-/// How often a live flow's `last_seen_ns` is rewritten: often enough for second-granularity
-/// timeouts, rarely enough to keep the entry's cache line mostly read-only.
-pub const REFRESH_NS: u64 = 1_000_000_000;
+/// How often a live flow's `last_seen` is rewritten, in seconds: often enough for
+/// second-granularity timeouts, rarely enough to keep the entry's cache line mostly read-only.
+pub const REFRESH_SECS: u64 = 1;
 
-/// Idle timeouts per state, in nanoseconds; value of the `TIMEOUTS` part of `GLOBALS`.
-#[repr(C)]
+/// Idle timeouts per state in seconds, as configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    pub syn_ns: u64,
-    pub established_ns: u64,
-    pub closing_ns: u64,
-    pub closed_ns: u64,
-    pub datagram_ns: u64,
+pub struct TimeoutSecs {
+    pub syn: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub closed: u64,
+    pub datagram: u64,
 }
 
-impl Default for Timeouts {
-    /// Defaults close to Linux conntrack's, shortened where an LB holds many idle flows:
-    /// SYN 60 s, established 2 h, FIN 60 s, RST 10 s, UDP 60 s.
+impl Default for TimeoutSecs {
+    /// Defaults close to Linux conntrack's, shortened where a load balancer holds many idle
+    /// flows: SYN 60 s, established 2 h, FIN 60 s, RST 10 s, UDP 60 s.
     fn default() -> Self {
-        const S: u64 = 1_000_000_000;
-        Self {
-            syn_ns: 60 * S,
-            established_ns: 7200 * S,
-            closing_ns: 60 * S,
-            closed_ns: 10 * S,
-            datagram_ns: 60 * S,
-        }
+        Self { syn: 60, established: 7200, closing: 60, closed: 10, datagram: 60 }
     }
 }
 
+/// Idle timeouts per state in ticks of the data path's clock (`bpf_jiffies64`, `hz` ticks a
+/// second); part of `GLOBALS`. The jiffies clock costs a load where a nanosecond clock costs
+/// a helper call per packet, and seconds are all timeouts need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub syn: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub closed: u64,
+    pub datagram: u64,
+}
+
 impl Timeouts {
+    /// The timeouts `secs` at `hz` ticks a second.
+    #[must_use]
+    pub const fn from_secs(secs: &TimeoutSecs, hz: u64) -> Self {
+        Self {
+            syn: secs.syn.saturating_mul(hz),
+            established: secs.established.saturating_mul(hz),
+            closing: secs.closing.saturating_mul(hz),
+            closed: secs.closed.saturating_mul(hz),
+            datagram: secs.datagram.saturating_mul(hz),
+        }
+    }
+
     /// Idle timeout of a flow in `state` (a raw `FlowState`; unknown states expire at once).
     #[inline(always)]
     #[must_use]
     pub const fn for_state(&self, state: u8) -> u64 {
         match FlowState::from_u8(state) {
-            Some(FlowState::SynSeen) => self.syn_ns,
-            Some(FlowState::Established) => self.established_ns,
-            Some(FlowState::Closing) => self.closing_ns,
-            Some(FlowState::Closed) => self.closed_ns,
-            Some(FlowState::Datagram) => self.datagram_ns,
+            Some(FlowState::SynSeen) => self.syn,
+            Some(FlowState::Established) => self.established,
+            Some(FlowState::Closing) => self.closing,
+            Some(FlowState::Closed) => self.closed,
+            Some(FlowState::Datagram) => self.datagram,
             None => 0,
         }
     }
 
-    /// Whether a flow last seen at `last_seen_ns` in `state` has expired at `now_ns`.
+    /// Whether a flow last seen at `last_seen` in `state` has expired at `now` (ticks).
     #[inline(always)]
     #[must_use]
-    pub const fn is_expired(&self, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-        now_ns.saturating_sub(last_seen_ns) > self.for_state(state)
+    pub const fn is_expired(&self, state: u8, last_seen: u64, now: u64) -> bool {
+        now.saturating_sub(last_seen) > self.for_state(state)
     }
 }
 
@@ -208,7 +225,7 @@ mod tests {
     use super::*;
     use crate::net::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
-    const S: u64 = 1_000_000_000;
+    const S: u64 = 1000;
 
     #[test]
     fn handshake_data_and_close() {
@@ -262,7 +279,7 @@ mod tests {
 
     #[test]
     fn timeouts_by_state() {
-        let t = Timeouts::default();
+        let t = Timeouts::from_secs(&TimeoutSecs::default(), S);
         assert!(!t.is_expired(FlowState::Established as u8, 0, 7200 * S));
         assert!(t.is_expired(FlowState::Established as u8, 0, 7200 * S + 1));
         assert!(t.is_expired(FlowState::Closed as u8, 100 * S, 111 * S));

@@ -122,11 +122,13 @@ pub const NEXTHOP_ON_LINK: u32 = 0x01;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Globals {
     pub timeouts: Timeouts,
+    /// Ticks between refreshes of a live flow's `last_seen`.
+    pub refresh: u64,
     /// Seed of the flow hash; the same on every node that must agree on backends.
     pub hash_seed: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Globals>() == 48);
+const _: () = assert!(core::mem::size_of::<Globals>() == 56);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.
 unsafe impl aya::Pod for Globals {}

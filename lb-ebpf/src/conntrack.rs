@@ -84,7 +84,7 @@ fn set_reply_entry(
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: checked by ptr_at.
     let eth = unsafe { &*eth };
-    out.last_seen_ns = live.now;
+    out.last_seen = live.now;
     out.peer_addr = key.src;
     out.vip_addr = key.dst;
     out.backend_id = live.backend_id;
@@ -169,7 +169,7 @@ fn try_open_nat(
         if let Some(old) = CONNTRACK.get_ptr(&buf.key) {
             // SAFETY: a map value pointer from a successful lookup.
             let old = unsafe { &*old };
-            if g.timeouts.is_expired(old.state, old.last_seen_ns, live.now)
+            if g.timeouts.is_expired(old.state, old.last_seen, live.now)
                 && CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_ANY)).is_ok()
             {
                 live.nat_port = raw_port;
@@ -221,7 +221,7 @@ pub fn set_forward_entry(
 ) {
     buf.key = *key;
     let f = &mut buf.flow;
-    f.last_seen_ns = live.now;
+    f.last_seen = live.now;
     if nat {
         // SAFETY: map values.
         unsafe { crate::mem::copy(&raw mut f.peer_addr, &raw const service.nat_addr) };
@@ -269,7 +269,7 @@ fn try_refresh_reply(
     if let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
         // SAFETY: a map value pointer from a successful lookup.
         let e = unsafe { &mut *entry };
-        e.last_seen_ns = live.now;
+        e.last_seen = live.now;
         e.state = live.state;
         return Ok(());
     }

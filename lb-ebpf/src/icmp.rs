@@ -100,7 +100,7 @@ fn try_translate_error(
     unsafe { crate::mem::copy(&raw mut buf.flow, entry) };
     let g = globals()?;
     let flow = &buf.flow;
-    if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen_ns, now) {
+    if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen, now) {
         return Err(Reason::NotService);
     }
 

@@ -21,9 +21,7 @@ mod parse;
 mod select;
 mod stats;
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, FlowKey, Reason,
     service::{NEXTHOP_ON_LINK, SERVICE_NAT, Service},
@@ -72,7 +70,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     parse::parse_packet(ctx, &mut scratch.packet).into_status()?;
     let packet = &scratch.packet;
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() };
     if packet.fragment != Fragment::None {
         return if select::is_vip(packet) {
             Err(Reason::Fragment)
@@ -249,6 +247,21 @@ pub fn bench_new_flow(ctx: XdpContext) -> u32 {
 )]
 pub fn bench_new_flow_floor(ctx: XdpContext) -> u32 {
     bench::around(&ctx, true, |_| xdp_action::XDP_PASS)
+}
+
+/// The data path's clock for the daemon: writes `bpf_jiffies64` to the frame's first eight
+/// bytes (run through `BPF_PROG_TEST_RUN`; never attached).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn lb_clock(ctx: XdpContext) -> u32 {
+    if let Ok(out) = parse::ptr_at_mut::<[u8; 8]>(&ctx, 0) {
+        // SAFETY: a helper without arguments; `out` is a checked packet range.
+        unsafe { *out = bpf_jiffies64().to_ne_bytes() };
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Passes every frame. The lab attaches it to veth peers that receive `XDP_TX` and

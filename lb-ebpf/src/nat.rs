@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_REPLY, FlowState, REFRESH_NS},
+    conntrack::{FLOW_REPLY, FlowState},
     csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::AddrKey,
@@ -148,14 +148,14 @@ fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> 
     // SAFETY: a map value pointer from a successful lookup.
     let e = unsafe { &mut *entry };
     let g = globals()?;
-    if e.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(e.state, e.last_seen_ns, now) {
+    if e.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(e.state, e.last_seen, now) {
         return Err(Reason::NotService);
     }
     // A reset from the backend ends the flow for both directions; the client's next SYN on
     // the tuple then starts afresh.
     let reset = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::RST != 0;
-    if reset || now.saturating_sub(e.last_seen_ns) > REFRESH_NS {
-        e.last_seen_ns = now;
+    if reset || now.saturating_sub(e.last_seen) > g.refresh {
+        e.last_seen = now;
         if reset {
             e.state = FlowState::Closed as u8;
             let forward = FlowKey {

@@ -3,9 +3,7 @@
 
 use lb_common::{
     FlowKey, Reason,
-    conntrack::{
-        FLOW_NAT, FLOW_REPLY, FlowState, REFRESH_NS, Transition, initial_tcp_state, next_tcp_state,
-    },
+    conntrack::{FLOW_NAT, FLOW_REPLY, FlowState, Transition, initial_tcp_state, next_tcp_state},
     flow::flow_hash,
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
@@ -104,7 +102,7 @@ pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
         // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
         // on the timestamp and state, which any of them may win.
         let e = unsafe { &mut *entry };
-        if e.flags & FLOW_REPLY == 0 && !g.timeouts.is_expired(e.state, e.last_seen_ns, now) {
+        if e.flags & FLOW_REPLY == 0 && !g.timeouts.is_expired(e.state, e.last_seen, now) {
             let transition = if tcp {
                 next_tcp_state(e.state, packet.tcp_flags)
             } else {
@@ -112,10 +110,10 @@ pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
             };
             if let Transition::Keep(state) = transition {
                 let state_changed = state as u8 != e.state;
-                let refresh = state_changed || now.saturating_sub(e.last_seen_ns) > REFRESH_NS;
+                let refresh = state_changed || now.saturating_sub(e.last_seen) > g.refresh;
                 if refresh {
                     e.state = state as u8;
-                    e.last_seen_ns = now;
+                    e.last_seen = now;
                 }
                 return Tracked::Existing {
                     backend_id: e.backend_id,

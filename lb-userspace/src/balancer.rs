@@ -15,8 +15,8 @@ use lb_common::{
     flow::{addr_words, port_raw},
     maglev::{MaglevBackend, build_table, identity_hash},
     service::{
-        AddrKey, Backend, Globals, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE,
-        SERVICE_NAT, Service, ServiceKey,
+        AddrKey, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE, SERVICE_NAT,
+        Service, ServiceKey,
     },
 };
 use tracing::{info, warn};
@@ -81,6 +81,7 @@ pub struct Balancer {
     /// Addresses of every backend id with an entry, for next-hop resolution.
     backend_addrs: BTreeMap<u32, IpAddr>,
     hash_seed: u32,
+    ticks_per_second: u64,
 }
 
 /// What one `apply` changed.
@@ -105,8 +106,10 @@ pub enum ApplyError {
 
 impl Balancer {
     #[must_use]
-    pub fn new() -> Self {
-        Self::default()
+    /// A balancer for a data path whose clock ticks `ticks_per_second` times a second
+    /// ([`crate::Datapath::ticks_per_second`]).
+    pub fn new(ticks_per_second: u64) -> Self {
+        Self { ticks_per_second, ..Self::default() }
     }
 
     /// The id of a backend, if it is live.
@@ -140,11 +143,11 @@ impl Balancer {
     ) -> Result<ApplySummary, ApplyError> {
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
-        maps.globals.set(&Globals {
-            timeouts: config.conntrack.timeouts(),
-            hash_seed: config.daemon.hash_seed,
-            _pad: 0,
-        })?;
+        maps.globals.set(&crate::datapath::globals(
+            &config.conntrack.timeouts(),
+            config.daemon.hash_seed,
+            self.ticks_per_second,
+        ))?;
 
         // 1. Backends: keep ids of those that stay, give new ones free ids, retire the rest.
         let wanted: BTreeMap<BackendIdentity, u32> = config

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_common::{
-    conntrack::Timeouts,
+    conntrack::TimeoutSecs,
     maglev::{MAX_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, table_size_for},
     service::{DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_SERVICES},
 };
@@ -83,24 +83,23 @@ pub struct ConntrackConfig {
     pub udp_timeout_secs: u64,
 }
 
-const NS: u64 = 1_000_000_000;
 const fn default_conntrack_entries() -> u32 {
     DEFAULT_CONNTRACK_ENTRIES
 }
 fn default_syn_timeout() -> u64 {
-    Timeouts::default().syn_ns / NS
+    TimeoutSecs::default().syn
 }
 fn default_established_timeout() -> u64 {
-    Timeouts::default().established_ns / NS
+    TimeoutSecs::default().established
 }
 fn default_closing_timeout() -> u64 {
-    Timeouts::default().closing_ns / NS
+    TimeoutSecs::default().closing
 }
 fn default_closed_timeout() -> u64 {
-    Timeouts::default().closed_ns / NS
+    TimeoutSecs::default().closed
 }
 fn default_udp_timeout() -> u64 {
-    Timeouts::default().datagram_ns / NS
+    TimeoutSecs::default().datagram
 }
 
 impl Default for ConntrackConfig {
@@ -117,15 +116,15 @@ impl Default for ConntrackConfig {
 }
 
 impl ConntrackConfig {
-    /// The timeouts as the data path takes them.
+    /// The configured timeouts.
     #[must_use]
-    pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            syn_ns: self.tcp_syn_timeout_secs.saturating_mul(NS),
-            established_ns: self.tcp_established_timeout_secs.saturating_mul(NS),
-            closing_ns: self.tcp_closing_timeout_secs.saturating_mul(NS),
-            closed_ns: self.tcp_closed_timeout_secs.saturating_mul(NS),
-            datagram_ns: self.udp_timeout_secs.saturating_mul(NS),
+    pub const fn timeouts(&self) -> TimeoutSecs {
+        TimeoutSecs {
+            syn: self.tcp_syn_timeout_secs,
+            established: self.tcp_established_timeout_secs,
+            closing: self.tcp_closing_timeout_secs,
+            closed: self.tcp_closed_timeout_secs,
+            datagram: self.udp_timeout_secs,
         }
     }
 }
@@ -683,7 +682,7 @@ nat_source = "198.18.1.1"
         assert_eq!(config.interfaces.len(), 1);
         assert_eq!(config.interfaces[0].xdp_mode, XdpModeSetting::Auto);
         assert_eq!(config.daemon.stats_log_interval_secs, 10);
-        assert_eq!(config.conntrack.timeouts(), Timeouts::default());
+        assert_eq!(config.conntrack.timeouts(), TimeoutSecs::default());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Loading the XDP object into the kernel and attaching its programs to interfaces.
 
+use aya::programs::{TestRun as _, TestRunOptions};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    conntrack::Timeouts,
+    conntrack::{REFRESH_SECS, TimeoutSecs, Timeouts},
     maps as names,
     service::{DEFAULT_CONNTRACK_ENTRIES, Globals},
 };
@@ -25,6 +26,9 @@ pub const BENCH_INGRESS: &str = "bench_ingress";
 pub const BENCH_FLOOR: &str = "bench_floor";
 pub const BENCH_NEW_FLOW: &str = "bench_new_flow";
 pub const BENCH_NEW_FLOW_FLOOR: &str = "bench_new_flow_floor";
+
+/// Program that reports the data path's clock (see [`Datapath::now_ticks`]).
+pub const CLOCK_PROGRAM: &str = "lb_clock";
 
 /// Name of the pass-through program the lab attaches to veth peers.
 pub const LAB_PEER_PROGRAM: &str = "lab_peer_pass";
@@ -79,6 +83,8 @@ pub enum DatapathError {
     AttachDriver { interface: String, source: ProgramError },
     #[error("failed to attach XDP to {interface}: {source}")]
     Attach { interface: String, source: ProgramError },
+    #[error("failed to read the data path's clock: {source}")]
+    Clock { source: ProgramError },
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -95,16 +101,30 @@ struct Attachment {
 pub struct LoadOptions {
     /// Entries of the connection table (`CONNTRACK`); see `docs/configuration.md` for memory.
     pub conntrack_entries: u32,
-    /// Settings the data path starts with.
-    pub globals: Globals,
+    /// Connection timeouts the data path starts with.
+    pub timeouts: TimeoutSecs,
+    /// Seed of the flow hash.
+    pub hash_seed: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
-            globals: Globals { timeouts: Timeouts::default(), hash_seed: 0, _pad: 0 },
+            timeouts: TimeoutSecs::default(),
+            hash_seed: 0,
         }
+    }
+}
+
+/// The settings the data path reads, for a clock of `hz` ticks a second.
+#[must_use]
+pub fn globals(timeouts: &TimeoutSecs, hash_seed: u32, hz: u64) -> Globals {
+    Globals {
+        timeouts: Timeouts::from_secs(timeouts, hz),
+        refresh: REFRESH_SECS * hz,
+        hash_seed,
+        _pad: 0,
     }
 }
 
@@ -129,12 +149,52 @@ impl Datapath {
             .map_max_entries(names::CONNTRACK, options.conntrack_entries)
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Object)?;
-        for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM] {
+        for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM, CLOCK_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
-        let mut maps = Maps::take(&mut ebpf)?;
-        maps.globals.set(&options.globals)?;
-        Ok(Self { ebpf, maps, attachments: Vec::new() })
+        let maps = Maps::take(&mut ebpf)?;
+        let mut datapath = Self { ebpf, maps, attachments: Vec::new() };
+        let hz = datapath.ticks_per_second()?;
+        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz))?;
+        Ok(datapath)
+    }
+
+    /// The data path's clock now (`bpf_jiffies64`), which connection timestamps use.
+    pub fn now_ticks(&mut self) -> Result<u64, DatapathError> {
+        let program = xdp_program(&mut self.ebpf, CLOCK_PROGRAM)?;
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DatapathError::Clock { source })?;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&out[..8]);
+        Ok(u64::from_ne_bytes(bytes))
+    }
+
+    /// Ticks a second of the data path's clock (the kernel's `HZ`), measured once per process
+    /// over 50 ms and rounded to the nearest value kernels are built with.
+    pub fn ticks_per_second(&mut self) -> Result<u64, DatapathError> {
+        static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        if let Some(hz) = HZ.get() {
+            return Ok(*hz);
+        }
+        let started = std::time::Instant::now();
+        let t0 = self.now_ticks()?;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let t1 = self.now_ticks()?;
+        let measured = (t1 - t0) as f64 / started.elapsed().as_secs_f64();
+        let hz = [100u64, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| {
+                ((*a as f64) - measured).abs().total_cmp(&((*b as f64) - measured).abs())
+            })
+            .unwrap_or(250);
+        Ok(*HZ.get_or_init(|| hz))
     }
 
     /// The data path's maps.

@@ -13,7 +13,6 @@ pub mod sysctl;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lb_common::service::Globals;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -47,13 +46,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let load = LoadOptions {
         conntrack_entries: config.conntrack.max_entries,
-        globals: Globals {
-            timeouts: config.conntrack.timeouts(),
-            hash_seed: config.daemon.hash_seed,
-            _pad: 0,
-        },
+        timeouts: config.conntrack.timeouts(),
+        hash_seed: config.daemon.hash_seed,
     };
     let mut datapath = Datapath::load_with(&load).context("failed to load the XDP data path")?;
+    let hz = datapath.ticks_per_second()?;
     for range in config
         .services
         .iter()
@@ -65,7 +62,7 @@ pub async fn run(
         }
     }
     let mut resolver = KernelResolver;
-    let mut balancer = Balancer::new();
+    let mut balancer = Balancer::new(hz);
     balancer
         .apply(&config, datapath.maps_mut(), &mut resolver)
         .context("failed to install the services")?;
@@ -90,7 +87,7 @@ pub async fn run(
     let mut stats_tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
     let mut hop_tick = tokio::time::interval(NEXT_HOP_INTERVAL);
     let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
-    let mut timeouts = config.conntrack.timeouts();
+    let mut timeouts = lb_common::conntrack::Timeouts::from_secs(&config.conntrack.timeouts(), hz);
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("failed to listen for SIGHUP")?;
     loop {
@@ -102,7 +99,7 @@ pub async fn run(
                     Ok(new) => match balancer.apply(&new, datapath.maps_mut(), &mut resolver) {
                         Ok(summary) => {
                             info!(?summary, "configuration reloaded");
-                            timeouts = new.conntrack.timeouts();
+                            timeouts = lb_common::conntrack::Timeouts::from_secs(&new.conntrack.timeouts(), hz);
                         }
                         Err(error) => warn!(%error, "reload failed part-way; fix the cause and send SIGHUP again"),
                     },
@@ -119,7 +116,13 @@ pub async fn run(
                 }
             }
             _ = sweep_tick.tick() => {
-                let now = monotonic_coarse_ns();
+                let now = match datapath.now_ticks() {
+                    Ok(now) => now,
+                    Err(error) => {
+                        warn!(%error, "cannot read the data path's clock");
+                        continue;
+                    }
+                };
                 let swept = {
                     let maps = datapath.maps_mut();
                     let backend = |id| balancer.backend_entry(id);
@@ -145,13 +148,4 @@ pub async fn run(
         info!("XDP programs detached");
     }
     Ok(())
-}
-
-/// The clock of the data path's `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`).
-#[must_use]
-pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

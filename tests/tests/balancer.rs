@@ -98,7 +98,7 @@ impl Lb {
                 );
             }
         }
-        let mut balancer = Balancer::new();
+        let mut balancer = Balancer::new(bed.datapath.ticks_per_second().unwrap());
         let maps = bed.datapath.maps_mut();
         // In the namespace: the device map takes interfaces by index there.
         let balancer = ns

@@ -97,7 +97,7 @@ impl ConntrackMap {
         let mut result = SweepResult::default();
         let mut doomed = Vec::new();
         for (key, flow) in &entries {
-            if timeouts.is_expired(flow.state, flow.last_seen_ns, now_ns) {
+            if timeouts.is_expired(flow.state, flow.last_seen, now_ns) {
                 doomed.push(*key);
                 if let Some(partner) = partner_key(key, flow, &backend) {
                     doomed.push(partner);

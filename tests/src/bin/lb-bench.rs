@@ -151,7 +151,7 @@ fn run() -> anyhow::Result<()> {
                 );
             }
         }
-        let mut balancer = Balancer::new();
+        let mut balancer = Balancer::new(datapath.ticks_per_second()?);
         balancer.apply(&config, datapath.maps_mut(), &mut StaticResolver(hops))?;
         Ok((datapath, balancer))
     })??;

@@ -249,6 +249,31 @@ pub fn bench_new_flow_floor(ctx: XdpContext) -> u32 {
     bench::around(&ctx, true, |_| xdp_action::XDP_PASS)
 }
 
+/// Bench only: one connection-table insert of a fresh key per run and nothing else, to show
+/// what the kernel's LRU insert alone costs next to the new-flow paths.
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_conntrack_insert(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, true, |_| {
+        let (Some(scratch), Some(save)) =
+            (maps::SCRATCH.get_ptr_mut(0), maps::BENCH_SAVE.get_ptr(0))
+        else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU map values.
+        let scratch = unsafe { &mut *scratch };
+        // SAFETY: as above.
+        scratch.buf.key.src[0] = unsafe { (*save).counter };
+        match maps::CONNTRACK.insert(&scratch.buf.key, &scratch.buf.flow, 0) {
+            Ok(()) => xdp_action::XDP_PASS,
+            Err(_) => xdp_action::XDP_ABORTED,
+        }
+    })
+}
+
 /// The data path's clock for the daemon: writes `bpf_jiffies64` to the frame's first eight
 /// bytes (run through `BPF_PROG_TEST_RUN`; never attached).
 #[xdp]

@@ -26,6 +26,7 @@ pub const BENCH_INGRESS: &str = "bench_ingress";
 pub const BENCH_FLOOR: &str = "bench_floor";
 pub const BENCH_NEW_FLOW: &str = "bench_new_flow";
 pub const BENCH_NEW_FLOW_FLOOR: &str = "bench_new_flow_floor";
+pub const BENCH_CONNTRACK_INSERT: &str = "bench_conntrack_insert";
 
 /// Program that reports the data path's clock (see [`Datapath::now_ticks`]).
 pub const CLOCK_PROGRAM: &str = "lb_clock";
@@ -187,12 +188,12 @@ impl Datapath {
         let t0 = self.now_ticks()?;
         std::thread::sleep(std::time::Duration::from_millis(50));
         let t1 = self.now_ticks()?;
-        let measured = (t1 - t0) as f64 / started.elapsed().as_secs_f64();
+        let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+        let measured =
+            i64::try_from((t1 - t0).saturating_mul(1_000_000) / elapsed_us).unwrap_or(i64::MAX);
         let hz = [100u64, 250, 300, 1000]
             .into_iter()
-            .min_by(|a, b| {
-                ((*a as f64) - measured).abs().total_cmp(&((*b as f64) - measured).abs())
-            })
+            .min_by_key(|hz| (i64::try_from(*hz).unwrap_or(0) - measured).abs())
             .unwrap_or(250);
         Ok(*HZ.get_or_init(|| hz))
     }

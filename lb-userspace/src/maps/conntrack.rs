@@ -72,7 +72,7 @@ impl ConntrackMap {
 
     /// Entries in the table (a full walk).
     pub fn len(&self) -> usize {
-        self.map.keys().filter(Result::is_ok).count()
+        self.map.keys().flatten().count()
     }
 
     pub fn is_empty(&self) -> bool {

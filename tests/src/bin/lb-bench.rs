@@ -7,6 +7,8 @@
 //! run checks its verdict and the data path's own counters, so a wrong path cannot pass for a
 //! fast one.
 
+#![allow(clippy::cast_precision_loss, reason = "ratios of nanosecond figures")]
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -26,8 +28,8 @@ use lb_tests::{netns::Netns, packet::Packet};
 use lb_userspace::{
     Balancer, Config, Datapath,
     datapath::{
-        BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM,
-        LoadOptions,
+        BENCH_CONNTRACK_INSERT, BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW, BENCH_NEW_FLOW_FLOOR,
+        LAB_PEER_PROGRAM, LoadOptions,
     },
     nexthop::StaticResolver,
 };
@@ -156,11 +158,105 @@ fn run() -> anyhow::Result<()> {
         Ok((datapath, balancer))
     })??;
 
+    let mut scenarios = scenarios();
+    // The reply of an established NAT flow (timed before the new-flow runs, which empty the
+    // connection table): learn its NAT port from the table.
+    let reply = reply_frame(&mut datapath, &balancer)?;
+    let before_new_flows =
+        scenarios.iter().position(|s| s.name == "conntrack insert alone").unwrap_or(0);
+    scenarios.insert(
+        before_new_flows,
+        Scenario {
+            name: "NAT IPv4 reply",
+            program: BENCH_INGRESS,
+            floor: BENCH_FLOOR,
+            frame: reply,
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: false,
+        },
+    );
+    let mut rows = Vec::new();
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10}",
+        "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
+    );
+    for s in &scenarios {
+        if s.warmup {
+            run_once(&mut datapath, s.program, &s.frame, s.verdict)?;
+        }
+        let floor = measure(&mut datapath, s.floor, &s.frame, Action::Pass, repeat, rounds, None)?;
+        let sid = if s.new_flows {
+            balancer.service_id(if s.name.starts_with("NAT") { "nat4" } else { "dsr4" })
+        } else {
+            None
+        };
+        let path = measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, rounds, sid)
+            .with_context(|| s.name)?;
+        let row = Row {
+            name: s.name,
+            median_ns: path.0,
+            min_ns: path.1,
+            max_ns: path.2,
+            floor_median_ns: floor.0,
+            ratio_to_floor: path.0 as f64 / floor.0.max(1) as f64,
+            minus_floor_ns: i64::try_from(path.0).unwrap_or(0)
+                - i64::try_from(floor.0).unwrap_or(0),
+        };
+        let _ = writeln!(
+            table,
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>7.2}x {:>10}",
+            row.name,
+            row.median_ns,
+            row.min_ns,
+            row.max_ns,
+            row.floor_median_ns,
+            row.ratio_to_floor,
+            row.minus_floor_ns
+        );
+        eprintln!("  {} {} ns (floor {} ns)", row.name, row.median_ns, row.floor_median_ns);
+        rows.push(row);
+    }
+    println!("\nData path, {repeat} repetitions per run, median of {rounds} runs:\n\n{table}");
+
+    // Connection-table memory with a million live NAT flows' worth of entries.
+    let memory = datapath.maps().conntrack.memory_bytes();
+    let entries = datapath.maps().conntrack.len();
+    if let Some(bytes) = memory {
+        println!(
+            "CONNTRACK: {} entries allocated, {:.1} MiB of kernel memory ({:.0} bytes per entry); {entries} in use after the runs.",
+            LoadOptions::default().conntrack_entries,
+            bytes as f64 / (1024.0 * 1024.0),
+            bytes as f64 / f64::from(LoadOptions::default().conntrack_entries)
+        );
+    }
+
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let json = serde_json::json!({
+        "date": chrono_free_date(),
+        "repeat": repeat,
+        "rounds": rounds,
+        "rows": rows,
+        "conntrack_memory_bytes": memory,
+        "conntrack_entries": LoadOptions::default().conntrack_entries,
+    });
+    let path = dir.join("datapath.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    drop(ns);
+    Ok(())
+}
+
+/// The timed paths, each with its floor and expected verdict.
+fn scenarios() -> Vec<Scenario> {
     let v4 = |last: u8| IpAddr::V4(Ipv4Addr::new(198, 18, 100, last));
     let v6 = |last: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, last));
     let (c4, c6) = (IpAddr::V4(CLIENT4), IpAddr::V6(CLIENT6));
     let ack = tcp_flags::ACK;
-    let mut scenarios = vec![
+    vec![
         Scenario {
             name: "empty program, no wrapper",
             program: LAB_PEER_PROGRAM,
@@ -216,6 +312,15 @@ fn run() -> anyhow::Result<()> {
             warmup: true,
         },
         Scenario {
+            name: "conntrack insert alone",
+            program: BENCH_CONNTRACK_INSERT,
+            floor: BENCH_NEW_FLOW_FLOOR,
+            frame: frame(c4, v4(2), 40_007, tcp_flags::SYN),
+            verdict: Action::Pass,
+            new_flows: false,
+            warmup: false,
+        },
+        Scenario {
             name: "DSR IPv4 new flow",
             program: BENCH_NEW_FLOW,
             floor: BENCH_NEW_FLOW_FLOOR,
@@ -233,93 +338,7 @@ fn run() -> anyhow::Result<()> {
             new_flows: true,
             warmup: false,
         },
-    ];
-    // The reply of an established NAT flow (timed before the new-flow runs, which empty the
-    // connection table): learn its NAT port from the table.
-    let reply = reply_frame(&mut datapath, &balancer)?;
-    scenarios.insert(
-        scenarios.len() - 2,
-        Scenario {
-            name: "NAT IPv4 reply",
-            program: BENCH_INGRESS,
-            floor: BENCH_FLOOR,
-            frame: reply,
-            verdict: Action::Tx,
-            new_flows: false,
-            warmup: false,
-        },
-    );
-    let mut rows = Vec::new();
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10}",
-        "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
-    );
-    for s in &scenarios {
-        if s.warmup {
-            run_once(&mut datapath, s.program, &s.frame, s.verdict)?;
-        }
-        let floor = measure(&mut datapath, s.floor, &s.frame, Action::Pass, repeat, rounds, None)?;
-        let sid = if s.new_flows {
-            balancer.service_id(if s.name.starts_with("NAT") { "nat4" } else { "dsr4" })
-        } else {
-            None
-        };
-        let path = measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, rounds, sid)
-            .with_context(|| s.name)?;
-        let row = Row {
-            name: s.name,
-            median_ns: path.0,
-            min_ns: path.1,
-            max_ns: path.2,
-            floor_median_ns: floor.0,
-            ratio_to_floor: path.0 as f64 / floor.0.max(1) as f64,
-            minus_floor_ns: i64::try_from(path.0).unwrap_or(0)
-                - i64::try_from(floor.0).unwrap_or(0),
-        };
-        let _ = writeln!(
-            table,
-            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>7.2}x {:>10}",
-            row.name,
-            row.median_ns,
-            row.min_ns,
-            row.max_ns,
-            row.floor_median_ns,
-            row.ratio_to_floor,
-            row.minus_floor_ns
-        );
-        rows.push(row);
-    }
-    println!("\nData path, {repeat} repetitions per run, median of {rounds} runs:\n\n{table}");
-
-    // Connection-table memory with a million live NAT flows' worth of entries.
-    let memory = datapath.maps().conntrack.memory_bytes();
-    let entries = datapath.maps().conntrack.len();
-    if let Some(bytes) = memory {
-        println!(
-            "CONNTRACK: {} entries allocated, {:.1} MiB of kernel memory ({:.0} bytes per entry); {entries} in use after the runs.",
-            LoadOptions::default().conntrack_entries,
-            bytes as f64 / (1024.0 * 1024.0),
-            bytes as f64 / f64::from(LoadOptions::default().conntrack_entries)
-        );
-    }
-
-    let dir = target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let json = serde_json::json!({
-        "date": chrono_free_date(),
-        "repeat": repeat,
-        "rounds": rounds,
-        "rows": rows,
-        "conntrack_memory_bytes": memory,
-        "conntrack_entries": LoadOptions::default().conntrack_entries,
-    });
-    let path = dir.join("datapath.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    println!("wrote {}", path.display());
-    drop(ns);
-    Ok(())
+    ]
 }
 
 fn reply_frame(datapath: &mut Datapath, balancer: &Balancer) -> anyhow::Result<Vec<u8>> {
@@ -388,7 +407,12 @@ fn measure(
     } else {
         repeat
     };
-    let counts_packets = ![BENCH_FLOOR, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM].contains(&program);
+    let counts_packets =
+        ![BENCH_FLOOR, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM, BENCH_CONNTRACK_INSERT]
+            .contains(&program);
+    if program == BENCH_CONNTRACK_INSERT {
+        datapath.maps_mut().conntrack.clear()?;
+    }
     for _ in 0..rounds {
         if new_flow_service.is_some() {
             datapath.maps_mut().conntrack.clear()?;

@@ -126,8 +126,13 @@ pub struct Globals {
     pub refresh: u64,
     /// Seed of the flow hash; the same on every node that must agree on backends.
     pub hash_seed: u32,
-    pub _pad: u32,
+    /// `GLOBAL_*` bits.
+    pub flags: u32,
 }
+
+/// `Globals::flags`: at least one service covers every port of its address, so a packet that
+/// matches no (address, protocol, port) service needs a second lookup with port 0.
+pub const GLOBAL_ALL_PORTS_SERVICES: u32 = 0x01;
 const _: () = assert!(core::mem::size_of::<Globals>() == 56);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.

@@ -117,10 +117,11 @@ fn is_nat_source(packet: &Packet) -> bool {
 pub fn try_reply(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     let ctx = &crate::parse::reload(ctx);
     let Scratch { packet, buf, .. } = scratch;
-    if is_nat_source(packet)
-        && packet.has_l4
+    // Cheap tests first: the address lookup is the expensive one.
+    if packet.has_l4
         && packet.fragment == Fragment::None
         && crate::icmp::is_error(packet)
+        && is_nat_source(packet)
     {
         return crate::icmp::translate_error(ctx, packet, buf, now);
     }
@@ -136,10 +137,10 @@ fn translate_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
 
 #[inline(always)]
 fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> {
-    if !is_nat_source(packet)
-        || packet.fragment != Fragment::None
+    if packet.fragment != Fragment::None
         || !packet.has_l4
         || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP)
+        || !is_nat_source(packet)
     {
         return Err(Reason::NotService);
     }

@@ -8,7 +8,8 @@ use lb_common::{
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
     service::{
-        AddrKey, Globals, MAX_BACKENDS, MAX_SERVICES, SERVICE_HASH_SOURCE, Service, ServiceKey,
+        AddrKey, GLOBAL_ALL_PORTS_SERVICES, Globals, MAX_BACKENDS, MAX_SERVICES,
+        SERVICE_HASH_SOURCE, Service, ServiceKey,
     },
 };
 
@@ -33,6 +34,15 @@ pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
     if let Some(service) = SERVICES.get_ptr(key) {
         // SAFETY: a map value pointer from a successful lookup, valid for this program run.
         return Some(unsafe { &*service });
+    }
+    // Most deployments have no all-ports service: skip the second lookup then.
+    let all_ports = GLOBALS.get_ptr(0).is_some_and(|g| {
+        // SAFETY: a map value pointer from a successful array lookup.
+        let flags = unsafe { (*g).flags };
+        flags & GLOBAL_ALL_PORTS_SERVICES != 0
+    });
+    if !all_ports {
+        return None;
     }
     key.port = 0;
     // SAFETY: as above.

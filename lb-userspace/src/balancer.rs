@@ -143,10 +143,16 @@ impl Balancer {
     ) -> Result<ApplySummary, ApplyError> {
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
+        let all_ports = config.services.iter().any(|s| s.port().is_none());
+        let flags = if all_ports { lb_common::service::GLOBAL_ALL_PORTS_SERVICES } else { 0 };
+        // Raised before services are installed (and lowered only after): an all-ports service
+        // is never unreachable for want of the flag.
+        let old_flags = maps.globals.get()?.flags;
         maps.globals.set(&crate::datapath::globals(
             &config.conntrack.timeouts(),
             config.daemon.hash_seed,
             self.ticks_per_second,
+            flags | old_flags,
         ))?;
 
         // 1. Backends: keep ids of those that stay, give new ones free ids, retire the rest.
@@ -265,6 +271,11 @@ impl Balancer {
                 self.retired.insert(state.id, identity);
                 summary.backends_retired += 1;
             }
+        }
+        if !all_ports && old_flags & lb_common::service::GLOBAL_ALL_PORTS_SERVICES != 0 {
+            let mut g = maps.globals.get()?;
+            g.flags &= !lb_common::service::GLOBAL_ALL_PORTS_SERVICES;
+            maps.globals.set(&g)?;
         }
         info!(?summary, "configuration applied");
         Ok(summary)

@@ -120,12 +120,12 @@ impl Default for LoadOptions {
 
 /// The settings the data path reads, for a clock of `hz` ticks a second.
 #[must_use]
-pub fn globals(timeouts: &TimeoutSecs, hash_seed: u32, hz: u64) -> Globals {
+pub fn globals(timeouts: &TimeoutSecs, hash_seed: u32, hz: u64, flags: u32) -> Globals {
     Globals {
         timeouts: Timeouts::from_secs(timeouts, hz),
         refresh: REFRESH_SECS * hz,
         hash_seed,
-        _pad: 0,
+        flags,
     }
 }
 
@@ -156,7 +156,7 @@ impl Datapath {
         let maps = Maps::take(&mut ebpf)?;
         let mut datapath = Self { ebpf, maps, attachments: Vec::new() };
         let hz = datapath.ticks_per_second()?;
-        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz))?;
+        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, 0))?;
         Ok(datapath)
     }
 

@@ -27,3 +27,24 @@ pub const TX_PORTS: &str = "TX_PORTS";
 pub const VIPS: &str = "VIPS";
 /// Set of NAT source addresses ([`crate::service::AddrKey`] to service count).
 pub const NAT_SOURCES: &str = "NAT_SOURCES";
+
+/// Version of the maps' layouts as a whole: pinned maps live under `maps-v<this>`, so a build
+/// whose keys or values changed never reads maps pinned by another. Bump it with any change
+/// to a pinned map's key, value, type or flags.
+pub const MAPS_LAYOUT_VERSION: u32 = 1;
+
+/// Maps pinned under bpffs so they outlive the daemon (scratch maps are not).
+pub const PINNED: &[&str] = &[
+    STATS,
+    SERVICES,
+    VIPS,
+    NAT_SOURCES,
+    BACKENDS,
+    NEXTHOPS,
+    MAGLEV,
+    CONNTRACK,
+    GLOBALS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    TX_PORTS,
+];

@@ -82,6 +82,10 @@ pub struct Balancer {
     backend_addrs: BTreeMap<u32, IpAddr>,
     hash_seed: u32,
     ticks_per_second: u64,
+    /// Backend ids found in adopted (pinned) maps, by (address, port), not yet claimed.
+    adoptable_backends: HashMap<(IpAddr, Option<u16>), u32>,
+    /// Service ids found in adopted maps, by their `SERVICES` key, not yet claimed.
+    adoptable_services: HashMap<ServiceKey, u32>,
 }
 
 /// What one `apply` changed.
@@ -134,6 +138,30 @@ impl Balancer {
         self.services.iter().map(|(k, v)| (k.as_str(), v.id))
     }
 
+    /// Takes over the ids an earlier run left in pinned maps: services by their key and
+    /// backends by address and port, so the connection table's flows keep pointing at the
+    /// same backends. Call before the first [`Balancer::apply`].
+    pub fn adopt(&mut self, maps: &Maps) -> Result<(), MapError> {
+        for (key, service) in maps.services.entries()? {
+            self.adoptable_services.insert(key, service.id);
+        }
+        for id in 0..MAX_BACKENDS {
+            let backend = maps.backends.get(id)?;
+            if backend.family == 0 {
+                continue;
+            }
+            let addr = lb_common::flow::words_addr(backend.addr, backend.family);
+            let port = (backend.port != 0).then(|| lb_common::flow::raw_port(backend.port));
+            self.adoptable_backends.insert((addr, port), id);
+        }
+        info!(
+            services = self.adoptable_services.len(),
+            backends = self.adoptable_backends.len(),
+            "adopted ids from pinned maps"
+        );
+        Ok(())
+    }
+
     /// Makes the data path serve exactly `config`'s pools and services.
     pub fn apply(
         &mut self,
@@ -175,6 +203,12 @@ impl Balancer {
                 state.weight = *weight;
                 continue;
             }
+            // A backend the pinned maps already hold keeps its id, so its flows keep going.
+            if let Some(id) = self.adoptable_backends.remove(&(identity.addr, identity.port)) {
+                self.backend_addrs.insert(id, identity.addr);
+                self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
+                continue;
+            }
             let id = self.free_backend_id()?;
             maps.traffic.reset_backend(id)?;
             maps.backends.set(id, &backend_value(identity))?;
@@ -208,11 +242,15 @@ impl Balancer {
             let name = service.name.get_ref().clone();
             kept.insert(name.clone());
             let previous = self.services.get(&name).cloned();
+            let key = service_key(service);
+            let adopted = previous.is_none() && self.adoptable_services.contains_key(&key);
             let id = match &previous {
                 Some(state) => state.id,
-                None => self.free_service_id()?,
+                None => match self.adoptable_services.remove(&key) {
+                    Some(id) => id,
+                    None => self.free_service_id()?,
+                },
             };
-            let key = service_key(service);
             let value = service_value(config, service, id);
             let table = TableInput {
                 size: config.table_size(service),
@@ -233,7 +271,10 @@ impl Balancer {
             }
             match &previous {
                 None => {
-                    maps.traffic.reset_service(id)?;
+                    // A fresh id starts its counters at zero; an adopted one keeps counting.
+                    if !adopted {
+                        maps.traffic.reset_service(id)?;
+                    }
                     summary.services_added += 1;
                 }
                 Some(p) if p.key != key || p.value != value || p.table != table => {
@@ -249,6 +290,11 @@ impl Balancer {
                 name,
                 ServiceState { id, key, value, table, pool: service.pool.get_ref().clone() },
             );
+        }
+        // Adopted services the configuration no longer has.
+        for (key, _) in self.adoptable_services.drain() {
+            maps.services.remove(&key)?;
+            summary.services_removed += 1;
         }
         let removed: Vec<String> =
             self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
@@ -271,6 +317,12 @@ impl Balancer {
                 self.retired.insert(state.id, identity);
                 summary.backends_retired += 1;
             }
+        }
+        // Adopted backends the configuration no longer has: retired the same way.
+        for ((addr, port), id) in self.adoptable_backends.drain() {
+            self.retired.insert(id, BackendIdentity { pool: String::new(), addr, port });
+            self.backend_addrs.insert(id, addr);
+            summary.backends_retired += 1;
         }
         if !all_ports && old_flags & lb_common::service::GLOBAL_ALL_PORTS_SERVICES != 0 {
             let mut g = maps.globals.get()?;
@@ -386,15 +438,25 @@ impl Balancer {
     }
 
     fn free_backend_id(&self) -> Result<u32, ApplyError> {
-        let used: BTreeSet<u32> =
-            self.backends.values().map(|b| b.id).chain(self.retired.keys().copied()).collect();
+        let used: BTreeSet<u32> = self
+            .backends
+            .values()
+            .map(|b| b.id)
+            .chain(self.retired.keys().copied())
+            .chain(self.adoptable_backends.values().copied())
+            .collect();
         (0..MAX_BACKENDS)
             .find(|id| !used.contains(id))
             .ok_or(ApplyError::NoFreeId { what: "backend", max: MAX_BACKENDS })
     }
 
     fn free_service_id(&self) -> Result<u32, ApplyError> {
-        let used: BTreeSet<u32> = self.services.values().map(|s| s.id).collect();
+        let used: BTreeSet<u32> = self
+            .services
+            .values()
+            .map(|s| s.id)
+            .chain(self.adoptable_services.values().copied())
+            .collect();
         (0..MAX_SERVICES)
             .find(|id| !used.contains(id))
             .ok_or(ApplyError::NoFreeId { what: "service", max: MAX_SERVICES })

@@ -52,12 +52,27 @@ pub struct DaemonConfig {
     /// pools) to pick the same backend for a flow.
     #[serde(default)]
     pub hash_seed: u32,
+    /// Directory on bpffs where maps and XDP links are pinned, so the data path keeps
+    /// running while `lbd` restarts; empty to pin nothing.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: String,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        Self { stats_log_interval_secs: default_stats_log_interval(), hash_seed: 0 }
+        Self {
+            stats_log_interval_secs: default_stats_log_interval(),
+            hash_seed: 0,
+            pin_dir: default_pin_dir(),
+        }
     }
+}
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+fn default_pin_dir() -> String {
+    DEFAULT_PIN_DIR.to_owned()
 }
 
 const fn default_stats_log_interval() -> u64 {

@@ -3,7 +3,11 @@
 use aya::programs::{TestRun as _, TestRunOptions};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     conntrack::{REFRESH_SECS, TimeoutSecs, Timeouts},
@@ -12,9 +16,12 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::maps::{MapError, Maps, StatsMap};
+use crate::{
+    maps::{MapError, Maps, StatsMap},
+    pins::PinDir,
+};
 
 /// The compiled data path, built for the BPF target by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -52,6 +59,8 @@ pub enum XdpModeSetting {
 pub enum AttachedMode {
     Driver,
     Generic,
+    /// An earlier run's pinned link now runs this run's program (in the mode it was made in).
+    Pinned,
 }
 
 impl AttachedMode {
@@ -60,6 +69,7 @@ impl AttachedMode {
         match self {
             Self::Driver => "driver",
             Self::Generic => "generic",
+            Self::Pinned => "pinned link",
         }
     }
 }
@@ -88,6 +98,10 @@ pub enum DatapathError {
     Clock { source: ProgramError },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Pins(#[from] crate::pins::PinError),
+    #[error("failed to pin the XDP link of {interface}: {source}")]
+    PinLink { interface: String, source: aya::pin::PinError },
 }
 
 #[derive(Debug)]
@@ -106,6 +120,9 @@ pub struct LoadOptions {
     pub timeouts: TimeoutSecs,
     /// Seed of the flow hash.
     pub hash_seed: u32,
+    /// Pin maps and links under this bpffs directory so they outlive the process (and adopt
+    /// what an earlier run pinned there). `None` keeps everything tied to this process.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -114,6 +131,7 @@ impl Default for LoadOptions {
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             timeouts: TimeoutSecs::default(),
             hash_seed: 0,
+            pin_dir: None,
         }
     }
 }
@@ -135,6 +153,11 @@ pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
     attachments: Vec<Attachment>,
+    pins: Option<PinDir>,
+    /// Links this run created and pinned (adopted links live among the program's links).
+    pinned_links: Vec<(String, PinnedLink)>,
+    /// The maps were pinned by an earlier run and are reused (their contents included).
+    adopted: bool,
 }
 
 impl Datapath {
@@ -146,18 +169,38 @@ impl Datapath {
     /// Loads [`EBPF_OBJECT`] and its programs into the kernel and writes the initial settings.
     pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNTRACK, options.conntrack_entries)
-            .load(EBPF_OBJECT)
-            .map_err(DatapathError::Object)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
+        let pins = options.pin_dir.as_deref().map(PinDir::open).transpose()?;
+        let mut adopted = false;
+        if let Some(pins) = &pins {
+            let prepared = pins.prepare(EBPF_OBJECT, options.conntrack_entries)?;
+            adopted = prepared.reused.contains(&names::SERVICES);
+            if !prepared.reused.is_empty() {
+                info!(maps = ?prepared.reused, "adopting pinned maps");
+            }
+            for (name, path) in prepared.paths {
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
         for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM, CLOCK_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
         let maps = Maps::take(&mut ebpf)?;
-        let mut datapath = Self { ebpf, maps, attachments: Vec::new() };
+        let mut datapath =
+            Self { ebpf, maps, attachments: Vec::new(), pins, pinned_links: Vec::new(), adopted };
         let hz = datapath.ticks_per_second()?;
-        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, 0))?;
+        // An adopted GLOBALS keeps its flags until the configuration is applied again.
+        let flags = if adopted { datapath.maps.globals.get()?.flags } else { 0 };
+        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, flags))?;
         Ok(datapath)
+    }
+
+    /// Whether the maps were pinned by an earlier run and reused with their contents.
+    #[must_use]
+    pub const fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The data path's clock now (`bpf_jiffies64`), which connection timestamps use.
@@ -241,6 +284,31 @@ impl Datapath {
         interface: &str,
         mode: XdpModeSetting,
     ) -> Result<AttachedMode, DatapathError> {
+        if name == INGRESS_PROGRAM
+            && let Some(path) = self.pins.as_ref().map(|p| p.link_path(interface))
+            && path.exists()
+        {
+            // An earlier run's link: switch it to this run's program in one step, so traffic
+            // never meets an interface without the data path.
+            let program = xdp_program(&mut self.ebpf, name)?;
+            match adopt_link(program, &path) {
+                Ok(link) => {
+                    info!(%interface, "replaced the program of the pinned XDP link");
+                    self.attachments.push(Attachment {
+                        program: name,
+                        interface: interface.to_owned(),
+                        link,
+                    });
+                    let ifindex = if_index(interface)?;
+                    self.maps.tx_ports.add(ifindex)?;
+                    return Ok(AttachedMode::Pinned);
+                }
+                Err(error) => {
+                    warn!(%interface, %error, "pinned XDP link unusable; attaching afresh");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         let program = xdp_program(&mut self.ebpf, name)?;
         let unknown = |source: ProgramError| match source {
             ProgramError::UnknownInterface { .. } => {
@@ -277,6 +345,30 @@ impl Datapath {
                 }
             },
         };
+        if name == INGRESS_PROGRAM
+            && let Some(path) = self.pins.as_ref().map(|p| p.link_path(interface))
+        {
+            let program = xdp_program(&mut self.ebpf, name)?;
+            let owned = program.take_link(link).map_err(|source| DatapathError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+            match FdLink::try_from(owned) {
+                Ok(fd_link) => {
+                    let pinned = fd_link.pin(&path).map_err(|source| DatapathError::PinLink {
+                        interface: interface.to_owned(),
+                        source,
+                    })?;
+                    self.pinned_links.push((interface.to_owned(), pinned));
+                }
+                Err(_) => {
+                    warn!(%interface, "XDP attached through netlink: it cannot be pinned and goes with this process");
+                }
+            }
+            let ifindex = if_index(interface)?;
+            self.maps.tx_ports.add(ifindex)?;
+            return Ok(attached);
+        }
         self.attachments.push(Attachment { program: name, interface: interface.to_owned(), link });
         if name == INGRESS_PROGRAM {
             // Frames may be redirected out of every interface the data path serves.
@@ -286,8 +378,20 @@ impl Datapath {
         Ok(attached)
     }
 
-    /// Detaches every program this `Datapath` attached.
+    /// Detaches every program this `Datapath` attached or adopted, and removes every pin.
     pub fn detach_all(&mut self) {
+        for (interface, pinned) in self.pinned_links.drain(..) {
+            match pinned.unpin() {
+                Ok(link) => drop(link),
+                Err(error) => warn!(%interface, %error, "failed to unpin the XDP link"),
+            }
+        }
+        if let Some(pins) = &self.pins {
+            for attachment in &self.attachments {
+                let _ = std::fs::remove_file(pins.link_path(&attachment.interface));
+            }
+            pins.remove_all();
+        }
         for Attachment { program, interface, link } in self.attachments.drain(..) {
             match xdp_program(&mut self.ebpf, program) {
                 Ok(xdp) => {
@@ -317,6 +421,14 @@ pub fn if_index(interface: &str) -> Result<u32, DatapathError> {
         return Err(DatapathError::UnknownInterface { interface: interface.to_owned() });
     }
     Ok(index)
+}
+
+/// Switches the pinned link at `path` to `program`.
+fn adopt_link(program: &mut Xdp, path: &std::path::Path) -> Result<XdpLinkId, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let fd_link: FdLink = pinned.into();
+    let link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
+    program.attach_to_link(link).map_err(|e| e.to_string())
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod datapath;
 pub mod maps;
 pub mod nexthop;
+pub mod pins;
 pub mod sysctl;
 
 use std::time::Duration;
@@ -48,6 +49,7 @@ pub async fn run(
         conntrack_entries: config.conntrack.max_entries,
         timeouts: config.conntrack.timeouts(),
         hash_seed: config.daemon.hash_seed,
+        pin_dir: (!config.daemon.pin_dir.is_empty()).then(|| config.daemon.pin_dir.clone().into()),
     };
     let mut datapath = Datapath::load_with(&load).context("failed to load the XDP data path")?;
     let hz = datapath.ticks_per_second()?;
@@ -63,6 +65,9 @@ pub async fn run(
     }
     let mut resolver = KernelResolver;
     let mut balancer = Balancer::new(hz);
+    if datapath.adopted() {
+        balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;
+    }
     balancer
         .apply(&config, datapath.maps_mut(), &mut resolver)
         .context("failed to install the services")?;

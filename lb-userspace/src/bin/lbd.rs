@@ -16,9 +16,13 @@ struct Cli {
     /// Configuration file (TOML); see docs/configuration.md.
     #[arg(long, short, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// Remove the XDP programs from the interfaces when the daemon exits.
+    /// Remove the XDP programs, maps and pins when the daemon exits (by default the data path
+    /// keeps running without the daemon).
     #[arg(long)]
     detach_on_exit: bool,
+    /// Pin maps and links here instead of the configured `pin_dir` (`""` pins nothing).
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,13 +60,16 @@ fn main() -> ExitCode {
                 eprintln!("lbd: no configuration; pass --config FILE (see docs/configuration.md)");
                 return ExitCode::from(2);
             };
-            let config = match Config::load(&path) {
+            let mut config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("{error}");
                     return ExitCode::from(2);
                 }
             };
+            if let Some(dir) = cli.pin_dir {
+                config.daemon.pin_dir = dir;
+            }
             let options =
                 RunOptions { detach_on_exit: cli.detach_on_exit, config_path: Some(path) };
             match serve(config, options) {

@@ -1,0 +1,156 @@
+//! Pinning under bpffs: the maps and XDP links outlive `lbd`, so the data path keeps running
+//! while the daemon restarts or is upgraded, and a new daemon adopts them.
+//!
+//! Layout: `<pin_dir>/maps-v<MAPS_LAYOUT_VERSION>/<MAP>` and `<pin_dir>/links/<interface>`.
+//! A pinned map is reused only if its type, key size, value size, maximum entries and flags
+//! match what this build expects; otherwise it is unpinned and replaced, and the replacement
+//! is logged (a pinned map is never misread).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+use lb_common::maps::{self as names, MAPS_LAYOUT_VERSION};
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// bpffs magic number (`statfs.f_type`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Failure to prepare the pin directory.
+#[derive(Debug, Error)]
+pub enum PinError {
+    #[error(
+        "{path} is not on a BPF filesystem; mount one (`mount -t bpf bpf {path}`) or choose another pin_dir"
+    )]
+    NotBpffs { path: String },
+    #[error("failed to prepare pin directory {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("failed to parse the XDP object's maps: {0}")]
+    Object(String),
+}
+
+/// Where this build's maps and links are pinned.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+/// What preparing the pins found.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    /// (map name, pin path) for the loader.
+    pub paths: Vec<(&'static str, PathBuf)>,
+    /// Maps already pinned with the expected layout (they will be reused).
+    pub reused: Vec<&'static str>,
+    /// Maps that were pinned with another layout and were replaced.
+    pub replaced: Vec<&'static str>,
+}
+
+impl PinDir {
+    /// Uses `root` (created if missing; it, or a parent, must be on bpffs). Mounts bpffs at
+    /// `/sys/fs/bpf` first if `root` is below it and nothing is mounted there (as inside
+    /// `ip netns exec`, which remounts `/sys`).
+    pub fn open(root: &Path) -> Result<Self, PinError> {
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if root.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+            let _ = std::fs::create_dir_all(sys_bpf);
+            let status = std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                warn!("could not mount bpffs at /sys/fs/bpf");
+            }
+        }
+        std::fs::create_dir_all(root)
+            .map_err(|source| PinError::Io { path: root.display().to_string(), source })?;
+        if !is_bpffs(root) {
+            return Err(PinError::NotBpffs { path: root.display().to_string() });
+        }
+        Ok(Self { root: root.to_owned() })
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.root.join(format!("maps-v{MAPS_LAYOUT_VERSION}"))
+    }
+
+    /// The pin path of the XDP link on `interface`.
+    #[must_use]
+    pub fn link_path(&self, interface: &str) -> PathBuf {
+        self.root.join("links").join(interface)
+    }
+
+    /// Checks every pinned map against the object's definitions (`conntrack_entries` for the
+    /// connection table) and returns the paths to load with.
+    pub fn prepare(&self, object: &[u8], conntrack_entries: u32) -> Result<Prepared, PinError> {
+        let dir = self.maps_dir();
+        for d in [dir.clone(), self.root.join("links")] {
+            std::fs::create_dir_all(&d)
+                .map_err(|source| PinError::Io { path: d.display().to_string(), source })?;
+        }
+        let obj = aya_obj::Object::parse(object).map_err(|e| PinError::Object(e.to_string()))?;
+        let mut prepared = Prepared::default();
+        for name in names::PINNED {
+            let Some(def) = obj.maps.get(*name) else { continue };
+            let max_entries =
+                if *name == names::CONNTRACK { conntrack_entries } else { def.max_entries() };
+            let path = dir.join(name);
+            if path.exists() {
+                let matches = MapInfo::from_pin(&path).is_ok_and(|info| {
+                    info.key_size() == def.key_size()
+                        && info.value_size() == def.value_size()
+                        && info.max_entries() == max_entries
+                        && info.map_flags() == def.map_flags()
+                });
+                if matches {
+                    prepared.reused.push(name);
+                } else {
+                    warn!(map = name, path = %path.display(), "pinned map has another layout or size; replacing it");
+                    std::fs::remove_file(&path).map_err(|source| PinError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    prepared.replaced.push(name);
+                }
+            }
+            prepared.paths.push((name, path));
+        }
+        // Maps of older layouts are no longer used by this build.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("maps-v") && entry.path() != dir {
+                    info!(dir = %entry.path().display(), "removing maps pinned by another layout version");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Removes every pin (maps and links): the data path goes when the last program using it
+    /// does.
+    pub fn remove_all(&self) {
+        for dir in [self.maps_dir(), self.root.join("links")] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let ret = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    let kind = st.f_type as i64;
+    ret == 0 && kind == BPF_FS_MAGIC
+}

@@ -1,0 +1,203 @@
+//! Restart without loss: `lbd` pins its maps and XDP links, so killing it with SIGKILL leaves
+//! the data path running, and a new `lbd` adopts the pinned state — while an iperf3 flow and a
+//! loop of HTTP requests go through a NAT service, none failing.
+
+#![allow(clippy::too_many_lines, reason = "an end-to-end scenario reads best top to bottom")]
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_tests::{
+    lab::{self, Lab},
+    netns::{ChildOutput, wait_for},
+    privileged::require_privileges,
+};
+
+/// A bpffs instance of the test's own, mounted in the root mount namespace so that pins
+/// survive `ip netns exec` (which gives each command its own `/sys`). Unmounted on drop, which
+/// also removes anything left pinned in it.
+struct Bpffs {
+    dir: PathBuf,
+}
+
+impl Bpffs {
+    fn mount(id: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{id}-bpffs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
+        assert!(status.success(), "mount bpffs at {}", dir.display());
+        Self { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn start_lbd(lab: &Lab, config: &Path, pin_dir: &Path) -> Child {
+    let lbd = lab::bin_path("lbd").unwrap();
+    let pid = lab
+        .lb
+        .spawn(
+            &[
+                lbd.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--pin-dir".as_ref(),
+                pin_dir.as_os_str(),
+            ],
+            ChildOutput::Capture,
+        )
+        .unwrap();
+    lab.lb.take_child(pid).unwrap()
+}
+
+fn kill(child: &mut Child, signal: &str) -> String {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    let _ = child.wait();
+    let mut log = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut log);
+    }
+    log
+}
+
+#[test]
+fn sigkill_and_restart_under_load_loses_nothing() {
+    if !require_privileges("sigkill_and_restart_under_load_loses_nothing") {
+        return;
+    }
+    let lab = Lab::create(3).unwrap();
+    let bpffs = Bpffs::mount(&lab.id);
+    let pin_dir = bpffs.dir.join("lb");
+    let config = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
+    std::fs::write(&config, lab::lab_config(3, &[])).unwrap();
+    for backend in &lab.backends {
+        backend
+            .ns
+            .spawn(&["iperf3", "-s", "-p", &lab::IPERF_PORT.to_string()], ChildOutput::Discard)
+            .unwrap();
+    }
+
+    let mut first = start_lbd(&lab, &config, &pin_dir);
+    let ready =
+        wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
+    assert!(ready.is_some(), "lbd did not start serving: {}", kill(&mut first, "-TERM"));
+    for b in &lab.backends {
+        let up = wait_for(Duration::from_secs(10), || {
+            let out =
+                b.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{}", lab::IPERF_PORT)]).ok()?;
+            (!out.trim().is_empty()).then_some(())
+        });
+        assert!(up.is_some(), "iperf3 server on {} did not start", b.name);
+    }
+
+    // Load: one iperf3 flow and a request every 50 ms, each a new connection.
+    let iperf = lab
+        .client
+        .spawn(
+            &[
+                "iperf3",
+                "-c",
+                &lab::VIP_V4.to_string(),
+                "-p",
+                &lab::IPERF_PORT.to_string(),
+                "-t",
+                "12",
+                "-i",
+                "1",
+                "-J",
+                "-b",
+                "100M",
+            ],
+            ChildOutput::Capture,
+        )
+        .unwrap();
+    let iperf = lab.client.take_child(iperf).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client_ns = lab.client.name().to_owned();
+    let looper = {
+        let (stop, ok, failed, failures) =
+            (stop.clone(), ok.clone(), failed.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let url = format!("http://{}:{}/", lab::VIP_V4, lab::HTTP_PORT);
+            for i in 0..400 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &client_ns, "curl", "-sS", "--max-time", "5", &url])
+                    .output()
+                    .unwrap();
+                let body = String::from_utf8_lossy(&out.stdout);
+                if out.status.success() && body.starts_with("backend-") {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    failures.lock().unwrap().push(format!(
+                        "request {i}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    std::thread::sleep(Duration::from_secs(3));
+    let first_log = kill(&mut first, "-KILL");
+    // The data path runs on without any daemon.
+    let link = lab.lb.ip(&["link", "show", lab::LB_FRONT_IF]).unwrap();
+    assert!(link.contains("xdp"), "XDP went with the killed daemon: {link}");
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = start_lbd(&lab, &config, &pin_dir);
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::SeqCst);
+    looper.join().unwrap();
+
+    let output = iperf.wait_with_output().unwrap();
+    let second_log = kill(&mut second, "-TERM");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&output.stderr))
+    });
+    assert!(report.get("error").is_none(), "iperf3 failed: {}", report["error"]);
+    let intervals = report["intervals"].as_array().expect("intervals");
+    assert!(intervals.len() >= 11, "{} intervals", intervals.len());
+    for (i, interval) in intervals.iter().enumerate() {
+        let bytes = interval["sum"]["bytes"].as_u64().unwrap_or(0);
+        assert!(bytes > 0, "the iperf3 flow stalled in second {i}");
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed: {:?}",
+        ok + failed,
+        failures.lock().unwrap()
+    );
+    assert!(ok >= 100, "only {ok} requests made");
+    assert!(
+        second_log.contains("adopting pinned maps"),
+        "the second lbd did not adopt the pins: {second_log}"
+    );
+    assert!(second_log.contains("replaced the program of the pinned XDP link"), "{second_log}");
+    let _ = first_log;
+    // After a clean stop without --detach-on-exit, the data path still serves.
+    assert!(lab.curl(IpAddr::V4(lab::VIP_V4), lab::HTTP_PORT).unwrap().starts_with("backend-"));
+    let _ = std::fs::remove_file(&config);
+    drop(lab);
+    drop(bpffs);
+}

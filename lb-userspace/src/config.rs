@@ -16,20 +16,22 @@ use lb_common::{
     maglev::{MAX_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, table_size_for},
     service::{DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_SERVICES},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
 use crate::datapath::XdpModeSetting;
 
 /// The whole configuration file.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     /// Interfaces the data path is attached to (`[[interface]]` tables).
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<InterfaceConfig>,
@@ -42,7 +44,7 @@ pub struct Config {
 }
 
 /// `[daemon]`: settings of the process itself.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Seconds between counter summaries in the log; 0 turns them off.
@@ -79,8 +81,34 @@ const fn default_stats_log_interval() -> u64 {
     10
 }
 
+/// `[api]`: the REST API and `/metrics`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on; loopback by default. Empty turns the API off.
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// File holding the bearer token every request must carry. It must not be readable by
+    /// group or others. Required when `listen` is not a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+/// Default API address.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7070";
+
+fn default_api_listen() -> String {
+    DEFAULT_API_LISTEN.to_owned()
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: default_api_listen(), token_file: None }
+    }
+}
+
 /// `[conntrack]`: the connection table's size and idle timeouts.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConntrackConfig {
     /// Entries (a DSR flow takes one, a NAT flow two); about 170 bytes of kernel memory each.
@@ -145,7 +173,7 @@ impl ConntrackConfig {
 }
 
 /// `[[interface]]`: one interface the XDP program is attached to.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceConfig {
     pub name: Spanned<String>,
@@ -154,7 +182,7 @@ pub struct InterfaceConfig {
 }
 
 /// `[[pool]]`: a named set of backends that services send to.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: Spanned<String>,
@@ -168,12 +196,12 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 pub const MAX_WEIGHT: u32 = 65_535;
 
 /// `[[pool.backend]]`: one backend.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: Spanned<IpAddr>,
     /// Port the backend listens on; by default the port the client used.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Spanned<u16>>,
     #[serde(default = "default_weight")]
     pub weight: Spanned<u32>,
@@ -191,7 +219,7 @@ impl BackendConfig {
 }
 
 /// Transport protocol of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -217,7 +245,7 @@ impl Protocol {
 }
 
 /// How a service's packets reach its backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub enum ForwardingMode {
     /// Full NAT: destination and source rewritten; replies come back through the balancer.
     #[serde(rename = "nat")]
@@ -229,7 +257,7 @@ pub enum ForwardingMode {
 }
 
 /// What the flow hash covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum HashInput {
     /// Source and destination address and port, and protocol.
     #[default]
@@ -245,14 +273,14 @@ pub enum HashInput {
 pub const DEFAULT_NAT_PORTS: (u16, u16) = (20_000, 29_999);
 
 /// `[[service]]`: an address, protocol and port (or every port) balanced over a pool.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: Spanned<String>,
     pub address: Spanned<IpAddr>,
     pub protocol: Protocol,
     /// The service port; absent means every port of the address and protocol.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Spanned<u16>>,
     pub pool: Spanned<String>,
     pub mode: ForwardingMode,
@@ -260,13 +288,13 @@ pub struct ServiceConfig {
     pub hash: HashInput,
     /// Maglev table size (a prime); by default the smallest of 65,537 and the first prime
     /// above 100 slots per backend.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<Spanned<u32>>,
     /// NAT source address (NAT mode): an address of this host the backends route back to.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_source: Option<Spanned<IpAddr>>,
     /// NAT source ports, `"first-last"`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_ports: Option<Spanned<String>>,
 }
 
@@ -319,6 +347,17 @@ impl Config {
         }
     }
 
+    /// Validates a configuration built in memory (by the API); problems carry no positions.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let problems = self.problems("");
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// The configuration as TOML (comments and layout of an original file are not kept).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// The pool called `name`.
     #[must_use]
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
@@ -329,6 +368,7 @@ impl Config {
     fn problems(&self, text: &str) -> Vec<String> {
         let mut p = Problems { text, list: Vec::new() };
         self.check_interfaces(&mut p);
+        self.check_api(&mut p);
         self.check_conntrack(&mut p);
         self.check_pools(&mut p);
         self.check_services(&mut p);
@@ -354,6 +394,21 @@ impl Config {
                     &format!("interface {name:?} is listed twice; list each interface once"),
                 );
             }
+        }
+    }
+
+    fn check_api(&self, p: &mut Problems<'_>) {
+        let listen = &self.api.listen;
+        if listen.is_empty() {
+            return;
+        }
+        match listen.parse::<std::net::SocketAddr>() {
+            Err(_) => p.add(None, &format!("api.listen {listen:?} is not an address and port like \"127.0.0.1:7070\"")),
+            Ok(addr) if !addr.ip().is_loopback() && self.api.token_file.is_none() => p.add(
+                None,
+                &format!("api.listen {addr} is not a loopback address: set api.token_file so requests need a token"),
+            ),
+            Ok(_) => {}
         }
     }
 
@@ -627,7 +682,7 @@ struct Problems<'a> {
 
 impl Problems<'_> {
     fn add(&mut self, span: Option<Range<usize>>, message: &str) {
-        match span.filter(|s| s.end > 0) {
+        match span.filter(|s| s.end > 0 && !self.text.is_empty()) {
             Some(span) => {
                 let (line, column) = position(self.text, span.start);
                 self.list.push(format!("line {line}, column {column}: {message}"));
@@ -784,6 +839,19 @@ nat_source = "198.18.1.1"
         let text = FULL.replace("port = 80\n", "port = 80\ntable_size = 101\n");
         assert!(
             Config::parse(&text, "t").unwrap_err().to_string().contains("fewer than 100 slots")
+        );
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let config = Config::parse(FULL, "t").unwrap();
+        let text = config.to_toml().unwrap();
+        let again = Config::parse(&text, "again").unwrap();
+        assert_eq!(again.to_toml().unwrap(), text);
+        assert_eq!(again.pools[0].backends.len(), 2);
+        assert_eq!(
+            again.services[0].nat_source.as_ref().map(|s| *s.get_ref()),
+            Some("198.18.1.1".parse().unwrap())
         );
     }
 

@@ -1,0 +1,460 @@
+//! The REST API (`/v1`) and `/metrics`: read the running state, change pools and backends,
+//! reload the configuration. JSON in and out; every request carries the bearer token when one
+//! is configured.
+//!
+//! Changes are validated and applied as a whole new configuration, then written back to the
+//! configuration file (so they survive a restart); a rejected change leaves everything as it
+//! was.
+
+pub mod metrics;
+pub mod openapi;
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post, put},
+};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info};
+
+use crate::{
+    balancer::{ApplySummary, BackendIdentity},
+    config::{BackendConfig, Config, DEFAULT_WEIGHT, MAX_WEIGHT},
+    daemon::{ChangeError, SharedDaemon},
+};
+
+/// State shared by the handlers.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub daemon: SharedDaemon,
+    /// The bearer token; `None` when the API runs without one (loopback only).
+    pub token: Option<Arc<str>>,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(services))
+        .route("/v1/pools", get(pools))
+        .route("/v1/pools/{pool}/backends", post(add_backend))
+        .route("/v1/pools/{pool}/backends/{address}", delete(remove_backend))
+        .route("/v1/pools/{pool}/backends/{address}/weight", put(set_weight))
+        .route("/v1/reload", post(reload))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::scrape))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// An API failure: 4xx with its text for what the caller can fix, 500 with a generic body
+/// (the cause goes to the log) otherwise.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    BadRequest(String),
+    NotFound(String),
+    Conflict(String),
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Self::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, "missing or wrong bearer token".to_owned())
+            }
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            Self::Conflict(m) => (StatusCode::CONFLICT, m),
+            Self::Internal(m) => {
+                error!(cause = %m, "API request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the daemon's log".to_owned(),
+                )
+            }
+        };
+        let mut response = (status, Json(ErrorBody { error: message })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Invalid(_) => Self::BadRequest(e.to_string()),
+            ChangeError::NotFound(m) => Self::NotFound(m),
+            ChangeError::Conflict(m) => Self::Conflict(m),
+            ChangeError::Apply(_) | ChangeError::Persist(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+async fn authenticate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn lock(state: &AppState) -> Result<std::sync::MutexGuard<'_, crate::daemon::Daemon>, ApiError> {
+    state.daemon.lock().map_err(|_| ApiError::Internal("daemon state lock poisoned".into()))
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub services: usize,
+    pub pools: usize,
+    pub backends: usize,
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u32,
+    pub pinned: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub mode: String,
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    let d = lock(&state)?;
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        interfaces: d
+            .attached
+            .iter()
+            .map(|(n, m)| InterfaceStatus { name: n.clone(), mode: m.name().to_owned() })
+            .collect(),
+        services: d.config.services.len(),
+        pools: d.config.pools.len(),
+        backends: d.config.pools.iter().map(|p| p.backends.len()).sum(),
+        conntrack_entries: d.conntrack_live,
+        conntrack_capacity: d.config.conntrack.max_entries,
+        pinned: !d.config.daemon.pin_dir.is_empty(),
+    }))
+}
+
+/// One service, as `GET /v1/services` lists it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub address: IpAddr,
+    pub protocol: String,
+    pub port: Option<u16>,
+    pub pool: String,
+    pub mode: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>>, ApiError> {
+    let d = lock(&state)?;
+    let mut out = Vec::new();
+    for s in &d.config.services {
+        let counters = d
+            .balancer
+            .service_id(s.name.get_ref())
+            .map(|id| d.datapath.maps().traffic.service(id))
+            .transpose()
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .unwrap_or_default();
+        out.push(ServiceView {
+            name: s.name.get_ref().clone(),
+            address: *s.address.get_ref(),
+            protocol: s.protocol.name().to_owned(),
+            port: s.port(),
+            pool: s.pool.get_ref().clone(),
+            mode: match s.mode {
+                crate::config::ForwardingMode::Nat => "nat".into(),
+                crate::config::ForwardingMode::DsrL2 => "dsr-l2".into(),
+            },
+            packets: counters.packets,
+            bytes: counters.bytes,
+            new_flows: counters.new_flows,
+        });
+    }
+    Ok(Json(out))
+}
+
+/// One pool and its backends, as `GET /v1/pools` lists them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PoolView {
+    pub name: String,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendView {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub active_flows: u64,
+}
+
+async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
+    let d = lock(&state)?;
+    let mut out = Vec::new();
+    for pool in &d.config.pools {
+        let mut backends = Vec::new();
+        for b in &pool.backends {
+            let identity = BackendIdentity {
+                pool: pool.name.get_ref().clone(),
+                addr: *b.address.get_ref(),
+                port: b.port(),
+            };
+            let id = d.balancer.backend_id(&identity);
+            let counters = id
+                .map(|id| d.datapath.maps().traffic.backend(id))
+                .transpose()
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .unwrap_or_default();
+            backends.push(BackendView {
+                address: *b.address.get_ref(),
+                port: b.port(),
+                weight: *b.weight.get_ref(),
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                active_flows: id.and_then(|id| d.live_by_backend.get(&id).copied()).unwrap_or(0),
+            });
+        }
+        out.push(PoolView { name: pool.name.get_ref().clone(), backends });
+    }
+    Ok(Json(out))
+}
+
+/// Body of `POST /v1/pools/{pool}/backends`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewBackend {
+    pub address: IpAddr,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// Which backend of a pool: its address in the path, and its port when several share it.
+#[derive(Debug, Deserialize)]
+pub struct BackendSelector {
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// Body of `PUT /v1/pools/{pool}/backends/{address}/weight`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weight {
+    pub weight: u32,
+}
+
+/// What a change did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeResult {
+    pub services_added: usize,
+    pub services_updated: usize,
+    pub services_removed: usize,
+    pub tables_installed: usize,
+    pub backends_added: usize,
+    pub backends_retired: usize,
+}
+
+impl From<ApplySummary> for ChangeResult {
+    fn from(s: ApplySummary) -> Self {
+        Self {
+            services_added: s.services_added,
+            services_updated: s.services_updated,
+            services_removed: s.services_removed,
+            tables_installed: s.tables_installed,
+            backends_added: s.backends_added,
+            backends_retired: s.backends_retired,
+        }
+    }
+}
+
+fn parse_addr(text: &str) -> Result<IpAddr, ApiError> {
+    text.parse().map_err(|_| ApiError::BadRequest(format!("{text:?} is not an IP address")))
+}
+
+fn pool_mut<'a>(
+    config: &'a mut Config,
+    pool: &str,
+) -> Result<&'a mut crate::config::PoolConfig, ApiError> {
+    config
+        .pools
+        .iter_mut()
+        .find(|p| p.name.get_ref() == pool)
+        .ok_or_else(|| ApiError::NotFound(format!("no pool named {pool:?}")))
+}
+
+/// Applies an edited copy of the configuration; logs what changed.
+fn change(
+    state: &AppState,
+    what: &str,
+    edit: impl FnOnce(&mut Config) -> Result<(), ApiError>,
+) -> Result<Json<ChangeResult>, ApiError> {
+    let mut d = lock(state)?;
+    let mut new = d.config.clone();
+    edit(&mut new)?;
+    let summary = d.change(new)?;
+    info!(change = what, ?summary, "configuration changed through the API");
+    Ok(Json(summary.into()))
+}
+
+async fn add_backend(
+    State(state): State<AppState>,
+    Path(pool): Path<String>,
+    body: Result<Json<NewBackend>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ChangeResult>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let weight = body.weight.unwrap_or(DEFAULT_WEIGHT);
+    if weight > MAX_WEIGHT {
+        return Err(ApiError::BadRequest(format!(
+            "weight {weight} is above the maximum {MAX_WEIGHT}"
+        )));
+    }
+    let what = format!("add backend {} port {:?} to pool {pool}", body.address, body.port);
+    let result = change(&state, &what, |config| {
+        let p = pool_mut(config, &pool)?;
+        if p.backends.iter().any(|b| *b.address.get_ref() == body.address && b.port() == body.port)
+        {
+            return Err(ApiError::Conflict(format!(
+                "pool {pool:?} already has backend {} port {:?}",
+                body.address, body.port
+            )));
+        }
+        p.backends.push(BackendConfig {
+            address: toml::Spanned::new(0..0, body.address),
+            port: body.port.map(|port| toml::Spanned::new(0..0, port)),
+            weight: toml::Spanned::new(0..0, weight),
+        });
+        Ok(())
+    })?;
+    Ok((StatusCode::CREATED, result))
+}
+
+async fn remove_backend(
+    State(state): State<AppState>,
+    Path((pool, address)): Path<(String, String)>,
+    Query(selector): Query<BackendSelector>,
+) -> Result<Json<ChangeResult>, ApiError> {
+    let addr = parse_addr(&address)?;
+    let what = format!("remove backend {addr} port {:?} from pool {pool}", selector.port);
+    change(&state, &what, |config| {
+        let p = pool_mut(config, &pool)?;
+        let before = p.backends.len();
+        p.backends.retain(|b| {
+            !(*b.address.get_ref() == addr
+                && (selector.port.is_none() || b.port() == selector.port))
+        });
+        if p.backends.len() == before {
+            return Err(ApiError::NotFound(format!("pool {pool:?} has no backend {addr}")));
+        }
+        Ok(())
+    })
+}
+
+async fn set_weight(
+    State(state): State<AppState>,
+    Path((pool, address)): Path<(String, String)>,
+    Query(selector): Query<BackendSelector>,
+    body: Result<Json<Weight>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ChangeResult>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let addr = parse_addr(&address)?;
+    if body.weight > MAX_WEIGHT {
+        return Err(ApiError::BadRequest(format!(
+            "weight {} is above the maximum {MAX_WEIGHT}",
+            body.weight
+        )));
+    }
+    let what = format!("set weight of backend {addr} in pool {pool} to {}", body.weight);
+    change(&state, &what, |config| {
+        let p = pool_mut(config, &pool)?;
+        let mut found = false;
+        for b in &mut p.backends {
+            if *b.address.get_ref() == addr
+                && (selector.port.is_none() || b.port() == selector.port)
+            {
+                b.weight = toml::Spanned::new(0..0, body.weight);
+                found = true;
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(format!("pool {pool:?} has no backend {addr}")))
+        }
+    })
+}
+
+async fn reload(State(state): State<AppState>) -> Result<Json<ChangeResult>, ApiError> {
+    let mut d = lock(&state)?;
+    let summary = d.reload()?;
+    info!(?summary, "configuration reloaded through the API");
+    Ok(Json(summary.into()))
+}
+
+/// Reads the bearer token from `path`, refusing a file that group or others can read.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "token file {} is readable by others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path)?.trim().to_owned();
+    if token.len() < 16 {
+        anyhow::bail!("token in {} is shorter than 16 characters", path.display());
+    }
+    Ok(token)
+}

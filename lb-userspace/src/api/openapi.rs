@@ -1,0 +1,105 @@
+//! The OpenAPI 3 document served at `/v1/openapi.json`. [`OPERATIONS`] lists every route the
+//! router serves; a test checks the document and the router against each other.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+/// (method, path) of every operation, as the router registers it.
+pub const OPERATIONS: &[(&str, &str)] = &[
+    ("get", "/v1/status"),
+    ("get", "/v1/services"),
+    ("get", "/v1/pools"),
+    ("post", "/v1/pools/{pool}/backends"),
+    ("delete", "/v1/pools/{pool}/backends/{address}"),
+    ("put", "/v1/pools/{pool}/backends/{address}/weight"),
+    ("post", "/v1/reload"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/metrics"),
+];
+
+fn error_responses() -> Value {
+    json!({
+        "400": { "description": "Invalid input; the message says what and how to fix it. Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
+        "401": { "description": "Missing or wrong bearer token. Nothing changed." },
+        "404": { "description": "No such pool or backend. Nothing changed." },
+        "500": { "description": "Internal error; the cause is in the daemon's log." }
+    })
+}
+
+fn change_response(status: &str) -> Value {
+    let mut responses = error_responses();
+    responses[status] = json!({ "description": "Applied and written back to the configuration file.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ChangeResult" } } } });
+    responses
+}
+
+fn pool_param() -> Value {
+    json!({ "name": "pool", "in": "path", "required": true, "schema": { "type": "string" } })
+}
+
+fn address_params() -> Value {
+    json!([
+        pool_param(),
+        { "name": "address", "in": "path", "required": true, "schema": { "type": "string", "format": "ip" } },
+        { "name": "port", "in": "query", "required": false, "description": "The backend's port, when several backends share the address.", "schema": { "type": "integer", "minimum": 1, "maximum": 65535 } }
+    ])
+}
+
+/// The document.
+#[must_use]
+pub fn document_value() -> Value {
+    let ok = |schema: Value| json!({ "200": { "description": "OK", "content": { "application/json": { "schema": schema } } }, "401": { "description": "Missing or wrong bearer token." } });
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "lbd", "version": env!("CARGO_PKG_VERSION"), "description": "The load balancer daemon's API. Every request carries `Authorization: Bearer <token>` when a token file is configured." },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": {
+                "Error": { "type": "object", "properties": { "error": { "type": "string" } }, "required": ["error"] },
+                "ChangeResult": { "type": "object", "properties": {
+                    "services_added": { "type": "integer" }, "services_updated": { "type": "integer" }, "services_removed": { "type": "integer" },
+                    "tables_installed": { "type": "integer" }, "backends_added": { "type": "integer" }, "backends_retired": { "type": "integer" } } },
+                "Status": { "type": "object", "properties": {
+                    "version": { "type": "string" }, "interfaces": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "mode": { "type": "string" } } } },
+                    "services": { "type": "integer" }, "pools": { "type": "integer" }, "backends": { "type": "integer" },
+                    "conntrack_entries": { "type": "integer" }, "conntrack_capacity": { "type": "integer" }, "pinned": { "type": "boolean" } } },
+                "Service": { "type": "object", "properties": {
+                    "name": { "type": "string" }, "address": { "type": "string" }, "protocol": { "type": "string", "enum": ["tcp", "udp"] },
+                    "port": { "type": "integer", "nullable": true }, "pool": { "type": "string" }, "mode": { "type": "string", "enum": ["nat", "dsr-l2"] },
+                    "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" } } },
+                "Backend": { "type": "object", "properties": {
+                    "address": { "type": "string" }, "port": { "type": "integer", "nullable": true }, "weight": { "type": "integer" },
+                    "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" } } },
+                "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },
+                "NewBackend": { "type": "object", "additionalProperties": false, "required": ["address"], "properties": {
+                    "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535 }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
+                "Weight": { "type": "object", "additionalProperties": false, "required": ["weight"], "properties": { "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } }
+            }
+        },
+        "security": [{ "bearer": [] }],
+        "paths": {
+            "/v1/status": { "get": { "summary": "Interfaces, counts and connection-table occupancy.", "responses": ok(json!({ "$ref": "#/components/schemas/Status" })) } },
+            "/v1/services": { "get": { "summary": "Services with their traffic counters.", "responses": ok(json!({ "type": "array", "items": { "$ref": "#/components/schemas/Service" } })) } },
+            "/v1/pools": { "get": { "summary": "Pools and their backends with weights and counters.", "responses": ok(json!({ "type": "array", "items": { "$ref": "#/components/schemas/Pool" } })) } },
+            "/v1/pools/{pool}/backends": { "post": {
+                "summary": "Add a backend to a pool.", "parameters": [pool_param()],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewBackend" } } } },
+                "responses": change_response("201") } },
+            "/v1/pools/{pool}/backends/{address}": { "delete": {
+                "summary": "Remove a backend from a pool (its established flows continue until they end).",
+                "parameters": address_params(), "responses": change_response("200") } },
+            "/v1/pools/{pool}/backends/{address}/weight": { "put": {
+                "summary": "Set a backend's weight (0: no new flows; established flows continue).",
+                "parameters": address_params(),
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Weight" } } } },
+                "responses": change_response("200") } },
+            "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
+            "/v1/openapi.json": { "get": { "summary": "This document.", "responses": ok(json!({ "type": "object" })) } },
+            "/metrics": { "get": { "summary": "Metrics in the Prometheus text format.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }
+        }
+    })
+}
+
+/// `GET /v1/openapi.json`.
+pub async fn document() -> Json<Value> {
+    Json(document_value())
+}

@@ -81,6 +81,51 @@ impl Maps {
     }
 }
 
+impl Maps {
+    /// Everything the daemon writes, rendered deterministically: two equal fingerprints mean
+    /// the configuration maps hold the same bytes (tests compare them around rejected
+    /// changes). Maglev tables are summarised by a hash of their contents.
+    pub fn fingerprint(&self) -> Result<String, MapError> {
+        use std::{
+            fmt::Write as _,
+            hash::{Hash as _, Hasher as _},
+        };
+        let mut out = String::new();
+        let mut services = self.services.entries()?;
+        services.sort_by_key(|(k, _)| (k.family, k.addr, k.proto, k.port));
+        for (key, service) in &services {
+            let _ = writeln!(out, "service {key:?} = {service:?}");
+            let table = self.maglev.table(service.id)?;
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            table.hash(&mut hasher);
+            let _ = writeln!(
+                out,
+                "maglev {} = {} slots, hash {:016x}",
+                service.id,
+                table.as_ref().map_or(0, Vec::len),
+                hasher.finish()
+            );
+        }
+        let (mut vips, mut nat) = self.services.addresses()?;
+        vips.sort();
+        nat.sort();
+        let _ = writeln!(out, "vips {vips:?}\nnat_sources {nat:?}");
+        for id in 0..lb_common::service::MAX_BACKENDS {
+            let backend = self.backends.get(id)?;
+            let hop = self.backends.next_hop(id)?;
+            if backend != lb_common::service::Backend::default()
+                || hop != lb_common::service::NextHop::default()
+            {
+                let _ = writeln!(out, "backend {id} = {backend:?} via {hop:?}");
+            }
+        }
+        let mut ports = self.tx_ports.ifindexes();
+        ports.sort_unstable();
+        let _ = writeln!(out, "globals {:?}\ntx_ports {ports:?}", self.globals.get()?);
+        Ok(out)
+    }
+}
+
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapError> {
     ebpf.take_map(name).ok_or(MapError::Missing { name })
 }

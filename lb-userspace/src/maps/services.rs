@@ -50,6 +50,21 @@ impl ServicesMap {
             .map_err(|source| MapError::Access { name: maps::SERVICES, source })
     }
 
+    /// The address sets' entries (VIPS, then NAT_SOURCES), for inspection.
+    pub fn addresses(&self) -> Result<(Vec<(AddrKey, u32)>, Vec<(AddrKey, u32)>), MapError> {
+        let vips = self
+            .vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Access { name: maps::VIPS, source })?;
+        let nat = self
+            .nat_sources
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapError::Access { name: maps::NAT_SOURCES, source })?;
+        Ok((vips, nat))
+    }
+
     /// Replaces the address sets with exactly `vips` and `nat_sources` (address, service count).
     pub fn set_addresses(
         &mut self,

@@ -1,0 +1,431 @@
+//! The REST API against a real daemon: the data path loaded and attached to a veth in a
+//! namespace of the test's own, requests sent to the router with `oneshot` (and one through a
+//! real socket with curl). Every rejected request must leave the maps byte for byte as they
+//! were, and the configuration file untouched.
+
+#![allow(clippy::too_many_lines, reason = "request tables read best as one list")]
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    body::Body,
+    http::{Method, Request, StatusCode},
+};
+use http_body_util::BodyExt as _;
+use lb_tests::{
+    lab,
+    netns::{ChildOutput, Netns, unique_id, wait_for},
+    privileged::require_privileges,
+};
+use lb_userspace::{
+    Config,
+    api::{self, AppState},
+    daemon::Daemon,
+};
+use tower::ServiceExt as _;
+
+const TOKEN: &str = "s3cret-token-for-tests-0123456789";
+
+const CONFIG: &str = r#"
+[daemon]
+pin_dir = ""
+[api]
+listen = ""
+[[interface]]
+name = "veth0"
+[[pool]]
+name = "web"
+[[pool.backend]]
+address = "198.18.1.11"
+[[pool.backend]]
+address = "198.18.1.12"
+weight = 50
+[[service]]
+name = "web"
+address = "198.18.100.1"
+protocol = "tcp"
+port = 80
+pool = "web"
+mode = "nat"
+nat_source = "198.18.1.1"
+"#;
+
+/// A daemon on a veth in its own namespace, its configuration in a temporary file.
+struct Fixture {
+    ns: Netns,
+    state: AppState,
+    config_path: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, token: Option<&str>) -> Option<Self> {
+        if !require_privileges(name) {
+            return None;
+        }
+        let ns = Netns::create(&unique_id()).unwrap();
+        ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+        ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+        ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+        let config_path = std::env::temp_dir().join(format!("{}-api.toml", ns.name()));
+        std::fs::write(&config_path, CONFIG).unwrap();
+        let config = Config::load(&config_path).unwrap();
+        let path = config_path.clone();
+        let daemon = ns.enter(move || Daemon::start(config, Some(path))).unwrap().unwrap();
+        let state = AppState { daemon: Arc::new(Mutex::new(daemon)), token: token.map(Into::into) };
+        Some(Self { ns, state, config_path })
+    }
+
+    /// Sends one request to the router inside the namespace; returns status and body.
+    fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, String) {
+        let state = self.state.clone();
+        let (uri, body) = (uri.to_owned(), body.map(str::to_owned));
+        self.ns
+            .enter(move || {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let mut request = Request::builder().method(method).uri(uri);
+                    if let Some(token) = token {
+                        request = request.header("authorization", format!("Bearer {token}"));
+                    }
+                    if body.is_some() {
+                        request = request.header("content-type", "application/json");
+                    }
+                    let request = request.body(body.map_or_else(Body::empty, Body::from)).unwrap();
+                    let response = api::router(state).oneshot(request).await.unwrap();
+                    let status = response.status();
+                    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                    (status, String::from_utf8_lossy(&bytes).into_owned())
+                })
+            })
+            .unwrap()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.state.daemon.lock().unwrap().datapath.maps().fingerprint().unwrap()
+    }
+
+    fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config_path).unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config_path);
+        let _ = std::fs::remove_file(self.config_path.with_extension("toml.orig"));
+    }
+}
+
+#[test]
+fn every_endpoint_answers_and_the_openapi_document_matches_the_routes() {
+    let Some(f) = Fixture::new("every_endpoint_answers", Some(TOKEN)) else { return };
+    let t = Some(TOKEN);
+    let (status, body) = f.send(Method::GET, "/v1/status", t, None);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let s: api::Status = serde_json::from_str(&body).unwrap();
+    assert_eq!((s.services, s.pools, s.backends), (1, 1, 2));
+    assert_eq!(s.interfaces[0].name, "veth0");
+
+    let (status, body) = f.send(Method::GET, "/v1/services", t, None);
+    assert_eq!(status, StatusCode::OK);
+    let services: Vec<api::ServiceView> = serde_json::from_str(&body).unwrap();
+    assert_eq!(services[0].name, "web");
+    assert_eq!(services[0].mode, "nat");
+
+    let (status, body) = f.send(
+        Method::POST,
+        "/v1/pools/web/backends",
+        t,
+        Some(r#"{"address": "198.18.1.13", "weight": 70}"#),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = f.send(
+        Method::PUT,
+        "/v1/pools/web/backends/198.18.1.12/weight",
+        t,
+        Some(r#"{"weight": 0}"#),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = f.send(Method::DELETE, "/v1/pools/web/backends/198.18.1.11", t, None);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = f.send(Method::GET, "/v1/pools", t, None);
+    let pools: Vec<api::PoolView> = serde_json::from_str(&body).unwrap();
+    let backends: Vec<(String, u32)> =
+        pools[0].backends.iter().map(|b| (b.address.to_string(), b.weight)).collect();
+    assert_eq!(backends, vec![("198.18.1.12".to_owned(), 0), ("198.18.1.13".to_owned(), 70)]);
+
+    // The changes are in the configuration file: they survive a restart.
+    let saved = Config::parse(&f.config_text(), "saved").unwrap();
+    assert_eq!(saved.pools[0].backends.len(), 2);
+    assert!(f.config_path.with_extension("toml.orig").exists());
+    let (status, body) = f.send(Method::POST, "/v1/reload", t, None);
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, body) = f.send(Method::GET, "/metrics", t, None);
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("lb_backend_weight{pool=\"web\",backend=\"198.18.1.13\"} 70"), "{body}");
+    assert!(body.contains("lb_xdp_attached{interface=\"veth0\",mode=\"driver\"} 1"), "{body}");
+
+    // The document lists exactly the routes, and every route it lists is served.
+    let (status, body) = f.send(Method::GET, "/v1/openapi.json", t, None);
+    assert_eq!(status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object().unwrap().keys().map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    let listed: BTreeSet<(String, String)> =
+        api::openapi::OPERATIONS.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+    assert_eq!(documented, listed);
+    for (method, path) in api::openapi::OPERATIONS {
+        let concrete = path.replace("{pool}", "nosuchpool").replace("{address}", "198.18.9.9");
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let body = matches!(method, Method::POST | Method::PUT)
+            .then_some(r#"{"address": "198.18.9.9", "weight": 1}"#);
+        let (status, text) = f.send(method.clone(), &concrete, t, body);
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {concrete}: {text}");
+        assert!(
+            status != StatusCode::NOT_FOUND || text.contains("no pool"),
+            "{method} {concrete} is not routed: {status} {text}"
+        );
+    }
+    let (status, _) = f.send(Method::GET, "/v1/nonexistent", t, None);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn missing_or_wrong_token_is_refused_and_changes_nothing() {
+    let Some(f) = Fixture::new("missing_or_wrong_token", Some(TOKEN)) else { return };
+    let before = (f.fingerprint(), f.config_text());
+    for (method, path, body) in [
+        (Method::GET, "/v1/status", None),
+        (Method::GET, "/metrics", None),
+        (Method::POST, "/v1/pools/web/backends", Some(r#"{"address": "198.18.1.13"}"#)),
+        (Method::PUT, "/v1/pools/web/backends/198.18.1.11/weight", Some(r#"{"weight": 0}"#)),
+        (Method::DELETE, "/v1/pools/web/backends/198.18.1.11", None),
+        (Method::POST, "/v1/reload", None),
+    ] {
+        for token in [None, Some("wrong-token-wrong-token-wrong-tok"), Some("")] {
+            let (status, text) = f.send(method.clone(), path, token, body);
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}: {text}");
+            assert!(text.contains("bearer token"), "{text}");
+        }
+    }
+    assert_eq!((f.fingerprint(), f.config_text()), before, "a refused request changed something");
+}
+
+#[test]
+fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
+    let Some(f) = Fixture::new("invalid_input", None) else { return };
+    let before = (f.fingerprint(), f.config_text());
+    for (method, path, body, want, needle) in [
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some("{not json"),
+            StatusCode::BAD_REQUEST,
+            "JSON",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "198.18.1.13", "colour": 1}"#),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "not-an-ip"}"#),
+            StatusCode::BAD_REQUEST,
+            "address",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "198.18.1.13", "weight": 70000}"#),
+            StatusCode::BAD_REQUEST,
+            "weight",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "fd00:1::9"}"#),
+            StatusCode::BAD_REQUEST,
+            "address family",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "127.0.0.1"}"#),
+            StatusCode::BAD_REQUEST,
+            "unicast",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "198.18.1.11"}"#),
+            StatusCode::CONFLICT,
+            "already has",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/nope/backends",
+            Some(r#"{"address": "198.18.1.13"}"#),
+            StatusCode::NOT_FOUND,
+            "no pool",
+        ),
+        (
+            Method::PUT,
+            "/v1/pools/web/backends/198.18.1.11/weight",
+            Some(r#"{"weight": -1}"#),
+            StatusCode::BAD_REQUEST,
+            "weight",
+        ),
+        (
+            Method::PUT,
+            "/v1/pools/web/backends/198.18.1.99/weight",
+            Some(r#"{"weight": 5}"#),
+            StatusCode::NOT_FOUND,
+            "no backend",
+        ),
+        (
+            Method::DELETE,
+            "/v1/pools/web/backends/198.18.1.99",
+            None,
+            StatusCode::NOT_FOUND,
+            "no backend",
+        ),
+        (
+            Method::DELETE,
+            "/v1/pools/web/backends/nonsense",
+            None,
+            StatusCode::BAD_REQUEST,
+            "not an IP",
+        ),
+    ] {
+        let (status, text) = f.send(method.clone(), path, None, body);
+        assert_eq!(status, want, "{method} {path} {body:?}: {text}");
+        let message: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "error": text }));
+        let message = message["error"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(needle), "{method} {path}: {message:?} should mention {needle:?}");
+    }
+    assert_eq!((f.fingerprint(), f.config_text()), before, "a rejected request changed something");
+}
+
+#[test]
+fn a_reload_that_fails_validation_leaves_every_map_as_it_was() {
+    let Some(f) = Fixture::new("failed_reload", None) else { return };
+    let before = f.fingerprint();
+    // Valid TOML, invalid configuration (unknown pool), then invalid TOML.
+    for broken in [
+        CONFIG.replace("pool = \"web\"\nmode", "pool = \"nope\"\nmode"),
+        CONFIG.replace("[[pool]]", "[[pool"),
+    ] {
+        std::fs::write(&f.config_path, &broken).unwrap();
+        let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("line"), "the error names its place: {text}");
+        assert_eq!(f.fingerprint(), before, "the rejected reload changed the maps");
+    }
+    // A valid change does change them (the fingerprint is not blind).
+    std::fs::write(&f.config_path, CONFIG.replace("weight = 50", "weight = 60")).unwrap();
+    let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_ne!(f.fingerprint(), before);
+}
+
+#[test]
+fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
+    if !require_privileges("lbd_serves_the_api_on_a_socket") {
+        return;
+    }
+    let ns = Netns::create(&unique_id()).unwrap();
+    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-api", ns.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let config = dir.join("lb.toml");
+    let text = CONFIG.replace(
+        "listen = \"\"",
+        &format!("listen = \"127.0.0.1:7070\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let lbd = lab::bin_path("lbd").unwrap();
+
+    // Readable by others: refused before anything is loaded.
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = ns.ip(&["link", "show", "veth0"]).unwrap();
+    assert!(!link.contains("xdp"), "a refused start attached XDP: {link}");
+
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let pid = ns
+        .spawn(
+            &[
+                lbd.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--detach-on-exit".as_ref(),
+            ],
+            ChildOutput::Capture,
+        )
+        .unwrap();
+    let status = wait_for(std::time::Duration::from_secs(20), || {
+        let out = ns
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "http://127.0.0.1:7070/v1/status",
+            ])
+            .ok()?;
+        out.contains("\"services\":1").then_some(out)
+    });
+    let unauthorized = ns
+        .exec(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:7070/v1/status",
+        ])
+        .unwrap();
+    let mut child = ns.take_child(pid).unwrap();
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    assert!(status.is_some(), "the API did not answer");
+    assert_eq!(unauthorized, "401");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -9,6 +9,9 @@ use lb_common::{
 
 use super::{MapError, typed};
 
+/// An address set's entries: address and the number of services using it.
+pub type AddressSet = Vec<(AddrKey, u32)>;
+
 pub struct ServicesMap {
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, AddrKey, u32>,
@@ -51,7 +54,7 @@ impl ServicesMap {
     }
 
     /// The address sets' entries (VIPS, then NAT_SOURCES), for inspection.
-    pub fn addresses(&self) -> Result<(Vec<(AddrKey, u32)>, Vec<(AddrKey, u32)>), MapError> {
+    pub fn addresses(&self) -> Result<(AddressSet, AddressSet), MapError> {
         let vips = self
             .vips
             .iter()

@@ -271,8 +271,14 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
 /// both families. `weights` gives each backend's weight (default 100).
 #[must_use]
 pub fn lab_config(backends: usize, weights: &[u32]) -> String {
+    lab_config_with(backends, weights, "", "")
+}
+
+/// [`lab_config`] with extra `[daemon]` keys and `[api]` keys (each a TOML fragment).
+#[must_use]
+pub fn lab_config_with(backends: usize, weights: &[u32], daemon: &str, api: &str) -> String {
     use std::fmt::Write as _;
-    let mut c = String::from("[daemon]\nstats_log_interval_secs = 2\n\n");
+    let mut c = format!("[daemon]\nstats_log_interval_secs = 2\n{daemon}\n[api]\n{api}\n\n");
     let _ = write!(
         c,
         "[[interface]]\nname = \"{LB_FRONT_IF}\"\n\n[[interface]]\nname = \"{LB_BACK_IF}\"\n\n"

@@ -41,6 +41,7 @@ const PACKAGES_TESTS: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("procps", "sysctl"),
     ("iperf3", "iperf3"),
+    ("prometheus", "prometheus"),
 ];
 
 pub fn ensure_all(need: Need) -> anyhow::Result<Env> {

@@ -1,0 +1,141 @@
+//! A real Prometheus server scrapes `lbd`'s `/metrics` (with the bearer token), and a query
+//! through its HTTP API returns the per-backend and per-service counters after known traffic.
+
+use std::time::Duration;
+
+use lb_tests::{
+    lab::{self, Lab},
+    netns::{ChildOutput, wait_for},
+    privileged::require_privileges,
+};
+
+const TOKEN: &str = "prometheus-test-token-0123456789";
+
+/// Runs an instant query against the Prometheus in the load balancer's namespace and returns
+/// the values of the result vector.
+fn query(lab: &Lab, promql: &str) -> Option<Vec<(serde_json::Value, f64)>> {
+    let out = lab
+        .lb
+        .exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "-G",
+            "http://127.0.0.1:9090/api/v1/query",
+            "--data-urlencode",
+            &format!("query={promql}"),
+        ])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let result = v["data"]["result"].as_array()?;
+    Some(
+        result
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"].clone(),
+                    r["value"][1].as_str().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn prometheus_scrapes_the_counters_of_known_traffic() {
+    if !require_privileges("prometheus_scrapes_the_counters_of_known_traffic") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-prom", lab.id));
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let config = lab::lab_config_with(
+        2,
+        &[],
+        "pin_dir = \"\"\n",
+        &format!("listen = \"127.0.0.1:7070\"\ntoken_file = \"{}\"\n", token_file.display()),
+    );
+    let config_path = dir.join("lb.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let lbd = lab::bin_path("lbd").unwrap();
+    let lbd_pid = lab
+        .lb
+        .spawn(
+            &[
+                lbd.as_os_str(),
+                "--config".as_ref(),
+                config_path.as_os_str(),
+                "--detach-on-exit".as_ref(),
+            ],
+            ChildOutput::Discard,
+        )
+        .unwrap();
+    let up =
+        wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
+    assert!(up.is_some(), "lbd did not start serving");
+
+    let prom_config = dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lbd\n    authorization:\n      type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['127.0.0.1:7070']\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let prom_args = [
+        "prometheus".to_owned(),
+        format!("--config.file={}", prom_config.display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        "--web.listen-address=127.0.0.1:9090".to_owned(),
+    ];
+    let _prom = lab.lb.spawn(&prom_args, ChildOutput::Discard).unwrap();
+    let scraping = wait_for(Duration::from_secs(60), || {
+        let up = query(&lab, "up{job=\"lbd\"}")?;
+        (up.first().map(|(_, v)| *v) == Some(1.0)).then_some(())
+    });
+    assert!(scraping.is_some(), "Prometheus never scraped lbd successfully");
+
+    // Known traffic: 30 new connections to the NAT service (the warm-up request made one).
+    let before = query(&lab, "lb_service_new_flows_total{service=\"web4\"}")
+        .and_then(|r| r.first().map(|(_, v)| *v))
+        .unwrap_or(0.0);
+    for _ in 0..30 {
+        assert!(lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).unwrap().starts_with("backend-"));
+    }
+    let want = before + 30.0;
+    let service = wait_for(Duration::from_secs(30), || {
+        let v = query(&lab, "lb_service_new_flows_total{service=\"web4\"}")?.first()?.1;
+        (v >= want).then_some(v)
+    });
+    assert_eq!(service, Some(want), "service counter in Prometheus");
+    // The per-backend counters add up to the same, each backend labelled by pool and address.
+    let backends = query(&lab, "lb_backend_new_flows_total{pool=\"web4\"}").unwrap();
+    assert_eq!(backends.len(), 2, "{backends:?}");
+    let sum: f64 = backends.iter().map(|(_, v)| v).sum();
+    assert!(
+        (sum - want).abs() < f64::EPSILON,
+        "backends sum to {sum}, the service counted {want}: {backends:?}"
+    );
+    assert!(
+        backends
+            .iter()
+            .all(|(m, _)| m["backend"].as_str().is_some_and(|b| b.starts_with("198.18.1."))),
+        "{backends:?}"
+    );
+    let passed = query(&lab, "lb_passed_packets_total{reason=\"not_service\"}").unwrap();
+    assert_eq!(passed.len(), 1);
+
+    if let Some(mut child) = lab.lb.take_child(lbd_pid) {
+        let _ =
+            std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+    drop(lab);
+    let _ = std::fs::remove_dir_all(dir);
+}

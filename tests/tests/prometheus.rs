@@ -95,7 +95,7 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
         "--web.listen-address=127.0.0.1:9090".to_owned(),
     ];
     let _prom = lab.lb.spawn(&prom_args, ChildOutput::Discard).unwrap();
-    let scraping = wait_for(Duration::from_secs(60), || {
+    let scraping = wait_for(Duration::from_mins(1), || {
         let up = query(&lab, "up{job=\"lbd\"}")?;
         (up.first().map(|(_, v)| *v) == Some(1.0)).then_some(())
     });

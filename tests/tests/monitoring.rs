@@ -1,0 +1,115 @@
+//! The shipped monitoring files: the Prometheus alerting rules pass `promtool check rules`,
+//! and every metric the rules and the Grafana dashboard use is one `lbd` really exports.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
+
+use lb_tests::{
+    lab,
+    netns::{ChildOutput, Netns, unique_id, wait_for},
+    privileged::require_privileges,
+};
+
+fn docs() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring")
+}
+
+/// Every `lb_…` metric name in `text` (with the `_total` of counters as written).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("lb_") {
+        let start = i + pos;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        if boundary && end > start + 3 {
+            names.insert(text[start..end].to_owned());
+        }
+        i = end.max(start + 1);
+    }
+    names
+}
+
+#[test]
+fn alerting_rules_pass_promtool() {
+    let out =
+        Command::new("promtool").arg("check").arg("rules").arg(docs().join("alerts.yml")).output();
+    let out = match out {
+        Ok(out) => out,
+        Err(error) => {
+            assert!(std::env::var("CI").is_err(), "promtool is missing in CI: {error}");
+            eprintln!(
+                "SKIPPED alerting_rules_pass_promtool: promtool not installed ({error}); `cargo xtask test` installs it"
+            );
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rules_and_dashboard_use_only_exported_metrics() {
+    if !require_privileges("rules_and_dashboard_use_only_exported_metrics") {
+        return;
+    }
+    let dashboard = std::fs::read_to_string(docs().join("grafana-dashboard.json")).unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    let alerts = std::fs::read_to_string(docs().join("alerts.yml")).unwrap();
+    let used: BTreeSet<String> =
+        metric_names(&dashboard).into_iter().chain(metric_names(&alerts)).collect();
+    assert!(used.len() >= 10, "{used:?}");
+
+    // What a running lbd exports.
+    let ns = Netns::create(&unique_id()).unwrap();
+    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    let config = std::env::temp_dir().join(format!("{}-mon.toml", ns.name()));
+    std::fs::write(
+        &config,
+        "[daemon]\npin_dir = \"\"\n[[interface]]\nname = \"veth0\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n\
+         [[service]]\nname = \"s\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"nat\"\nnat_source = \"198.18.1.1\"\n",
+    )
+    .unwrap();
+    let lbd = lab::bin_path("lbd").unwrap();
+    let pid = ns
+        .spawn(
+            &[
+                lbd.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--detach-on-exit".as_ref(),
+            ],
+            ChildOutput::Discard,
+        )
+        .unwrap();
+    let scrape = wait_for(Duration::from_secs(20), || {
+        ns.exec(&["curl", "-sf", "--max-time", "2", "http://127.0.0.1:7070/metrics"]).ok()
+    });
+    if let Some(mut child) = ns.take_child(pid) {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_file(&config);
+    let scrape = scrape.expect("lbd's /metrics answered");
+    let exported: BTreeSet<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "rules or dashboard use metrics lbd does not export: {missing:?}\nexported: {exported:?}"
+    );
+}

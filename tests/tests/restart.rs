@@ -201,3 +201,44 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     drop(lab);
     drop(bpffs);
 }
+
+#[test]
+fn pinned_maps_of_another_layout_are_replaced_not_misread() {
+    use lb_userspace::{Datapath, datapath::LoadOptions};
+    if !require_privileges("pinned_maps_of_another_layout_are_replaced_not_misread") {
+        return;
+    }
+    let id = lb_tests::netns::unique_id();
+    let bpffs = Bpffs::mount(&id);
+    let pin_dir = bpffs.dir.join("lb");
+    let options = |entries| LoadOptions {
+        conntrack_entries: entries,
+        pin_dir: Some(pin_dir.clone()),
+        ..LoadOptions::default()
+    };
+    let first = Datapath::load_with(&options(65_536)).unwrap();
+    assert!(!first.adopted(), "nothing was pinned before");
+    drop(first);
+    // Same layout: adopted.
+    let second = Datapath::load_with(&options(65_536)).unwrap();
+    assert!(second.adopted());
+    drop(second);
+    // A connection table of another size is replaced (and the rest adopted).
+    let conntrack = pin_dir
+        .join(format!("maps-v{}", lb_common::maps::MAPS_LAYOUT_VERSION))
+        .join(lb_common::maps::CONNTRACK);
+    let before = aya::maps::MapInfo::from_pin(&conntrack).unwrap().id();
+    let third = Datapath::load_with(&options(131_072)).unwrap();
+    assert!(third.adopted(), "the other maps are reused");
+    let after = aya::maps::MapInfo::from_pin(&conntrack).unwrap();
+    assert_ne!(after.id(), before, "the old connection table was not replaced");
+    assert_eq!(after.max_entries(), 131_072);
+    // Maps pinned by another layout version are removed, not read.
+    let stale = pin_dir.join("maps-v999");
+    std::fs::create_dir_all(&stale).unwrap();
+    drop(third);
+    let fourth = Datapath::load_with(&options(131_072)).unwrap();
+    assert!(!stale.exists(), "maps of another layout version are still there");
+    drop(fourth);
+    drop(bpffs);
+}

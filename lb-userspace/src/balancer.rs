@@ -133,6 +133,11 @@ impl Balancer {
         self.backends.iter().map(|(k, v)| (k, v.id))
     }
 
+    /// Removed backends still carrying flows, with their ids.
+    pub fn retired(&self) -> impl Iterator<Item = (u32, &BackendIdentity)> {
+        self.retired.iter().map(|(id, k)| (*id, k))
+    }
+
     /// Services with their ids.
     pub fn services(&self) -> impl Iterator<Item = (&str, u32)> {
         self.services.iter().map(|(k, v)| (k.as_str(), v.id))

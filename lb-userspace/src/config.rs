@@ -188,6 +188,168 @@ pub struct PoolConfig {
     pub name: Spanned<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// A new or recovered backend's weight ramps up over this many seconds (0: at once).
+    #[serde(default)]
+    pub slow_start_secs: u64,
+    /// A draining backend's established flows are cut after this many seconds (0: never).
+    #[serde(default)]
+    pub drain_timeout_secs: u64,
+    /// Below this share of healthy backends the pool panics: it sends to every backend,
+    /// healthy or not, rather than overload the few left (unless `fail_closed`).
+    #[serde(default = "default_min_healthy_share")]
+    pub min_healthy_share: f64,
+    /// In panic, send only to healthy backends anyway (and to none if none is healthy).
+    #[serde(default)]
+    pub fail_closed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default, rename = "autoscale", skip_serializing_if = "Vec::is_empty")]
+    pub autoscale: Vec<AutoscaleConfig>,
+}
+
+fn default_min_healthy_share() -> f64 {
+    0.5
+}
+
+/// What a health check does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection opens.
+    Tcp,
+    /// An HTTP GET answers with the expected status (and body text).
+    Http,
+    /// The same over TLS (the certificate is not verified: a check proves service, not
+    /// identity).
+    Https,
+    /// A UDP request gets the expected response.
+    Udp,
+    /// An external command exits 0.
+    Command,
+}
+
+/// `[pool.health_check]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    pub kind: CheckKind,
+    /// Port to check; by default the backend's port, else the pool's first service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Interval while a backend is changing state (between its first flip-worthy result and
+    /// the flip).
+    #[serde(default = "default_fast_interval_ms")]
+    pub fast_interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Random delay added to each interval, so checks of many backends do not synchronise.
+    #[serde(default = "default_jitter_ms")]
+    pub jitter_ms: u64,
+    /// Consecutive passes that bring a down backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// HTTP: the path requested.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// HTTP: the status expected.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    /// HTTP: text the body must contain; UDP: text the response must contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    /// HTTPS: the server name sent in the TLS handshake (by default none, as for an address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// UDP: the request sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    /// Command: program and arguments; `{address}` and `{port}` are replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+const fn default_interval_ms() -> u64 {
+    2000
+}
+const fn default_fast_interval_ms() -> u64 {
+    500
+}
+const fn default_timeout_ms() -> u64 {
+    1000
+}
+const fn default_jitter_ms() -> u64 {
+    200
+}
+const fn default_rise() -> u32 {
+    2
+}
+const fn default_fall() -> u32 {
+    3
+}
+fn default_path() -> String {
+    "/".to_owned()
+}
+const fn default_status() -> u16 {
+    200
+}
+
+/// A signal an autoscaling policy watches, per pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    NewFlowsPerSecond,
+    ActiveFlowsPerBackend,
+    BytesPerSecond,
+    HealthyBackends,
+}
+
+impl Signal {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NewFlowsPerSecond => "new_flows_per_second",
+            Self::ActiveFlowsPerBackend => "active_flows_per_backend",
+            Self::BytesPerSecond => "bytes_per_second",
+            Self::HealthyBackends => "healthy_backends",
+        }
+    }
+}
+
+/// `[[pool.autoscale]]`: a policy that fires a webhook and/or a command.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscaleConfig {
+    pub name: String,
+    pub signal: Signal,
+    /// Fire when the signal is above this...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// ...or below this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+    /// For this long without interruption.
+    #[serde(default)]
+    pub for_secs: u64,
+    /// Then not again for this long.
+    #[serde(default = "default_cooldown")]
+    pub cooldown_secs: u64,
+    /// POST the event here (JSON, signed with HMAC-SHA256 when `secret_file` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    /// Run this (the event JSON on standard input).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+}
+
+const fn default_cooldown() -> u64 {
+    300
 }
 
 /// Weight of a backend that does not set one.
@@ -205,6 +367,36 @@ pub struct BackendConfig {
     pub port: Option<Spanned<u16>>,
     #[serde(default = "default_weight")]
     pub weight: Spanned<u32>,
+    /// `active` takes new flows; `draining` keeps its established flows (until the pool's
+    /// `drain_timeout_secs`) but takes no new ones; `disabled` takes none and keeps none.
+    #[serde(default, skip_serializing_if = "BackendState::is_active")]
+    pub state: BackendState,
+}
+
+/// A backend's administrative state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    Draining,
+    Disabled,
+}
+
+impl BackendState {
+    #[must_use]
+    pub const fn is_active(&self) -> bool {
+        matches!(self, Self::Active)
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Disabled => "disabled",
+        }
+    }
 }
 
 fn default_weight() -> Spanned<u32> {
@@ -467,6 +659,8 @@ impl Config {
                 p.add(Some(pool.name.span()), &format!("pool {name:?} has {} backends; at most {MAX_BACKENDS_PER_POOL} are allowed", pool.backends.len()));
             }
             total += pool.backends.len();
+            check_pool_lifecycle(pool, p);
+            self.check_health_port(pool, p);
             let mut seen = HashSet::new();
             for backend in &pool.backends {
                 let addr = *backend.address.get_ref();
@@ -504,6 +698,38 @@ impl Config {
         }
         if total > MAX_BACKENDS as usize {
             p.add(None, &format!("{total} backends in all; at most {MAX_BACKENDS} are allowed"));
+        }
+    }
+
+    /// The port a backend's health checks go to: the check's own, else the backend's, else
+    /// the first port of a service using the pool.
+    #[must_use]
+    pub fn health_check_port(&self, pool: &PoolConfig, backend: &BackendConfig) -> Option<u16> {
+        let check = pool.health_check.as_ref()?;
+        check.port.or(backend.port()).or_else(|| {
+            self.services
+                .iter()
+                .filter(|s| s.pool.get_ref() == pool.name.get_ref())
+                .find_map(ServiceConfig::port)
+        })
+    }
+
+    fn check_health_port(&self, pool: &PoolConfig, p: &mut Problems<'_>) {
+        let Some(check) = &pool.health_check else { return };
+        if check.kind == CheckKind::Command {
+            return;
+        }
+        if let Some(backend) =
+            pool.backends.iter().find(|b| self.health_check_port(pool, b).is_none())
+        {
+            p.add(
+                Some(backend.address.span()),
+                &format!(
+                    "pool {:?}: no port to health-check backend {}; set `port` in the pool's `health_check`",
+                    pool.name.get_ref(),
+                    backend.address.get_ref()
+                ),
+            );
         }
     }
 
@@ -613,6 +839,95 @@ impl Config {
         }
         let backends = self.pool(service.pool.get_ref()).map_or(0, |p| p.backends.len());
         table_size_for(u32::try_from(backends).unwrap_or(u32::MAX)).unwrap_or(MAX_TABLE_SIZE)
+    }
+}
+
+fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
+    let name = pool.name.get_ref();
+    let at = Some(pool.name.span());
+    if !(0.0..=1.0).contains(&pool.min_healthy_share) {
+        p.add(
+            at.clone(),
+            &format!(
+                "pool {name:?}: min_healthy_share {} must be between 0 and 1",
+                pool.min_healthy_share
+            ),
+        );
+    }
+    if pool.slow_start_secs > 3600 || pool.drain_timeout_secs > 86_400 * 7 {
+        p.add(at.clone(), &format!("pool {name:?}: slow_start_secs is at most 3600 and drain_timeout_secs at most 604800"));
+    }
+    if let Some(hc) = &pool.health_check {
+        if hc.interval_ms < 50 || hc.fast_interval_ms < 50 || hc.timeout_ms == 0 {
+            p.add(at.clone(), &format!("pool {name:?}: health_check intervals are at least 50 ms and timeout_ms above 0"));
+        }
+        if hc.timeout_ms > hc.interval_ms.max(hc.fast_interval_ms) {
+            p.add(
+                at.clone(),
+                &format!("pool {name:?}: health_check timeout_ms must not exceed the interval"),
+            );
+        }
+        if hc.rise == 0 || hc.fall == 0 || hc.rise > 100 || hc.fall > 100 {
+            p.add(at.clone(), &format!("pool {name:?}: health_check rise and fall are 1 to 100"));
+        }
+        match hc.kind {
+            CheckKind::Command if hc.command.is_empty() => {
+                p.add(
+                    at.clone(),
+                    &format!(
+                        "pool {name:?}: a command health check needs `command = [\"program\", ...]`"
+                    ),
+                );
+            }
+            CheckKind::Udp if hc.send.is_none() => {
+                p.add(
+                    at.clone(),
+                    &format!(
+                        "pool {name:?}: a udp health check needs `send` (and usually `expect`)"
+                    ),
+                );
+            }
+            CheckKind::Http | CheckKind::Https if !hc.path.starts_with('/') => {
+                p.add(at.clone(), &format!("pool {name:?}: health_check path must start with '/'"));
+            }
+            _ => {}
+        }
+    }
+    let mut names = HashSet::new();
+    for policy in &pool.autoscale {
+        if !names.insert(&policy.name) {
+            p.add(
+                at.clone(),
+                &format!("pool {name:?}: autoscale policy {:?} is defined twice", policy.name),
+            );
+        }
+        if policy.above.is_some() == policy.below.is_some() {
+            p.add(
+                at.clone(),
+                &format!(
+                    "pool {name:?}: autoscale policy {:?} needs exactly one of `above` and `below`",
+                    policy.name
+                ),
+            );
+        }
+        if policy.webhook.is_none() && policy.command.is_empty() {
+            p.add(
+                at.clone(),
+                &format!(
+                    "pool {name:?}: autoscale policy {:?} needs a `webhook` or a `command`",
+                    policy.name
+                ),
+            );
+        }
+        if let Some(url) = &policy.webhook
+            && !url.starts_with("http://")
+            && !url.starts_with("https://")
+        {
+            p.add(
+                at.clone(),
+                &format!("pool {name:?}: autoscale webhook {url:?} is not an http(s) URL"),
+            );
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 //! `.await`).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -15,9 +16,12 @@ use tracing::{info, warn};
 
 use crate::{
     Balancer, Config, Datapath,
-    balancer::ApplySummary,
-    config::ServiceConfig,
+    autoscale::{self, Event},
+    balancer::{ApplySummary, BackendIdentity},
+    config::{AutoscaleConfig, ServiceConfig},
     datapath::{AttachedMode, LoadOptions},
+    health::{self, Checker, Report},
+    lifecycle::Lifecycle,
     nexthop::KernelResolver,
     sysctl,
 };
@@ -58,6 +62,11 @@ pub struct Daemon {
     pub live_by_backend: HashMap<u32, u64>,
     /// Live connection-table entries at the last sweep.
     pub conntrack_live: u64,
+    /// Backend lifecycle and health facts, which shape the weights installed.
+    pub lifecycle: Lifecycle,
+    /// The health-check tasks (none until [`Daemon::start_health_checks`]).
+    checker: Option<Checker>,
+    pub autoscale: autoscale::Engine,
 }
 
 impl Daemon {
@@ -79,9 +88,12 @@ impl Daemon {
         if datapath.adopted() {
             balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;
         }
+        let mut lifecycle = Lifecycle::starting(&config, Instant::now());
+        let (effective, panicking) = lifecycle.effective(&config, Instant::now());
         balancer
-            .apply(&config, datapath.maps_mut(), &mut resolver)
+            .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
+        lifecycle.installed(&effective, panicking);
         let mut attached = Vec::new();
         for interface in &config.interfaces {
             let name = interface.name.get_ref();
@@ -103,7 +115,119 @@ impl Daemon {
             attached,
             live_by_backend: HashMap::new(),
             conntrack_live: 0,
+            lifecycle,
+            checker: None,
+            autoscale: autoscale::Engine::default(),
         })
+    }
+
+    /// Starts the health checks (on the current tokio runtime); results go to `reports`,
+    /// which the caller feeds back through [`Daemon::record_health`].
+    pub fn start_health_checks(&mut self, reports: tokio::sync::mpsc::UnboundedSender<Report>) {
+        self.checker = Some(Checker::new(reports, tokio::runtime::Handle::current()));
+        self.sync_health_checks();
+    }
+
+    /// Stops the health checks and removes their routes.
+    pub fn stop_health_checks(&mut self) {
+        if let Some(mut checker) = self.checker.take() {
+            checker.stop();
+        }
+    }
+
+    fn sync_health_checks(&mut self) {
+        let Some(checker) = &mut self.checker else { return };
+        let plan = health::plan(&self.config, &self.balancer);
+        let checked: HashSet<BackendIdentity> = plan.specs.keys().cloned().collect();
+        let started = checker.sync(plan);
+        self.lifecycle.reset_health(&started, &checked);
+    }
+
+    /// Takes in one health-check result; a flip changes the weights installed.
+    pub fn record_health(&mut self, report: &Report) {
+        if self.lifecycle.record(report, Instant::now()) {
+            self.refresh_weights();
+        }
+    }
+
+    /// Installs the effective weights if they changed (health, slow start, panic).
+    pub fn refresh_weights(&mut self) {
+        let (effective, panicking) = self.lifecycle.effective(&self.config, Instant::now());
+        if !self.lifecycle.changed(&effective) && panicking == self.lifecycle.panicking {
+            return;
+        }
+        match self.balancer.apply(&effective, self.datapath.maps_mut(), &mut self.resolver) {
+            Ok(_) => self.lifecycle.installed(&effective, panicking),
+            Err(error) => warn!(%error, "installing new backend weights failed"),
+        }
+    }
+
+    /// The once-a-second work: weights of backends in slow start, cuts of disabled and
+    /// overdue draining backends, and autoscaling policies. Returns the events to deliver.
+    pub fn tick(&mut self) -> Vec<(Event, AutoscaleConfig)> {
+        let now = Instant::now();
+        self.refresh_weights();
+        self.cut_flows(now);
+        let ids: HashMap<BackendIdentity, u32> =
+            self.balancer.backends().map(|(k, id)| (k.clone(), id)).collect();
+        let mut counters = autoscale::BackendCounters::new();
+        for id in ids.values() {
+            if let Ok(c) = self.datapath.maps().traffic.backend(*id) {
+                counters.insert(*id, (c.new_flows, c.bytes));
+            }
+        }
+        let inputs = autoscale::Inputs {
+            config: &self.config,
+            lifecycle: &self.lifecycle,
+            ids: &ids,
+            counters,
+            live: &self.live_by_backend,
+        };
+        let events = self.autoscale.sample(&inputs, now);
+        for (event, _) in &events {
+            warn!(pool = %event.pool, policy = %event.policy, signal = %event.signal, value = event.value, threshold = event.threshold, id = %event.id, "autoscaling policy fired");
+            let mut c =
+                self.autoscale.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *c.fired.entry((event.pool.clone(), event.policy.clone())).or_default() += 1;
+        }
+        events
+    }
+
+    /// Cuts the established flows of disabled backends, of draining ones past their
+    /// deadline, and of removed ones past their pool's deadline.
+    fn cut_flows(&mut self, now: Instant) {
+        let mut ids = HashSet::new();
+        for backend in self.lifecycle.due_cuts(&self.config, now) {
+            if let Some(id) = self.balancer.backend_id(&backend) {
+                info!(pool = %backend.pool, backend = %health::describe(&backend), "cutting the backend's established flows");
+                ids.insert(id);
+            }
+        }
+        let retired: Vec<(u32, BackendIdentity)> =
+            self.balancer.retired().map(|(id, k)| (id, k.clone())).collect();
+        for id in self.lifecycle.due_retired(&retired, &self.config, now) {
+            if self.live_by_backend.get(&id).copied().unwrap_or(0) > 0 {
+                ids.insert(id);
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let balancer = &self.balancer;
+        match self
+            .datapath
+            .maps_mut()
+            .conntrack
+            .remove_flows_of(&ids, |id| balancer.backend_entry(id))
+        {
+            Ok(removed) => {
+                info!(removed, backends = ids.len(), "established flows cut");
+                for id in &ids {
+                    self.live_by_backend.remove(id);
+                }
+            }
+            Err(error) => warn!(%error, "cutting flows failed"),
+        }
     }
 
     /// Re-resolves next hops; returns how many backends have none yet.
@@ -168,13 +292,22 @@ impl Daemon {
                 "conntrack.max_entries cannot change while lbd runs; restart it".to_owned(),
             ]));
         }
+        check_secret_files(&new)?;
         reserve_nat_ports(&new);
+        let now = Instant::now();
+        let mut lifecycle = self.lifecycle.clone();
+        lifecycle.observe(&new, now);
+        let (effective, panicking) = lifecycle.effective(&new, now);
         let summary = self
             .balancer
-            .apply(&new, self.datapath.maps_mut(), &mut self.resolver)
+            .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
             .map_err(|e| ChangeError::Apply(e.to_string()))?;
+        lifecycle.installed(&effective, panicking);
+        self.lifecycle = lifecycle;
         self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
+        self.sync_health_checks();
+        self.cut_flows(now);
         Ok(summary)
     }
 
@@ -217,6 +350,18 @@ impl Daemon {
             .map_err(|e| ChangeError::Persist(format!("{}: {e}", path.display())))?;
         Ok(())
     }
+}
+
+/// Autoscaling webhooks sign with secrets read at delivery; a missing one is caught here.
+fn check_secret_files(config: &Config) -> Result<(), ChangeError> {
+    let problems: Vec<String> = config
+        .pools
+        .iter()
+        .flat_map(|p| &p.autoscale)
+        .filter_map(|a| a.secret_file.as_deref())
+        .filter_map(|path| autoscale::read_secret(path).err())
+        .collect();
+    if problems.is_empty() { Ok(()) } else { Err(ChangeError::Invalid(problems)) }
 }
 
 fn reserve_nat_ports(config: &Config) {

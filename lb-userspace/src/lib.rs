@@ -4,10 +4,13 @@
 //! `lbd` (in `bin/`) is a thin shell around [`run`]; tests call the same entry points.
 
 pub mod api;
+pub mod autoscale;
 pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
+pub mod lifecycle;
 pub mod maps;
 pub mod nexthop;
 pub mod pins;
@@ -41,6 +44,8 @@ pub struct RunOptions {
 const NEXT_HOP_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the connection table is swept of expired flows.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often slow-start weights, drain deadlines and autoscaling policies are evaluated.
+const LIFECYCLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until `shutdown` is cancelled: loads the data path (adopting pinned state),
 /// installs the services, attaches, serves the API, and keeps next hops and the connection
@@ -90,6 +95,9 @@ pub async fn run(
         });
     }
 
+    let (report_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    lock(&daemon).start_health_checks(report_tx);
+    let mut lifecycle_tick = tokio::time::interval(LIFECYCLE_INTERVAL);
     let mut stats_tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
     let mut hop_tick = tokio::time::interval(NEXT_HOP_INTERVAL);
     let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
@@ -110,8 +118,19 @@ pub async fn run(
                 lock(&daemon).refresh_next_hops();
             }
             _ = sweep_tick.tick() => lock(&daemon).sweep(),
+            Some(report) = reports.recv() => lock(&daemon).record_health(&report),
+            _ = lifecycle_tick.tick() => {
+                let (events, counters) = {
+                    let mut d = lock(&daemon);
+                    (d.tick(), d.autoscale.counters.clone())
+                };
+                for (event, policy) in events {
+                    tokio::spawn(autoscale::deliver(event, policy, counters.clone()));
+                }
+            }
         }
     }
+    lock(&daemon).stop_health_checks();
 
     if options.detach_on_exit {
         lock(&daemon).datapath.detach_all();

@@ -15,7 +15,12 @@ use prometheus_client::{
 };
 
 use super::{ApiError, AppState, lock};
-use crate::{balancer::BackendIdentity, daemon::Daemon, maps::StatsSnapshot};
+use crate::{
+    balancer::BackendIdentity,
+    config::{BackendState, Signal},
+    daemon::Daemon,
+    maps::StatsSnapshot,
+};
 
 /// What one scrape reports, read under the daemon's lock.
 #[derive(Debug, Default)]
@@ -23,12 +28,34 @@ pub struct Snapshot {
     stats: StatsSnapshot,
     /// (service, pool, counters)
     services: Vec<(String, String, TrafficCounter)>,
-    /// (pool, backend "address[:port]", counters, weight, active flows)
-    backends: Vec<(String, String, TrafficCounter, u32, u64)>,
+    backends: Vec<BackendRow>,
+    /// (pool, in panic, signal values)
+    pools: Vec<(String, bool, crate::autoscale::Signals)>,
+    /// Autoscaling events fired, by (pool, policy).
+    fired: Vec<((String, String), u64)>,
+    /// Deliveries, by (pool, policy, target, result).
+    deliveries: Vec<(Delivery, u64)>,
     conntrack_entries: u64,
     conntrack_capacity: u32,
     /// (interface, mode)
     interfaces: Vec<(String, String)>,
+}
+
+type Delivery = (String, String, &'static str, &'static str);
+
+/// One backend's row.
+#[derive(Debug)]
+struct BackendRow {
+    pool: String,
+    /// `address[:port]`
+    label: String,
+    counters: TrafficCounter,
+    weight: u32,
+    effective_weight: u32,
+    state: crate::config::BackendState,
+    /// `None` when its pool has no health check.
+    health: Option<crate::lifecycle::Health>,
+    live: u64,
 }
 
 impl Snapshot {
@@ -63,16 +90,39 @@ impl Snapshot {
                         Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
                         None => identity.addr.to_string(),
                     };
-                    s.backends.push((
-                        identity.pool.clone(),
+                    let health = pool.health_check.as_ref().map(|_| {
+                        d.lifecycle.health.get(&identity).cloned().unwrap_or(
+                            crate::lifecycle::Health {
+                                healthy: true,
+                                last_error: None,
+                                checks: 0,
+                                failures: 0,
+                            },
+                        )
+                    });
+                    s.backends.push(BackendRow {
+                        pool: identity.pool.clone(),
                         label,
-                        d.datapath.maps().traffic.backend(id)?,
-                        *b.weight.get_ref(),
-                        d.live_by_backend.get(&id).copied().unwrap_or(0),
-                    ));
+                        counters: d.datapath.maps().traffic.backend(id)?,
+                        weight: *b.weight.get_ref(),
+                        effective_weight: d.lifecycle.applied_weight(&identity).unwrap_or(0),
+                        state: b.state,
+                        health,
+                        live: d.live_by_backend.get(&id).copied().unwrap_or(0),
+                    });
                 }
             }
+            let name = pool.name.get_ref();
+            s.pools.push((
+                name.clone(),
+                d.lifecycle.panicking.contains(name),
+                d.autoscale.signals.get(name).cloned().unwrap_or_default(),
+            ));
         }
+        let counters =
+            d.autoscale.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.fired = counters.fired.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        s.deliveries = counters.deliveries.iter().map(|(k, v)| (k.clone(), *v)).collect();
         Ok(s)
     }
 }
@@ -181,11 +231,11 @@ impl Collector for Snapshot {
             &service_rows(|c| c.reply_packets),
         )?;
 
-        let backend_rows = |f: &dyn Fn(&TrafficCounter, u32, u64) -> u64| -> Vec<(Labels, u64)> {
+        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| -> Vec<(Labels, u64)> {
             self.backends
                 .iter()
-                .map(|(pool, backend, c, w, live)| {
-                    (vec![("pool", pool.clone()), ("backend", backend.clone())], f(c, *w, *live))
+                .filter_map(|b| {
+                    Some((vec![("pool", b.pool.clone()), ("backend", b.label.clone())], f(b)?))
                 })
                 .collect()
         };
@@ -193,19 +243,19 @@ impl Collector for Snapshot {
             &mut e,
             "lb_backend_packets",
             "Packets forwarded to the backend.",
-            &backend_rows(&|c, _, _| c.packets),
+            &backend_rows(&|b| Some(b.counters.packets)),
         )?;
         counter(
             &mut e,
             "lb_backend_bytes",
             "Bytes forwarded to the backend.",
-            &backend_rows(&|c, _, _| c.bytes),
+            &backend_rows(&|b| Some(b.counters.bytes)),
         )?;
         counter(
             &mut e,
             "lb_backend_new_flows",
             "Flows assigned to the backend.",
-            &backend_rows(&|c, _, _| c.new_flows),
+            &backend_rows(&|b| Some(b.counters.new_flows)),
         )?;
         let to_gauge = |rows: Vec<(Labels, u64)>| -> Vec<(Labels, i64)> {
             rows.into_iter().map(|(l, v)| (l, clamp(v))).collect()
@@ -214,14 +264,15 @@ impl Collector for Snapshot {
             &mut e,
             "lb_backend_active_flows",
             "Live flows of the backend at the last connection-table sweep.",
-            &to_gauge(backend_rows(&|_, _, live| live)),
+            &to_gauge(backend_rows(&|b| Some(b.live))),
         )?;
         gauge(
             &mut e,
             "lb_backend_weight",
-            "Configured weight of the backend (0: no new flows).",
-            &to_gauge(backend_rows(&|_, w, _| u64::from(w))),
+            "Configured weight of the backend.",
+            &to_gauge(backend_rows(&|b| Some(u64::from(b.weight)))),
         )?;
+        self.encode_lifecycle(&mut e)?;
 
         gauge(
             &mut e,
@@ -251,6 +302,120 @@ impl Collector for Snapshot {
             "lb_build_info",
             "The running lbd's version.",
             &[(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
+        )?;
+        Ok(())
+    }
+}
+
+impl Snapshot {
+    /// Backend states, health, panic, autoscaling signals and hook deliveries.
+    fn encode_lifecycle(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| -> Vec<(Labels, u64)> {
+            self.backends
+                .iter()
+                .filter_map(|b| {
+                    Some((vec![("pool", b.pool.clone()), ("backend", b.label.clone())], f(b)?))
+                })
+                .collect()
+        };
+        let to_gauge = |rows: Vec<(Labels, u64)>| -> Vec<(Labels, i64)> {
+            rows.into_iter().map(|(l, v)| (l, clamp(v))).collect()
+        };
+        gauge(
+            e,
+            "lb_backend_effective_weight",
+            "Weight installed in the Maglev tables: 0 when draining, disabled or down, lower during slow start.",
+            &to_gauge(backend_rows(&|b| Some(u64::from(b.effective_weight)))),
+        )?;
+        let states: Vec<(Labels, i64)> = self
+            .backends
+            .iter()
+            .flat_map(|b| {
+                [BackendState::Active, BackendState::Draining, BackendState::Disabled].map(|s| {
+                    let labels = vec![
+                        ("pool", b.pool.clone()),
+                        ("backend", b.label.clone()),
+                        ("state", s.name().to_owned()),
+                    ];
+                    (labels, i64::from(b.state == s))
+                })
+            })
+            .collect();
+        gauge(e, "lb_backend_state", "1 for the backend's administrative state.", &states)?;
+        gauge(
+            e,
+            "lb_backend_healthy",
+            "1 if the backend passes its health checks (only backends of checked pools).",
+            &to_gauge(backend_rows(&|b| b.health.as_ref().map(|h| u64::from(h.healthy)))),
+        )?;
+        counter(
+            e,
+            "lb_health_checks",
+            "Health checks run against the backend.",
+            &backend_rows(&|b| b.health.as_ref().map(|h| h.checks)),
+        )?;
+        counter(
+            e,
+            "lb_health_check_failures",
+            "Health checks of the backend that failed.",
+            &backend_rows(&|b| b.health.as_ref().map(|h| h.failures)),
+        )?;
+        let panics: Vec<(Labels, i64)> = self
+            .pools
+            .iter()
+            .map(|(p, panic, _)| (vec![("pool", p.clone())], i64::from(*panic)))
+            .collect();
+        gauge(
+            e,
+            "lb_pool_panic",
+            "1 while fewer than the pool's min_healthy_share of its backends are healthy (it then sends to all).",
+            &panics,
+        )?;
+        {
+            let mut signals = e.encode_descriptor(
+                "lb_pool_signal",
+                "The autoscaling signals of the pool at the last evaluation.",
+                None,
+                ConstGauge::new(0f64).metric_type(),
+            )?;
+            for (pool, _, values) in &self.pools {
+                for signal in [
+                    Signal::NewFlowsPerSecond,
+                    Signal::ActiveFlowsPerBackend,
+                    Signal::BytesPerSecond,
+                    Signal::HealthyBackends,
+                ] {
+                    let labels = [("pool", pool.clone()), ("signal", signal.name().to_owned())];
+                    ConstGauge::new(values.get(signal)).encode(signals.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let fired: Vec<(Labels, u64)> = self
+            .fired
+            .iter()
+            .map(|((pool, policy), n)| {
+                (vec![("pool", pool.clone()), ("policy", policy.clone())], *n)
+            })
+            .collect();
+        counter(e, "lb_autoscale_events", "Autoscaling policies that fired.", &fired)?;
+        let deliveries: Vec<(Labels, u64)> = self
+            .deliveries
+            .iter()
+            .map(|((pool, policy, target, result), n)| {
+                let labels = vec![
+                    ("pool", pool.clone()),
+                    ("policy", policy.clone()),
+                    ("target", (*target).to_owned()),
+                    ("result", (*result).to_owned()),
+                ];
+                (labels, *n)
+            })
+            .collect();
+        counter(
+            e,
+            "lb_autoscale_deliveries",
+            "Autoscaling events delivered to webhooks and commands (after retries), by result.",
+            &deliveries,
         )?;
         Ok(())
     }

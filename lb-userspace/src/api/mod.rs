@@ -24,7 +24,7 @@ use tracing::{error, info};
 
 use crate::{
     balancer::{ApplySummary, BackendIdentity},
-    config::{BackendConfig, Config, DEFAULT_WEIGHT, MAX_WEIGHT},
+    config::{BackendConfig, BackendState, Config, DEFAULT_WEIGHT, MAX_WEIGHT},
     daemon::{ChangeError, SharedDaemon},
 };
 
@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pools/{pool}/backends", post(add_backend))
         .route("/v1/pools/{pool}/backends/{address}", delete(remove_backend))
         .route("/v1/pools/{pool}/backends/{address}/weight", put(set_weight))
+        .route("/v1/pools/{pool}/backends/{address}/state", put(set_state))
         .route("/v1/reload", post(reload))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
@@ -220,6 +221,8 @@ async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PoolView {
     pub name: String,
+    /// Fewer than `min_healthy_share` of the active backends are healthy.
+    pub panic: bool,
     pub backends: Vec<BackendView>,
 }
 
@@ -227,7 +230,17 @@ pub struct PoolView {
 pub struct BackendView {
     pub address: IpAddr,
     pub port: Option<u16>,
+    /// The configured weight.
     pub weight: u32,
+    /// The weight installed: 0 when draining, disabled or down; lower during slow start.
+    pub effective_weight: u32,
+    pub state: BackendState,
+    /// Seconds in that state.
+    pub state_secs: u64,
+    /// `None` when the pool has no health check.
+    pub healthy: Option<bool>,
+    /// Why the last check failed, if it did.
+    pub last_check_error: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -236,6 +249,7 @@ pub struct BackendView {
 
 async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
     let d = lock(&state)?;
+    let now = std::time::Instant::now();
     let mut out = Vec::new();
     for pool in &d.config.pools {
         let mut backends = Vec::new();
@@ -251,17 +265,30 @@ async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, Api
                 .transpose()
                 .map_err(|e| ApiError::Internal(e.to_string()))?
                 .unwrap_or_default();
+            let health = d.lifecycle.health.get(&identity);
             backends.push(BackendView {
                 address: *b.address.get_ref(),
                 port: b.port(),
                 weight: *b.weight.get_ref(),
+                effective_weight: d.lifecycle.applied_weight(&identity).unwrap_or(0),
+                state: b.state,
+                state_secs: d
+                    .lifecycle
+                    .state_age(&identity, now)
+                    .map_or(0, |(_, age)| age.as_secs()),
+                healthy: pool.health_check.as_ref().map(|_| health.is_none_or(|h| h.healthy)),
+                last_check_error: health.and_then(|h| h.last_error.clone()),
                 packets: counters.packets,
                 bytes: counters.bytes,
                 new_flows: counters.new_flows,
                 active_flows: id.and_then(|id| d.live_by_backend.get(&id).copied()).unwrap_or(0),
             });
         }
-        out.push(PoolView { name: pool.name.get_ref().clone(), backends });
+        out.push(PoolView {
+            name: pool.name.get_ref().clone(),
+            panic: d.lifecycle.panicking.contains(pool.name.get_ref()),
+            backends,
+        });
     }
     Ok(Json(out))
 }
@@ -289,6 +316,13 @@ pub struct BackendSelector {
 #[serde(deny_unknown_fields)]
 pub struct Weight {
     pub weight: u32,
+}
+
+/// Body of `PUT /v1/pools/{pool}/backends/{address}/state`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub state: BackendState,
 }
 
 /// What a change did.
@@ -370,6 +404,7 @@ async fn add_backend(
             address: toml::Spanned::new(0..0, body.address),
             port: body.port.map(|port| toml::Spanned::new(0..0, port)),
             weight: toml::Spanned::new(0..0, weight),
+            state: BackendState::Active,
         });
         Ok(())
     })?;
@@ -412,14 +447,38 @@ async fn set_weight(
         )));
     }
     let what = format!("set weight of backend {addr} in pool {pool} to {}", body.weight);
-    change(&state, &what, |config| {
-        let p = pool_mut(config, &pool)?;
+    edit_backends(&state, &what, &pool, addr, selector.port, |b| {
+        b.weight = toml::Spanned::new(0..0, body.weight);
+    })
+}
+
+async fn set_state(
+    State(state): State<AppState>,
+    Path((pool, address)): Path<(String, String)>,
+    Query(selector): Query<BackendSelector>,
+    body: Result<Json<StateChange>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ChangeResult>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let addr = parse_addr(&address)?;
+    let what = format!("set backend {addr} in pool {pool} {}", body.state.name());
+    edit_backends(&state, &what, &pool, addr, selector.port, |b| b.state = body.state)
+}
+
+/// Applies `edit` to the backends of `pool` at `addr` (and `port`, if given).
+fn edit_backends(
+    state: &AppState,
+    what: &str,
+    pool: &str,
+    addr: IpAddr,
+    port: Option<u16>,
+    edit: impl Fn(&mut BackendConfig),
+) -> Result<Json<ChangeResult>, ApiError> {
+    change(state, what, |config| {
+        let p = pool_mut(config, pool)?;
         let mut found = false;
         for b in &mut p.backends {
-            if *b.address.get_ref() == addr
-                && (selector.port.is_none() || b.port() == selector.port)
-            {
-                b.weight = toml::Spanned::new(0..0, body.weight);
+            if *b.address.get_ref() == addr && (port.is_none() || b.port() == port) {
+                edit(b);
                 found = true;
             }
         }

@@ -12,6 +12,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/v1/pools/{pool}/backends"),
     ("delete", "/v1/pools/{pool}/backends/{address}"),
     ("put", "/v1/pools/{pool}/backends/{address}/weight"),
+    ("put", "/v1/pools/{pool}/backends/{address}/state"),
     ("post", "/v1/reload"),
     ("get", "/v1/openapi.json"),
     ("get", "/metrics"),
@@ -68,11 +69,16 @@ pub fn document_value() -> Value {
                     "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" } } },
                 "Backend": { "type": "object", "properties": {
                     "address": { "type": "string" }, "port": { "type": "integer", "nullable": true }, "weight": { "type": "integer" },
+                    "effective_weight": { "type": "integer", "description": "The weight installed: 0 when draining, disabled or down; lower during slow start." },
+                    "state": { "type": "string", "enum": ["active", "draining", "disabled"] }, "state_secs": { "type": "integer" },
+                    "healthy": { "type": "boolean", "nullable": true, "description": "null when the pool has no health check." },
+                    "last_check_error": { "type": "string", "nullable": true },
                     "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" } } },
-                "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },
+                "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "panic": { "type": "boolean" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },
                 "NewBackend": { "type": "object", "additionalProperties": false, "required": ["address"], "properties": {
                     "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535 }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
-                "Weight": { "type": "object", "additionalProperties": false, "required": ["weight"], "properties": { "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } }
+                "Weight": { "type": "object", "additionalProperties": false, "required": ["weight"], "properties": { "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
+                "StateChange": { "type": "object", "additionalProperties": false, "required": ["state"], "properties": { "state": { "type": "string", "enum": ["active", "draining", "disabled"] } } }
             }
         },
         "security": [{ "bearer": [] }],
@@ -85,12 +91,17 @@ pub fn document_value() -> Value {
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/NewBackend" } } } },
                 "responses": change_response("201") } },
             "/v1/pools/{pool}/backends/{address}": { "delete": {
-                "summary": "Remove a backend from a pool (its established flows continue until they end).",
+                "summary": "Remove a backend from a pool. It drains first: its established flows continue until they end or the pool's drain_timeout_secs passes.",
                 "parameters": address_params(), "responses": change_response("200") } },
             "/v1/pools/{pool}/backends/{address}/weight": { "put": {
                 "summary": "Set a backend's weight (0: no new flows; established flows continue).",
                 "parameters": address_params(),
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Weight" } } } },
+                "responses": change_response("200") } },
+            "/v1/pools/{pool}/backends/{address}/state": { "put": {
+                "summary": "Set a backend's state: active; draining (no new flows, established ones kept until they end or the pool's drain_timeout_secs); disabled (no flows at all, established ones cut).",
+                "parameters": address_params(),
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StateChange" } } } },
                 "responses": change_response("200") } },
             "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
             "/v1/openapi.json": { "get": { "summary": "This document.", "responses": ok(json!({ "type": "object" })) } },

@@ -69,8 +69,23 @@ enum BackendAction {
         #[arg(long)]
         port: Option<u16>,
     },
-    /// Stop sending new flows to a backend (weight 0); established flows continue.
+    /// Stop sending new flows to a backend; established flows continue until they end or
+    /// the pool's drain_timeout_secs passes.
     Drain {
+        pool: String,
+        address: IpAddr,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Take a backend out entirely: no new flows, established flows cut.
+    Disable {
+        pool: String,
+        address: IpAddr,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Make a draining or disabled backend active again (slow start applies).
+    Enable {
         pool: String,
         address: IpAddr,
         #[arg(long)]
@@ -206,18 +221,35 @@ fn run(cli: &Cli) -> Result<(), String> {
                 return Ok(());
             }
             println!(
-                "{:<12} {:<28} {:<6} {:>7} {:>12} {:>14} {:>10} {:>8}",
-                "POOL", "BACKEND", "PORT", "WEIGHT", "PACKETS", "BYTES", "FLOWS", "ACTIVE"
+                "{:<12} {:<28} {:<6} {:<9} {:<7} {:>11} {:>12} {:>14} {:>10} {:>8}",
+                "POOL",
+                "BACKEND",
+                "PORT",
+                "STATE",
+                "HEALTH",
+                "WEIGHT",
+                "PACKETS",
+                "BYTES",
+                "FLOWS",
+                "ACTIVE"
             );
             for p in pools {
+                let pool = if p.panic { format!("{} (PANIC)", p.name) } else { p.name.clone() };
                 for b in p.backends {
                     let port = b.port.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                    let health = match b.healthy {
+                        None => "-",
+                        Some(true) => "up",
+                        Some(false) => "DOWN",
+                    };
                     println!(
-                        "{:<12} {:<28} {:<6} {:>7} {:>12} {:>14} {:>10} {:>8}",
-                        p.name,
+                        "{:<12} {:<28} {:<6} {:<9} {:<7} {:>11} {:>12} {:>14} {:>10} {:>8}",
+                        pool,
                         b.address,
                         port,
-                        b.weight,
+                        b.state.name(),
+                        health,
+                        format!("{}/{}", b.effective_weight, b.weight),
                         b.packets,
                         b.bytes,
                         b.new_flows,
@@ -243,11 +275,20 @@ fn run(cli: &Cli) -> Result<(), String> {
                     with_port(format!("/v1/pools/{pool}/backends/{address}/weight"), *port),
                     Some(serde_json::json!({ "weight": weight })),
                 ),
-                BackendAction::Drain { pool, address, port } => (
-                    "PUT",
-                    with_port(format!("/v1/pools/{pool}/backends/{address}/weight"), *port),
-                    Some(serde_json::json!({ "weight": 0 })),
-                ),
+                BackendAction::Drain { pool, address, port }
+                | BackendAction::Disable { pool, address, port }
+                | BackendAction::Enable { pool, address, port } => {
+                    let state = match action {
+                        BackendAction::Drain { .. } => "draining",
+                        BackendAction::Disable { .. } => "disabled",
+                        _ => "active",
+                    };
+                    (
+                        "PUT",
+                        with_port(format!("/v1/pools/{pool}/backends/{address}/state"), *port),
+                        Some(serde_json::json!({ "state": state })),
+                    )
+                }
             };
             print_change(&client.request(method, &path, body)?, cli.json)?;
         }

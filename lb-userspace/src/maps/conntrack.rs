@@ -109,14 +109,42 @@ impl ConntrackMap {
                 }
             }
         }
-        doomed.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
-        doomed.dedup();
-        for key in doomed {
-            if self.map.remove(&key).is_ok() {
-                result.removed += 1;
+        result.removed = self.remove_all(doomed);
+        Ok(result)
+    }
+}
+
+impl ConntrackMap {
+    /// Removes every flow of the backend ids in `ids` (a NAT flow's two entries together),
+    /// so their next packets are balanced afresh. Returns how many entries went.
+    pub fn remove_flows_of(
+        &mut self,
+        ids: &std::collections::HashSet<u32>,
+        backend: impl Fn(u32) -> Option<Backend>,
+    ) -> Result<u64, MapError> {
+        let mut doomed = Vec::new();
+        for (key, flow) in self.entries()? {
+            if ids.contains(&flow.backend_id) {
+                doomed.push(key);
+                if let Some(partner) = partner_key(&key, &flow, &backend) {
+                    doomed.push(partner);
+                }
             }
         }
-        Ok(result)
+        Ok(self.remove_all(doomed))
+    }
+
+    /// Removes `keys` (duplicates allowed); returns how many were there.
+    fn remove_all(&mut self, mut keys: Vec<FlowKey>) -> u64 {
+        keys.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
+        keys.dedup();
+        let mut removed = 0;
+        for key in keys {
+            if self.map.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 }
 

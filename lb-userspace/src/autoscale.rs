@@ -1,0 +1,476 @@
+//! Autoscaling hooks: per-pool policies on signals the daemon already has (new flows per
+//! second, active flows per backend, bytes per second, healthy backends). A policy fires when
+//! its condition has held for `for_secs`, then not again for `cooldown_secs`; firing POSTs a
+//! signed JSON event to a webhook and/or runs a command with the event on standard input.
+//!
+//! The event format is documented in `docs/autoscaling.md`; receivers verify
+//! `X-Lb-Signature: sha256=<hex HMAC-SHA256 of the body with the shared secret>`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt as _;
+use tracing::{info, warn};
+
+use crate::{
+    balancer::BackendIdentity,
+    config::{AutoscaleConfig, BackendState, Config, Signal},
+    lifecycle::Lifecycle,
+};
+
+/// Webhook attempts per event, and the first retry's delay (doubling after each).
+const WEBHOOK_ATTEMPTS: u32 = 4;
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One policy's clock: since when its condition holds, and when it last fired. Times are
+/// offsets from any fixed instant, so tests drive it with fake time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    holding_since: Option<Duration>,
+    last_fired: Option<Duration>,
+}
+
+impl PolicyState {
+    /// Takes one sample of the policy's signal at `now`; returns whether the policy fires.
+    pub fn evaluate(&mut self, policy: &AutoscaleConfig, value: f64, now: Duration) -> bool {
+        let holds =
+            policy.above.is_some_and(|t| value > t) || policy.below.is_some_and(|t| value < t);
+        if !holds {
+            self.holding_since = None;
+            return false;
+        }
+        let since = *self.holding_since.get_or_insert(now);
+        let held = now.saturating_sub(since) >= Duration::from_secs(policy.for_secs);
+        let cooled = self
+            .last_fired
+            .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(policy.cooldown_secs));
+        if held && cooled {
+            self.last_fired = Some(now);
+            return true;
+        }
+        false
+    }
+}
+
+/// One backend as an event lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EventBackend {
+    pub address: std::net::IpAddr,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub state: String,
+    pub healthy: bool,
+}
+
+/// What a hook receives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Format version of this event.
+    pub version: u32,
+    /// Unique per event (retries of one delivery carry the same id).
+    pub id: String,
+    /// Unix time in seconds when the policy fired.
+    pub time: u64,
+    pub pool: String,
+    pub policy: String,
+    pub signal: String,
+    pub value: f64,
+    pub threshold: f64,
+    /// `above` or `below`.
+    pub direction: String,
+    pub for_secs: u64,
+    pub backends: Vec<EventBackend>,
+    pub healthy_backends: usize,
+}
+
+/// Counts of fired events and of deliveries, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// (pool, policy) -> events fired.
+    pub fired: BTreeMap<(String, String), u64>,
+    /// (pool, policy, target "webhook"/"command", result "ok"/"failed") -> deliveries.
+    pub deliveries: BTreeMap<(String, String, &'static str, &'static str), u64>,
+}
+
+pub type SharedCounters = Arc<Mutex<Counters>>;
+
+/// Per-pool signal values at one sample.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Signals {
+    pub new_flows_per_second: f64,
+    pub bytes_per_second: f64,
+    pub active_flows_per_backend: f64,
+    pub healthy_backends: f64,
+}
+
+impl Signals {
+    #[must_use]
+    pub const fn get(&self, signal: Signal) -> f64 {
+        match signal {
+            Signal::NewFlowsPerSecond => self.new_flows_per_second,
+            Signal::ActiveFlowsPerBackend => self.active_flows_per_backend,
+            Signal::BytesPerSecond => self.bytes_per_second,
+            Signal::HealthyBackends => self.healthy_backends,
+        }
+    }
+}
+
+/// Counters of one backend id: (new flows, bytes).
+pub type BackendCounters = HashMap<u32, (u64, u64)>;
+
+/// Samples signals and evaluates every policy.
+#[derive(Debug)]
+pub struct Engine {
+    epoch: Instant,
+    states: HashMap<(String, String), PolicyState>,
+    last: Option<(Instant, BackendCounters)>,
+    sequence: u64,
+    pub counters: SharedCounters,
+    /// The latest signal values per pool (for the API and metrics).
+    pub signals: BTreeMap<String, Signals>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            states: HashMap::new(),
+            last: None,
+            sequence: 0,
+            counters: SharedCounters::default(),
+            signals: BTreeMap::new(),
+        }
+    }
+}
+
+/// What the engine needs to know about the running state at one sample.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub lifecycle: &'a Lifecycle,
+    /// Backend ids of live backends.
+    pub ids: &'a HashMap<BackendIdentity, u32>,
+    /// Current counters per backend id.
+    pub counters: BackendCounters,
+    /// Live flows per backend id (last sweep).
+    pub live: &'a HashMap<u32, u64>,
+}
+
+impl Engine {
+    /// Takes a sample at `now`; returns the events of policies that fire, with the policy.
+    pub fn sample(&mut self, inputs: &Inputs<'_>, now: Instant) -> Vec<(Event, AutoscaleConfig)> {
+        let previous = self.last.replace((now, inputs.counters.clone()));
+        let Some((then, before)) = previous else { return Vec::new() };
+        let secs = now.saturating_duration_since(then).as_secs_f64();
+        if secs <= 0.0 {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        let mut keep = std::collections::HashSet::new();
+        self.signals.clear();
+        for pool in &inputs.config.pools {
+            let name = pool.name.get_ref();
+            let members: Vec<(BackendIdentity, &crate::config::BackendConfig)> = pool
+                .backends
+                .iter()
+                .map(|b| {
+                    let identity = BackendIdentity {
+                        pool: name.clone(),
+                        addr: *b.address.get_ref(),
+                        port: b.port(),
+                    };
+                    (identity, b)
+                })
+                .collect();
+            let mut signals = Signals::default();
+            let mut active = 0usize;
+            let mut live = 0u64;
+            let mut healthy = 0usize;
+            for (identity, b) in &members {
+                let Some(id) = inputs.ids.get(identity) else { continue };
+                if let (Some(now_c), Some(before_c)) = (inputs.counters.get(id), before.get(id)) {
+                    #[allow(clippy::cast_precision_loss, reason = "rates")]
+                    {
+                        signals.new_flows_per_second += now_c.0.saturating_sub(before_c.0) as f64;
+                        signals.bytes_per_second += now_c.1.saturating_sub(before_c.1) as f64;
+                    }
+                }
+                live += inputs.live.get(id).copied().unwrap_or(0);
+                if b.state == BackendState::Active {
+                    active += 1;
+                    if inputs.lifecycle.is_healthy(identity) {
+                        healthy += 1;
+                    }
+                }
+            }
+            #[allow(clippy::cast_precision_loss, reason = "counts")]
+            {
+                signals.new_flows_per_second /= secs;
+                signals.bytes_per_second /= secs;
+                signals.active_flows_per_backend = live as f64 / active.max(1) as f64;
+                signals.healthy_backends = healthy as f64;
+            }
+            for policy in &pool.autoscale {
+                let key = (name.clone(), policy.name.clone());
+                keep.insert(key.clone());
+                let value = signals.get(policy.signal);
+                let state = self.states.entry(key).or_default();
+                if state.evaluate(policy, value, now.saturating_duration_since(self.epoch)) {
+                    self.sequence += 1;
+                    let event =
+                        self.event(pool.name.get_ref(), policy, value, &members, inputs, healthy);
+                    events.push((event, policy.clone()));
+                }
+            }
+            self.signals.insert(name.clone(), signals);
+        }
+        self.states.retain(|k, _| keep.contains(k));
+        events
+    }
+
+    fn event(
+        &self,
+        pool: &str,
+        policy: &AutoscaleConfig,
+        value: f64,
+        members: &[(BackendIdentity, &crate::config::BackendConfig)],
+        inputs: &Inputs<'_>,
+        healthy: usize,
+    ) -> Event {
+        let time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let (direction, threshold) = match (policy.above, policy.below) {
+            (Some(t), _) => ("above", t),
+            (None, Some(t)) => ("below", t),
+            (None, None) => ("above", f64::NAN),
+        };
+        Event {
+            version: 1,
+            id: format!("{}-{}-{}", time.as_millis(), std::process::id(), self.sequence),
+            time: time.as_secs(),
+            pool: pool.to_owned(),
+            policy: policy.name.clone(),
+            signal: policy.signal.name().to_owned(),
+            value,
+            threshold,
+            direction: direction.to_owned(),
+            for_secs: policy.for_secs,
+            backends: members
+                .iter()
+                .map(|(identity, b)| EventBackend {
+                    address: identity.addr,
+                    port: identity.port,
+                    weight: *b.weight.get_ref(),
+                    state: b.state.name().to_owned(),
+                    healthy: inputs.lifecycle.is_healthy(identity),
+                })
+                .collect(),
+            healthy_backends: healthy,
+        }
+    }
+}
+
+/// The signature header's value for `body`: `sha256=` and the hex HMAC-SHA256.
+#[must_use]
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, body);
+    let hex = tag.as_ref().iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    });
+    format!("sha256={hex}")
+}
+
+/// Reads a webhook secret (surrounding whitespace trimmed).
+pub fn read_secret(path: &str) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("secret file {path}: {e}"))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("secret file {path} is empty"));
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+/// Delivers `event` to the policy's webhook and command; logs and counts each outcome.
+pub async fn deliver(event: Event, policy: AutoscaleConfig, counters: SharedCounters) {
+    let body = match serde_json::to_vec(&event) {
+        Ok(body) => body,
+        Err(error) => {
+            warn!(%error, "cannot encode the autoscaling event");
+            return;
+        }
+    };
+    let count = |target: &'static str, ok: bool| {
+        let mut c = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = if ok { "ok" } else { "failed" };
+        *c.deliveries
+            .entry((event.pool.clone(), event.policy.clone(), target, result))
+            .or_default() += 1;
+    };
+    if let Some(url) = &policy.webhook {
+        let ok = post_with_retries(url, policy.secret_file.as_deref(), &body, &event).await;
+        count("webhook", ok);
+    }
+    if !policy.command.is_empty() {
+        let result = run_command(&policy.command, &body).await;
+        match &result {
+            Ok(()) => info!(pool = %event.pool, policy = %event.policy, "autoscaling command ran"),
+            Err(error) => {
+                warn!(pool = %event.pool, policy = %event.policy, %error, "autoscaling command failed");
+            }
+        }
+        count("command", result.is_ok());
+    }
+}
+
+async fn post_with_retries(url: &str, secret: Option<&str>, body: &[u8], event: &Event) -> bool {
+    let mut delay = FIRST_RETRY;
+    for attempt in 1..=WEBHOOK_ATTEMPTS {
+        // The secret is read at each delivery, so rotating it needs no restart.
+        let signed = match secret.map(read_secret).transpose() {
+            Ok(secret) => secret.map(|s| signature(&s, body)),
+            Err(error) => {
+                warn!(pool = %event.pool, policy = %event.policy, %error, "autoscaling webhook not sent");
+                return false;
+            }
+        };
+        let (url_owned, body_owned, id) = (url.to_owned(), body.to_vec(), event.id.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            post(&url_owned, &body_owned, signed.as_deref(), &id)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match result {
+            Ok(status) => {
+                info!(pool = %event.pool, policy = %event.policy, url, status, attempt, "autoscaling webhook delivered");
+                return true;
+            }
+            Err(error) => {
+                warn!(pool = %event.pool, policy = %event.policy, url, attempt, %error, "autoscaling webhook failed");
+            }
+        }
+        if attempt < WEBHOOK_ATTEMPTS {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+    false
+}
+
+fn post(url: &str, body: &[u8], signature: Option<&str>, id: &str) -> Result<u16, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(WEBHOOK_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("User-Agent", concat!("lbd/", env!("CARGO_PKG_VERSION")))
+        .header("X-Lb-Event-Id", id);
+    if let Some(signature) = signature {
+        request = request.header("X-Lb-Signature", signature);
+    }
+    let response = request.send(body).map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) { Ok(status) } else { Err(format!("status {status}")) }
+}
+
+async fn run_command(command: &[String], body: &[u8]) -> Result<(), String> {
+    let (program, args) = command.split_first().ok_or("no command")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(body).await.map_err(|e| format!("{program} stdin: {e}"))?;
+    }
+    let status = tokio::time::timeout(COMMAND_TIMEOUT, child.wait())
+        .await
+        .map_err(|_| format!("{program} did not finish within {} s", COMMAND_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(
+        above: Option<f64>,
+        below: Option<f64>,
+        for_secs: u64,
+        cooldown: u64,
+    ) -> AutoscaleConfig {
+        AutoscaleConfig {
+            name: "p".into(),
+            signal: Signal::NewFlowsPerSecond,
+            above,
+            below,
+            for_secs,
+            cooldown_secs: cooldown,
+            webhook: Some("http://198.18.0.1/".into()),
+            secret_file: None,
+            command: Vec::new(),
+        }
+    }
+
+    fn at(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn fires_once_the_condition_has_held_for_the_duration() {
+        let p = policy(Some(100.0), None, 10, 300);
+        let mut s = PolicyState::default();
+        assert!(!s.evaluate(&p, 150.0, at(0)));
+        assert!(!s.evaluate(&p, 150.0, at(9)));
+        assert!(s.evaluate(&p, 150.0, at(10)));
+        assert!(!s.evaluate(&p, 150.0, at(11)), "cooling down");
+    }
+
+    #[test]
+    fn an_interruption_restarts_the_duration() {
+        let p = policy(Some(100.0), None, 10, 300);
+        let mut s = PolicyState::default();
+        s.evaluate(&p, 150.0, at(0));
+        assert!(!s.evaluate(&p, 100.0, at(5)), "at the threshold is not above it");
+        assert!(!s.evaluate(&p, 150.0, at(6)));
+        assert!(!s.evaluate(&p, 150.0, at(15)));
+        assert!(s.evaluate(&p, 150.0, at(16)));
+    }
+
+    #[test]
+    fn fires_again_only_after_the_cooldown() {
+        let p = policy(None, Some(2.0), 0, 60);
+        let mut s = PolicyState::default();
+        assert!(s.evaluate(&p, 1.0, at(100)), "for_secs 0 fires at once");
+        assert!(!s.evaluate(&p, 1.0, at(130)));
+        assert!(!s.evaluate(&p, 1.0, at(159)));
+        assert!(s.evaluate(&p, 1.0, at(160)));
+        // A recovery does not reset the cooldown.
+        assert!(!s.evaluate(&p, 3.0, at(170)));
+        assert!(!s.evaluate(&p, 1.0, at(171)));
+        assert!(s.evaluate(&p, 1.0, at(220)));
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_in_hex() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! Health checks: one task per checked backend probes it on the pool's schedule, keeps its
+//! rise/fall state ([`state`]) and reports every result to the daemon, which takes a backend
+//! that flips down out of the Maglev tables and puts it back when it flips up.
+
+pub mod probe;
+pub mod route;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Balancer,
+    balancer::BackendIdentity,
+    config::{BackendState, CheckKind, Config, ForwardingMode},
+};
+pub use probe::Probe;
+use route::{CheckRoute, CheckRoutes};
+pub use state::{CheckState, Flip};
+
+/// How and how often one backend is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub fast_interval: Duration,
+    pub jitter: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// One check's result, sent to the daemon.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub backend: BackendIdentity,
+    pub result: Result<(), String>,
+    /// The flip this result caused, if any.
+    pub flip: Option<Flip>,
+    /// The backend's health after this result.
+    pub healthy: bool,
+}
+
+/// What the checks plan for a configuration: a spec per checked backend and the policy
+/// routes its DSR checks need.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub specs: HashMap<BackendIdentity, Spec>,
+    pub routes: BTreeMap<u32, CheckRoute>,
+}
+
+/// Works out every backend's checks. Disabled backends are not checked; backends of pools
+/// without `health_check` are not either (they count as healthy).
+#[must_use]
+pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
+    let mut plan = Plan::default();
+    for pool in &config.pools {
+        let Some(check) = &pool.health_check else { continue };
+        let pool_name = pool.name.get_ref();
+        let services: Vec<_> =
+            config.services.iter().filter(|s| s.pool.get_ref() == pool_name).collect();
+        for backend in pool.backends.iter().filter(|b| b.state != BackendState::Disabled) {
+            let identity = BackendIdentity {
+                pool: pool_name.clone(),
+                addr: *backend.address.get_ref(),
+                port: backend.port(),
+            };
+            let Some(id) = balancer.backend_id(&identity) else { continue };
+            let port = config.health_check_port(pool, backend).unwrap_or(0);
+            let addr = identity.addr;
+            // DSR services are checked at their own addresses; anything else at the
+            // backend's.
+            let mut targets = BTreeSet::new();
+            let mut vips = BTreeSet::new();
+            for service in &services {
+                let vip = *service.address.get_ref();
+                if service.mode == ForwardingMode::DsrL2 && vip.is_ipv4() == addr.is_ipv4() {
+                    let port = check.port.or(service.port()).unwrap_or(port);
+                    targets.insert(SocketAddr::new(vip, port));
+                    vips.insert(vip);
+                } else {
+                    targets.insert(SocketAddr::new(addr, port));
+                }
+            }
+            if targets.is_empty() {
+                targets.insert(SocketAddr::new(addr, port));
+            }
+            let mark = (!vips.is_empty()).then(|| route::mark(id));
+            if !vips.is_empty() {
+                plan.routes.insert(id, (addr, vips.clone()));
+            }
+            let placeholder_vip = vips.first().copied().unwrap_or(addr);
+            let command = check
+                .command
+                .iter()
+                .map(|arg| {
+                    arg.replace("{address}", &addr.to_string())
+                        .replace("{port}", &port.to_string())
+                        .replace("{pool}", pool_name)
+                        .replace("{service_address}", &placeholder_vip.to_string())
+                })
+                .collect();
+            let probe = Probe {
+                kind: check.kind,
+                targets: if check.kind == CheckKind::Command {
+                    Vec::new()
+                } else {
+                    targets.into_iter().collect()
+                },
+                mark,
+                timeout: Duration::from_millis(check.timeout_ms),
+                path: check.path.clone(),
+                expect_status: check.expect_status,
+                expect: check.expect.clone(),
+                send: check.send.clone(),
+                sni: check.sni.clone(),
+                command,
+            };
+            let spec = Spec {
+                probe,
+                interval: Duration::from_millis(check.interval_ms),
+                fast_interval: Duration::from_millis(check.fast_interval_ms),
+                jitter: Duration::from_millis(check.jitter_ms),
+                rise: check.rise,
+                fall: check.fall,
+            };
+            plan.specs.insert(identity, spec);
+        }
+    }
+    plan
+}
+
+/// The running check tasks.
+#[derive(Debug)]
+pub struct Checker {
+    tasks: HashMap<BackendIdentity, (Spec, CancellationToken)>,
+    reports: mpsc::UnboundedSender<Report>,
+    routes: CheckRoutes,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Checker {
+    /// A checker whose tasks run on `runtime` and report to `reports`.
+    #[must_use]
+    pub fn new(reports: mpsc::UnboundedSender<Report>, runtime: tokio::runtime::Handle) -> Self {
+        Self { tasks: HashMap::new(), reports, routes: CheckRoutes::default(), runtime }
+    }
+
+    /// Runs exactly `plan`'s checks: stops those no longer wanted or changed, starts new
+    /// ones. Returns the backends whose checks (re)started, which begin healthy.
+    pub fn sync(&mut self, plan: Plan) -> Vec<BackendIdentity> {
+        self.routes.sync(&plan.routes);
+        self.tasks.retain(|backend, (spec, cancel)| {
+            let keep = plan.specs.get(backend) == Some(spec);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        let mut started = Vec::new();
+        for (backend, spec) in plan.specs {
+            if self.tasks.contains_key(&backend) {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            self.runtime.spawn(check_loop(
+                backend.clone(),
+                spec.clone(),
+                self.reports.clone(),
+                cancel.clone(),
+            ));
+            started.push(backend.clone());
+            self.tasks.insert(backend, (spec, cancel));
+        }
+        started
+    }
+
+    /// Stops every check and removes the check routes.
+    pub fn stop(&mut self) {
+        for (_, (_, cancel)) in self.tasks.drain() {
+            cancel.cancel();
+        }
+        self.routes.clear();
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn check_loop(
+    backend: BackendIdentity,
+    spec: Spec,
+    reports: mpsc::UnboundedSender<Report>,
+    cancel: CancellationToken,
+) {
+    let mut state = CheckState::new(spec.rise, spec.fall);
+    let mut jitter = Jitter::new(&backend);
+    // The first check comes within one jitter, so a dead backend is found soon after start.
+    let mut wait = jitter.next(spec.jitter);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            result = spec.probe.run() => result,
+        };
+        let flip = state.observe(result.is_ok());
+        let report = Report { backend: backend.clone(), result, flip, healthy: state.is_healthy() };
+        if reports.send(report).is_err() {
+            return;
+        }
+        let base = if state.is_changing() { spec.fast_interval } else { spec.interval };
+        wait = base + jitter.next(spec.jitter);
+    }
+}
+
+/// A small xorshift generator for check jitter, seeded per backend and per start.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(backend: &BackendIdentity) -> Self {
+        let mut h = DefaultHasher::new();
+        backend.hash(&mut h);
+        std::time::SystemTime::now().hash(&mut h);
+        Self(h.finish() | 1)
+    }
+
+    fn next(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        if max_ms == 0 { Duration::ZERO } else { Duration::from_millis(self.0 % max_ms) }
+    }
+}
+
+/// The address a backend's checks appear to come from in logs: its own.
+#[must_use]
+pub fn describe(backend: &BackendIdentity) -> String {
+    match (backend.addr, backend.port) {
+        (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}"),
+        (a, Some(port)) => format!("{a}:{port}"),
+        (a, None) => a.to_string(),
+    }
+}

@@ -1,0 +1,358 @@
+//! One health check of one backend: a TCP connect, an HTTP(S) GET, a UDP exchange or an
+//! external command, each bounded by a timeout.
+//!
+//! A check of a DSR backend goes to the service address, not the backend's own: the socket
+//! carries a firewall mark that policy routing ([`super::route`]) sends to that backend, so a
+//! pass proves the backend answers for the service address.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::config::CheckKind;
+
+/// The most of a response a check reads.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// Everything one check needs, built from the pool's `health_check` and the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub kind: CheckKind,
+    /// Where to connect: the backend's address, or for DSR the service addresses.
+    pub targets: Vec<SocketAddr>,
+    /// Firewall mark of the check's sockets (DSR checks), routed to the backend.
+    pub mark: Option<u32>,
+    pub timeout: Duration,
+    pub path: String,
+    pub expect_status: u16,
+    pub expect: Option<String>,
+    pub send: Option<String>,
+    pub sni: Option<String>,
+    /// Command and arguments, placeholders already replaced.
+    pub command: Vec<String>,
+}
+
+impl Probe {
+    /// Runs the check against every target; `Ok` if all pass, else why one failed.
+    pub async fn run(&self) -> Result<(), String> {
+        if self.kind == CheckKind::Command {
+            return within(self.timeout, self.command()).await;
+        }
+        for target in &self.targets {
+            let result = match self.kind {
+                CheckKind::Tcp => {
+                    within(self.timeout, async { connect(*target, self.mark).await.map(drop) })
+                        .await
+                }
+                CheckKind::Http => within(self.timeout, self.http(*target, false)).await,
+                CheckKind::Https => within(self.timeout, self.http(*target, true)).await,
+                CheckKind::Udp => within(self.timeout, self.udp(*target)).await,
+                CheckKind::Command => unreachable!("handled above"),
+            };
+            result.map_err(|e| format!("{target}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn http(&self, target: SocketAddr, tls: bool) -> Result<(), String> {
+        let stream = connect(target, self.mark).await?;
+        let host = match target.ip() {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            self.path
+        );
+        let response = if tls {
+            let mut stream = tls_connect(stream, target.ip(), self.sni.as_deref()).await?;
+            exchange(&mut stream, request.as_bytes()).await?
+        } else {
+            let mut stream = stream;
+            exchange(&mut stream, request.as_bytes()).await?
+        };
+        check_http_response(&response, self.expect_status, self.expect.as_deref())
+    }
+
+    async fn udp(&self, target: SocketAddr) -> Result<(), String> {
+        let bind: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = tokio::net::UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+        if let Some(mark) = self.mark {
+            set_mark(&socket, mark)?;
+        }
+        socket.connect(target).await.map_err(|e| e.to_string())?;
+        let request = self.send.as_deref().unwrap_or_default();
+        socket.send(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut buf = vec![0; MAX_RESPONSE];
+        let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
+        let response = String::from_utf8_lossy(&buf[..n]);
+        match &self.expect {
+            Some(text) if !response.contains(text.as_str()) => {
+                Err(format!("response does not contain {text:?}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn command(&self) -> Result<(), String> {
+        let (program, args) = self.command.split_first().ok_or("no command")?;
+        let status = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .map_err(|e| format!("{program}: {e}"))?;
+        if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
+    }
+}
+
+async fn within<T>(
+    timeout: Duration,
+    f: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .unwrap_or_else(|_| Err(format!("timed out after {} ms", timeout.as_millis())))
+}
+
+async fn connect(target: SocketAddr, mark: Option<u32>) -> Result<tokio::net::TcpStream, String> {
+    let socket = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
+    socket.connect(target).await.map_err(|e| e.to_string())
+}
+
+/// Size of the `SO_MARK` option's value (a u32).
+const MARK_LEN: libc::socklen_t = 4;
+
+fn set_mark(socket: &impl AsRawFd, mark: u32) -> Result<(), String> {
+    // SAFETY: a valid socket and a u32 option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            MARK_LEN,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("setting the socket mark: {}", std::io::Error::last_os_error()))
+    }
+}
+
+async fn exchange<S>(stream: &mut S, request: &[u8]) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(request).await.map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while response.len() < MAX_RESPONSE {
+        match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            // Servers that close without a TLS close_notify end the response just the same.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
+                break;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(response)
+}
+
+/// Whether an HTTP response has the expected status and, if given, body text.
+pub fn check_http_response(
+    response: &[u8],
+    expect_status: u16,
+    expect: Option<&str>,
+) -> Result<(), String> {
+    let text = String::from_utf8_lossy(response);
+    let status_line = text.lines().next().unwrap_or_default();
+    let mut parts = status_line.split_whitespace();
+    let (Some(version), Some(status)) = (parts.next(), parts.next()) else {
+        return Err("no HTTP response".to_owned());
+    };
+    if !version.starts_with("HTTP/") {
+        return Err(format!("not an HTTP response: {status_line:?}"));
+    }
+    let status: u16 = status.parse().map_err(|_| format!("bad status line {status_line:?}"))?;
+    if status != expect_status {
+        return Err(format!("status {status}, expected {expect_status}"));
+    }
+    if let Some(expect) = expect {
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        if !body.contains(expect) {
+            return Err(format!("body does not contain {expect:?}"));
+        }
+    }
+    Ok(())
+}
+
+async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    addr: IpAddr,
+    sni: Option<&str>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls::pki_types::ServerName;
+    let name = match sni {
+        Some(name) => ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?,
+        None => ServerName::IpAddress(addr.into()),
+    };
+    tokio_rustls::TlsConnector::from(tls_config())
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts any certificate (signatures are still checked): backends often serve self-signed
+/// or internal certificates, and a health check proves service, not identity.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_responses_are_judged_by_status_and_body() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nbackend-1\n";
+        assert_eq!(check_http_response(ok, 200, None), Ok(()));
+        assert_eq!(check_http_response(ok, 200, Some("backend-1")), Ok(()));
+        assert!(check_http_response(ok, 200, Some("backend-2")).unwrap_err().contains("body"));
+        assert!(check_http_response(ok, 204, None).unwrap_err().contains("status 200"));
+        let error = b"HTTP/1.0 503 Service Unavailable\r\n\r\n";
+        assert!(check_http_response(error, 200, None).is_err());
+        assert!(check_http_response(b"", 200, None).is_err());
+        assert!(check_http_response(b"SSH-2.0-OpenSSH\r\n", 200, None).is_err());
+        // The body match looks at the body only.
+        let header_only = b"HTTP/1.1 200 OK\r\nX-Name: backend-1\r\n\r\nother\n";
+        assert!(check_http_response(header_only, 200, Some("backend-1")).is_err());
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_against_a_local_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nhealthy\n").await;
+            }
+        });
+        let probe = |kind, expect: Option<&str>| Probe {
+            kind,
+            targets: vec![addr],
+            mark: None,
+            timeout: Duration::from_secs(2),
+            path: "/".into(),
+            expect_status: 200,
+            expect: expect.map(Into::into),
+            send: None,
+            sni: None,
+            command: Vec::new(),
+        };
+        assert_eq!(probe(CheckKind::Tcp, None).run().await, Ok(()));
+        assert_eq!(probe(CheckKind::Http, Some("healthy")).run().await, Ok(()));
+        assert!(probe(CheckKind::Http, Some("sick")).run().await.is_err());
+        // A closed port fails at once.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let mut refused = probe(CheckKind::Tcp, None);
+        refused.targets = vec![closed_addr];
+        assert!(refused.run().await.unwrap_err().contains(&closed_addr.to_string()));
+        // A command check passes on exit 0 only.
+        let mut command = probe(CheckKind::Command, None);
+        command.command = vec!["true".into()];
+        assert_eq!(command.run().await, Ok(()));
+        command.command = vec!["false".into()];
+        assert!(command.run().await.is_err());
+        command.command = vec!["sleep".into(), "5".into()];
+        command.timeout = Duration::from_millis(100);
+        assert!(command.run().await.unwrap_err().contains("timed out"));
+    }
+}

@@ -1,0 +1,400 @@
+//! What weight each backend really gets: its configured weight, shaped by its administrative
+//! state (active, draining, disabled), its health, its pool's panic mode and slow start.
+//!
+//! The rules ([`effective_weight`], [`in_panic`]) are pure and tested on their own;
+//! [`Lifecycle`] keeps the clock-dependent facts they need (when each backend came in, when
+//! its state changed, what its checks say) and turns the user's configuration into the one
+//! the balancer installs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use tracing::{error, info, warn};
+
+use crate::{
+    balancer::BackendIdentity,
+    config::{BackendState, Config},
+    health::{Flip, Report},
+};
+
+/// One backend's inputs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackendInput {
+    pub configured: u32,
+    pub state: BackendState,
+    pub healthy: bool,
+    /// Seconds since it came in (added or recovered), for slow start.
+    pub since_secs: f64,
+}
+
+/// A pool's settings for these rules.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolRules {
+    pub slow_start_secs: u64,
+    pub min_healthy_share: f64,
+    pub fail_closed: bool,
+}
+
+/// Whether a pool is in panic: fewer than `min_healthy_share` of its active backends are
+/// healthy (and there are active backends at all).
+#[must_use]
+pub fn in_panic(backends: &[BackendInput], rules: &PoolRules) -> bool {
+    let active: Vec<_> =
+        backends.iter().filter(|b| b.state == BackendState::Active && b.configured > 0).collect();
+    if active.is_empty() {
+        return false;
+    }
+    #[allow(clippy::cast_precision_loss, reason = "counts of backends")]
+    let share = active.iter().filter(|b| b.healthy).count() as f64 / active.len() as f64;
+    share < rules.min_healthy_share
+}
+
+/// The weight a backend gets in its pool's Maglev table.
+///
+/// Draining and disabled backends take no new flows. Unhealthy backends take none either,
+/// unless the pool is in panic and not fail-closed: then every active backend takes its
+/// share, as Envoy does, rather than the few healthy ones taking everything. During slow
+/// start the weight ramps linearly from 1 to the configured weight.
+#[must_use]
+pub fn effective_weight(b: &BackendInput, rules: &PoolRules, panic: bool) -> u32 {
+    if b.state != BackendState::Active || b.configured == 0 {
+        return 0;
+    }
+    if !b.healthy && (!panic || rules.fail_closed) {
+        return 0;
+    }
+    #[allow(clippy::cast_precision_loss, reason = "slow-start seconds")]
+    let total = rules.slow_start_secs as f64;
+    if total > 0.0 && b.since_secs < total {
+        let share = (b.since_secs / total).clamp(0.0, 1.0);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "0 <= share <= 1"
+        )]
+        let ramped = (f64::from(b.configured) * share) as u32;
+        return ramped.clamp(1, b.configured);
+    }
+    b.configured
+}
+
+/// A backend's latest health-check result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub healthy: bool,
+    /// The last check's failure, if it failed.
+    pub last_error: Option<String>,
+    pub checks: u64,
+    pub failures: u64,
+}
+
+/// The lifecycle facts of every backend.
+#[derive(Clone, Debug, Default)]
+pub struct Lifecycle {
+    /// When a backend came in (added while running, recovered, or made active again); absent
+    /// for backends that were there at start, which take their full weight at once.
+    came_in: HashMap<BackendIdentity, Instant>,
+    /// Each backend's state and since when.
+    states: HashMap<BackendIdentity, (BackendState, Instant)>,
+    /// Health of checked backends; unchecked ones count as healthy.
+    pub health: HashMap<BackendIdentity, Health>,
+    /// Backends whose established flows were cut (disabled, or drained past the deadline).
+    cut: HashSet<BackendIdentity>,
+    /// When each retired backend id (removed from its pool) was first seen retired.
+    retired_since: HashMap<u32, Instant>,
+    /// Pools in panic.
+    pub panicking: BTreeSet<String>,
+    /// The effective weights last installed.
+    applied: BTreeMap<BackendIdentity, u32>,
+}
+
+/// Every backend of a configuration with its configured state.
+fn backends(
+    config: &Config,
+) -> impl Iterator<Item = (BackendIdentity, &crate::config::BackendConfig)> {
+    config.pools.iter().flat_map(|pool| {
+        pool.backends.iter().map(move |b| {
+            let identity = BackendIdentity {
+                pool: pool.name.get_ref().clone(),
+                addr: *b.address.get_ref(),
+                port: b.port(),
+            };
+            (identity, b)
+        })
+    })
+}
+
+impl Lifecycle {
+    /// Facts for the configuration a daemon starts with: every backend counts as long
+    /// established.
+    #[must_use]
+    pub fn starting(config: &Config, now: Instant) -> Self {
+        let mut l = Self::default();
+        for (identity, b) in backends(config) {
+            l.states.insert(identity, (b.state, now));
+        }
+        l
+    }
+
+    /// Takes in a new configuration: backends that are new, or that become active again,
+    /// start their slow start now; state changes restart their clocks; facts of removed
+    /// backends are dropped.
+    pub fn observe(&mut self, config: &Config, now: Instant) {
+        let mut seen = HashSet::new();
+        for (identity, b) in backends(config) {
+            seen.insert(identity.clone());
+            match self.states.get(&identity) {
+                Some((state, _)) if *state == b.state => {}
+                previous => {
+                    if b.state == BackendState::Active {
+                        self.came_in.insert(identity.clone(), now);
+                    }
+                    if previous.is_some() && b.state == BackendState::Active {
+                        self.cut.remove(&identity);
+                    }
+                    self.states.insert(identity, (b.state, now));
+                }
+            }
+        }
+        self.states.retain(|k, _| seen.contains(k));
+        self.came_in.retain(|k, _| seen.contains(k));
+        self.health.retain(|k, _| seen.contains(k));
+        self.cut.retain(|k| seen.contains(k));
+    }
+
+    /// Records a health-check result; returns whether the backend's health flipped.
+    pub fn record(&mut self, report: &Report, now: Instant) -> bool {
+        let h = self.health.entry(report.backend.clone()).or_insert(Health {
+            healthy: true,
+            last_error: None,
+            checks: 0,
+            failures: 0,
+        });
+        h.checks += 1;
+        h.healthy = report.healthy;
+        h.last_error = report.result.as_ref().err().cloned();
+        if h.last_error.is_some() {
+            h.failures += 1;
+        }
+        let who = crate::health::describe(&report.backend);
+        match report.flip {
+            Some(Flip::Down) => {
+                warn!(pool = %report.backend.pool, backend = %who, error = h.last_error.as_deref().unwrap_or(""), "backend is DOWN: its health checks fail");
+                true
+            }
+            Some(Flip::Up) => {
+                info!(pool = %report.backend.pool, backend = %who, "backend is UP again: its health checks pass");
+                self.came_in.insert(report.backend.clone(), now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the health of backends whose checks stopped or restarted (they count as
+    /// healthy again).
+    pub fn reset_health(
+        &mut self,
+        backends: &[BackendIdentity],
+        checked: &HashSet<BackendIdentity>,
+    ) {
+        for b in backends {
+            self.health.remove(b);
+        }
+        self.health.retain(|k, _| checked.contains(k));
+    }
+
+    /// Whether a backend counts as healthy.
+    #[must_use]
+    pub fn is_healthy(&self, backend: &BackendIdentity) -> bool {
+        self.health.get(backend).is_none_or(|h| h.healthy)
+    }
+
+    /// `config` with every backend's weight replaced by its effective weight, and the pools
+    /// in panic.
+    #[must_use]
+    pub fn effective(&self, config: &Config, now: Instant) -> (Config, BTreeSet<String>) {
+        let mut out = config.clone();
+        let mut panicking = BTreeSet::new();
+        for pool in &mut out.pools {
+            let rules = PoolRules {
+                slow_start_secs: pool.slow_start_secs,
+                min_healthy_share: pool.min_healthy_share,
+                fail_closed: pool.fail_closed,
+            };
+            let inputs: Vec<BackendInput> = pool
+                .backends
+                .iter()
+                .map(|b| {
+                    let identity = BackendIdentity {
+                        pool: pool.name.get_ref().clone(),
+                        addr: *b.address.get_ref(),
+                        port: b.port(),
+                    };
+                    BackendInput {
+                        configured: *b.weight.get_ref(),
+                        state: b.state,
+                        healthy: self.is_healthy(&identity),
+                        since_secs: self.came_in.get(&identity).map_or(f64::INFINITY, |t| {
+                            now.saturating_duration_since(*t).as_secs_f64()
+                        }),
+                    }
+                })
+                .collect();
+            let panic = in_panic(&inputs, &rules);
+            if panic {
+                panicking.insert(pool.name.get_ref().clone());
+            }
+            for (b, input) in pool.backends.iter_mut().zip(&inputs) {
+                let weight = effective_weight(input, &rules, panic);
+                b.weight = toml::Spanned::new(0..0, weight);
+            }
+        }
+        (out, panicking)
+    }
+
+    /// Effective weights of an effective configuration.
+    #[must_use]
+    pub fn weights(effective: &Config) -> BTreeMap<BackendIdentity, u32> {
+        backends(effective).map(|(k, b)| (k, *b.weight.get_ref())).collect()
+    }
+
+    /// Whether `effective` differs from what was last installed.
+    #[must_use]
+    pub fn changed(&self, effective: &Config) -> bool {
+        Self::weights(effective) != self.applied
+    }
+
+    /// Records what was installed, and logs pools entering and leaving panic.
+    pub fn installed(&mut self, effective: &Config, panicking: BTreeSet<String>) {
+        self.applied = Self::weights(effective);
+        for pool in panicking.difference(&self.panicking) {
+            let (healthy, total) = self.pool_health(effective, pool);
+            error!(pool = %pool, healthy, active = total, "pool in PANIC: too few healthy backends; sending to all of them (set fail_closed to send to the healthy ones only)");
+        }
+        for pool in self.panicking.difference(&panicking) {
+            info!(pool = %pool, "pool out of panic");
+        }
+        self.panicking = panicking;
+    }
+
+    fn pool_health(&self, config: &Config, pool: &str) -> (usize, usize) {
+        let active: Vec<_> = backends(config)
+            .filter(|(k, b)| k.pool == pool && b.state == BackendState::Active)
+            .map(|(k, _)| k)
+            .collect();
+        (active.iter().filter(|k| self.is_healthy(k)).count(), active.len())
+    }
+
+    /// Backends whose established flows must be cut now: disabled ones, and draining ones
+    /// past their pool's `drain_timeout_secs`. Each is returned once.
+    pub fn due_cuts(&mut self, config: &Config, now: Instant) -> Vec<BackendIdentity> {
+        let mut due = Vec::new();
+        for pool in &config.pools {
+            let timeout = Duration::from_secs(pool.drain_timeout_secs);
+            for b in &pool.backends {
+                let identity = BackendIdentity {
+                    pool: pool.name.get_ref().clone(),
+                    addr: *b.address.get_ref(),
+                    port: b.port(),
+                };
+                let Some((state, since)) = self.states.get(&identity) else { continue };
+                let cut = match state {
+                    BackendState::Active => false,
+                    BackendState::Disabled => true,
+                    BackendState::Draining => {
+                        pool.drain_timeout_secs > 0
+                            && now.saturating_duration_since(*since) >= timeout
+                    }
+                };
+                if cut && self.cut.insert(identity.clone()) {
+                    due.push(identity);
+                }
+            }
+        }
+        due
+    }
+
+    /// Retired backend ids (removed, still carrying flows) past their pool's drain deadline.
+    pub fn due_retired(
+        &mut self,
+        retired: &[(u32, BackendIdentity)],
+        config: &Config,
+        now: Instant,
+    ) -> Vec<u32> {
+        let ids: HashSet<u32> = retired.iter().map(|(id, _)| *id).collect();
+        self.retired_since.retain(|id, _| ids.contains(id));
+        let mut due = Vec::new();
+        for (id, identity) in retired {
+            let since = *self.retired_since.entry(*id).or_insert(now);
+            let timeout = config.pool(&identity.pool).map_or(0, |p| p.drain_timeout_secs);
+            if timeout > 0 && now.saturating_duration_since(since) >= Duration::from_secs(timeout) {
+                due.push(*id);
+            }
+        }
+        due
+    }
+
+    /// The weight a backend got in the last install.
+    #[must_use]
+    pub fn applied_weight(&self, backend: &BackendIdentity) -> Option<u32> {
+        self.applied.get(backend).copied()
+    }
+
+    /// A backend's state and how long it has been in it.
+    #[must_use]
+    pub fn state_age(
+        &self,
+        backend: &BackendIdentity,
+        now: Instant,
+    ) -> Option<(BackendState, Duration)> {
+        self.states.get(backend).map(|(s, t)| (*s, now.saturating_duration_since(*t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: PoolRules =
+        PoolRules { slow_start_secs: 0, min_healthy_share: 0.5, fail_closed: false };
+
+    fn b(healthy: bool) -> BackendInput {
+        BackendInput { configured: 100, state: BackendState::Active, healthy, since_secs: 1000.0 }
+    }
+
+    #[test]
+    fn unhealthy_draining_and_disabled_take_nothing() {
+        assert_eq!(effective_weight(&b(true), &RULES, false), 100);
+        assert_eq!(effective_weight(&b(false), &RULES, false), 0);
+        let draining = BackendInput { state: BackendState::Draining, ..b(true) };
+        assert_eq!(effective_weight(&draining, &RULES, false), 0);
+        let disabled = BackendInput { state: BackendState::Disabled, ..b(true) };
+        assert_eq!(effective_weight(&disabled, &RULES, true), 0);
+    }
+
+    #[test]
+    fn panic_below_the_healthy_share_serves_everyone_unless_fail_closed() {
+        let pool = [b(true), b(false), b(false)];
+        assert!(in_panic(&pool, &RULES));
+        assert_eq!(effective_weight(&pool[1], &RULES, true), 100);
+        let closed = PoolRules { fail_closed: true, ..RULES };
+        assert_eq!(effective_weight(&pool[1], &closed, true), 0);
+        assert!(!in_panic(&[b(true), b(false)], &RULES), "half healthy is not below half");
+        assert!(!in_panic(&[], &RULES));
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly() {
+        let rules = PoolRules { slow_start_secs: 10, ..RULES };
+        let at =
+            |secs| effective_weight(&BackendInput { since_secs: secs, ..b(true) }, &rules, false);
+        assert_eq!(at(0.0), 1);
+        assert_eq!(at(2.5), 25);
+        assert_eq!(at(5.0), 50);
+        assert_eq!(at(10.0), 100);
+        assert_eq!(at(60.0), 100);
+    }
+}

@@ -23,7 +23,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, ForwardingMode, HashInput, ServiceConfig},
-    maps::{MapError, Maps},
+    maps::{
+        MapError, Maps,
+        maglev::{MaglevMap, Table},
+    },
     nexthop::{Resolution, Resolver},
 };
 
@@ -55,7 +58,7 @@ struct BackendState {
     weight: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct TableInput {
     size: u32,
     /// (identity, id, weight), sorted.
@@ -243,6 +246,7 @@ impl Balancer {
         )?;
         // Then each service: its table (switched whole), then its entry.
         let mut kept = BTreeSet::new();
+        let mut built: HashMap<TableInput, Table> = HashMap::new();
         for service in &config.services {
             let name = service.name.get_ref().clone();
             kept.insert(name.clone());
@@ -262,16 +266,21 @@ impl Balancer {
                 members: self.members(service.pool.get_ref(), config),
             };
             if previous.as_ref().is_none_or(|p| p.table != table) {
-                let members: Vec<MaglevBackend> = table
-                    .members
-                    .iter()
-                    .map(|(identity, id, weight)| MaglevBackend {
-                        id: *id,
-                        identity: *identity,
-                        weight: *weight,
-                    })
-                    .collect();
-                maps.maglev.install(id, &build_table(&members, table.size))?;
+                // Services of one pool and size share a table: built and written once.
+                if !built.contains_key(&table) {
+                    let members: Vec<MaglevBackend> = table
+                        .members
+                        .iter()
+                        .map(|(identity, id, weight)| MaglevBackend {
+                            id: *id,
+                            identity: *identity,
+                            weight: *weight,
+                        })
+                        .collect();
+                    let filled = MaglevMap::create(&build_table(&members, table.size))?;
+                    built.insert(table.clone(), filled);
+                }
+                maps.maglev.set(id, &built[&table])?;
                 summary.tables_installed += 1;
             }
             match &previous {

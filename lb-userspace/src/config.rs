@@ -1148,6 +1148,68 @@ nat_source = "198.18.1.1"
     }
 
     #[test]
+    fn health_checks_and_autoscaling_policies_are_checked() {
+        let with = |pool_tables: &str| {
+            let text = FULL.replace("\n[[service]]", &format!("{pool_tables}\n[[service]]"));
+            Config::parse(&text, "t").map(|_| ()).map_err(|e| e.to_string())
+        };
+        with("[pool.health_check]\nkind = \"http\"\npath = \"/healthz\"\nexpect = \"ok\"\n")
+            .unwrap();
+        with("[[pool.autoscale]]\nname = \"out\"\nsignal = \"new_flows_per_second\"\nabove = 100.0\nwebhook = \"https://scaler.example/hook\"\n").unwrap();
+        for (tables, expected) in [
+            ("[pool.health_check]\nkind = \"tcp\"\nrise = 0\n", "rise and fall are 1 to 100"),
+            ("[pool.health_check]\nkind = \"tcp\"\ninterval_ms = 10\n", "at least 50 ms"),
+            (
+                "[pool.health_check]\nkind = \"tcp\"\ntimeout_ms = 5000\n",
+                "must not exceed the interval",
+            ),
+            ("[pool.health_check]\nkind = \"udp\"\n", "needs `send`"),
+            ("[pool.health_check]\nkind = \"command\"\n", "needs `command"),
+            ("[pool.health_check]\nkind = \"http\"\npath = \"healthz\"\n", "must start with '/'"),
+            ("[pool.health_check]\nkind = \"icmp\"\n", "unknown variant"),
+            (
+                "[[pool.autoscale]]\nname = \"x\"\nsignal = \"cpu\"\nabove = 1.0\ncommand = [\"true\"]\n",
+                "unknown variant",
+            ),
+            (
+                "[[pool.autoscale]]\nname = \"x\"\nsignal = \"healthy_backends\"\nabove = 1.0\nbelow = 0.5\ncommand = [\"true\"]\n",
+                "exactly one of `above` and `below`",
+            ),
+            (
+                "[[pool.autoscale]]\nname = \"x\"\nsignal = \"healthy_backends\"\nbelow = 1.0\n",
+                "needs a `webhook` or a `command`",
+            ),
+            (
+                "[[pool.autoscale]]\nname = \"x\"\nsignal = \"healthy_backends\"\nbelow = 1.0\nwebhook = \"ftp://x\"\n",
+                "not an http(s) URL",
+            ),
+        ] {
+            let error = with(tables).unwrap_err();
+            assert!(error.contains(expected), "{tables}: {error}");
+        }
+        let error = Config::parse(
+            &FULL.replace(
+                "[[pool]]\nname = \"web\"\n",
+                "[[pool]]\nname = \"web\"\nmin_healthy_share = 1.5\n",
+            ),
+            "t",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("min_healthy_share"), "{error}");
+        // An all-ports service gives a check no port; the check must then name one.
+        let all_ports = FULL.replace("port = 80\n", "").replace("port = 8080\n", "");
+        let text = all_ports
+            .replace("\n[[service]]", "[pool.health_check]\nkind = \"tcp\"\n\n[[service]]");
+        let error = Config::parse(&text, "t").unwrap_err();
+        assert!(error.to_string().contains("no port to health-check"), "{error}");
+        let text = all_ports.replace(
+            "\n[[service]]",
+            "[pool.health_check]\nkind = \"tcp\"\nport = 22\n\n[[service]]",
+        );
+        Config::parse(&text, "t").unwrap();
+    }
+
+    #[test]
     fn table_size_must_be_prime_and_large_enough() {
         let text = FULL.replace("port = 80\n", "port = 80\ntable_size = 65536\n");
         assert!(Config::parse(&text, "t").unwrap_err().to_string().contains("must be a prime"));

@@ -386,6 +386,114 @@ mod tests {
         assert!(!in_panic(&[], &RULES));
     }
 
+    const CONFIG: &str = r#"
+[[interface]]
+name = "eth0"
+[[pool]]
+name = "web"
+slow_start_secs = 10
+drain_timeout_secs = 30
+[[pool.backend]]
+address = "198.18.1.11"
+[[pool.backend]]
+address = "198.18.1.12"
+[[service]]
+name = "web"
+address = "198.18.100.1"
+protocol = "tcp"
+port = 80
+pool = "web"
+mode = "dsr-l2"
+"#;
+
+    fn identity(last: u8) -> BackendIdentity {
+        BackendIdentity {
+            pool: "web".into(),
+            addr: format!("198.18.1.{last}").parse().unwrap(),
+            port: None,
+        }
+    }
+
+    fn weights(l: &Lifecycle, config: &Config, now: Instant) -> Vec<u32> {
+        Lifecycle::weights(&l.effective(config, now).0).into_values().collect()
+    }
+
+    #[test]
+    fn backends_at_start_take_full_weight_and_new_ones_ramp() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0);
+        assert_eq!(weights(&l, &config, t0), [100, 100]);
+        let added = Config::parse(
+            &CONFIG
+                .replace("[[service]]", "[[pool.backend]]\naddress = \"198.18.1.13\"\n[[service]]"),
+            "t",
+        )
+        .unwrap();
+        l.observe(&added, t0 + Duration::from_secs(1));
+        assert_eq!(weights(&l, &added, t0 + Duration::from_secs(1)), [100, 100, 1]);
+        assert_eq!(weights(&l, &added, t0 + Duration::from_secs(6)), [100, 100, 50]);
+        assert_eq!(weights(&l, &added, t0 + Duration::from_secs(11)), [100, 100, 100]);
+    }
+
+    #[test]
+    fn a_recovered_backend_ramps_and_a_down_one_takes_nothing() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0);
+        let report =
+            |healthy, flip| Report { backend: identity(12), result: Ok(()), flip, healthy };
+        assert!(l.record(&report(false, Some(Flip::Down)), t0));
+        // One of two down is not below half: no panic, the down one gets nothing.
+        assert_eq!(weights(&l, &config, t0), [100, 0]);
+        assert!(l.effective(&config, t0).1.is_empty());
+        assert!(!l.record(&report(false, None), t0));
+        assert!(l.record(&report(true, Some(Flip::Up)), t0 + Duration::from_secs(2)));
+        assert_eq!(weights(&l, &config, t0 + Duration::from_secs(7)), [100, 50]);
+    }
+
+    #[test]
+    fn disabled_backends_are_cut_at_once_and_draining_ones_at_the_deadline() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0);
+        let set = |state: &str| {
+            Config::parse(
+                &CONFIG.replacen(
+                    "address = \"198.18.1.12\"\n",
+                    &format!("address = \"198.18.1.12\"\nstate = \"{state}\"\n"),
+                    1,
+                ),
+                "t",
+            )
+            .unwrap()
+        };
+        let draining = set("draining");
+        l.observe(&draining, t0 + Duration::from_secs(1));
+        assert_eq!(weights(&l, &draining, t0 + Duration::from_secs(1)), [100, 0]);
+        assert!(
+            l.due_cuts(&draining, t0 + Duration::from_secs(30)).is_empty(),
+            "29 s into a 30 s drain"
+        );
+        assert_eq!(l.due_cuts(&draining, t0 + Duration::from_secs(31)), [identity(12)]);
+        assert!(l.due_cuts(&draining, t0 + Duration::from_secs(32)).is_empty(), "cut once");
+        // Active again, then disabled: cut at once.
+        l.observe(&config, t0 + Duration::from_secs(40));
+        assert_eq!(
+            weights(&l, &config, t0 + Duration::from_secs(40)),
+            [100, 1],
+            "slow start again"
+        );
+        let disabled = set("disabled");
+        l.observe(&disabled, t0 + Duration::from_secs(50));
+        assert_eq!(l.due_cuts(&disabled, t0 + Duration::from_secs(50)), [identity(12)]);
+        // Removed backends: cut once their pool's deadline passes.
+        let retired = [(7, identity(13))];
+        assert!(l.due_retired(&retired, &config, t0).is_empty());
+        assert!(l.due_retired(&retired, &config, t0 + Duration::from_secs(29)).is_empty());
+        assert_eq!(l.due_retired(&retired, &config, t0 + Duration::from_secs(30)), [7]);
+    }
+
     #[test]
     fn slow_start_ramps_linearly() {
         let rules = PoolRules { slow_start_secs: 10, ..RULES };

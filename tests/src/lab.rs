@@ -15,8 +15,11 @@
 //! lab: every route points at another lab address.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    process::Child,
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -82,6 +85,8 @@ pub struct LabBackend {
     pub ns: Netns,
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
+    /// Pid of its server process.
+    server: AtomicU32,
 }
 
 /// A running lab. Dropping it stops every process and removes every namespace.
@@ -169,25 +174,26 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{DSR_VIP_V6}/128"), "dev", "lo"])?;
         ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
         ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-        let server = bin_path("lab-backend")?;
-        ns.spawn(
-            &[
-                server.as_os_str(),
-                "--name".as_ref(),
-                name.as_ref(),
-                "--http".as_ref(),
-                format!("[::]:{HTTP_PORT}").as_ref(),
-                "--udp".as_ref(),
-                format!("[::]:{UDP_PORT}").as_ref(),
-                "--udp".as_ref(),
-                format!("{DSR_VIP_V4}:{UDP_PORT}").as_ref(),
-                "--udp".as_ref(),
-                format!("[{DSR_VIP_V6}]:{UDP_PORT}").as_ref(),
-            ],
-            ChildOutput::Discard,
-        )?;
-        self.backends.push(LabBackend { name, ns, v4, v6 });
+        let server = AtomicU32::new(spawn_server(&ns, &name)?);
+        self.backends.push(LabBackend { name, ns, v4, v6, server });
         Ok(())
+    }
+
+    /// Stops backend `i`'s servers (HTTP and UDP), as a crash would.
+    pub fn stop_server(&self, i: usize) -> anyhow::Result<()> {
+        let b = &self.backends[i];
+        let pid = b.server.load(Ordering::SeqCst);
+        let mut child = b.ns.take_child(pid).context("the backend's server is not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts backend `i`'s servers again and waits until HTTP listens.
+    pub fn start_server(&self, i: usize) -> anyhow::Result<()> {
+        let b = &self.backends[i];
+        b.server.store(spawn_server(&b.ns, &b.name)?, Ordering::SeqCst);
+        wait_listening(b)
     }
 
     /// veth drops frames sent into it with `XDP_TX` or `XDP_REDIRECT` unless its peer runs
@@ -215,16 +221,65 @@ impl Lab {
     }
 
     fn wait_for_backends(&self) -> anyhow::Result<()> {
-        for backend in &self.backends {
-            let ready = wait_for(Duration::from_secs(10), || {
-                let out = backend.ns.exec(&["ss", "-Htln", "sport", "=", ":80"]).ok()?;
+        self.backends.iter().try_for_each(wait_listening)
+    }
+
+    /// Starts an iperf3 server on every backend and waits until each listens.
+    pub fn start_iperf_servers(&self) -> anyhow::Result<()> {
+        for b in &self.backends {
+            b.ns.spawn(&["iperf3", "-s", "-p", &IPERF_PORT.to_string()], ChildOutput::Discard)?;
+        }
+        for b in &self.backends {
+            let up = wait_for(Duration::from_secs(10), || {
+                let out =
+                    b.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{IPERF_PORT}")]).ok()?;
                 (!out.trim().is_empty()).then_some(())
             });
-            if ready.is_none() {
-                bail!("{}'s HTTP server did not start listening", backend.name);
+            if up.is_none() {
+                bail!("iperf3 server on {} did not start", b.name);
             }
         }
         Ok(())
+    }
+
+    /// Starts an iperf3 client towards `vip` for `secs` seconds at `rate` (JSON report on
+    /// standard output); wait for it with [`check_iperf`].
+    pub fn iperf_client(&self, vip: IpAddr, secs: u32, rate: &str) -> anyhow::Result<Child> {
+        let pid = self.client.spawn(
+            &[
+                "iperf3",
+                "-c",
+                &vip.to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-i",
+                "1",
+                "-J",
+                "-b",
+                rate,
+            ],
+            ChildOutput::Capture,
+        )?;
+        self.client.take_child(pid).context("iperf3 client")
+    }
+
+    /// Which backend holds an established iperf3 connection.
+    #[must_use]
+    pub fn iperf_backend(&self) -> Option<usize> {
+        self.backends.iter().position(|b| {
+            b.ns.exec(&[
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{IPERF_PORT}"),
+            ])
+            .is_ok_and(|out| !out.trim().is_empty())
+        })
     }
 
     /// `curl` from `source` (one of the client's addresses) to `addr`, returning the body.
@@ -248,6 +303,38 @@ impl Lab {
             .exec(&["curl", "-sS", "--max-time", "5", &url])
             .with_context(|| format!("curl {url} from the client"))
     }
+}
+
+/// Starts the lab backend server in `ns`; returns its pid.
+fn spawn_server(ns: &Netns, name: &str) -> anyhow::Result<u32> {
+    let server = bin_path("lab-backend")?;
+    ns.spawn(
+        &[
+            server.as_os_str(),
+            "--name".as_ref(),
+            name.as_ref(),
+            "--http".as_ref(),
+            format!("[::]:{HTTP_PORT}").as_ref(),
+            "--udp".as_ref(),
+            format!("[::]:{UDP_PORT}").as_ref(),
+            "--udp".as_ref(),
+            format!("{DSR_VIP_V4}:{UDP_PORT}").as_ref(),
+            "--udp".as_ref(),
+            format!("[{DSR_VIP_V6}]:{UDP_PORT}").as_ref(),
+        ],
+        ChildOutput::Discard,
+    )
+}
+
+fn wait_listening(backend: &LabBackend) -> anyhow::Result<()> {
+    let ready = wait_for(Duration::from_secs(10), || {
+        let out = backend.ns.exec(&["ss", "-Htln", "sport", "=", ":80"]).ok()?;
+        (!out.trim().is_empty()).then_some(())
+    });
+    if ready.is_none() {
+        bail!("{}'s HTTP server did not start listening", backend.name);
+    }
+    Ok(())
 }
 
 /// Path of a binary built from this workspace, next to the running executable (or one level
@@ -277,6 +364,26 @@ pub fn lab_config(backends: usize, weights: &[u32]) -> String {
 /// [`lab_config`] with extra `[daemon]` keys and `[api]` keys (each a TOML fragment).
 #[must_use]
 pub fn lab_config_with(backends: usize, weights: &[u32], daemon: &str, api: &str) -> String {
+    lab_config_pools(backends, weights, daemon, api, &PoolExtras::default())
+}
+
+/// Extra TOML for each of the lab's pools: keys right after the pool's name, tables (such as
+/// `[pool.health_check]`) after its backends.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolExtras<'a> {
+    pub keys: &'a str,
+    pub tables: &'a str,
+}
+
+/// [`lab_config_with`] with extra TOML in every pool.
+#[must_use]
+pub fn lab_config_pools(
+    backends: usize,
+    weights: &[u32],
+    daemon: &str,
+    api: &str,
+    extras: &PoolExtras<'_>,
+) -> String {
     use std::fmt::Write as _;
     let mut c = format!("[daemon]\nstats_log_interval_secs = 2\n{daemon}\n[api]\n{api}\n\n");
     let _ = write!(
@@ -284,13 +391,13 @@ pub fn lab_config_with(backends: usize, weights: &[u32], daemon: &str, api: &str
         "[[interface]]\nname = \"{LB_FRONT_IF}\"\n\n[[interface]]\nname = \"{LB_BACK_IF}\"\n\n"
     );
     for (pool, v6) in [("web4", false), ("web6", true)] {
-        let _ = write!(c, "[[pool]]\nname = \"{pool}\"\n");
+        let _ = write!(c, "[[pool]]\nname = \"{pool}\"\n{}\n", extras.keys);
         for i in 0..backends {
             let addr: IpAddr = if v6 { backend_v6(i).into() } else { backend_v4(i).into() };
             let weight = weights.get(i).copied().unwrap_or(100);
             let _ = write!(c, "[[pool.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
         }
-        c.push('\n');
+        let _ = writeln!(c, "{}", extras.tables);
     }
     // iperf3 opens a control and a data connection that must meet on one server: its
     // services hash the client address only.
@@ -359,4 +466,77 @@ pub fn lab_config_with(backends: usize, weights: &[u32], daemon: &str, api: &str
         c.push('\n');
     }
     c
+}
+
+/// Opens `per_source` new connections from each client address to `url` with curl (one
+/// process per source; `Connection: close` makes every request a new connection, so a new
+/// flow) and counts the answering backends.
+pub fn spread_http(
+    lab: &Lab,
+    sources: &[IpAddr],
+    url: &str,
+    per_source: usize,
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for source in sources {
+        let mut args = vec![
+            "curl".to_owned(),
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "-H".into(),
+            "Connection: close".into(),
+        ];
+        args.extend(["--interface".into(), source.to_string()]);
+        for _ in 0..per_source {
+            args.push(url.to_owned());
+        }
+        let out =
+            lab.client.exec(&args).unwrap_or_else(|e| panic!("curl from {source} to {url}: {e:#}"));
+        for line in out.lines() {
+            *counts.entry(line.to_owned()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The client's addresses of one family.
+#[must_use]
+pub fn client_sources(v6: bool) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = if v6 { vec![CLIENT_V6.into()] } else { vec![CLIENT_V4.into()] };
+    for i in 0..EXTRA_CLIENT_ADDRESSES {
+        v.push(if v6 { client_v6(i).into() } else { client_v4(i).into() });
+    }
+    v
+}
+
+/// The URL of the lab HTTP server at `addr`.
+#[must_use]
+pub fn url(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("http://{a}:{port}/"),
+        IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
+    }
+}
+
+/// Waits for an iperf3 client and checks its report: no error, at least `secs - 1`
+/// intervals, none of them empty (the flow never stalled), and more than `min_bytes`
+/// received. Panics with `what` in the message otherwise.
+pub fn check_iperf(what: &str, client: Child, secs: usize, min_bytes: u64) {
+    let output = client.wait_with_output().expect("wait for iperf3");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: iperf3 output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(report.get("error").is_none(), "{what}: iperf3 failed: {}", report["error"]);
+    let intervals = report["intervals"].as_array().expect("intervals");
+    assert!(intervals.len() + 1 >= secs, "{what}: {} intervals", intervals.len());
+    for (i, interval) in intervals.iter().enumerate() {
+        let bytes = interval["sum"]["bytes"].as_u64().unwrap_or(0);
+        assert!(bytes > 0, "{what}: the flow stalled in second {i}");
+    }
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(received > min_bytes, "{what}: only {received} bytes arrived");
 }

@@ -103,15 +103,35 @@ fn every_lbctl_command_against_a_running_daemon() {
     let (ok, out, _) = run(&["--json", "pools"], TOKEN);
     let pools: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok);
-    let weights: Vec<(String, u64)> = pools[0]["backends"]
+    let weights: Vec<(String, String, u64, u64)> = pools[0]["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["address"].as_str().unwrap().to_owned(), b["weight"].as_u64().unwrap()))
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["state"].as_str().unwrap().to_owned(),
+                b["weight"].as_u64().unwrap(),
+                b["effective_weight"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(weights, vec![("198.18.1.11".to_owned(), 0), ("198.18.1.12".to_owned(), 60)]);
+    assert_eq!(
+        weights,
+        vec![
+            ("198.18.1.11".to_owned(), "draining".to_owned(), 100, 0),
+            ("198.18.1.12".to_owned(), "active".to_owned(), 60, 60)
+        ]
+    );
     let (ok, out, _) = run(&["pools"], TOKEN);
-    assert!(ok && out.contains("198.18.1.12") && out.contains("60"), "{out}");
+    assert!(ok && out.contains("198.18.1.12") && out.contains("60/60"), "{out}");
+    assert!(out.contains("draining") && out.contains("0/100"), "{out}");
+    let (ok, out, err) = run(&["backend", "disable", "web", "198.18.1.11"], TOKEN);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(&["backend", "enable", "web", "198.18.1.11"], TOKEN);
+    assert!(ok, "{out}{err}");
+    let (_, out, _) = run(&["pools"], TOKEN);
+    assert!(out.contains("active") && !out.contains("draining"), "{out}");
     let (ok, out, err) = run(&["backend", "remove", "web", "198.18.1.12"], TOKEN);
     assert!(ok && out.contains("1 retired"), "{out}{err}");
     let (ok, out, err) = run(&["reload"], TOKEN);

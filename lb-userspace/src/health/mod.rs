@@ -74,16 +74,17 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
             let Some(id) = balancer.backend_id(&identity) else { continue };
             let port = config.health_check_port(pool, backend).unwrap_or(0);
             let addr = identity.addr;
-            // DSR services are checked at their own addresses; anything else at the
-            // backend's.
+            // DSR services are checked at their own addresses (through the backend's check
+            // route); NAT services, or none, at the backend's.
             let mut targets = BTreeSet::new();
             let mut vips = BTreeSet::new();
             for service in &services {
                 let vip = *service.address.get_ref();
-                if service.mode == ForwardingMode::DsrL2 && vip.is_ipv4() == addr.is_ipv4() {
-                    let port = check.port.or(service.port()).unwrap_or(port);
-                    targets.insert(SocketAddr::new(vip, port));
-                    vips.insert(vip);
+                if service.mode == ForwardingMode::DsrL2 {
+                    if vip.is_ipv4() == addr.is_ipv4() {
+                        vips.insert(vip);
+                        targets.insert(SocketAddr::new(vip, port));
+                    }
                 } else {
                     targets.insert(SocketAddr::new(addr, port));
                 }

@@ -14,6 +14,15 @@ use super::{MapError, typed};
 /// has a table of its own size.
 const BPF_F_INNER_MAP: u32 = 0x1000;
 
+/// A filled Maglev table, ready to be switched in.
+pub struct Table(Array<MapData, u32>);
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").finish_non_exhaustive()
+    }
+}
+
 pub struct MaglevMap {
     outer: ArrayOfMaps<MapData, Array<MapData, u32>>,
 }
@@ -31,6 +40,13 @@ impl MaglevMap {
 
     /// Installs `table` as service `service_id`'s table in one atomic switch.
     pub fn install(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapError> {
+        let table = Self::create(table)?;
+        self.set(service_id, &table)
+    }
+
+    /// Writes `table` into a fresh inner array no packet sees yet. Services whose tables are
+    /// equal (same pool, same size) share one: see [`MaglevMap::set`].
+    pub fn create(table: &[u32]) -> Result<Table, MapError> {
         let size = u32::try_from(table.len()).unwrap_or(u32::MAX);
         let mut inner = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
             .map_err(|source| MapError::CreateTable { size, source })?;
@@ -39,8 +55,13 @@ impl MaglevMap {
                 .set(slot, backend, 0)
                 .map_err(|source| MapError::Update { name: maps::MAGLEV, source })?;
         }
+        Ok(Table(inner))
+    }
+
+    /// Switches service `service_id` to `table` in one map update.
+    pub fn set(&mut self, service_id: u32, table: &Table) -> Result<(), MapError> {
         self.outer
-            .set(service_id, &inner, 0)
+            .set(service_id, &table.0, 0)
             .map_err(|source| MapError::Update { name: maps::MAGLEV, source })
     }
 

@@ -1,0 +1,80 @@
+//! `lbd` as the lab runs it: started in the load balancer's namespace with a configuration
+//! file of the test's own, reloaded with SIGHUP, stopped with SIGTERM (its log returned), and
+//! killed if the test fails first.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use crate::{
+    lab::{self, Lab},
+    netns::{ChildOutput, wait_for},
+};
+
+/// `lbd` running in the lab with a configuration file it can be told to reload.
+#[derive(Debug)]
+pub struct LabDaemon {
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+impl LabDaemon {
+    pub fn start(lab: &Lab, config: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
+        std::fs::write(&path, config).unwrap();
+        let lbd = lab::bin_path("lbd").unwrap();
+        let pid = lab
+            .lb
+            .spawn(
+                &[
+                    lbd.as_os_str(),
+                    "--config".as_ref(),
+                    path.as_os_str(),
+                    "--detach-on-exit".as_ref(),
+                ],
+                ChildOutput::Capture,
+            )
+            .unwrap();
+        let child = lab.lb.take_child(pid).unwrap();
+        let daemon = Self { child: Some(child), config: path };
+        // Ready when the service answers.
+        let ready =
+            wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
+        assert!(ready.is_some(), "lbd did not start serving: {}", daemon.stop());
+        daemon
+    }
+
+    pub fn reload(&self, lab: &Lab, config: &str) {
+        std::fs::write(&self.config, config).unwrap();
+        let pid = self.child.as_ref().unwrap().id();
+        let status = Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+        let _ = lab;
+    }
+
+    /// Stops lbd and returns its log.
+    pub fn stop(&self) -> String {
+        let Some(child) = &self.child else { return String::new() };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        String::new()
+    }
+
+    pub fn finish(mut self) -> String {
+        let child = self.child.take().unwrap();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let output = child.wait_with_output().unwrap();
+        let _ = std::fs::remove_file(&self.config);
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+}
+
+impl Drop for LabDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

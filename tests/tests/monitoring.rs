@@ -77,6 +77,8 @@ fn rules_and_dashboard_use_only_exported_metrics() {
     std::fs::write(
         &config,
         "[daemon]\npin_dir = \"\"\n[[interface]]\nname = \"veth0\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n\
+         [pool.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\n\
+         [[pool.autoscale]]\nname = \"a\"\nsignal = \"healthy_backends\"\nbelow = 5.0\ncommand = [\"false\"]\n\
          [[service]]\nname = \"s\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"nat\"\nnat_source = \"198.18.1.1\"\n",
     )
     .unwrap();
@@ -93,7 +95,11 @@ fn rules_and_dashboard_use_only_exported_metrics() {
         )
         .unwrap();
     let scrape = wait_for(Duration::from_secs(20), || {
-        ns.exec(&["curl", "-sf", "--max-time", "2", "http://127.0.0.1:7070/metrics"]).ok()
+        // Every family has samples once the policy (which holds at once) has fired and its
+        // command has failed.
+        ns.exec(&["curl", "-sf", "--max-time", "2", "http://127.0.0.1:7070/metrics"])
+            .ok()
+            .filter(|text| text.contains("lb_autoscale_deliveries_total{"))
     });
     if let Some(mut child) = ns.take_child(pid) {
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();

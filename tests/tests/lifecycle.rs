@@ -154,8 +154,33 @@ fn a_stopped_server_leaves_the_tables_and_rejoins_after_restart() {
         assert_eq!(counts.values().sum::<usize>(), 90, "{what}: {counts:?}");
         assert!(counts.get(&name).copied().unwrap_or(0) > 0, "{what}: {name} not back: {counts:?}");
     }
+
+    // A DSR backend whose host is up but that no longer holds the service address fails its
+    // checks: they go to the service address, not the host's.
+    let other = (victim + 1) % 3;
+    let b = &lab.backends[other];
+    b.ns.ip(&["addr", "del", &format!("{}/32", lab::DSR_VIP_V4), "dev", "lo"]).unwrap();
+    let bound = detection_bound(2) + SLACK;
+    let down =
+        wait_for(bound, || (healthy(&lab, "web4", b.v4.into()) == Some(false)).then_some(()));
+    assert!(down.is_some(), "{} without the service address still healthy", b.name);
+    let view = backend_view(&lab, "web4", b.v4.into());
+    let error = view["last_check_error"].as_str().unwrap_or_default();
+    assert!(error.contains(&lab::DSR_VIP_V4.to_string()), "the failing target: {view}");
+    assert_eq!(
+        healthy(&lab, "web6", b.v6.into()),
+        Some(true),
+        "its IPv6 service address is still there"
+    );
+    b.ns.ip(&["addr", "add", &format!("{}/32", lab::DSR_VIP_V4), "dev", "lo"]).unwrap();
+    let up = wait_for(bound, || (healthy(&lab, "web4", b.v4.into()) == Some(true)).then_some(()));
+    assert!(up.is_some(), "{} with the service address back is not healthy", b.name);
+
     let log = daemon.finish();
     assert!(log.contains("backend is DOWN") && log.contains("backend is UP again"), "{log}");
+    // lbd removed its check routes when it stopped.
+    let rules = lab.lb.exec(&["ip", "rule", "show", "priority", "9911"]).unwrap();
+    assert!(rules.trim().is_empty(), "check rules left behind: {rules}");
 }
 
 #[test]

@@ -231,14 +231,7 @@ impl Collector for Snapshot {
             &service_rows(|c| c.reply_packets),
         )?;
 
-        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| -> Vec<(Labels, u64)> {
-            self.backends
-                .iter()
-                .filter_map(|b| {
-                    Some((vec![("pool", b.pool.clone()), ("backend", b.label.clone())], f(b)?))
-                })
-                .collect()
-        };
+        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| self.backend_rows(f);
         counter(
             &mut e,
             "lb_backend_packets",
@@ -308,16 +301,19 @@ impl Collector for Snapshot {
 }
 
 impl Snapshot {
+    /// One row per backend for which `f` has a value, labelled with pool and backend.
+    fn backend_rows(&self, f: &dyn Fn(&BackendRow) -> Option<u64>) -> Vec<(Labels, u64)> {
+        self.backends
+            .iter()
+            .filter_map(|b| {
+                Some((vec![("pool", b.pool.clone()), ("backend", b.label.clone())], f(b)?))
+            })
+            .collect()
+    }
+
     /// Backend states, health, panic, autoscaling signals and hook deliveries.
     fn encode_lifecycle(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| -> Vec<(Labels, u64)> {
-            self.backends
-                .iter()
-                .filter_map(|b| {
-                    Some((vec![("pool", b.pool.clone()), ("backend", b.label.clone())], f(b)?))
-                })
-                .collect()
-        };
+        let backend_rows = |f: &dyn Fn(&BackendRow) -> Option<u64>| self.backend_rows(f);
         let to_gauge = |rows: Vec<(Labels, u64)>| -> Vec<(Labels, i64)> {
             rows.into_iter().map(|(l, v)| (l, clamp(v))).collect()
         };

@@ -13,6 +13,7 @@ extern crate std;
 
 pub mod conntrack;
 pub mod csum;
+pub mod firewall;
 pub mod flow;
 pub mod maglev;
 pub mod maps;

@@ -28,10 +28,29 @@ pub const VIPS: &str = "VIPS";
 /// Set of NAT source addresses ([`crate::service::AddrKey`] to service count).
 pub const NAT_SOURCES: &str = "NAT_SOURCES";
 
+/// Firewall: the active generation and whether the firewall is on (one u32, see
+/// [`crate::firewall`]).
+pub const FW_ACTIVE: &str = "FW_ACTIVE";
+/// Array of [`crate::firewall::FwMeta`], one per generation.
+pub const FW_META: &str = "FW_META";
+/// Array of [`crate::firewall::FwRule`], [`crate::firewall::MAX_RULES`] per generation.
+pub const FW_RULES: &str = "FW_RULES";
+/// LPM tries of source and destination prefixes to rule bits, per family.
+pub const FW_SRC_V4: &str = "FW_SRC_V4";
+pub const FW_SRC_V6: &str = "FW_SRC_V6";
+pub const FW_DST_V4: &str = "FW_DST_V4";
+pub const FW_DST_V6: &str = "FW_DST_V6";
+/// Array of rule bits by generation, protocol class and destination port.
+pub const FW_PORTS: &str = "FW_PORTS";
+/// Per-CPU array of [`crate::Counter`] by generation and rule (then default and audit).
+pub const FW_COUNTERS: &str = "FW_COUNTERS";
+/// LRU hash of [`crate::firewall::RateKey`] to [`crate::firewall::Bucket`].
+pub const FW_RATE: &str = "FW_RATE";
+
 /// Version of the maps' layouts as a whole: pinned maps live under `maps-v<this>`, so a build
 /// whose keys or values changed never reads maps pinned by another. Bump it with any change
 /// to a pinned map's key, value, type or flags.
-pub const MAPS_LAYOUT_VERSION: u32 = 1;
+pub const MAPS_LAYOUT_VERSION: u32 = 2;
 
 /// Maps pinned under bpffs so they outlive the daemon (scratch maps are not).
 pub const PINNED: &[&str] = &[
@@ -47,4 +66,14 @@ pub const PINNED: &[&str] = &[
     SERVICE_STATS,
     BACKEND_STATS,
     TX_PORTS,
+    FW_ACTIVE,
+    FW_META,
+    FW_RULES,
+    FW_SRC_V4,
+    FW_SRC_V6,
+    FW_DST_V4,
+    FW_DST_V6,
+    FW_PORTS,
+    FW_COUNTERS,
+    FW_RATE,
 ];

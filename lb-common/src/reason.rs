@@ -95,11 +95,17 @@ pub enum Reason {
     ConntrackInsertFailed = 15,
     /// A DSR backend is not on a directly attached network (its next hop is a router).
     DsrBackendNotOnLink = 16,
+    /// A firewall rule denies the packet.
+    FirewallDeny = 17,
+    /// No firewall rule matches and the default policy is deny.
+    FirewallDefaultDeny = 18,
+    /// A rate-limit rule's bucket for the packet's source is empty.
+    RateLimited = 19,
 }
 
 impl Reason {
     /// Every reason, in numeric order; userspace iterates this to read and export counters.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 20] = [
         Self::NotIp,
         Self::NotService,
         Self::Truncated,
@@ -117,6 +123,9 @@ impl Reason {
         Self::TxPortMissing,
         Self::ConntrackInsertFailed,
         Self::DsrBackendNotOnLink,
+        Self::FirewallDeny,
+        Self::FirewallDefaultDeny,
+        Self::RateLimited,
     ];
 
     /// What the data path does with a packet for this reason.
@@ -144,7 +153,10 @@ impl Reason {
             | Self::NatPortsExhausted
             | Self::TxPortMissing
             | Self::ConntrackInsertFailed
-            | Self::DsrBackendNotOnLink => Action::Drop,
+            | Self::DsrBackendNotOnLink
+            | Self::FirewallDeny
+            | Self::FirewallDefaultDeny
+            | Self::RateLimited => Action::Drop,
         }
     }
 
@@ -176,6 +188,9 @@ impl Reason {
             Self::TxPortMissing => "tx_port_missing",
             Self::ConntrackInsertFailed => "conntrack_insert_failed",
             Self::DsrBackendNotOnLink => "dsr_backend_not_on_link",
+            Self::FirewallDeny => "firewall_deny",
+            Self::FirewallDefaultDeny => "firewall_default_deny",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -11,6 +11,7 @@
 
 mod bench;
 mod conntrack;
+mod firewall;
 mod forward;
 mod icmp;
 mod maps;
@@ -36,7 +37,7 @@ use crate::{
     select::{StaleNat, Tracked},
 };
 
-/// The data path: parse, then balance packets to services and translate replies of NAT flows;
+/// The data path: parse, filter, then balance packets to services and translate replies of NAT flows;
 /// everything else goes to the kernel. Attached to every interface the daemon serves.
 #[xdp]
 #[allow(
@@ -71,6 +72,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     let packet = &scratch.packet;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_jiffies64() };
+    // The firewall first: what it drops never reaches a service or the connection table.
+    firewall::filter(ctx, packet, now).into_status()?;
     if packet.fragment != Fragment::None {
         return if select::is_vip(packet) {
             Err(Reason::Fragment)

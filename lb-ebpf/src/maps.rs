@@ -5,12 +5,16 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     Counter, FlowKey,
     conntrack::Flow,
+    firewall::{
+        Bucket, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES, MAX_RULES,
+        PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
+    },
     maglev::DEFAULT_TABLE_SIZE,
     service::{
         AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS, MAX_NAT_SOURCES,
@@ -73,6 +77,30 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounter, BACKENDS_N> = PerCpuArray:
 /// Interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
 #[btf_map]
 pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+/// Firewall (see `lb_common::firewall`): the active generation, per-generation settings and
+/// rules, the prefix tries, the port array, rule counters and rate-limit buckets.
+#[btf_map]
+pub static FW_ACTIVE: Array<u32, 1> = Array::new();
+#[btf_map]
+pub static FW_META: Array<FwMeta, 2> = Array::new();
+#[btf_map]
+pub static FW_RULES: Array<FwRule, { 2 * MAX_RULES }> = Array::new();
+#[btf_map]
+pub static FW_SRC_V4: LpmTrie<FwV4, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static FW_SRC_V6: LpmTrie<FwV6, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static FW_DST_V4: LpmTrie<FwV4, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static FW_DST_V6: LpmTrie<FwV6, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static FW_PORTS: Array<RuleBits, { PORTS_ENTRIES as usize }> = Array::new();
+#[btf_map]
+pub static FW_COUNTERS: PerCpuArray<Counter, { 2 * COUNTER_SLOTS as usize }> = PerCpuArray::new();
+/// One shared LRU: a source's bucket is the same on every CPU.
+#[btf_map]
+pub static FW_RATE: LruHashMap<RateKey, Bucket, { RATE_ENTRIES as usize }> = LruHashMap::new();
 
 /// Values too large for the 512-byte BPF stack, in per-CPU memory: one program run uses them
 /// at a time.

@@ -1,0 +1,309 @@
+//! The firewall's rule sets as the data path holds them, and the pure logic both sides run.
+//!
+//! A rule set has at most [`MAX_RULES`] rules in priority order; rule `i` is bit `i` of a
+//! [`RuleBits`]. Matching a packet is three lookups and two ANDs: the source address's bits
+//! (longest-prefix match in an LPM trie), the destination's, and the bits of its protocol
+//! class and destination port (an array). The lowest set bit of the result whose extra
+//! conditions (TCP flags) hold is the first matching rule; none set means the default policy.
+//!
+//! Two generations of every rule set live side by side: the daemon writes the inactive one,
+//! then switches `FW_ACTIVE` with one 4-byte write, so no packet sees half a rule set.
+
+/// Rules per rule set (bits of [`RuleBits`]).
+pub const MAX_RULES: usize = 64;
+/// A set of rules, bit `i` for rule `i` (lower bits take precedence).
+pub type RuleBits = u64;
+
+/// Protocol classes of the ports array.
+pub const CLASS_TCP: u32 = 0;
+pub const CLASS_UDP: u32 = 1;
+/// ICMP and ICMPv6; the "port" is the message type.
+pub const CLASS_ICMP: u32 = 2;
+/// Every other protocol; the port is 0.
+pub const CLASS_OTHER: u32 = 3;
+pub const CLASSES: u32 = 4;
+/// Entries of `FW_PORTS`: two generations of four classes of 65,536 ports.
+pub const PORTS_ENTRIES: u32 = 2 * CLASSES * 65_536;
+
+/// Capacity of each LPM trie (per family), both generations together: a rule-set change
+/// holds the old and the new generation at once.
+pub const MAX_PREFIXES: u32 = 4 * 1024 * 1024;
+
+/// Rate-limit buckets (one per rule and source address); the least recently used go first.
+pub const RATE_ENTRIES: u32 = 262_144;
+
+/// Counter slots per generation in `FW_COUNTERS`: one per rule, then the default policy's,
+/// then packets that audit mode let through although a rule or the policy would drop them.
+pub const COUNTER_SLOTS: u32 = MAX_RULES as u32 + 2;
+pub const DEFAULT_SLOT: u32 = MAX_RULES as u32;
+pub const AUDIT_SLOT: u32 = MAX_RULES as u32 + 1;
+
+/// `FW_ACTIVE` bits: the generation in use (bit 0) and whether the firewall is on at all.
+pub const ACTIVE_GENERATION: u32 = 0x1;
+pub const ACTIVE_ENABLED: u32 = 0x2;
+
+/// Rule actions.
+pub const ACTION_ALLOW: u8 = 0;
+pub const ACTION_DENY: u8 = 1;
+pub const ACTION_RATE_LIMIT: u8 = 2;
+
+/// `FwRule::flags`: matching events are logged (sampled).
+pub const RULE_LOG: u8 = 0x1;
+
+/// One rule's action and the conditions the tries cannot express.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwRule {
+    pub action: u8,
+    pub flags: u8,
+    /// TCP flags that must equal `tcp_flags_value` under this mask (0: no condition).
+    pub tcp_flags_mask: u8,
+    pub tcp_flags_value: u8,
+    /// Log one matching packet in this many (with `RULE_LOG`).
+    pub log_one_in: u32,
+    /// Rate limits: tokens (in millionths) added per clock tick, and the bucket's size.
+    pub micro_tokens_per_tick: u64,
+    pub burst_micro_tokens: u64,
+}
+const _: () = assert!(core::mem::size_of::<FwRule>() == 24);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding.
+unsafe impl aya::Pod for FwRule {}
+
+/// One micro-token: a packet costs a million.
+pub const TOKEN: u64 = 1_000_000;
+
+/// What one generation needs besides its rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwMeta {
+    /// Rules that match any source (the bits of an address no prefix covers).
+    pub any_src: RuleBits,
+    /// Rules that match any destination.
+    pub any_dst: RuleBits,
+    /// Rules with TCP-flag conditions (checked one by one).
+    pub flag_rules: RuleBits,
+    /// `META_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FwMeta>() == 32);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), explicit padding.
+unsafe impl aya::Pod for FwMeta {}
+
+/// `FwMeta::flags`: no rule matched means drop.
+pub const META_DEFAULT_DENY: u32 = 0x1;
+/// Count what would be dropped, drop nothing.
+pub const META_AUDIT: u32 = 0x2;
+/// Some rule names destinations (else the destination lookup is skipped).
+pub const META_HAS_DST: u32 = 0x4;
+
+/// Data of an IPv4 key of the LPM tries: the generation (always matched in full), then the
+/// address in network order. The prefix length counts the generation's 32 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FwV4 {
+    pub generation: u32,
+    pub addr: [u8; 4],
+}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no padding.
+unsafe impl aya::Pod for FwV4 {}
+
+/// Data of an IPv6 key, like [`FwV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FwV6 {
+    pub generation: u32,
+    pub addr: [u8; 16],
+    /// Beyond every prefix (never compared); keeps the trie's values 8-byte aligned.
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<FwV6>() == 24);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no padding.
+unsafe impl aya::Pod for FwV6 {}
+
+/// Bits of the generation in an LPM key's prefix length.
+pub const GENERATION_BITS: u32 = 32;
+
+/// Key of the per-source rate-limit buckets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub addr: [u32; 4],
+    pub rule: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), explicit padding.
+unsafe impl aya::Pod for RateKey {}
+
+/// A token bucket: micro-tokens left and the tick of the last refill.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub micro_tokens: u64,
+    pub last: u64,
+}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), two u64.
+unsafe impl aya::Pod for Bucket {}
+
+impl Bucket {
+    /// A full bucket at `now`.
+    #[must_use]
+    pub const fn full(rule: &FwRule, now: u64) -> Self {
+        Self { micro_tokens: rule.burst_micro_tokens, last: now }
+    }
+
+    /// Refills for the ticks since the last packet, then takes one packet's token if there
+    /// is one. Returns whether the packet is admitted.
+    #[inline(always)]
+    pub fn take(&mut self, rule: &FwRule, now: u64) -> bool {
+        let ticks = now.saturating_sub(self.last);
+        if ticks > 0 {
+            // Without a 128-bit multiply (BPF has none): a long idle time fills the bucket.
+            let room = rule.burst_micro_tokens.saturating_sub(self.micro_tokens);
+            let rate = rule.micro_tokens_per_tick;
+            let added = if rate == 0 {
+                0
+            } else if ticks > room / rate {
+                room
+            } else {
+                ticks * rate
+            };
+            self.micro_tokens = (self.micro_tokens + added).min(rule.burst_micro_tokens);
+            self.last = now;
+        }
+        if self.micro_tokens >= TOKEN {
+            self.micro_tokens -= TOKEN;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The protocol class of an IP protocol number.
+#[inline(always)]
+#[must_use]
+pub const fn class_of(proto: u8) -> u32 {
+    match proto {
+        6 => CLASS_TCP,
+        17 => CLASS_UDP,
+        1 | 58 => CLASS_ICMP,
+        _ => CLASS_OTHER,
+    }
+}
+
+/// Index in `FW_PORTS` of a generation, class and port (host order).
+#[inline(always)]
+#[must_use]
+pub const fn ports_index(generation: u32, class: u32, port: u16) -> u32 {
+    ((generation & 1) * CLASSES + (class & 3)) * 65_536 + port as u32
+}
+
+/// Index in `FW_COUNTERS` of a generation's slot.
+#[inline(always)]
+#[must_use]
+pub const fn counter_index(generation: u32, slot: u32) -> u32 {
+    (generation & 1) * COUNTER_SLOTS + slot
+}
+
+/// Index of the lowest set bit of a non-zero `bits` (64 for zero). Written out because BPF
+/// has no count-trailing-zeros instruction and LLVM's lowering wants a lookup table.
+#[inline(always)]
+#[must_use]
+pub const fn lowest_bit(bits: RuleBits) -> u32 {
+    if bits == 0 {
+        return 64;
+    }
+    let mut x = bits;
+    let mut n = 0;
+    if x & 0xffff_ffff == 0 {
+        n += 32;
+        x >>= 32;
+    }
+    if x & 0xffff == 0 {
+        n += 16;
+        x >>= 16;
+    }
+    if x & 0xff == 0 {
+        n += 8;
+        x >>= 8;
+    }
+    if x & 0xf == 0 {
+        n += 4;
+        x >>= 4;
+    }
+    if x & 0x3 == 0 {
+        n += 2;
+        x >>= 2;
+    }
+    if x & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(rate: u64, burst: u64, hz: u64) -> FwRule {
+        FwRule {
+            action: ACTION_RATE_LIMIT,
+            micro_tokens_per_tick: rate * TOKEN / hz,
+            burst_micro_tokens: burst * TOKEN,
+            ..FwRule::default()
+        }
+    }
+
+    #[test]
+    fn a_bucket_admits_its_burst_then_its_rate() {
+        let r = rule(100, 10, 1000);
+        let mut b = Bucket::full(&r, 5);
+        let burst = (0..50).filter(|_| b.take(&r, 5)).count();
+        assert_eq!(burst, 10, "the burst at one instant");
+        // 100 per second at 1000 ticks per second: one packet per 10 ticks.
+        let mut admitted = 0;
+        for tick in 6..=1005 {
+            admitted += usize::from(b.take(&r, tick)) + usize::from(b.take(&r, tick));
+        }
+        assert_eq!(admitted, 100, "a second's worth at two packets per tick");
+    }
+
+    #[test]
+    fn an_idle_bucket_refills_only_to_its_burst() {
+        let r = rule(1000, 5, 250);
+        let mut b = Bucket::full(&r, 0);
+        while b.take(&r, 0) {}
+        let admitted = (0..100).filter(|_| b.take(&r, 1_000_000)).count();
+        assert_eq!(admitted, 5);
+        // A clock that goes backwards (another CPU's older `now`) adds nothing.
+        assert!(!b.take(&r, 10));
+    }
+
+    #[test]
+    fn lowest_bit_is_trailing_zeros() {
+        for i in 0..64 {
+            assert_eq!(lowest_bit(1 << i), i);
+            assert_eq!(lowest_bit(u64::MAX << i), i);
+        }
+        assert_eq!(lowest_bit(0), 64);
+        assert_eq!(lowest_bit(0b1010_0000), 5);
+    }
+
+    #[test]
+    fn indexes_stay_in_their_generation() {
+        assert_eq!(ports_index(0, CLASS_TCP, 0), 0);
+        assert_eq!(ports_index(1, CLASS_OTHER, 65_535), PORTS_ENTRIES - 1);
+        assert_eq!(counter_index(1, AUDIT_SLOT), 2 * COUNTER_SLOTS - 1);
+        assert_eq!(class_of(58), CLASS_ICMP);
+        assert_eq!(class_of(47), CLASS_OTHER);
+    }
+}

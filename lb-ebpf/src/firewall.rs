@@ -1,0 +1,212 @@
+//! The firewall stage, before any balancing: a packet it drops never reaches the services or
+//! the connection table. Matching is described in `lb_common::firewall`; first match wins.
+
+use aya_ebpf::{btf_maps::lpm_trie::Key, programs::XdpContext};
+use lb_common::{
+    Reason,
+    firewall::{
+        ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION, AUDIT_SLOT, Bucket,
+        CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, FwRule, FwV4, FwV6,
+        GENERATION_BITS, MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RateKey,
+        RuleBits, class_of, counter_index, lowest_bit, ports_index,
+    },
+    net::IPPROTO_TCP,
+};
+
+use crate::{
+    maps::{
+        FW_ACTIVE, FW_COUNTERS, FW_DST_V4, FW_DST_V6, FW_META, FW_PORTS, FW_RATE, FW_RULES,
+        FW_SRC_V4, FW_SRC_V6,
+    },
+    outcome::Outcome,
+    parse::{Family, Fragment, Packet},
+    stats,
+};
+
+/// Filters one parsed packet: `DONE` lets it go on, an error drops it for its reason.
+#[inline(never)]
+pub fn filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
+    let ctx = &crate::parse::reload(ctx);
+    match try_filter(ctx, packet, now) {
+        Ok(()) => Outcome::DONE,
+        Err(reason) => Outcome::err(reason),
+    }
+}
+
+#[inline(always)]
+fn try_filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<(), Reason> {
+    let Some(active) = FW_ACTIVE.get(0) else { return Ok(()) };
+    let active = *active;
+    if active & ACTIVE_ENABLED == 0 {
+        return Ok(());
+    }
+    let generation = active & ACTIVE_GENERATION;
+    let Some(meta) = FW_META.get(generation) else { return Ok(()) };
+    let bytes = stats::frame_len(ctx);
+    let src = source_bits(packet, generation).unwrap_or(meta.any_src);
+    let mut candidates = src;
+    if candidates != 0 && meta.flags & META_HAS_DST != 0 {
+        candidates &= destination_bits(packet, generation).unwrap_or(meta.any_dst);
+    }
+    if candidates != 0 {
+        let index = ports_index(generation, class_of(packet.proto), port_of(packet));
+        candidates &= FW_PORTS.get(index).copied().unwrap_or(0);
+    }
+    if candidates & meta.flag_rules != 0 {
+        candidates = first_with_flags(packet, generation, candidates);
+    }
+    if candidates == 0 {
+        count(generation, DEFAULT_SLOT, bytes);
+        return if meta.flags & META_DEFAULT_DENY != 0 {
+            refuse(generation, meta.flags, Reason::FirewallDefaultDeny, bytes)
+        } else {
+            Ok(())
+        };
+    }
+    let index = lowest_bit(candidates);
+    count(generation, index, bytes);
+    let Some(rule) = rule_at(generation, index) else { return Ok(()) };
+    match rule.action {
+        ACTION_DENY => refuse(generation, meta.flags, Reason::FirewallDeny, bytes),
+        ACTION_RATE_LIMIT if !admit(packet, index, rule, now) => {
+            refuse(generation, meta.flags, Reason::RateLimited, bytes)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Drops for `reason`, or in audit mode counts the would-be drop and lets the packet go.
+#[inline(always)]
+fn refuse(generation: u32, flags: u32, reason: Reason, bytes: u64) -> Result<(), Reason> {
+    if flags & META_AUDIT != 0 {
+        count(generation, AUDIT_SLOT, bytes);
+        Ok(())
+    } else {
+        Err(reason)
+    }
+}
+
+#[inline(always)]
+fn rule_at(generation: u32, index: u32) -> Option<&'static FwRule> {
+    if index >= MAX_RULES as u32 {
+        return None;
+    }
+    FW_RULES.get((generation & 1) * MAX_RULES as u32 + index)
+}
+
+/// The candidates from the first whose TCP-flag condition holds (0 if none does).
+#[inline(always)]
+fn first_with_flags(packet: &Packet, generation: u32, mut candidates: RuleBits) -> RuleBits {
+    for _ in 0..MAX_RULES {
+        if candidates == 0 {
+            break;
+        }
+        let Some(rule) = rule_at(generation, lowest_bit(candidates)) else { return 0 };
+        let holds = rule.tcp_flags_mask == 0
+            || (packet.proto == IPPROTO_TCP
+                && packet.has_l4
+                && packet.tcp_flags & rule.tcp_flags_mask == rule.tcp_flags_value);
+        if holds {
+            return candidates;
+        }
+        candidates &= candidates - 1;
+    }
+    candidates
+}
+
+/// The destination port (host order) that indexes the ports array: the port for TCP and
+/// UDP, the message type for ICMP, 0 otherwise and for fragments without an L4 header.
+#[inline(always)]
+fn port_of(packet: &Packet) -> u16 {
+    if !packet.has_l4 || matches!(packet.fragment, Fragment::Later) {
+        return 0;
+    }
+    match class_of(packet.proto) {
+        CLASS_ICMP => u16::from(packet.icmp_type),
+        CLASS_OTHER => 0,
+        _ => u16::from_be(packet.dport),
+    }
+}
+
+#[inline(always)]
+fn source_bits(packet: &Packet, generation: u32) -> Option<RuleBits> {
+    match packet.family {
+        Family::V4 => {
+            let key = Key::new(
+                GENERATION_BITS + 32,
+                FwV4 { generation, addr: packet.src[0].to_ne_bytes() },
+            );
+            FW_SRC_V4.get(&key).copied()
+        }
+        Family::V6 => {
+            let key = Key::new(GENERATION_BITS + 128, v6_data(generation, &packet.src));
+            FW_SRC_V6.get(&key).copied()
+        }
+    }
+}
+
+#[inline(always)]
+fn destination_bits(packet: &Packet, generation: u32) -> Option<RuleBits> {
+    match packet.family {
+        Family::V4 => {
+            let key = Key::new(
+                GENERATION_BITS + 32,
+                FwV4 { generation, addr: packet.dst[0].to_ne_bytes() },
+            );
+            FW_DST_V4.get(&key).copied()
+        }
+        Family::V6 => {
+            let key = Key::new(GENERATION_BITS + 128, v6_data(generation, &packet.dst));
+            FW_DST_V6.get(&key).copied()
+        }
+    }
+}
+
+#[inline(always)]
+fn v6_data(generation: u32, words: &[u32; 4]) -> FwV6 {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    FwV6 { generation, addr, _pad: [0; 4] }
+}
+
+/// Takes a token from the bucket of `rule` for the packet's source.
+#[inline(always)]
+fn admit(packet: &Packet, rule_index: u32, rule: &FwRule, now: u64) -> bool {
+    let key = RateKey {
+        addr: packet.src,
+        rule: rule_index as u8,
+        family: packet.family as u8,
+        _pad: [0; 2],
+    };
+    if let Some(bucket) = FW_RATE.get_ptr_mut(&key) {
+        // SAFETY: a map value pointer from a successful lookup. CPUs may race on one
+        // bucket: a lost update admits or refuses one packet more, never corrupts it.
+        return unsafe { (*bucket).take(rule, now) };
+    }
+    let mut bucket = Bucket::full(rule, now);
+    let admitted = bucket.take(rule, now);
+    let _ = FW_RATE.insert(&key, &bucket, 0);
+    admitted
+}
+
+#[inline(always)]
+fn count(generation: u32, slot: u32, bytes: u64) {
+    if slot >= COUNTER_SLOTS {
+        return;
+    }
+    if let Some(c) = FW_COUNTERS.get_ptr_mut(counter_index(generation, slot)) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}

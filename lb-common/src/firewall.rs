@@ -11,6 +11,9 @@
 
 /// Rules per rule set (bits of [`RuleBits`]).
 pub const MAX_RULES: usize = 64;
+/// [`MAX_RULES`] as a map index.
+const RULES_U32: u32 = 64;
+const _: () = assert!(MAX_RULES == RULES_U32 as usize);
 /// A set of rules, bit `i` for rule `i` (lower bits take precedence).
 pub type RuleBits = u64;
 
@@ -34,9 +37,9 @@ pub const RATE_ENTRIES: u32 = 262_144;
 
 /// Counter slots per generation in `FW_COUNTERS`: one per rule, then the default policy's,
 /// then packets that audit mode let through although a rule or the policy would drop them.
-pub const COUNTER_SLOTS: u32 = MAX_RULES as u32 + 2;
-pub const DEFAULT_SLOT: u32 = MAX_RULES as u32;
-pub const AUDIT_SLOT: u32 = MAX_RULES as u32 + 1;
+pub const COUNTER_SLOTS: u32 = RULES_U32 + 2;
+pub const DEFAULT_SLOT: u32 = RULES_U32;
+pub const AUDIT_SLOT: u32 = RULES_U32 + 1;
 
 /// `FW_ACTIVE` bits: the generation in use (bit 0) and whether the firewall is on at all.
 pub const ACTIVE_GENERATION: u32 = 0x1;
@@ -218,6 +221,7 @@ pub const fn counter_index(generation: u32, slot: u32) -> u32 {
 /// has no count-trailing-zeros instruction and LLVM's lowering wants a lookup table.
 #[inline(always)]
 #[must_use]
+#[allow(clippy::verbose_bit_mask, reason = "trailing_zeros is what this avoids")]
 pub const fn lowest_bit(bits: RuleBits) -> u32 {
     if bits == 0 {
         return 64;

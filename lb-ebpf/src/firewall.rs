@@ -6,9 +6,9 @@ use lb_common::{
     Reason,
     firewall::{
         ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION, AUDIT_SLOT, Bucket,
-        CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, FwRule, FwV4, FwV6,
-        GENERATION_BITS, MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RateKey,
-        RuleBits, class_of, counter_index, lowest_bit, ports_index,
+        CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, FwRule, FwV4, FwV6, GENERATION_BITS,
+        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RateKey, RuleBits, class_of,
+        counter_index, lowest_bit, ports_index,
     },
     net::IPPROTO_TCP,
 };

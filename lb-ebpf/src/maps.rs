@@ -12,8 +12,8 @@ use lb_common::{
     Counter, FlowKey,
     conntrack::Flow,
     firewall::{
-        Bucket, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES, MAX_RULES,
-        PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
+        Bucket, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES, MAX_RULES, PORTS_ENTRIES,
+        RATE_ENTRIES, RateKey, RuleBits,
     },
     maglev::DEFAULT_TABLE_SIZE,
     service::{

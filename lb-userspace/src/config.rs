@@ -41,6 +41,109 @@ pub struct Config {
     /// Services (`[[service]]` tables).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// The firewall (`[firewall]`); absent: no filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<FirewallConfig>,
+}
+
+/// `[firewall]`: rules in priority order (the first that matches decides) and what happens
+/// to packets no rule matches.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallConfig {
+    #[serde(default)]
+    pub default: Policy,
+    /// Count what would be dropped, drop nothing.
+    #[serde(default)]
+    pub audit: bool,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The firewall's default policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    Allow,
+    Deny,
+    /// Admit `rate` packets per second per source address (bursts up to `burst`), drop the
+    /// rest.
+    RateLimit,
+}
+
+impl RuleAction {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// Protocols a rule can name (`icmp` covers ICMP and ICMPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProtocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A port or a range (`80`, `"8000-8080"`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Port(u16),
+    Range(String),
+}
+
+/// `[[firewall.rule]]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    pub action: RuleAction,
+    /// Source prefixes (`198.18.0.0/15`, `fd00::/8`, or single addresses); none: any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source: Vec<String>,
+    /// A file of source prefixes, one per line (`#` starts a comment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_file: Option<String>,
+    /// None: every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<RuleProtocol>,
+    /// Destination ports (TCP and UDP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    /// ICMP and ICMPv6 message types.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub icmp_types: Vec<u8>,
+    /// TCP flags that must be set, and with `!` clear: `"syn,!ack"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    /// Rate limits: packets per second per source address, and the burst (default: `rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// Log one matching packet in this many (sampled; the log is also capped per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<u32>,
 }
 
 /// `[daemon]`: settings of the process itself.
@@ -564,6 +667,11 @@ impl Config {
         self.check_conntrack(&mut p);
         self.check_pools(&mut p);
         self.check_services(&mut p);
+        if let Some(firewall) = &self.firewall {
+            for problem in crate::firewall::check(firewall) {
+                p.add(None, &problem);
+            }
+        }
         p.list
     }
 

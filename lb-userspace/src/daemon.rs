@@ -20,6 +20,7 @@ use crate::{
     balancer::{ApplySummary, BackendIdentity},
     config::{AutoscaleConfig, ServiceConfig},
     datapath::{AttachedMode, LoadOptions},
+    firewall::{self, Firewall},
     health::{self, Checker, Report},
     lifecycle::Lifecycle,
     nexthop::KernelResolver,
@@ -67,6 +68,8 @@ pub struct Daemon {
     /// The health-check tasks (none until [`Daemon::start_health_checks`]).
     checker: Option<Checker>,
     pub autoscale: autoscale::Engine,
+    /// The firewall as installed.
+    pub firewall: Firewall,
 }
 
 impl Daemon {
@@ -88,6 +91,17 @@ impl Daemon {
         if datapath.adopted() {
             balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;
         }
+        let compiled = compile_firewall(&config, hz)
+            .map_err(|e| anyhow::anyhow!("invalid firewall:\n  {}", e.join("\n  ")))?;
+        let mut firewall = if datapath.adopted() {
+            Firewall::adopt(&mut datapath.maps_mut().firewall)
+                .context("failed to read the pinned firewall maps")?
+        } else {
+            Firewall::fresh()
+        };
+        firewall
+            .install(&mut datapath.maps_mut().firewall, compiled.as_ref())
+            .context("failed to install the firewall")?;
         let mut lifecycle = Lifecycle::starting(&config, Instant::now());
         let (effective, panicking) = lifecycle.effective(&config, Instant::now());
         balancer
@@ -118,6 +132,7 @@ impl Daemon {
             lifecycle,
             checker: None,
             autoscale: autoscale::Engine::default(),
+            firewall,
         })
     }
 
@@ -278,6 +293,12 @@ impl Daemon {
     /// changes nothing), then applied. Interfaces and the connection table's size are fixed
     /// for the life of the process.
     pub fn apply(&mut self, new: Config) -> Result<ApplySummary, ChangeError> {
+        self.apply_with(new, false)
+    }
+
+    /// [`Daemon::apply`]; `reread` re-reads the firewall's prefix files even when the
+    /// `[firewall]` section is unchanged (a reload does, an API change does not).
+    fn apply_with(&mut self, new: Config, reread: bool) -> Result<ApplySummary, ChangeError> {
         new.validate().map_err(ChangeError::Invalid)?;
         let interfaces = |c: &Config| {
             c.interfaces.iter().map(|i| (i.name.get_ref().clone(), i.xdp_mode)).collect::<Vec<_>>()
@@ -293,6 +314,11 @@ impl Daemon {
             ]));
         }
         check_secret_files(&new)?;
+        let firewall = if reread || new.firewall != self.config.firewall {
+            Some(compile_firewall(&new, self.hz).map_err(ChangeError::Invalid)?)
+        } else {
+            None
+        };
         reserve_nat_ports(&new);
         let now = Instant::now();
         let mut lifecycle = self.lifecycle.clone();
@@ -304,6 +330,13 @@ impl Daemon {
             .map_err(|e| ChangeError::Apply(e.to_string()))?;
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
+        if let Some(compiled) = firewall {
+            let summary = self
+                .firewall
+                .install(&mut self.datapath.maps_mut().firewall, compiled.as_ref())
+                .map_err(|e| ChangeError::Apply(e.to_string()))?;
+            info!(?summary, "firewall installed");
+        }
         self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
         self.sync_health_checks();
@@ -318,7 +351,7 @@ impl Daemon {
             .clone()
             .ok_or_else(|| ChangeError::NotFound("lbd runs without a configuration file".into()))?;
         let new = Config::load(&path).map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
-        self.apply(new)
+        self.apply_with(new, true)
     }
 
     /// Applies `new` and writes it back to the configuration file, so the change survives a
@@ -350,6 +383,15 @@ impl Daemon {
             .map_err(|e| ChangeError::Persist(format!("{}: {e}", path.display())))?;
         Ok(())
     }
+}
+
+/// The firewall a configuration asks for, compiled (its prefix files read); `None` without a
+/// `[firewall]` section.
+pub fn compile_firewall(
+    config: &Config,
+    hz: u64,
+) -> Result<Option<firewall::Compiled>, Vec<String>> {
+    config.firewall.as_ref().map(|f| firewall::compile(f, hz)).transpose()
 }
 
 /// Autoscaling webhooks sign with secrets read at delivery; a missing one is caught here.

@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod firewall;
 pub mod health;
 pub mod lifecycle;
 pub mod maps;

@@ -46,10 +46,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
+            // The firewall's prefix files are read too (the clock rate only scales rates).
+            Ok(config) => match lb_userspace::daemon::compile_firewall(&config, 1000) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(problems) => {
+                    eprintln!("{}: invalid firewall:\n  {}", file.display(), problems.join("\n  "));
+                    ExitCode::from(2)
+                }
+            },
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::from(2)

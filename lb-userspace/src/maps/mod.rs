@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod conntrack;
+pub mod firewall;
 pub mod globals;
 pub mod maglev;
 pub mod services;
@@ -16,6 +17,7 @@ use thiserror::Error;
 
 pub use backends::BackendsMap;
 pub use conntrack::ConntrackMap;
+pub use firewall::FirewallMaps;
 pub use globals::GlobalsMap;
 pub use maglev::MaglevMap;
 pub use services::ServicesMap;
@@ -53,6 +55,7 @@ pub struct Maps {
     pub globals: GlobalsMap,
     pub traffic: TrafficMaps,
     pub tx_ports: TxPortsMap,
+    pub firewall: FirewallMaps,
 }
 
 impl Maps {
@@ -77,6 +80,17 @@ impl Maps {
                 take(ebpf, lb_common::maps::BACKEND_STATS)?,
             )?,
             tx_ports: TxPortsMap::new(take(ebpf, lb_common::maps::TX_PORTS)?)?,
+            firewall: FirewallMaps::new(
+                take(ebpf, lb_common::maps::FW_ACTIVE)?,
+                take(ebpf, lb_common::maps::FW_META)?,
+                take(ebpf, lb_common::maps::FW_RULES)?,
+                take(ebpf, lb_common::maps::FW_SRC_V4)?,
+                take(ebpf, lb_common::maps::FW_SRC_V6)?,
+                take(ebpf, lb_common::maps::FW_DST_V4)?,
+                take(ebpf, lb_common::maps::FW_DST_V6)?,
+                take(ebpf, lb_common::maps::FW_PORTS)?,
+                take(ebpf, lb_common::maps::FW_COUNTERS)?,
+            )?,
         })
     }
 }

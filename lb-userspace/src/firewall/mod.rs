@@ -1,0 +1,564 @@
+//! The firewall's control side: checks a `[firewall]` section, compiles it into what the
+//! data path's maps hold (`lb_common::firewall`), and installs it.
+//!
+//! A changed rule set is written into the inactive generation and switched in with one write
+//! (then the old generation is cleared). When only prefix lists change (the same rules,
+//! ports and policy), the active generation's tries are updated in place, entry by entry, so
+//! a block list of a million prefixes takes only its changes.
+
+pub mod prefix;
+
+use std::collections::{BTreeMap, HashSet};
+
+use lb_common::firewall::{
+    ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
+    CLASSES, FwMeta, FwRule, MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RULE_LOG,
+    RuleBits, TOKEN,
+};
+use tracing::info;
+
+use crate::{
+    config::{FirewallConfig, Policy, PortSpec, RuleAction, RuleConfig, RuleProtocol},
+    maps::{
+        MapError,
+        firewall::{Direction, FirewallMaps},
+    },
+};
+pub use prefix::Prefix;
+
+/// Ports per protocol class.
+const PORTS: usize = 65_536;
+/// The most packets per second (and burst) a rate limit may name.
+const MAX_RATE: u64 = 1_000_000_000;
+
+/// Problems of a `[firewall]` section that need no files: every one, each a sentence.
+#[must_use]
+pub fn check(config: &FirewallConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    if config.rules.len() > MAX_RULES {
+        problems.push(format!(
+            "firewall: {} rules; at most {MAX_RULES} are allowed (put addresses in a rule's `source` list or `source_file` rather than one rule each)",
+            config.rules.len()
+        ));
+    }
+    let mut names = HashSet::new();
+    for rule in &config.rules {
+        let name = &rule.name;
+        let at = format!("firewall rule {name:?}");
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            problems.push(format!("{at}: the name must be 1-64 letters, digits, '-', '_' or '.'"));
+        }
+        if !names.insert(name) {
+            problems.push(format!("{at} is defined twice"));
+        }
+        for text in rule.source.iter().chain(&rule.destination) {
+            if let Err(e) = Prefix::parse(text) {
+                problems.push(format!("{at}: {e}"));
+            }
+        }
+        if let Err(e) = port_ranges(&rule.ports) {
+            problems.push(format!("{at}: {e}"));
+        }
+        if !rule.ports.is_empty() && rule.protocol == Some(RuleProtocol::Icmp) {
+            problems.push(format!("{at}: ICMP has no ports; use `icmp_types`"));
+        }
+        if !rule.icmp_types.is_empty() && rule.protocol != Some(RuleProtocol::Icmp) {
+            problems.push(format!("{at}: `icmp_types` needs `protocol = \"icmp\"`"));
+        }
+        if let Some(flags) = &rule.tcp_flags {
+            if rule.protocol != Some(RuleProtocol::Tcp) {
+                problems.push(format!("{at}: `tcp_flags` needs `protocol = \"tcp\"`"));
+            }
+            if let Err(e) = tcp_flags(flags) {
+                problems.push(format!("{at}: {e}"));
+            }
+        }
+        match rule.action {
+            RuleAction::RateLimit => match rule.rate {
+                None | Some(0) => problems.push(format!(
+                    "{at}: a rate_limit rule needs `rate` (packets per second per source, above 0)"
+                )),
+                Some(rate) if rate > MAX_RATE || rule.burst.unwrap_or(rate) > MAX_RATE => {
+                    problems.push(format!("{at}: rate and burst are at most {MAX_RATE}"));
+                }
+                Some(_) if rule.burst == Some(0) => {
+                    problems.push(format!("{at}: burst must be at least 1"));
+                }
+                Some(_) => {}
+            },
+            _ if rule.rate.is_some() || rule.burst.is_some() => {
+                problems.push(format!("{at}: `rate` and `burst` belong to rate_limit rules"));
+            }
+            _ => {}
+        }
+        if rule.log == Some(0) {
+            problems.push(format!("{at}: `log` is one packet in N, N at least 1"));
+        }
+    }
+    problems
+}
+
+/// Parses `"syn,!ack"` into (mask, value).
+pub fn tcp_flags(text: &str) -> Result<(u8, u8), String> {
+    let (mut mask, mut value) = (0u8, 0u8);
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (clear, name) = match part.strip_prefix('!') {
+            Some(n) => (true, n),
+            None => (false, part),
+        };
+        let bit = match name.to_ascii_lowercase().as_str() {
+            "fin" => 0x01,
+            "syn" => 0x02,
+            "rst" => 0x04,
+            "psh" => 0x08,
+            "ack" => 0x10,
+            "urg" => 0x20,
+            "ece" => 0x40,
+            "cwr" => 0x80,
+            other => {
+                return Err(format!(
+                    "unknown TCP flag {other:?} (fin, syn, rst, psh, ack, urg, ece, cwr; `!` for clear)"
+                ));
+            }
+        };
+        mask |= bit;
+        if !clear {
+            value |= bit;
+        }
+    }
+    if mask == 0 {
+        return Err("`tcp_flags` names no flag".to_owned());
+    }
+    Ok((mask, value))
+}
+
+fn port_ranges(ports: &[PortSpec]) -> Result<Vec<(u16, u16)>, String> {
+    ports
+        .iter()
+        .map(|p| match p {
+            PortSpec::Port(0) => Err("port 0 is not a port".to_owned()),
+            PortSpec::Port(n) => Ok((*n, *n)),
+            PortSpec::Range(text) => {
+                let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|n| *n > 0);
+                let range = match text.split_once('-') {
+                    Some((a, b)) => parse(a).zip(parse(b)),
+                    None => parse(text).map(|n| (n, n)),
+                };
+                range.filter(|(a, b)| a <= b).ok_or_else(|| {
+                    format!("{text:?} is not a port or a range such as \"8000-8080\"")
+                })
+            }
+        })
+        .collect()
+}
+
+/// A rule set as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub rules: Vec<FwRule>,
+    pub meta: FwMeta,
+    /// Rule bits by class and port (`CLASSES` × 65,536).
+    pub ports: Vec<RuleBits>,
+    pub sources: BTreeMap<Prefix, RuleBits>,
+    pub destinations: BTreeMap<Prefix, RuleBits>,
+}
+
+impl Compiled {
+    /// Whether `other` differs only in its prefixes (so it can be updated in place).
+    fn same_rules(&self, other: &Self) -> bool {
+        self.rules == other.rules && self.meta == other.meta && self.ports == other.ports
+    }
+
+    fn tries(&self, direction: Direction) -> &BTreeMap<Prefix, RuleBits> {
+        match direction {
+            Direction::Source => &self.sources,
+            Direction::Destination => &self.destinations,
+        }
+    }
+
+    fn empty() -> Self {
+        Self {
+            rules: Vec::new(),
+            meta: FwMeta::default(),
+            ports: vec![0; CLASSES as usize * PORTS],
+            sources: BTreeMap::new(),
+            destinations: BTreeMap::new(),
+        }
+    }
+}
+
+/// Compiles a checked `[firewall]` section, reading its prefix files. `ticks_per_second` is
+/// the data path's clock rate (for rate limits).
+pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compiled, Vec<String>> {
+    let problems = check(config);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut out = Compiled::empty();
+    let mut errors = Vec::new();
+    let mut src_entries = Vec::new();
+    let mut dst_entries = Vec::new();
+    let (mut any_src, mut any_dst) = (0, 0);
+    for (i, rule) in config.rules.iter().enumerate() {
+        let bit: RuleBits = 1 << i;
+        for (list, file, entries, any) in [
+            (&rule.source, &rule.source_file, &mut src_entries, &mut any_src),
+            (&rule.destination, &rule.destination_file, &mut dst_entries, &mut any_dst),
+        ] {
+            if list.is_empty() && file.is_none() {
+                *any |= bit;
+                continue;
+            }
+            entries.extend(list.iter().filter_map(|t| Prefix::parse(t).ok()).map(|p| (p, bit)));
+            if let Some(path) = file {
+                match prefix::read_file(path) {
+                    Ok(prefixes) => entries.extend(prefixes.into_iter().map(|p| (p, bit))),
+                    Err(e) => errors.push(format!("firewall rule {:?}: {e}", rule.name)),
+                }
+            }
+        }
+        set_ports(&mut out.ports, rule, bit);
+        out.rules.push(fw_rule(rule, ticks_per_second));
+        if rule.tcp_flags.is_some() {
+            out.meta.flag_rules |= bit;
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    out.meta.any_src = any_src;
+    out.meta.any_dst = any_dst;
+    if !dst_entries.is_empty() {
+        out.meta.flags |= META_HAS_DST;
+    }
+    if config.default == Policy::Deny {
+        out.meta.flags |= META_DEFAULT_DENY;
+    }
+    if config.audit {
+        out.meta.flags |= META_AUDIT;
+    }
+    out.sources = prefix::propagate(&src_entries, any_src);
+    out.destinations = prefix::propagate(&dst_entries, any_dst);
+    Ok(out)
+}
+
+fn fw_rule(rule: &RuleConfig, ticks_per_second: u64) -> FwRule {
+    let (mask, value) = rule.tcp_flags.as_deref().and_then(|f| tcp_flags(f).ok()).unwrap_or((0, 0));
+    let rate = rule.rate.unwrap_or(0);
+    FwRule {
+        action: match rule.action {
+            RuleAction::Allow => ACTION_ALLOW,
+            RuleAction::Deny => ACTION_DENY,
+            RuleAction::RateLimit => ACTION_RATE_LIMIT,
+        },
+        flags: if rule.log.is_some() { RULE_LOG } else { 0 },
+        tcp_flags_mask: mask,
+        tcp_flags_value: value,
+        log_one_in: rule.log.unwrap_or(0),
+        micro_tokens_per_tick: (rate * TOKEN / ticks_per_second.max(1)).max(u64::from(rate > 0)),
+        burst_micro_tokens: rule.burst.unwrap_or(rate) * TOKEN,
+    }
+}
+
+/// Sets `bit` on every (class, port) the rule matches: its protocol's class (TCP and UDP for
+/// ports without a protocol, every class for neither), its ports or ICMP types, or all.
+fn set_ports(ports: &mut [RuleBits], rule: &RuleConfig, bit: RuleBits) {
+    let classes: &[u32] = match rule.protocol {
+        Some(RuleProtocol::Tcp) => &[CLASS_TCP],
+        Some(RuleProtocol::Udp) => &[CLASS_UDP],
+        Some(RuleProtocol::Icmp) => &[CLASS_ICMP],
+        None if !rule.ports.is_empty() => &[CLASS_TCP, CLASS_UDP],
+        None => &[CLASS_TCP, CLASS_UDP, CLASS_ICMP, CLASS_OTHER],
+    };
+    let ranges: Vec<(u16, u16)> = if !rule.ports.is_empty() {
+        port_ranges(&rule.ports).unwrap_or_default()
+    } else if !rule.icmp_types.is_empty() {
+        rule.icmp_types.iter().map(|t| (u16::from(*t), u16::from(*t))).collect()
+    } else {
+        vec![(0, u16::MAX)]
+    };
+    for class in classes {
+        let base = *class as usize * PORTS;
+        for (lo, hi) in &ranges {
+            for port in *lo..=*hi {
+                ports[base + usize::from(port)] |= bit;
+            }
+        }
+    }
+}
+
+/// What one install did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstallSummary {
+    /// A new rule set was switched in (else prefixes were updated in place, or nothing).
+    pub switched: bool,
+    pub prefixes_written: usize,
+    pub prefixes_removed: usize,
+}
+
+/// The firewall as installed: which generation is active and what each holds.
+#[derive(Debug, Default)]
+pub struct Firewall {
+    active: u32,
+    enabled: bool,
+    /// Contents of each generation (`None`: unknown, as after a restart).
+    held: [Option<Compiled>; 2],
+}
+
+impl Firewall {
+    /// Takes over the pinned maps of an earlier run: the active generation stays as it is
+    /// (packets keep being filtered) and the inactive one is cleared, so it can be written.
+    pub fn adopt(maps: &mut FirewallMaps) -> Result<Self, MapError> {
+        let (active, enabled) = maps.active()?;
+        let mut fw = Self { active, enabled, held: [None, None] };
+        let inactive = 1 - active;
+        let empty = Compiled::empty();
+        let found = Self::read_back(maps, inactive)?;
+        write_generation(maps, inactive, &empty, &found)?;
+        fw.held[inactive as usize] = Some(empty);
+        if enabled {
+            fw.held[active as usize] = Some(Self::read_back(maps, active)?);
+        } else {
+            write_generation(maps, active, &Compiled::empty(), &Self::read_back(maps, active)?)?;
+            fw.held[active as usize] = Some(Compiled::empty());
+        }
+        Ok(fw)
+    }
+
+    /// A firewall over maps known to be empty (freshly created).
+    #[must_use]
+    pub fn fresh() -> Self {
+        Self { active: 0, enabled: false, held: [Some(Compiled::empty()), Some(Compiled::empty())] }
+    }
+
+    /// The active generation, if the firewall is on.
+    #[must_use]
+    pub fn active_generation(&self) -> Option<u32> {
+        self.enabled.then_some(self.active)
+    }
+
+    /// Makes the data path filter by `compiled` (or not at all).
+    pub fn install(
+        &mut self,
+        maps: &mut FirewallMaps,
+        compiled: Option<&Compiled>,
+    ) -> Result<InstallSummary, MapError> {
+        let mut summary = InstallSummary::default();
+        let Some(new) = compiled else {
+            if self.enabled {
+                maps.set_active(self.active, false)?;
+                self.enabled = false;
+                info!("firewall off");
+            }
+            return Ok(summary);
+        };
+        let active = self.active as usize;
+        if self.enabled
+            && let Some(current) = self.held[active].as_ref().filter(|c| c.same_rules(new))
+        {
+            // Only prefixes changed: in place, in the active generation.
+            let (w, r) = write_tries(maps, self.active, new, current)?;
+            (summary.prefixes_written, summary.prefixes_removed) = (w, r);
+            self.held[active] = Some(new.clone());
+            return Ok(summary);
+        }
+        let target = if self.enabled { 1 - self.active } else { self.active };
+        let old = match self.held[target as usize].take() {
+            Some(old) => old,
+            None => Self::read_back(maps, target)?,
+        };
+        maps.reset_counters(target)?;
+        let (w, r) = write_generation(maps, target, new, &old)?;
+        (summary.prefixes_written, summary.prefixes_removed) = (w, r);
+        self.held[target as usize] = Some(new.clone());
+        maps.set_active(target, true)?;
+        summary.switched = true;
+        let previous = self.active;
+        let was_enabled = self.enabled;
+        self.active = target;
+        self.enabled = true;
+        // The old generation is no longer read by new packets: clear it to free its memory.
+        if was_enabled && previous != target {
+            let empty = Compiled::empty();
+            if let Some(old) = self.held[previous as usize].take() {
+                write_generation(maps, previous, &empty, &old)?;
+            }
+            self.held[previous as usize] = Some(empty);
+        }
+        info!(
+            rules = new.rules.len(),
+            sources = new.sources.len(),
+            destinations = new.destinations.len(),
+            generation = target,
+            "firewall rule set switched in"
+        );
+        Ok(summary)
+    }
+
+    /// What a generation holds, read back from the maps (after a restart).
+    fn read_back(maps: &FirewallMaps, generation: u32) -> Result<Compiled, MapError> {
+        let mut c = Compiled::empty();
+        c.meta = maps.meta(generation)?;
+        for i in 0..MAX_RULES {
+            c.rules.push(maps.rule(generation, i)?);
+        }
+        while c.rules.last().is_some_and(|r| *r == FwRule::default()) {
+            c.rules.pop();
+        }
+        for (i, bits) in c.ports.iter_mut().enumerate() {
+            let index = port_index(generation, i);
+            *bits = maps.port_bits(index)?;
+        }
+        c.sources = maps.prefixes(Direction::Source, generation)?;
+        c.destinations = maps.prefixes(Direction::Destination, generation)?;
+        Ok(c)
+    }
+}
+
+/// Index in `FW_PORTS` of entry `i` (class × 65,536 + port) of a generation.
+fn port_index(generation: u32, i: usize) -> u32 {
+    (generation & 1) * lb_common::firewall::PORTS_ENTRIES / 2 + u32::try_from(i).unwrap_or(0)
+}
+
+/// Writes `new` into a generation that holds `old`, entry by entry where they differ.
+fn write_generation(
+    maps: &mut FirewallMaps,
+    generation: u32,
+    new: &Compiled,
+    old: &Compiled,
+) -> Result<(usize, usize), MapError> {
+    maps.set_meta(generation, &new.meta)?;
+    for i in 0..MAX_RULES {
+        let rule = new.rules.get(i).copied().unwrap_or_default();
+        if old.rules.get(i).copied().unwrap_or_default() != rule {
+            maps.set_rule(generation, i, &rule)?;
+        }
+    }
+    for (i, (n, o)) in new.ports.iter().zip(&old.ports).enumerate() {
+        if n != o {
+            let index = port_index(generation, i);
+            maps.set_port_bits(index, *n)?;
+        }
+    }
+    write_tries(maps, generation, new, old)
+}
+
+/// Updates a generation's tries from `old` to `new`: removals of prefixes gone, writes of
+/// prefixes new or changed.
+fn write_tries(
+    maps: &mut FirewallMaps,
+    generation: u32,
+    new: &Compiled,
+    old: &Compiled,
+) -> Result<(usize, usize), MapError> {
+    let (mut written, mut removed) = (0, 0);
+    for direction in [Direction::Source, Direction::Destination] {
+        let (n, o) = (new.tries(direction), old.tries(direction));
+        for (prefix, bits) in n {
+            if o.get(prefix) != Some(bits) {
+                maps.set_prefix(direction, generation, *prefix, *bits)?;
+                written += 1;
+            }
+        }
+        for prefix in o.keys().filter(|p| !n.contains_key(*p)) {
+            maps.remove_prefix(direction, generation, *prefix)?;
+            removed += 1;
+        }
+    }
+    Ok((written, removed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> FirewallConfig {
+        #[derive(serde::Deserialize)]
+        struct Wrap {
+            firewall: FirewallConfig,
+        }
+        toml::from_str::<Wrap>(text).unwrap().firewall
+    }
+
+    #[test]
+    fn compiles_rules_into_bits() {
+        let c = config(
+            r#"
+[firewall]
+default = "deny"
+[[firewall.rule]]
+name = "block"
+action = "deny"
+source = ["198.18.0.0/24", "fd00:1::/32"]
+[[firewall.rule]]
+name = "web"
+action = "allow"
+protocol = "tcp"
+ports = [80, "8000-8002"]
+[[firewall.rule]]
+name = "syn-limit"
+action = "rate_limit"
+protocol = "tcp"
+tcp_flags = "syn,!ack"
+rate = 100
+destination = ["198.18.100.0/24"]
+log = 10
+[[firewall.rule]]
+name = "ping"
+action = "allow"
+protocol = "icmp"
+icmp_types = [8, 128]
+"#,
+        );
+        let out = compile(&c, 1000).unwrap();
+        assert_eq!(out.meta.any_src, 0b1110);
+        assert_eq!(out.meta.any_dst, 0b1011);
+        assert_eq!(out.meta.flag_rules, 0b0100);
+        assert_eq!(out.meta.flags, META_DEFAULT_DENY | META_HAS_DST);
+        assert_eq!(out.sources[&Prefix::parse("198.18.0.0/24").unwrap()], 0b1111);
+        assert_eq!(out.destinations[&Prefix::parse("198.18.100.0/24").unwrap()], 0b1111);
+        let port = |class: u32, p: usize| out.ports[class as usize * PORTS + p];
+        assert_eq!(port(CLASS_TCP, 80), 0b0111);
+        assert_eq!(port(CLASS_TCP, 8002), 0b0111);
+        assert_eq!(port(CLASS_TCP, 8003), 0b0101);
+        assert_eq!(port(CLASS_UDP, 80), 0b0001);
+        assert_eq!(port(CLASS_ICMP, 8), 0b1001);
+        assert_eq!(port(CLASS_ICMP, 0), 0b0001);
+        assert_eq!(port(CLASS_OTHER, 0), 0b0001);
+        let limit = out.rules[2];
+        assert_eq!(
+            (limit.action, limit.tcp_flags_mask, limit.tcp_flags_value),
+            (ACTION_RATE_LIMIT, 0x12, 0x02)
+        );
+        assert_eq!((limit.micro_tokens_per_tick, limit.burst_micro_tokens), (100_000, 100 * TOKEN));
+        assert_eq!((limit.flags, limit.log_one_in), (RULE_LOG, 10));
+    }
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        let bad = |rule: &str, expected: &str| {
+            let c = config(&format!("[firewall]\n[[firewall.rule]]\nname = \"r\"\n{rule}"));
+            let problems = check(&c).join("\n");
+            assert!(problems.contains(expected), "{rule}: {problems}");
+        };
+        bad("action = \"deny\"\nsource = [\"198.18.0.0/33\"]", "prefix length");
+        bad("action = \"deny\"\nports = [\"90-80\"]", "not a port or a range");
+        bad("action = \"deny\"\nports = [0]", "port 0");
+        bad("action = \"deny\"\nprotocol = \"icmp\"\nports = [1]", "ICMP has no ports");
+        bad("action = \"deny\"\nicmp_types = [8]", "needs `protocol = \"icmp\"`");
+        bad("action = \"deny\"\ntcp_flags = \"syn\"", "needs `protocol = \"tcp\"`");
+        bad("action = \"deny\"\nprotocol = \"tcp\"\ntcp_flags = \"syn,bogus\"", "unknown TCP flag");
+        bad("action = \"rate_limit\"", "needs `rate`");
+        bad("action = \"deny\"\nrate = 5", "belong to rate_limit rules");
+        bad("action = \"deny\"\nlog = 0", "at least 1");
+        let many = "[[firewall.rule]]\nname = \"r\"\naction = \"deny\"\n".repeat(65);
+        assert!(check(&config(&format!("[firewall]\n{many}"))).join("").contains("at most 64"));
+        let missing = config(
+            "[firewall]\n[[firewall.rule]]\nname = \"r\"\naction = \"deny\"\nsource_file = \"/nonexistent/list\"\n",
+        );
+        assert!(compile(&missing, 1000).unwrap_err().join("").contains("/nonexistent/list"));
+    }
+}

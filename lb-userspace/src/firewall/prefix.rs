@@ -1,0 +1,161 @@
+//! Prefixes: parsing (inline lists and files of a million lines) and the propagation that
+//! makes a longest-prefix match return every rule that covers an address.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::firewall::RuleBits;
+
+pub use crate::maps::firewall::Prefix;
+
+impl Prefix {
+    /// Parses `198.18.0.0/15`, `fd00::/8` or a single address. Host bits below the prefix
+    /// length are cleared (block lists often carry them).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text, None),
+        };
+        let addr: IpAddr =
+            addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address or prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0 to {max}"))?,
+        };
+        Ok(match addr {
+            IpAddr::V4(a) => Self::V4 { addr: a.to_bits() & mask32(len), len },
+            IpAddr::V6(a) => Self::V6 { addr: a.to_bits() & mask128(len), len },
+        })
+    }
+
+    /// Whether `self` covers `other` (same family, shorter or equal, same leading bits).
+    #[must_use]
+    pub fn contains(&self, other: &Self) -> bool {
+        match (*self, *other) {
+            (Self::V4 { addr: a, len: l }, Self::V4 { addr: b, len: m }) => {
+                l <= m && b & mask32(l) == a
+            }
+            (Self::V6 { addr: a, len: l }, Self::V6 { addr: b, len: m }) => {
+                l <= m && b & mask128(l) == a
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::V4 { addr, len } => write!(f, "{}/{len}", std::net::Ipv4Addr::from_bits(addr)),
+            Self::V6 { addr, len } => write!(f, "{}/{len}", std::net::Ipv6Addr::from_bits(addr)),
+        }
+    }
+}
+
+const fn mask32(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len as u32) }
+}
+
+const fn mask128(len: u8) -> u128 {
+    if len == 0 { 0 } else { u128::MAX << (128 - len as u32) }
+}
+
+/// Reads a prefix file: one prefix per line; blank lines and `#` comments are skipped.
+/// Every bad line is reported with its number (the first 10 of them).
+pub fn read_file(path: &str) -> Result<Vec<Prefix>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("prefix file {path}: {e}"))?;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        match Prefix::parse(line) {
+            Ok(p) => out.push(p),
+            Err(e) if errors.len() < 10 => errors.push(format!("{path}:{}: {e}", n + 1)),
+            Err(_) => {}
+        }
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors.join("\n  ")) }
+}
+
+/// The trie contents for `entries` (prefix and the rules naming it): each prefix gets the
+/// rules of every prefix that covers it and the rules that match any address (`any`), so
+/// the longest match alone answers "which rules cover this address".
+#[must_use]
+pub fn propagate(entries: &[(Prefix, RuleBits)], any: RuleBits) -> BTreeMap<Prefix, RuleBits> {
+    let mut merged: BTreeMap<Prefix, RuleBits> = BTreeMap::new();
+    for (prefix, bits) in entries {
+        *merged.entry(*prefix).or_default() |= bits;
+    }
+    // In (family, address, length) order, every prefix comes after the prefixes covering
+    // it; a stack holds the chain of covering prefixes with their accumulated bits.
+    let mut stack: Vec<(Prefix, RuleBits)> = Vec::new();
+    let mut out = BTreeMap::new();
+    for (prefix, bits) in merged {
+        while stack.last().is_some_and(|(top, _)| !top.contains(&prefix)) {
+            stack.pop();
+        }
+        let all = stack.last().map_or(any, |(_, b)| *b) | bits;
+        stack.push((prefix, all));
+        out.insert(prefix, all);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Prefix {
+        Prefix::parse(text).unwrap()
+    }
+
+    #[test]
+    fn parses_prefixes_and_clears_host_bits() {
+        assert_eq!(p("198.18.0.0/15"), Prefix::V4 { addr: 0xc612_0000, len: 15 });
+        assert_eq!(p("198.19.7.9/15"), p("198.18.0.0/15"));
+        assert_eq!(p("198.18.0.1"), Prefix::V4 { addr: 0xc612_0001, len: 32 });
+        assert_eq!(p("fd00::1/8"), Prefix::V6 { addr: 0xfd << 120, len: 8 });
+        assert_eq!(p("0.0.0.0/0"), Prefix::V4 { addr: 0, len: 0 });
+        assert!(Prefix::parse("198.18.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(Prefix::parse("fd00::/129").is_err());
+        assert!(Prefix::parse("example.com").unwrap_err().contains("not an IP"));
+        assert_eq!(p("fd00::/8").to_string(), "fd00::/8");
+        assert!(p("198.18.0.0/15").contains(&p("198.19.255.255")));
+        assert!(!p("198.18.0.0/16").contains(&p("198.19.0.0/16")));
+        assert!(!p("0.0.0.0/0").contains(&p("::/0")));
+    }
+
+    #[test]
+    fn covering_prefixes_pass_their_rules_down() {
+        let entries = [
+            (p("198.18.0.0/15"), 0b001),
+            (p("198.18.1.0/24"), 0b010),
+            (p("198.18.1.128/25"), 0b100),
+            (p("198.19.0.0/16"), 0b100),
+            (p("203.0.113.0/24"), 0b100),
+            (p("fd00::/8"), 0b001),
+        ];
+        let t = propagate(&entries, 0b1000);
+        assert_eq!(t[&p("198.18.0.0/15")], 0b1001);
+        assert_eq!(t[&p("198.18.1.0/24")], 0b1011);
+        assert_eq!(t[&p("198.18.1.128/25")], 0b1111);
+        assert_eq!(t[&p("198.19.0.0/16")], 0b1101, "a sibling subtree: the /15 covers it");
+        assert_eq!(t[&p("203.0.113.0/24")], 0b1100, "nothing covers it but `any`");
+        assert_eq!(t[&p("fd00::/8")], 0b1001, "families never cover each other");
+    }
+
+    #[test]
+    fn duplicates_merge() {
+        let t = propagate(&[(p("198.18.0.0/16"), 1), (p("198.18.0.0/16"), 4)], 0);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[&p("198.18.0.0/16")], 5);
+    }
+}

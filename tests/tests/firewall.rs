@@ -1,0 +1,478 @@
+//! Datapath tests of the firewall: the real XDP object with rule sets compiled and installed
+//! by the daemon's own code, frames run through `BPF_PROG_TEST_RUN`. Every match kind and
+//! action on IPv4 and IPv6, first-match precedence, the default policy, audit mode, rule
+//! counters, atomic rule-set switches and in-place prefix updates, rate limits against the
+//! clock, and a million prefixes per family.
+
+#![allow(clippy::too_many_lines, reason = "case tables read best as one list")]
+#![allow(clippy::cast_precision_loss, reason = "rates over a second")]
+#![allow(clippy::cast_possible_truncation, reason = "random bits cut to addresses")]
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use lb_common::{
+    Action, Reason,
+    firewall::{AUDIT_SLOT, DEFAULT_SLOT},
+    net::tcp_flags,
+};
+use lb_tests::{
+    packet::Packet,
+    privileged::require_privileges,
+    testrun::{Case, TestBed},
+};
+use lb_userspace::{
+    Config,
+    firewall::{self, Firewall, InstallSummary},
+    maps::firewall::Direction,
+};
+
+const INTERFACE: &str = "[[interface]]\nname = \"lo\"\n";
+
+/// A test bed with a firewall installed from TOML.
+struct Fw {
+    bed: TestBed,
+    firewall: Firewall,
+    hz: u64,
+}
+
+impl Fw {
+    fn new(name: &str, toml: &str) -> Option<Self> {
+        if !require_privileges(name) {
+            return None;
+        }
+        let mut bed = TestBed::load().unwrap();
+        let hz = bed.datapath.ticks_per_second().unwrap();
+        let mut fw = Self { bed, firewall: Firewall::fresh(), hz };
+        fw.install(toml);
+        Some(fw)
+    }
+
+    fn install(&mut self, toml: &str) -> InstallSummary {
+        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+        let compiled = firewall::compile(config.firewall.as_ref().unwrap(), self.hz).unwrap();
+        self.firewall.install(&mut self.bed.datapath.maps_mut().firewall, Some(&compiled)).unwrap()
+    }
+
+    /// Packets counted by a rule (or slot) of the active generation.
+    fn hits(&self, slot: u32) -> u64 {
+        let generation = self.firewall.active_generation().unwrap();
+        self.bed.datapath.maps().firewall.counter(generation, slot).unwrap().packets
+    }
+}
+
+fn deny(description: &str, input: Vec<u8>, reason: Reason) -> Case {
+    Case {
+        description: description.into(),
+        input,
+        verdict: Action::Drop,
+        reason: Some(reason),
+        output: lb_tests::testrun::Output::Unchanged,
+    }
+}
+
+fn allow(description: &str, input: Vec<u8>) -> Case {
+    Case::pass(description, input, Reason::NotService)
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    Packet::ipv4(src.into(), dst.into()).tcp(40000, dport).flags(flags).build()
+}
+
+fn tcp6(src: &str, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+    Packet::ipv6(src.parse().unwrap(), dst.parse().unwrap()).tcp(40000, dport).flags(flags).build()
+}
+
+const RULES: &str = r#"
+[firewall]
+[[firewall.rule]]
+name = "admins"
+action = "allow"
+source = ["198.18.0.16/28", "fd00::10/124"]
+[[firewall.rule]]
+name = "block"
+action = "deny"
+source = ["198.18.0.0/24", "fd00::/64"]
+[[firewall.rule]]
+name = "no-telnet"
+action = "deny"
+protocol = "tcp"
+ports = [23, "6000-6010"]
+[[firewall.rule]]
+name = "udp-to-lab"
+action = "deny"
+protocol = "udp"
+destination = ["198.18.200.0/24", "fd00:200::/64"]
+[[firewall.rule]]
+name = "no-ping"
+action = "deny"
+protocol = "icmp"
+icmp_types = [8, 128]
+[[firewall.rule]]
+name = "syn-fin"
+action = "deny"
+protocol = "tcp"
+tcp_flags = "syn,fin"
+"#;
+
+#[test]
+fn every_match_and_action_in_both_families() {
+    let Some(mut fw) = Fw::new("every_match_and_action_in_both_families", RULES) else { return };
+    let (syn, synfin, ack) = (tcp_flags::SYN, tcp_flags::SYN | tcp_flags::FIN, tcp_flags::ACK);
+    let other4 = [198, 18, 5, 5];
+    let dst4 = [198, 18, 100, 1];
+    let cases = vec![
+        // Precedence: the admins' /28 sits inside the blocked /24; the first match wins.
+        allow("v4 admin inside the blocked /24, telnet", tcp4([198, 18, 0, 20], dst4, 23, syn)),
+        deny("v4 blocked source", tcp4([198, 18, 0, 5], dst4, 80, syn), Reason::FirewallDeny),
+        deny(
+            "v4 blocked source, UDP",
+            Packet::ipv4([198, 18, 0, 255].into(), dst4.into()).udp(1, 53).build(),
+            Reason::FirewallDeny,
+        ),
+        allow("v4 just outside the /24", tcp4([198, 18, 1, 0], dst4, 80, syn)),
+        deny("v4 telnet", tcp4(other4, dst4, 23, syn), Reason::FirewallDeny),
+        deny("v4 range start", tcp4(other4, dst4, 6000, ack), Reason::FirewallDeny),
+        deny("v4 range end", tcp4(other4, dst4, 6010, ack), Reason::FirewallDeny),
+        allow("v4 after the range", tcp4(other4, dst4, 6011, ack)),
+        allow(
+            "v4 telnet port over UDP",
+            Packet::ipv4(other4.into(), dst4.into()).udp(1, 23).build(),
+        ),
+        deny(
+            "v4 UDP to a blocked destination",
+            Packet::ipv4(other4.into(), [198, 18, 200, 9].into()).udp(1, 53).build(),
+            Reason::FirewallDeny,
+        ),
+        allow("v4 TCP to that destination", tcp4(other4, [198, 18, 200, 9], 53, syn)),
+        deny(
+            "v4 echo request",
+            Packet::ipv4(other4.into(), dst4.into()).echo_request(1, 1).build(),
+            Reason::FirewallDeny,
+        ),
+        allow(
+            "v4 echo reply",
+            Packet::ipv4(other4.into(), dst4.into()).icmp(0, 0, [0, 1, 0, 1]).build(),
+        ),
+        deny("v4 SYN+FIN", tcp4(other4, dst4, 80, synfin), Reason::FirewallDeny),
+        allow("v4 SYN alone", tcp4(other4, dst4, 80, syn)),
+        deny(
+            "v4 later fragment from a blocked source",
+            Packet::ipv4([198, 18, 0, 7].into(), dst4.into())
+                .ipv4_fragment(185, false)
+                .payload(&[0; 16])
+                .build(),
+            Reason::FirewallDeny,
+        ),
+        allow(
+            "v4 later fragment elsewhere: no port, so the telnet rule cannot match",
+            Packet::ipv4(other4.into(), dst4.into())
+                .ipv4_fragment(185, false)
+                .payload(&[0; 16])
+                .build(),
+        ),
+        Case::pass(
+            "ARP is not the firewall's",
+            Packet::arp_request(Ipv4Addr::new(198, 18, 0, 5), Ipv4Addr::new(198, 18, 0, 1)).build(),
+            Reason::NotIp,
+        ),
+        // IPv6.
+        allow("v6 admin", tcp6("fd00::1f", "fd00:100::1", 23, syn)),
+        deny("v6 blocked source", tcp6("fd00::ffff", "fd00:100::1", 80, syn), Reason::FirewallDeny),
+        allow("v6 outside the /64", tcp6("fd00:0:0:1::5", "fd00:100::1", 80, syn)),
+        deny("v6 telnet", tcp6("fd00:5::5", "fd00:100::1", 23, syn), Reason::FirewallDeny),
+        deny(
+            "v6 UDP to a blocked destination",
+            Packet::ipv6("fd00:5::5".parse().unwrap(), "fd00:200::9".parse().unwrap())
+                .udp(1, 53)
+                .build(),
+            Reason::FirewallDeny,
+        ),
+        deny(
+            "v6 echo request (ICMPv6 128)",
+            Packet::ipv6("fd00:5::5".parse().unwrap(), "fd00:100::1".parse().unwrap())
+                .proto(58)
+                .icmp(128, 0, [0, 1, 0, 1])
+                .build(),
+            Reason::FirewallDeny,
+        ),
+        deny("v6 SYN+FIN", tcp6("fd00:5::5", "fd00:100::1", 80, synfin), Reason::FirewallDeny),
+        allow("v6 plain ACK", tcp6("fd00:5::5", "fd00:100::1", 80, ack)),
+    ];
+    fw.bed.check_all(&cases).unwrap();
+    // Each rule counted what it matched; allowed packets that matched nothing went to the
+    // default slot.
+    let expected = [(0, 2), (1, 4), (2, 4), (3, 2), (4, 2), (5, 2), (DEFAULT_SLOT, 9)];
+    let mut problems = String::new();
+    for (slot, want) in expected {
+        let got = fw.hits(slot);
+        if got != want {
+            let _ = write!(problems, " slot {slot}: {got} != {want};");
+        }
+    }
+    assert!(problems.is_empty(), "counters:{problems}");
+}
+
+#[test]
+fn default_deny_and_audit_mode() {
+    let toml = r#"
+[firewall]
+default = "deny"
+[[firewall.rule]]
+name = "web"
+action = "allow"
+protocol = "tcp"
+ports = [80]
+[[firewall.rule]]
+name = "bad"
+action = "deny"
+source = ["198.18.9.0/24"]
+"#;
+    let Some(mut fw) = Fw::new("default_deny_and_audit_mode", toml) else { return };
+    let dst = [198, 18, 100, 1];
+    fw.bed
+        .check_all(&[
+            allow("v4 web", tcp4([198, 18, 9, 1], dst, 80, tcp_flags::SYN)),
+            deny(
+                "v4 anything else",
+                tcp4([198, 18, 1, 1], dst, 81, 0),
+                Reason::FirewallDefaultDeny,
+            ),
+            deny("v4 the bad source", tcp4([198, 18, 9, 1], dst, 81, 0), Reason::FirewallDeny),
+            deny(
+                "v6 anything else",
+                tcp6("fd00::1", "fd00::2", 22, tcp_flags::SYN),
+                Reason::FirewallDefaultDeny,
+            ),
+        ])
+        .unwrap();
+    // Audit: the same rules, nothing dropped, every would-be drop counted.
+    let summary =
+        fw.install(&toml.replace("default = \"deny\"", "default = \"deny\"\naudit = true"));
+    assert!(summary.switched, "the policy changed: a new generation");
+    fw.bed
+        .check_all(&[
+            allow("audit: default deny lets it through", tcp4([198, 18, 1, 1], dst, 81, 0)),
+            allow("audit: a deny rule lets it through", tcp4([198, 18, 9, 1], dst, 81, 0)),
+            allow("audit: allowed anyway", tcp4([198, 18, 1, 1], dst, 80, 0)),
+        ])
+        .unwrap();
+    assert_eq!(fw.hits(AUDIT_SLOT), 2);
+    assert_eq!(fw.hits(1), 1);
+    assert_eq!(fw.hits(DEFAULT_SLOT), 1);
+    assert_eq!(fw.hits(0), 1);
+}
+
+#[test]
+fn rule_sets_switch_whole_and_prefix_lists_change_in_place() {
+    let one = "[firewall]\n[[firewall.rule]]\nname = \"block\"\naction = \"deny\"\nsource = [\"198.18.0.0/24\", \"198.18.1.0/24\"]\n";
+    let Some(mut fw) = Fw::new("rule_sets_switch_whole_and_prefix_lists_change_in_place", one)
+    else {
+        return;
+    };
+    let first = fw.firewall.active_generation().unwrap();
+    let from = |a: [u8; 4]| tcp4(a, [198, 18, 100, 1], 80, 0);
+    fw.bed.check_all(&[deny("listed", from([198, 18, 1, 1]), Reason::FirewallDeny)]).unwrap();
+
+    // Only the list changes: updated in place, no switch; counters keep counting.
+    let summary = fw.install(&one.replace("198.18.1.0/24", "198.18.2.0/24"));
+    assert_eq!(
+        summary,
+        InstallSummary { switched: false, prefixes_written: 1, prefixes_removed: 1 }
+    );
+    assert_eq!(fw.firewall.active_generation(), Some(first));
+    fw.bed
+        .check_all(&[
+            allow("removed from the list", from([198, 18, 1, 1])),
+            deny("added to the list", from([198, 18, 2, 1]), Reason::FirewallDeny),
+        ])
+        .unwrap();
+    assert_eq!(fw.hits(0), 2);
+
+    // A new rule: a new generation, switched whole; the old one is emptied.
+    let two = format!(
+        "{one}[[firewall.rule]]\nname = \"no-ssh\"\naction = \"deny\"\nprotocol = \"tcp\"\nports = [22]\n"
+    );
+    let summary = fw.install(&two);
+    assert!(summary.switched);
+    let second = fw.firewall.active_generation().unwrap();
+    assert_ne!(first, second);
+    let maps = &fw.bed.datapath.maps().firewall;
+    assert!(maps.prefixes(Direction::Source, first).unwrap().is_empty(), "old generation cleared");
+    assert_eq!(maps.prefixes(Direction::Source, second).unwrap().len(), 2);
+    assert_eq!(fw.hits(0), 0, "a new generation counts from zero");
+    fw.bed
+        .check_all(&[
+            deny("ssh now", tcp4([198, 18, 5, 5], [198, 18, 100, 1], 22, 0), Reason::FirewallDeny),
+            deny("listed again", from([198, 18, 0, 1]), Reason::FirewallDeny),
+        ])
+        .unwrap();
+
+    // Off: everything passes.
+    fw.firewall.install(&mut fw.bed.datapath.maps_mut().firewall, None).unwrap();
+    fw.bed.check_all(&[allow("firewall off", from([198, 18, 0, 1]))]).unwrap();
+}
+
+/// A bucket of rate 500/s and burst 50, hit as fast as `BPF_PROG_TEST_RUN` goes for about a
+/// second: it admits burst + rate × elapsed. The tolerance is two clock ticks of rate (the
+/// clock is jiffies) plus one packet, each way.
+#[test]
+fn a_rate_limit_admits_rate_times_time_plus_burst() {
+    let toml = "[firewall]\n[[firewall.rule]]\nname = \"limit\"\naction = \"rate_limit\"\nrate = 500\nburst = 50\n";
+    let Some(mut fw) = Fw::new("a_rate_limit_admits_rate_times_time_plus_burst", toml) else {
+        return;
+    };
+    let frame = tcp4([198, 18, 0, 9], [198, 18, 100, 1], 80, 0);
+    let (mut admitted, mut dropped) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        match fw.bed.run(&frame).unwrap().verdict {
+            Some(Action::Pass) => admitted += 1,
+            Some(Action::Drop) => dropped += 1,
+            other => panic!("verdict {other:?}"),
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let expected = 50.0 + 500.0 * elapsed;
+    let tolerance = 2.0 * 500.0 / fw.hz as f64 + 1.0;
+    eprintln!(
+        "admitted {admitted} of {} in {elapsed:.3} s; expected {expected:.0} ± {tolerance:.1}",
+        admitted + dropped
+    );
+    assert!(
+        dropped > admitted,
+        "the loop must outrun the rate: {admitted} admitted, {dropped} dropped"
+    );
+    assert!(
+        (admitted as f64 - expected).abs() <= tolerance,
+        "admitted {admitted}, expected {expected:.1} ± {tolerance:.1}"
+    );
+    // Another source has a bucket of its own.
+    let other = tcp4([198, 18, 0, 10], [198, 18, 100, 1], 80, 0);
+    let burst =
+        (0..100).filter(|_| fw.bed.run(&other).unwrap().verdict == Some(Action::Pass)).count();
+    assert!((50..=51).contains(&burst), "a fresh source gets its burst: {burst}");
+    let stats = fw.bed.stats().unwrap();
+    assert!(stats.reason(Reason::RateLimited).packets >= dropped);
+}
+
+/// Prefixes per family in the big test.
+const N: usize = 1_000_000;
+
+/// Deterministic pseudo-random numbers for the big prefix lists.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn a_million_prefixes_per_family_load_and_match() {
+    let Some(mut fw) = Fw::new("a_million_prefixes_per_family_load_and_match", "[firewall]\n")
+    else {
+        return;
+    };
+    let mut rng = XorShift(0x5eed_1234_abcd_ef01);
+    let mut text = String::with_capacity(N * 40);
+    // A million distinct prefixes per family. IPv4: /24 to /32 with first octets 1 to 126
+    // (so 172.16.0.0/12 and 198.18.0.0/15 stay clear for the misses); IPv6: /48 to /128
+    // inside 2001:db8::/32.
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        let r = rng.next();
+        let len = 24 + (r >> 40) % 9;
+        let addr = ((1 + (r >> 32) % 126) << 24) as u32 | (r as u32 & 0x00ff_ffff);
+        let prefix =
+            firewall::Prefix::parse(&format!("{}/{len}", Ipv4Addr::from_bits(addr))).unwrap();
+        if seen.insert(prefix) {
+            let _ = writeln!(text, "{prefix}");
+        }
+    }
+    while seen.len() < 2 * N {
+        let (a, b) = (rng.next(), rng.next());
+        let len = 48 + (a >> 50) % 81;
+        let addr = (0x2001_0db8_u128 << 96) | (u128::from(a & 0xffff_ffff) << 64) | u128::from(b);
+        let prefix =
+            firewall::Prefix::parse(&format!("{}/{len}", Ipv6Addr::from_bits(addr))).unwrap();
+        if seen.insert(prefix) {
+            let _ = writeln!(text, "{prefix}");
+        }
+    }
+    let path = std::env::temp_dir().join(format!("lbt-{}-million.txt", std::process::id()));
+    std::fs::write(&path, &text).unwrap();
+    let toml = format!(
+        "[firewall]\n[[firewall.rule]]\nname = \"blocklist\"\naction = \"deny\"\nsource_file = \"{}\"\n",
+        path.display()
+    );
+    let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+    let start = Instant::now();
+    let compiled = firewall::compile(config.firewall.as_ref().unwrap(), fw.hz).unwrap();
+    let compile_time = start.elapsed();
+    let start = Instant::now();
+    let summary =
+        fw.firewall.install(&mut fw.bed.datapath.maps_mut().firewall, Some(&compiled)).unwrap();
+    let install_time = start.elapsed();
+    eprintln!(
+        "{} prefixes (after merging duplicates): read and compiled in {compile_time:?}, loaded in {install_time:?}",
+        summary.prefixes_written
+    );
+    assert_eq!(summary.prefixes_written, 2 * N, "{summary:?}");
+    let generation = fw.firewall.active_generation().unwrap();
+    let maps = &fw.bed.datapath.maps().firewall;
+
+    // Hits: the first listed prefix of each family, at its last address.
+    let mut lines = text.lines();
+    let first4 = firewall::Prefix::parse(lines.next().unwrap()).unwrap();
+    let first6 = firewall::Prefix::parse(text.lines().nth(N).unwrap()).unwrap();
+    let (hit4, hit6) = match (first4, first6) {
+        (firewall::Prefix::V4 { addr, len }, firewall::Prefix::V6 { addr: a6, len: l6 }) => (
+            Ipv4Addr::from_bits(addr | (u32::MAX >> len)),
+            Ipv6Addr::from_bits(a6 | (u128::MAX.checked_shr(u32::from(l6)).unwrap_or(0))),
+        ),
+        other => panic!("{other:?}"),
+    };
+    assert!(maps.lookup(Direction::Source, generation, IpAddr::V4(hit4)).unwrap().is_some());
+    fw.bed
+        .check_all(&[
+            deny("v4 listed", tcp4(hit4.octets(), [198, 18, 100, 1], 80, 0), Reason::FirewallDeny),
+            allow("v4 not listed", tcp4([198, 18, 0, 1], [198, 18, 100, 1], 80, 0)),
+            deny(
+                "v6 listed",
+                Packet::ipv6(hit6, "fd00::1".parse().unwrap()).tcp(1, 80).build(),
+                Reason::FirewallDeny,
+            ),
+            allow("v6 not listed", tcp6("fd00::7", "fd00::1", 80, 0)),
+        ])
+        .unwrap();
+
+    // An update of the file: a thousand prefixes out, a thousand in, in place.
+    let mut updated: Vec<&str> = text.lines().skip(1000).collect();
+    let extra: Vec<String> =
+        (0..1000).map(|i| format!("172.16.{}.{}/32", i / 256, i % 256)).collect();
+    updated.extend(extra.iter().map(String::as_str));
+    std::fs::write(&path, updated.join("\n")).unwrap();
+    let compiled = firewall::compile(config.firewall.as_ref().unwrap(), fw.hz).unwrap();
+    let start = Instant::now();
+    let summary =
+        fw.firewall.install(&mut fw.bed.datapath.maps_mut().firewall, Some(&compiled)).unwrap();
+    eprintln!("incremental update {summary:?} in {:?}", start.elapsed());
+    assert!(!summary.switched);
+    assert!(summary.prefixes_written >= 1000 && summary.prefixes_written < 1100, "{summary:?}");
+    assert!(summary.prefixes_removed <= 1000, "{summary:?}");
+    fw.bed
+        .check_all(&[deny(
+            "newly listed",
+            tcp4([172, 16, 3, 231], [198, 18, 100, 1], 80, 0),
+            Reason::FirewallDeny,
+        )])
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+}

@@ -42,6 +42,8 @@ const PACKAGES_TESTS: &[(&str, &str)] = &[
     ("procps", "sysctl"),
     ("iperf3", "iperf3"),
     ("prometheus", "prometheus"),
+    ("openssl", "openssl"),
+    ("hping3", "hping3"),
 ];
 
 pub fn ensure_all(need: Need) -> anyhow::Result<Env> {

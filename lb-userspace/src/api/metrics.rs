@@ -35,6 +35,7 @@ pub struct Snapshot {
     fired: Vec<((String, String), u64)>,
     /// Deliveries, by (pool, policy, target, result).
     deliveries: Vec<(Delivery, u64)>,
+    firewall: Option<super::FirewallView>,
     conntrack_entries: u64,
     conntrack_capacity: u32,
     /// (interface, mode)
@@ -121,6 +122,7 @@ impl Snapshot {
         }
         let counters =
             d.autoscale.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.firewall = Some(super::firewall_view(d)?).filter(|f| f.enabled);
         s.fired = counters.fired.iter().map(|(k, v)| (k.clone(), *v)).collect();
         s.deliveries = counters.deliveries.iter().map(|(k, v)| (k.clone(), *v)).collect();
         Ok(s)
@@ -266,6 +268,7 @@ impl Collector for Snapshot {
             &to_gauge(backend_rows(&|b| Some(u64::from(b.weight)))),
         )?;
         self.encode_lifecycle(&mut e)?;
+        self.encode_firewall(&mut e)?;
 
         gauge(
             &mut e,
@@ -301,6 +304,46 @@ impl Collector for Snapshot {
 }
 
 impl Snapshot {
+    /// Rule hits, default-policy and audit counters, prefixes loaded.
+    fn encode_firewall(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(fw) = &self.firewall else { return Ok(()) };
+        let rows = |f: fn(&super::RuleView) -> u64| -> Vec<(Labels, u64)> {
+            fw.rules
+                .iter()
+                .map(|r| (vec![("rule", r.name.clone()), ("action", r.action.clone())], f(r)))
+                .collect()
+        };
+        counter(
+            e,
+            "lb_firewall_rule_packets",
+            "Packets the firewall rule matched.",
+            &rows(|r| r.packets),
+        )?;
+        counter(
+            e,
+            "lb_firewall_rule_bytes",
+            "Bytes of the packets the firewall rule matched.",
+            &rows(|r| r.bytes),
+        )?;
+        let policy = vec![("policy", fw.default.clone())];
+        counter(
+            e,
+            "lb_firewall_default_packets",
+            "Packets no firewall rule matched (the default policy applied).",
+            &[(policy, fw.default_packets)],
+        )?;
+        counter(
+            e,
+            "lb_firewall_audit_would_drop_packets",
+            "Packets audit mode let through that a rule or the policy would have dropped.",
+            &[(vec![], fw.audit_would_drop)],
+        )?;
+        let prefixes = [("source", fw.source_prefixes), ("destination", fw.destination_prefixes)]
+            .map(|(d, n)| (vec![("direction", d.to_owned())], clamp(n as u64)));
+        gauge(e, "lb_firewall_prefixes", "Prefixes in the firewall's active tries.", &prefixes)?;
+        Ok(())
+    }
+
     /// One row per backend for which `f` has a value, labelled with pool and backend.
     fn backend_rows(&self, f: &dyn Fn(&BackendRow) -> Option<u64>) -> Vec<(Labels, u64)> {
         self.backends

@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pools/{pool}/backends/{address}", delete(remove_backend))
         .route("/v1/pools/{pool}/backends/{address}/weight", put(set_weight))
         .route("/v1/pools/{pool}/backends/{address}/state", put(set_state))
+        .route("/v1/firewall", get(firewall))
         .route("/v1/reload", post(reload))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
@@ -291,6 +292,76 @@ async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, Api
         });
     }
     Ok(Json(out))
+}
+
+/// `GET /v1/firewall`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FirewallView {
+    pub enabled: bool,
+    pub default: String,
+    pub audit: bool,
+    /// Which of the two generations is active.
+    pub generation: Option<u32>,
+    pub rules: Vec<RuleView>,
+    /// Packets no rule matched (the default policy applied).
+    pub default_packets: u64,
+    pub default_bytes: u64,
+    /// Packets audit mode let through that a rule or the policy would have dropped.
+    pub audit_would_drop: u64,
+    pub source_prefixes: usize,
+    pub destination_prefixes: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RuleView {
+    pub name: String,
+    pub action: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+async fn firewall(State(state): State<AppState>) -> Result<Json<FirewallView>, ApiError> {
+    let d = lock(&state)?;
+    Ok(Json(firewall_view(&d).map_err(|e| ApiError::Internal(e.to_string()))?))
+}
+
+/// The firewall's state and counters.
+pub fn firewall_view(d: &crate::daemon::Daemon) -> Result<FirewallView, crate::maps::MapError> {
+    use lb_common::firewall::{AUDIT_SLOT, DEFAULT_SLOT};
+    let config = d.config.firewall.clone().unwrap_or_default();
+    let generation = d.firewall.active_generation();
+    let maps = &d.datapath.maps().firewall;
+    let counter = |slot| match generation {
+        Some(g) => maps.counter(g, slot),
+        None => Ok(lb_common::Counter::default()),
+    };
+    let mut rules = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let c = counter(u32::try_from(i).unwrap_or(0))?;
+        rules.push(RuleView {
+            name: rule.name.clone(),
+            action: rule.action.name().to_owned(),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    }
+    let default = counter(DEFAULT_SLOT)?;
+    let (sources, destinations) = d.firewall.prefix_counts();
+    Ok(FirewallView {
+        enabled: generation.is_some(),
+        default: match config.default {
+            crate::config::Policy::Allow => "allow".into(),
+            crate::config::Policy::Deny => "deny".into(),
+        },
+        audit: config.audit,
+        generation,
+        rules,
+        default_packets: default.packets,
+        default_bytes: default.bytes,
+        audit_would_drop: counter(AUDIT_SLOT)?.packets,
+        source_prefixes: sources,
+        destination_prefixes: destinations,
+    })
 }
 
 /// Body of `POST /v1/pools/{pool}/backends`.

@@ -13,6 +13,7 @@ pub const OPERATIONS: &[(&str, &str)] = &[
     ("delete", "/v1/pools/{pool}/backends/{address}"),
     ("put", "/v1/pools/{pool}/backends/{address}/weight"),
     ("put", "/v1/pools/{pool}/backends/{address}/state"),
+    ("get", "/v1/firewall"),
     ("post", "/v1/reload"),
     ("get", "/v1/openapi.json"),
     ("get", "/metrics"),
@@ -78,6 +79,12 @@ pub fn document_value() -> Value {
                 "NewBackend": { "type": "object", "additionalProperties": false, "required": ["address"], "properties": {
                     "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535 }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
                 "Weight": { "type": "object", "additionalProperties": false, "required": ["weight"], "properties": { "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
+                "Firewall": { "type": "object", "properties": {
+                    "enabled": { "type": "boolean" }, "default": { "type": "string", "enum": ["allow", "deny"] }, "audit": { "type": "boolean" },
+                    "generation": { "type": "integer", "nullable": true },
+                    "rules": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "action": { "type": "string", "enum": ["allow", "deny", "rate_limit"] }, "packets": { "type": "integer" }, "bytes": { "type": "integer" } } } },
+                    "default_packets": { "type": "integer" }, "default_bytes": { "type": "integer" }, "audit_would_drop": { "type": "integer" },
+                    "source_prefixes": { "type": "integer" }, "destination_prefixes": { "type": "integer" } } },
                 "StateChange": { "type": "object", "additionalProperties": false, "required": ["state"], "properties": { "state": { "type": "string", "enum": ["active", "draining", "disabled"] } } }
             }
         },
@@ -103,6 +110,7 @@ pub fn document_value() -> Value {
                 "parameters": address_params(),
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StateChange" } } } },
                 "responses": change_response("200") } },
+            "/v1/firewall": { "get": { "summary": "The firewall: policy, audit mode, active generation, per-rule hit counters, default-policy and would-drop counters, prefix counts.", "responses": ok(json!({ "$ref": "#/components/schemas/Firewall" })) } },
             "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
             "/v1/openapi.json": { "get": { "summary": "This document.", "responses": ok(json!({ "type": "object" })) } },
             "/metrics": { "get": { "summary": "Metrics in the Prometheus text format.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }

@@ -4,7 +4,7 @@
 use std::{net::IpAddr, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use lb_userspace::api::{ChangeResult, PoolView, ServiceView, Status};
+use lb_userspace::api::{ChangeResult, FirewallView, PoolView, ServiceView, Status};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Parser)]
@@ -39,6 +39,8 @@ enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// The firewall's rules and their hit counters.
+    Firewall,
     /// Re-read lbd's configuration file.
     Reload,
 }
@@ -186,6 +188,42 @@ fn run(cli: &Cli) -> Result<(), String> {
             );
             for i in &s.interfaces {
                 println!("interface {:<16} {}", i.name, i.mode);
+            }
+        }
+        Command::Firewall => {
+            let (fw, text): (FirewallView, _) = client.get("/v1/firewall")?;
+            if cli.json {
+                println!("{text}");
+                return Ok(());
+            }
+            if !fw.enabled {
+                println!("firewall off (no [firewall] section)");
+                return Ok(());
+            }
+            println!(
+                "policy {}{}; generation {}; {} source and {} destination prefixes",
+                fw.default,
+                if fw.audit { " (audit: nothing dropped)" } else { "" },
+                fw.generation.unwrap_or(0),
+                fw.source_prefixes,
+                fw.destination_prefixes
+            );
+            println!(
+                "{:<4} {:<24} {:<11} {:>14} {:>16}",
+                "#", "RULE", "ACTION", "PACKETS", "BYTES"
+            );
+            for (i, r) in fw.rules.iter().enumerate() {
+                println!(
+                    "{:<4} {:<24} {:<11} {:>14} {:>16}",
+                    i, r.name, r.action, r.packets, r.bytes
+                );
+            }
+            println!(
+                "{:<4} {:<24} {:<11} {:>14} {:>16}",
+                "-", "(default)", fw.default, fw.default_packets, fw.default_bytes
+            );
+            if fw.audit {
+                println!("would have dropped: {}", fw.audit_would_drop);
             }
         }
         Command::Services => {

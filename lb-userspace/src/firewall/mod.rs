@@ -340,6 +340,15 @@ impl Firewall {
         self.enabled.then_some(self.active)
     }
 
+    /// Source and destination prefixes in the active generation.
+    #[must_use]
+    pub fn prefix_counts(&self) -> (usize, usize) {
+        match self.held[self.active as usize].as_ref().filter(|_| self.enabled) {
+            Some(c) => (c.sources.len(), c.destinations.len()),
+            None => (0, 0),
+        }
+    }
+
     /// Makes the data path filter by `compiled` (or not at all).
     pub fn install(
         &mut self,

@@ -136,6 +136,24 @@ impl Maps {
         let mut ports = self.tx_ports.ifindexes();
         ports.sort_unstable();
         let _ = writeln!(out, "globals {:?}\ntx_ports {ports:?}", self.globals.get()?);
+        let fw = &self.firewall;
+        let _ = writeln!(out, "firewall active {:?}", fw.active()?);
+        for generation in 0..2 {
+            let _ = writeln!(out, "firewall meta {generation} {:?}", fw.meta(generation)?);
+            for i in 0..lb_common::firewall::MAX_RULES {
+                let rule = fw.rule(generation, i)?;
+                if rule != lb_common::firewall::FwRule::default() {
+                    let _ = writeln!(out, "firewall rule {generation}/{i} {rule:?}");
+                }
+            }
+            for direction in [firewall::Direction::Source, firewall::Direction::Destination] {
+                let _ = writeln!(
+                    out,
+                    "firewall {direction:?} {generation} {:?}",
+                    fw.prefixes(direction, generation)?
+                );
+            }
+        }
         Ok(out)
     }
 }

@@ -1,0 +1,147 @@
+//! The firewall in the lab: `lbd` with a `[firewall]` section on the lab's interfaces, real
+//! clients (curl, hping3, ping) on blocked and allowed source addresses.
+
+#![allow(clippy::too_many_lines, reason = "an end-to-end scenario reads best top to bottom")]
+
+use std::{net::IpAddr, time::Duration};
+
+use lb_tests::{
+    daemon::LabDaemon,
+    lab::{self, Lab, spread_http, url},
+    netns::wait_for,
+    privileged::require_privileges,
+};
+
+/// Sends `count` SYNs with hping3 from `source` to `target:port`; returns how many answers
+/// came back.
+fn hping_syns(lab: &Lab, source: IpAddr, target: IpAddr, port: u16, count: u32) -> u32 {
+    let out = lab
+        .client
+        .exec_output(&[
+            "hping3",
+            "-S",
+            "-p",
+            &port.to_string(),
+            "-c",
+            &count.to_string(),
+            "-i",
+            "u20000",
+            "-a",
+            &source.to_string(),
+            &target.to_string(),
+        ])
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no hping3 statistics: {text}"));
+    let numbers: Vec<u32> =
+        line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    assert_eq!(numbers.first(), Some(&count), "{line}");
+    numbers[1]
+}
+
+fn firewall(lab: &Lab) -> serde_json::Value {
+    let out = lab
+        .lb
+        .exec(&["curl", "-sS", "--fail-with-body", "http://127.0.0.1:7070/v1/firewall"])
+        .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn blocked_sources_get_nothing_through_while_others_are_untouched() {
+    if !require_privileges("blocked_sources_get_nothing_through_while_others_are_untouched") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    let (blocked4, blocked6) = (lab::client_v4(6), lab::client_v6(6));
+    let rules = format!(
+        "\n[firewall]\n[[firewall.rule]]\nname = \"blocked\"\naction = \"deny\"\nsource = [\"{blocked4}/31\", \"{blocked6}/127\"]\n"
+    );
+    let config = format!("{}{rules}", lab::lab_config(2, &[]));
+    let daemon = LabDaemon::start(&lab, &config);
+
+    // hping3 SYNs: from the blocked source none is answered, from an allowed one all are.
+    let vip = IpAddr::from(lab::VIP_V4);
+    assert_eq!(hping_syns(&lab, blocked4.into(), vip, lab::HTTP_PORT, 20), 0);
+    let allowed4 = IpAddr::from(lab::client_v4(0));
+    assert_eq!(hping_syns(&lab, allowed4, vip, lab::HTTP_PORT, 20), 20);
+    // Not even the load balancer's own address answers the blocked source.
+    let ping = |source: IpAddr, target: IpAddr| {
+        lab.client
+            .exec_output(&[
+                "ping",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                &source.to_string(),
+                &target.to_string(),
+            ])
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!ping(blocked4.into(), lab::LB_FRONT_V4.into()), "ping from a blocked source");
+    assert!(ping(allowed4, lab::LB_FRONT_V4.into()), "ping from an allowed source");
+    assert!(!ping(blocked6.into(), lab::LB_FRONT_V6.into()), "ping6 from a blocked source");
+
+    // curl: the blocked sources time out on every service; the others are all answered.
+    for (what, vip, blocked, v6) in [
+        ("NAT v4", IpAddr::from(lab::VIP_V4), IpAddr::from(blocked4), false),
+        ("DSR v4", IpAddr::from(lab::DSR_VIP_V4), IpAddr::from(blocked4), false),
+        ("NAT v6", IpAddr::from(lab::VIP_V6), IpAddr::from(blocked6), true),
+        ("DSR v6", IpAddr::from(lab::DSR_VIP_V6), IpAddr::from(blocked6), true),
+    ] {
+        let out = lab
+            .client
+            .exec_output(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "1",
+                "--interface",
+                &blocked.to_string(),
+                &url(vip, lab::HTTP_PORT),
+            ])
+            .unwrap();
+        assert!(!out.status.success(), "{what}: a blocked source got an answer");
+        let allowed: Vec<IpAddr> = (0..6)
+            .map(|i| if v6 { lab::client_v6(i).into() } else { lab::client_v4(i).into() })
+            .collect();
+        let counts = spread_http(&lab, &allowed, &url(vip, lab::HTTP_PORT), 10);
+        assert_eq!(counts.values().sum::<usize>(), 60, "{what}: {counts:?}");
+    }
+
+    // The rule counted the blocked packets; nothing reached the balancer from them.
+    let fw = firewall(&lab);
+    let hits = fw["rules"][0]["packets"].as_u64().unwrap();
+    assert!(hits >= 20 + 2 + 2 + 4, "{fw}");
+    let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "lb_firewall_rule_packets_total{{rule=\"blocked\",action=\"deny\"}} {hits}"
+        )) || metrics.contains("lb_firewall_rule_packets_total{rule=\"blocked\",action=\"deny\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lb_dropped_packets_total{reason=\"firewall_deny\"}"), "{metrics}");
+
+    // A rejected rule set changes nothing: the block stays.
+    daemon.reload(&lab, &config.replace(&format!("{blocked4}/31"), "198.18.0.16/33"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hping_syns(&lab, blocked4.into(), vip, lab::HTTP_PORT, 5), 0);
+    // Lifting the block through a reload lets the source in at once.
+    daemon.reload(&lab, &lab::lab_config(2, &[]));
+    let open = wait_for(Duration::from_secs(5), || {
+        lab.curl_from(blocked4.into(), vip, lab::HTTP_PORT).ok()
+    });
+    assert!(open.is_some(), "the source is still blocked after the firewall was removed");
+    let log = daemon.finish();
+    assert!(log.contains("reload rejected") && log.contains("prefix length"), "{log}");
+}

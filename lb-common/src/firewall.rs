@@ -89,8 +89,11 @@ pub struct FwMeta {
     /// `META_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// Budget of logged events per CPU: a token bucket like a rate-limit rule's.
+    pub log_micro_tokens_per_tick: u64,
+    pub log_burst_micro_tokens: u64,
 }
-const _: () = assert!(core::mem::size_of::<FwMeta>() == 32);
+const _: () = assert!(core::mem::size_of::<FwMeta>() == 48);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.
 unsafe impl aya::Pod for FwMeta {}
@@ -101,6 +104,38 @@ pub const META_DEFAULT_DENY: u32 = 0x1;
 pub const META_AUDIT: u32 = 0x2;
 /// Some rule names destinations (else the destination lookup is skipped).
 pub const META_HAS_DST: u32 = 0x4;
+
+/// Events logged per second per CPU at most, whatever the rules' sampling says.
+pub const LOG_EVENTS_PER_SECOND: u64 = 100;
+/// Size of the `FW_EVENTS` ring buffer in bytes.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// What happened to a logged packet.
+pub const EVENT_PASSED: u8 = 0;
+pub const EVENT_DROPPED: u8 = 1;
+/// Audit mode let it through although it would have been dropped.
+pub const EVENT_AUDITED: u8 = 2;
+
+/// One sampled packet a logging rule matched, sent to the daemon through `FW_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwEvent {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports in network order (zero without ports).
+    pub sport: u16,
+    pub dport: u16,
+    /// Frame length.
+    pub len: u16,
+    pub rule: u8,
+    /// `EVENT_*`.
+    pub outcome: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub generation: u8,
+}
+const _: () = assert!(core::mem::size_of::<FwEvent>() == 44);
 
 /// Data of an IPv4 key of the LPM tries: the generation (always matched in full), then the
 /// address in network order. The prefix length counts the generation's 32 bits.

@@ -46,6 +46,10 @@ pub const FW_PORTS: &str = "FW_PORTS";
 pub const FW_COUNTERS: &str = "FW_COUNTERS";
 /// LRU hash of [`crate::firewall::RateKey`] to [`crate::firewall::Bucket`].
 pub const FW_RATE: &str = "FW_RATE";
+/// Ring buffer of [`crate::firewall::FwEvent`]s (sampled rule matches), and the per-CPU
+/// token bucket that caps them.
+pub const FW_EVENTS: &str = "FW_EVENTS";
+pub const FW_LOG_BUDGET: &str = "FW_LOG_BUDGET";
 
 /// Version of the maps' layouts as a whole: pinned maps live under `maps-v<this>`, so a build
 /// whose keys or values changed never reads maps pinned by another. Bump it with any change

@@ -1,22 +1,23 @@
 //! The firewall stage, before any balancing: a packet it drops never reaches the services or
 //! the connection table. Matching is described in `lb_common::firewall`; first match wins.
 
-use aya_ebpf::{btf_maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32, programs::XdpContext};
 use lb_common::{
     Reason,
     firewall::{
-        ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION, AUDIT_SLOT, Bucket,
-        CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, FwRule, FwV4, FwV6, GENERATION_BITS,
-        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RateKey, RuleBits, class_of,
-        counter_index, lowest_bit, ports_index,
+        ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION,
+        AUDIT_SLOT, Bucket, CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, EVENT_AUDITED,
+        EVENT_DROPPED, EVENT_PASSED, FwEvent, FwMeta, FwRule, FwV4, FwV6, GENERATION_BITS,
+        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RULE_LOG, RateKey, RuleBits,
+        class_of, counter_index, lowest_bit, ports_index,
     },
     net::IPPROTO_TCP,
 };
 
 use crate::{
     maps::{
-        FW_ACTIVE, FW_COUNTERS, FW_DST_V4, FW_DST_V6, FW_META, FW_PORTS, FW_RATE, FW_RULES,
-        FW_SRC_V4, FW_SRC_V6,
+        FW_ACTIVE, FW_COUNTERS, FW_DST_V4, FW_DST_V6, FW_EVENTS, FW_LOG_BUDGET, FW_META, FW_PORTS,
+        FW_RATE, FW_RULES, FW_SRC_V4, FW_SRC_V6,
     },
     outcome::Outcome,
     parse::{Family, Fragment, Packet},
@@ -66,13 +67,68 @@ fn try_filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<(), Reason>
     let index = lowest_bit(candidates);
     count(generation, index, bytes);
     let Some(rule) = rule_at(generation, index) else { return Ok(()) };
-    match rule.action {
+    let result = match rule.action {
         ACTION_DENY => refuse(generation, meta.flags, Reason::FirewallDeny, bytes),
         ACTION_RATE_LIMIT if !admit(packet, index, rule, now) => {
             refuse(generation, meta.flags, Reason::RateLimited, bytes)
         }
         _ => Ok(()),
+    };
+    if rule.flags & RULE_LOG != 0 {
+        let outcome = match (&result, rule.action) {
+            (Err(_), _) => EVENT_DROPPED,
+            (Ok(()), ACTION_ALLOW) => EVENT_PASSED,
+            // Admitted by its bucket, or let through by audit mode.
+            (Ok(()), ACTION_RATE_LIMIT) if meta.flags & META_AUDIT == 0 => EVENT_PASSED,
+            (Ok(()), _) => EVENT_AUDITED,
+        };
+        let what = Logged { index, generation, outcome, bytes, now };
+        log_sampled(packet, rule, meta, &what);
     }
+    result
+}
+
+/// What a logged event says besides the packet's headers.
+struct Logged {
+    index: u32,
+    generation: u32,
+    outcome: u8,
+    bytes: u64,
+    now: u64,
+}
+
+/// Logs one matching packet in `rule.log_one_in`, within the CPU's event budget.
+#[inline(always)]
+fn log_sampled(packet: &Packet, rule: &FwRule, meta: &FwMeta, what: &Logged) {
+    // SAFETY: a helper without pointer arguments.
+    let draw = unsafe { bpf_get_prandom_u32() };
+    if rule.log_one_in > 1 && draw % rule.log_one_in != 0 {
+        return;
+    }
+    let Some(budget) = FW_LOG_BUDGET.get_ptr_mut(0) else { return };
+    let limit = FwRule {
+        micro_tokens_per_tick: meta.log_micro_tokens_per_tick,
+        burst_micro_tokens: meta.log_burst_micro_tokens,
+        ..FwRule::default()
+    };
+    // SAFETY: per-CPU value.
+    if !unsafe { (*budget).take(&limit, what.now) } {
+        return;
+    }
+    let event = FwEvent {
+        src: packet.src,
+        dst: packet.dst,
+        sport: packet.sport,
+        dport: packet.dport,
+        len: what.bytes.min(u64::from(u16::MAX)) as u16,
+        rule: what.index as u8,
+        outcome: what.outcome,
+        family: packet.family as u8,
+        proto: packet.proto,
+        tcp_flags: packet.tcp_flags,
+        generation: what.generation as u8,
+    };
+    let _ = FW_EVENTS.output(&event, 0);
 }
 
 /// Drops for `reason`, or in audit mode counts the would-be drop and lets the packet go.

@@ -5,15 +5,17 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+    },
     macros::btf_map,
 };
 use lb_common::{
     Counter, FlowKey,
     conntrack::Flow,
     firewall::{
-        Bucket, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES, MAX_RULES, PORTS_ENTRIES,
-        RATE_ENTRIES, RateKey, RuleBits,
+        Bucket, COUNTER_SLOTS, EVENTS_BYTES, FwEvent, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES,
+        MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
     },
     maglev::DEFAULT_TABLE_SIZE,
     service::{
@@ -101,6 +103,12 @@ pub static FW_COUNTERS: PerCpuArray<Counter, { 2 * COUNTER_SLOTS as usize }> = P
 /// One shared LRU: a source's bucket is the same on every CPU.
 #[btf_map]
 pub static FW_RATE: LruHashMap<RateKey, Bucket, { RATE_ENTRIES as usize }> = LruHashMap::new();
+
+/// Sampled rule matches for the daemon's log, capped per CPU by `FW_LOG_BUDGET`.
+#[btf_map]
+pub static FW_EVENTS: RingBuf<FwEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+pub static FW_LOG_BUDGET: PerCpuArray<Bucket, 1> = PerCpuArray::new();
 
 /// Values too large for the 512-byte BPF stack, in per-CPU memory: one program run uses them
 /// at a time.

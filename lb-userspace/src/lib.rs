@@ -96,6 +96,9 @@ pub async fn run(
         });
     }
 
+    if let Some(events) = lock(&daemon).datapath.maps_mut().firewall_events.take() {
+        tokio::spawn(firewall::log::run(events.0, daemon.clone(), shutdown.clone()));
+    }
     let (report_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     lock(&daemon).start_health_checks(report_tx);
     let mut lifecycle_tick = tokio::time::interval(LIFECYCLE_INTERVAL);

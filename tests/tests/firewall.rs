@@ -476,3 +476,47 @@ fn a_million_prefixes_per_family_load_and_match() {
         .unwrap();
     let _ = std::fs::remove_file(&path);
 }
+
+/// Logging is sampled and capped: with `log = 1` every match is a candidate, but a CPU logs
+/// at most 100 events per second (a bucket of 100); with `log = 50` about one in 50 is.
+#[test]
+fn logging_is_sampled_and_capped() {
+    let toml = "[firewall]\n[[firewall.rule]]\nname = \"all\"\naction = \"deny\"\nsource = [\"198.18.0.0/24\"]\nlog = 1\n[[firewall.rule]]\nname = \"some\"\naction = \"allow\"\nlog = 50\n";
+    let Some(mut fw) = Fw::new("logging_is_sampled_and_capped", toml) else { return };
+    let mut events = fw.bed.datapath.maps_mut().firewall_events.take().unwrap().0;
+    let drain = |events: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        let mut n = Vec::new();
+        while let Some(item) = events.next() {
+            n.push(lb_userspace::firewall::log::decode(&item).unwrap());
+        }
+        n
+    };
+    let blocked = tcp4([198, 18, 0, 9], [198, 18, 100, 1], 80, tcp_flags::SYN);
+    let start = Instant::now();
+    for _ in 0..2000 {
+        fw.bed.run(&blocked).unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let logged = drain(&mut events);
+    let cap = 100.0 + 100.0 * elapsed + 2.0;
+    eprintln!("{} of 2000 logged in {elapsed:.3} s (cap {cap:.0})", logged.len());
+    assert!(logged.len() >= 100 && (logged.len() as f64) <= cap, "{} logged", logged.len());
+    let first = logged[0];
+    assert_eq!(
+        (first.rule, first.outcome, first.proto),
+        (0, lb_common::firewall::EVENT_DROPPED, 6)
+    );
+    assert_eq!(first.src[0], u32::from_ne_bytes([198, 18, 0, 9]));
+    // Sampling: wait for the budget to refill, then 1,000 matches of the 1-in-50 rule.
+    std::thread::sleep(Duration::from_millis(1100));
+    drain(&mut events);
+    let allowed = tcp4([198, 18, 5, 9], [198, 18, 100, 1], 80, tcp_flags::SYN);
+    for _ in 0..1000 {
+        fw.bed.run(&allowed).unwrap();
+    }
+    let sampled = drain(&mut events);
+    eprintln!("{} of 1000 sampled at one in 50", sampled.len());
+    // Expected 20; the binomial's standard deviation is 4.4: 5 to 40 is over three of them.
+    assert!((5..=40).contains(&sampled.len()), "{}", sampled.len());
+    assert!(sampled.iter().all(|e| e.rule == 1 && e.outcome == lb_common::firewall::EVENT_PASSED));
+}

@@ -59,7 +59,7 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
     let lab = Lab::create(2).unwrap();
     let (blocked4, blocked6) = (lab::client_v4(6), lab::client_v6(6));
     let rules = format!(
-        "\n[firewall]\n[[firewall.rule]]\nname = \"blocked\"\naction = \"deny\"\nsource = [\"{blocked4}/31\", \"{blocked6}/127\"]\n"
+        "\n[firewall]\n[[firewall.rule]]\nname = \"blocked\"\naction = \"deny\"\nsource = [\"{blocked4}/31\", \"{blocked6}/127\"]\nlog = 1\n"
     );
     let config = format!("{}{rules}", lab::lab_config(2, &[]));
     let daemon = LabDaemon::start(&lab, &config);
@@ -140,4 +140,12 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
     assert!(open.is_some(), "the source is still blocked after the firewall was removed");
     let log = daemon.finish();
     assert!(log.contains("reload rejected") && log.contains("prefix length"), "{log}");
+    let logged = log
+        .lines()
+        .find(|l| l.contains("firewall rule matched") && l.contains(&format!("src={blocked4}:")))
+        .unwrap_or_else(|| panic!("no logged match from {blocked4}: {log}"));
+    assert!(
+        logged.contains("rule=\"blocked\"") && logged.contains("outcome=\"dropped\""),
+        "{logged}"
+    );
 }

@@ -196,35 +196,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 println!("{text}");
                 return Ok(());
             }
-            if !fw.enabled {
-                println!("firewall off (no [firewall] section)");
-                return Ok(());
-            }
-            println!(
-                "policy {}{}; generation {}; {} source and {} destination prefixes",
-                fw.default,
-                if fw.audit { " (audit: nothing dropped)" } else { "" },
-                fw.generation.unwrap_or(0),
-                fw.source_prefixes,
-                fw.destination_prefixes
-            );
-            println!(
-                "{:<4} {:<24} {:<11} {:>14} {:>16}",
-                "#", "RULE", "ACTION", "PACKETS", "BYTES"
-            );
-            for (i, r) in fw.rules.iter().enumerate() {
-                println!(
-                    "{:<4} {:<24} {:<11} {:>14} {:>16}",
-                    i, r.name, r.action, r.packets, r.bytes
-                );
-            }
-            println!(
-                "{:<4} {:<24} {:<11} {:>14} {:>16}",
-                "-", "(default)", fw.default, fw.default_packets, fw.default_bytes
-            );
-            if fw.audit {
-                println!("would have dropped: {}", fw.audit_would_drop);
-            }
+            print_firewall(&fw);
         }
         Command::Services => {
             let (services, text): (Vec<ServiceView>, _) = client.get("/v1/services")?;
@@ -333,6 +305,32 @@ fn run(cli: &Cli) -> Result<(), String> {
         Command::Reload => print_change(&client.request("POST", "/v1/reload", None)?, cli.json)?,
     }
     Ok(())
+}
+
+fn print_firewall(fw: &FirewallView) {
+    if !fw.enabled {
+        println!("firewall off (no [firewall] section)");
+        return;
+    }
+    println!(
+        "policy {}{}; generation {}; {} source and {} destination prefixes",
+        fw.default,
+        if fw.audit { " (audit: nothing dropped)" } else { "" },
+        fw.generation.unwrap_or(0),
+        fw.source_prefixes,
+        fw.destination_prefixes
+    );
+    println!("{:<4} {:<24} {:<11} {:>14} {:>16}", "#", "RULE", "ACTION", "PACKETS", "BYTES");
+    for (i, r) in fw.rules.iter().enumerate() {
+        println!("{:<4} {:<24} {:<11} {:>14} {:>16}", i, r.name, r.action, r.packets, r.bytes);
+    }
+    println!(
+        "{:<4} {:<24} {:<11} {:>14} {:>16}",
+        "-", "(default)", fw.default, fw.default_packets, fw.default_bytes
+    );
+    if fw.audit {
+        println!("would have dropped: {}", fw.audit_would_drop);
+    }
 }
 
 fn with_port(path: String, port: Option<u16>) -> String {

@@ -6,14 +6,15 @@
 //! ports and policy), the active generation's tries are updated in place, entry by entry, so
 //! a block list of a million prefixes takes only its changes.
 
+pub mod log;
 pub mod prefix;
 
 use std::collections::{BTreeMap, HashSet};
 
 use lb_common::firewall::{
     ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
-    CLASSES, FwMeta, FwRule, MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RULE_LOG,
-    RuleBits, TOKEN,
+    CLASSES, FwMeta, FwRule, LOG_EVENTS_PER_SECOND, MAX_RULES, META_AUDIT, META_DEFAULT_DENY,
+    META_HAS_DST, RULE_LOG, RuleBits, TOKEN,
 };
 use tracing::info;
 
@@ -240,6 +241,8 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
     if config.audit {
         out.meta.flags |= META_AUDIT;
     }
+    out.meta.log_micro_tokens_per_tick = LOG_EVENTS_PER_SECOND * TOKEN / ticks_per_second.max(1);
+    out.meta.log_burst_micro_tokens = LOG_EVENTS_PER_SECOND * TOKEN;
     out.sources = prefix::propagate(&src_entries, any_src);
     out.destinations = prefix::propagate(&dst_entries, any_dst);
     Ok(out)

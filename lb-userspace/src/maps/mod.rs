@@ -56,6 +56,17 @@ pub struct Maps {
     pub traffic: TrafficMaps,
     pub tx_ports: TxPortsMap,
     pub firewall: FirewallMaps,
+    /// The firewall's sampled events, until the daemon's reader takes them.
+    pub firewall_events: Option<FirewallEvents>,
+}
+
+/// `FW_EVENTS`, the firewall's ring buffer of sampled matches.
+pub struct FirewallEvents(pub aya::maps::RingBuf<aya::maps::MapData>);
+
+impl std::fmt::Debug for FirewallEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirewallEvents").finish_non_exhaustive()
+    }
 }
 
 impl Maps {
@@ -91,6 +102,10 @@ impl Maps {
                 take(ebpf, lb_common::maps::FW_PORTS)?,
                 take(ebpf, lb_common::maps::FW_COUNTERS)?,
             )?,
+            firewall_events: Some(FirewallEvents(typed(
+                lb_common::maps::FW_EVENTS,
+                take(ebpf, lb_common::maps::FW_EVENTS)?,
+            )?)),
         })
     }
 }

@@ -51,6 +51,12 @@ impl FlowState {
 pub const FLOW_REPLY: u8 = 0x01;
 /// `Flow::flags`: the flow is translated (full NAT); otherwise it is forwarded as is (DSR).
 pub const FLOW_NAT: u8 = 0x02;
+/// `Flow::flags`: opened by a SYN cookie; the load balancer's SYN to the backend is not
+/// answered yet. `isn` holds the client's initial sequence number, `seq_delta` the cookie.
+pub const FLOW_SYN_PROXY: u8 = 0x04;
+/// `Flow::flags`: opened by a SYN cookie; sequence numbers differ by `seq_delta` (the
+/// backend's initial sequence number minus the cookie) between client and backend.
+pub const FLOW_SEQ_ADJ: u8 = 0x08;
 
 /// Value of the `CONNTRACK` map.
 ///
@@ -89,8 +95,11 @@ pub struct Flow {
     pub reply_dmac: [u8; 6],
     /// Reply entries: source MAC for replies (the load balancer's MAC the client used).
     pub reply_smac: [u8; 6],
+    /// Flows opened by a SYN cookie: see [`FLOW_SYN_PROXY`] and [`FLOW_SEQ_ADJ`].
+    pub seq_delta: u32,
+    pub isn: u32,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 72);
+const _: () = assert!(core::mem::size_of::<Flow>() == 80);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), no implicit padding, plain integers.
 unsafe impl aya::Pod for Flow {}

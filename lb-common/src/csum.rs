@@ -45,6 +45,35 @@ pub const fn replace_u128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
     replace_u32(c, old[3], new[3])
 }
 
+/// The one's-complement sum of an IP pseudo-header (addresses of a family, protocol,
+/// upper-layer length), as raw words like the rest of this module.
+#[inline(always)]
+#[must_use]
+pub const fn pseudo_header_sum(src: &[u32; 4], dst: &[u32; 4], v6: bool, proto: u8, len: u16) -> u32 {
+    let words = if v6 { 4 } else { 1 };
+    let mut acc = 0u32;
+    let mut i = 0;
+    while i < words {
+        acc += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
+        i += 1;
+    }
+    let be = len.to_be_bytes();
+    acc + u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(be) as u32
+}
+
+/// The checksum of a header given as raw words (its checksum word zero) after `pseudo`.
+#[inline(always)]
+#[must_use]
+pub const fn checksum(pseudo: u32, words: &[u16]) -> u16 {
+    let mut acc = pseudo;
+    let mut i = 0;
+    while i < words.len() {
+        acc += words[i] as u32;
+        i += 1;
+    }
+    !fold(fold(acc) as u32)
+}
+
 /// The UDP checksum field after an update: a computed zero is sent as all ones (RFC 768), since
 /// zero means "no checksum".
 #[inline(always)]

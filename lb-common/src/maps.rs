@@ -21,6 +21,8 @@ pub const GLOBALS: &str = "GLOBALS";
 /// Per-CPU arrays of [`crate::service::TrafficCounter`] by service id and by backend id.
 pub const SERVICE_STATS: &str = "SERVICE_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
+/// Per-CPU array of [`crate::service::SynCounter`] by service id.
+pub const SYN_STATS: &str = "SYN_STATS";
 /// Device map of the interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
 pub const TX_PORTS: &str = "TX_PORTS";
 /// Set of service addresses ([`crate::service::AddrKey`] to service count).
@@ -69,6 +71,7 @@ pub const PINNED: &[&str] = &[
     GLOBALS,
     SERVICE_STATS,
     BACKEND_STATS,
+    SYN_STATS,
     TX_PORTS,
     FW_ACTIVE,
     FW_META,

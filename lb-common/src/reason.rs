@@ -101,11 +101,17 @@ pub enum Reason {
     FirewallDefaultDeny = 18,
     /// A rate-limit rule's bucket for the packet's source is empty.
     RateLimited = 19,
+    /// An ACK without a flow to a service answering with SYN cookies, whose cookie is not
+    /// valid (forged, replayed on another connection, or older than about two minutes).
+    SynCookieInvalid = 20,
+    /// A client packet of a cookie-opened flow before the backend answered the load
+    /// balancer's SYN (the client retransmits).
+    SynProxyPending = 21,
 }
 
 impl Reason {
     /// Every reason, in numeric order; userspace iterates this to read and export counters.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 22] = [
         Self::NotIp,
         Self::NotService,
         Self::Truncated,
@@ -126,6 +132,8 @@ impl Reason {
         Self::FirewallDeny,
         Self::FirewallDefaultDeny,
         Self::RateLimited,
+        Self::SynCookieInvalid,
+        Self::SynProxyPending,
     ];
 
     /// What the data path does with a packet for this reason.
@@ -156,7 +164,9 @@ impl Reason {
             | Self::DsrBackendNotOnLink
             | Self::FirewallDeny
             | Self::FirewallDefaultDeny
-            | Self::RateLimited => Action::Drop,
+            | Self::RateLimited
+            | Self::SynCookieInvalid
+            | Self::SynProxyPending => Action::Drop,
         }
     }
 
@@ -191,6 +201,8 @@ impl Reason {
             Self::FirewallDeny => "firewall_deny",
             Self::FirewallDefaultDeny => "firewall_default_deny",
             Self::RateLimited => "rate_limited",
+            Self::SynCookieInvalid => "syn_cookie_invalid",
+            Self::SynProxyPending => "syn_proxy_pending",
         }
     }
 }

@@ -18,6 +18,12 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 2_097_152;
 pub const SERVICE_NAT: u32 = 0x01;
 /// `Service::flags`: hash the source address only (client affinity) instead of the 5-tuple.
 pub const SERVICE_HASH_SOURCE: u32 = 0x02;
+/// `Service::flags`: SYNs are answered with SYN cookies now (the service's `syn_cookies` is
+/// `on`, or `auto` above its SYN rate).
+pub const SERVICE_SYN_COOKIES: u32 = 0x04;
+/// `Service::flags`: the service may answer with cookies (`auto`): returning ACKs are
+/// checked against cookies even while SYNs are not answered with them.
+pub const SERVICE_SYN_COOKIES_AUTO: u32 = 0x08;
 
 /// Key of the `SERVICES` map. `port` zero means every port of the address and protocol.
 #[repr(C)]
@@ -137,6 +143,36 @@ const _: () = assert!(core::mem::size_of::<Globals>() == 56);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.
 unsafe impl aya::Pod for Globals {}
+
+/// SYN-cookie counters per service (per CPU; the daemon sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynCounter {
+    /// SYNs opening a connection (cookies or not): the rate `auto` mode watches.
+    pub syns: u64,
+    /// SYN-ACKs with a cookie sent from the data path.
+    pub cookies_sent: u64,
+    /// ACKs whose cookie was valid: connections handed to a backend.
+    pub cookies_valid: u64,
+    /// ACKs without a flow whose cookie was not valid (dropped).
+    pub cookies_invalid: u64,
+}
+const _: () = assert!(core::mem::size_of::<SynCounter>() == 32);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), four u64.
+unsafe impl aya::Pod for SynCounter {}
+
+impl SynCounter {
+    #[must_use]
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            syns: self.syns + o.syns,
+            cookies_sent: self.cookies_sent + o.cookies_sent,
+            cookies_valid: self.cookies_valid + o.cookies_valid,
+            cookies_invalid: self.cookies_invalid + o.cookies_invalid,
+        }
+    }
+}
 
 /// Per-service and per-backend counters (per CPU; the daemon sums them).
 #[repr(C)]

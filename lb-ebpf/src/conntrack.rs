@@ -92,7 +92,9 @@ fn set_reply_entry(
     out.vip_port = key.dport;
     out.nat_port = live.nat_port;
     out.state = live.state;
-    out.flags = FLOW_NAT | FLOW_REPLY;
+    out.flags = FLOW_NAT | FLOW_REPLY | live.cookie_flags;
+    out.seq_delta = live.seq_delta;
+    out.isn = live.isn;
     out.service_id = live.service_id;
     out.reply_ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: a checked packet range and a map value.
@@ -115,6 +117,10 @@ pub struct LiveNat {
     /// Set when this packet opened the flow.
     pub new_flow: bool,
     pub now: u64,
+    /// Cookie-opened flows: `FLOW_SYN_PROXY` or `FLOW_SEQ_ADJ`, and their numbers.
+    pub cookie_flags: u8,
+    pub seq_delta: u32,
+    pub isn: u32,
 }
 
 /// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
@@ -234,7 +240,9 @@ pub fn set_forward_entry(
     f.vip_port = key.dport;
     f.nat_port = live.nat_port;
     f.state = live.state;
-    f.flags = if nat { FLOW_NAT } else { 0 };
+    f.flags = if nat { FLOW_NAT } else { 0 } | live.cookie_flags;
+    f.seq_delta = live.seq_delta;
+    f.isn = live.isn;
     f.service_id = service.id;
     f.reply_ifindex = 0;
     crate::mem::zero_mac(&mut f.reply_dmac);

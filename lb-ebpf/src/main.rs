@@ -21,11 +21,16 @@ mod outcome;
 mod parse;
 mod select;
 mod stats;
+mod syncookie;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, FlowKey, Reason,
-    service::{NEXTHOP_ON_LINK, SERVICE_NAT, Service},
+    conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
+    net::{IPPROTO_TCP, tcp_flags},
+    service::{
+        NEXTHOP_ON_LINK, SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service,
+    },
 };
 
 use crate::{
@@ -102,7 +107,7 @@ fn try_balance(
     service: &Service,
     now: u64,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live } = scratch;
+    let Scratch { packet, key, buf, live, cookie } = scratch;
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
@@ -117,23 +122,46 @@ fn try_balance(
         state: 0,
         new_flow: false,
         now,
+        cookie_flags: 0,
+        seq_delta: 0,
+        isn: 0,
     };
+    let cookies = is_nat
+        && packet.proto == IPPROTO_TCP
+        && service.flags & (SERVICE_SYN_COOKIES | SERVICE_SYN_COOKIES_AUTO) != 0;
+    // Set when this packet is a client's ACK with a valid cookie: it becomes the SYN the
+    // backend gets (see `syncookie.rs`).
+    let mut proxied = false;
     let new_flow = match select::track(packet, key, g, now) {
-        Tracked::Existing { backend_id, nat_port, state, refresh } => {
+        Tracked::Existing { backend_id, nat_port, state, refresh, cookie_flags, seq_delta, isn } => {
+            if cookie_flags & FLOW_SYN_PROXY != 0 {
+                return Err(Reason::SynProxyPending);
+            }
             live.backend_id = backend_id;
             live.nat_port = nat_port;
             live.state = state;
+            live.cookie_flags = cookie_flags;
+            live.seq_delta = seq_delta;
+            live.isn = isn;
             if is_nat && refresh {
                 conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
             }
             false
         }
-        Tracked::New { state, stale, replaces } => {
+        Tracked::New { state, stale, has_stale, replaces } => {
             live.state = state as u8;
+            if cookies {
+                // A SYN answered with a cookie ends here; a valid cookie marks `live`.
+                let outcome = syncookie::on_new_flow(ctx, service, packet, cookie, live);
+                if outcome.into_result()? == Action::Tx {
+                    return Ok(Action::Tx);
+                }
+                proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
+            }
             if replaces {
                 conntrack::forget(key);
             }
-            if let Some(stale) = stale {
+            if has_stale {
                 conntrack::release(key, &stale, buf);
             }
             open_flow(ctx, key, service, live, buf).into_status()?;
@@ -143,6 +171,19 @@ fn try_balance(
     let hop = forward::next_hop(live.backend_id)?;
     if is_nat {
         let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
+        if proxied {
+            let to = syncookie::Proxied {
+                nat_addr: service.nat_addr,
+                backend_addr: backend.addr,
+                nat_port: live.nat_port,
+                backend_port,
+                client_isn: live.isn,
+            };
+            syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
+            let ctx = &parse::reload(ctx);
+            stats::count_traffic(service.id, live.backend_id, stats::frame_len(ctx), new_flow, false);
+            return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
+        }
         let to = Rewrite {
             src: &service.nat_addr,
             dst: &backend.addr,
@@ -150,6 +191,10 @@ fn try_balance(
             dport: backend_port,
         };
         nat::rewrite(ctx, packet, &to)?;
+        if live.cookie_flags & FLOW_SEQ_ADJ != 0 && packet.tcp_flags & tcp_flags::ACK != 0 {
+            // The client acknowledges the cookie's numbering; the backend numbers its own.
+            syncookie::shift(ctx, packet, true, live.seq_delta)?;
+        }
     } else if hop.flags & NEXTHOP_ON_LINK == 0 {
         return Err(Reason::DsrBackendNotOnLink);
     }

@@ -20,7 +20,7 @@ use lb_common::{
     maglev::DEFAULT_TABLE_SIZE,
     service::{
         AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS, MAX_NAT_SOURCES,
-        MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, TrafficCounter,
+        MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, SynCounter, TrafficCounter,
     },
     stats::STATS_SLOTS,
 };
@@ -75,6 +75,9 @@ pub static GLOBALS: Array<Globals, 1> = Array::new();
 pub static SERVICE_STATS: PerCpuArray<TrafficCounter, SERVICES_N> = PerCpuArray::new();
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounter, BACKENDS_N> = PerCpuArray::new();
+/// SYN and SYN-cookie counters per service.
+#[btf_map]
+pub static SYN_STATS: PerCpuArray<SynCounter, SERVICES_N> = PerCpuArray::new();
 
 /// Interfaces `XDP_REDIRECT` may send to, keyed by ifindex.
 #[btf_map]
@@ -122,6 +125,8 @@ pub struct Scratch {
     pub buf: crate::conntrack::EntryBuf,
     /// The flow being balanced.
     pub live: crate::conntrack::LiveNat,
+    /// Headers copied for the SYN-cookie helpers.
+    pub cookie: crate::syncookie::CookieBuf,
 }
 
 #[btf_map]

@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_REPLY, FlowState},
+    conntrack::{FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, FlowState},
     csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::AddrKey,
@@ -151,6 +151,19 @@ fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> 
     let g = globals()?;
     if e.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(e.state, e.last_seen, now) {
         return Err(Reason::NotService);
+    }
+    if packet.proto == IPPROTO_TCP && e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ) != 0 {
+        if e.flags & FLOW_SYN_PROXY != 0 {
+            if packet.tcp_flags & tcp_flags::RST == 0 {
+                // The backend's SYN-ACK to the load balancer's SYN: answered here.
+                return crate::syncookie::on_backend_answer(ctx, packet, e, now).into_result();
+            }
+            // Refused: the client hears it at the sequence number it expects (cookie + 1).
+            let seq = crate::syncookie::seq_of(ctx, packet)?;
+            crate::syncookie::shift(ctx, packet, false, e.seq_delta.wrapping_add(1).wrapping_sub(seq))?;
+        } else {
+            crate::syncookie::shift(ctx, packet, false, e.seq_delta.wrapping_neg())?;
+        }
     }
     // A reset from the backend ends the flow for both directions; the client's next SYN on
     // the tuple then starts afresh.

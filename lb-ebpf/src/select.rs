@@ -3,7 +3,10 @@
 
 use lb_common::{
     FlowKey, Reason,
-    conntrack::{FLOW_NAT, FLOW_REPLY, FlowState, Transition, initial_tcp_state, next_tcp_state},
+    conntrack::{
+        FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, FlowState, Transition,
+        initial_tcp_state, next_tcp_state,
+    },
     flow::flow_hash,
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
@@ -84,12 +87,23 @@ pub enum Tracked {
     /// A live flow: keep its backend (and NAT port).
     /// `refresh` is set when the entry was rewritten (new state or a second passed), which is
     /// when a NAT flow's reply entry is refreshed too.
-    Existing { backend_id: u32, nat_port: u16, state: u8, refresh: bool },
+    /// `cookie_flags`, `seq_delta` and `isn` are those of a cookie-opened flow (else zero).
+    Existing {
+        backend_id: u32,
+        nat_port: u16,
+        state: u8,
+        refresh: bool,
+        cookie_flags: u8,
+        seq_delta: u32,
+        isn: u32,
+    },
     /// No live flow: choose a backend. `stale` is a dead NAT entry whose reply partner must
     /// go with it.
     /// `replaces` is set when a dead entry (expired, or a closed connection whose tuple is
     /// reused) is still in the table and must make way.
-    New { state: FlowState, stale: Option<StaleNat>, replaces: bool },
+    /// (`stale` is meaningful only with `has_stale`: an `Option` would leave its payload
+    /// undefined, and the verifier refuses to copy registers never written.)
+    New { state: FlowState, stale: StaleNat, has_stale: bool, replaces: bool },
 }
 
 /// What identifies the reply entry of a NAT flow that is over.
@@ -105,7 +119,8 @@ pub struct StaleNat {
 #[inline(always)]
 pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
     let tcp = packet.proto == IPPROTO_TCP;
-    let mut stale = None;
+    let mut stale = StaleNat { backend_id: 0, nat_addr: [0; 4], nat_port: 0, vip_port: 0 };
+    let mut has_stale = false;
     let mut replaces = false;
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
         replaces = true;
@@ -130,20 +145,24 @@ pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
                     nat_port: e.nat_port,
                     state: state as u8,
                     refresh,
+                    cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
+                    seq_delta: e.seq_delta,
+                    isn: e.isn,
                 };
             }
         }
         if e.flags & FLOW_NAT != 0 && e.flags & FLOW_REPLY == 0 {
-            stale = Some(StaleNat {
+            has_stale = true;
+            stale = StaleNat {
                 backend_id: e.backend_id,
                 nat_addr: e.peer_addr,
                 nat_port: e.nat_port,
                 vip_port: e.vip_port,
-            });
+            };
         }
     }
     let initial = if tcp { initial_tcp_state(packet.tcp_flags) } else { FlowState::Datagram };
-    Tracked::New { state: initial, stale, replaces }
+    Tracked::New { state: initial, stale, has_stale, replaces }
 }
 
 /// The backend the service's Maglev table assigns to `key`.

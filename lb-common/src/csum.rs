@@ -49,7 +49,13 @@ pub const fn replace_u128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
 /// upper-layer length), as raw words like the rest of this module.
 #[inline(always)]
 #[must_use]
-pub const fn pseudo_header_sum(src: &[u32; 4], dst: &[u32; 4], v6: bool, proto: u8, len: u16) -> u32 {
+pub const fn pseudo_header_sum(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    v6: bool,
+    proto: u8,
+    len: u16,
+) -> u32 {
     let words = if v6 { 4 } else { 1 };
     let mut acc = 0u32;
     let mut i = 0;

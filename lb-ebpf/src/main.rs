@@ -56,14 +56,16 @@ pub fn lb_ingress(ctx: XdpContext) -> u32 {
 /// The body of `lb_ingress`, shared with the bench wrappers.
 #[inline(always)]
 fn lb_ingress_inner(ctx: &XdpContext) -> u32 {
+    // Counted as received: SYN-cookie answers change the frame's length.
+    let len = stats::frame_len(ctx);
     let action = match try_lb_ingress(ctx) {
         Ok(action) => action,
         Err(reason) => {
-            stats::count_reason(ctx, reason);
+            stats::count_reason(reason, len);
             reason.action()
         }
     };
-    stats::count_action(ctx, action);
+    stats::count_action(action, len);
     action.as_u32()
 }
 
@@ -133,7 +135,15 @@ fn try_balance(
     // backend gets (see `syncookie.rs`).
     let mut proxied = false;
     let new_flow = match select::track(packet, key, g, now) {
-        Tracked::Existing { backend_id, nat_port, state, refresh, cookie_flags, seq_delta, isn } => {
+        Tracked::Existing {
+            backend_id,
+            nat_port,
+            state,
+            refresh,
+            cookie_flags,
+            seq_delta,
+            isn,
+        } => {
             if cookie_flags & FLOW_SYN_PROXY != 0 {
                 return Err(Reason::SynProxyPending);
             }
@@ -181,7 +191,13 @@ fn try_balance(
             };
             syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
             let ctx = &parse::reload(ctx);
-            stats::count_traffic(service.id, live.backend_id, stats::frame_len(ctx), new_flow, false);
+            stats::count_traffic(
+                service.id,
+                live.backend_id,
+                stats::frame_len(ctx),
+                new_flow,
+                false,
+            );
             return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
         }
         let to = Rewrite {

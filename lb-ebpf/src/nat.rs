@@ -160,7 +160,12 @@ fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> 
             }
             // Refused: the client hears it at the sequence number it expects (cookie + 1).
             let seq = crate::syncookie::seq_of(ctx, packet)?;
-            crate::syncookie::shift(ctx, packet, false, e.seq_delta.wrapping_add(1).wrapping_sub(seq))?;
+            crate::syncookie::shift(
+                ctx,
+                packet,
+                false,
+                e.seq_delta.wrapping_add(1).wrapping_sub(seq),
+            )?;
         } else {
             crate::syncookie::shift(ctx, packet, false, e.seq_delta.wrapping_neg())?;
         }

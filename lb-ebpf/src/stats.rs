@@ -30,16 +30,16 @@ pub fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
-/// Counts a packet under the verdict the program returns.
+/// Counts a packet of `len` bytes (as received) under the verdict the program returns.
 #[inline(always)]
-pub fn count_action(ctx: &XdpContext, action: Action) {
-    bump(action_slot(action), frame_len(ctx));
+pub fn count_action(action: Action, len: u64) {
+    bump(action_slot(action), len);
 }
 
 /// Counts a packet that is passed or dropped under its reason.
 #[inline(always)]
-pub fn count_reason(ctx: &XdpContext, reason: Reason) {
-    bump(reason_slot(reason), frame_len(ctx));
+pub fn count_reason(reason: Reason, len: u64) {
+    bump(reason_slot(reason), len);
 }
 
 /// Counts a packet forwarded to a backend (or, with `reply`, translated back to a client).

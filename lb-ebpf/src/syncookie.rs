@@ -175,7 +175,8 @@ fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<A
     if generated < 0 {
         return Err(Reason::BadTcpHeader);
     }
-    let client_seq = u32::from_be_bytes([cookie.tcp[4], cookie.tcp[5], cookie.tcp[6], cookie.tcp[7]]);
+    let client_seq =
+        u32::from_be_bytes([cookie.tcp[4], cookie.tcp[5], cookie.tcp[6], cookie.tcp[7]]);
     let segment = Segment {
         src: packet.dst,
         dst: packet.src,

@@ -16,13 +16,13 @@ use lb_common::{
     maglev::{MaglevBackend, build_table, identity_hash},
     service::{
         AddrKey, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE, SERVICE_NAT,
-        Service, ServiceKey,
+        SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service, ServiceKey,
     },
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, ForwardingMode, HashInput, ServiceConfig},
+    config::{Config, ForwardingMode, HashInput, ServiceConfig, SynCookies},
     maps::{
         MapError, Maps,
         maglev::{MaglevMap, Table},
@@ -89,6 +89,8 @@ pub struct Balancer {
     adoptable_backends: HashMap<(IpAddr, Option<u16>), u32>,
     /// Service ids found in adopted maps, by their `SERVICES` key, not yet claimed.
     adoptable_services: HashMap<ServiceKey, u32>,
+    /// `auto` SYN-cookie services whose cookies are on now.
+    cookies_active: BTreeSet<String>,
 }
 
 /// What one `apply` changed.
@@ -260,7 +262,7 @@ impl Balancer {
                     None => self.free_service_id()?,
                 },
             };
-            let value = service_value(config, service, id);
+            let value = service_value(config, service, id, self.cookies_active.contains(&name));
             let table = TableInput {
                 size: config.table_size(service),
                 members: self.members(service.pool.get_ref(), config),
@@ -476,6 +478,35 @@ impl Balancer {
             .ok_or(ApplyError::NoFreeId { what: "service", max: MAX_SERVICES })
     }
 
+    /// Turns an `auto` service's SYN cookies on or off (a rewrite of its `SERVICES` entry).
+    pub fn set_cookies_active(
+        &mut self,
+        name: &str,
+        active: bool,
+        maps: &mut Maps,
+    ) -> Result<(), MapError> {
+        let changed = if active {
+            self.cookies_active.insert(name.to_owned())
+        } else {
+            self.cookies_active.remove(name)
+        };
+        if let (true, Some(state)) = (changed, self.services.get_mut(name)) {
+            if active {
+                state.value.flags |= SERVICE_SYN_COOKIES;
+            } else {
+                state.value.flags &= !SERVICE_SYN_COOKIES;
+            }
+            maps.services.upsert(&state.key, &state.value)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a service answers SYNs with cookies now.
+    #[must_use]
+    pub fn cookies_active(&self, name: &str) -> bool {
+        self.services.get(name).is_some_and(|s| s.value.flags & SERVICE_SYN_COOKIES != 0)
+    }
+
     /// Pools each service uses (for metrics).
     pub fn service_pools(&self) -> impl Iterator<Item = (&str, &str)> {
         self.services.iter().map(|(name, s)| (name.as_str(), s.pool.as_str()))
@@ -519,8 +550,18 @@ pub fn service_key(service: &ServiceConfig) -> ServiceKey {
     }
 }
 
-fn service_value(config: &Config, service: &ServiceConfig, id: u32) -> Service {
+fn service_value(config: &Config, service: &ServiceConfig, id: u32, cookies_on: bool) -> Service {
     let mut flags = 0;
+    match service.syn_cookies {
+        SynCookies::Off => {}
+        SynCookies::On => flags |= SERVICE_SYN_COOKIES,
+        SynCookies::Auto => {
+            flags |= SERVICE_SYN_COOKIES_AUTO;
+            if cookies_on {
+                flags |= SERVICE_SYN_COOKIES;
+            }
+        }
+    }
     if service.mode == ForwardingMode::Nat {
         flags |= SERVICE_NAT;
     }

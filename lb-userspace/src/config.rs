@@ -513,6 +513,36 @@ impl BackendConfig {
     }
 }
 
+/// When a service answers SYNs with cookies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynCookies {
+    #[default]
+    Off,
+    On,
+    Auto,
+}
+
+impl SynCookies {
+    #[must_use]
+    pub const fn is_off(&self) -> bool {
+        matches!(self, Self::Off)
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+const fn default_syn_threshold() -> u64 {
+    1000
+}
+
 /// Transport protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -591,6 +621,12 @@ pub struct ServiceConfig {
     /// NAT source ports, `"first-last"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_ports: Option<Spanned<String>>,
+    /// SYN cookies (NAT TCP services): `off`, `on`, or `auto` (on while SYNs arrive faster
+    /// than `syn_cookie_threshold` per second).
+    #[serde(default, skip_serializing_if = "SynCookies::is_off")]
+    pub syn_cookies: SynCookies,
+    #[serde(default = "default_syn_threshold")]
+    pub syn_cookie_threshold: u64,
 }
 
 impl ServiceConfig {
@@ -1041,6 +1077,23 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
 
 fn check_service_mode(service: &ServiceConfig, p: &mut Problems<'_>) {
     let name = service.name.get_ref();
+    if !service.syn_cookies.is_off() {
+        if service.protocol != Protocol::Tcp {
+            p.add(
+                Some(service.name.span()),
+                &format!("service {name:?}: syn_cookies applies to TCP services"),
+            );
+        }
+        if service.mode != ForwardingMode::Nat {
+            p.add(Some(service.name.span()), &format!("service {name:?}: syn_cookies needs mode = \"nat\": with DSR the backend answers the client directly, so nothing can reconcile its sequence numbers with the cookie the client saw"));
+        }
+        if service.syn_cookie_threshold == 0 {
+            p.add(
+                Some(service.name.span()),
+                &format!("service {name:?}: syn_cookie_threshold must be above 0"),
+            );
+        }
+    }
     match service.mode {
         ForwardingMode::Nat => {
             match &service.nat_source {

@@ -7,7 +7,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -18,12 +18,13 @@ use crate::{
     Balancer, Config, Datapath,
     autoscale::{self, Event},
     balancer::{ApplySummary, BackendIdentity},
-    config::{AutoscaleConfig, ServiceConfig},
+    config::{AutoscaleConfig, ServiceConfig, SynCookies},
     datapath::{AttachedMode, LoadOptions},
     firewall::{self, Firewall},
     health::{self, Checker, Report},
     lifecycle::Lifecycle,
     nexthop::KernelResolver,
+    synflood::AutoCookies,
     sysctl,
 };
 
@@ -70,6 +71,10 @@ pub struct Daemon {
     pub autoscale: autoscale::Engine,
     /// The firewall as installed.
     pub firewall: Firewall,
+    /// `auto` SYN-cookie state per service.
+    pub auto_cookies: AutoCookies,
+    last_tick: Option<Instant>,
+    started: Instant,
 }
 
 impl Daemon {
@@ -133,6 +138,9 @@ impl Daemon {
             checker: None,
             autoscale: autoscale::Engine::default(),
             firewall,
+            auto_cookies: AutoCookies::default(),
+            last_tick: None,
+            started: Instant::now(),
         })
     }
 
@@ -183,6 +191,7 @@ impl Daemon {
         let now = Instant::now();
         self.refresh_weights();
         self.cut_flows(now);
+        self.govern_cookies(now);
         let ids: HashMap<BackendIdentity, u32> =
             self.balancer.backends().map(|(k, id)| (k.clone(), id)).collect();
         let mut counters = autoscale::BackendCounters::new();
@@ -206,6 +215,41 @@ impl Daemon {
             *c.fired.entry((event.pool.clone(), event.policy.clone())).or_default() += 1;
         }
         events
+    }
+
+    /// Turns `auto` services' SYN cookies on and off by their SYN rate.
+    fn govern_cookies(&mut self, now: Instant) {
+        let elapsed = self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_tick = Some(now);
+        let since_start = now.saturating_duration_since(self.started);
+        let auto: Vec<(String, u64)> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.syn_cookies == SynCookies::Auto)
+            .map(|s| (s.name.get_ref().clone(), s.syn_cookie_threshold))
+            .collect();
+        self.auto_cookies.retain(|name| auto.iter().any(|(n, _)| n == name));
+        for (name, threshold) in auto {
+            let Some(id) = self.balancer.service_id(&name) else { continue };
+            let Ok(counter) = self.datapath.maps().traffic.syn(id) else { continue };
+            let Some(on) =
+                self.auto_cookies.observe(&name, counter.syns, threshold, elapsed, since_start)
+            else {
+                continue;
+            };
+            let rate = self.auto_cookies.rate(&name);
+            if on {
+                warn!(service = %name, rate, threshold, "SYN flood: SYN cookies ON for the service");
+            } else {
+                info!(service = %name, rate, "SYN rate back to normal: SYN cookies off");
+            }
+            if let Err(error) =
+                self.balancer.set_cookies_active(&name, on, self.datapath.maps_mut())
+            {
+                warn!(%error, service = %name, "switching SYN cookies failed");
+            }
+        }
     }
 
     /// Cuts the established flows of disabled backends, of draining ones past their

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod maps;
 pub mod nexthop;
 pub mod pins;
+pub mod synflood;
 pub mod sysctl;
 
 use std::{

@@ -25,7 +25,7 @@ use lb_tests::{
     netns::{Netns, unique_id},
     packet::{CLIENT_MAC, LB_MAC, Packet},
     privileged::require_privileges,
-    testrun::{Case, Output, TestBed},
+    testrun::{Case, Output, TestBed, hex},
 };
 use lb_userspace::{Balancer, Config, nexthop::StaticResolver};
 
@@ -623,4 +623,241 @@ fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
         }
         lb.bed.check_all(&cases).unwrap();
     }
+}
+
+/// A frame's TCP sequence number, source port and length, read from its bytes (no VLAN).
+fn tcp_seq_and_sport(frame: &[u8], v6: bool) -> (u32, u16) {
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
+    let seq = u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]);
+    (seq, sport)
+}
+
+fn ip_packet(src: IpAddr, dst: IpAddr) -> Packet {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Packet::ipv6(s, d),
+        _ => unreachable!(),
+    }
+}
+
+/// The whole SYN-cookie handshake as exact frames, for both families: the cookie SYN-ACK,
+/// the validated ACK turned into the backend's SYN, the backend's SYN-ACK answered with an
+/// ACK, then data both ways with sequence numbers shifted; and the ACKs that must not pass.
+#[test]
+fn syn_cookies_handshake_frame_by_frame() {
+    for v6 in [false, true] {
+        let name = format!("syn_cookies_handshake_{}", if v6 { "v6" } else { "v4" });
+        let config = nat_config(v6, "tcp") + "syn_cookies = \"on\"\n";
+        let Some(mut lb) = Lb::new(&name, &config, &[]) else { return };
+        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
+            (CLIENT6.into(), VIP6.into(), NAT6.into())
+        } else {
+            (CLIENT4.into(), VIP4.into(), NAT4.into())
+        };
+        // The kernel's cookie MSS table: 1460 is exact for IPv4, 1440 for IPv6.
+        let mss: u16 = if v6 { 1440 } else { 1460 };
+        let [hi, lo] = mss.to_be_bytes();
+        let mss_option = [2, 4, hi, lo];
+        let (cport, client_isn) = (40_000u16, 7_000_000u32);
+        // A SYN with the options a Linux client sends; the answer keeps only the MSS.
+        let syn = ip_packet(client, vip)
+            .tcp(cport, 80)
+            .flags(tcp_flags::SYN)
+            .seq_ack(client_isn, 0)
+            .tcp_options(&[2, 4, hi, lo, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7])
+            .build();
+        let answer = lb.bed.run(&syn).unwrap();
+        assert_eq!(answer.verdict, Some(Action::Tx), "{name}: the SYN is answered here");
+        let (cookie, _) = tcp_seq_and_sport(&answer.output, v6);
+        let expected = ip_packet(vip, client)
+            .macs(LB_MAC, CLIENT_MAC)
+            .tcp(80, cport)
+            .flags(tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(cookie, client_isn + 1)
+            .tcp_options(&mss_option)
+            .build();
+        assert_eq!(hex(&answer.output), hex(&expected), "{name}: the cookie SYN-ACK");
+        assert!(
+            lb.bed.datapath.maps().conntrack.entries().unwrap().is_empty(),
+            "{name}: nothing stored"
+        );
+
+        // Invalid ACKs: a forged cookie, and the right cookie on another connection.
+        let ack = |port: u16, ack: u32| {
+            ip_packet(client, vip)
+                .tcp(port, 80)
+                .flags(tcp_flags::ACK)
+                .seq_ack(client_isn + 1, ack)
+                .build()
+        };
+        let drop = |description: &str, input: Vec<u8>| Case {
+            description: format!("{name}: {description}"),
+            input,
+            verdict: Action::Drop,
+            reason: Some(Reason::SynCookieInvalid),
+            output: Output::Unchanged,
+        };
+        lb.bed
+            .check_all(&[
+                drop("a forged cookie", ack(cport, (cookie ^ 0x0012_3400).wrapping_add(1))),
+                drop(
+                    "the cookie replayed from another port",
+                    ack(cport + 1, cookie.wrapping_add(1)),
+                ),
+            ])
+            .unwrap();
+
+        // The good ACK opens the flow and becomes the backend's SYN (from the NAT address).
+        let opened = lb.bed.run(&ack(cport, cookie.wrapping_add(1))).unwrap();
+        assert_eq!(opened.verdict, Some(Action::Tx), "{name}");
+        let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
+        let bmac = backend_mac(backend);
+        let expected = ip_packet(nat, backend)
+            .macs(EGRESS_MAC, bmac)
+            .tcp(nat_port, bport)
+            .flags(tcp_flags::SYN)
+            .seq_ack(client_isn, 0)
+            .tcp_options(&mss_option)
+            .build();
+        assert_eq!(hex(&opened.output), hex(&expected), "{name}: the SYN to the backend");
+        // Until the backend answers, the client's packets wait (it retransmits).
+        let data = |payload: &[u8]| {
+            ip_packet(client, vip)
+                .tcp(cport, 80)
+                .flags(tcp_flags::ACK | tcp_flags::PSH)
+                .seq_ack(client_isn + 1, cookie.wrapping_add(1))
+                .payload(payload)
+                .build()
+        };
+        lb.bed
+            .check_all(&[Case {
+                description: format!("{name}: data before the backend's SYN-ACK"),
+                input: data(b"GET"),
+                verdict: Action::Drop,
+                reason: Some(Reason::SynProxyPending),
+                output: Output::Unchanged,
+            }])
+            .unwrap();
+
+        // The backend's SYN-ACK is answered with the ACK the client would have sent.
+        let backend_isn = 0xfff0_0000u32;
+        let syn_ack = ip_packet(backend, nat)
+            .macs(bmac, LB_MAC)
+            .tcp(bport, nat_port)
+            .flags(tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(backend_isn, client_isn + 1)
+            .tcp_options(&mss_option)
+            .build();
+        let ack_to_backend = ip_packet(nat, backend)
+            .macs(LB_MAC, bmac)
+            .tcp(nat_port, bport)
+            .flags(tcp_flags::ACK)
+            .seq_ack(client_isn + 1, backend_isn.wrapping_add(1))
+            .build();
+        // Then data both ways: acknowledgements from the client gain the offset, sequence
+        // numbers from the backend lose it (here across the 2^32 wrap).
+        let to_backend = ip_packet(nat, backend)
+            .macs(EGRESS_MAC, bmac)
+            .tcp(nat_port, bport)
+            .flags(tcp_flags::ACK | tcp_flags::PSH)
+            .seq_ack(client_isn + 1, backend_isn.wrapping_add(1))
+            .payload(b"GET")
+            .build();
+        let reply = |src: (IpAddr, u16), dst: (IpAddr, u16), macs: ([u8; 6], [u8; 6]), seq: u32| {
+            ip_packet(src.0, dst.0)
+                .macs(macs.0, macs.1)
+                .tcp(src.1, dst.1)
+                .flags(tcp_flags::ACK | tcp_flags::PSH)
+                .seq_ack(seq, client_isn + 4)
+                .payload(b"HTTP")
+                .build()
+        };
+        lb.bed
+            .check_all(&[
+                Case {
+                    description: format!("{name}: the backend's SYN-ACK"),
+                    input: syn_ack,
+                    verdict: Action::Tx,
+                    reason: None,
+                    output: Output::Frame(ack_to_backend),
+                },
+                Case {
+                    description: format!("{name}: client data, acknowledgement shifted"),
+                    input: data(b"GET"),
+                    verdict: Action::Tx,
+                    reason: None,
+                    output: Output::Frame(to_backend),
+                },
+                Case {
+                    description: format!("{name}: backend data, sequence number shifted"),
+                    input: reply(
+                        (backend, bport),
+                        (nat, nat_port),
+                        (bmac, LB_MAC),
+                        backend_isn.wrapping_add(1),
+                    ),
+                    verdict: Action::Tx,
+                    reason: None,
+                    output: Output::Frame(reply(
+                        (vip, 80),
+                        (client, cport),
+                        (LB_MAC, CLIENT_MAC),
+                        cookie.wrapping_add(1),
+                    )),
+                },
+            ])
+            .unwrap();
+        let sid = lb.balancer.service_id("s").unwrap();
+        let syn_stats = lb.bed.datapath.maps().traffic.syn(sid).unwrap();
+        assert_eq!(
+            (
+                syn_stats.syns,
+                syn_stats.cookies_sent,
+                syn_stats.cookies_valid,
+                syn_stats.cookies_invalid
+            ),
+            (1, 1, 1, 2),
+            "{name}"
+        );
+        let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+        assert_eq!(entries.len(), 2, "{name}: one flow, two entries");
+        assert!(entries.iter().all(|(_, f)| f.flags & lb_common::conntrack::FLOW_SEQ_ADJ != 0
+            && f.seq_delta == backend_isn.wrapping_sub(cookie)));
+    }
+}
+
+/// `auto` while the SYN rate is low: SYNs open flows as usual (no cookie), and a stray ACK
+/// is picked up mid-stream rather than dropped.
+#[test]
+fn syn_cookies_auto_stays_out_of_the_way_below_its_rate() {
+    let config = nat_config(false, "tcp") + "syn_cookies = \"auto\"\nsyn_cookie_threshold = 1000\n";
+    let Some(mut lb) =
+        Lb::new("syn_cookies_auto_stays_out_of_the_way_below_its_rate", &config, &[])
+    else {
+        return;
+    };
+    let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 40_000, 80).build();
+    let out = lb.bed.run(&syn).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) =
+        lb.flow_of(CLIENT4.into(), 40_000, VIP4.into(), 80, IPPROTO_TCP);
+    let expected = rewritten(
+        NAT4.into(),
+        backend,
+        nat_port,
+        bport,
+        IPPROTO_TCP,
+        (EGRESS_MAC, backend_mac(backend)),
+    );
+    assert_eq!(out.output, expected, "an ordinary SYN to the backend");
+    let stray =
+        Packet::ipv4(CLIENT4, VIP4).tcp(40_001, 80).flags(tcp_flags::ACK).seq_ack(5, 5).build();
+    assert_eq!(lb.bed.run(&stray).unwrap().verdict, Some(Action::Tx), "picked up mid-stream");
+    let sid = lb.balancer.service_id("s").unwrap();
+    assert_eq!(
+        lb.bed.datapath.maps().traffic.syn(sid).unwrap().syns,
+        1,
+        "SYNs are counted for the rate"
+    );
 }

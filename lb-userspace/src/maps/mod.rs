@@ -89,6 +89,7 @@ impl Maps {
             traffic: TrafficMaps::new(
                 take(ebpf, lb_common::maps::SERVICE_STATS)?,
                 take(ebpf, lb_common::maps::BACKEND_STATS)?,
+                take(ebpf, lb_common::maps::SYN_STATS)?,
             )?,
             tx_ports: TxPortsMap::new(take(ebpf, lb_common::maps::TX_PORTS)?)?,
             firewall: FirewallMaps::new(

@@ -1,13 +1,17 @@
 //! `SERVICE_STATS` and `BACKEND_STATS`: per-CPU traffic counters by service and backend id.
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use lb_common::{maps, service::TrafficCounter};
+use lb_common::{
+    maps,
+    service::{SynCounter, TrafficCounter},
+};
 
 use super::{MapError, typed};
 
 pub struct TrafficMaps {
     services: PerCpuArray<MapData, TrafficCounter>,
     backends: PerCpuArray<MapData, TrafficCounter>,
+    syn: PerCpuArray<MapData, SynCounter>,
 }
 
 impl std::fmt::Debug for TrafficMaps {
@@ -17,11 +21,21 @@ impl std::fmt::Debug for TrafficMaps {
 }
 
 impl TrafficMaps {
-    pub(crate) fn new(services: Map, backends: Map) -> Result<Self, MapError> {
+    pub(crate) fn new(services: Map, backends: Map, syn: Map) -> Result<Self, MapError> {
         Ok(Self {
             services: typed(maps::SERVICE_STATS, services)?,
             backends: typed(maps::BACKEND_STATS, backends)?,
+            syn: typed(maps::SYN_STATS, syn)?,
         })
+    }
+
+    /// Service `id`'s SYN and SYN-cookie counters, summed over CPUs.
+    pub fn syn(&self, id: u32) -> Result<SynCounter, MapError> {
+        let values = self
+            .syn
+            .get(&id, 0)
+            .map_err(|source| MapError::Access { name: maps::SYN_STATS, source })?;
+        Ok(values.iter().fold(SynCounter::default(), |a, b| a.plus(*b)))
     }
 
     /// Service `id`'s counters, summed over CPUs.
@@ -41,7 +55,13 @@ impl TrafficMaps {
 
     /// Zeroes a service's counters (when its id is given to a new service).
     pub fn reset_service(&mut self, id: u32) -> Result<(), MapError> {
-        zero(&mut self.services, id, maps::SERVICE_STATS)
+        zero(&mut self.services, id, maps::SERVICE_STATS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Cpus(e))?;
+        let values =
+            PerCpuValues::try_from(vec![SynCounter::default(); cpus]).map_err(MapError::Cpus)?;
+        self.syn
+            .set(id, values, 0)
+            .map_err(|source| MapError::Update { name: maps::SYN_STATS, source })
     }
 }
 

@@ -149,3 +149,74 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
         "{logged}"
     );
 }
+
+/// A bounded spoofed SYN flood (hping3 `--rand-source`, a fixed count) against a NAT
+/// service with SYN cookies while a real client keeps opening connections through it: every
+/// request succeeds, and the flood leaves nothing in the connection table.
+#[test]
+fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
+    if !require_privileges("a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    let config = lab::lab_config(2, &[]).replace(
+        "[[service]]\nname = \"web4\"\n",
+        "[[service]]\nname = \"web4\"\nsyn_cookies = \"on\"\n",
+    );
+    assert!(config.contains("syn_cookies = \"on\""));
+    let daemon = LabDaemon::start(&lab, &config);
+    const FLOOD: u32 = 20_000;
+    let client_ns = lab.client.name().to_owned();
+    let vip = lab::VIP_V4.to_string();
+    let flood = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &client_ns, "hping3", "-S", "-p", "80", "--rand-source", "-c"])
+            .arg(FLOOD.to_string())
+            .args(["-i", "u40", &vip])
+            .output()
+            .unwrap()
+    });
+    // A real client meanwhile: new connections, one after another, every one answered.
+    let url = url(lab::VIP_V4.into(), lab::HTTP_PORT);
+    let mut answered = 0;
+    let start = std::time::Instant::now();
+    while !flood.is_finished() || answered < 20 {
+        let body = lab
+            .client
+            .exec(&["curl", "-sS", "--max-time", "5", &url])
+            .unwrap_or_else(|e| panic!("request {answered} during the flood failed: {e:#}"));
+        assert!(body.starts_with("backend-"), "{body}");
+        answered += 1;
+        assert!(start.elapsed() < Duration::from_secs(120), "the flood did not end");
+    }
+    let flood = flood.join().unwrap();
+    let text = String::from_utf8_lossy(&flood.stderr).into_owned()
+        + &String::from_utf8_lossy(&flood.stdout);
+    assert!(text.contains(&format!("{FLOOD} packets transmitted")), "{text}");
+    eprintln!("{answered} requests answered during a flood of {FLOOD} spoofed SYNs");
+
+    let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).unwrap();
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{service=\"web4\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing:\n{metrics}"))
+    };
+    let sent = value("lb_service_syn_cookies_sent_total");
+    let valid = value("lb_service_syn_cookies_valid_total");
+    assert!(sent >= u64::from(FLOOD) * 9 / 10, "cookies sent: {sent}");
+    assert!(valid >= answered, "every real connection came through a cookie: {valid} < {answered}");
+    // The table holds the real connections (closing or closed) and no half-open flood.
+    let conntrack = wait_for(Duration::from_secs(10), || {
+        let status: serde_json::Value = serde_json::from_str(
+            &lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/v1/status"]).ok()?,
+        )
+        .ok()?;
+        status["conntrack_entries"].as_u64().filter(|n| *n > 0)
+    })
+    .expect("a sweep reported the table");
+    assert!(conntrack <= 2 * (answered + 10), "{conntrack} entries after {answered} connections");
+    daemon.finish();
+}

@@ -36,6 +36,8 @@ pub struct Snapshot {
     /// Deliveries, by (pool, policy, target, result).
     deliveries: Vec<(Delivery, u64)>,
     firewall: Option<super::FirewallView>,
+    /// (service, SYN counters, cookies on now) for services with `syn_cookies`.
+    syn: Vec<(String, lb_common::service::SynCounter, bool)>,
     conntrack_entries: u64,
     conntrack_capacity: u32,
     /// (interface, mode)
@@ -71,6 +73,12 @@ impl Snapshot {
         };
         for service in &d.config.services {
             let name = service.name.get_ref();
+            if let Some(id) = d.balancer.service_id(name)
+                && !service.syn_cookies.is_off()
+            {
+                let syn = d.datapath.maps().traffic.syn(id)?;
+                s.syn.push((name.clone(), syn, d.balancer.cookies_active(name)));
+            }
             if let Some(id) = d.balancer.service_id(name) {
                 s.services.push((
                     name.clone(),
@@ -269,6 +277,7 @@ impl Collector for Snapshot {
         )?;
         self.encode_lifecycle(&mut e)?;
         self.encode_firewall(&mut e)?;
+        self.encode_syn(&mut e)?;
 
         gauge(
             &mut e,
@@ -304,6 +313,49 @@ impl Collector for Snapshot {
 }
 
 impl Snapshot {
+    /// SYN and SYN-cookie counters of services that use cookies.
+    fn encode_syn(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Field = fn(&lb_common::service::SynCounter) -> u64;
+        let families: [(&str, &str, Field); 4] = [
+            (
+                "lb_service_syns",
+                "SYNs opening connections to the service (the rate auto mode watches).",
+                |c| c.syns,
+            ),
+            (
+                "lb_service_syn_cookies_sent",
+                "SYN-ACKs with a cookie sent from the data path.",
+                |c| c.cookies_sent,
+            ),
+            (
+                "lb_service_syn_cookies_valid",
+                "ACKs whose cookie was valid: connections handed to a backend.",
+                |c| c.cookies_valid,
+            ),
+            (
+                "lb_service_syn_cookies_invalid",
+                "ACKs without a flow whose cookie was not valid (dropped).",
+                |c| c.cookies_invalid,
+            ),
+        ];
+        for (name, help, field) in families {
+            let rows: Vec<(Labels, u64)> =
+                self.syn.iter().map(|(s, c, _)| (vec![("service", s.clone())], field(c))).collect();
+            counter(e, name, help, &rows)?;
+        }
+        let active: Vec<(Labels, i64)> = self
+            .syn
+            .iter()
+            .map(|(s, _, on)| (vec![("service", s.clone())], i64::from(*on)))
+            .collect();
+        gauge(
+            e,
+            "lb_service_syn_cookies_active",
+            "1 while the service answers SYNs with cookies.",
+            &active,
+        )
+    }
+
     /// Rule hits, default-policy and audit counters, prefixes loaded.
     fn encode_firewall(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(fw) = &self.firewall else { return Ok(()) };

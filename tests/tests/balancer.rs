@@ -861,3 +861,37 @@ fn syn_cookies_auto_stays_out_of_the_way_below_its_rate() {
         "SYNs are counted for the rate"
     );
 }
+
+/// A cookie goes stale when the kernel's cookie clock (jiffies / 60 s) has moved on twice:
+/// waits for that (60 to 121 s), then the ACK that would have been valid is refused.
+#[test]
+fn a_stale_cookie_is_refused() {
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("a_stale_cookie_is_refused", &config, &[]) else { return };
+    let syn =
+        Packet::ipv4(CLIENT4, VIP4).tcp(40_000, 80).flags(tcp_flags::SYN).seq_ack(100, 0).build();
+    let answer = lb.bed.run(&syn).unwrap();
+    assert_eq!(answer.verdict, Some(Action::Tx));
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    let hz = lb.bed.datapath.ticks_per_second().unwrap();
+    let period = 60 * hz;
+    let now = lb.bed.datapath.now_ticks().unwrap();
+    let to_next = period - now % period;
+    let wait = std::time::Duration::from_millis((to_next + period) * 1000 / hz + 1500);
+    eprintln!("waiting {wait:?} for the cookie clock to move on twice");
+    std::thread::sleep(wait);
+    let ack = Packet::ipv4(CLIENT4, VIP4)
+        .tcp(40_000, 80)
+        .flags(tcp_flags::ACK)
+        .seq_ack(101, cookie.wrapping_add(1))
+        .build();
+    lb.bed
+        .check_all(&[Case {
+            description: "the cookie's ACK two cookie periods later".into(),
+            input: ack,
+            verdict: Action::Drop,
+            reason: Some(Reason::SynCookieInvalid),
+            output: Output::Unchanged,
+        }])
+        .unwrap();
+}

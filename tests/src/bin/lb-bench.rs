@@ -233,9 +233,12 @@ fn run() -> anyhow::Result<()> {
         );
     }
 
+    let firewall = firewall_bench(&mut datapath, repeat, rounds)?;
+
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     let json = serde_json::json!({
+        "firewall": firewall,
         "date": chrono_free_date(),
         "repeat": repeat,
         "rounds": rounds,
@@ -248,6 +251,96 @@ fn run() -> anyhow::Result<()> {
     println!("wrote {}", path.display());
     drop(ns);
     Ok(())
+}
+
+/// The firewall with 0, 10,000 and 1,000,000 source prefixes (half IPv4, half IPv6, in one
+/// deny rule) on a packet that matches none of them and is not for a service, next to the
+/// same packet with the firewall off and the empty program (the floor), all in this run; and
+/// how long each prefix set took to compile and load.
+fn firewall_bench(
+    datapath: &mut Datapath,
+    repeat: u32,
+    rounds: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use lb_userspace::firewall::{self, Firewall};
+    let frame = frame(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1)),
+        40_000,
+        tcp_flags::ACK,
+    );
+    let floor = measure(datapath, BENCH_FLOOR, &frame, Action::Pass, repeat, rounds, None)?.0;
+    let off = measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, rounds, None)?.0;
+    let hz = datapath.ticks_per_second()?;
+    let mut fw = Firewall::fresh();
+    let mut table = format!(
+        "{:<34} {:>9} {:>10} {:>12} {:>14}\n{:<34} {:>9}\n{:<34} {:>9} {:>10}\n",
+        "firewall (ns/packet, no match)",
+        "median",
+        "vs off",
+        "load (s)",
+        "prefixes",
+        "empty program (floor)",
+        floor,
+        "firewall off",
+        off,
+        "-"
+    );
+    let mut rows = Vec::new();
+    let path = std::env::temp_dir().join(format!("lb-bench-{}-prefixes.txt", std::process::id()));
+    for count in [0usize, 10_000, 1_000_000] {
+        let mut text = String::with_capacity(count * 32);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < count {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let line = if seen.len() % 2 == 0 {
+                // IPv4 /24 to /32 with first octets 1 to 126 (198.18.0.0/15 stays clear).
+                let addr = ((1 + (x >> 40) % 126) << 24) as u32 | (x as u32 & 0x00ff_ffff);
+                format!("{}/{}", Ipv4Addr::from_bits(addr), 24 + (x >> 33) % 9)
+            } else {
+                let addr = (0x2001_0db8_u128 << 96) | (u128::from(x) << 32);
+                format!("{}/{}", Ipv6Addr::from_bits(addr), 48 + (x >> 58) % 49)
+            };
+            let prefix = firewall::Prefix::parse(&line).map_err(anyhow::Error::msg)?;
+            if seen.insert(prefix) {
+                let _ = writeln!(text, "{prefix}");
+            }
+        }
+        std::fs::write(&path, &text)?;
+        let toml = format!(
+            "[[interface]]\nname = \"lo\"\n[firewall]\n[[firewall.rule]]\nname = \"blocklist\"\naction = \"deny\"\n{}",
+            if count > 0 {
+                format!("source_file = \"{}\"\n", path.display())
+            } else {
+                "source = [\"203.0.113.0/24\"]\n".to_owned()
+            }
+        );
+        let config = Config::parse(&toml, "bench")?;
+        let started = Instant::now();
+        let compiled = firewall::compile(config.firewall.as_ref().context("firewall")?, hz)
+            .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+        fw.install(&mut datapath.maps_mut().firewall, Some(&compiled))?;
+        let load = started.elapsed().as_secs_f64();
+        let ns = measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, rounds, None)?.0;
+        let prefixes = compiled.sources.len();
+        let _ = writeln!(
+            table,
+            "{:<34} {:>9} {:>+10} {:>12.2} {:>14}",
+            format!("firewall, {count} prefixes"),
+            ns,
+            i64::try_from(ns).unwrap_or(0) - i64::try_from(off).unwrap_or(0),
+            load,
+            prefixes
+        );
+        rows.push(serde_json::json!({ "prefixes": prefixes, "median_ns": ns, "load_secs": load }));
+    }
+    fw.install(&mut datapath.maps_mut().firewall, None)?;
+    let _ = std::fs::remove_file(&path);
+    println!("\nFirewall, {repeat} repetitions per run, median of {rounds} runs:\n\n{table}");
+    Ok(serde_json::json!({ "floor_ns": floor, "off_ns": off, "rows": rows }))
 }
 
 /// The timed paths, each with its floor and expected verdict.

@@ -150,6 +150,9 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
     );
 }
 
+/// SYNs in the spoofed flood.
+const FLOOD: u32 = 20_000;
+
 /// A bounded spoofed SYN flood (hping3 `--rand-source`, a fixed count) against a NAT
 /// service with SYN cookies while a real client keeps opening connections through it: every
 /// request succeeds, and the flood leaves nothing in the connection table.
@@ -165,7 +168,6 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     );
     assert!(config.contains("syn_cookies = \"on\""));
     let daemon = LabDaemon::start(&lab, &config);
-    const FLOOD: u32 = 20_000;
     let client_ns = lab.client.name().to_owned();
     let vip = lab::VIP_V4.to_string();
     let flood = std::thread::spawn(move || {
@@ -187,7 +189,7 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
             .unwrap_or_else(|e| panic!("request {answered} during the flood failed: {e:#}"));
         assert!(body.starts_with("backend-"), "{body}");
         answered += 1;
-        assert!(start.elapsed() < Duration::from_secs(120), "the flood did not end");
+        assert!(start.elapsed() < Duration::from_mins(2), "the flood did not end");
     }
     let flood = flood.join().unwrap();
     let text = String::from_utf8_lossy(&flood.stderr).into_owned()

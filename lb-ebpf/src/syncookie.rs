@@ -175,6 +175,8 @@ fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<A
     if generated < 0 {
         return Err(Reason::BadTcpHeader);
     }
+    // The cookie in the low 32 bits, its MSS in the next 16.
+    let generated = generated.cast_unsigned();
     let client_seq =
         u32::from_be_bytes([cookie.tcp[4], cookie.tcp[5], cookie.tcp[6], cookie.tcp[7]]);
     let segment = Segment {
@@ -378,6 +380,7 @@ fn copy_headers(ctx: &XdpContext, packet: &Packet, buf: &mut CookieBuf) -> Resul
 }
 
 #[inline(always)]
+#[allow(clippy::manual_swap, reason = "core::mem::swap on packet bytes may become a memcpy call")]
 fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
     // SAFETY: checked by ptr_at_mut.
@@ -395,10 +398,11 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
 fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
     let tcp_len: u16 = if s.mss != 0 { 24 } else { 20 };
     let end = packet.l4_off + usize::from(tcp_len);
-    let delta = end as i64 - (ctx.data_end() - ctx.data()) as i64;
+    let len = ctx.data_end() - ctx.data();
+    let delta = i32::try_from(end).unwrap_or(0) - i32::try_from(len).unwrap_or(0);
     if delta != 0 {
         // SAFETY: the context pointer of this program run.
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
             return Err(Reason::Truncated);
         }
     }

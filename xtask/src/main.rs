@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             build(&env, Profile::Release)
         }
         Cmd::Run { args } => {
-            let env = setup::ensure_all(setup::Need::Run)?;
+            let env = setup::ensure_all(setup::Need::Bench)?;
             build(&env, Profile::Release)?;
             let dir = workspace_root()?.join("target/release");
             let mut cmd = if args.is_empty() {

@@ -22,6 +22,8 @@ pub enum Need {
     Run,
     /// Every test tier: all of the above plus the test tools.
     Tests,
+    /// The bench: the test tools plus the peers it measures against and gnuplot.
+    Bench,
 }
 
 /// Environment for cargo commands that build the BPF object.
@@ -45,6 +47,14 @@ const PACKAGES_TESTS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("hping3", "hping3"),
 ];
+/// The bench's peers and tools (Debian packages), beyond the tests'.
+const PACKAGES_BENCH: &[(&str, &str)] = &[
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("xdp-tools", "xdp-filter"),
+    ("netsniff-ng", "trafgen"),
+    ("gnuplot-nox", "gnuplot"),
+];
 
 pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
     if !cfg!(target_os = "linux") {
@@ -57,6 +67,9 @@ pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
         let mut packages: Vec<_> = PACKAGES_RUN.to_vec();
         if need >= Need::Tests {
             packages.extend_from_slice(PACKAGES_TESTS);
+        }
+        if need >= Need::Bench {
+            packages.extend_from_slice(PACKAGES_BENCH);
         }
         ensure_packages(&packages)?;
         ensure_bpffs()?;

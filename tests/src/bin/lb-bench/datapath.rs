@@ -1,19 +1,15 @@
-//! `lb-bench`: what `cargo xtask bench` runs. Times the data path per packet through
-//! `BPF_PROG_TEST_RUN` next to a floor measured in the same run, and writes the table to
-//! stdout and JSON to `target/bench/datapath.json`.
+//! Data-path cost per packet through `BPF_PROG_TEST_RUN`, each path next to a floor
+//! measured in the same run, and the firewall with 0 to 1,000,000 prefixes.
 //!
 //! Frame-rewriting paths run inside the bench-only wrapper that restores the frame after each
 //! repetition; the same wrapper around a program that does nothing is the floor. Every timed
 //! run checks its verdict and the data path's own counters, so a wrong path cannot pass for a
 //! fast one.
 
-#![allow(clippy::cast_precision_loss, reason = "ratios of nanosecond figures")]
-
 use std::{
     collections::HashMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
     time::Instant,
 };
 
@@ -112,13 +108,6 @@ struct Row {
     minus_floor_ns: i64,
 }
 
-fn main() {
-    if let Err(error) = run() {
-        eprintln!("lb-bench: {error:#}");
-        std::process::exit(1);
-    }
-}
-
 fn frame(src: IpAddr, dst: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
     let p = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
@@ -129,12 +118,8 @@ fn frame(src: IpAddr, dst: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
     p.tcp(sport, 80).flags(flags).payload(&[0x61; 48]).build()
 }
 
-fn run() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let repeat: u32 = if quick { 200_000 } else { 1_000_000 };
-    let rounds = if quick { 3 } else { 5 };
-    print_machine();
-
+/// Runs every data-path scenario and the firewall table; prints them, returns them as JSON.
+pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
     let ns = Netns::create(&lb_tests::netns::unique_id())?;
     let (mut datapath, balancer) = ns.enter(|| -> anyhow::Result<(Datapath, Balancer)> {
         let config = Config::parse(CONFIG, "bench")?;
@@ -234,23 +219,15 @@ fn run() -> anyhow::Result<()> {
     }
 
     let firewall = firewall_bench(&mut datapath, repeat, rounds)?;
-
-    let dir = target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let json = serde_json::json!({
-        "firewall": firewall,
-        "date": chrono_free_date(),
+    drop(ns);
+    Ok(serde_json::json!({
         "repeat": repeat,
         "rounds": rounds,
         "rows": rows,
+        "firewall": firewall,
         "conntrack_memory_bytes": memory,
         "conntrack_entries": LoadOptions::default().conntrack_entries,
-    });
-    let path = dir.join("datapath.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    println!("wrote {}", path.display());
-    drop(ns);
-    Ok(())
+    }))
 }
 
 /// The firewall with 0, 10,000 and 1,000,000 source prefixes (half IPv4, half IPv6, in one
@@ -573,45 +550,4 @@ fn measure(
     }
     samples.sort_unstable();
     Ok((samples[samples.len() / 2], samples[0], samples[samples.len() - 1]))
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    println!("machine: {cpu}, {cpus} CPUs, kernel {}", kernel.trim());
-}
-
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/lb-bench -> target
-    exe.parent()
-        .and_then(std::path::Path::parent)
-        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
-}
-
-/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
-fn chrono_free_date() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }

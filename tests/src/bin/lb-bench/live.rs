@@ -339,7 +339,7 @@ fn trafgen(lab: &Lab, config: &str, secs: u64) -> anyhow::Result<f64> {
     let budget = Duration::from_secs(secs);
     let mut failures = 0;
     while started.elapsed() < budget {
-        let left = (budget - started.elapsed()).as_secs_f64().max(0.001);
+        let left = budget.saturating_sub(started.elapsed()).as_secs_f64().max(0.001);
         let out = lab.client.exec_output(&[
             "timeout",
             &format!("{left:.3}"),

@@ -29,6 +29,9 @@ pub const TX_PORTS: &str = "TX_PORTS";
 pub const VIPS: &str = "VIPS";
 /// Set of NAT source addresses ([`crate::service::AddrKey`] to service count).
 pub const NAT_SOURCES: &str = "NAT_SOURCES";
+/// Array of u64 words: a bitmap over [`crate::service::addr_filter_bit`] of every VIP and NAT
+/// source address.
+pub const ADDR_FILTER: &str = "ADDR_FILTER";
 
 /// Firewall: the active generation and whether the firewall is on (one u32, see
 /// [`crate::firewall`]).
@@ -64,6 +67,7 @@ pub const PINNED: &[&str] = &[
     SERVICES,
     VIPS,
     NAT_SOURCES,
+    ADDR_FILTER,
     BACKENDS,
     NEXTHOPS,
     MAGLEV,

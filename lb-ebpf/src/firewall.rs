@@ -17,25 +17,45 @@ use lb_common::{
 use crate::{
     maps::{
         FW_ACTIVE, FW_COUNTERS, FW_DST_V4, FW_DST_V6, FW_EVENTS, FW_LOG_BUDGET, FW_META, FW_PORTS,
-        FW_RATE, FW_RULES, FW_SRC_V4, FW_SRC_V6,
+        FW_RATE, FW_RULES, FW_SRC_V4, FW_SRC_V6, Scratch,
     },
     outcome::Outcome,
     parse::{Family, Fragment, Packet},
     stats,
 };
 
-/// Filters one parsed packet: `DONE` lets it go on, an error drops it for its reason.
+/// Filters one parsed packet: `Ok` lets it go on, an error drops it for its reason. The
+/// check that the firewall is on stays inline: with it off, a packet pays one array read,
+/// not a call (calls and returns are dear where the kernel hardens returns).
+#[inline(always)]
+pub fn filter(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<(), Reason> {
+    match FW_ACTIVE.get(0) {
+        Some(active) if *active & ACTIVE_ENABLED != 0 => {
+            let Scratch { packet, fw_key, .. } = scratch;
+            filter_rules(ctx, packet, fw_key, now).into_status()
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Out of line: inlined, its locals would grow the entry function's frame, which every call
+/// chain carries, past the 512-byte stack.
 #[inline(never)]
-pub fn filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
+fn filter_rules(ctx: &XdpContext, packet: &Packet, key: &mut [u8; 28], now: u64) -> Outcome {
     let ctx = &crate::parse::reload(ctx);
-    match try_filter(ctx, packet, now) {
+    match try_filter(ctx, packet, key, now) {
         Ok(()) => Outcome::DONE,
         Err(reason) => Outcome::err(reason),
     }
 }
 
 #[inline(always)]
-fn try_filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<(), Reason> {
+fn try_filter(
+    ctx: &XdpContext,
+    packet: &Packet,
+    key: &mut [u8; 28],
+    now: u64,
+) -> Result<(), Reason> {
     let Some(active) = FW_ACTIVE.get(0) else { return Ok(()) };
     let active = *active;
     if active & ACTIVE_ENABLED == 0 {
@@ -44,10 +64,10 @@ fn try_filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<(), Reason>
     let generation = active & ACTIVE_GENERATION;
     let Some(meta) = FW_META.get(generation) else { return Ok(()) };
     let bytes = stats::frame_len(ctx);
-    let src = source_bits(packet, generation).unwrap_or(meta.any_src);
+    let src = trie_bits(packet, key, generation, true).unwrap_or(meta.any_src);
     let mut candidates = src;
     if candidates != 0 && meta.flags & META_HAS_DST != 0 {
-        candidates &= destination_bits(packet, generation).unwrap_or(meta.any_dst);
+        candidates &= trie_bits(packet, key, generation, false).unwrap_or(meta.any_dst);
     }
     if candidates != 0 {
         let index = ports_index(generation, class_of(packet.proto), port_of(packet));
@@ -69,7 +89,7 @@ fn try_filter(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<(), Reason>
     let Some(rule) = rule_at(generation, index) else { return Ok(()) };
     let result = match rule.action {
         ACTION_DENY => refuse(generation, meta.flags, Reason::FirewallDeny, bytes),
-        ACTION_RATE_LIMIT if !admit(packet, index, rule, now) => {
+        ACTION_RATE_LIMIT if admit(packet, index, rule, now) == 0 => {
             refuse(generation, meta.flags, Reason::RateLimited, bytes)
         }
         _ => Ok(()),
@@ -97,8 +117,9 @@ struct Logged {
     now: u64,
 }
 
-/// Logs one matching packet in `rule.log_one_in`, within the CPU's event budget.
-#[inline(always)]
+/// Logs one matching packet in `rule.log_one_in`, within the CPU's event budget. Out of
+/// line: rare, and its event would crowd the main path's stack.
+#[inline(never)]
 fn log_sampled(packet: &Packet, rule: &FwRule, meta: &FwMeta, what: &Logged) {
     // SAFETY: a helper without pointer arguments.
     let draw = unsafe { bpf_get_prandom_u32() };
@@ -184,58 +205,57 @@ fn port_of(packet: &Packet) -> u16 {
     }
 }
 
+/// The rule bits of the packet's source (`source`) or destination in its family's trie,
+/// with the key built in scratch memory.
 #[inline(always)]
-fn source_bits(packet: &Packet, generation: u32) -> Option<RuleBits> {
+fn trie_bits(
+    packet: &Packet,
+    key: &mut [u8; 28],
+    generation: u32,
+    source: bool,
+) -> Option<RuleBits> {
+    let addr = if source { &packet.src } else { &packet.dst };
+    let generation_bytes = generation.to_ne_bytes();
+    key[4] = generation_bytes[0];
+    key[5] = generation_bytes[1];
+    key[6] = generation_bytes[2];
+    key[7] = generation_bytes[3];
     match packet.family {
         Family::V4 => {
-            let key = Key::new(
-                GENERATION_BITS + 32,
-                FwV4 { generation, addr: packet.src[0].to_ne_bytes() },
-            );
-            FW_SRC_V4.get(&key).copied()
+            let len = (GENERATION_BITS + 32).to_ne_bytes();
+            key[..4].copy_from_slice(&len);
+            let a = addr[0].to_ne_bytes();
+            key[8] = a[0];
+            key[9] = a[1];
+            key[10] = a[2];
+            key[11] = a[3];
+            // SAFETY: `Key<FwV4>` is packed (alignment 1) and 12 bytes, within the buffer.
+            let key = unsafe { &*key.as_ptr().cast::<Key<FwV4>>() };
+            if source { FW_SRC_V4.get(key) } else { FW_DST_V4.get(key) }.copied()
         }
         Family::V6 => {
-            let key = Key::new(GENERATION_BITS + 128, v6_data(generation, &packet.src));
-            FW_SRC_V6.get(&key).copied()
+            let len = (GENERATION_BITS + 128).to_ne_bytes();
+            key[..4].copy_from_slice(&len);
+            let mut i = 0;
+            while i < 4 {
+                let a = addr[i].to_ne_bytes();
+                key[8 + i * 4] = a[0];
+                key[9 + i * 4] = a[1];
+                key[10 + i * 4] = a[2];
+                key[11 + i * 4] = a[3];
+                i += 1;
+            }
+            // SAFETY: `Key<FwV6>` is packed (alignment 1) and 28 bytes, the buffer's size.
+            let key = unsafe { &*key.as_ptr().cast::<Key<FwV6>>() };
+            if source { FW_SRC_V6.get(key) } else { FW_DST_V6.get(key) }.copied()
         }
     }
 }
 
-#[inline(always)]
-fn destination_bits(packet: &Packet, generation: u32) -> Option<RuleBits> {
-    match packet.family {
-        Family::V4 => {
-            let key = Key::new(
-                GENERATION_BITS + 32,
-                FwV4 { generation, addr: packet.dst[0].to_ne_bytes() },
-            );
-            FW_DST_V4.get(&key).copied()
-        }
-        Family::V6 => {
-            let key = Key::new(GENERATION_BITS + 128, v6_data(generation, &packet.dst));
-            FW_DST_V6.get(&key).copied()
-        }
-    }
-}
-
-#[inline(always)]
-fn v6_data(generation: u32, words: &[u32; 4]) -> FwV6 {
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    FwV6 { generation, addr, _pad: [0; 4] }
-}
-
-/// Takes a token from the bucket of `rule` for the packet's source.
-#[inline(always)]
-fn admit(packet: &Packet, rule_index: u32, rule: &FwRule, now: u64) -> bool {
+/// Takes a token from the bucket of `rule` for the packet's source (1: admitted). Out of
+/// line, like logging.
+#[inline(never)]
+fn admit(packet: &Packet, rule_index: u32, rule: &FwRule, now: u64) -> u32 {
     let key = RateKey {
         addr: packet.src,
         rule: rule_index as u8,
@@ -245,12 +265,12 @@ fn admit(packet: &Packet, rule_index: u32, rule: &FwRule, now: u64) -> bool {
     if let Some(bucket) = FW_RATE.get_ptr_mut(&key) {
         // SAFETY: a map value pointer from a successful lookup. CPUs may race on one
         // bucket: a lost update admits or refuses one packet more, never corrupts it.
-        return unsafe { (*bucket).take(rule, now) };
+        return u32::from(unsafe { (*bucket).take(rule, now) });
     }
     let mut bucket = Bucket::full(rule, now);
     let admitted = bucket.take(rule, now);
     let _ = FW_RATE.insert(&key, &bucket, 0);
-    admitted
+    u32::from(admitted)
 }
 
 #[inline(always)]

@@ -76,11 +76,15 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // SAFETY: a per-CPU map value, used by this program run alone.
     let scratch = unsafe { &mut *scratch };
     parse::parse_packet(ctx, &mut scratch.packet).into_status()?;
-    let packet = &scratch.packet;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_jiffies64() };
     // The firewall first: what it drops never reaches a service or the connection table.
-    firewall::filter(ctx, packet, now).into_status()?;
+    firewall::filter(ctx, scratch, now)?;
+    let packet = &scratch.packet;
+    // Most traffic on a host is not ours: prove it with a bit, not two hash lookups.
+    if !select::may_be_ours(packet) {
+        return Err(Reason::NotService);
+    }
     if packet.fragment != Fragment::None {
         return if select::is_vip(packet) {
             Err(Reason::Fragment)
@@ -109,7 +113,7 @@ fn try_balance(
     service: &Service,
     now: u64,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live, cookie } = scratch;
+    let Scratch { packet, key, buf, live, cookie, .. } = scratch;
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }

@@ -19,8 +19,9 @@ use lb_common::{
     },
     maglev::DEFAULT_TABLE_SIZE,
     service::{
-        AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS, MAX_NAT_SOURCES,
-        MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, SynCounter, TrafficCounter,
+        ADDR_FILTER_WORDS, AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS,
+        MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, SynCounter,
+        TrafficCounter,
     },
     stats::STATS_SLOTS,
 };
@@ -43,6 +44,10 @@ pub static VIPS: HashMap<AddrKey, u32, SERVICES_N> = HashMap::new();
 /// Addresses NAT services use as their source; replies to them are looked up in `CONNTRACK`.
 #[btf_map]
 pub static NAT_SOURCES: HashMap<AddrKey, u32, { MAX_NAT_SOURCES as usize }> = HashMap::new();
+
+/// Bits of every VIP and NAT source address (see `lb_common::service::addr_filter_bit`).
+#[btf_map]
+pub static ADDR_FILTER: Array<u64, { ADDR_FILTER_WORDS as usize }> = Array::new();
 
 /// Backends by id.
 #[btf_map]
@@ -127,6 +132,9 @@ pub struct Scratch {
     pub live: crate::conntrack::LiveNat,
     /// Headers copied for the SYN-cookie helpers.
     pub cookie: crate::syncookie::CookieBuf,
+    /// The firewall's LPM-trie key (an IPv6 key is 28 bytes): here rather than on the
+    /// stack of the entry function, whose frame every call chain carries.
+    pub fw_key: [u8; 28],
 }
 
 #[btf_map]

@@ -12,12 +12,12 @@ use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP},
     service::{
         AddrKey, GLOBAL_ALL_PORTS_SERVICES, Globals, MAX_BACKENDS, MAX_SERVICES,
-        SERVICE_HASH_SOURCE, Service, ServiceKey,
+        SERVICE_HASH_SOURCE, Service, ServiceKey, addr_filter_bit,
     },
 };
 
 use crate::{
-    maps::{CONNTRACK, GLOBALS, MAGLEV, SERVICES, VIPS},
+    maps::{ADDR_FILTER, CONNTRACK, GLOBALS, MAGLEV, SERVICES, VIPS},
     parse::Packet,
 };
 
@@ -58,6 +58,14 @@ pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
 pub fn is_vip(packet: &Packet) -> bool {
     let key = AddrKey { addr: packet.dst, family: packet.family as u32 };
     VIPS.get_ptr(key).is_some()
+}
+
+/// Whether the packet's destination may be a service or NAT source address: a clear bit in
+/// `ADDR_FILTER` (an inlined array lookup) proves it is neither.
+#[inline(always)]
+pub fn may_be_ours(packet: &Packet) -> bool {
+    let bit = addr_filter_bit(&packet.dst);
+    ADDR_FILTER.get(bit >> 6).is_none_or(|w| *w & (1u64 << (bit & 63)) != 0)
 }
 
 /// The packet's flow as the connection table keys it.

@@ -78,6 +78,7 @@ impl Maps {
                 take(ebpf, lb_common::maps::SERVICES)?,
                 take(ebpf, lb_common::maps::VIPS)?,
                 take(ebpf, lb_common::maps::NAT_SOURCES)?,
+                take(ebpf, lb_common::maps::ADDR_FILTER)?,
             )?,
             backends: BackendsMap::new(
                 take(ebpf, lb_common::maps::BACKENDS)?,

@@ -1,10 +1,11 @@
-//! `SERVICES` and the address sets beside it: `VIPS` (every service address) and
-//! `NAT_SOURCES` (addresses NAT replies come back to).
+//! `SERVICES` and the address sets beside it: `VIPS` (every service address),
+//! `NAT_SOURCES` (addresses NAT replies come back to) and `ADDR_FILTER`, the bitmap of both
+//! that lets the data path pass other traffic without a lookup.
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
     maps,
-    service::{AddrKey, Service, ServiceKey},
+    service::{ADDR_FILTER_WORDS, AddrKey, Service, ServiceKey, addr_filter_bit},
 };
 
 use super::{MapError, typed};
@@ -16,6 +17,7 @@ pub struct ServicesMap {
     services: HashMap<MapData, ServiceKey, Service>,
     vips: HashMap<MapData, AddrKey, u32>,
     nat_sources: HashMap<MapData, AddrKey, u32>,
+    filter: Array<MapData, u64>,
 }
 
 impl std::fmt::Debug for ServicesMap {
@@ -25,11 +27,17 @@ impl std::fmt::Debug for ServicesMap {
 }
 
 impl ServicesMap {
-    pub(crate) fn new(services: Map, vips: Map, nat_sources: Map) -> Result<Self, MapError> {
+    pub(crate) fn new(
+        services: Map,
+        vips: Map,
+        nat_sources: Map,
+        filter: Map,
+    ) -> Result<Self, MapError> {
         Ok(Self {
             services: typed(maps::SERVICES, services)?,
             vips: typed(maps::VIPS, vips)?,
             nat_sources: typed(maps::NAT_SOURCES, nat_sources)?,
+            filter: typed(maps::ADDR_FILTER, filter)?,
         })
     }
 
@@ -74,8 +82,39 @@ impl ServicesMap {
         vips: &[(AddrKey, u32)],
         nat_sources: &[(AddrKey, u32)],
     ) -> Result<(), MapError> {
+        // The filter first when addresses are added, so it never hides one that is in the
+        // sets; stale bits only cost a lookup, so it is rewritten whole each time.
+        let mut words = vec![0u64; ADDR_FILTER_WORDS as usize];
+        for (key, _) in vips.iter().chain(nat_sources) {
+            let bit = addr_filter_bit(&key.addr);
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for (i, word) in (0..ADDR_FILTER_WORDS).zip(&words) {
+            let current = self
+                .filter
+                .get(&i, 0)
+                .map_err(|source| MapError::Access { name: maps::ADDR_FILTER, source })?;
+            // Only ever add bits before the sets change; bits are removed after.
+            if current | word != current {
+                self.filter
+                    .set(i, current | word, 0)
+                    .map_err(|source| MapError::Update { name: maps::ADDR_FILTER, source })?;
+            }
+        }
         replace_all(&mut self.vips, vips, maps::VIPS)?;
-        replace_all(&mut self.nat_sources, nat_sources, maps::NAT_SOURCES)
+        replace_all(&mut self.nat_sources, nat_sources, maps::NAT_SOURCES)?;
+        for (i, word) in (0..ADDR_FILTER_WORDS).zip(&words) {
+            let current = self
+                .filter
+                .get(&i, 0)
+                .map_err(|source| MapError::Access { name: maps::ADDR_FILTER, source })?;
+            if current != *word {
+                self.filter
+                    .set(i, *word, 0)
+                    .map_err(|source| MapError::Update { name: maps::ADDR_FILTER, source })?;
+            }
+        }
+        Ok(())
     }
 }
 

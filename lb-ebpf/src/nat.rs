@@ -111,11 +111,11 @@ fn is_nat_source(packet: &Packet) -> bool {
     NAT_SOURCES.get_ptr(key).is_some()
 }
 
-/// Translates a backend's reply back to the client: a packet to a NAT source address that
-/// matches a reply entry. Anything else is not ours (`not_service`: the host's own traffic).
-#[inline(never)]
+/// Translates a backend's reply back to the client: a packet that matches a reply entry (or
+/// an ICMP error to a NAT source address about one). Anything else is not ours
+/// (`not_service`: the host's own traffic). One call either way: calls are dear here.
+#[inline(always)]
 pub fn try_reply(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
-    let ctx = &crate::parse::reload(ctx);
     let Scratch { packet, buf, .. } = scratch;
     // Cheap tests first: the address lookup is the expensive one.
     if packet.has_l4
@@ -137,10 +137,11 @@ fn translate_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
 
 #[inline(always)]
 fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> {
+    // No NAT_SOURCES lookup: only reply entries answer, and they are keyed by the NAT
+    // source address and port, so the connection lookup decides alone.
     if packet.fragment != Fragment::None
         || !packet.has_l4
         || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP)
-        || !is_nat_source(packet)
     {
         return Err(Reason::NotService);
     }

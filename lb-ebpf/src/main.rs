@@ -26,8 +26,8 @@ mod syncookie;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
-    net::{IPPROTO_TCP, tcp_flags},
+    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
+    net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::{
         NEXTHOP_ON_LINK, SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service,
     },
@@ -92,10 +92,70 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
             Err(Reason::NotService)
         };
     }
-    match select::lookup_service(packet) {
-        Some(service) => balance(ctx, scratch, service, now).into_result(),
-        None => nat::try_reply(ctx, scratch, now).into_result(),
+    // TCP and UDP packets of live flows, either direction, by one connection lookup.
+    let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
+    if l4 {
+        let action = established(ctx, scratch, now).into_result()?;
+        if action != Action::Pass {
+            return Ok(action);
+        }
     }
+    match select::lookup_service(&scratch.packet) {
+        Some(service) => balance(ctx, scratch, service, now).into_result(),
+        // No flow (the lookup above would have found a reply entry) and no service.
+        None if l4 => Err(Reason::NotService),
+        None => nat::try_icmp_error(ctx, scratch, now).into_result(),
+    }
+}
+
+/// A TCP or UDP packet of a live flow, found by one connection-table lookup: a forward entry
+/// sends it to the flow's backend (without looking the service up: the entry holds all it
+/// needs), a reply entry translates it back to the client. Without a live entry, or when
+/// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
+/// packet on to the service lookup.
+#[inline(never)]
+fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
+    let ctx = &parse::reload(ctx);
+    Outcome::from_result(try_established(ctx, scratch, now))
+}
+
+#[inline(always)]
+fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
+    let Scratch { packet, key, buf, live, .. } = scratch;
+    *key = select::flow_key(packet);
+    let Some(entry) = maps::CONNTRACK.get_ptr_mut(&*key) else { return Ok(Action::Pass) };
+    // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
+    // the timestamp and state, which any of them may win.
+    let e = unsafe { &mut *entry };
+    if e.flags & FLOW_REPLY != 0 {
+        return nat::reply(ctx, packet, e, now);
+    }
+    let g = select::globals()?;
+    let Some((state, refresh)) = select::keep(packet, e, g, now) else { return Ok(Action::Pass) };
+    if e.flags & FLOW_SYN_PROXY != 0 {
+        return Err(Reason::SynProxyPending);
+    }
+    if packet.has_ip_options {
+        return Err(Reason::IpOptions);
+    }
+    let is_nat = e.flags & FLOW_NAT != 0;
+    *live = LiveNat {
+        backend_id: e.backend_id,
+        service_id: e.service_id,
+        // A NAT flow's forward entry holds its NAT source address.
+        nat_addr: e.peer_addr,
+        nat_port: e.nat_port,
+        state,
+        new_flow: false,
+        now,
+        cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
+        seq_delta: e.seq_delta,
+        isn: e.isn,
+    };
+    if is_nat && refresh {
+        conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
+    }
+    send(ctx, packet, key, live, is_nat, false, false)
 }
 
 /// Sends a packet for `service` to its flow's backend. Not inlined, so its stack frame and
@@ -182,12 +242,27 @@ fn try_balance(
             live.new_flow
         }
     };
+    send(ctx, packet, key, live, is_nat, new_flow, proxied)
+}
+
+/// Sends a packet of a tracked flow (`live`) to its backend: NAT rewrite (or, for a flow a
+/// cookie just opened, the backend's SYN), sequence shift, counters, transmission.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    packet: &parse::Packet,
+    key: &FlowKey,
+    live: &LiveNat,
+    is_nat: bool,
+    new_flow: bool,
+    proxied: bool,
+) -> Result<Action, Reason> {
     let hop = forward::next_hop(live.backend_id)?;
     if is_nat {
         let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
         if proxied {
             let to = syncookie::Proxied {
-                nat_addr: service.nat_addr,
+                nat_addr: live.nat_addr,
                 backend_addr: backend.addr,
                 nat_port: live.nat_port,
                 backend_port,
@@ -196,7 +271,7 @@ fn try_balance(
             syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
             let ctx = &parse::reload(ctx);
             stats::count_traffic(
-                service.id,
+                live.service_id,
                 live.backend_id,
                 stats::frame_len(ctx),
                 new_flow,
@@ -205,7 +280,7 @@ fn try_balance(
             return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
         }
         let to = Rewrite {
-            src: &service.nat_addr,
+            src: &live.nat_addr,
             dst: &backend.addr,
             sport: live.nat_port,
             dport: backend_port,
@@ -218,7 +293,7 @@ fn try_balance(
     } else if hop.flags & NEXTHOP_ON_LINK == 0 {
         return Err(Reason::DsrBackendNotOnLink);
     }
-    stats::count_traffic(service.id, live.backend_id, stats::frame_len(ctx), new_flow, false);
+    stats::count_traffic(live.service_id, live.backend_id, stats::frame_len(ctx), new_flow, false);
     forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
 }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, FlowState},
+    conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::AddrKey,
@@ -15,7 +15,7 @@ use crate::{
     maps::{CONNTRACK, NAT_SOURCES, Scratch},
     outcome::Outcome,
     parse::{Family, Fragment, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, UdpHdr, ptr_at_mut},
-    select::{flow_key, globals},
+    select::globals,
     stats,
 };
 
@@ -111,11 +111,11 @@ fn is_nat_source(packet: &Packet) -> bool {
     NAT_SOURCES.get_ptr(key).is_some()
 }
 
-/// Translates a backend's reply back to the client: a packet that matches a reply entry (or
-/// an ICMP error to a NAT source address about one). Anything else is not ours
-/// (`not_service`: the host's own traffic). One call either way: calls are dear here.
+/// ICMP errors to a NAT source address about a NAT flow go back to its client; anything
+/// else that reaches here is not ours (`not_service`: the host's own traffic). TCP and UDP
+/// replies are found by the connection lookup before (see `main.rs`).
 #[inline(always)]
-pub fn try_reply(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
+pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     let Scratch { packet, buf, .. } = scratch;
     // Cheap tests first: the address lookup is the expensive one.
     if packet.has_l4
@@ -125,32 +125,14 @@ pub fn try_reply(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     {
         return crate::icmp::translate_error(ctx, packet, buf, now);
     }
-    translate_reply(ctx, packet, now)
+    Outcome::err(Reason::NotService)
 }
 
-/// Not inlined: the reply path's frame is never live with the ICMP path's.
-#[inline(never)]
-fn translate_reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Outcome {
-    let ctx = &crate::parse::reload(ctx);
-    Outcome::from_result(reply(ctx, packet, now))
-}
-
+/// Translates a backend's reply back to the client, by its reply entry `e`.
 #[inline(always)]
-fn reply(ctx: &XdpContext, packet: &Packet, now: u64) -> Result<Action, Reason> {
-    // No NAT_SOURCES lookup: only reply entries answer, and they are keyed by the NAT
-    // source address and port, so the connection lookup decides alone.
-    if packet.fragment != Fragment::None
-        || !packet.has_l4
-        || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP)
-    {
-        return Err(Reason::NotService);
-    }
-    let key = flow_key(packet);
-    let entry = CONNTRACK.get_ptr_mut(key).ok_or(Reason::NotService)?;
-    // SAFETY: a map value pointer from a successful lookup.
-    let e = unsafe { &mut *entry };
+pub fn reply(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u64) -> Result<Action, Reason> {
     let g = globals()?;
-    if e.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(e.state, e.last_seen, now) {
+    if g.timeouts.is_expired(e.state, e.last_seen, now) {
         return Err(Reason::NotService);
     }
     if packet.proto == IPPROTO_TCP && e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ) != 0 {

@@ -4,7 +4,7 @@
 use lb_common::{
     FlowKey, Reason,
     conntrack::{
-        FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, FlowState, Transition,
+        FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState, Transition,
         initial_tcp_state, next_tcp_state,
     },
     flow::flow_hash,
@@ -123,6 +123,29 @@ pub struct StaleNat {
     pub vip_port: u16,
 }
 
+/// Whether the live forward entry `e` carries this packet on: its state after the packet and
+/// whether the entry was rewritten (new state, or a refresh interval passed), updated in
+/// place. `None` when the entry is a reply entry, expired, or the packet starts over (a SYN
+/// on a closed connection's tuple).
+#[inline(always)]
+pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8, bool)> {
+    if e.flags & FLOW_REPLY != 0 || g.timeouts.is_expired(e.state, e.last_seen, now) {
+        return None;
+    }
+    let transition = if packet.proto == IPPROTO_TCP {
+        next_tcp_state(e.state, packet.tcp_flags)
+    } else {
+        Transition::Keep(FlowState::Datagram)
+    };
+    let Transition::Keep(state) = transition else { return None };
+    let refresh = state as u8 != e.state || now.saturating_sub(e.last_seen) > g.refresh;
+    if refresh {
+        e.state = state as u8;
+        e.last_seen = now;
+    }
+    Some((state as u8, refresh))
+}
+
 /// Looks the flow up and advances its state; a live entry is updated in place.
 #[inline(always)]
 pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
@@ -135,29 +158,16 @@ pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
         // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
         // on the timestamp and state, which any of them may win.
         let e = unsafe { &mut *entry };
-        if e.flags & FLOW_REPLY == 0 && !g.timeouts.is_expired(e.state, e.last_seen, now) {
-            let transition = if tcp {
-                next_tcp_state(e.state, packet.tcp_flags)
-            } else {
-                Transition::Keep(FlowState::Datagram)
+        if let Some((state, refresh)) = keep(packet, e, g, now) {
+            return Tracked::Existing {
+                backend_id: e.backend_id,
+                nat_port: e.nat_port,
+                state,
+                refresh,
+                cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
+                seq_delta: e.seq_delta,
+                isn: e.isn,
             };
-            if let Transition::Keep(state) = transition {
-                let state_changed = state as u8 != e.state;
-                let refresh = state_changed || now.saturating_sub(e.last_seen) > g.refresh;
-                if refresh {
-                    e.state = state as u8;
-                    e.last_seen = now;
-                }
-                return Tracked::Existing {
-                    backend_id: e.backend_id,
-                    nat_port: e.nat_port,
-                    state: state as u8,
-                    refresh,
-                    cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
-                    seq_delta: e.seq_delta,
-                    isn: e.isn,
-                };
-            }
         }
         if e.flags & FLOW_NAT != 0 && e.flags & FLOW_REPLY == 0 {
             has_stale = true;

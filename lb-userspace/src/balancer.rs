@@ -102,6 +102,9 @@ pub struct ApplySummary {
     pub tables_installed: usize,
     pub backends_added: usize,
     pub backends_retired: usize,
+    /// Ids of the services removed: their flows must be cut, since the data path forwards
+    /// a live flow by its connection entry alone.
+    pub removed_service_ids: Vec<u32>,
 }
 
 /// Failure to apply a configuration.
@@ -308,9 +311,10 @@ impl Balancer {
             );
         }
         // Adopted services the configuration no longer has.
-        for (key, _) in self.adoptable_services.drain() {
+        for (key, id) in self.adoptable_services.drain() {
             maps.services.remove(&key)?;
             summary.services_removed += 1;
+            summary.removed_service_ids.push(id);
         }
         let removed: Vec<String> =
             self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
@@ -318,6 +322,7 @@ impl Balancer {
             if let Some(state) = self.services.remove(&name) {
                 maps.services.remove(&state.key)?;
                 summary.services_removed += 1;
+                summary.removed_service_ids.push(state.id);
             }
         }
         maps.services.set_addresses(

@@ -374,6 +374,17 @@ impl Daemon {
             .map_err(|e| ChangeError::Apply(e.to_string()))?;
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
+        if !summary.removed_service_ids.is_empty() {
+            match self
+                .datapath
+                .maps_mut()
+                .conntrack
+                .remove_flows_of_services(&summary.removed_service_ids)
+            {
+                Ok(removed) => info!(removed, "flows of removed services cut"),
+                Err(error) => warn!(%error, "cutting flows of removed services failed"),
+            }
+        }
         if let Some(compiled) = firewall {
             let summary = self
                 .firewall

@@ -367,6 +367,37 @@ fn a_backend_reset_closes_both_directions() {
 }
 
 #[test]
+fn removing_a_service_cuts_its_flows() {
+    // A live flow is forwarded by its connection entry alone, without the service lookup:
+    // removing the service must take its flows (both directions) with it.
+    let Some(mut lb) = Lb::new("service_removed", &nat_config(false, "tcp"), &[]) else { return };
+    let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_001, 80).build();
+    let ack = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_001, 80)
+        .flags(tcp_flags::ACK)
+        .build();
+    assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) =
+        lb.flow_of(CLIENT4.into(), 46_001, VIP4.into(), 80, IPPROTO_TCP);
+    let IpAddr::V4(backend4) = backend else { unreachable!() };
+    let reply = Packet::ipv4(backend4, NAT4).tcp(bport, nat_port).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Tx));
+
+    let pool_only = nat_config(false, "tcp");
+    let pool_only = &pool_only[..pool_only.find("[[service]]").unwrap()];
+    let config = Config::parse(&format!("{INTERFACE}{pool_only}"), "fixture").unwrap();
+    let mut resolver = StaticResolver(HashMap::new());
+    let summary = lb.balancer.apply(&config, lb.bed.datapath.maps_mut(), &mut resolver).unwrap();
+    assert_eq!(summary.removed_service_ids.len(), 1);
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    assert_eq!(conntrack.remove_flows_of_services(&summary.removed_service_ids).unwrap(), 2);
+    assert!(conntrack.entries().unwrap().is_empty());
+    for frame in [&ack, &reply] {
+        assert_eq!(lb.bed.run(frame).unwrap().verdict, Some(Action::Pass));
+    }
+}
+
+#[test]
 fn policies_for_traffic_the_balancer_does_not_forward() {
     let empty_pool = "[[pool]]\nname = \"none\"\n[[service]]\nname = \"empty\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\npool = \"none\"\nmode = \"dsr-l2\"\n";
     let unresolved = "[[pool]]\nname = \"far\"\n[[pool.backend]]\naddress = \"198.18.9.9\"\n[[service]]\nname = \"far\"\naddress = \"198.18.100.3\"\nprotocol = \"tcp\"\nport = 80\npool = \"far\"\nmode = \"dsr-l2\"\n";

@@ -134,6 +134,22 @@ impl ConntrackMap {
         Ok(self.remove_all(doomed))
     }
 
+    /// Removes every entry (forward and reply) of the service ids in `ids`: a removed
+    /// service's flows stop at once instead of running on until they idle out. Returns how
+    /// many entries went.
+    pub fn remove_flows_of_services(&mut self, ids: &[u32]) -> Result<u64, MapError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let doomed = self
+            .entries()?
+            .into_iter()
+            .filter(|(_, flow)| ids.contains(&flow.service_id))
+            .map(|(key, _)| key)
+            .collect();
+        Ok(self.remove_all(doomed))
+    }
+
     /// Removes `keys` (duplicates allowed); returns how many were there.
     fn remove_all(&mut self, mut keys: Vec<FlowKey>) -> u64 {
         keys.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));

@@ -18,6 +18,7 @@ pub mod flow;
 pub mod maglev;
 pub mod maps;
 pub mod net;
+pub mod passthrough;
 pub mod reason;
 pub mod service;
 pub mod stats;

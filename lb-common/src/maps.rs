@@ -56,6 +56,17 @@ pub const FW_RATE: &str = "FW_RATE";
 pub const FW_EVENTS: &str = "FW_EVENTS";
 pub const FW_LOG_BUDGET: &str = "FW_LOG_BUDGET";
 
+/// TLS passthrough (see [`crate::passthrough`]), never pinned: they hold the daemon's own
+/// sockets, which do not outlive it. Socket hash of [`crate::passthrough::ListenerKey`] to the
+/// daemon's listening sockets, for the `sk_lookup` program.
+pub const PASSTHROUGH_LISTENERS: &str = "PASSTHROUGH_LISTENERS";
+/// Socket hash of [`crate::passthrough::RelayKey`] to the socket that receives what arrives on
+/// the keyed connection.
+pub const RELAY_SOCKETS: &str = "RELAY_SOCKETS";
+/// Per-CPU hash of [`crate::passthrough::RelayKey`] to the bytes relayed from that connection
+/// (u64).
+pub const RELAY_BYTES: &str = "RELAY_BYTES";
+
 /// Version of the maps' layouts as a whole: pinned maps live under `maps-v<this>`, so a build
 /// whose keys or values changed never reads maps pinned by another. Bump it with any change
 /// to a pinned map's key, value, type or flags.

@@ -19,11 +19,17 @@ mod mem;
 mod nat;
 mod outcome;
 mod parse;
+mod passthrough;
 mod select;
 mod stats;
 mod syncookie;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_jiffies64,
+    macros::{sk_lookup, stream_verdict, xdp},
+    programs::{SkBuffContext, SkLookupContext, XdpContext},
+};
 use lb_common::{
     Action, FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
@@ -67,6 +73,28 @@ fn lb_ingress_inner(ctx: &XdpContext) -> u32 {
     };
     stats::count_action(action, len);
     action.as_u32()
+}
+
+/// TLS passthrough: a TCP connection to a passthrough service goes to the daemon's listener
+/// (attached to the daemon's network namespace).
+#[sk_lookup]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[sk_lookup] macro hands over the context by value"
+)]
+pub fn lb_passthrough_lookup(ctx: SkLookupContext) -> u32 {
+    passthrough::steer(&ctx)
+}
+
+/// TLS passthrough: bytes arriving on a relayed socket leave through its partner (attached
+/// to `RELAY_SOCKETS`).
+#[stream_verdict]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[stream_verdict] macro hands over the context by value"
+)]
+pub fn lb_relay_verdict(ctx: SkBuffContext) -> u32 {
+    passthrough::relay(&ctx)
 }
 
 #[inline(always)]

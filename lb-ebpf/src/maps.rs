@@ -6,7 +6,8 @@
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
     btf_maps::{
-        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap,
+        RingBuf, SockHash,
     },
     macros::btf_map,
 };
@@ -18,6 +19,7 @@ use lb_common::{
         MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
     },
     maglev::DEFAULT_TABLE_SIZE,
+    passthrough::{ListenerKey, MAX_LISTENERS, MAX_RELAYS, RelayKey},
     service::{
         ADDR_FILTER_WORDS, AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS,
         MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, SynCounter,
@@ -117,6 +119,18 @@ pub static FW_RATE: LruHashMap<RateKey, Bucket, { RATE_ENTRIES as usize }> = Lru
 pub static FW_EVENTS: RingBuf<FwEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 pub static FW_LOG_BUDGET: PerCpuArray<Bucket, 1> = PerCpuArray::new();
+
+/// TLS passthrough: the daemon's listening sockets by service address and port.
+#[btf_map]
+pub static PASSTHROUGH_LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> =
+    SockHash::new();
+/// TLS passthrough: each relayed socket, under the key of its partner's connection.
+#[btf_map]
+pub static RELAY_SOCKETS: SockHash<RelayKey, { 2 * MAX_RELAYS as usize }> = SockHash::new();
+/// TLS passthrough: bytes relayed from each connection, per CPU.
+#[btf_map]
+pub static RELAY_BYTES: PerCpuHashMap<RelayKey, u64, { 2 * MAX_RELAYS as usize }> =
+    PerCpuHashMap::new();
 
 /// Values too large for the 512-byte BPF stack, in per-CPU memory: one program run uses them
 /// at a time.

@@ -8,12 +8,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{
-    flow::{addr_words, port_raw},
-    maglev::{MaglevBackend, build_table, identity_hash},
+    FlowKey,
+    flow::{addr_words, flow_hash, port_raw},
+    maglev::{MaglevBackend, build_table, identity_hash, table_size_for},
     service::{
         AddrKey, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE, SERVICE_NAT,
         SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service, ServiceKey,
@@ -91,6 +92,28 @@ pub struct Balancer {
     adoptable_services: HashMap<ServiceKey, u32>,
     /// `auto` SYN-cookie services whose cookies are on now.
     cookies_active: BTreeSet<String>,
+}
+
+/// A pool's Maglev table held by the daemon (see [`Balancer::pool_table`]).
+#[derive(Clone, Debug, Default)]
+pub struct PoolTable {
+    slots: Vec<u32>,
+    /// Backend id to address and port (`None`: the service's port).
+    backends: HashMap<u32, (IpAddr, Option<u16>)>,
+    hash_seed: u32,
+}
+
+impl PoolTable {
+    /// The backend for a TCP connection from `client` to `service`, hashed as the data path
+    /// hashes a 5-tuple; `None` when the pool has no backend with weight.
+    #[must_use]
+    pub fn select(&self, client: SocketAddr, service: SocketAddr) -> Option<(u32, SocketAddr)> {
+        let size = u32::try_from(self.slots.len()).ok().filter(|s| *s > 0)?;
+        let key = FlowKey::new(client, service, lb_common::net::IPPROTO_TCP);
+        let id = self.slots[(flow_hash(&key, self.hash_seed, false) % size) as usize];
+        let (addr, port) = self.backends.get(&id)?;
+        Some((id, SocketAddr::new(*addr, port.unwrap_or(service.port()))))
+    }
 }
 
 /// What one `apply` changed.
@@ -237,7 +260,11 @@ impl Balancer {
         // the first flow opens (the union of old and new until the old services are gone).
         let mut vips: BTreeMap<AddrKey, u32> = BTreeMap::new();
         let mut nat_sources: BTreeMap<AddrKey, u32> = BTreeMap::new();
-        for service in &config.services {
+        // TLS passthrough services are the daemon's, not the data path's: their packets
+        // must reach the host's stack (see `passthrough`).
+        let balanced: Vec<&ServiceConfig> =
+            config.services.iter().filter(|s| s.in_data_path()).collect();
+        for service in &balanced {
             *vips.entry(addr_key(*service.address.get_ref())).or_default() += 1;
             if let Some(source) =
                 service.nat_source.as_ref().filter(|_| service.mode == ForwardingMode::Nat)
@@ -252,7 +279,7 @@ impl Balancer {
         // Then each service: its table (switched whole), then its entry.
         let mut kept = BTreeSet::new();
         let mut built: HashMap<TableInput, Table> = HashMap::new();
-        for service in &config.services {
+        for service in balanced {
             let name = service.name.get_ref().clone();
             kept.insert(name.clone());
             let previous = self.services.get(&name).cloned();
@@ -419,6 +446,32 @@ impl Balancer {
             .map(|(k, _)| k)
             .or_else(|| self.retired.get(&id))?;
         Some(backend_value(identity))
+    }
+
+    /// Pool `pool`'s Maglev table under `config`'s (effective) weights, for the daemon's own
+    /// balancing (TLS passthrough): the same builder, identities and flow hash as the data
+    /// path's tables, so a connection picks the backend an XDP service would.
+    #[must_use]
+    pub fn pool_table(&self, pool: &str, config: &Config) -> PoolTable {
+        let members = self.members(pool, config);
+        let backends: HashMap<u32, (IpAddr, Option<u16>)> = members
+            .iter()
+            .filter_map(|(_, id, _)| {
+                let (identity, _) = self.backends.iter().find(|(_, s)| s.id == *id)?;
+                Some((*id, (identity.addr, identity.port)))
+            })
+            .collect();
+        let size = table_size_for(u32::try_from(members.len()).unwrap_or(u32::MAX))
+            .unwrap_or(lb_common::maglev::MAX_TABLE_SIZE);
+        let maglev: Vec<MaglevBackend> = members
+            .iter()
+            .map(|(identity, id, weight)| MaglevBackend {
+                id: *id,
+                identity: *identity,
+                weight: *weight,
+            })
+            .collect();
+        PoolTable { slots: build_table(&maglev, size), backends, hash_seed: self.hash_seed }
     }
 
     fn members(&self, pool: &str, config: &Config) -> Vec<(u64, u32, u32)> {

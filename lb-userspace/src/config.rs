@@ -579,6 +579,116 @@ pub enum ForwardingMode {
     /// service address on a loopback and answer clients directly.
     #[serde(rename = "dsr-l2")]
     DsrL2,
+    /// TLS passthrough: the daemon accepts the connection, routes it by the ClientHello's
+    /// server name (`[service.tls]`) and relays it, still encrypted, to a backend.
+    #[serde(rename = "tls-passthrough")]
+    TlsPassthrough,
+}
+
+impl ForwardingMode {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Nat => "nat",
+            Self::DsrL2 => "dsr-l2",
+            Self::TlsPassthrough => "tls-passthrough",
+        }
+    }
+}
+
+/// What a TLS-passthrough service does with a hello whose server name no route matches, or
+/// with one without a server name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SniFallback {
+    /// The service's `pool`.
+    #[default]
+    Default,
+    /// Close the connection; nothing reaches a backend.
+    Reject,
+}
+
+/// How a routed connection's bytes move between the client and the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// In the kernel: a socket map and a stream-verdict program redirect each socket's bytes
+    /// to its partner (splice when the kernel refuses the socket map).
+    #[default]
+    Sockmap,
+    /// `splice(2)` through a pipe: no copy into the daemon's memory, one wake-up per chunk.
+    Splice,
+}
+
+/// `[[service.tls.route]]`: connections whose server name matches go to `pool`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniRouteConfig {
+    /// An exact name (`www.example.com`) or a wildcard (`*.example.com`).
+    pub server_name: Spanned<String>,
+    pub pool: Spanned<String>,
+}
+
+const fn default_hello_timeout_ms() -> u64 {
+    10_000
+}
+const fn default_max_pending() -> u32 {
+    1024
+}
+const fn default_max_pending_per_source() -> u32 {
+    64
+}
+
+/// `[service.tls]`: the routing policy of a `tls-passthrough` service. See
+/// `docs/tls-passthrough.md`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPassthroughConfig {
+    #[serde(default, rename = "route")]
+    pub routes: Vec<SniRouteConfig>,
+    /// A server name no route matches.
+    #[serde(default)]
+    pub unknown_sni: SniFallback,
+    /// A hello without a server name.
+    #[serde(default)]
+    pub missing_sni: SniFallback,
+    /// If not empty, only names matching one of these patterns are served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Names matching one of these patterns are refused (before `allow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// How long a client has to send its whole ClientHello.
+    #[serde(default = "default_hello_timeout_ms")]
+    pub hello_timeout_ms: u64,
+    /// Connections accepted whose hello is not complete yet, at most; more are closed.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+    /// The same, per client address.
+    #[serde(default = "default_max_pending_per_source")]
+    pub max_pending_per_source: u32,
+    /// Send a PROXY protocol v2 header to the backend first, so it sees the client's address.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub relay: RelayMode,
+}
+
+impl Default for TlsPassthroughConfig {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            unknown_sni: SniFallback::Default,
+            missing_sni: SniFallback::Default,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            hello_timeout_ms: default_hello_timeout_ms(),
+            max_pending: default_max_pending(),
+            max_pending_per_source: default_max_pending_per_source(),
+            proxy_protocol: false,
+            relay: RelayMode::Sockmap,
+        }
+    }
 }
 
 /// What the flow hash covers.
@@ -627,9 +737,19 @@ pub struct ServiceConfig {
     pub syn_cookies: SynCookies,
     #[serde(default = "default_syn_threshold")]
     pub syn_cookie_threshold: u64,
+    /// The routing policy of a `tls-passthrough` service (defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsPassthroughConfig>,
 }
 
 impl ServiceConfig {
+    /// Whether the XDP data path balances this service (TLS passthrough services are served
+    /// by the daemon: their packets go to the host's stack).
+    #[must_use]
+    pub fn in_data_path(&self) -> bool {
+        self.mode != ForwardingMode::TlsPassthrough
+    }
+
     #[must_use]
     pub fn port(&self) -> Option<u16> {
         self.port.as_ref().map(|p| *p.get_ref())
@@ -925,6 +1045,7 @@ impl Config {
             }
             self.check_service_pool(service, p);
             check_service_mode(service, p);
+            self.check_routes(service, p);
         }
     }
 
@@ -971,6 +1092,28 @@ impl Config {
                     Some(size.span()),
                     &format!("table_size {size_value} gives {backends} backends fewer than {MIN_SLOTS_PER_BACKEND} slots each; use at least {suggestion}"),
                 );
+            }
+        }
+    }
+
+    /// A `[service.tls]` belongs to a `tls-passthrough` service, and its routes' pools
+    /// exist and hold the service's address family.
+    fn check_routes(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
+        let name = service.name.get_ref();
+        let Some(tls) = &service.tls else { return };
+        if service.mode != ForwardingMode::TlsPassthrough {
+            p.add(Some(service.name.span()), &format!("service {name:?} has a `[service.tls]` table but is {}; set mode = \"tls-passthrough\" or remove the table", service.mode.name()));
+        }
+        let v4 = service.address.get_ref().is_ipv4();
+        for route in &tls.routes {
+            let pool_name = route.pool.get_ref();
+            match self.pool(pool_name) {
+                None => p.add(Some(route.pool.span()), &format!("service {name:?}: route {:?} uses pool {pool_name:?}, which is not defined", route.server_name.get_ref())),
+                Some(pool) => {
+                    if pool.backends.iter().any(|b| b.address.get_ref().is_ipv4() != v4) {
+                        p.add(Some(route.pool.span()), &format!("service {name:?}: pool {pool_name:?} of route {:?} has backends of another address family than the service", route.server_name.get_ref()));
+                    }
+                }
             }
         }
     }
@@ -1113,6 +1256,7 @@ fn check_service_mode(service: &ServiceConfig, p: &mut Problems<'_>) {
                 p.add(Some(range.span()), &message);
             }
         }
+        ForwardingMode::TlsPassthrough => check_passthrough(service, p),
         ForwardingMode::DsrL2 => {
             if let Some(source) = &service.nat_source {
                 p.add(
@@ -1131,6 +1275,63 @@ fn check_service_mode(service: &ServiceConfig, p: &mut Problems<'_>) {
                 );
             }
         }
+    }
+}
+
+/// The checks of a `tls-passthrough` service that need nothing but the service (its routes'
+/// pools are checked with the pools).
+fn check_passthrough(service: &ServiceConfig, p: &mut Problems<'_>) {
+    use crate::passthrough::routes::is_valid_pattern;
+    let name = service.name.get_ref();
+    let at = Some(service.name.span());
+    if service.protocol != Protocol::Tcp || service.port().is_none() {
+        p.add(
+            at.clone(),
+            &format!(
+                "service {name:?} is tls-passthrough, which needs protocol = \"tcp\" and a `port`"
+            ),
+        );
+    }
+    if service.nat_source.is_some() || service.nat_ports.is_some() {
+        p.add(at.clone(), &format!("service {name:?} is tls-passthrough; `nat_source` and `nat_ports` only apply to nat services (the daemon connects to backends from the host's own addresses)"));
+    }
+    let Some(tls) = &service.tls else { return };
+    let mut seen = HashSet::new();
+    for route in &tls.routes {
+        let pattern = route.server_name.get_ref();
+        if let Err(message) = is_valid_pattern(pattern) {
+            p.add(
+                Some(route.server_name.span()),
+                &format!("service {name:?}: server_name {pattern:?}: {message}"),
+            );
+        } else if !seen.insert(pattern.to_ascii_lowercase()) {
+            p.add(Some(route.server_name.span()), &format!("service {name:?}: server_name {pattern:?} is routed twice; keep one route per name"));
+        }
+    }
+    for pattern in tls.allow.iter().chain(&tls.deny) {
+        if let Err(message) = is_valid_pattern(pattern) {
+            p.add(
+                at.clone(),
+                &format!("service {name:?}: allow/deny pattern {pattern:?}: {message}"),
+            );
+        }
+    }
+    if !(100..=300_000).contains(&tls.hello_timeout_ms) {
+        p.add(
+            at.clone(),
+            &format!(
+                "service {name:?}: hello_timeout_ms {} is out of range; use 100 to 300000",
+                tls.hello_timeout_ms
+            ),
+        );
+    }
+    if !(1..=65_536).contains(&tls.max_pending) || tls.max_pending_per_source == 0 {
+        p.add(
+            at,
+            &format!(
+                "service {name:?}: max_pending is 1 to 65536 and max_pending_per_source at least 1"
+            ),
+        );
     }
 }
 

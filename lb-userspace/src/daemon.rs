@@ -24,6 +24,7 @@ use crate::{
     health::{self, Checker, Report},
     lifecycle::Lifecycle,
     nexthop::KernelResolver,
+    passthrough::Passthrough,
     synflood::AutoCookies,
     sysctl,
 };
@@ -75,6 +76,8 @@ pub struct Daemon {
     pub auto_cookies: AutoCookies,
     last_tick: Option<Instant>,
     started: Instant,
+    /// TLS-passthrough services (started with the first one).
+    pub passthrough: Passthrough,
 }
 
 impl Daemon {
@@ -113,6 +116,11 @@ impl Daemon {
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
         lifecycle.installed(&effective, panicking);
+        let mut passthrough = Passthrough::default();
+        if Passthrough::needed(&config) {
+            start_passthrough(&mut datapath, &mut passthrough)?;
+        }
+        passthrough.sync(&effective, &balancer);
         let mut attached = Vec::new();
         for interface in &config.interfaces {
             let name = interface.name.get_ref();
@@ -141,6 +149,7 @@ impl Daemon {
             auto_cookies: AutoCookies::default(),
             last_tick: None,
             started: Instant::now(),
+            passthrough,
         })
     }
 
@@ -180,7 +189,10 @@ impl Daemon {
             return;
         }
         match self.balancer.apply(&effective, self.datapath.maps_mut(), &mut self.resolver) {
-            Ok(_) => self.lifecycle.installed(&effective, panicking),
+            Ok(_) => {
+                self.lifecycle.installed(&effective, panicking);
+                self.passthrough.sync(&effective, &self.balancer);
+            }
             Err(error) => warn!(%error, "installing new backend weights failed"),
         }
     }
@@ -363,6 +375,10 @@ impl Daemon {
         } else {
             None
         };
+        if Passthrough::needed(&new) && !self.passthrough.started() {
+            start_passthrough(&mut self.datapath, &mut self.passthrough)
+                .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
+        }
         reserve_nat_ports(&new);
         let now = Instant::now();
         let mut lifecycle = self.lifecycle.clone();
@@ -374,6 +390,7 @@ impl Daemon {
             .map_err(|e| ChangeError::Apply(e.to_string()))?;
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
+        self.passthrough.sync(&effective, &self.balancer);
         if !summary.removed_service_ids.is_empty() {
             match self
                 .datapath
@@ -469,4 +486,16 @@ fn reserve_nat_ports(config: &Config) {
             warn!(%error, "could not reserve the NAT ports from the kernel's ephemeral range");
         }
     }
+}
+
+/// Starts the kernel's half of TLS passthrough and the daemon's (on the current tokio
+/// runtime, which serves the connections).
+fn start_passthrough(datapath: &mut Datapath, passthrough: &mut Passthrough) -> anyhow::Result<()> {
+    tokio::runtime::Handle::try_current()
+        .context("TLS passthrough services need the daemon's async runtime")?;
+    let (maps, sockmap) =
+        datapath.start_passthrough().context("failed to start TLS passthrough")?;
+    passthrough.start(maps, sockmap);
+    info!(relay = if sockmap { "sockmap" } else { "splice" }, "TLS passthrough started");
+    Ok(())
 }

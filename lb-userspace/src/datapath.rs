@@ -19,7 +19,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
-    maps::{MapError, Maps, StatsMap},
+    maps::{MapError, Maps, RelayMaps, StatsMap},
     pins::PinDir,
 };
 
@@ -37,6 +37,11 @@ pub const BENCH_CONNTRACK_INSERT: &str = "bench_conntrack_insert";
 
 /// Program that reports the data path's clock (see [`Datapath::now_ticks`]).
 pub const CLOCK_PROGRAM: &str = "lb_clock";
+
+/// TLS passthrough: the `sk_lookup` program that hands connections to the daemon's listeners,
+/// and the stream-verdict program that relays between sockets.
+pub const PASSTHROUGH_LOOKUP_PROGRAM: &str = "lb_passthrough_lookup";
+pub const RELAY_VERDICT_PROGRAM: &str = "lb_relay_verdict";
 
 /// Name of the pass-through program the lab attaches to veth peers.
 pub const LAB_PEER_PROGRAM: &str = "lab_peer_pass";
@@ -100,6 +105,8 @@ pub enum DatapathError {
     Map(#[from] MapError),
     #[error(transparent)]
     Pins(#[from] crate::pins::PinError),
+    #[error("TLS passthrough: {0}")]
+    Passthrough(String),
     #[error("failed to pin the XDP link of {interface}: {source}")]
     PinLink { interface: String, source: aya::pin::PinError },
 }
@@ -262,6 +269,46 @@ impl Datapath {
             load_program(&mut self.ebpf, name)?;
         }
         xdp_program(&mut self.ebpf, name)
+    }
+
+    /// Starts the kernel's half of TLS passthrough and hands over its maps: the `sk_lookup`
+    /// program on this process's network namespace (required), and the relay's
+    /// stream-verdict program on `RELAY_SOCKETS` (`false` when the kernel refuses it: the
+    /// relay then splices). Both stay attached as long as this data path is loaded.
+    pub fn start_passthrough(&mut self) -> Result<(RelayMaps, bool), DatapathError> {
+        use aya::programs::{SkLookup, SkSkb};
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            DatapathError::Passthrough(format!("{what}: {e}"))
+        };
+        let relay = self
+            .maps
+            .relay
+            .take()
+            .ok_or_else(|| DatapathError::Passthrough("already started".into()))?;
+        let lookup: &mut SkLookup = self
+            .ebpf
+            .program_mut(PASSTHROUGH_LOOKUP_PROGRAM)
+            .ok_or(DatapathError::MissingProgram { name: PASSTHROUGH_LOOKUP_PROGRAM })?
+            .try_into()
+            .map_err(|e| fail("not an sk_lookup program", &e))?;
+        lookup.load().map_err(|e| fail("loading the sk_lookup program", &e))?;
+        let netns = std::fs::File::open("/proc/self/ns/net")
+            .map_err(|e| fail("opening this network namespace", &e))?;
+        lookup.attach(netns).map_err(|e| fail("attaching the sk_lookup program", &e))?;
+        let verdict: &mut SkSkb = self
+            .ebpf
+            .program_mut(RELAY_VERDICT_PROGRAM)
+            .ok_or(DatapathError::MissingProgram { name: RELAY_VERDICT_PROGRAM })?
+            .try_into()
+            .map_err(|e| fail("not an sk_skb program", &e))?;
+        let sockmap = match verdict.load().and_then(|()| verdict.attach(relay.sockets_fd())) {
+            Ok(_) => true,
+            Err(error) => {
+                warn!(%error, "the kernel refused the relay's socket map program; relaying by splice");
+                false
+            }
+        };
+        Ok((relay, sockmap))
     }
 
     /// Attaches the main program to `interface` and reports the mode it runs in.

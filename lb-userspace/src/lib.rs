@@ -14,6 +14,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod maps;
 pub mod nexthop;
+pub mod passthrough;
 pub mod pins;
 pub mod synflood;
 pub mod sysctl;
@@ -136,6 +137,7 @@ pub async fn run(
         }
     }
     lock(&daemon).stop_health_checks();
+    lock(&daemon).passthrough.stop();
 
     if options.detach_on_exit {
         lock(&daemon).datapath.detach_all();

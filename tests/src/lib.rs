@@ -8,3 +8,4 @@ pub mod netns;
 pub mod packet;
 pub mod privileged;
 pub mod testrun;
+pub mod tls;

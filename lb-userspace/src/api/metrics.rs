@@ -42,6 +42,8 @@ pub struct Snapshot {
     conntrack_capacity: u32,
     /// (interface, mode)
     interfaces: Vec<(String, String)>,
+    /// TLS passthrough, when any service uses it.
+    passthrough: Option<crate::passthrough::stats::StatsSnapshot>,
 }
 
 type Delivery = (String, String, &'static str, &'static str);
@@ -69,6 +71,8 @@ impl Snapshot {
             conntrack_entries: d.conntrack_live,
             conntrack_capacity: d.config.conntrack.max_entries,
             interfaces: d.attached.iter().map(|(i, m)| (i.clone(), m.name().to_owned())).collect(),
+            passthrough: crate::passthrough::Passthrough::needed(&d.config)
+                .then(|| d.passthrough.stats.snapshot()),
             ..Self::default()
         };
         for service in &d.config.services {
@@ -278,6 +282,7 @@ impl Collector for Snapshot {
         self.encode_lifecycle(&mut e)?;
         self.encode_firewall(&mut e)?;
         self.encode_syn(&mut e)?;
+        self.encode_passthrough(&mut e)?;
 
         gauge(
             &mut e,
@@ -314,6 +319,99 @@ impl Collector for Snapshot {
 
 impl Snapshot {
     /// SYN and SYN-cookie counters of services that use cookies.
+    /// TLS passthrough: per route, per rejection reason, and the time to a decision.
+    fn encode_passthrough(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::passthrough::stats::{DECISION_BUCKETS, RouteCounters};
+        let Some(p) = &self.passthrough else { return Ok(()) };
+        let route_labels = |(service, route, pool): &(String, String, String)| -> Labels {
+            vec![("service", service.clone()), ("route", route.clone()), ("pool", pool.clone())]
+        };
+        let rows = |f: fn(&RouteCounters) -> u64| -> Vec<(Labels, u64)> {
+            p.routes.iter().map(|(id, c)| (route_labels(id), f(c))).collect()
+        };
+        counter(
+            e,
+            "lb_passthrough_connections",
+            "Connections relayed to a backend, by service and route (server-name pattern, or default).",
+            &rows(|c| c.connections),
+        )?;
+        let mut bytes = Vec::new();
+        for (id, c) in &p.routes {
+            for (direction, value) in
+                [("to_backend", c.bytes_to_backend), ("to_client", c.bytes_to_client)]
+            {
+                let mut labels = route_labels(id);
+                labels.push(("direction", direction.to_owned()));
+                bytes.push((labels, value));
+            }
+        }
+        counter(
+            e,
+            "lb_passthrough_bytes",
+            "Bytes relayed, by route and direction (relays report at least once a second).",
+            &bytes,
+        )?;
+        let active: Vec<(Labels, i64)> =
+            p.routes.iter().map(|(id, c)| (route_labels(id), clamp(c.active))).collect();
+        gauge(e, "lb_passthrough_active_connections", "Relayed connections open now.", &active)?;
+        let rejected: Vec<(Labels, u64)> = p
+            .rejected
+            .iter()
+            .map(|((service, reason), n)| {
+                (vec![("service", service.clone()), ("reason", (*reason).to_owned())], *n)
+            })
+            .collect();
+        counter(
+            e,
+            "lb_passthrough_rejected",
+            "Connections closed before reaching a backend, by reason.",
+            &rejected,
+        )?;
+        let pending: Vec<(Labels, i64)> = p
+            .pending
+            .iter()
+            .map(|(service, n)| (vec![("service", service.clone())], clamp(*n)))
+            .collect();
+        gauge(
+            e,
+            "lb_passthrough_pending_handshakes",
+            "Connections waiting for their ClientHello now.",
+            &pending,
+        )?;
+        let relays: Vec<(Labels, u64)> =
+            p.relays.iter().map(|(how, n)| (vec![("relay", (*how).to_owned())], *n)).collect();
+        counter(
+            e,
+            "lb_passthrough_relays",
+            "Relays finished, by how they moved bytes (sockmap: in the kernel; splice).",
+            &relays,
+        )?;
+        let mut family = e.encode_descriptor(
+            "lb_passthrough_decision_seconds",
+            "Time from accepting a connection to choosing its backend (reading the hello included).",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        for (service, d) in &p.decisions {
+            let buckets: Vec<(f64, u64)> = DECISION_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(d.buckets.iter().copied())
+                .collect();
+            let labels: Labels = vec![("service", service.clone())];
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    d.sum_seconds,
+                    d.count,
+                    &buckets,
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+
     fn encode_syn(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Field = fn(&lb_common::service::SynCounter) -> u64;
         let families: [(&str, &str, Field); 4] = [

@@ -206,10 +206,7 @@ async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>
             protocol: s.protocol.name().to_owned(),
             port: s.port(),
             pool: s.pool.get_ref().clone(),
-            mode: match s.mode {
-                crate::config::ForwardingMode::Nat => "nat".into(),
-                crate::config::ForwardingMode::DsrL2 => "dsr-l2".into(),
-            },
+            mode: s.mode.name().into(),
             packets: counters.packets,
             bytes: counters.bytes,
             new_flows: counters.new_flows,

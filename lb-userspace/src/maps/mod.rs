@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod firewall;
 pub mod globals;
 pub mod maglev;
+pub mod relay;
 pub mod services;
 pub mod stats;
 pub mod traffic;
@@ -20,6 +21,7 @@ pub use conntrack::ConntrackMap;
 pub use firewall::FirewallMaps;
 pub use globals::GlobalsMap;
 pub use maglev::MaglevMap;
+pub use relay::RelayMaps;
 pub use services::ServicesMap;
 pub use stats::{StatsMap, StatsSnapshot};
 pub use traffic::TrafficMaps;
@@ -58,6 +60,8 @@ pub struct Maps {
     pub firewall: FirewallMaps,
     /// The firewall's sampled events, until the daemon's reader takes them.
     pub firewall_events: Option<FirewallEvents>,
+    /// The TLS-passthrough maps, until the daemon's passthrough service takes them.
+    pub relay: Option<RelayMaps>,
 }
 
 /// `FW_EVENTS`, the firewall's ring buffer of sampled matches.
@@ -108,6 +112,11 @@ impl Maps {
                 lb_common::maps::FW_EVENTS,
                 take(ebpf, lb_common::maps::FW_EVENTS)?,
             )?)),
+            relay: Some(RelayMaps::new(
+                take(ebpf, lb_common::maps::PASSTHROUGH_LISTENERS)?,
+                take(ebpf, lb_common::maps::RELAY_SOCKETS)?,
+                take(ebpf, lb_common::maps::RELAY_BYTES)?,
+            )?),
         })
     }
 }

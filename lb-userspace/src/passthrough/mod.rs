@@ -1,0 +1,160 @@
+//! TLS passthrough: services routed by the server name of the client's TLS ClientHello,
+//! without terminating TLS (the daemon never holds a key and never decrypts).
+//!
+//! No XDP program can see a server name when the SYN arrives, so these services are the
+//! daemon's: the XDP data path passes their packets to the host's stack, an `sk_lookup`
+//! program hands the connections to the daemon's listener (`server.rs`), which reads the
+//! hello (`hello.rs`), picks the pool by name (`routes.rs`, `policy.rs`) and the backend by
+//! the data path's own Maglev hash, connects (optionally with a PROXY v2 header,
+//! `proxy_v2.rs`), and leaves the bytes to the kernel (`relay.rs`).
+
+pub mod hello;
+pub mod policy;
+pub mod proxy_v2;
+mod relay;
+pub mod routes;
+mod server;
+pub mod stats;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::{
+    policy::Policy,
+    server::{ServiceRuntime, Shared},
+    stats::Stats,
+};
+use crate::{Balancer, Config, config::ForwardingMode, maps::RelayMaps};
+
+/// A service being served.
+#[derive(Debug)]
+struct Running {
+    address: SocketAddr,
+    runtime: Arc<ServiceRuntime>,
+    cancel: CancellationToken,
+}
+
+/// The daemon's passthrough services: the policies the configuration asks for, and, once
+/// started, their listeners.
+#[derive(Debug, Default)]
+pub struct Passthrough {
+    wanted: HashMap<String, Arc<Policy>>,
+    shared: Option<Arc<Shared>>,
+    /// The socket maps (listeners, and relays unless they splice).
+    listener_maps: Option<Arc<Mutex<RelayMaps>>>,
+    running: HashMap<String, Running>,
+    pub stats: Arc<Stats>,
+}
+
+impl Passthrough {
+    /// Whether `config` has passthrough services.
+    #[must_use]
+    pub fn needed(config: &Config) -> bool {
+        config.services.iter().any(|s| s.mode == ForwardingMode::TlsPassthrough)
+    }
+
+    /// Whether the kernel half is running.
+    #[must_use]
+    pub const fn started(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Whether relays go through the socket map (else splice).
+    #[must_use]
+    pub fn sockmap(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.maps.is_some())
+    }
+
+    /// Starts serving with the kernel's half (see `Datapath::start_passthrough`). Needs a
+    /// tokio runtime.
+    pub fn start(&mut self, maps: RelayMaps, sockmap: bool) {
+        let maps = Arc::new(Mutex::new(maps));
+        self.shared = Some(Arc::new(Shared {
+            maps: sockmap.then(|| maps.clone()),
+            stats: self.stats.clone(),
+        }));
+        self.listener_maps = Some(maps);
+        self.reconcile();
+    }
+
+    /// Makes the services match `effective` (the configuration with the weights installed):
+    /// new ones start listening, removed ones stop (their relayed connections carry on), and
+    /// the others take the new policy for their next connections.
+    pub fn sync(&mut self, effective: &Config, balancer: &Balancer) {
+        self.wanted = effective
+            .services
+            .iter()
+            .filter(|s| s.mode == ForwardingMode::TlsPassthrough)
+            .map(|s| (s.name.get_ref().clone(), Arc::new(Policy::compile(s, effective, balancer))))
+            .collect();
+        for policy in self.wanted.values() {
+            for route in policy.labels() {
+                self.stats.declare(&(policy.service.clone(), route.label, route.pool));
+            }
+        }
+        self.reconcile();
+    }
+
+    fn reconcile(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(maps) = self.listener_maps.clone() else { return };
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| self.wanted.get(*name).is_none_or(|p| p.address != r.address))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(running) = self.running.remove(&name) {
+                running.cancel.cancel();
+                relay_lock(&maps).remove_listener(running.address);
+                info!(service = %name, "passthrough service stopped");
+            }
+        }
+        for (name, policy) in &self.wanted {
+            if let Some(running) = self.running.get(name) {
+                running.runtime.set_policy(policy.clone());
+                continue;
+            }
+            match Self::listen(policy, &shared, &maps) {
+                Ok(running) => {
+                    info!(service = %name, address = %policy.address, "passthrough service listening");
+                    self.running.insert(name.clone(), running);
+                }
+                Err(error) => {
+                    warn!(service = %name, %error, "passthrough service cannot listen");
+                }
+            }
+        }
+    }
+
+    fn listen(
+        policy: &Arc<Policy>,
+        shared: &Arc<Shared>,
+        maps: &Arc<Mutex<RelayMaps>>,
+    ) -> anyhow::Result<Running> {
+        let listener = server::bind_listener(policy.address)?;
+        relay_lock(maps).set_listener(policy.address, &listener)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let runtime = Arc::new(ServiceRuntime::new(policy.clone()));
+        let cancel = CancellationToken::new();
+        tokio::spawn(server::serve(listener, runtime.clone(), shared.clone(), cancel.clone()));
+        Ok(Running { address: policy.address, runtime, cancel })
+    }
+
+    /// Stops every listener (relayed connections carry on until they end).
+    pub fn stop(&mut self) {
+        self.wanted.clear();
+        self.reconcile();
+    }
+}
+
+fn relay_lock(maps: &Arc<Mutex<RelayMaps>>) -> std::sync::MutexGuard<'_, RelayMaps> {
+    maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

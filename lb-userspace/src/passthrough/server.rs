@@ -1,0 +1,245 @@
+//! A passthrough service's listener and connections: admit, read the ClientHello, route,
+//! connect to the backend, relay.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{
+    hello::{ClientHello, MAX_HANDSHAKE_BYTES, parse_client_hello},
+    policy::{Policy, RejectReason},
+    proxy_v2::proxy_v2_header,
+    relay::{self, SharedMaps},
+    stats::Stats,
+};
+
+/// How long connecting to a backend may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read while waiting for a complete hello, at most: a 16 KiB handshake in records of
+/// one byte each comes to 96 KiB; anything larger is not a hello worth waiting for.
+const MAX_HELLO_BUFFER: usize = 6 * (MAX_HANDSHAKE_BYTES + 5);
+/// Listen backlog of the daemon's listeners: bursts of new connections queue in the kernel
+/// rather than being refused.
+const BACKLOG: libc::c_int = 4096;
+
+/// What every connection of every passthrough service shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The socket maps; `None` relays by splice.
+    pub maps: Option<SharedMaps>,
+    pub stats: Arc<Stats>,
+}
+
+/// One running service: its current policy and its pending handshakes.
+#[derive(Debug)]
+pub struct ServiceRuntime {
+    policy: RwLock<Arc<Policy>>,
+    /// Connections waiting for their hello: in all, and per client address.
+    pending: Mutex<(u32, HashMap<IpAddr, u32>)>,
+}
+
+impl ServiceRuntime {
+    #[must_use]
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self { policy: RwLock::new(policy), pending: Mutex::new((0, HashMap::new())) }
+    }
+
+    /// The policy new connections use.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the policy; connections already routed keep theirs.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+    }
+
+    fn admit(self: &Arc<Self>, source: IpAddr, policy: &Policy) -> Option<PendingGuard> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let per_source = pending.1.get(&source).copied().unwrap_or(0);
+        if pending.0 >= policy.max_pending() || per_source >= policy.max_pending_per_source() {
+            return None;
+        }
+        pending.0 += 1;
+        *pending.1.entry(source).or_default() += 1;
+        Some(PendingGuard { runtime: self.clone(), source })
+    }
+}
+
+/// A connection counted as pending until dropped.
+struct PendingGuard {
+    runtime: Arc<ServiceRuntime>,
+    source: IpAddr,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = self.runtime.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.0 = pending.0.saturating_sub(1);
+        if let Some(n) = pending.1.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                pending.1.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// A listening socket on the loopback address of `family_of`'s family and a free port: the
+/// `sk_lookup` program hands it the service's connections, so it needs no service address.
+pub fn bind_listener(family_of: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let local: SocketAddr = if family_of.is_ipv4() {
+        (std::net::Ipv4Addr::LOCALHOST, 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let listener = std::net::TcpListener::bind(local)?;
+    // SAFETY: listen on a socket this process holds; raises the backlog std chose.
+    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Accepts the service's connections until `cancel`; each runs in a task of its own.
+pub async fn serve(
+    listener: TcpListener,
+    runtime: Arc<ServiceRuntime>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                tokio::spawn(handle(client, peer, runtime.clone(), shared.clone()));
+            }
+            Err(error) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!(%error, "accepting a passthrough connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    runtime: Arc<ServiceRuntime>,
+    shared: Arc<Shared>,
+) {
+    let accepted = Instant::now();
+    let policy = runtime.policy();
+    let stats = &shared.stats;
+    let service = policy.service.as_str();
+    let Some(pending) = runtime.admit(peer.ip(), &policy) else {
+        stats.reject(service, "too_many_pending");
+        return;
+    };
+    stats.pending(service, 1);
+    let decided = decide(&mut client, peer, &policy).await;
+    stats.pending(service, -1);
+    drop(pending);
+    let (buffer, route, backend) = match decided {
+        Ok(decision) => decision,
+        Err(reason) => {
+            debug!(%peer, service, reason, "passthrough connection refused");
+            stats.reject(service, reason);
+            return;
+        }
+    };
+    stats.decided(service, accepted.elapsed());
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            debug!(%peer, %backend, %error, "connecting to the backend failed");
+            stats.reject(service, "connect_failed");
+            return;
+        }
+        Err(_) => {
+            stats.reject(service, "connect_timeout");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let mut first = Vec::new();
+    if policy.proxy_protocol() {
+        let local = client.local_addr().unwrap_or(policy.address);
+        first.extend(proxy_v2_header(peer, local));
+    }
+    first.extend_from_slice(&buffer);
+    let route_id = (service.to_owned(), route.label, route.pool);
+    stats.opened(&route_id);
+    let maps = if policy.relay() == crate::config::RelayMode::Sockmap {
+        shared.maps.as_ref()
+    } else {
+        None
+    };
+    let how = match relay::run(client, upstream, first, maps, stats, &route_id).await {
+        Ok(how) => {
+            debug!(%peer, %backend, how, "relay finished");
+            Some(how)
+        }
+        Err(error) => {
+            debug!(%peer, %backend, %error, "relay ended by an error");
+            None
+        }
+    };
+    stats.closed(&route_id, how);
+}
+
+/// Reads the hello within the policy's timeout and routes it: the bytes read, the route and
+/// the backend.
+async fn decide(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    policy: &Policy,
+) -> Result<(Vec<u8>, super::policy::Route, SocketAddr), RejectReason> {
+    let (buffer, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
+        .await
+        .map_err(|_| "hello_timeout")??;
+    if hello.has_ech {
+        debug!(%peer, "hello with encrypted_client_hello: routed on its outer server name");
+    }
+    let route = policy.route(hello.server_name.as_deref())?;
+    let backend = policy.select(&route.pool, peer).ok_or("no_backend")?;
+    Ok((buffer, route, backend))
+}
+
+/// Reads until the buffer holds a whole ClientHello (record by record: it may come in any
+/// number of segments and records).
+async fn read_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), RejectReason> {
+    let mut buffer = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = client.read(&mut chunk).await.map_err(|_| "read_error")?;
+        if n == 0 {
+            return Err("closed_before_hello");
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        match parse_client_hello(&buffer, MAX_HANDSHAKE_BYTES) {
+            Ok(Some(hello)) => return Ok((buffer, hello)),
+            Ok(None) if buffer.len() >= MAX_HELLO_BUFFER => return Err("too_large"),
+            Ok(None) => {}
+            Err(error) => return Err(error.reason()),
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! TLS passthrough end to end: `lbd` in the lab's load-balancer namespace routes connections
+//! by server name to `openssl s_server` backends (each with its own certificate) and to
+//! rustls servers the test runs, for `openssl s_client` and rustls clients in the client
+//! namespace. The certificate a client receives proves which backend it reached and that TLS
+//! went through untouched.
+
+#![allow(clippy::too_many_lines, reason = "an end-to-end scenario reads best top to bottom")]
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::LabDaemon,
+    lab::{self, Lab, backend_v4, backend_v6},
+    netns::wait_for,
+    privileged::require_privileges,
+    tls::{Cert, make_cert, s_client_peer, s_server},
+};
+use lb_userspace::passthrough::{hello::parse_client_hello, proxy_v2::PROXY_V2_SIGNATURE};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 3);
+const API: &str = "127.0.0.1:7070";
+/// Ports: the routed service, the strict one, the PROXY-protocol one, the spliced one.
+const TLS_PORT: u16 = 443;
+const STRICT_PORT: u16 = 8443;
+const PROXY_PORT: u16 = 7443;
+const SPLICE_PORT: u16 = 9443;
+/// Where the backends listen: `openssl s_server`, and the test's own rustls and PROXY
+/// servers.
+const S_SERVER_PORT: u16 = 8443;
+const BULK_PORT: u16 = 9443;
+const PROXY_CHECK_PORT: u16 = 7443;
+/// Bytes each way in the bulk transfers.
+const BULK_BYTES: usize = 48 << 20;
+
+fn pool(name: &str, backends: &[(IpAddr, u16)]) -> String {
+    let mut c = format!("[[pool]]\nname = \"{name}\"\n");
+    for (addr, port) in backends {
+        let _ = write!(c, "[[pool.backend]]\naddress = \"{addr}\"\nport = {port}\n");
+    }
+    c
+}
+
+fn service(name: &str, addr: IpAddr, port: u16, pool: &str, tls: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"tcp\"\nport = {port}\npool = \"{pool}\"\nmode = \"tls-passthrough\"\n[service.tls]\n{tls}\n"
+    )
+}
+
+fn route(name: &str, pool: &str) -> String {
+    format!("[[service.tls.route]]\nserver_name = \"{name}\"\npool = \"{pool}\"\n")
+}
+
+fn config() -> String {
+    let b = |i: usize, port: u16| (IpAddr::from(backend_v4(i)), port);
+    let b6 = |i: usize, port: u16| (IpAddr::from(backend_v6(i)), port);
+    let mut c = lab::lab_config_with(4, &[], "", &format!("listen = \"{API}\""));
+    for (name, backends) in [
+        ("tls-www", vec![b(0, S_SERVER_PORT)]),
+        ("tls-wild", vec![b(1, S_SERVER_PORT)]),
+        ("tls-eu", vec![b(2, S_SERVER_PORT)]),
+        ("tls-default", vec![b(3, S_SERVER_PORT)]),
+        ("tls-bulk", vec![b(3, BULK_PORT)]),
+        ("proxy-check", vec![b(2, PROXY_CHECK_PORT)]),
+        ("tls6-www", vec![b6(1, S_SERVER_PORT)]),
+        ("tls6-default", vec![b6(0, S_SERVER_PORT)]),
+    ] {
+        c.push_str(&pool(name, &backends));
+    }
+    let routes = [
+        route("www.example.com", "tls-www"),
+        route("*.example.com", "tls-wild"),
+        route("*.eu.example.com", "tls-eu"),
+        route("bulk.example.com", "tls-bulk"),
+    ]
+    .concat();
+    c.push_str(&service("tls4", VIP4.into(), TLS_PORT, "tls-default", &routes));
+    c.push_str(&service(
+        "tls4-strict",
+        VIP4.into(),
+        STRICT_PORT,
+        "tls-default",
+        &format!(
+            "missing_sni = \"reject\"\nunknown_sni = \"reject\"\ndeny = [\"bad.example.com\"]\nhello_timeout_ms = 1000\nmax_pending_per_source = 2\n{}{}",
+            route("www.example.com", "tls-www"),
+            route("bad.example.com", "tls-www")
+        ),
+    ));
+    c.push_str(&service(
+        "tls4-proxy",
+        VIP4.into(),
+        PROXY_PORT,
+        "proxy-check",
+        "proxy_protocol = true\n",
+    ));
+    c.push_str(&service(
+        "tls4-splice",
+        VIP4.into(),
+        SPLICE_PORT,
+        "tls-bulk",
+        "relay = \"splice\"\n",
+    ));
+    c.push_str(&service(
+        "tls6",
+        VIP6.into(),
+        TLS_PORT,
+        "tls6-default",
+        &route("www.example.com", "tls6-www"),
+    ));
+    c
+}
+
+/// The lab with lbd serving the passthrough services, `s_server` on every backend.
+struct Setup {
+    lab: Lab,
+    daemon: Option<LabDaemon>,
+    certs: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let lab = Lab::create(4).unwrap();
+        // The service addresses are the host's own: the stack takes their connections, which
+        // the sk_lookup program hands to lbd.
+        lab.lb.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]).unwrap();
+        lab.lb.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]).unwrap();
+        let certs = std::env::temp_dir().join(format!("{}-certs", lab.id));
+        for (i, b) in lab.backends.iter().enumerate() {
+            let cert = make_cert(&certs, &b.name, &["example.com"]).unwrap();
+            s_server(&b.ns, S_SERVER_PORT, &cert).unwrap();
+            let _ = i;
+        }
+        let daemon = LabDaemon::start(&lab, &config());
+        Self { lab, daemon: Some(daemon), certs }
+    }
+
+    fn metrics(&self) -> String {
+        self.lab.lb.exec(&["curl", "-sf", &format!("http://{API}/metrics")]).unwrap()
+    }
+
+    /// The value of the metric line starting with `prefix` (labels included), 0 if absent.
+    fn metric(&self, prefix: &str) -> u64 {
+        value(&self.metrics(), prefix)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+fn value(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rejected(setup: &Setup, service: &str, reason: &str) -> u64 {
+    setup.metric(&format!(
+        "lb_passthrough_rejected_total{{service=\"{service}\",reason=\"{reason}\"}}"
+    ))
+}
+
+#[test]
+fn tls_passthrough() {
+    if !require_privileges("tls_passthrough") {
+        return;
+    }
+    let mut setup = Setup::new();
+    let lab = &setup.lab;
+    let vip4 = SocketAddr::from((VIP4, TLS_PORT));
+    let vip6 = SocketAddr::from((VIP6, TLS_PORT));
+
+    // Names route to their pools; the most specific wildcard wins; unknown and missing
+    // names go to the default pool. The certificate each client got is its backend's own.
+    for (target, name, expected) in [
+        (vip4, Some("www.example.com"), "backend-1"),
+        (vip4, Some("WWW.Example.COM"), "backend-1"),
+        (vip4, Some("api.example.com"), "backend-2"),
+        (vip4, Some("a.b.example.com"), "backend-2"),
+        (vip4, Some("x.eu.example.com"), "backend-3"),
+        (vip4, Some("example.org"), "backend-4"),
+        (vip4, None, "backend-4"),
+        (vip6, Some("www.example.com"), "backend-2"),
+        (vip6, None, "backend-1"),
+    ] {
+        let got = s_client_peer(&lab.client, target, name);
+        assert_eq!(got.as_deref(), Some(expected), "{target} with server name {name:?}");
+    }
+
+    // A strict service refuses what it has no route for, and denied names.
+    let strict = SocketAddr::from((VIP4, STRICT_PORT));
+    assert_eq!(
+        s_client_peer(&lab.client, strict, Some("www.example.com")).as_deref(),
+        Some("backend-1")
+    );
+    for (name, reason) in [
+        (None, "missing_sni"),
+        (Some("other.example.com"), "unknown_sni"),
+        (Some("bad.example.com"), "denied"),
+    ] {
+        assert_eq!(s_client_peer(&lab.client, strict, name), None, "{name:?} must be refused");
+        assert_eq!(rejected(&setup, "tls4-strict", reason), 1, "{reason}");
+    }
+
+    hello_one_byte_at_a_time(&setup, vip4);
+    garbage_is_closed(&setup, vip4);
+    slow_and_piled_up_clients(&setup, strict);
+    proxy_protocol(&setup);
+    for (port, relay) in [(TLS_PORT, "sockmap"), (SPLICE_PORT, "splice")] {
+        bulk_transfer(&setup, SocketAddr::from((VIP4, port)), relay);
+    }
+
+    let metrics = setup.metrics();
+    for line in [
+        "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"} 3",
+        "lb_passthrough_connections_total{service=\"tls4\",route=\"*.eu.example.com\",pool=\"tls-eu\"} 1",
+        "lb_passthrough_connections_total{service=\"tls4\",route=\"default\",pool=\"tls-default\"} 2",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(value(&metrics, "lb_passthrough_decision_seconds_count{service=\"tls4\"}") >= 8);
+    let log = setup.daemon.take().unwrap().finish();
+    assert!(log.contains("TLS passthrough started") && log.contains("relay=\"sockmap\""), "{log}");
+}
+
+/// The ClientHello `openssl s_client -tls1_2` sends for `www.example.com` (TLS 1.2, so the
+/// server's certificate comes back in the clear), captured in the client namespace.
+fn captured_hello(lab: &Lab) -> Vec<u8> {
+    lab.client
+        .enter(|| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let mut child = std::process::Command::new("openssl")
+                .args(["s_client", "-tls1_2", "-servername", "www.example.com", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut hello = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while parse_client_hello(&hello, 1 << 14).unwrap().is_none() {
+                let n = conn.read(&mut chunk).unwrap();
+                assert!(n > 0, "s_client closed before its hello");
+                hello.extend_from_slice(&chunk[..n]);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            hello
+        })
+        .unwrap()
+}
+
+/// A hello written one byte per segment still routes: the answer carries backend-1's
+/// certificate.
+fn hello_one_byte_at_a_time(setup: &Setup, target: SocketAddr) {
+    let hello = captured_hello(&setup.lab);
+    let answer = setup
+        .lab
+        .client
+        .enter(move || {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            conn.set_nodelay(true).unwrap();
+            for byte in &hello {
+                conn.write_all(std::slice::from_ref(byte)).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut answer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !contains(&answer, b"backend-1") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                }
+            }
+            answer
+        })
+        .unwrap();
+    assert!(contains(&answer, b"backend-1"), "no backend-1 certificate in {} bytes", answer.len());
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Bytes that are not TLS are closed at once, and no backend sees a connection.
+fn garbage_is_closed(setup: &Setup, target: SocketAddr) {
+    let before = setup.metrics();
+    let opened = |m: &str| -> u64 {
+        m.lines()
+            .filter(|l| l.starts_with("lb_passthrough_connections_total{service=\"tls4\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let started = Instant::now();
+    let closed = setup
+        .lab
+        .client
+        .enter(move || {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            matches!(conn.read(&mut buf), Ok(0) | Err(_))
+        })
+        .unwrap();
+    assert!(
+        closed && started.elapsed() < Duration::from_secs(2),
+        "garbage was not closed promptly"
+    );
+    assert_eq!(rejected(setup, "tls4", "not_tls"), 1);
+    assert_eq!(opened(&setup.metrics()), opened(&before), "garbage reached a backend");
+}
+
+/// A client that never finishes its hello is closed after the hello timeout; a source with
+/// too many pending handshakes is refused more.
+fn slow_and_piled_up_clients(setup: &Setup, target: SocketAddr) {
+    let (timed_out, refused) = setup
+        .lab
+        .client
+        .enter(move || {
+            let idle: Vec<TcpStream> = (0..2)
+                .map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap())
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            // A third pending handshake from the same address: closed at once.
+            let mut third = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            third.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = [0u8; 8];
+            let refused = matches!(third.read(&mut buf), Ok(0) | Err(_));
+            // The idle ones: closed after the 1 s hello timeout.
+            let started = Instant::now();
+            let mut timed_out = true;
+            for mut conn in idle {
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                timed_out &= matches!(conn.read(&mut buf), Ok(0));
+            }
+            (timed_out && started.elapsed() < Duration::from_secs(3), refused)
+        })
+        .unwrap();
+    assert!(refused, "a third pending handshake from one address was accepted");
+    assert!(timed_out, "idle clients were not closed after the hello timeout");
+    assert_eq!(rejected(setup, "tls4-strict", "too_many_pending"), 1);
+    assert_eq!(rejected(setup, "tls4-strict", "hello_timeout"), 2);
+}
+
+/// With `proxy_protocol`, the backend first reads a PROXY v2 header naming the client and
+/// the service address, then the client's hello.
+fn proxy_protocol(setup: &Setup) {
+    let lab = &setup.lab;
+    let backend = &lab.backends[2];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = backend
+        .ns
+        .enter(|| TcpListener::bind(SocketAddr::from((backend_v4(2), PROXY_CHECK_PORT))).unwrap())
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = [0u8; 16 + 12 + 1];
+        conn.read_exact(&mut head).unwrap();
+        tx.send(head.to_vec()).unwrap();
+    });
+    let target = SocketAddr::from((VIP4, PROXY_PORT));
+    let _ = s_client_peer(&lab.client, target, Some("www.example.com"));
+    let head = rx.recv_timeout(Duration::from_secs(10)).expect("the backend got no connection");
+    server.join().unwrap();
+    assert_eq!(head[..12], PROXY_V2_SIGNATURE);
+    assert_eq!(head[12], 0x21, "version 2, PROXY");
+    assert_eq!(head[13], 0x11, "TCP over IPv4");
+    assert_eq!(u16::from_be_bytes([head[14], head[15]]), 12);
+    assert_eq!(head[16..20], lab::CLIENT_V4.octets(), "source address");
+    assert_eq!(head[20..24], VIP4.octets(), "destination address");
+    assert_eq!(u16::from_be_bytes([head[26], head[27]]), PROXY_PORT);
+    assert_eq!(head[28], 0x16, "the hello follows the header");
+}
+
+/// A deterministic byte stream (xorshift), so both ends know what to expect.
+fn stream(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
+}
+
+/// A real TLS session (rustls both ends) moves `BULK_BYTES` each way intact through the
+/// relay `relay`, which the metrics confirm it used.
+fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let lab = &setup.lab;
+    let cert = make_cert(&setup.certs, &format!("bulk-{relay}"), &["bulk.example.com"]).unwrap();
+    let Cert { cert: cert_path, key: key_path } = cert;
+    let chain = vec![CertificateDer::from_pem_file(&cert_path).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(&key_path).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key)
+            .unwrap(),
+    );
+    let backend = &lab.backends[3];
+    let listener = backend
+        .ns
+        .enter(|| TcpListener::bind(SocketAddr::from((backend_v4(3), BULK_PORT))).unwrap())
+        .unwrap();
+    let upload = stream(1, BULK_BYTES);
+    let download = stream(2, BULK_BYTES);
+    let (upload_hash, download_hash) = (sha256(&upload), sha256(&download));
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let conn = rustls::ServerConnection::new(server_config).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut received = vec![0u8; BULK_BYTES];
+        tls.read_exact(&mut received).unwrap();
+        tls.write_all(&sha256(&received)).unwrap();
+        tls.write_all(&download).unwrap();
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        let _ = tls.conn.complete_io(&mut tls.sock);
+    });
+    let expected = chain[0].clone().into_owned();
+    let client_config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ExactCert(expected)))
+            .with_no_client_auth(),
+    );
+    let started = Instant::now();
+    let (their_hash, downloaded) = lab
+        .client
+        .enter(move || {
+            let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let name = ServerName::try_from("bulk.example.com").unwrap();
+            let conn = rustls::ClientConnection::new(client_config, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(&upload).unwrap();
+            let mut hash = vec![0u8; 32];
+            tls.read_exact(&mut hash).unwrap();
+            let mut downloaded = Vec::with_capacity(BULK_BYTES);
+            tls.read_to_end(&mut downloaded).unwrap();
+            (hash, downloaded)
+        })
+        .unwrap();
+    server.join().unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(their_hash, upload_hash, "{relay}: the upload arrived changed");
+    assert_eq!(sha256(&downloaded), download_hash, "{relay}: the download arrived changed");
+    eprintln!("{relay}: {} MiB each way in {elapsed:?}", BULK_BYTES >> 20);
+    let relays = wait_for(Duration::from_secs(5), || {
+        let n = setup.metric(&format!("lb_passthrough_relays_total{{relay=\"{relay}\"}}"));
+        (n >= 1).then_some(n)
+    });
+    assert!(relays.is_some(), "no relay by {relay} finished");
+    // The kernel counted the relayed bytes (the TLS records, so a little more than the data).
+    let service = if relay == "splice" { "tls4-splice" } else { "tls4" };
+    let route = if relay == "splice" { "default" } else { "bulk.example.com" };
+    for direction in ["to_backend", "to_client"] {
+        let bytes = setup.metric(&format!(
+            "lb_passthrough_bytes_total{{service=\"{service}\",route=\"{route}\",pool=\"tls-bulk\",direction=\"{direction}\"}}"
+        ));
+        assert!(bytes >= BULK_BYTES as u64, "{relay} {direction}: {bytes} bytes counted");
+    }
+}
+
+/// Accepts exactly the certificate the test's backend holds: the client must see the
+/// backend's own certificate, as passthrough promises.
+#[derive(Debug)]
+struct ExactCert(rustls::pki_types::CertificateDer<'static>);
+
+impl rustls::client::danger::ServerCertVerifier for ExactCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.0.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("not the backend's certificate".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -10,7 +10,6 @@ use std::{
     fmt::Write as _,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +18,10 @@ use lb_tests::{
     lab::{self, Lab, backend_v4, backend_v6},
     netns::wait_for,
     privileged::require_privileges,
-    tls::{Cert, make_cert, s_client_peer, s_server},
+    tls::{
+        TlsServer, block, client_config, exchange, make_cert, repeated_hash, s_client_peer,
+        s_server, server_config,
+    },
 };
 use lb_userspace::passthrough::{hello::parse_client_hello, proxy_v2::PROXY_V2_SIGNATURE};
 
@@ -230,6 +232,27 @@ fn tls_passthrough() {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
     assert!(value(&metrics, "lb_passthrough_decision_seconds_count{service=\"tls4\"}") >= 8);
+    // A reload takes new routes for new connections, and a removed service stops listening.
+    let rerouted = config().replace(
+        "server_name = \"www.example.com\"\npool = \"tls-www\"",
+        "server_name = \"www.example.com\"\npool = \"tls-wild\"",
+    );
+    let without_strict = {
+        let start = rerouted.find("[[service]]\nname = \"tls4-strict\"").unwrap();
+        let end = rerouted[start..].find("[[service]]\nname = \"tls4-proxy\"").unwrap() + start;
+        format!("{}{}", &rerouted[..start], &rerouted[end..])
+    };
+    setup.daemon.as_ref().unwrap().reload(lab, &without_strict);
+    let moved = wait_for(Duration::from_secs(10), || {
+        (s_client_peer(&lab.client, vip4, Some("www.example.com")).as_deref() == Some("backend-2"))
+            .then_some(())
+    });
+    assert!(moved.is_some(), "www.example.com did not move to its new pool after the reload");
+    let refused = lab
+        .client
+        .enter(move || TcpStream::connect_timeout(&strict, Duration::from_secs(2)).is_err())
+        .unwrap();
+    assert!(refused, "the removed service still accepts connections");
     let log = setup.daemon.take().unwrap().finish();
     assert!(log.contains("TLS passthrough started") && log.contains("relay=\"sockmap\""), "{log}");
 }
@@ -391,99 +414,44 @@ fn proxy_protocol(setup: &Setup) {
     assert_eq!(head[28], 0x16, "the hello follows the header");
 }
 
-/// A deterministic byte stream (xorshift), so both ends know what to expect.
-fn stream(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().to_vec()
-}
-
 /// A real TLS session (rustls both ends) moves `BULK_BYTES` each way intact through the
 /// relay `relay`, which the metrics confirm it used.
 fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
     let lab = &setup.lab;
     let cert = make_cert(&setup.certs, &format!("bulk-{relay}"), &["bulk.example.com"]).unwrap();
-    let Cert { cert: cert_path, key: key_path } = cert;
-    let chain = vec![CertificateDer::from_pem_file(&cert_path).unwrap()];
-    let key = PrivateKeyDer::from_pem_file(&key_path).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server_config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain.clone(), key)
-            .unwrap(),
-    );
-    let backend = &lab.backends[3];
-    let listener = backend
-        .ns
-        .enter(|| TcpListener::bind(SocketAddr::from((backend_v4(3), BULK_PORT))).unwrap())
-        .unwrap();
-    let upload = stream(1, BULK_BYTES);
-    let download = stream(2, BULK_BYTES);
-    let (upload_hash, download_hash) = (sha256(&upload), sha256(&download));
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let conn = rustls::ServerConnection::new(server_config).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let mut received = vec![0u8; BULK_BYTES];
-        tls.read_exact(&mut received).unwrap();
-        tls.write_all(&sha256(&received)).unwrap();
-        tls.write_all(&download).unwrap();
-        tls.conn.send_close_notify();
-        tls.flush().unwrap();
-        let _ = tls.conn.complete_io(&mut tls.sock);
-    });
-    let expected = chain[0].clone().into_owned();
-    let client_config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ExactCert(expected)))
-            .with_no_client_auth(),
-    );
+    let server = TlsServer::start(
+        &lab.backends[3].ns,
+        SocketAddr::from((backend_v4(3), BULK_PORT)),
+        server_config(&cert).unwrap(),
+    )
+    .unwrap();
+    let client = client_config(&cert).unwrap();
     let started = Instant::now();
-    let (their_hash, downloaded) = lab
+    let exchanged = lab
         .client
-        .enter(move || {
-            let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let name = ServerName::try_from("bulk.example.com").unwrap();
-            let conn = rustls::ClientConnection::new(client_config, name).unwrap();
-            let mut tls = rustls::StreamOwned::new(conn, tcp);
-            tls.write_all(&upload).unwrap();
-            let mut hash = vec![0u8; 32];
-            tls.read_exact(&mut hash).unwrap();
-            let mut downloaded = Vec::with_capacity(BULK_BYTES);
-            tls.read_to_end(&mut downloaded).unwrap();
-            (hash, downloaded)
-        })
+        .enter(move || exchange(client, target, "bulk.example.com", BULK_BYTES, BULK_BYTES))
+        .unwrap()
         .unwrap();
-    server.join().unwrap();
+    drop(server);
     let elapsed = started.elapsed();
-    assert_eq!(their_hash, upload_hash, "{relay}: the upload arrived changed");
-    assert_eq!(sha256(&downloaded), download_hash, "{relay}: the download arrived changed");
+    assert_eq!(
+        exchanged.upload_hash,
+        repeated_hash(&block(1), BULK_BYTES),
+        "{relay}: the upload arrived changed"
+    );
+    assert_eq!(exchanged.downloaded, BULK_BYTES, "{relay}: download length");
+    assert_eq!(
+        exchanged.download_hash,
+        repeated_hash(&block(2), BULK_BYTES),
+        "{relay}: the download arrived changed"
+    );
     eprintln!("{relay}: {} MiB each way in {elapsed:?}", BULK_BYTES >> 20);
     let relays = wait_for(Duration::from_secs(5), || {
         let n = setup.metric(&format!("lb_passthrough_relays_total{{relay=\"{relay}\"}}"));
         (n >= 1).then_some(n)
     });
     assert!(relays.is_some(), "no relay by {relay} finished");
-    // The kernel counted the relayed bytes (the TLS records, so a little more than the data).
+    // The relay counted the bytes (the TLS records, so a little more than the data).
     let service = if relay == "splice" { "tls4-splice" } else { "tls4" };
     let route = if relay == "splice" { "default" } else { "bulk.example.com" };
     for direction in ["to_backend", "to_client"] {
@@ -491,61 +459,5 @@ fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
             "lb_passthrough_bytes_total{{service=\"{service}\",route=\"{route}\",pool=\"tls-bulk\",direction=\"{direction}\"}}"
         ));
         assert!(bytes >= BULK_BYTES as u64, "{relay} {direction}: {bytes} bytes counted");
-    }
-}
-
-/// Accepts exactly the certificate the test's backend holds: the client must see the
-/// backend's own certificate, as passthrough promises.
-#[derive(Debug)]
-struct ExactCert(rustls::pki_types::CertificateDer<'static>);
-
-impl rustls::client::danger::ServerCertVerifier for ExactCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.0.as_ref() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("not the backend's certificate".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

@@ -52,6 +52,9 @@ pub async fn run(
             RelayKey::new(client.peer_addr()?, client.local_addr()?),
             RelayKey::new(upstream.peer_addr()?, upstream.local_addr()?),
         );
+        for socket in [client.as_raw_fd(), upstream.as_raw_fd()] {
+            fix_receive_buffer(socket);
+        }
         // Linked before the hello goes out, so the backend's answer is already redirected.
         let linked = lock(maps).link(keys.0, &client, keys.1, &upstream);
         match linked {
@@ -64,6 +67,30 @@ pub async fn run(
         }
     }
     splice(client, upstream, &first, stats, route).await.map(|()| "splice")
+}
+
+/// Receive buffer of relayed sockets. The kernel grows a TCP receive buffer as a reader
+/// copies data out; the socket map takes it without copying, so the buffer would stay at
+/// its initial size, and the window with it (bytes waiting to be relayed count against it).
+const RELAY_RCVBUF: libc::c_int = 4 << 20;
+
+/// Sets a relayed socket's receive buffer (forced past `net.core.rmem_max`: lbd runs with
+/// CAP_NET_ADMIN); failure only costs throughput.
+fn fix_receive_buffer(fd: RawFd) {
+    let size = RELAY_RCVBUF;
+    // SAFETY: setsockopt with an int option value on a socket this process holds.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if ret != 0 {
+        debug!(error = %io::Error::last_os_error(), "could not size a relayed socket's receive buffer");
+    }
 }
 
 /// One direction's progress.
@@ -89,11 +116,19 @@ async fn sockmap(
 ) -> io::Result<()> {
     let mut up = Direction::default();
     let mut down = Direction::default();
-    write_all(upstream, first).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // Bytes the client sent after its hello, before the link: still in its queue, where the
+    // kernel would only take them with the next segment. The backend cannot have answered
+    // yet (it has not seen the hello), so the client is not sending more: they go first.
+    let mut first = first.to_vec();
+    let leftover = take_queued(client, &mut buf, &mut first)?;
+    write_all(upstream, &first).await?;
     up.written = first.len() as u64;
     stats.relayed(route, up.written, 0);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    if leftover == Queued::Ended {
+        up.done = true;
+        drain_then_shutdown(upstream, up.written).await?;
+    }
     let report = |up: &mut Direction, down: &mut Direction| {
         let (to_backend, to_client) = {
             let m = lock(maps);
@@ -107,26 +142,42 @@ async fn sockmap(
         up.reported = up.reported.max(to_backend);
         down.reported = down.reported.max(to_client);
     };
-    // The sockets wake the daemon only for what the kernel did not relay: a FIN, an error,
-    // or bytes queued before the relay started (copied here, in order, before any later
-    // byte: the kernel takes the queue from its head).
+    // The daemon waits for the ends of the streams alone: an epoll set that asks only for
+    // "peer closed" and errors, so the kernel's data wake-ups never reach it.
+    let ends = Ends::new(client, upstream, !up.done)?;
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
     while !(up.done && down.done) {
         tokio::select! {
-            ready = client.readable(), if !up.done => {
-                ready?;
-                if forward_leftover(client, upstream, &mut buf, &mut up).await? {
+            ended = ends.next() => {
+                let (side, end) = ended?;
+                if end == End::Reset {
+                    // The peer reset its connection: nothing more can be relayed either way.
+                    // Closing both sockets ends the other side too.
                     report(&mut up, &mut down);
-                    let expected = up.written + up.reported;
-                    drain_then_shutdown(upstream, expected).await?;
+                    return Ok(());
                 }
-            }
-            ready = upstream.readable(), if !down.done => {
-                ready?;
-                if forward_leftover(upstream, client, &mut buf, &mut down).await? {
+                let (from, to, d) = if side == CLIENT {
+                    (client, upstream, &mut up)
+                } else {
+                    (upstream, client, &mut down)
+                };
+                // Whatever the kernel left in the queue goes on before the FIN.
+                let mut rest = Vec::new();
+                if take_queued(from, &mut buf, &mut rest).is_err() {
+                    // Reset right after its FIN.
                     report(&mut up, &mut down);
-                    let expected = down.written + down.reported;
-                    drain_then_shutdown(client, expected).await?;
+                    return Ok(());
                 }
+                write_all(to, &rest).await?;
+                d.written += rest.len() as u64;
+                d.done = true;
+                report(&mut up, &mut down);
+                let expected = if side == CLIENT {
+                    up.written + up.reported
+                } else {
+                    down.written + down.reported
+                };
+                drain_then_shutdown(to, expected).await?;
             }
             _ = tick.tick() => report(&mut up, &mut down),
         }
@@ -135,26 +186,112 @@ async fn sockmap(
     Ok(())
 }
 
-/// Reads what the kernel left on `from`: at end of stream marks the direction done and
-/// returns `true`; bytes are written on to `to` (counted in `d.written`).
-async fn forward_leftover(
-    from: &TcpStream,
-    to: &TcpStream,
-    buf: &mut [u8],
-    d: &mut Direction,
-) -> io::Result<bool> {
-    match from.try_read(buf) {
-        Ok(0) => {
-            d.done = true;
-            Ok(true)
+/// What [`take_queued`] found at the end of the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    /// Nothing more for now.
+    Open,
+    /// The peer's FIN.
+    Ended,
+}
+
+/// Appends to `out` what is queued on `from` without waiting.
+fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<Queued> {
+    loop {
+        match from.try_read(buf) {
+            Ok(0) => return Ok(Queued::Ended),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Queued::Open),
+            Err(e) => return Err(e),
         }
-        Ok(n) => {
-            write_all(to, &buf[..n]).await?;
-            d.written += n as u64;
-            Ok(false)
+    }
+}
+
+/// How a peer finished.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// It sent a FIN: the other direction may go on.
+    Fin,
+    /// An error or reset: the connection is over.
+    Reset,
+}
+
+const CLIENT: u64 = 0;
+const UPSTREAM: u64 = 1;
+
+/// An epoll set watching two sockets for the peer's FIN (`EPOLLRDHUP`) and errors only;
+/// each socket leaves the set once reported.
+struct Ends {
+    epoll: tokio::io::unix::AsyncFd<OwnedFd>,
+    fds: [RawFd; 2],
+}
+
+impl Ends {
+    fn new(client: &TcpStream, upstream: &TcpStream, watch_client: bool) -> io::Result<Self> {
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-        Err(e) => Err(e),
+        // SAFETY: a fresh descriptor this process now owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
+        for (side, watch) in [(CLIENT, watch_client), (UPSTREAM, true)] {
+            if !watch {
+                continue;
+            }
+            #[allow(clippy::cast_sign_loss, reason = "epoll flag bits")]
+            let mut event = libc::epoll_event {
+                events: (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32,
+                u64: side,
+            };
+            #[allow(clippy::cast_possible_truncation, reason = "side is 0 or 1")]
+            let target = fds[side as usize];
+            // SAFETY: epoll_ctl on descriptors this process holds.
+            if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, target, &raw mut event) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the AsyncFd owns the descriptor, which stays open as long as it does.
+        let epoll = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { epoll, fds })
+    }
+
+    /// The next side whose peer is done, and how.
+    async fn next(&self) -> io::Result<(u64, End)> {
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            let mut event = libc::epoll_event { events: 0, u64: 0 };
+            // SAFETY: room for one event; no waiting.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &raw mut event, 1, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                guard.clear_ready();
+                continue;
+            }
+            let side = event.u64;
+            #[allow(clippy::cast_possible_truncation, reason = "side is 0 or 1")]
+            let target = self.fds[side as usize & 1];
+            // SAFETY: removing a descriptor this process holds from its set.
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    target,
+                    std::ptr::null_mut(),
+                );
+            }
+            // A FIN followed by a reset is reported at once: the FIN counts.
+            #[allow(clippy::cast_sign_loss, reason = "epoll flag bits")]
+            let end =
+                if event.events & (libc::EPOLLRDHUP as u32) != 0 { End::Fin } else { End::Reset };
+            return Ok((side, end));
+        }
     }
 }
 
@@ -258,6 +395,8 @@ async fn splice_direction(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // A reset ends the relay as a FIN would; the other direction finds out too.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(e),
         };
         let mut left = moved;

@@ -1,11 +1,13 @@
-//! `lb-bench`: what `cargo xtask bench` runs. Four sections, each against a baseline or peers
+//! `lb-bench`: what `cargo xtask bench` runs. Five sections, each against a baseline or peers
 //! measured in the same run:
 //!
 //! 1. the data path per packet through `BPF_PROG_TEST_RUN`, next to a floor ([`datapath`]);
 //! 2. live forwarding in the lab: UDP packets per second and HTTP requests per second with
 //!    latency, through lbd, nftables DNAT and HAProxy on the same topology ([`live`]);
 //! 3. the firewall's drop rate under a flood, against xdp-filter and nftables ([`live`]);
-//! 4. the control plane: Maglev table builds, prefix loads, API latency ([`control`]).
+//! 4. TLS passthrough: throughput and new connections per second against a direct
+//!    connection and HAProxy routing by SNI ([`passthrough`]);
+//! 5. the control plane: Maglev table builds, prefix loads, API latency ([`control`]).
 //!
 //! Prints tables, writes `target/bench/bench.json` and PNG charts ([`charts`]).
 
@@ -15,6 +17,7 @@ mod charts;
 mod control;
 mod datapath;
 mod live;
+mod passthrough;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -28,7 +31,7 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only SECTION` (datapath, live, control) runs one section, for working on it.
+    // `--only SECTION` (datapath, live, passthrough, control) runs one section, for working on it.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
     if args.iter().any(|a| a == "--charts") {
@@ -48,6 +51,8 @@ fn run() -> anyhow::Result<()> {
     let datapath =
         if wanted("datapath") { datapath::run(repeat, rounds)? } else { serde_json::Value::Null };
     let live = if wanted("live") { live::run(quick)? } else { serde_json::Value::Null };
+    let passthrough =
+        if wanted("passthrough") { passthrough::run(quick)? } else { serde_json::Value::Null };
     let control = if wanted("control") { control::run(quick)? } else { serde_json::Value::Null };
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -57,6 +62,7 @@ fn run() -> anyhow::Result<()> {
         "quick": quick,
         "datapath": datapath,
         "live": live,
+        "passthrough": passthrough,
         "control": control,
         "seconds": started.elapsed().as_secs(),
     });

@@ -1499,6 +1499,87 @@ nat_source = "198.18.1.1"
         assert!(error.contains("cannot change ports"), "{error}");
     }
 
+    const PASSTHROUGH: &str = r#"
+[[service]]
+name = "tls"
+address = "198.18.100.2"
+protocol = "tcp"
+port = 443
+pool = "web"
+mode = "tls-passthrough"
+[service.tls]
+deny = ["*.internal.example.com"]
+[[service.tls.route]]
+server_name = "www.example.com"
+pool = "web"
+[[service.tls.route]]
+server_name = "*.example.com"
+pool = "web"
+"#;
+
+    #[test]
+    fn tls_passthrough_services_parse_with_defaults() {
+        let config = Config::parse(&format!("{FULL}{PASSTHROUGH}"), "t").unwrap();
+        let service = &config.services[1];
+        assert_eq!(service.mode, ForwardingMode::TlsPassthrough);
+        assert!(!service.in_data_path());
+        let tls = service.tls.as_ref().unwrap();
+        assert_eq!(tls.routes.len(), 2);
+        assert_eq!(tls.hello_timeout_ms, 10_000);
+        assert_eq!(tls.unknown_sni, SniFallback::Default);
+        assert_eq!(tls.relay, RelayMode::Sockmap);
+        // The API writes configurations back: the policy survives the round trip.
+        let again = Config::parse(&config.to_toml().unwrap(), "t").unwrap();
+        assert_eq!(again.services[1].tls, service.tls);
+        // Without a `[service.tls]` table: every default, every name to the pool.
+        let bare = PASSTHROUGH.split("[service.tls]").next().unwrap();
+        assert!(Config::parse(&format!("{FULL}{bare}"), "t").unwrap().services[1].tls.is_none());
+    }
+
+    #[test]
+    fn tls_passthrough_problems_are_reported() {
+        for (change, expected) in [
+            (
+                ("protocol = \"tcp\"\nport = 443", "protocol = \"udp\"\nport = 443"),
+                "needs protocol = \"tcp\"",
+            ),
+            (
+                ("server_name = \"*.example.com\"", "server_name = \"a.*.example.com\""),
+                "server_name \"a.*.example.com\"",
+            ),
+            (
+                ("server_name = \"*.example.com\"", "server_name = \"WWW.example.com\""),
+                "routed twice",
+            ),
+            (
+                (
+                    "server_name = \"*.example.com\"\npool = \"web\"",
+                    "server_name = \"*.example.com\"\npool = \"nope\"",
+                ),
+                "uses pool \"nope\", which is not defined",
+            ),
+            (
+                ("deny = [\"*.internal.example.com\"]", "deny = [\"bad name\"]"),
+                "allow/deny pattern \"bad name\"",
+            ),
+            (("deny = [", "hello_timeout_ms = 5\ndeny = ["), "hello_timeout_ms 5 is out of range"),
+            (
+                ("mode = \"tls-passthrough\"", "mode = \"dsr-l2\""),
+                "has a `[service.tls]` table but is dsr-l2",
+            ),
+        ] {
+            let text = format!("{FULL}{}", PASSTHROUGH.replace(change.0, change.1));
+            let error = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(error.contains(expected), "{change:?}: {error}");
+        }
+        let text = format!(
+            "{FULL}{}",
+            PASSTHROUGH.replace("[service.tls]", "[service.tls]\nrelay = \"magic\"")
+        );
+        let error = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(error.contains("magic"), "{error}");
+    }
+
     #[test]
     fn duplicate_names_and_claims_are_rejected() {
         let text = format!(

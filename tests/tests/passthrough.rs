@@ -215,7 +215,9 @@ fn tls_passthrough() {
         assert_eq!(rejected(&setup, "tls4-strict", reason), 1, "{reason}");
     }
 
-    hello_one_byte_at_a_time(&setup, vip4);
+    let hello = captured_hello(lab);
+    hello_one_byte_at_a_time(&setup, vip4, &hello);
+    large_hellos(&setup, vip4, &hello);
     garbage_is_closed(&setup, vip4);
     slow_and_piled_up_clients(&setup, strict);
     proxy_protocol(&setup);
@@ -225,7 +227,7 @@ fn tls_passthrough() {
 
     let metrics = setup.metrics();
     for line in [
-        "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"} 3",
+        "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"} 4",
         "lb_passthrough_connections_total{service=\"tls4\",route=\"*.eu.example.com\",pool=\"tls-eu\"} 1",
         "lb_passthrough_connections_total{service=\"tls4\",route=\"default\",pool=\"tls-default\"} 2",
     ] {
@@ -290,16 +292,25 @@ fn captured_hello(lab: &Lab) -> Vec<u8> {
 
 /// A hello written one byte per segment still routes: the answer carries backend-1's
 /// certificate.
-fn hello_one_byte_at_a_time(setup: &Setup, target: SocketAddr) {
-    let hello = captured_hello(&setup.lab);
-    let answer = setup
+fn hello_one_byte_at_a_time(setup: &Setup, target: SocketAddr, hello: &[u8]) {
+    let answer = send_hello(setup, target, hello, 1);
+    assert!(contains(&answer, b"backend-1"), "no backend-1 certificate in {} bytes", answer.len());
+}
+
+/// Sends `hello` in writes of `step` bytes (a pause after each) and returns what comes back
+/// until backend-1's name shows up, the connection closes, or 5 s pass.
+fn send_hello(setup: &Setup, target: SocketAddr, hello: &[u8], step: usize) -> Vec<u8> {
+    let hello = hello.to_vec();
+    setup
         .lab
         .client
         .enter(move || {
             let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
             conn.set_nodelay(true).unwrap();
-            for byte in &hello {
-                conn.write_all(std::slice::from_ref(byte)).unwrap();
+            for piece in hello.chunks(step) {
+                if conn.write_all(piece).is_err() {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -314,8 +325,49 @@ fn hello_one_byte_at_a_time(setup: &Setup, target: SocketAddr) {
             }
             answer
         })
-        .unwrap();
-    assert!(contains(&answer, b"backend-1"), "no backend-1 certificate in {} bytes", answer.len());
+        .unwrap()
+}
+
+/// `hello` (one record) with a padding extension of `pad` bytes, its handshake cut into
+/// records of `record` bytes: a hello as large as post-quantum key shares make them.
+fn padded_hello(hello: &[u8], pad: usize, record: usize) -> Vec<u8> {
+    let len16 = |b: &[u8], at: usize| usize::from(u16::from_be_bytes([b[at], b[at + 1]]));
+    let body = &hello[9..];
+    let mut at = 2 + 32;
+    at += 1 + usize::from(body[at]); // session id
+    at += 2 + len16(body, at); // cipher suites
+    at += 1 + usize::from(body[at]); // compression methods
+    let extensions = &body[at + 2..at + 2 + len16(body, at)];
+    let mut new_extensions = extensions.to_vec();
+    new_extensions.extend_from_slice(&[0x00, 0x15]);
+    new_extensions.extend_from_slice(&u16::try_from(pad).unwrap().to_be_bytes());
+    new_extensions.resize(new_extensions.len() + pad, 0);
+    let mut new_body = body[..at].to_vec();
+    new_body.extend_from_slice(&u16::try_from(new_extensions.len()).unwrap().to_be_bytes());
+    new_body.extend_from_slice(&new_extensions);
+    let mut handshake = vec![1u8];
+    handshake.extend_from_slice(&u32::try_from(new_body.len()).unwrap().to_be_bytes()[1..]);
+    handshake.extend_from_slice(&new_body);
+    let mut out = Vec::new();
+    for piece in handshake.chunks(record) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&u16::try_from(piece.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(piece);
+    }
+    out
+}
+
+/// A 12 KiB hello in four records still routes (OpenSSL answers it); one past the 16 KiB
+/// cap is closed without reaching a backend.
+fn large_hellos(setup: &Setup, target: SocketAddr, hello: &[u8]) {
+    let large = padded_hello(hello, 12 << 10, 4000);
+    assert!(parse_client_hello(&large, 1 << 14).unwrap().is_some());
+    let answer = send_hello(setup, target, &large, 1500);
+    assert!(contains(&answer, b"backend-1"), "a 12 KiB hello got no backend-1 certificate");
+    let huge = padded_hello(hello, 17 << 10, 4000);
+    let answer = send_hello(setup, target, &huge, 1500);
+    assert!(answer.is_empty(), "a hello over 16 KiB got an answer");
+    assert_eq!(rejected(setup, "tls4", "too_large"), 1);
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

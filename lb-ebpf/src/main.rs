@@ -122,6 +122,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
+    scratch.flow_absent = 0;
     if l4 {
         let action = established(ctx, scratch, now).into_result()?;
         if action != Action::Pass {
@@ -149,9 +150,12 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
 
 #[inline(always)]
 fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live, .. } = scratch;
+    let Scratch { packet, key, buf, live, flow_absent, .. } = scratch;
     *key = select::flow_key(packet);
-    let Some(entry) = maps::CONNTRACK.get_ptr_mut(&*key) else { return Ok(Action::Pass) };
+    let Some(entry) = maps::CONNTRACK.get_ptr_mut(&*key) else {
+        *flow_absent = 1;
+        return Ok(Action::Pass);
+    };
     // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
     // the timestamp and state, which any of them may win.
     let e = unsafe { &mut *entry };
@@ -201,7 +205,7 @@ fn try_balance(
     service: &Service,
     now: u64,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live, cookie, .. } = scratch;
+    let Scratch { packet, key, buf, live, cookie, flow_absent, .. } = scratch;
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
@@ -226,7 +230,7 @@ fn try_balance(
     // Set when this packet is a client's ACK with a valid cookie: it becomes the SYN the
     // backend gets (see `syncookie.rs`).
     let mut proxied = false;
-    let new_flow = match select::track(packet, key, g, now) {
+    let new_flow = match select::track(packet, key, g, now, *flow_absent != 0) {
         Tracked::Existing {
             backend_id,
             nat_port,

@@ -149,6 +149,9 @@ pub struct Scratch {
     /// The firewall's LPM-trie key (an IPv6 key is 28 bytes): here rather than on the
     /// stack of the entry function, whose frame every call chain carries.
     pub fw_key: [u8; 28],
+    /// 1 when this packet's connection lookup found nothing, so balancing a new flow need
+    /// not look again.
+    pub flow_absent: u8,
 }
 
 #[btf_map]

@@ -146,14 +146,15 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
     Some((state as u8, refresh))
 }
 
-/// Looks the flow up and advances its state; a live entry is updated in place.
+/// Looks the flow up and advances its state; a live entry is updated in place. `absent`:
+/// this packet's lookup already found no entry (a new flow needs no second lookup).
 #[inline(always)]
-pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64) -> Tracked {
+pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64, absent: bool) -> Tracked {
     let tcp = packet.proto == IPPROTO_TCP;
     let mut stale = StaleNat { backend_id: 0, nat_addr: [0; 4], nat_port: 0, vip_port: 0 };
     let mut has_stale = false;
     let mut replaces = false;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+    if let Some(entry) = if absent { None } else { CONNTRACK.get_ptr_mut(key) } {
         replaces = true;
         // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
         // on the timestamp and state, which any of them may win.

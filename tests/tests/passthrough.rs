@@ -200,6 +200,27 @@ fn tls_passthrough() {
         assert_eq!(got.as_deref(), Some(expected), "{target} with server name {name:?}");
     }
 
+    // curl, resolving the names to the service address, gets each backend's certificate and
+    // its answer (s_server's status page) through the passthrough.
+    for (name, expected) in [("www.example.com", "backend-1"), ("api.example.com", "backend-2")] {
+        let out = lab
+            .client
+            .exec_output(&[
+                "curl",
+                "-vsk",
+                "--max-time",
+                "10",
+                "--resolve",
+                &format!("{name}:{TLS_PORT}:{VIP4}"),
+                &format!("https://{name}/"),
+            ])
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "curl {name}: {log}");
+        assert!(log.contains(&format!("subject: CN={expected}")), "curl {name}: {log}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("s_server"), "curl {name}: no page");
+    }
+
     // A strict service refuses what it has no route for, and denied names.
     let strict = SocketAddr::from((VIP4, STRICT_PORT));
     assert_eq!(
@@ -227,7 +248,7 @@ fn tls_passthrough() {
 
     let metrics = setup.metrics();
     for line in [
-        "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"} 4",
+        "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"} 5",
         "lb_passthrough_connections_total{service=\"tls4\",route=\"*.eu.example.com\",pool=\"tls-eu\"} 1",
         "lb_passthrough_connections_total{service=\"tls4\",route=\"default\",pool=\"tls-default\"} 2",
     ] {

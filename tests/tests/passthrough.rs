@@ -255,6 +255,16 @@ fn tls_passthrough() {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
     assert!(value(&metrics, "lb_passthrough_decision_seconds_count{service=\"tls4\"}") >= 8);
+    // The API lists the service with its connections and bytes.
+    let services: Vec<serde_json::Value> = serde_json::from_str(
+        &lab.lb.exec(&["curl", "-sf", &format!("http://{API}/v1/services")]).unwrap(),
+    )
+    .unwrap();
+    let tls4 = services.iter().find(|s| s["name"] == "tls4").expect("tls4 listed");
+    assert_eq!(tls4["mode"], "tls-passthrough");
+    assert!(tls4["new_flows"].as_u64().unwrap() >= 10, "{tls4}");
+    assert!(tls4["bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64, "{tls4}");
+
     // A reload takes new routes for new connections, and a removed service stops listening.
     let rerouted = config().replace(
         "server_name = \"www.example.com\"\npool = \"tls-www\"",

@@ -192,7 +192,29 @@ pub struct ServiceView {
 async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>>, ApiError> {
     let d = lock(&state)?;
     let mut out = Vec::new();
+    let passthrough =
+        crate::passthrough::Passthrough::needed(&d.config).then(|| d.passthrough.stats.snapshot());
     for s in &d.config.services {
+        if let Some(p) = passthrough.as_ref().filter(|_| !s.in_data_path()) {
+            // Served by lbd itself: connections relayed and bytes both ways (no packets).
+            let name = s.name.get_ref();
+            let routes = p.routes.iter().filter(|((service, _, _), _)| service == name);
+            let (new_flows, bytes) = routes.fold((0, 0), |(n, b), (_, c)| {
+                (n + c.connections, b + c.bytes_to_backend + c.bytes_to_client)
+            });
+            out.push(ServiceView {
+                name: name.clone(),
+                address: *s.address.get_ref(),
+                protocol: s.protocol.name().to_owned(),
+                port: s.port(),
+                pool: s.pool.get_ref().clone(),
+                mode: s.mode.name().into(),
+                packets: 0,
+                bytes,
+                new_flows,
+            });
+            continue;
+        }
         let counters = d
             .balancer
             .service_id(s.name.get_ref())

@@ -468,6 +468,40 @@ pub fn lab_config_pools(
     c
 }
 
+/// The lab's TLS-passthrough service address (on the load balancer's loopback).
+pub const TLS_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+/// Where the lab's backends serve TLS (`openssl s_server`).
+pub const TLS_BACKEND_PORT: u16 = 8443;
+
+/// Adds a TLS-passthrough service to a running lab: `openssl s_server` on every backend
+/// (each with its own certificate, in `certs`), the service address on the load balancer's
+/// loopback, and the configuration fragment: `www.example.com` to backend-1 alone, every
+/// other name to all backends.
+pub fn add_tls_passthrough(lab: &Lab, certs: &std::path::Path) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    for b in &lab.backends {
+        let cert = crate::tls::make_cert(certs, &b.name, &["example.com"])?;
+        crate::tls::s_server(&b.ns, TLS_BACKEND_PORT, &cert)?;
+    }
+    lab.lb.ip(&["addr", "add", &format!("{TLS_VIP_V4}/32"), "dev", "lo"])?;
+    let mut c = String::from("[[pool]]\nname = \"tls-www\"\n");
+    let _ = write!(
+        c,
+        "[[pool.backend]]\naddress = \"{}\"\nport = {TLS_BACKEND_PORT}\n",
+        lab.backends[0].v4
+    );
+    c.push_str("[[pool]]\nname = \"tls-all\"\n");
+    for b in &lab.backends {
+        let _ = write!(c, "[[pool.backend]]\naddress = \"{}\"\nport = {TLS_BACKEND_PORT}\n", b.v4);
+    }
+    let _ = write!(
+        c,
+        "[[service]]\nname = \"tls\"\naddress = \"{TLS_VIP_V4}\"\nprotocol = \"tcp\"\nport = 443\npool = \"tls-all\"\nmode = \"tls-passthrough\"\n\
+         [[service.tls.route]]\nserver_name = \"www.example.com\"\npool = \"tls-www\"\n"
+    );
+    Ok(c)
+}
+
 /// Opens `per_source` new connections from each client address to `url` with curl (one
 /// process per source; `Connection: close` makes every request a new connection, so a new
 /// flow) and counts the answering backends.

@@ -36,7 +36,9 @@ fn run() -> anyhow::Result<ExitCode> {
     }
     let lab = Lab::create(3).context("failed to build the lab")?;
     let config_path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
-    std::fs::write(&config_path, lab::lab_config(3, &[]))
+    let certs = std::env::temp_dir().join(format!("{}-certs", lab.id));
+    let tls = lab::add_tls_passthrough(&lab, &certs).context("failed to start TLS backends")?;
+    std::fs::write(&config_path, format!("{}{tls}", lab::lab_config(3, &[])))
         .context("failed to write the lab's lbd config")?;
     let lbd = lab::bin_path("lbd")?;
     let pid = lab.lb.spawn(
@@ -69,6 +71,17 @@ fn run() -> anyhow::Result<ExitCode> {
         lab::DSR_VIP_V6
     )?;
     writeln!(out, "and UDP port {} on each service address.\n", lab::UDP_PORT)?;
+    writeln!(
+        out,
+        "TLS passthrough, routed by server name (www.example.com goes to backend-1 alone; the\n\
+         certificate curl prints is the backend's own):\n"
+    )?;
+    writeln!(
+        out,
+        "    ip netns exec {client} curl -vk --resolve www.example.com:443:{0} https://www.example.com/\n\
+         \x20   ip netns exec {client} curl -vk --resolve api.example.com:443:{0} https://api.example.com/\n",
+        lab::TLS_VIP_V4
+    )?;
     writeln!(out, "lbd logs its counters every 2 s below. Ctrl-C removes the lab.\n")?;
     drop(out);
 
@@ -99,5 +112,6 @@ fn run() -> anyhow::Result<ExitCode> {
     };
     drop(lab);
     let _ = std::fs::remove_file(&config_path);
+    let _ = std::fs::remove_dir_all(&certs);
     Ok(code)
 }

@@ -94,6 +94,18 @@ pub struct Balancer {
     cookies_active: BTreeSet<String>,
 }
 
+/// Pool members (identity, id, weight) as the Maglev builder takes them.
+fn maglev_members(members: &[(u64, u32, u32)]) -> Vec<MaglevBackend> {
+    members
+        .iter()
+        .map(|(identity, id, weight)| MaglevBackend {
+            id: *id,
+            identity: *identity,
+            weight: *weight,
+        })
+        .collect()
+}
+
 /// A pool's Maglev table held by the daemon (see [`Balancer::pool_table`]).
 #[derive(Clone, Debug, Default)]
 pub struct PoolTable {
@@ -300,16 +312,10 @@ impl Balancer {
             if previous.as_ref().is_none_or(|p| p.table != table) {
                 // Services of one pool and size share a table: built and written once.
                 if !built.contains_key(&table) {
-                    let members: Vec<MaglevBackend> = table
-                        .members
-                        .iter()
-                        .map(|(identity, id, weight)| MaglevBackend {
-                            id: *id,
-                            identity: *identity,
-                            weight: *weight,
-                        })
-                        .collect();
-                    let filled = MaglevMap::create(&build_table(&members, table.size))?;
+                    let filled = MaglevMap::create(&build_table(
+                        &maglev_members(&table.members),
+                        table.size,
+                    ))?;
                     built.insert(table.clone(), filled);
                 }
                 maps.maglev.set(id, &built[&table])?;
@@ -463,15 +469,11 @@ impl Balancer {
             .collect();
         let size = table_size_for(u32::try_from(members.len()).unwrap_or(u32::MAX))
             .unwrap_or(lb_common::maglev::MAX_TABLE_SIZE);
-        let maglev: Vec<MaglevBackend> = members
-            .iter()
-            .map(|(identity, id, weight)| MaglevBackend {
-                id: *id,
-                identity: *identity,
-                weight: *weight,
-            })
-            .collect();
-        PoolTable { slots: build_table(&maglev, size), backends, hash_seed: self.hash_seed }
+        PoolTable {
+            slots: build_table(&maglev_members(&members), size),
+            backends,
+            hash_seed: self.hash_seed,
+        }
     }
 
     fn members(&self, pool: &str, config: &Config) -> Vec<(u64, u32, u32)> {

@@ -123,6 +123,29 @@ pub struct LiveNat {
     pub isn: u32,
 }
 
+impl LiveNat {
+    /// Starts a packet's flow for `service_id` with `nat_addr`, every other field zero.
+    /// Field by field: a struct literal with zeros and an address copied from a map value
+    /// compiles to `memset` and `memmove` calls (byte loops, see `mem.rs`).
+    #[inline(always)]
+    pub fn start(&mut self, service_id: u32, nat_addr: &[u32; 4], now: u64) {
+        self.service_id = service_id;
+        // SAFETY: a map value and per-CPU scratch memory: valid and disjoint.
+        unsafe { crate::mem::copy(&raw mut self.nat_addr, nat_addr) };
+        self.now = now;
+        // SAFETY: valid references; volatile so the zeroes stay single stores.
+        unsafe {
+            core::ptr::write_volatile(&raw mut self.backend_id, 0);
+            core::ptr::write_volatile(&raw mut self.nat_port, 0);
+            core::ptr::write_volatile(&raw mut self.state, 0);
+            core::ptr::write_volatile(&raw mut self.new_flow, false);
+            core::ptr::write_volatile(&raw mut self.cookie_flags, 0);
+            core::ptr::write_volatile(&raw mut self.seq_delta, 0);
+            core::ptr::write_volatile(&raw mut self.isn, 0);
+        }
+    }
+}
+
 /// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
 /// reply entry under it; the port is written to `live.nat_port`.
 ///

@@ -171,19 +171,14 @@ fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<
         return Err(Reason::IpOptions);
     }
     let is_nat = e.flags & FLOW_NAT != 0;
-    *live = LiveNat {
-        backend_id: e.backend_id,
-        service_id: e.service_id,
-        // A NAT flow's forward entry holds its NAT source address.
-        nat_addr: e.peer_addr,
-        nat_port: e.nat_port,
-        state,
-        new_flow: false,
-        now,
-        cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
-        seq_delta: e.seq_delta,
-        isn: e.isn,
-    };
+    // A NAT flow's forward entry holds its NAT source address.
+    live.start(e.service_id, &e.peer_addr, now);
+    live.backend_id = e.backend_id;
+    live.nat_port = e.nat_port;
+    live.state = state;
+    live.cookie_flags = e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ);
+    live.seq_delta = e.seq_delta;
+    live.isn = e.isn;
     if is_nat && refresh {
         conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
     }
@@ -212,18 +207,7 @@ fn try_balance(
     *key = select::flow_key(packet);
     let g = select::globals()?;
     let is_nat = service.flags & SERVICE_NAT != 0;
-    *live = LiveNat {
-        backend_id: 0,
-        service_id: service.id,
-        nat_addr: service.nat_addr,
-        nat_port: 0,
-        state: 0,
-        new_flow: false,
-        now,
-        cookie_flags: 0,
-        seq_delta: 0,
-        isn: 0,
-    };
+    live.start(service.id, &service.nat_addr, now);
     let cookies = is_nat
         && packet.proto == IPPROTO_TCP
         && service.flags & (SERVICE_SYN_COOKIES | SERVICE_SYN_COOKIES_AUTO) != 0;

@@ -161,6 +161,16 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
             warmup: false,
         },
     );
+    // `LB_BENCH_LOOP=NAME`: run that one path for 10 s and nothing else, for a profiler
+    // (`perf record -a` alongside) to see where its time goes.
+    if let Ok(name) = std::env::var("LB_BENCH_LOOP") {
+        let s = scenarios.iter().find(|s| s.name == name).context("no such path")?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(10) {
+            measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, 1, None)?;
+        }
+        return Ok(serde_json::Value::Null);
+    }
     let mut rows = Vec::new();
     let mut table = String::new();
     let _ = writeln!(

@@ -280,21 +280,27 @@ impl Datapath {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             DatapathError::Passthrough(format!("{what}: {e}"))
         };
-        let relay = self
-            .maps
-            .relay
-            .take()
-            .ok_or_else(|| DatapathError::Passthrough("already started".into()))?;
+        if self.maps.relay.is_none() {
+            return Err(DatapathError::Passthrough("already started".into()));
+        }
         let lookup: &mut SkLookup = self
             .ebpf
             .program_mut(PASSTHROUGH_LOOKUP_PROGRAM)
             .ok_or(DatapathError::MissingProgram { name: PASSTHROUGH_LOOKUP_PROGRAM })?
             .try_into()
             .map_err(|e| fail("not an sk_lookup program", &e))?;
-        lookup.load().map_err(|e| fail("loading the sk_lookup program", &e))?;
+        if lookup.fd().is_err() {
+            lookup.load().map_err(|e| fail("loading the sk_lookup program", &e))?;
+        }
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| fail("opening this network namespace", &e))?;
         lookup.attach(netns).map_err(|e| fail("attaching the sk_lookup program", &e))?;
+        // Taken only now: a failure above leaves them for a later attempt.
+        let relay = self
+            .maps
+            .relay
+            .take()
+            .ok_or_else(|| DatapathError::Passthrough("already started".into()))?;
         let verdict: &mut SkSkb = self
             .ebpf
             .program_mut(RELAY_VERDICT_PROGRAM)

@@ -58,6 +58,7 @@ pub async fn run(
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    raise_fd_limit();
     let api_config = config.api.clone();
     let token = api_config
         .token_file
@@ -144,6 +145,24 @@ pub async fn run(
         info!("XDP programs detached and pins removed");
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: TLS passthrough holds two sockets
+/// per relayed connection, and the usual soft limit (1024) would run out long before the
+/// services' own caps.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 fn lock(daemon: &SharedDaemon) -> std::sync::MutexGuard<'_, Daemon> {

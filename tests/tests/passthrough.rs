@@ -241,7 +241,7 @@ fn tls_passthrough() {
     large_hellos(&setup, vip4, &hello);
     garbage_is_closed(&setup, vip4);
     slow_and_piled_up_clients(&setup, strict);
-    proxy_protocol(&setup);
+    proxy_protocol_and_resets(&setup, &hello);
     for (port, relay) in [(TLS_PORT, "sockmap"), (SPLICE_PORT, "splice")] {
         bulk_transfer(&setup, SocketAddr::from((VIP4, port)), relay);
     }
@@ -467,8 +467,8 @@ fn slow_and_piled_up_clients(setup: &Setup, target: SocketAddr) {
 }
 
 /// With `proxy_protocol`, the backend first reads a PROXY v2 header naming the client and
-/// the service address, then the client's hello.
-fn proxy_protocol(setup: &Setup) {
+/// the service address, then the client's hello; its reset reaches the client as a reset.
+fn proxy_protocol_and_resets(setup: &Setup, hello: &[u8]) {
     let lab = &setup.lab;
     let backend = &lab.backends[2];
     let (tx, rx) = std::sync::mpsc::channel();
@@ -481,12 +481,26 @@ fn proxy_protocol(setup: &Setup) {
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut head = [0u8; 16 + 12 + 1];
         conn.read_exact(&mut head).unwrap();
+        // Then the backend resets the connection: the client must see a reset, not an end.
+        socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(conn);
         tx.send(head.to_vec()).unwrap();
     });
     let target = SocketAddr::from((VIP4, PROXY_PORT));
-    let _ = s_client_peer(&lab.client, target, Some("www.example.com"));
+    let hello = hello.to_vec();
+    let seen = lab
+        .client
+        .enter(move || {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            conn.write_all(&hello).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            conn.read(&mut buf).map_err(|e| e.kind())
+        })
+        .unwrap();
     let head = rx.recv_timeout(Duration::from_secs(10)).expect("the backend got no connection");
     server.join().unwrap();
+    assert_eq!(seen, Err(std::io::ErrorKind::ConnectionReset), "the backend's reset");
     assert_eq!(head[..12], PROXY_V2_SIGNATURE);
     assert_eq!(head[12], 0x21, "version 2, PROXY");
     assert_eq!(head[13], 0x11, "TCP over IPv4");

@@ -75,7 +75,10 @@ impl RelayMaps {
         let cpus = nr_cpus().map_err(|(_, e)| MapError::Cpus(e))?;
         for key in [a_key, b_key] {
             let zero = PerCpuValues::try_from(vec![0u64; cpus]).map_err(MapError::Cpus)?;
-            self.bytes.insert(key, zero, 0).map_err(update(maps::RELAY_BYTES))?;
+            if let Err(source) = self.bytes.insert(key, zero, 0) {
+                let _ = self.bytes.remove(&a_key);
+                return Err(MapError::Update { name: maps::RELAY_BYTES, source });
+            }
         }
         let linked = self
             .sockets

@@ -2,9 +2,10 @@
 //! them through the daemon: in the kernel by socket map (see `lb_common::passthrough`), or by
 //! `splice(2)` through a pipe.
 //!
-//! Either way the daemon keeps the two sockets and ends the relay: a FIN from one side is
-//! passed on as a shutdown of the other's sending half, but only once every byte the kernel
-//! relayed before it has reached that socket, so nothing is cut short.
+//! Either way the daemon keeps the two sockets and ends the relay. A FIN from one side is
+//! passed on as a shutdown of the other's sending half once every byte that side sent has
+//! entered the other socket (TCP's own counters say so: bytes received on one, bytes sent or
+//! queued on the other), so nothing is cut short; a reset is passed on as a reset.
 
 use std::{
     io,
@@ -14,17 +15,15 @@ use std::{
 };
 
 use lb_common::passthrough::RelayKey;
-use tokio::{
-    io::{AsyncWriteExt, Interest},
-    net::TcpStream,
-};
+use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
 use super::stats::{RouteId, Stats};
 use crate::maps::RelayMaps;
 
-/// How long a direction's relayed bytes may take to reach the other socket after its FIN.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the bytes of a finished direction may make no progress into the other socket
+/// before the relay gives up on them (and resets, so the loss shows).
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a socket-map relay reports its byte counts.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Bytes moved per `splice` call.
@@ -37,16 +36,21 @@ fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, RelayMaps> {
     maps.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Sends `first` (the PROXY header and the hello the daemon read) to `upstream`, then relays
-/// until both sides have finished. Returns which relay ran.
+/// Sends `first` (the PROXY header and every byte the daemon read from the client, which
+/// left nothing in its queue) to `upstream`, then relays until both sides have finished.
+/// `client_ended`: the client's FIN came with its hello. Returns which relay ran.
 pub async fn run(
     client: TcpStream,
     upstream: TcpStream,
     first: Vec<u8>,
+    client_ended: bool,
     maps: Option<&SharedMaps>,
     stats: &Stats,
     route: &RouteId,
 ) -> io::Result<&'static str> {
+    // Written before any relaying: the kernel never sends into `upstream` ahead of it.
+    write_all(&upstream, &first).await?;
+    stats.relayed(route, first.len() as u64, 0);
     if let Some(maps) = maps {
         let keys = (
             RelayKey::new(client.peer_addr()?, client.local_addr()?),
@@ -55,18 +59,32 @@ pub async fn run(
         for socket in [client.as_raw_fd(), upstream.as_raw_fd()] {
             fix_receive_buffer(socket);
         }
-        // Linked before the hello goes out, so the backend's answer is already redirected.
+        // Where each direction starts, counted before the kernel takes over.
+        let up = Flow::start(&client, &upstream, client_ended)?;
+        let down = Flow::start(&upstream, &client, false)?;
         let linked = lock(maps).link(keys.0, &client, keys.1, &upstream);
         match linked {
             Ok(()) => {
-                let result = sockmap(&client, &upstream, &first, maps, keys, stats, route).await;
+                let flows = [up, down];
+                let result =
+                    sockmap(&client, &upstream, flows, client_ended, maps, keys, stats, route)
+                        .await;
                 lock(maps).unlink(keys.0, keys.1);
+                if result.is_err() {
+                    abort(&client);
+                    abort(&upstream);
+                }
                 return result.map(|()| "sockmap");
             }
             Err(error) => debug!(%error, "socket map refused the relay; splicing"),
         }
     }
-    splice(client, upstream, &first, stats, route).await.map(|()| "splice")
+    let result = splice(&client, &upstream, client_ended, stats, route).await;
+    if result.is_err() {
+        abort(&client);
+        abort(&upstream);
+    }
+    result.map(|()| "splice")
 }
 
 /// Receive buffer of relayed sockets. The kernel grows a TCP receive buffer as a reader
@@ -77,59 +95,61 @@ const RELAY_RCVBUF: libc::c_int = 4 << 20;
 /// Sets a relayed socket's receive buffer (forced past `net.core.rmem_max`: lbd runs with
 /// CAP_NET_ADMIN); failure only costs throughput.
 fn fix_receive_buffer(fd: RawFd) {
-    let size = RELAY_RCVBUF;
-    // SAFETY: setsockopt with an int option value on a socket this process holds.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
-        )
-    };
-    if ret != 0 {
-        debug!(error = %io::Error::last_os_error(), "could not size a relayed socket's receive buffer");
+    if let Err(error) = set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RELAY_RCVBUF) {
+        debug!(%error, "could not size a relayed socket's receive buffer");
     }
 }
 
-/// One direction's progress.
-#[derive(Default)]
-struct Direction {
-    /// The source sent its FIN (and the sink was shut down for writing).
+/// One direction, from a source socket into a sink socket, by TCP's counters: everything the
+/// source receives from the moment the relay starts must enter the sink.
+struct Flow {
+    /// The source's received bytes the relay is responsible for start here (bytes the
+    /// daemon read itself before are not its business; bytes still queued are).
+    received_base: u64,
+    /// The sink's sent-or-queued bytes when the relay started.
+    entered_base: u64,
+    /// The source's FIN had come when the relay started (and is in `received_base`).
+    fin_in_base: bool,
+    /// The source sent its FIN and the sink was shut down for writing.
     done: bool,
-    /// Bytes the daemon itself wrote to the sink (the hello, and any bytes that were in the
-    /// source's queue before the relay started).
-    written: u64,
-    /// Bytes the kernel relayed, as last reported.
+    /// Bytes the kernel relayed, as last reported (from `RELAY_BYTES`, for metrics).
     reported: u64,
 }
 
+impl Flow {
+    fn start(source: &TcpStream, sink: &TcpStream, fin_in_base: bool) -> io::Result<Self> {
+        let fd = source.as_raw_fd();
+        let received_base = tcp_info(fd)?.tcpi_bytes_received.saturating_sub(queued_in(fd)?);
+        Ok(Self {
+            received_base,
+            entered_base: bytes_entered(sink.as_raw_fd())?,
+            fin_in_base,
+            done: false,
+            reported: 0,
+        })
+    }
+
+    /// What the sink's counter must reach for every byte received so far to have entered
+    /// it, once the source's FIN (which TCP counts as a received byte) has come.
+    fn expected(&self, source: &TcpStream) -> io::Result<u64> {
+        let received = tcp_info(source.as_raw_fd())?.tcpi_bytes_received;
+        let fin = u64::from(!self.fin_in_base);
+        Ok((self.entered_base + received.saturating_sub(self.received_base)).saturating_sub(fin))
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "the relay's whole state, passed once")]
 async fn sockmap(
     client: &TcpStream,
     upstream: &TcpStream,
-    first: &[u8],
+    [mut up, mut down]: [Flow; 2],
+    client_ended: bool,
     maps: &SharedMaps,
     (client_key, upstream_key): (RelayKey, RelayKey),
     stats: &Stats,
     route: &RouteId,
 ) -> io::Result<()> {
-    let mut up = Direction::default();
-    let mut down = Direction::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    // Bytes the client sent after its hello, before the link: still in its queue, where the
-    // kernel would only take them with the next segment. The backend cannot have answered
-    // yet (it has not seen the hello), so the client is not sending more: they go first.
-    let mut first = first.to_vec();
-    let leftover = take_queued(client, &mut buf, &mut first)?;
-    write_all(upstream, &first).await?;
-    up.written = first.len() as u64;
-    stats.relayed(route, up.written, 0);
-    if leftover == Queued::Ended {
-        up.done = true;
-        drain_then_shutdown(upstream, up.written).await?;
-    }
-    let report = |up: &mut Direction, down: &mut Direction| {
+    let report = |up: &mut Flow, down: &mut Flow| {
         let (to_backend, to_client) = {
             let m = lock(maps);
             (m.relayed(&client_key), m.relayed(&upstream_key))
@@ -142,6 +162,26 @@ async fn sockmap(
         up.reported = up.reported.max(to_backend);
         down.reported = down.reported.max(to_client);
     };
+    // Bytes that reached a socket before the link (the backend's first answer, often) sit
+    // in its queue, where the kernel only looks again with the next segment. Setting the
+    // receive low-water mark makes TCP signal "data ready" now, which runs the verdict on
+    // them; should a kernel not do that, a read returns them and they go on by hand.
+    let mut buf = vec![0u8; 16 * 1024];
+    for (from, to) in [(client, upstream), (upstream, client)] {
+        let _ = set_int(from.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
+        let mut queued = Vec::new();
+        let taken = take_queued(from, &mut buf, &mut queued);
+        write_all(to, &queued).await?;
+        if taken.is_err() {
+            // Reset already (the read took the error, so no poll will report it).
+            abort(to);
+            return Ok(());
+        }
+    }
+    if client_ended {
+        finish(client, upstream, &up).await?;
+        up.done = true;
+    }
     // The daemon waits for the ends of the streams alone: an epoll set that asks only for
     // "peer closed" and errors, so the kernel's data wake-ups never reach it.
     let ends = Ends::new(client, upstream, !up.done)?;
@@ -150,34 +190,26 @@ async fn sockmap(
         tokio::select! {
             ended = ends.next() => {
                 let (side, end) = ended?;
-                if end == End::Reset {
-                    // The peer reset its connection: nothing more can be relayed either way.
-                    // Closing both sockets ends the other side too.
-                    report(&mut up, &mut down);
-                    return Ok(());
-                }
-                let (from, to, d) = if side == CLIENT {
+                let (from, to, flow) = if side == CLIENT {
                     (client, upstream, &mut up)
                 } else {
                     (upstream, client, &mut down)
                 };
-                // Whatever the kernel left in the queue goes on before the FIN.
+                // Whatever the kernel left in the queue goes on before the end. A read that
+                // fails means a reset, whatever the poll said.
                 let mut rest = Vec::new();
-                if take_queued(from, &mut buf, &mut rest).is_err() {
-                    // Reset right after its FIN.
+                let taken = take_queued(from, &mut buf, &mut rest);
+                write_all(to, &rest).await?;
+                if end == End::Reset || taken.is_err() {
+                    // Nothing more can reach the reset side; what it sent still goes on,
+                    // then the other side is reset too.
+                    wait_entered(from, to, flow).await?;
                     report(&mut up, &mut down);
+                    abort(to);
                     return Ok(());
                 }
-                write_all(to, &rest).await?;
-                d.written += rest.len() as u64;
-                d.done = true;
-                report(&mut up, &mut down);
-                let expected = if side == CLIENT {
-                    up.written + up.reported
-                } else {
-                    down.written + down.reported
-                };
-                drain_then_shutdown(to, expected).await?;
+                finish(from, to, flow).await?;
+                flow.done = true;
             }
             _ = tick.tick() => report(&mut up, &mut down),
         }
@@ -186,9 +218,39 @@ async fn sockmap(
     Ok(())
 }
 
+/// `from` sent its FIN: once everything it sent has entered `to`, shut `to`'s sending half.
+async fn finish(from: &TcpStream, to: &TcpStream, flow: &Flow) -> io::Result<()> {
+    wait_entered(from, to, flow).await?;
+    shutdown_write(to.as_raw_fd())
+}
+
+/// Waits until every byte `from` received has entered `to`; fails if they stop moving for
+/// [`STALL_TIMEOUT`] (a peer that stopped reading).
+async fn wait_entered(from: &TcpStream, to: &TcpStream, flow: &Flow) -> io::Result<()> {
+    let expected = flow.expected(from)?;
+    let mut last = bytes_entered(to.as_raw_fd())?;
+    let mut stalled_since = tokio::time::Instant::now();
+    let mut pause = Duration::from_micros(200);
+    while last < expected {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+        let now = bytes_entered(to.as_raw_fd())?;
+        if now > last {
+            last = now;
+            stalled_since = tokio::time::Instant::now();
+        } else if stalled_since.elapsed() >= STALL_TIMEOUT {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} relayed bytes did not move for {STALL_TIMEOUT:?}", expected - last),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What [`take_queued`] found at the end of the queue.
 #[derive(Debug, PartialEq, Eq)]
-enum Queued {
+pub enum Queued {
     /// Nothing more for now.
     Open,
     /// The peer's FIN.
@@ -196,7 +258,7 @@ enum Queued {
 }
 
 /// Appends to `out` what is queued on `from` without waiting.
-fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<Queued> {
+pub fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<Queued> {
     loop {
         match from.try_read(buf) {
             Ok(0) => return Ok(Queued::Ended),
@@ -212,7 +274,7 @@ fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Resul
 enum End {
     /// It sent a FIN: the other direction may go on.
     Fin,
-    /// An error or reset: the connection is over.
+    /// A reset (or another error): the connection is over.
     Reset,
 }
 
@@ -286,10 +348,10 @@ impl Ends {
                     std::ptr::null_mut(),
                 );
             }
-            // A FIN followed by a reset is reported at once: the FIN counts.
+            // A reset also reports "peer closed" (both halves are shut): the error decides.
             #[allow(clippy::cast_sign_loss, reason = "epoll flag bits")]
             let end =
-                if event.events & (libc::EPOLLRDHUP as u32) != 0 { End::Fin } else { End::Reset };
+                if event.events & (libc::EPOLLERR as u32) != 0 { End::Reset } else { End::Fin };
             return Ok((side, end));
         }
     }
@@ -308,24 +370,7 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `expected` bytes in all have entered `sink` (acknowledged or queued), then
-/// shuts its sending half: the FIN follows the last relayed byte.
-async fn drain_then_shutdown(sink: &TcpStream, expected: u64) -> io::Result<()> {
-    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    let mut pause = Duration::from_micros(200);
-    while bytes_entered(sink.as_raw_fd())? < expected {
-        if tokio::time::Instant::now() >= deadline {
-            debug!(expected, "relayed bytes did not all arrive; shutting down anyway");
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-    shutdown_write(sink.as_raw_fd())
-}
-
-/// Bytes that entered a TCP socket's send path so far: acknowledged plus still queued.
-fn bytes_entered(fd: RawFd) -> io::Result<u64> {
+fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: an all-integer C struct; zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
@@ -343,17 +388,73 @@ fn bytes_entered(fd: RawFd) -> io::Result<u64> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+    Ok(info)
+}
+
+fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: these requests write one int.
+    if unsafe { libc::ioctl(fd, request, &raw mut value) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// Bytes waiting in a TCP socket's receive queue.
+fn queued_in(fd: RawFd) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+/// Bytes that entered a TCP socket's send path so far: acknowledged plus still queued.
+fn bytes_entered(fd: RawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.tcpi_bytes_acked + ioctl_int(fd, libc::TIOCOUTQ)?)
+}
+
+/// Sets an integer socket option.
+pub fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt with an int option value on a socket this process holds.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Makes the socket's close (when the relay drops it) send a reset: what the relay passes on
+/// when one side reset, or when it gives up on bytes it cannot deliver. No shutdown here: it
+/// would send a FIN first, which the peer would take for a clean end.
+fn abort(socket: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a `linger` value on a socket this process holds. With a zero
+    // timeout, close resets at once and never blocks.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8),
+        );
+    }
 }
 
 fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    shutdown(fd, libc::SHUT_WR)
+}
+
+fn shutdown(fd: RawFd, how: libc::c_int) -> io::Result<()> {
     // SAFETY: shutdown on a socket this process holds.
-    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
+    if unsafe { libc::shutdown(fd, how) } == 0 {
         Ok(())
     } else {
         let error = io::Error::last_os_error();
@@ -363,19 +464,22 @@ fn shutdown_write(fd: RawFd) -> io::Result<()> {
 }
 
 async fn splice(
-    client: TcpStream,
-    upstream: TcpStream,
-    first: &[u8],
+    client: &TcpStream,
+    upstream: &TcpStream,
+    client_ended: bool,
     stats: &Stats,
     route: &RouteId,
 ) -> io::Result<()> {
-    let mut upstream = upstream;
-    upstream.write_all(first).await?;
-    stats.relayed(route, first.len() as u64, 0);
-    let up = splice_direction(&client, &upstream, stats, route, true);
-    let down = splice_direction(&upstream, &client, stats, route, false);
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    let up = async {
+        if client_ended {
+            shutdown_write(upstream.as_raw_fd())
+        } else {
+            splice_direction(client, upstream, stats, route, true).await
+        }
+    };
+    let down = splice_direction(upstream, client, stats, route, false);
+    // The first error ends both directions (the caller resets both sockets).
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 /// Splices `from` into `to` through a pipe until `from` ends, then shuts `to`'s sending half.
@@ -395,8 +499,6 @@ async fn splice_direction(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            // A reset ends the relay as a FIN would; the other direction finds out too.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
             Err(e) => return Err(e),
         };
         let mut left = moved;

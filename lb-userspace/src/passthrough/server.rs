@@ -46,7 +46,8 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct ServiceRuntime {
     policy: RwLock<Arc<Policy>>,
-    /// Connections waiting for their hello: in all, and per client address.
+    /// Connections waiting for their hello or their backend: in all, and per client
+    /// address (IPv6: per /64).
     pending: Mutex<(u32, HashMap<IpAddr, u32>)>,
 }
 
@@ -67,6 +68,15 @@ impl ServiceRuntime {
     }
 
     fn admit(self: &Arc<Self>, source: IpAddr, policy: &Policy) -> Option<PendingGuard> {
+        // One IPv6 host commonly holds a whole /64: count it as one source.
+        let source = match source {
+            IpAddr::V6(a) => {
+                let mut o = a.octets();
+                o[8..].fill(0);
+                IpAddr::from(o)
+            }
+            v4 @ IpAddr::V4(_) => v4,
+        };
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let per_source = pending.1.get(&source).copied().unwrap_or(0);
         if pending.0 >= policy.max_pending() || per_source >= policy.max_pending_per_source() {
@@ -154,38 +164,41 @@ async fn handle(
         return;
     };
     stats.pending(service, 1);
-    let decided = decide(&mut client, peer, &policy).await;
+    // Pending until the backend answers: a flood of hellos to a pool that black-holes SYNs
+    // is held by the same caps as a flood of slow hellos.
+    let connected = async {
+        let (hello, route, backend) = decide(&mut client, peer, &policy).await?;
+        stats.decided(service, accepted.elapsed());
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+            Ok(Ok(stream)) => Ok((hello, route, backend, stream)),
+            Ok(Err(error)) => {
+                debug!(%peer, %backend, %error, "connecting to the backend failed");
+                Err("connect_failed")
+            }
+            Err(_) => Err("connect_timeout"),
+        }
+    }
+    .await;
     stats.pending(service, -1);
     drop(pending);
-    let (buffer, route, backend) = match decided {
-        Ok(decision) => decision,
+    let (hello, route, backend, upstream) = match connected {
+        Ok(connected) => connected,
         Err(reason) => {
             debug!(%peer, service, reason, "passthrough connection refused");
             stats.reject(service, reason);
             return;
         }
     };
-    stats.decided(service, accepted.elapsed());
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            debug!(%peer, %backend, %error, "connecting to the backend failed");
-            stats.reject(service, "connect_failed");
-            return;
-        }
-        Err(_) => {
-            stats.reject(service, "connect_timeout");
-            return;
-        }
-    };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    for socket in [&client, &upstream] {
+        let _ = socket.set_nodelay(true);
+        keep_alive(socket);
+    }
     let mut first = Vec::new();
     if policy.proxy_protocol() {
         let local = client.local_addr().unwrap_or(policy.address);
         first.extend(proxy_v2_header(peer, local));
     }
-    first.extend_from_slice(&buffer);
+    first.extend_from_slice(&hello.bytes);
     let route_id = (service.to_owned(), route.label, route.pool);
     stats.opened(&route_id);
     let maps = if policy.relay() == crate::config::RelayMode::Sockmap {
@@ -193,7 +206,7 @@ async fn handle(
     } else {
         None
     };
-    let how = match relay::run(client, upstream, first, maps, stats, &route_id).await {
+    let how = match relay::run(client, upstream, first, hello.ended, maps, stats, &route_id).await {
         Ok(how) => {
             debug!(%peer, %backend, how, "relay finished");
             Some(how)
@@ -206,22 +219,50 @@ async fn handle(
     stats.closed(&route_id, how);
 }
 
+/// What the daemon read from a client.
+struct Hello {
+    /// Every byte read: the hello and anything after it that had arrived.
+    bytes: Vec<u8>,
+    /// The client's FIN came too.
+    ended: bool,
+}
+
+/// Keep-alive probes on a relayed socket, so a peer that vanished without a FIN or a reset
+/// does not hold the relay for ever (about 2 minutes of silence, then 6 probes 10 s apart).
+fn keep_alive(socket: &TcpStream) {
+    let fd = socket.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 120),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ] {
+        let _ = relay::set_int(fd, level, name, value);
+    }
+}
+
 /// Reads the hello within the policy's timeout and routes it: the bytes read, the route and
 /// the backend.
 async fn decide(
     client: &mut TcpStream,
     peer: SocketAddr,
     policy: &Policy,
-) -> Result<(Vec<u8>, super::policy::Route, SocketAddr), RejectReason> {
-    let (buffer, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
+) -> Result<(Hello, super::policy::Route, SocketAddr), RejectReason> {
+    let (bytes, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
         .await
         .map_err(|_| "hello_timeout")??;
+    // Whatever followed the hello (early data) is taken too, so that no segment is left
+    // half read: the kernel relay would send it again whole.
+    let mut bytes = bytes;
+    let mut chunk = [0u8; 4096];
+    let ended = relay::take_queued(client, &mut chunk, &mut bytes).map_err(|_| "read_error")?
+        == relay::Queued::Ended;
     if hello.has_ech {
         debug!(%peer, "hello with encrypted_client_hello: routed on its outer server name");
     }
     let route = policy.route(hello.server_name.as_deref())?;
     let backend = policy.select(&route.pool, peer).ok_or("no_backend")?;
-    Ok((buffer, route, backend))
+    Ok((Hello { bytes, ended }, route, backend))
 }
 
 /// Reads until the buffer holds a whole ClientHello (record by record: it may come in any

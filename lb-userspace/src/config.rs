@@ -1047,6 +1047,7 @@ impl Config {
             check_service_mode(service, p);
             self.check_routes(service, p);
         }
+        self.check_passthrough_addresses(p);
     }
 
     fn check_service_pool(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
@@ -1091,6 +1092,41 @@ impl Config {
                 p.add(
                     Some(size.span()),
                     &format!("table_size {size_value} gives {backends} backends fewer than {MIN_SLOTS_PER_BACKEND} slots each; use at least {suggestion}"),
+                );
+            }
+        }
+    }
+
+    /// TLS passthrough services fit the listener map, and no all-ports TCP service of the
+    /// data path shares their address (XDP would take their port before the host stack).
+    fn check_passthrough_addresses(&self, p: &mut Problems<'_>) {
+        use lb_common::passthrough::MAX_LISTENERS;
+        let passthrough: Vec<&ServiceConfig> =
+            self.services.iter().filter(|s| s.mode == ForwardingMode::TlsPassthrough).collect();
+        if passthrough.len() > MAX_LISTENERS as usize {
+            p.add(
+                None,
+                &format!(
+                    "{} tls-passthrough services; at most {MAX_LISTENERS} are allowed",
+                    passthrough.len()
+                ),
+            );
+        }
+        for service in passthrough {
+            let addr = service.address.get_ref();
+            if let Some(other) = self.services.iter().find(|o| {
+                o.in_data_path()
+                    && o.protocol == Protocol::Tcp
+                    && o.port().is_none()
+                    && o.address.get_ref() == addr
+            }) {
+                p.add(
+                    Some(service.address.span()),
+                    &format!(
+                        "service {:?} (tls-passthrough) shares {addr} with {:?}, which takes every TCP port of it; give one of them another address",
+                        service.name.get_ref(),
+                        other.name.get_ref()
+                    ),
                 );
             }
         }
@@ -1578,6 +1614,10 @@ pool = "web"
         );
         let error = Config::parse(&text, "t").unwrap_err().to_string();
         assert!(error.contains("magic"), "{error}");
+        let all_ports = "[[service]]\nname = \"all\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\npool = \"web\"\nmode = \"dsr-l2\"\n";
+        let error =
+            Config::parse(&format!("{FULL}{PASSTHROUGH}{all_ports}"), "t").unwrap_err().to_string();
+        assert!(error.contains("which takes every TCP port of it"), "{error}");
     }
 
     #[test]

@@ -268,19 +268,26 @@ impl Daemon {
     /// deadline, and of removed ones past their pool's deadline.
     fn cut_flows(&mut self, now: Instant) {
         let mut ids = HashSet::new();
+        let mut cut = Vec::new();
         for backend in self.lifecycle.due_cuts(&self.config, now) {
             if let Some(id) = self.balancer.backend_id(&backend) {
                 info!(pool = %backend.pool, backend = %health::describe(&backend), "cutting the backend's established flows");
                 ids.insert(id);
             }
+            cut.push((backend.pool.clone(), backend.addr, backend.port));
         }
         let retired: Vec<(u32, BackendIdentity)> =
             self.balancer.retired().map(|(id, k)| (id, k.clone())).collect();
         for id in self.lifecycle.due_retired(&retired, &self.config, now) {
+            if let Some((_, identity)) = retired.iter().find(|(i, _)| *i == id) {
+                cut.push((identity.pool.clone(), identity.addr, identity.port));
+            }
             if self.live_by_backend.get(&id).copied().unwrap_or(0) > 0 {
                 ids.insert(id);
             }
         }
+        // TLS passthrough relays to those backends end the same way.
+        self.passthrough.cut(&cut);
         if ids.is_empty() {
             return;
         }

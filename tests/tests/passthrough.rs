@@ -265,6 +265,8 @@ fn tls_passthrough() {
     assert!(tls4["new_flows"].as_u64().unwrap() >= 10, "{tls4}");
     assert!(tls4["bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64, "{tls4}");
 
+    relays_of_a_disabled_backend_are_cut(&setup, vip4, &hello);
+
     // A reload takes new routes for new connections, and a removed service stops listening.
     let rerouted = config().replace(
         "server_name = \"www.example.com\"\npool = \"tls-www\"",
@@ -509,6 +511,62 @@ fn proxy_protocol_and_resets(setup: &Setup, hello: &[u8]) {
     assert_eq!(head[20..24], VIP4.octets(), "destination address");
     assert_eq!(u16::from_be_bytes([head[26], head[27]]), PROXY_PORT);
     assert_eq!(head[28], 0x16, "the hello follows the header");
+}
+
+/// Disabling a backend through the API cuts its running relays, as it cuts the data path's
+/// flows: the client sees a reset.
+fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello: &[u8]) {
+    let lab = &setup.lab;
+    let hello = hello.to_vec();
+    let client = lab
+        .client
+        .enter(move || {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            conn.write_all(&hello).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn
+        })
+        .unwrap();
+    // The backend answered: the relay runs.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut conn = client;
+    while !contains(&answer, b"backend-1") {
+        let n = conn.read(&mut chunk).unwrap();
+        assert!(n > 0, "the relay ended before the test cut it");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let state = |state: &str| {
+        let url = format!(
+            "http://{API}/v1/pools/tls-www/backends/{}/state?port={S_SERVER_PORT}",
+            backend_v4(0)
+        );
+        lab.lb
+            .exec(&[
+                "curl",
+                "-sf",
+                "-X",
+                "PUT",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &format!("{{\"state\": \"{state}\"}}"),
+                &url,
+            ])
+            .unwrap();
+    };
+    state("disabled");
+    let started = Instant::now();
+    let ended = loop {
+        match conn.read(&mut chunk) {
+            Ok(0) => break Ok(0),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "the cut relay's client");
+    assert!(started.elapsed() < Duration::from_secs(5), "the cut took {:?}", started.elapsed());
+    state("active");
 }
 
 /// A real TLS session (rustls both ends) moves `BULK_BYTES` each way intact through the

@@ -75,10 +75,8 @@ impl Passthrough {
     /// tokio runtime.
     pub fn start(&mut self, maps: RelayMaps, sockmap: bool) {
         let maps = Arc::new(Mutex::new(maps));
-        self.shared = Some(Arc::new(Shared {
-            maps: sockmap.then(|| maps.clone()),
-            stats: self.stats.clone(),
-        }));
+        self.shared =
+            Some(Arc::new(Shared::new(sockmap.then(|| maps.clone()), self.stats.clone())));
         self.listener_maps = Some(maps);
         self.reconcile();
     }
@@ -146,6 +144,23 @@ impl Passthrough {
         let cancel = CancellationToken::new();
         tokio::spawn(server::serve(listener, runtime.clone(), shared.clone(), cancel.clone()));
         Ok(Running { address: policy.address, runtime, cancel })
+    }
+
+    /// Ends the running relays to these backends (pool, address, port; `None`: any port),
+    /// as the data path's flows of a disabled, overdue draining or removed backend are cut.
+    pub fn cut(&self, backends: &[(String, std::net::IpAddr, Option<u16>)]) {
+        let Some(shared) = &self.shared else { return };
+        if backends.is_empty() {
+            return;
+        }
+        let n = shared.cut(|pool, backend| {
+            backends.iter().any(|(p, addr, port)| {
+                p == pool && *addr == backend.ip() && port.is_none_or(|port| port == backend.port())
+            })
+        });
+        if n > 0 {
+            info!(relays = n, "passthrough relays cut");
+        }
     }
 
     /// Stops every listener (relayed connections carry on until they end).

@@ -16,6 +16,7 @@ use std::{
 
 use lb_common::passthrough::RelayKey;
 use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::stats::{RouteId, Stats};
@@ -47,6 +48,7 @@ pub async fn run(
     maps: Option<&SharedMaps>,
     stats: &Stats,
     route: &RouteId,
+    cut: &CancellationToken,
 ) -> io::Result<&'static str> {
     // Written before any relaying: the kernel never sends into `upstream` ahead of it.
     write_all(&upstream, &first).await?;
@@ -66,9 +68,12 @@ pub async fn run(
         match linked {
             Ok(()) => {
                 let flows = [up, down];
-                let result =
-                    sockmap(&client, &upstream, flows, client_ended, maps, keys, stats, route)
-                        .await;
+                let relayed =
+                    sockmap(&client, &upstream, flows, client_ended, maps, keys, stats, route);
+                let result = tokio::select! {
+                    result = relayed => result,
+                    () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
+                };
                 lock(maps).unlink(keys.0, keys.1);
                 if result.is_err() {
                     abort(&client);
@@ -79,7 +84,10 @@ pub async fn run(
             Err(error) => debug!(%error, "socket map refused the relay; splicing"),
         }
     }
-    let result = splice(&client, &upstream, client_ended, stats, route).await;
+    let result = tokio::select! {
+        result = splice(&client, &upstream, client_ended, stats, route) => result,
+        () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
+    };
     if result.is_err() {
         abort(&client);
         abort(&upstream);

@@ -40,6 +40,55 @@ pub struct Shared {
     /// The socket maps; `None` relays by splice.
     pub maps: Option<SharedMaps>,
     pub stats: Arc<Stats>,
+    /// Running relays, so the daemon can cut those of a backend it takes out of service.
+    pub relays: Mutex<HashMap<u64, RelayHandle>>,
+    pub next_relay: std::sync::atomic::AtomicU64,
+}
+
+/// A running relay: its pool and backend, and how to end it.
+#[derive(Debug)]
+pub struct RelayHandle {
+    pub pool: String,
+    pub backend: SocketAddr,
+    pub cut: CancellationToken,
+}
+
+impl Shared {
+    #[must_use]
+    pub fn new(maps: Option<SharedMaps>, stats: Arc<Stats>) -> Self {
+        Self {
+            maps,
+            stats,
+            relays: Mutex::new(HashMap::new()),
+            next_relay: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Ends (with resets) the running relays to backends `matches` accepts, given a relay's
+    /// pool and backend address. Returns how many.
+    pub fn cut(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
+        let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut n = 0;
+        for relay in relays.values().filter(|r| matches(&r.pool, r.backend)) {
+            if !relay.cut.is_cancelled() {
+                relay.cut.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Removes a relay from the registry when its task ends.
+struct Registered<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.relays.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+    }
 }
 
 /// One running service: its current policy and its pending handshakes.
@@ -206,7 +255,16 @@ async fn handle(
     } else {
         None
     };
-    let how = match relay::run(client, upstream, first, hello.ended, maps, stats, &route_id).await {
+    let cut = CancellationToken::new();
+    let id = shared.next_relay.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .relays
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, RelayHandle { pool: route_id.2.clone(), backend, cut: cut.clone() });
+    let _registered = Registered { shared: &shared, id };
+    let relayed = relay::run(client, upstream, first, hello.ended, maps, stats, &route_id, &cut);
+    let how = match relayed.await {
         Ok(how) => {
             debug!(%peer, %backend, how, "relay finished");
             Some(how)

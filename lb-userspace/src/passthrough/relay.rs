@@ -39,7 +39,9 @@ fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, RelayMaps> {
 
 /// Sends `first` (the PROXY header and every byte the daemon read from the client, which
 /// left nothing in its queue) to `upstream`, then relays until both sides have finished.
-/// `client_ended`: the client's FIN came with its hello. Returns which relay ran.
+/// `client_ended`: the client's FIN came with its hello. `cut` ends it early, with resets.
+/// Returns which relay ran.
+#[allow(clippy::too_many_arguments, reason = "one connection's whole state, passed once")]
 pub async fn run(
     client: TcpStream,
     upstream: TcpStream,

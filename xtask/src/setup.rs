@@ -36,15 +36,20 @@ pub struct Env {
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the lab and the tests use, with the command that proves each is there.
-const PACKAGES_RUN: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
+/// The lab (`cargo xtask run`) needs openssl for its TLS backends, and curl is how the
+/// README reaches its services.
+const PACKAGES_RUN: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+];
 const PACKAGES_TESTS: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
-    ("curl", "curl"),
     ("nftables", "nft"),
     ("procps", "sysctl"),
     ("iperf3", "iperf3"),
     ("prometheus", "prometheus"),
-    ("openssl", "openssl"),
     ("hping3", "hping3"),
 ];
 /// The bench's peers and tools (Debian packages), beyond the tests'.

@@ -38,12 +38,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the lab and the tests use, with the command that proves each is there.
 /// The lab (`cargo xtask run`) needs openssl for its TLS backends, and curl is how the
 /// README reaches its services.
-const PACKAGES_RUN: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("ethtool", "ethtool"),
-    ("openssl", "openssl"),
-    ("curl", "curl"),
-];
+const PACKAGES_RUN: &[(&str, &str)] =
+    &[("iproute2", "ip"), ("ethtool", "ethtool"), ("openssl", "openssl"), ("curl", "curl")];
 const PACKAGES_TESTS: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("nftables", "nft"),

@@ -53,7 +53,10 @@ pub async fn run(
     cut: &CancellationToken,
 ) -> io::Result<&'static str> {
     // Written before any relaying: the kernel never sends into `upstream` ahead of it.
-    write_all(&upstream, &first).await?;
+    if let Err(error) = write_all(&upstream, &first).await {
+        abort(&client);
+        return Err(error);
+    }
     stats.relayed(route, first.len() as u64, 0);
     if let Some(maps) = maps {
         let keys = (

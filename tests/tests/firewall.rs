@@ -352,9 +352,16 @@ fn a_rate_limit_admits_rate_times_time_plus_burst() {
     );
     // Another source has a bucket of its own.
     let other = tcp4([198, 18, 0, 10], [198, 18, 100, 1], 80, 0);
+    let started = Instant::now();
     let burst =
         (0..100).filter(|_| fw.bed.run(&other).unwrap().verdict == Some(Action::Pass)).count();
-    assert!((50..=51).contains(&burst), "a fresh source gets its burst: {burst}");
+    // The burst, plus what the bucket refilled while the 100 packets ran (a loaded machine
+    // takes milliseconds), within the same clock tolerance.
+    let refill = 500.0 * started.elapsed().as_secs_f64() + tolerance;
+    assert!(
+        burst >= 50 && burst as f64 <= 50.0 + refill,
+        "a fresh source gets its burst: {burst} (refill allowance {refill:.1})"
+    );
     let stats = fw.bed.stats().unwrap();
     assert!(stats.reason(Reason::RateLimited).packets >= dropped);
 }

@@ -274,13 +274,13 @@ impl Daemon {
                 info!(pool = %backend.pool, backend = %health::describe(&backend), "cutting the backend's established flows");
                 ids.insert(id);
             }
-            cut.push((backend.pool.clone(), backend.addr, backend.port));
+            cut.push(backend.clone());
         }
         let retired: Vec<(u32, BackendIdentity)> =
             self.balancer.retired().map(|(id, k)| (id, k.clone())).collect();
         for id in self.lifecycle.due_retired(&retired, &self.config, now) {
             if let Some((_, identity)) = retired.iter().find(|(i, _)| *i == id) {
-                cut.push((identity.pool.clone(), identity.addr, identity.port));
+                cut.push(identity.clone());
             }
             if self.live_by_backend.get(&id).copied().unwrap_or(0) > 0 {
                 ids.insert(id);

@@ -280,9 +280,6 @@ impl Datapath {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             DatapathError::Passthrough(format!("{what}: {e}"))
         };
-        if self.maps.relay.is_none() {
-            return Err(DatapathError::Passthrough("already started".into()));
-        }
         let lookup: &mut SkLookup = self
             .ebpf
             .program_mut(PASSTHROUGH_LOOKUP_PROGRAM)

@@ -20,12 +20,11 @@ use std::{
     path::PathBuf,
     process::Child,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{ChildOutput, Netns, unique_id, veth, wait_for};
+use crate::netns::{ChildOutput, Netns, unique_id, veth};
 
 /// The client's address on the front segment.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -230,14 +229,7 @@ impl Lab {
             b.ns.spawn(&["iperf3", "-s", "-p", &IPERF_PORT.to_string()], ChildOutput::Discard)?;
         }
         for b in &self.backends {
-            let up = wait_for(Duration::from_secs(10), || {
-                let out =
-                    b.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{IPERF_PORT}")]).ok()?;
-                (!out.trim().is_empty()).then_some(())
-            });
-            if up.is_none() {
-                bail!("iperf3 server on {} did not start", b.name);
-            }
+            b.ns.wait_listening(IPERF_PORT, &format!("iperf3 server on {}", b.name))?;
         }
         Ok(())
     }
@@ -327,14 +319,7 @@ fn spawn_server(ns: &Netns, name: &str) -> anyhow::Result<u32> {
 }
 
 fn wait_listening(backend: &LabBackend) -> anyhow::Result<()> {
-    let ready = wait_for(Duration::from_secs(10), || {
-        let out = backend.ns.exec(&["ss", "-Htln", "sport", "=", ":80"]).ok()?;
-        (!out.trim().is_empty()).then_some(())
-    });
-    if ready.is_none() {
-        bail!("{}'s HTTP server did not start listening", backend.name);
-    }
-    Ok(())
+    backend.ns.wait_listening(HTTP_PORT, &format!("{}'s HTTP server", backend.name))
 }
 
 /// Path of a binary built from this workspace, next to the running executable (or one level

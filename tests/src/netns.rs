@@ -86,6 +86,19 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Waits up to 10 s until something in the namespace listens on TCP `port`; the error
+    /// names `what`.
+    pub fn wait_listening(&self, port: u16, what: &str) -> anyhow::Result<()> {
+        let up = wait_for(Duration::from_secs(10), || {
+            let out = self.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")]).ok()?;
+            (!out.trim().is_empty()).then_some(())
+        });
+        if up.is_none() {
+            bail!("{what} did not start listening on port {port} in {}", self.name);
+        }
+        Ok(())
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)

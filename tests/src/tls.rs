@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
 
-use crate::netns::{ChildOutput, Netns, run_cmd, wait_for};
+use crate::netns::{ChildOutput, Netns, run_cmd};
 
 /// A certificate and its private key, PEM files.
 #[derive(Clone, Debug)]
@@ -64,13 +64,7 @@ pub fn s_server(ns: &Netns, port: u16, cert: &Cert) -> anyhow::Result<u32> {
         ],
         ChildOutput::Discard,
     )?;
-    let up = wait_for(Duration::from_secs(10), || {
-        let out = ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{port}")]).ok()?;
-        (!out.trim().is_empty()).then_some(())
-    });
-    if up.is_none() {
-        bail!("openssl s_server on port {port} in {} did not start", ns.name());
-    }
+    ns.wait_listening(port, "openssl s_server")?;
     Ok(pid)
 }
 

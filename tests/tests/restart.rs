@@ -95,12 +95,7 @@ fn sigkill_and_restart_under_load_loses_nothing() {
         wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
     assert!(ready.is_some(), "lbd did not start serving: {}", kill(&mut first, "-TERM"));
     for b in &lab.backends {
-        let up = wait_for(Duration::from_secs(10), || {
-            let out =
-                b.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{}", lab::IPERF_PORT)]).ok()?;
-            (!out.trim().is_empty()).then_some(())
-        });
-        assert!(up.is_some(), "iperf3 server on {} did not start", b.name);
+        b.ns.wait_listening(lab::IPERF_PORT, &format!("iperf3 server on {}", b.name)).unwrap();
     }
 
     // Load: one iperf3 flow and a request every 50 ms, each a new connection.

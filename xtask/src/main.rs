@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             build(&env, Profile::Release)
         }
         Cmd::Run { args } => {
-            let env = setup::ensure_all(setup::Need::Bench)?;
+            let env = setup::ensure_all(setup::Need::Run)?;
             build(&env, Profile::Release)?;
             let dir = workspace_root()?.join("target/release");
             let mut cmd = if args.is_empty() {
@@ -80,7 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_status(&mut cmd)
         }
         Cmd::Bench { quick } => {
-            let env = setup::ensure_all(setup::Need::Run)?;
+            let env = setup::ensure_all(setup::Need::Bench)?;
             build(&env, Profile::Release)?;
             let mut cmd = Command::new(workspace_root()?.join("target/release/lb-bench"));
             if quick {

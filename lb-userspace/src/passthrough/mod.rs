@@ -30,7 +30,7 @@ use self::{
     server::{ServiceRuntime, Shared},
     stats::Stats,
 };
-use crate::{Balancer, Config, config::ForwardingMode, maps::RelayMaps};
+use crate::{Balancer, Config, balancer::BackendIdentity, config::ForwardingMode, maps::RelayMaps};
 
 /// A service being served.
 #[derive(Debug)]
@@ -111,7 +111,7 @@ impl Passthrough {
         for name in gone {
             if let Some(running) = self.running.remove(&name) {
                 running.cancel.cancel();
-                relay_lock(&maps).remove_listener(running.address);
+                relay::lock(&maps).remove_listener(running.address);
                 info!(service = %name, "passthrough service stopped");
             }
         }
@@ -138,7 +138,7 @@ impl Passthrough {
         maps: &Arc<Mutex<RelayMaps>>,
     ) -> anyhow::Result<Running> {
         let listener = server::bind_listener(policy.address)?;
-        relay_lock(maps).set_listener(policy.address, &listener)?;
+        relay::lock(maps).set_listener(policy.address, &listener)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let runtime = Arc::new(ServiceRuntime::new(policy.clone()));
         let cancel = CancellationToken::new();
@@ -146,16 +146,18 @@ impl Passthrough {
         Ok(Running { address: policy.address, runtime, cancel })
     }
 
-    /// Ends the running relays to these backends (pool, address, port; `None`: any port),
+    /// Ends the running relays to these backends (a backend without a port: any port),
     /// as the data path's flows of a disabled, overdue draining or removed backend are cut.
-    pub fn cut(&self, backends: &[(String, std::net::IpAddr, Option<u16>)]) {
+    pub fn cut(&self, backends: &[BackendIdentity]) {
         let Some(shared) = &self.shared else { return };
         if backends.is_empty() {
             return;
         }
         let n = shared.cut(|pool, backend| {
-            backends.iter().any(|(p, addr, port)| {
-                p == pool && *addr == backend.ip() && port.is_none_or(|port| port == backend.port())
+            backends.iter().any(|b| {
+                b.pool == pool
+                    && b.addr == backend.ip()
+                    && b.port.is_none_or(|p| p == backend.port())
             })
         });
         if n > 0 {
@@ -168,8 +170,4 @@ impl Passthrough {
         self.wanted.clear();
         self.reconcile();
     }
-}
-
-fn relay_lock(maps: &Arc<Mutex<RelayMaps>>) -> std::sync::MutexGuard<'_, RelayMaps> {
-    maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -33,7 +33,7 @@ const SPLICE_CHUNK: usize = 1 << 16;
 /// The socket maps, shared by every connection task.
 pub type SharedMaps = Arc<Mutex<RelayMaps>>;
 
-fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, RelayMaps> {
+pub(super) fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, RelayMaps> {
     maps.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

@@ -172,13 +172,7 @@ fn run_haproxy(
     let pid = lab
         .lb
         .spawn(&["haproxy", "-db", "-f", cfg.to_str().unwrap_or_default()], ChildOutput::Discard)?;
-    let up = wait_for(Duration::from_secs(10), || {
-        let out = lab.lb.exec(&["ss", "-Htln", "sport", "=", ":80"]).ok()?;
-        (!out.trim().is_empty()).then_some(())
-    });
-    if up.is_none() {
-        bail!("haproxy did not start listening");
-    }
+    lab.lb.wait_listening(lab::HTTP_PORT, "haproxy")?;
     let (rps, latency) = wrk(&lab.client, &format!("http://{}/", lab::VIP_V4), secs)?;
     rows.push(Figures {
         peer: "HAProxy (TCP mode)",

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use lb_tests::{
     daemon::LabDaemon,
     lab::{self, Lab},
-    netns::{ChildOutput, wait_for},
+    netns::ChildOutput,
     tls::{TlsServer, block, client_config, exchange, make_cert, repeated_hash, server_config},
 };
 
@@ -197,12 +197,6 @@ fn start_haproxy(lab: &Lab, backend: SocketAddr) -> anyhow::Result<u32> {
     let pid = lab
         .lb
         .spawn(&["haproxy", "-db", "-f", cfg.to_str().unwrap_or_default()], ChildOutput::Discard)?;
-    let up = wait_for(Duration::from_secs(10), || {
-        let out = lab.lb.exec(&["ss", "-Htln", "sport", "=", &format!(":{SOCKMAP_PORT}")]).ok()?;
-        (!out.trim().is_empty()).then_some(())
-    });
-    if up.is_none() {
-        bail!("haproxy did not start listening");
-    }
+    lab.lb.wait_listening(SOCKMAP_PORT, "haproxy")?;
     Ok(pid)
 }

@@ -45,7 +45,7 @@ use crate::{
     nat::Rewrite,
     outcome::Outcome,
     parse::Fragment,
-    select::{StaleNat, Tracked},
+    select::StaleNat,
 };
 
 /// The data path: parse, filter, then balance packets to services and translate replies of NAT flows;
@@ -122,7 +122,6 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
-    scratch.flow_absent = 0;
     if l4 {
         let action = established(ctx, scratch, now).into_result()?;
         if action != Action::Pass {
@@ -141,7 +140,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
 /// sends it to the flow's backend (without looking the service up: the entry holds all it
 /// needs), a reply entry translates it back to the client. Without a live entry, or when
 /// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
-/// packet on to the service lookup.
+/// packet on to the service lookup, and `scratch.dead` keeps what the lookup found for
+/// [`balance`], which then needs no lookup of its own.
 #[inline(never)]
 fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     let ctx = &parse::reload(ctx);
@@ -150,12 +150,11 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
 
 #[inline(always)]
 fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live, flow_absent, .. } = scratch;
-    *key = select::flow_key(packet);
-    let Some(entry) = maps::CONNTRACK.get_ptr_mut(&*key) else {
-        *flow_absent = 1;
-        return Ok(Action::Pass);
-    };
+    let Scratch { packet, buf, live, dead, .. } = scratch;
+    dead.present = 0;
+    dead.has_stale = 0;
+    let key = packet.flow_key();
+    let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else { return Ok(Action::Pass) };
     // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
     // the timestamp and state, which any of them may win.
     let e = unsafe { &mut *entry };
@@ -163,7 +162,10 @@ fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<
         return nat::reply(ctx, packet, e, now);
     }
     let g = select::globals()?;
-    let Some((state, refresh)) = select::keep(packet, e, g, now) else { return Ok(Action::Pass) };
+    let Some((state, refresh)) = select::keep(packet, e, g, now) else {
+        select::note_dead(dead, e);
+        return Ok(Action::Pass);
+    };
     if e.flags & FLOW_SYN_PROXY != 0 {
         return Err(Reason::SynProxyPending);
     }
@@ -200,65 +202,38 @@ fn try_balance(
     service: &Service,
     now: u64,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, key, buf, live, cookie, flow_absent, .. } = scratch;
+    // Only TCP and UDP packets have services, and `established` has looked their flow up
+    // already: no live entry, and `dead` says whether a dead one is in the way.
+    let Scratch { packet, buf, live, cookie, dead, .. } = scratch;
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
-    *key = select::flow_key(packet);
-    let g = select::globals()?;
+    let key = packet.flow_key();
     let is_nat = service.flags & SERVICE_NAT != 0;
     live.start(service.id, &service.nat_addr, now);
+    live.state = select::initial_state(packet) as u8;
     let cookies = is_nat
         && packet.proto == IPPROTO_TCP
         && service.flags & (SERVICE_SYN_COOKIES | SERVICE_SYN_COOKIES_AUTO) != 0;
     // Set when this packet is a client's ACK with a valid cookie: it becomes the SYN the
     // backend gets (see `syncookie.rs`).
     let mut proxied = false;
-    let new_flow = match select::track(packet, key, g, now, *flow_absent != 0) {
-        Tracked::Existing {
-            backend_id,
-            nat_port,
-            state,
-            refresh,
-            cookie_flags,
-            seq_delta,
-            isn,
-        } => {
-            if cookie_flags & FLOW_SYN_PROXY != 0 {
-                return Err(Reason::SynProxyPending);
-            }
-            live.backend_id = backend_id;
-            live.nat_port = nat_port;
-            live.state = state;
-            live.cookie_flags = cookie_flags;
-            live.seq_delta = seq_delta;
-            live.isn = isn;
-            if is_nat && refresh {
-                conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
-            }
-            false
+    if cookies {
+        // A SYN answered with a cookie ends here; a valid cookie marks `live`.
+        let outcome = syncookie::on_new_flow(ctx, service, packet, cookie, live);
+        if outcome.into_result()? == Action::Tx {
+            return Ok(Action::Tx);
         }
-        Tracked::New { state, stale, has_stale, replaces } => {
-            live.state = state as u8;
-            if cookies {
-                // A SYN answered with a cookie ends here; a valid cookie marks `live`.
-                let outcome = syncookie::on_new_flow(ctx, service, packet, cookie, live);
-                if outcome.into_result()? == Action::Tx {
-                    return Ok(Action::Tx);
-                }
-                proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
-            }
-            if replaces {
-                conntrack::forget(key);
-            }
-            if has_stale {
-                conntrack::release(key, &stale, buf);
-            }
-            open_flow(ctx, key, service, live, buf).into_status()?;
-            live.new_flow
-        }
-    };
-    send(ctx, packet, key, live, is_nat, new_flow, proxied)
+        proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
+    }
+    if dead.present != 0 {
+        conntrack::forget(key);
+    }
+    if dead.has_stale != 0 {
+        conntrack::release(key, &dead.stale, buf);
+    }
+    open_flow(ctx, key, service, live, buf).into_status()?;
+    send(ctx, packet, key, live, is_nat, live.new_flow, proxied)
 }
 
 /// Sends a packet of a tracked flow (`live`) to its backend: NAT rewrite (or, for a flow a

@@ -138,8 +138,6 @@ pub static RELAY_BYTES: PerCpuHashMap<RelayKey, u64, { 2 * MAX_RELAYS as usize }
 #[derive(Clone, Copy)]
 pub struct Scratch {
     pub packet: crate::parse::Packet,
-    /// The packet's flow key.
-    pub key: FlowKey,
     /// A connection-table entry being built.
     pub buf: crate::conntrack::EntryBuf,
     /// The flow being balanced.
@@ -149,9 +147,8 @@ pub struct Scratch {
     /// The firewall's LPM-trie key (an IPv6 key is 28 bytes): here rather than on the
     /// stack of the entry function, whose frame every call chain carries.
     pub fw_key: [u8; 28],
-    /// 1 when this packet's connection lookup found nothing, so balancing a new flow need
-    /// not look again.
-    pub flow_absent: u8,
+    /// What this packet's connection lookup found in the way of a new flow.
+    pub dead: crate::select::DeadFlow,
 }
 
 #[btf_map]

@@ -8,7 +8,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::outcome::Outcome;
 use lb_common::{
-    Reason,
+    FlowKey, Reason,
     net::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPPROTO_FRAGMENT,
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_MIN_HLEN, IPV6_HLEN,
@@ -145,24 +145,14 @@ pub enum Fragment {
 }
 
 /// What the parser learned about a frame; offsets are from the start of the frame.
+///
+/// The first 40 bytes are laid out as a [`FlowKey`] (addresses, ports, protocol, family,
+/// zero padding), so the connection table is keyed by the packet itself ([`Packet::flow_key`])
+/// rather than by a copy built for every lookup.
+#[repr(C)]
 #[derive(Clone, Copy)]
 #[allow(dead_code, reason = "the filter and balancer stages read these fields")]
 pub struct Packet {
-    /// Start of the IP header.
-    pub l3_off: usize,
-    /// Start of the L4 header; only meaningful when `has_l4` is set.
-    pub l4_off: usize,
-    /// End of the IP datagram by its own length field (Ethernet padding excluded).
-    pub l3_end: usize,
-    pub family: Family,
-    /// Final protocol after any IPv6 extension headers.
-    pub proto: u8,
-    pub vlan_tags: u8,
-    pub fragment: Fragment,
-    /// IPv4 options present (IHL > 5) or IPv6 extension headers present.
-    pub has_ip_options: bool,
-    /// The L4 header of `proto` (TCP, UDP, ICMP or ICMPv6) was found and is complete.
-    pub has_l4: bool,
     /// Source address in network byte order; IPv4 uses the first word, the rest is zero.
     pub src: [u32; 4],
     /// Destination address, laid out like `src`.
@@ -171,9 +161,51 @@ pub struct Packet {
     pub sport: u16,
     /// Destination port in network byte order (zero without ports).
     pub dport: u16,
+    /// Final protocol after any IPv6 extension headers.
+    pub proto: u8,
+    pub family: Family,
+    /// `FlowKey::_pad`: always zero.
+    pub key_pad: u16,
+    /// Start of the IP header.
+    pub l3_off: usize,
+    /// Start of the L4 header; only meaningful when `has_l4` is set.
+    pub l4_off: usize,
+    /// End of the IP datagram by its own length field (Ethernet padding excluded).
+    pub l3_end: usize,
+    pub vlan_tags: u8,
+    pub fragment: Fragment,
+    /// IPv4 options present (IHL > 5) or IPv6 extension headers present.
+    pub has_ip_options: bool,
+    /// The L4 header of `proto` (TCP, UDP, ICMP or ICMPv6) was found and is complete.
+    pub has_l4: bool,
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+}
+
+// `Packet::flow_key` reads the packet's head as a `FlowKey`: the layouts must agree.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Packet, src) == offset_of!(FlowKey, src));
+    assert!(offset_of!(Packet, dst) == offset_of!(FlowKey, dst));
+    assert!(offset_of!(Packet, sport) == offset_of!(FlowKey, sport));
+    assert!(offset_of!(Packet, dport) == offset_of!(FlowKey, dport));
+    assert!(offset_of!(Packet, proto) == offset_of!(FlowKey, proto));
+    assert!(offset_of!(Packet, family) == offset_of!(FlowKey, family));
+    assert!(offset_of!(Packet, key_pad) == offset_of!(FlowKey, _pad));
+    assert!(offset_of!(Packet, l3_off) >= core::mem::size_of::<FlowKey>());
+    assert!(core::mem::align_of::<Packet>() >= core::mem::align_of::<FlowKey>());
+};
+
+impl Packet {
+    /// The packet's flow as the connection table keys it: its own first 40 bytes.
+    #[inline(always)]
+    pub const fn flow_key(&self) -> &FlowKey {
+        // SAFETY: `Packet` is `repr(C)` and starts with `FlowKey`'s fields at the same
+        // offsets (asserted above), all plain integers (`Family` is a `u8` of 4 or 6) and
+        // the padding an explicit zero field; the alignment is at least `FlowKey`'s.
+        unsafe { &*core::ptr::from_ref(self).cast::<FlowKey>() }
+    }
 }
 
 #[inline(always)]
@@ -281,6 +313,7 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Reason> {
         l4_off: l3_off + hlen,
         l3_end,
         family: Family::V4,
+        key_pad: 0,
         proto: ip.proto,
         vlan_tags: 0,
         fragment,
@@ -352,6 +385,7 @@ fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<Packet, Reason> {
         l4_off: off,
         l3_end,
         family: Family::V6,
+        key_pad: 0,
         proto: next,
         vlan_tags: 0,
         fragment,

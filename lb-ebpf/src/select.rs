@@ -4,8 +4,7 @@
 use lb_common::{
     FlowKey, Reason,
     conntrack::{
-        FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState, Transition,
-        initial_tcp_state, next_tcp_state,
+        FLOW_NAT, FLOW_REPLY, Flow, FlowState, Transition, initial_tcp_state, next_tcp_state,
     },
     flow::flow_hash,
     maglev::NO_BACKEND,
@@ -17,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{ADDR_FILTER, CONNTRACK, GLOBALS, MAGLEV, SERVICES, VIPS},
+    maps::{ADDR_FILTER, GLOBALS, MAGLEV, SERVICES, VIPS},
     parse::Packet,
 };
 
@@ -68,50 +67,11 @@ pub fn may_be_ours(packet: &Packet) -> bool {
     ADDR_FILTER.get(bit >> 6).is_none_or(|w| *w & (1u64 << (bit & 63)) != 0)
 }
 
-/// The packet's flow as the connection table keys it.
-#[inline(always)]
-pub const fn flow_key(packet: &Packet) -> FlowKey {
-    FlowKey {
-        src: packet.src,
-        dst: packet.dst,
-        sport: packet.sport,
-        dport: packet.dport,
-        proto: packet.proto,
-        family: packet.family as u8,
-        _pad: 0,
-    }
-}
-
 /// The daemon's settings (written when the data path is loaded).
 #[inline(always)]
 pub fn globals() -> Result<&'static Globals, Reason> {
     // SAFETY: a map value pointer from a successful array lookup, valid for this program run.
     GLOBALS.get_ptr(0).map(|g| unsafe { &*g }).ok_or(Reason::NoBackend)
-}
-
-/// What the connection table says about a packet's flow.
-#[derive(Clone, Copy)]
-pub enum Tracked {
-    /// A live flow: keep its backend (and NAT port).
-    /// `refresh` is set when the entry was rewritten (new state or a second passed), which is
-    /// when a NAT flow's reply entry is refreshed too.
-    /// `cookie_flags`, `seq_delta` and `isn` are those of a cookie-opened flow (else zero).
-    Existing {
-        backend_id: u32,
-        nat_port: u16,
-        state: u8,
-        refresh: bool,
-        cookie_flags: u8,
-        seq_delta: u32,
-        isn: u32,
-    },
-    /// No live flow: choose a backend. `stale` is a dead NAT entry whose reply partner must
-    /// go with it.
-    /// `replaces` is set when a dead entry (expired, or a closed connection whose tuple is
-    /// reused) is still in the table and must make way.
-    /// (`stale` is meaningful only with `has_stale`: an `Option` would leave its payload
-    /// undefined, and the verifier refuses to copy registers never written.)
-    New { state: FlowState, stale: StaleNat, has_stale: bool, replaces: bool },
 }
 
 /// What identifies the reply entry of a NAT flow that is over.
@@ -146,42 +106,41 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
     Some((state as u8, refresh))
 }
 
-/// Looks the flow up and advances its state; a live entry is updated in place. `absent`:
-/// this packet's lookup already found no entry (a new flow needs no second lookup).
+/// A connection-table entry on a packet's tuple that no longer carries it (expired, or a
+/// closed connection whose tuple a SYN reuses), as the live-flow lookup found it: a new flow
+/// must take its place, and a NAT flow's reply entry must go with it.
+#[derive(Clone, Copy)]
+pub struct DeadFlow {
+    /// 1 when there is such an entry.
+    pub present: u8,
+    /// 1 when it is a NAT flow's forward entry; `stale` then names its reply entry.
+    pub has_stale: u8,
+    pub stale: StaleNat,
+}
+
+/// Notes the dead forward entry `e` in `dead`. Field by field: a struct literal copying the
+/// address out of a map value compiles to a `memmove` call (see `mem.rs`).
 #[inline(always)]
-pub fn track(packet: &Packet, key: &FlowKey, g: &Globals, now: u64, absent: bool) -> Tracked {
-    let tcp = packet.proto == IPPROTO_TCP;
-    let mut stale = StaleNat { backend_id: 0, nat_addr: [0; 4], nat_port: 0, vip_port: 0 };
-    let mut has_stale = false;
-    let mut replaces = false;
-    if let Some(entry) = if absent { None } else { CONNTRACK.get_ptr_mut(key) } {
-        replaces = true;
-        // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
-        // on the timestamp and state, which any of them may win.
-        let e = unsafe { &mut *entry };
-        if let Some((state, refresh)) = keep(packet, e, g, now) {
-            return Tracked::Existing {
-                backend_id: e.backend_id,
-                nat_port: e.nat_port,
-                state,
-                refresh,
-                cookie_flags: e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ),
-                seq_delta: e.seq_delta,
-                isn: e.isn,
-            };
-        }
-        if e.flags & FLOW_NAT != 0 && e.flags & FLOW_REPLY == 0 {
-            has_stale = true;
-            stale = StaleNat {
-                backend_id: e.backend_id,
-                nat_addr: e.peer_addr,
-                nat_port: e.nat_port,
-                vip_port: e.vip_port,
-            };
-        }
+pub fn note_dead(dead: &mut DeadFlow, e: &Flow) {
+    dead.present = 1;
+    if e.flags & FLOW_NAT != 0 && e.flags & FLOW_REPLY == 0 {
+        dead.has_stale = 1;
+        dead.stale.backend_id = e.backend_id;
+        // SAFETY: a map value and per-CPU scratch memory: valid and disjoint.
+        unsafe { crate::mem::copy(&raw mut dead.stale.nat_addr, &raw const e.peer_addr) };
+        dead.stale.nat_port = e.nat_port;
+        dead.stale.vip_port = e.vip_port;
     }
-    let initial = if tcp { initial_tcp_state(packet.tcp_flags) } else { FlowState::Datagram };
-    Tracked::New { state: initial, stale, has_stale, replaces }
+}
+
+/// The state a new flow starts in.
+#[inline(always)]
+pub fn initial_state(packet: &Packet) -> FlowState {
+    if packet.proto == IPPROTO_TCP {
+        initial_tcp_state(packet.tcp_flags)
+    } else {
+        FlowState::Datagram
+    }
 }
 
 /// The backend the service's Maglev table assigns to `key`.

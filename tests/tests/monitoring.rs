@@ -1,5 +1,6 @@
-//! The shipped monitoring files: the Prometheus alerting rules pass `promtool check rules`,
-//! and every metric the rules and the Grafana dashboard use is one `lbd` really exports.
+//! The shipped monitoring files: the Prometheus alerting rules pass `promtool check rules`
+//! and their unit tests (`promtool test rules`), and every metric the rules and the Grafana
+//! dashboard use is one `lbd` really exports.
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
@@ -33,26 +34,38 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn alerting_rules_pass_promtool() {
-    let out =
-        Command::new("promtool").arg("check").arg("rules").arg(docs().join("alerts.yml")).output();
-    let out = match out {
+/// Runs `promtool <args>` in `docs/monitoring`; `false` (after saying so) when promtool is
+/// missing outside CI.
+fn promtool(test: &str, args: &[&str]) -> bool {
+    let out = match Command::new("promtool").args(args).current_dir(docs()).output() {
         Ok(out) => out,
         Err(error) => {
             assert!(std::env::var("CI").is_err(), "promtool is missing in CI: {error}");
             eprintln!(
-                "SKIPPED alerting_rules_pass_promtool: promtool not installed ({error}); `cargo xtask test` installs it"
+                "SKIPPED {test}: promtool not installed ({error}); `cargo xtask test` installs it"
             );
-            return;
+            return false;
         }
     };
     assert!(
         out.status.success(),
-        "{}{}",
+        "promtool {args:?}:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    true
+}
+
+#[test]
+fn alerting_rules_pass_promtool() {
+    promtool("alerting_rules_pass_promtool", &["check", "rules", "alerts.yml"]);
+}
+
+/// The pool and backend alerts fire on the series that should raise them, and not on a
+/// draining backend that rightly takes no new flows (`alerts-test.yml`).
+#[test]
+fn alerting_rules_fire_on_their_series() {
+    promtool("alerting_rules_fire_on_their_series", &["test", "rules", "alerts-test.yml"]);
 }
 
 #[test]

@@ -18,6 +18,10 @@ pub struct ServicesMap {
     vips: HashMap<MapData, AddrKey, u32>,
     nat_sources: HashMap<MapData, AddrKey, u32>,
     filter: Array<MapData, u64>,
+    /// `ADDR_FILTER` as last read or written: read whole once, then kept in step with every
+    /// write, so an apply that moves no address (one runs every second during a slow start)
+    /// costs no syscall for it. Dropped when a write fails, to be read again.
+    filter_words: Option<Vec<u64>>,
 }
 
 impl std::fmt::Debug for ServicesMap {
@@ -38,6 +42,7 @@ impl ServicesMap {
             vips: typed(maps::VIPS, vips)?,
             nat_sources: typed(maps::NAT_SOURCES, nat_sources)?,
             filter: typed(maps::ADDR_FILTER, filter)?,
+            filter_words: None,
         })
     }
 
@@ -89,31 +94,38 @@ impl ServicesMap {
             let bit = addr_filter_bit(&key.addr);
             words[(bit >> 6) as usize] |= 1 << (bit & 63);
         }
-        for (i, word) in (0..ADDR_FILTER_WORDS).zip(&words) {
-            let current = self
-                .filter
-                .get(&i, 0)
-                .map_err(|source| MapError::Access { name: maps::ADDR_FILTER, source })?;
-            // Only ever add bits before the sets change; bits are removed after.
-            if current | word != current {
-                self.filter
-                    .set(i, current | word, 0)
-                    .map_err(|source| MapError::Update { name: maps::ADDR_FILTER, source })?;
-            }
-        }
+        // Only ever add bits before the sets change; bits are removed after.
+        self.update_filter(&words, |current, word| current | word)?;
         replace_all(&mut self.vips, vips, maps::VIPS)?;
         replace_all(&mut self.nat_sources, nat_sources, maps::NAT_SOURCES)?;
-        for (i, word) in (0..ADDR_FILTER_WORDS).zip(&words) {
-            let current = self
-                .filter
-                .get(&i, 0)
-                .map_err(|source| MapError::Access { name: maps::ADDR_FILTER, source })?;
-            if current != *word {
+        self.update_filter(&words, |_, word| word)
+    }
+
+    /// Sets each `ADDR_FILTER` word to `next(current, wanted)`, writing only the words that
+    /// change.
+    fn update_filter(
+        &mut self,
+        wanted: &[u64],
+        next: impl Fn(u64, u64) -> u64,
+    ) -> Result<(), MapError> {
+        let mut current = match self.filter_words.take() {
+            Some(words) => words,
+            None => (0..ADDR_FILTER_WORDS)
+                .map(|i| self.filter.get(&i, 0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| MapError::Access { name: maps::ADDR_FILTER, source })?,
+        };
+        for ((i, word), want) in (0..ADDR_FILTER_WORDS).zip(current.iter_mut()).zip(wanted) {
+            let new = next(*word, *want);
+            if new != *word {
+                // On failure `filter_words` stays empty: the next call reads the map again.
                 self.filter
-                    .set(i, *word, 0)
+                    .set(i, new, 0)
                     .map_err(|source| MapError::Update { name: maps::ADDR_FILTER, source })?;
+                *word = new;
             }
         }
+        self.filter_words = Some(current);
         Ok(())
     }
 }

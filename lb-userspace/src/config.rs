@@ -185,7 +185,7 @@ const fn default_stats_log_interval() -> u64 {
 }
 
 /// `[api]`: the REST API and `/metrics`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address to listen on; loopback by default. Empty turns the API off.

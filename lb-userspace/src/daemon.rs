@@ -57,6 +57,10 @@ pub struct Daemon {
     pub config: Config,
     /// The file it came from; API changes are written back to it.
     pub config_path: Option<PathBuf>,
+    /// The settings read only at start as the file had them then, and as it has them now
+    /// (what `persist` writes back; the running ones may differ, see [`StartSettings`]).
+    file_at_start: StartSettings,
+    file_now: StartSettings,
     pub hz: u64,
     pub timeouts: Timeouts,
     /// Interfaces and the mode their program runs in.
@@ -82,7 +86,18 @@ pub struct Daemon {
 
 impl Daemon {
     /// Loads the data path (adopting pinned state), installs `config` and attaches.
-    pub fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// `pin_dir` overrides the configuration's (`lbd --pin-dir`) without changing the file.
+    pub fn start(
+        mut config: Config,
+        config_path: Option<PathBuf>,
+        pin_dir: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let file_at_start = StartSettings::of(&config);
+        if let Some(dir) = pin_dir {
+            config.daemon.pin_dir = dir;
+        }
+        let secrets = check_secret_files(&config);
+        anyhow::ensure!(secrets.is_empty(), "{}", secrets.join("\n"));
         let load = LoadOptions {
             conntrack_entries: config.conntrack.max_entries,
             timeouts: config.conntrack.timeouts(),
@@ -137,6 +152,8 @@ impl Daemon {
             resolver,
             config,
             config_path,
+            file_now: file_at_start.clone(),
+            file_at_start,
             hz,
             timeouts,
             attached,
@@ -376,7 +393,23 @@ impl Daemon {
                 "conntrack.max_entries cannot change while lbd runs; restart it".to_owned(),
             ]));
         }
-        check_secret_files(&new)?;
+        let secrets = check_secret_files(&new);
+        if !secrets.is_empty() {
+            return Err(ChangeError::Invalid(secrets));
+        }
+        // A reloaded file may change settings read only at start: they wait for a restart.
+        let mut new = new;
+        let file_now = reread.then(|| StartSettings::of(&new));
+        if let Some(file) = &file_now {
+            let pending = file.differences(&self.file_at_start);
+            if !pending.is_empty() {
+                warn!(
+                    settings = %pending.join(", "),
+                    "changed in the configuration file; they take effect when lbd restarts"
+                );
+            }
+        }
+        StartSettings::of(&self.config).put(&mut new);
         let firewall = if reread || new.firewall != self.config.firewall {
             Some(compile_firewall(&new, self.hz).map_err(ChangeError::Invalid)?)
         } else {
@@ -418,6 +451,9 @@ impl Daemon {
         }
         self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
+        if let Some(file) = file_now {
+            self.file_now = file;
+        }
         self.sync_health_checks();
         self.cut_flows(now);
         Ok(summary)
@@ -448,7 +484,9 @@ impl Daemon {
 
     fn persist(&self) -> Result<(), ChangeError> {
         let Some(path) = &self.config_path else { return Ok(()) };
-        let text = self.config.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
+        let mut on_disk = self.config.clone();
+        self.file_now.put(&mut on_disk);
+        let text = on_disk.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
         let backup = path.with_extension("toml.orig");
         if !backup.exists() {
             std::fs::copy(path, &backup)
@@ -473,16 +511,60 @@ pub fn compile_firewall(
     config.firewall.as_ref().map(|f| firewall::compile(f, hz)).transpose()
 }
 
-/// Autoscaling webhooks sign with secrets read at delivery; a missing one is caught here.
-fn check_secret_files(config: &Config) -> Result<(), ChangeError> {
-    let problems: Vec<String> = config
+/// Autoscaling webhooks sign with secrets read at delivery; a missing or unreadable one is
+/// caught here, at start, reload and `lbd check-config`.
+pub fn check_secret_files(config: &Config) -> Vec<String> {
+    config
         .pools
         .iter()
         .flat_map(|p| &p.autoscale)
         .filter_map(|a| a.secret_file.as_deref())
         .filter_map(|path| autoscale::read_secret(path).err())
-        .collect();
-    if problems.is_empty() { Ok(()) } else { Err(ChangeError::Invalid(problems)) }
+        .collect()
+}
+
+/// Settings read only when lbd starts: the API's socket and token file, the pin directory
+/// and the stats log interval. A reload keeps the running values (and logs which changed in
+/// the file); the file keeps its own, which a restart applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StartSettings {
+    api: crate::config::ApiConfig,
+    pin_dir: String,
+    stats_log_interval_secs: u64,
+}
+
+impl StartSettings {
+    fn of(config: &Config) -> Self {
+        Self {
+            api: config.api.clone(),
+            pin_dir: config.daemon.pin_dir.clone(),
+            stats_log_interval_secs: config.daemon.stats_log_interval_secs,
+        }
+    }
+
+    fn put(&self, config: &mut Config) {
+        config.api.clone_from(&self.api);
+        config.daemon.pin_dir.clone_from(&self.pin_dir);
+        config.daemon.stats_log_interval_secs = self.stats_log_interval_secs;
+    }
+
+    /// The settings' names where `self` and `other` differ.
+    fn differences(&self, other: &Self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.api.listen != other.api.listen {
+            names.push("api.listen");
+        }
+        if self.api.token_file != other.api.token_file {
+            names.push("api.token_file");
+        }
+        if self.pin_dir != other.pin_dir {
+            names.push("daemon.pin_dir");
+        }
+        if self.stats_log_interval_secs != other.stats_log_interval_secs {
+            names.push("daemon.stats_log_interval_secs");
+        }
+        names
+    }
 }
 
 fn reserve_nat_ports(config: &Config) {

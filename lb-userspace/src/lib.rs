@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
     /// The configuration file, re-read on SIGHUP.
     pub config_path: Option<std::path::PathBuf>,
+    /// Pin directory instead of the configuration's (`lbd --pin-dir`).
+    pub pin_dir: Option<String>,
 }
 
 /// How often next hops are re-resolved (route and neighbour changes show up within this).
@@ -74,7 +76,7 @@ pub async fn run(
                 format!("failed to listen on {} for the API", api_config.listen)
             })?)
         };
-    let daemon = Daemon::start(config, options.config_path.clone())?;
+    let daemon = Daemon::start(config, options.config_path.clone(), options.pin_dir.clone())?;
     let daemon: SharedDaemon = Arc::new(Mutex::new(daemon));
     // Neighbours probed during the first resolution answer within milliseconds: resolve
     // again until every backend has a next hop (or a few seconds pass), so the first

@@ -74,7 +74,7 @@ impl Fixture {
         std::fs::write(&config_path, CONFIG).unwrap();
         let config = Config::load(&config_path).unwrap();
         let path = config_path.clone();
-        let daemon = ns.enter(move || Daemon::start(config, Some(path))).unwrap().unwrap();
+        let daemon = ns.enter(move || Daemon::start(config, Some(path), None)).unwrap().unwrap();
         let state = AppState { daemon: Arc::new(Mutex::new(daemon)), token: token.map(Into::into) };
         Some(Self { ns, state, config_path })
     }
@@ -349,6 +349,44 @@ fn a_reload_that_fails_validation_leaves_every_map_as_it_was() {
     let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_ne!(f.fingerprint(), before);
+}
+
+/// Settings read only at start (the API socket, the pin directory, the stats interval) keep
+/// their running values through a reload, which applies everything else; the file keeps its
+/// own values, through an API change too, for the next start.
+#[test]
+fn a_reload_keeps_settings_read_at_start_and_applies_the_rest() {
+    let Some(f) = Fixture::new("a_reload_keeps_settings_read_at_start", None) else { return };
+    let edited = CONFIG
+        .replace("listen = \"\"", "listen = \"127.0.0.1:7071\"")
+        .replace(
+            "pin_dir = \"\"",
+            "pin_dir = \"/sys/fs/bpf/elsewhere\"\nstats_log_interval_secs = 7",
+        )
+        .replace("weight = 50", "weight = 60");
+    std::fs::write(&f.config_path, &edited).unwrap();
+    let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
+    assert_eq!(status, StatusCode::OK, "{text}");
+    {
+        let d = f.state.daemon.lock().unwrap();
+        assert_eq!(d.config.api.listen, "", "the API socket is bound at start");
+        assert_eq!(d.config.daemon.pin_dir, "");
+        assert_eq!(d.config.daemon.stats_log_interval_secs, 10);
+        assert_eq!(*d.config.pools[0].backends[1].weight.get_ref(), 60, "the rest is applied");
+    }
+    // An API change writes the running pools and the file's own start settings.
+    let (status, text) = f.send(
+        Method::PUT,
+        "/v1/pools/web/backends/198.18.1.12/weight",
+        None,
+        Some(r#"{"weight": 70}"#),
+    );
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let saved = Config::parse(&f.config_text(), "saved").unwrap();
+    assert_eq!(saved.api.listen, "127.0.0.1:7071");
+    assert_eq!(saved.daemon.pin_dir, "/sys/fs/bpf/elsewhere");
+    assert_eq!(saved.daemon.stats_log_interval_secs, 7);
+    assert_eq!(*saved.pools[0].backends[1].weight.get_ref(), 70);
 }
 
 #[test]

@@ -47,16 +47,21 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
             // The firewall's prefix files are read too (the clock rate only scales rates).
-            Ok(config) => match lb_userspace::daemon::compile_firewall(&config, 1000) {
-                Ok(_) => {
-                    println!("{}: ok", file.display());
-                    ExitCode::SUCCESS
+            Ok(config) => {
+                match lb_userspace::daemon::compile_firewall(&config, 1000).and_then(|_| {
+                    let secrets = lb_userspace::daemon::check_secret_files(&config);
+                    if secrets.is_empty() { Ok(()) } else { Err(secrets) }
+                }) {
+                    Ok(()) => {
+                        println!("{}: ok", file.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(problems) => {
+                        eprintln!("{}: invalid:\n  {}", file.display(), problems.join("\n  "));
+                        ExitCode::from(2)
+                    }
                 }
-                Err(problems) => {
-                    eprintln!("{}: invalid firewall:\n  {}", file.display(), problems.join("\n  "));
-                    ExitCode::from(2)
-                }
-            },
+            }
             Err(error) => {
                 eprintln!("{error}");
                 ExitCode::from(2)
@@ -67,18 +72,18 @@ fn main() -> ExitCode {
                 eprintln!("lbd: no configuration; pass --config FILE (see docs/configuration.md)");
                 return ExitCode::from(2);
             };
-            let mut config = match Config::load(&path) {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("{error}");
                     return ExitCode::from(2);
                 }
             };
-            if let Some(dir) = cli.pin_dir {
-                config.daemon.pin_dir = dir;
-            }
-            let options =
-                RunOptions { detach_on_exit: cli.detach_on_exit, config_path: Some(path) };
+            let options = RunOptions {
+                detach_on_exit: cli.detach_on_exit,
+                config_path: Some(path),
+                pin_dir: cli.pin_dir,
+            };
             match serve(config, options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

@@ -14,7 +14,7 @@ pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
 /// LRU hash of [`crate::FlowKey`] to [`crate::conntrack::Flow`].
 pub const CONNTRACK: &str = "CONNTRACK";
-/// Array of [`crate::service::NextHop`] per backend id (written by the data path).
+/// Array of [`crate::service::NextHop`] per backend id (resolved and written by the daemon).
 pub const NEXTHOPS: &str = "NEXTHOPS";
 /// Single-entry array of [`crate::service::Globals`].
 pub const GLOBALS: &str = "GLOBALS";

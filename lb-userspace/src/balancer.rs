@@ -456,9 +456,11 @@ impl Balancer {
 
     /// Pool `pool`'s Maglev table under `config`'s (effective) weights, for the daemon's own
     /// balancing (TLS passthrough): the same builder, identities and flow hash as the data
-    /// path's tables, so a connection picks the backend an XDP service would.
+    /// path's tables, so a connection picks the backend an XDP service would. `table_size`
+    /// is the service's own (`table_size` in its configuration); `None` sizes the table for
+    /// the pool as the data path would.
     #[must_use]
-    pub fn pool_table(&self, pool: &str, config: &Config) -> PoolTable {
+    pub fn pool_table(&self, pool: &str, config: &Config, table_size: Option<u32>) -> PoolTable {
         let members = self.members(pool, config);
         let backends: HashMap<u32, (IpAddr, Option<u16>)> = members
             .iter()
@@ -467,8 +469,10 @@ impl Balancer {
                 Some((*id, (identity.addr, identity.port)))
             })
             .collect();
-        let size = table_size_for(u32::try_from(members.len()).unwrap_or(u32::MAX))
-            .unwrap_or(lb_common::maglev::MAX_TABLE_SIZE);
+        let size = table_size.unwrap_or_else(|| {
+            table_size_for(u32::try_from(members.len()).unwrap_or(u32::MAX))
+                .unwrap_or(lb_common::maglev::MAX_TABLE_SIZE)
+        });
         PoolTable {
             slots: build_table(&maglev_members(&members), size),
             backends,

@@ -214,7 +214,7 @@ impl Default for ApiConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConntrackConfig {
-    /// Entries (a DSR flow takes one, a NAT flow two); about 170 bytes of kernel memory each.
+    /// Entries (a DSR flow takes one, a NAT flow two); about 184 bytes of kernel memory each.
     #[serde(default = "default_conntrack_entries")]
     pub max_entries: u32,
     #[serde(default = "default_syn_timeout")]
@@ -371,7 +371,8 @@ pub struct HealthCheckConfig {
     /// UDP: the request sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send: Option<String>,
-    /// Command: program and arguments; `{address}` and `{port}` are replaced.
+    /// Command: program and arguments; `{address}`, `{port}`, `{pool}` and
+    /// `{service_address}` are replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
 }
@@ -721,8 +722,8 @@ pub struct ServiceConfig {
     pub mode: ForwardingMode,
     #[serde(default)]
     pub hash: HashInput,
-    /// Maglev table size (a prime); by default the smallest of 65,537 and the first prime
-    /// above 100 slots per backend.
+    /// Maglev table size (a prime); by default 65,537, or the first prime at or above 100
+    /// slots per backend when the pool has more than 655 backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<Spanned<u32>>,
     /// NAT source address (NAT mode): an address of this host the backends route back to.

@@ -400,21 +400,28 @@ fn removing_a_service_cuts_its_flows() {
 #[test]
 fn the_daemon_picks_the_backend_the_data_path_picks() {
     // TLS passthrough balances in the daemon with `Balancer::pool_table`: for every flow it
-    // must choose the backend the XDP program chooses for the same 5-tuple.
-    let Some(mut lb) = Lb::new("pool_table", &nat_config(false, "tcp"), &[]) else { return };
-    let table = lb.balancer.pool_table("p", &lb.config);
-    let mut chosen = std::collections::BTreeSet::new();
-    for port in 40_000..40_064 {
-        let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
-        assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx));
-        let (backend, bport, _) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
-        let (_, daemon) = table
-            .select((IpAddr::from(CLIENT4), port).into(), (IpAddr::from(VIP4), 80).into())
-            .unwrap();
-        assert_eq!(daemon, (backend, bport).into(), "client port {port}");
-        chosen.insert(backend);
+    // must choose the backend the XDP program chooses for the same 5-tuple, with the default
+    // table size and with a service's own.
+    let sized =
+        nat_config(false, "tcp").replace("mode = \"nat\"", "mode = \"nat\"\ntable_size = 1009");
+    assert_ne!(sized, nat_config(false, "tcp"));
+    for (config, size) in [(nat_config(false, "tcp"), None), (sized, Some(1009))] {
+        let Some(mut lb) = Lb::new("pool_table", &config, &[]) else { return };
+        let table = lb.balancer.pool_table("p", &lb.config, size);
+        let mut chosen = std::collections::BTreeSet::new();
+        for port in 40_000..40_064 {
+            let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
+            assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx));
+            let (backend, bport, _) =
+                lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+            let (_, daemon) = table
+                .select((IpAddr::from(CLIENT4), port).into(), (IpAddr::from(VIP4), 80).into())
+                .unwrap();
+            assert_eq!(daemon, (backend, bport).into(), "table size {size:?}, client port {port}");
+            chosen.insert(backend);
+        }
+        assert_eq!(chosen.len(), 2, "64 flows should reach both backends");
     }
-    assert_eq!(chosen.len(), 2, "64 flows should reach both backends");
 }
 
 #[test]

@@ -31,11 +31,7 @@ impl TrafficMaps {
 
     /// Service `id`'s SYN and SYN-cookie counters, summed over CPUs.
     pub fn syn(&self, id: u32) -> Result<SynCounter, MapError> {
-        let values = self
-            .syn
-            .get(&id, 0)
-            .map_err(|source| MapError::Access { name: maps::SYN_STATS, source })?;
-        Ok(values.iter().fold(SynCounter::default(), |a, b| a.plus(*b)))
+        sum(&self.syn, id, maps::SYN_STATS)
     }
 
     /// Service `id`'s counters, summed over CPUs.
@@ -56,31 +52,42 @@ impl TrafficMaps {
     /// Zeroes a service's counters (when its id is given to a new service).
     pub fn reset_service(&mut self, id: u32) -> Result<(), MapError> {
         zero(&mut self.services, id, maps::SERVICE_STATS)?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Cpus(e))?;
-        let values =
-            PerCpuValues::try_from(vec![SynCounter::default(); cpus]).map_err(MapError::Cpus)?;
-        self.syn
-            .set(id, values, 0)
-            .map_err(|source| MapError::Update { name: maps::SYN_STATS, source })
+        zero(&mut self.syn, id, maps::SYN_STATS)
     }
 }
 
-fn sum(
-    map: &PerCpuArray<MapData, TrafficCounter>,
-    id: u32,
-    name: &'static str,
-) -> Result<TrafficCounter, MapError> {
-    let values = map.get(&id, 0).map_err(|source| MapError::Access { name, source })?;
-    Ok(values.iter().fold(TrafficCounter::default(), |a, b| a.plus(*b)))
+/// A per-CPU counter: its CPUs' values add up with `plus`.
+trait Counter: aya::Pod + Default {
+    fn plus(self, other: Self) -> Self;
 }
 
-fn zero(
-    map: &mut PerCpuArray<MapData, TrafficCounter>,
+impl Counter for TrafficCounter {
+    fn plus(self, other: Self) -> Self {
+        Self::plus(self, other)
+    }
+}
+
+impl Counter for SynCounter {
+    fn plus(self, other: Self) -> Self {
+        Self::plus(self, other)
+    }
+}
+
+fn sum<T: Counter>(
+    map: &PerCpuArray<MapData, T>,
+    id: u32,
+    name: &'static str,
+) -> Result<T, MapError> {
+    let values = map.get(&id, 0).map_err(|source| MapError::Access { name, source })?;
+    Ok(values.iter().fold(T::default(), |a, b| Counter::plus(a, *b)))
+}
+
+fn zero<T: Counter>(
+    map: &mut PerCpuArray<MapData, T>,
     id: u32,
     name: &'static str,
 ) -> Result<(), MapError> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Cpus(e))?;
-    let values =
-        PerCpuValues::try_from(vec![TrafficCounter::default(); cpus]).map_err(MapError::Cpus)?;
+    let values = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(MapError::Cpus)?;
     map.set(id, values, 0).map_err(|source| MapError::Update { name, source })
 }

@@ -47,9 +47,16 @@ impl Policy {
             let _ = routes.insert(route.server_name.get_ref(), route.pool.get_ref().clone());
         }
         let default_pool = service.pool.get_ref().clone();
+        // The service's own table size applies to its pool; routed pools are sized for
+        // themselves.
+        let own_size = service.table_size.as_ref().map(|s| *s.get_ref());
         let mut tables = HashMap::new();
-        for pool in tls.routes.iter().map(|r| r.pool.get_ref()).chain([&default_pool]) {
-            tables.entry(pool.clone()).or_insert_with(|| balancer.pool_table(pool, effective));
+        tables
+            .insert(default_pool.clone(), balancer.pool_table(&default_pool, effective, own_size));
+        for pool in tls.routes.iter().map(|r| r.pool.get_ref()) {
+            tables
+                .entry(pool.clone())
+                .or_insert_with(|| balancer.pool_table(pool, effective, None));
         }
         Self {
             service: service.name.get_ref().clone(),

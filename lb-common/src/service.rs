@@ -94,8 +94,14 @@ pub struct Backend {
     pub port: u16,
     /// 4 or 6; 0 marks an unused slot.
     pub family: u8,
-    pub _pad: u8,
+    /// [`BACKEND_DOWN`] or 0. The data path ignores it: the daemon keeps it here so a
+    /// restarted daemon, adopting the pinned maps, knows which backends were failing.
+    pub flags: u8,
 }
+
+/// `Backend::flags`: the backend fails its health checks. A daemon that adopts the maps
+/// keeps such a backend out of the tables until it passes `rise` checks again.
+pub const BACKEND_DOWN: u8 = 1;
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.

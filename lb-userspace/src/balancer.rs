@@ -7,7 +7,7 @@
 //! service entries; removals go the other way.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
@@ -16,8 +16,8 @@ use lb_common::{
     flow::{addr_words, flow_hash, port_raw},
     maglev::{MaglevBackend, build_table, identity_hash, table_size_for},
     service::{
-        AddrKey, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE, SERVICE_NAT,
-        SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service, ServiceKey,
+        AddrKey, BACKEND_DOWN, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE,
+        SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service, ServiceKey,
     },
 };
 use tracing::{info, warn};
@@ -88,6 +88,10 @@ pub struct Balancer {
     ticks_per_second: u64,
     /// Backend ids found in adopted (pinned) maps, by (address, port), not yet claimed.
     adoptable_backends: HashMap<(IpAddr, Option<u16>), u32>,
+    /// Backends the adopted maps mark `BACKEND_DOWN`, by (address, port).
+    adopted_down: HashSet<(IpAddr, Option<u16>)>,
+    /// Backend ids whose `BACKENDS` entry carries `BACKEND_DOWN`.
+    flagged_down: HashSet<u32>,
     /// Service ids found in adopted maps, by their `SERVICES` key, not yet claimed.
     adoptable_services: HashMap<ServiceKey, u32>,
     /// `auto` SYN-cookie services whose cookies are on now.
@@ -201,12 +205,44 @@ impl Balancer {
             let addr = lb_common::flow::words_addr(backend.addr, backend.family);
             let port = (backend.port != 0).then(|| lb_common::flow::raw_port(backend.port));
             self.adoptable_backends.insert((addr, port), id);
+            if backend.flags & BACKEND_DOWN != 0 {
+                self.adopted_down.insert((addr, port));
+                self.flagged_down.insert(id);
+            }
         }
         info!(
             services = self.adoptable_services.len(),
             backends = self.adoptable_backends.len(),
+            down = self.adopted_down.len(),
             "adopted ids from pinned maps"
         );
+        Ok(())
+    }
+
+    /// Whether the adopted maps marked the backend at `addr` and `port` as failing its
+    /// health checks when the previous daemon stopped.
+    #[must_use]
+    pub fn was_down(&self, addr: IpAddr, port: Option<u16>) -> bool {
+        self.adopted_down.contains(&(addr, port))
+    }
+
+    /// Marks exactly the backends in `down` (by identity) `BACKEND_DOWN` in `BACKENDS`,
+    /// writing only the entries that change.
+    pub fn mark_down(
+        &mut self,
+        down: &HashSet<BackendIdentity>,
+        maps: &mut Maps,
+    ) -> Result<(), MapError> {
+        let wanted: HashSet<u32> =
+            self.backends.iter().filter(|(i, _)| down.contains(*i)).map(|(_, s)| s.id).collect();
+        for (identity, state) in &self.backends {
+            let flag = wanted.contains(&state.id);
+            if flag != self.flagged_down.contains(&state.id) {
+                let value = backend_value(identity, if flag { BACKEND_DOWN } else { 0 });
+                maps.backends.set(state.id, &value)?;
+            }
+        }
+        self.flagged_down = wanted;
         Ok(())
     }
 
@@ -259,7 +295,7 @@ impl Balancer {
             }
             let id = self.free_backend_id()?;
             maps.traffic.reset_backend(id)?;
-            maps.backends.set(id, &backend_value(identity))?;
+            maps.backends.set(id, &backend_value(identity, 0))?;
             self.backend_addrs.insert(id, identity.addr);
             self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
             summary.backends_added += 1;
@@ -451,7 +487,8 @@ impl Balancer {
             .find(|(_, s)| s.id == id)
             .map(|(k, _)| k)
             .or_else(|| self.retired.get(&id))?;
-        Some(backend_value(identity))
+        let flags = if self.flagged_down.contains(&id) { BACKEND_DOWN } else { 0 };
+        Some(backend_value(identity, flags))
     }
 
     /// Pool `pool`'s Maglev table under `config`'s (effective) weights, for the daemon's own
@@ -593,12 +630,12 @@ fn addr_key(addr: IpAddr) -> AddrKey {
     AddrKey { addr: addr_words(addr), family: u32::from(family(addr)) }
 }
 
-fn backend_value(identity: &BackendIdentity) -> Backend {
+fn backend_value(identity: &BackendIdentity, flags: u8) -> Backend {
     Backend {
         addr: addr_words(identity.addr),
         port: identity.port.map_or(0, port_raw),
         family: family(identity.addr),
-        _pad: 0,
+        flags,
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Daemon {
     pub config: Config,
     /// The file it came from; API changes are written back to it.
     pub config_path: Option<PathBuf>,
+    /// Backends that were down when the previous lbd stopped: their checks start failing
+    /// (emptied once the checks start).
+    down_at_start: HashSet<BackendIdentity>,
     /// The settings read only at start as the file had them then, and as it has them now
     /// (what `persist` writes back; the running ones may differ, see [`StartSettings`]).
     file_at_start: StartSettings,
@@ -125,12 +128,36 @@ impl Daemon {
         firewall
             .install(&mut datapath.maps_mut().firewall, compiled.as_ref())
             .context("failed to install the firewall")?;
-        let mut lifecycle = Lifecycle::starting(&config, Instant::now());
+        // Backends that were failing their checks when the previous lbd stopped (marked in
+        // the adopted maps) stay out until their checks pass again.
+        let down_at_start: HashSet<BackendIdentity> = config
+            .pools
+            .iter()
+            .filter(|p| p.health_check.is_some())
+            .flat_map(|p| {
+                p.backends.iter().map(|b| BackendIdentity {
+                    pool: p.name.get_ref().clone(),
+                    addr: *b.address.get_ref(),
+                    port: b.port(),
+                })
+            })
+            .filter(|b| balancer.was_down(b.addr, b.port))
+            .collect();
+        if !down_at_start.is_empty() {
+            info!(
+                backends = down_at_start.len(),
+                "backends failing their checks before the restart stay out until they pass"
+            );
+        }
+        let mut lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
         let (effective, panicking) = lifecycle.effective(&config, Instant::now());
         balancer
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
         lifecycle.installed(&effective, panicking);
+        balancer
+            .mark_down(&down_at_start, datapath.maps_mut())
+            .context("failed to mark the backends that are down")?;
         let mut passthrough = Passthrough::default();
         if Passthrough::needed(&config) {
             start_passthrough(&mut datapath, &mut passthrough)?;
@@ -153,6 +180,7 @@ impl Daemon {
             config,
             config_path,
             file_now: file_at_start.clone(),
+            down_at_start,
             file_at_start,
             hz,
             timeouts,
@@ -188,14 +216,26 @@ impl Daemon {
         let Some(checker) = &mut self.checker else { return };
         let plan = health::plan(&self.config, &self.balancer);
         let checked: HashSet<BackendIdentity> = plan.specs.keys().cloned().collect();
-        let started = checker.sync(plan);
-        self.lifecycle.reset_health(&started, &checked);
+        let started = checker.sync(plan, &self.down_at_start);
+        self.lifecycle.reset_health(&started, &checked, &self.down_at_start);
+        self.down_at_start.clear();
+        self.mark_down();
+    }
+
+    /// Keeps `BACKEND_DOWN` in `BACKENDS` in step with the backends' health, for the next
+    /// lbd to read if this one stops.
+    fn mark_down(&mut self) {
+        let down: HashSet<BackendIdentity> = self.lifecycle.unhealthy().cloned().collect();
+        if let Err(error) = self.balancer.mark_down(&down, self.datapath.maps_mut()) {
+            warn!(%error, "marking the backends that are down in the maps failed");
+        }
     }
 
     /// Takes in one health-check result; a flip changes the weights installed.
     pub fn record_health(&mut self, report: &Report) {
         if self.lifecycle.record(report, Instant::now()) {
             self.refresh_weights();
+            self.mark_down();
         }
     }
 

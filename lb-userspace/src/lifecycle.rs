@@ -128,14 +128,34 @@ fn backends(
 
 impl Lifecycle {
     /// Facts for the configuration a daemon starts with: every backend counts as long
-    /// established.
+    /// established, and healthy but for those in `down` (failing their checks when the
+    /// previous daemon stopped), which stay out until their checks pass again.
     #[must_use]
-    pub fn starting(config: &Config, now: Instant) -> Self {
+    pub fn starting(config: &Config, now: Instant, down: &HashSet<BackendIdentity>) -> Self {
         let mut l = Self::default();
         for (identity, b) in backends(config) {
+            if down.contains(&identity) {
+                l.health.insert(
+                    identity.clone(),
+                    Health {
+                        healthy: false,
+                        last_error: Some(
+                            "failing its checks when lbd last stopped; waiting for them to pass"
+                                .to_owned(),
+                        ),
+                        checks: 0,
+                        failures: 0,
+                    },
+                );
+            }
             l.states.insert(identity, (b.state, now));
         }
         l
+    }
+
+    /// Backends whose checks fail.
+    pub fn unhealthy(&self) -> impl Iterator<Item = &BackendIdentity> {
+        self.health.iter().filter(|(_, h)| !h.healthy).map(|(b, _)| b)
     }
 
     /// Takes in a new configuration: backends that are new, or that become active again,
@@ -194,13 +214,14 @@ impl Lifecycle {
     }
 
     /// Forgets the health of backends whose checks stopped or restarted (they count as
-    /// healthy again).
+    /// healthy again), but for those in `start_down`, whose checks start failing.
     pub fn reset_health(
         &mut self,
         backends: &[BackendIdentity],
         checked: &HashSet<BackendIdentity>,
+        start_down: &HashSet<BackendIdentity>,
     ) {
-        for b in backends {
+        for b in backends.iter().filter(|b| !start_down.contains(*b)) {
             self.health.remove(b);
         }
         self.health.retain(|k, _| checked.contains(k));
@@ -422,7 +443,7 @@ mode = "dsr-l2"
     fn backends_at_start_take_full_weight_and_new_ones_ramp() {
         let t0 = Instant::now();
         let config = Config::parse(CONFIG, "t").unwrap();
-        let mut l = Lifecycle::starting(&config, t0);
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
         assert_eq!(weights(&l, &config, t0), [100, 100]);
         let added = Config::parse(
             &CONFIG
@@ -440,7 +461,7 @@ mode = "dsr-l2"
     fn a_recovered_backend_ramps_and_a_down_one_takes_nothing() {
         let t0 = Instant::now();
         let config = Config::parse(CONFIG, "t").unwrap();
-        let mut l = Lifecycle::starting(&config, t0);
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
         let report =
             |healthy, flip| Report { backend: identity(12), result: Ok(()), flip, healthy };
         assert!(l.record(&report(false, Some(Flip::Down)), t0));
@@ -453,10 +474,28 @@ mode = "dsr-l2"
     }
 
     #[test]
+    fn a_backend_down_before_a_restart_takes_nothing_until_it_recovers() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let down = HashSet::from([identity(12)]);
+        let mut l = Lifecycle::starting(&config, t0, &down);
+        assert_eq!(weights(&l, &config, t0), [100, 0]);
+        assert_eq!(l.unhealthy().collect::<Vec<_>>(), [&identity(12)]);
+        // Its checks start (failing): the health stays; another backend's start resets.
+        l.reset_health(&[identity(11), identity(12)], &down, &down);
+        assert_eq!(weights(&l, &config, t0), [100, 0]);
+        let up =
+            Report { backend: identity(12), result: Ok(()), flip: Some(Flip::Up), healthy: true };
+        assert!(l.record(&up, t0 + Duration::from_secs(1)));
+        assert_eq!(l.unhealthy().count(), 0);
+        assert_eq!(weights(&l, &config, t0 + Duration::from_secs(6)), [100, 50], "slow start");
+    }
+
+    #[test]
     fn disabled_backends_are_cut_at_once_and_draining_ones_at_the_deadline() {
         let t0 = Instant::now();
         let config = Config::parse(CONFIG, "t").unwrap();
-        let mut l = Lifecycle::starting(&config, t0);
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
         let set = |state: &str| {
             Config::parse(
                 &CONFIG.replacen(

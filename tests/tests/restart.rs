@@ -237,3 +237,83 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
     drop(fourth);
     drop(bpffs);
 }
+
+/// Health checks slow enough that a restarted lbd which forgot a backend was down would send
+/// it new flows for about a second before its checks caught up.
+const SLOW_CHECK: &str = r#"
+[pool.health_check]
+kind = "http"
+interval_ms = 1000
+fast_interval_ms = 300
+timeout_ms = 250
+jitter_ms = 50
+rise = 2
+fall = 3
+expect = "backend-"
+"#;
+
+/// `GET /metrics` from inside the load balancer's namespace, once lbd answers.
+fn metrics(lab: &Lab) -> Option<String> {
+    lab.lb.exec(&["curl", "-sS", "--fail", "--max-time", "2", "http://127.0.0.1:7070/metrics"]).ok()
+}
+
+/// A backend failing its checks when lbd stops is marked down in the pinned maps; the next
+/// lbd keeps it out of the tables from its first moment until its checks pass again, instead
+/// of sending it new flows until `fall` checks fail anew.
+#[test]
+fn a_backend_down_before_a_restart_stays_out_after_it() {
+    if !require_privileges("a_backend_down_before_a_restart_stays_out_after_it") {
+        return;
+    }
+    let lab = Lab::create(3).unwrap();
+    let bpffs = Bpffs::mount(&lab.id);
+    let pin_dir = bpffs.dir.join("lb");
+    let config = std::env::temp_dir().join(format!("{}-down.toml", lab.id));
+    let extras = lab::PoolExtras { keys: "", tables: SLOW_CHECK };
+    std::fs::write(&config, lab::lab_config_pools(3, &[], "", "", &extras)).unwrap();
+    let victim = &lab.backends[1];
+    let healthy = |value: u8| {
+        format!("lb_backend_healthy{{pool=\"web4\",backend=\"{}\"}} {value}", victim.v4)
+    };
+
+    let mut first = start_lbd(&lab, &config, &pin_dir);
+    let up = wait_for(Duration::from_secs(20), || {
+        metrics(&lab).filter(|m| m.contains(&healthy(1))).map(|_| ())
+    });
+    assert!(up.is_some(), "lbd did not come up: {}", kill(&mut first, "-TERM"));
+    lab.stop_server(1).unwrap();
+    let down = wait_for(Duration::from_secs(10), || {
+        metrics(&lab).filter(|m| m.contains(&healthy(0))).map(|_| ())
+    });
+    assert!(down.is_some(), "{} not marked down: {}", victim.name, kill(&mut first, "-TERM"));
+    kill(&mut first, "-KILL");
+
+    let mut second = start_lbd(&lab, &config, &pin_dir);
+    let first_scrape = wait_for(Duration::from_secs(20), || metrics(&lab));
+    let Some(first_scrape) = first_scrape else {
+        panic!("the second lbd did not answer: {}", kill(&mut second, "-TERM"));
+    };
+    assert!(first_scrape.contains(&healthy(0)), "down from the start: {first_scrape}");
+    let weight =
+        format!("lb_backend_effective_weight{{pool=\"web4\",backend=\"{}\"}} 0", victim.v4);
+    assert!(first_scrape.contains(&weight), "no weight from the start: {first_scrape}");
+    // New connections right after the restart all reach live servers.
+    for i in 0..30 {
+        let answer = lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT);
+        assert!(
+            answer.as_ref().is_ok_and(|a| a.starts_with("backend-")),
+            "request {i} after the restart: {answer:?}"
+        );
+    }
+    // It is not kept out for good: its server back, its checks pass and it returns.
+    lab.start_server(1).unwrap();
+    let back = wait_for(Duration::from_secs(10), || {
+        metrics(&lab).filter(|m| m.contains(&healthy(1))).map(|_| ())
+    });
+    let log = kill(&mut second, "-TERM");
+    assert!(back.is_some(), "{} did not come back: {log}", victim.name);
+    assert!(log.contains("stay out until they pass"), "{log}");
+    let _ = std::fs::remove_file(&config);
+    drop(lab);
+    drop(bpffs);
+}

@@ -154,8 +154,13 @@ impl Checker {
     }
 
     /// Runs exactly `plan`'s checks: stops those no longer wanted or changed, starts new
-    /// ones. Returns the backends whose checks (re)started, which begin healthy.
-    pub fn sync(&mut self, plan: Plan) -> Vec<BackendIdentity> {
+    /// ones. Returns the backends whose checks (re)started, which begin healthy, but for
+    /// those in `start_down`, which begin unhealthy.
+    pub fn sync(
+        &mut self,
+        plan: Plan,
+        start_down: &std::collections::HashSet<BackendIdentity>,
+    ) -> Vec<BackendIdentity> {
         self.routes.sync(&plan.routes);
         self.tasks.retain(|backend, (spec, cancel)| {
             let keep = plan.specs.get(backend) == Some(spec);
@@ -173,6 +178,7 @@ impl Checker {
             self.runtime.spawn(check_loop(
                 backend.clone(),
                 spec.clone(),
+                !start_down.contains(&backend),
                 self.reports.clone(),
                 cancel.clone(),
             ));
@@ -200,10 +206,11 @@ impl Drop for Checker {
 async fn check_loop(
     backend: BackendIdentity,
     spec: Spec,
+    healthy: bool,
     reports: mpsc::UnboundedSender<Report>,
     cancel: CancellationToken,
 ) {
-    let mut state = CheckState::new(spec.rise, spec.fall);
+    let mut state = CheckState::starting(healthy, spec.rise, spec.fall);
     let mut jitter = Jitter::new(&backend);
     // The first check comes within one jitter, so a dead backend is found soon after start.
     let mut wait = jitter.next(spec.jitter);

@@ -23,7 +23,14 @@ impl CheckState {
     /// than none until `rise` pass.
     #[must_use]
     pub const fn new(rise: u32, fall: u32) -> Self {
-        Self { healthy: true, streak: 0, rise, fall }
+        Self::starting(true, rise, fall)
+    }
+
+    /// A backend whose health is known at the start: one that was failing before lbd
+    /// restarted starts unhealthy, and needs `rise` passing checks.
+    #[must_use]
+    pub const fn starting(healthy: bool, rise: u32, fall: u32) -> Self {
+        Self { healthy, streak: 0, rise, fall }
     }
 
     #[must_use]
@@ -90,5 +97,15 @@ mod tests {
         assert_eq!(s.observe(true), None);
         assert_eq!(s.observe(true), Some(Flip::Up));
         assert!(s.is_healthy());
+    }
+
+    #[test]
+    fn a_backend_known_down_at_start_needs_rise_passes() {
+        let mut s = CheckState::starting(false, 3, 1);
+        assert!(!s.is_healthy());
+        assert_eq!(s.observe(false), None, "already down: no flip");
+        assert_eq!(s.observe(true), None);
+        assert_eq!(s.observe(true), None);
+        assert_eq!(s.observe(true), Some(Flip::Up));
     }
 }

@@ -368,6 +368,10 @@ pub struct HealthCheckConfig {
     /// HTTPS: the server name sent in the TLS handshake (by default none, as for an address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
+    /// HTTP/HTTPS: the `Host` header sent (by default the address checked), for backends
+    /// that serve virtual hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// UDP: the request sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send: Option<String>,
@@ -1216,6 +1220,27 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
             }
             _ => {}
         }
+        // Both go into the request line and headers as they are.
+        let header_safe = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if !header_safe(&hc.path) {
+            p.add(
+                at.clone(),
+                &format!("pool {name:?}: health_check path must be printable ASCII without spaces"),
+            );
+        }
+        if let Some(host) = &hc.host {
+            if !matches!(hc.kind, CheckKind::Http | CheckKind::Https) {
+                p.add(
+                    at.clone(),
+                    &format!("pool {name:?}: health_check host is for http and https checks"),
+                );
+            } else if !header_safe(host) {
+                p.add(
+                    at.clone(),
+                    &format!("pool {name:?}: health_check host {host:?} must be printable ASCII without spaces"),
+                );
+            }
+        }
     }
     let mut names = HashSet::new();
     for policy in &pool.autoscale {
@@ -1639,6 +1664,7 @@ pool = "web"
         };
         with("[pool.health_check]\nkind = \"http\"\npath = \"/healthz\"\nexpect = \"ok\"\n")
             .unwrap();
+        with("[pool.health_check]\nkind = \"https\"\nhost = \"app.example:8443\"\n").unwrap();
         with("[[pool.autoscale]]\nname = \"out\"\nsignal = \"new_flows_per_second\"\nabove = 100.0\nwebhook = \"https://scaler.example/hook\"\n").unwrap();
         for (tables, expected) in [
             ("[pool.health_check]\nkind = \"tcp\"\nrise = 0\n", "rise and fall are 1 to 100"),
@@ -1650,6 +1676,15 @@ pool = "web"
             ("[pool.health_check]\nkind = \"udp\"\n", "needs `send`"),
             ("[pool.health_check]\nkind = \"command\"\n", "needs `command"),
             ("[pool.health_check]\nkind = \"http\"\npath = \"healthz\"\n", "must start with '/'"),
+            (
+                "[pool.health_check]\nkind = \"http\"\npath = \"/a b\"\n",
+                "path must be printable ASCII",
+            ),
+            (
+                "[pool.health_check]\nkind = \"http\"\nhost = \"a\\r\\nX-Injected: 1\"\n",
+                "must be printable ASCII",
+            ),
+            ("[pool.health_check]\nkind = \"tcp\"\nhost = \"a\"\n", "for http and https"),
             ("[pool.health_check]\nkind = \"icmp\"\n", "unknown variant"),
             (
                 "[[pool.autoscale]]\nname = \"x\"\nsignal = \"cpu\"\nabove = 1.0\ncommand = [\"true\"]\n",

@@ -121,6 +121,7 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
                 expect: check.expect.clone(),
                 send: check.send.clone(),
                 sni: check.sni.clone(),
+                host: check.host.clone(),
                 command,
             };
             let spec = Spec {

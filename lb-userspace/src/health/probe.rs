@@ -33,6 +33,8 @@ pub struct Probe {
     pub expect: Option<String>,
     pub send: Option<String>,
     pub sni: Option<String>,
+    /// `Host` header; by default the target's address.
+    pub host: Option<String>,
     /// Command and arguments, placeholders already replaced.
     pub command: Vec<String>,
 }
@@ -61,9 +63,10 @@ impl Probe {
 
     async fn http(&self, target: SocketAddr, tls: bool) -> Result<(), String> {
         let stream = connect(target, self.mark).await?;
-        let host = match target.ip() {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => format!("[{a}]"),
+        let host = match (&self.host, target.ip()) {
+            (Some(host), _) => host.clone(),
+            (None, IpAddr::V4(a)) => a.to_string(),
+            (None, IpAddr::V6(a)) => format!("[{a}]"),
         };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
@@ -333,6 +336,7 @@ mod tests {
             expect: expect.map(Into::into),
             send: None,
             sni: None,
+            host: None,
             command: Vec::new(),
         };
         assert_eq!(probe(CheckKind::Tcp, None).run().await, Ok(()));
@@ -354,5 +358,37 @@ mod tests {
         command.command = vec!["sleep".into(), "5".into()];
         command.timeout = Duration::from_millis(100);
         assert!(command.run().await.unwrap_err().contains("timed out"));
+    }
+
+    #[tokio::test]
+    async fn http_checks_send_the_configured_host() {
+        // A server that answers 200 for one virtual host only.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                let status = if request.contains("\r\nhost: app.example\r\n") { 200 } else { 404 };
+                let _ = stream.write_all(format!("HTTP/1.1 {status} X\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let mut probe = Probe {
+            kind: CheckKind::Http,
+            targets: vec![addr],
+            mark: None,
+            timeout: Duration::from_secs(2),
+            path: "/".into(),
+            expect_status: 200,
+            expect: None,
+            send: None,
+            sni: None,
+            host: None,
+            command: Vec::new(),
+        };
+        assert!(probe.run().await.unwrap_err().contains("404"), "the address as host");
+        probe.host = Some("app.example".into());
+        assert_eq!(probe.run().await, Ok(()));
     }
 }

@@ -141,6 +141,8 @@ pub struct ApplySummary {
     pub tables_installed: usize,
     pub backends_added: usize,
     pub backends_retired: usize,
+    /// Settings the reloaded file changes that only a restart applies (`api.listen`, ...).
+    pub pending_restart: Vec<&'static str>,
     /// Ids of the services removed: their flows must be cut, since the data path forwards
     /// a live flow by its connection entry alone.
     pub removed_service_ids: Vec<u32>,

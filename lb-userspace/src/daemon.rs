@@ -440,8 +440,8 @@ impl Daemon {
         // A reloaded file may change settings read only at start: they wait for a restart.
         let mut new = new;
         let file_now = reread.then(|| StartSettings::of(&new));
-        if let Some(file) = &file_now {
-            let pending = file.differences(&self.file_at_start);
+        let pending = file_now.as_ref().map(|f| f.differences(&self.file_at_start));
+        if let Some(pending) = &pending {
             if !pending.is_empty() {
                 warn!(
                     settings = %pending.join(", "),
@@ -464,10 +464,11 @@ impl Daemon {
         let mut lifecycle = self.lifecycle.clone();
         lifecycle.observe(&new, now);
         let (effective, panicking) = lifecycle.effective(&new, now);
-        let summary = self
+        let mut summary = self
             .balancer
             .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
             .map_err(|e| ChangeError::Apply(e.to_string()))?;
+        summary.pending_restart = pending.unwrap_or_default();
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
         self.passthrough.sync(&effective, &self.balancer);

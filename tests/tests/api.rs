@@ -367,6 +367,12 @@ fn a_reload_keeps_settings_read_at_start_and_applies_the_rest() {
     std::fs::write(&f.config_path, &edited).unwrap();
     let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
     assert_eq!(status, StatusCode::OK, "{text}");
+    let result: api::ChangeResult = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        result.pending_restart,
+        ["api.listen", "daemon.pin_dir", "daemon.stats_log_interval_secs"],
+        "{text}"
+    );
     {
         let d = f.state.daemon.lock().unwrap();
         assert_eq!(d.config.api.listen, "", "the API socket is bound at start");

@@ -424,6 +424,9 @@ pub struct ChangeResult {
     pub tables_installed: usize,
     pub backends_added: usize,
     pub backends_retired: usize,
+    /// Settings the reloaded file changes that lbd applies only when it restarts.
+    #[serde(default)]
+    pub pending_restart: Vec<String>,
 }
 
 impl From<ApplySummary> for ChangeResult {
@@ -435,6 +438,7 @@ impl From<ApplySummary> for ChangeResult {
             tables_installed: s.tables_installed,
             backends_added: s.backends_added,
             backends_retired: s.backends_retired,
+            pending_restart: s.pending_restart.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 }

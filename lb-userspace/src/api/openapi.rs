@@ -59,7 +59,8 @@ pub fn document_value() -> Value {
                 "Error": { "type": "object", "properties": { "error": { "type": "string" } }, "required": ["error"] },
                 "ChangeResult": { "type": "object", "properties": {
                     "services_added": { "type": "integer" }, "services_updated": { "type": "integer" }, "services_removed": { "type": "integer" },
-                    "tables_installed": { "type": "integer" }, "backends_added": { "type": "integer" }, "backends_retired": { "type": "integer" } } },
+                    "tables_installed": { "type": "integer" }, "backends_added": { "type": "integer" }, "backends_retired": { "type": "integer" },
+                    "pending_restart": { "type": "array", "items": { "type": "string" }, "description": "settings the reloaded file changes that take effect when lbd restarts" } } },
                 "Status": { "type": "object", "properties": {
                     "version": { "type": "string" }, "interfaces": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "mode": { "type": "string" } } } },
                     "services": { "type": "integer" }, "pools": { "type": "integer" }, "backends": { "type": "integer" },

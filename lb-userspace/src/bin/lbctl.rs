@@ -356,5 +356,11 @@ fn print_change(text: &str, json: bool) -> Result<(), String> {
         c.backends_added,
         c.backends_retired
     );
+    if !c.pending_restart.is_empty() {
+        println!(
+            "changed in the file, applied when lbd restarts: {}",
+            c.pending_restart.join(", ")
+        );
+    }
     Ok(())
 }

@@ -441,13 +441,13 @@ impl Daemon {
         let mut new = new;
         let file_now = reread.then(|| StartSettings::of(&new));
         let pending = file_now.as_ref().map(|f| f.differences(&self.file_at_start));
-        if let Some(pending) = &pending {
-            if !pending.is_empty() {
-                warn!(
-                    settings = %pending.join(", "),
-                    "changed in the configuration file; they take effect when lbd restarts"
-                );
-            }
+        if let Some(pending) = &pending
+            && !pending.is_empty()
+        {
+            warn!(
+                settings = %pending.join(", "),
+                "changed in the configuration file; they take effect when lbd restarts"
+            );
         }
         StartSettings::of(&self.config).put(&mut new);
         let firewall = if reread || new.firewall != self.config.firewall {

@@ -953,3 +953,131 @@ fn a_stale_cookie_is_refused() {
         }])
         .unwrap();
 }
+
+/// A small deterministic generator for the corruption test (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
+    }
+}
+
+/// Corrupts `frame` one of four ways: bytes overwritten (mostly in the headers), the frame
+/// cut short, grown with garbage, or a header byte set to 0 or 0xff.
+fn corrupt(rng: &mut Rng, frame: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let headers = out.len().min(96);
+    match rng.below(4) {
+        0 => {
+            for _ in 0..=rng.below(4) {
+                let at = if rng.below(4) == 0 { rng.below(out.len()) } else { rng.below(headers) };
+                out[at] = rng.next().to_le_bytes()[0];
+            }
+        }
+        // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
+        1 => out.truncate(14 + rng.below(out.len() - 14)),
+        2 => out.extend((0..rng.below(64)).map(|_| rng.next().to_le_bytes()[0])),
+        _ => {
+            let at = rng.below(headers);
+            out[at] = if rng.below(2) == 0 { 0 } else { 0xff };
+        }
+    }
+    out
+}
+
+/// Frames of every shape the balancer forwards, corrupted at random, never abort the program,
+/// are each counted once by verdict (and, unless forwarded, once by reason), and leave the
+/// live flows as they were.
+#[test]
+fn corrupted_frames_never_abort_and_are_each_counted_once() {
+    let setups = [
+        ("nat4", nat_config(false, "tcp"), IpAddr::from(CLIENT4), IpAddr::from(VIP4), IPPROTO_TCP),
+        ("nat6", nat_config(true, "udp"), IpAddr::from(CLIENT6), IpAddr::from(VIP6), IPPROTO_UDP),
+        ("dsr4", dsr_config(false, "udp"), IpAddr::from(CLIENT4), IpAddr::from(VIP4), IPPROTO_UDP),
+        ("dsr6", dsr_config(true, "tcp"), IpAddr::from(CLIENT6), IpAddr::from(VIP6), IPPROTO_TCP),
+    ];
+    let mut rng = Rng(0x5eed_1b5a_fe00_0001);
+    for (name, toml, client, vip, proto) in setups {
+        let Some(mut lb) = Lb::new(&format!("corrupted_frames_{name}"), &toml, &[]) else {
+            return;
+        };
+        let packet = |port, flags| {
+            let p = client_packet(client, vip, proto, port, 80);
+            if proto == IPPROTO_TCP { p.flags(flags) } else { p }
+        };
+        let opening = packet(41_000, tcp_flags::SYN).build();
+        assert_eq!(lb.bed.run(&opening).unwrap().verdict, Some(Action::Tx), "{name}");
+        let data = packet(41_000, tcp_flags::ACK).build();
+        let (backend, bport, nat_port) = lb.flow_of(client, 41_000, vip, 80, proto);
+        let mut seeds = vec![opening, data.clone()];
+        seeds.push(packet(41_001, tcp_flags::SYN).vlan(7).build());
+        if toml.contains("mode = \"nat\"") {
+            let nat: IpAddr = if client.is_ipv4() { NAT4.into() } else { NAT6.into() };
+            let reply = match (backend, nat) {
+                (IpAddr::V4(b), IpAddr::V4(n)) => Packet::ipv4(b, n),
+                (IpAddr::V6(b), IpAddr::V6(n)) => Packet::ipv6(b, n),
+                _ => unreachable!(),
+            };
+            let reply = if proto == IPPROTO_TCP {
+                reply.tcp(bport, nat_port).flags(tcp_flags::ACK).payload(b"answer")
+            } else {
+                reply.udp(bport, nat_port).payload(b"answer")
+            };
+            assert_eq!(lb.bed.run(&reply.build()).unwrap().verdict, Some(Action::Tx), "{name}");
+            seeds.push(reply.build());
+            // The backend's "port unreachable" about the flow, quoting what it received.
+            let macs = (EGRESS_MAC, backend_mac(backend));
+            let sent = rewritten(nat, backend, nat_port, bport, proto, macs);
+            let (kind, code) = if client.is_ipv4() { (3, 3) } else { (1, 4) };
+            let error = icmp_error(
+                backend,
+                nat,
+                kind,
+                code,
+                [0; 4],
+                &sent[14..],
+                (backend_mac(backend), LB_MAC),
+            );
+            assert_eq!(lb.bed.run(&error).unwrap().verdict, Some(Action::Tx), "{name}: icmp");
+            seeds.push(error);
+        }
+
+        let before = lb.bed.stats().unwrap();
+        let runs = 5_000;
+        for i in 0..runs {
+            let frame = corrupt(&mut rng, &seeds[i % seeds.len()]);
+            let result = lb.bed.run(&frame).unwrap();
+            assert!(
+                matches!(
+                    result.verdict,
+                    Some(Action::Pass | Action::Drop | Action::Tx | Action::Redirect)
+                ),
+                "{name}: run {i}: verdict {} for {}",
+                result.raw_verdict,
+                hex(&frame)
+            );
+        }
+        let delta = lb.bed.stats().unwrap().since(&before);
+        assert_eq!(delta.packets(), runs as u64, "{name}: every frame counted once by verdict");
+        let not_forwarded = delta.action(Action::Pass).packets + delta.action(Action::Drop).packets;
+        let by_reason: u64 = Reason::ALL.iter().map(|r| delta.reason(*r).packets).sum();
+        assert_eq!(by_reason, not_forwarded, "{name}: every frame not forwarded has one reason");
+        assert!(
+            delta.action(Action::Tx).packets > 0 && not_forwarded > 0,
+            "{name}: the corruption reaches both outcomes: {delta:?}"
+        );
+
+        // The flow opened before still goes to the same backend.
+        let after = lb.bed.run(&data).unwrap();
+        assert_eq!(after.verdict, Some(Action::Tx), "{name}");
+        assert_eq!(lb.flow_of(client, 41_000, vip, 80, proto).0, backend, "{name}");
+    }
+}

@@ -38,7 +38,7 @@ impl LabDaemon {
             )
             .unwrap();
         let child = lab.lb.take_child(pid).unwrap();
-        let daemon = Self { child: Some(child), config: path };
+        let mut daemon = Self { child: Some(child), config: path };
         // Ready when the service answers.
         let ready =
             wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
@@ -46,27 +46,29 @@ impl LabDaemon {
         daemon
     }
 
-    pub fn reload(&self, lab: &Lab, config: &str) {
+    /// Writes `config` to lbd's configuration file and tells lbd to reload it.
+    pub fn reload(&self, config: &str) {
         std::fs::write(&self.config, config).unwrap();
         let pid = self.child.as_ref().unwrap().id();
         let status = Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
         assert!(status.success());
-        let _ = lab;
     }
 
-    /// Stops lbd and returns its log.
-    pub fn stop(&self) -> String {
-        let Some(child) = &self.child else { return String::new() };
+    /// Stops lbd (SIGTERM) and returns its log; empty if it was stopped already.
+    pub fn stop(&mut self) -> String {
+        let Some(child) = self.child.take() else { return String::new() };
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        String::new()
+        child
+            .wait_with_output()
+            .map(|output| String::from_utf8_lossy(&output.stderr).into_owned())
+            .unwrap_or_default()
     }
 
+    /// Stops lbd, removes its configuration file and returns its log.
     pub fn finish(mut self) -> String {
-        let child = self.child.take().unwrap();
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let output = child.wait_with_output().unwrap();
+        let log = self.stop();
         let _ = std::fs::remove_file(&self.config);
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        log
     }
 }
 

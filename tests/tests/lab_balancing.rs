@@ -126,7 +126,7 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
         let serving =
             wait_for(Duration::from_secs(5), || lab.iperf_backend()).expect("iperf3 connected");
         std::thread::sleep(Duration::from_secs(2));
-        daemon.reload(&lab, &lab::lab_config(3, &[]));
+        daemon.reload(&lab::lab_config(3, &[]));
         std::thread::sleep(Duration::from_secs(2));
         // Remove a backend that is not carrying the flow (keep backend-3, just added).
         let keep: Vec<usize> = (0..3).filter(|i| *i == serving || *i == 2).collect();
@@ -142,11 +142,11 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
                 );
             }
         }
-        daemon.reload(&lab, &config);
+        daemon.reload(&config);
         lab::check_iperf(what, client, 8, 10_000_000);
         assert_eq!(lab.iperf_backend(), None, "{what}: the connection is closed");
         // Back to two backends for the next mode.
-        daemon.reload(&lab, &two);
+        daemon.reload(&two);
         std::thread::sleep(Duration::from_millis(500));
     }
     let log = daemon.finish();

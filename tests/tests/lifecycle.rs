@@ -377,7 +377,7 @@ fn a_new_flow_surge_fires_one_signed_webhook_per_cooldown() {
         secret_file.display()
     );
     let extras = PoolExtras { keys: "", tables: &policy };
-    let daemon = LabDaemon::start(&lab, &lab::lab_config_pools(3, &[], "", "", &extras));
+    let mut daemon = LabDaemon::start(&lab, &lab::lab_config_pools(3, &[], "", "", &extras));
     // Idle: nothing fires.
     std::thread::sleep(Duration::from_secs(3));
     assert!(receiver.received().is_empty(), "an event without load: {:?}", receiver.received());

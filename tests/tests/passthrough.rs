@@ -25,7 +25,7 @@ use lb_tests::{
 };
 use lb_userspace::passthrough::{hello::parse_client_hello, proxy_v2::PROXY_V2_SIGNATURE};
 
-const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+const VIP4: Ipv4Addr = lab::TLS_VIP_V4;
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 3);
 const API: &str = "127.0.0.1:7070";
 /// Ports: the routed service, the strict one, the PROXY-protocol one, the spliced one.
@@ -277,7 +277,7 @@ fn tls_passthrough() {
         let end = rerouted[start..].find("[[service]]\nname = \"tls4-proxy\"").unwrap() + start;
         format!("{}{}", &rerouted[..start], &rerouted[end..])
     };
-    setup.daemon.as_ref().unwrap().reload(lab, &without_strict);
+    setup.daemon.as_ref().unwrap().reload(&without_strict);
     let moved = wait_for(Duration::from_secs(10), || {
         (s_client_peer(&lab.client, vip4, Some("www.example.com")).as_deref() == Some("backend-2"))
             .then_some(())

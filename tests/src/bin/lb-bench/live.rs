@@ -102,7 +102,7 @@ fn run_lbd(
     let with_firewall = format!(
         "{config}\n[firewall]\n[[firewall.rule]]\nname = \"flood\"\naction = \"deny\"\nsource = [\"{FLOOD_SOURCE}/32\"]\n"
     );
-    daemon.reload(lab, &with_firewall);
+    daemon.reload(&with_firewall);
     let applied =
         wait_for(Duration::from_secs(10), || lbd_rule_drops(lab).ok().flatten().map(|_| ()));
     if applied.is_none() {

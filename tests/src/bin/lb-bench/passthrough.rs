@@ -21,7 +21,7 @@ use lb_tests::{
     tls::{TlsServer, block, client_config, exchange, make_cert, repeated_hash, server_config},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+const VIP: Ipv4Addr = lab::TLS_VIP_V4;
 const SOCKMAP_PORT: u16 = 443;
 const SPLICE_PORT: u16 = 8443;
 const BACKEND_PORT: u16 = 9443;

@@ -195,6 +195,12 @@ pub struct ApiConfig {
     /// group or others. Required when `listen` is not a loopback address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// PEM certificate chain and private key: with both, the API and `/metrics` are served
+    /// over TLS (HTTPS) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<String>,
 }
 
 /// Default API address.
@@ -206,7 +212,12 @@ fn default_api_listen() -> String {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: default_api_listen(), token_file: None }
+        Self {
+            listen: default_api_listen(),
+            token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
     }
 }
 
@@ -870,6 +881,9 @@ impl Config {
                 &format!("api.listen {addr} is not a loopback address: set api.token_file so requests need a token"),
             ),
             Ok(_) => {}
+        }
+        if self.api.tls_cert_file.is_some() != self.api.tls_key_file.is_some() {
+            p.add(None, "api.tls_cert_file and api.tls_key_file go together: set both or neither");
         }
     }
 
@@ -1755,5 +1769,23 @@ pool = "web"
     fn requires_an_interface() {
         let error = Config::parse("", "t").unwrap_err().to_string();
         assert!(error.contains("[[interface]]"), "{error}");
+    }
+
+    #[test]
+    fn api_settings_are_checked() {
+        let with = |api: &str| {
+            Config::parse(&format!("[[interface]]\nname = \"eth0\"\n[api]\n{api}"), "t")
+        };
+        with("listen = \"192.0.2.5:7070\"\ntoken_file = \"/etc/lb/token\"\ntls_cert_file = \"a.crt\"\ntls_key_file = \"a.key\"\n")
+            .unwrap();
+        for (api, expected) in [
+            ("listen = \"192.0.2.5:7070\"\n", "set api.token_file"),
+            ("listen = \"localhost\"\n", "not an address and port"),
+            ("tls_cert_file = \"a.crt\"\n", "set both or neither"),
+            ("tls_key_file = \"a.key\"\n", "set both or neither"),
+        ] {
+            let error = with(api).unwrap_err().to_string();
+            assert!(error.contains(expected), "{api:?}: {error}");
+        }
     }
 }

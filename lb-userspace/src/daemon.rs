@@ -598,6 +598,11 @@ impl StartSettings {
         if self.api.token_file != other.api.token_file {
             names.push("api.token_file");
         }
+        if self.api.tls_cert_file != other.api.tls_cert_file
+            || self.api.tls_key_file != other.api.tls_key_file
+        {
+            names.push("api.tls");
+        }
         if self.pin_dir != other.pin_dir {
             names.push("daemon.pin_dir");
         }

@@ -67,6 +67,13 @@ pub async fn run(
         .as_deref()
         .map(|p| api::read_token(std::path::Path::new(p)))
         .transpose()?;
+    // Read before anything is loaded: an unusable certificate stops lbd at once.
+    let tls = match (&api_config.tls_cert_file, &api_config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(api::tls::server_config(std::path::Path::new(cert), std::path::Path::new(key))?)
+        }
+        _ => None,
+    };
     let interval = config.daemon.stats_log_interval_secs;
     let listener =
         if api_config.listen.is_empty() {
@@ -90,15 +97,13 @@ pub async fn run(
     if let Some(listener) = listener {
         let state = api::AppState { daemon: daemon.clone(), token: token.map(Into::into) };
         let app = api::router(state);
-        info!(address = %listener.local_addr()?, "API listening");
-        let api_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { api_shutdown.cancelled().await });
-            if let Err(error) = serve.await {
-                warn!(%error, "API server stopped");
+        info!(address = %listener.local_addr()?, https = tls.is_some(), "API listening");
+        match tls {
+            Some(config) => {
+                spawn_api(api::tls::TlsListener::new(listener, config)?, app, shutdown.clone());
             }
-        });
+            None => spawn_api(listener, app, shutdown.clone()),
+        }
     }
 
     if let Some(events) = lock(&daemon).datapath.maps_mut().firewall_events.take() {
@@ -169,4 +174,19 @@ fn raise_fd_limit() {
 
 fn lock(daemon: &SharedDaemon) -> std::sync::MutexGuard<'_, Daemon> {
     daemon.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+fn spawn_api<L>(listener: L, app: axum::Router, shutdown: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(error) = serve.await {
+            warn!(%error, "API server stopped");
+        }
+    });
 }

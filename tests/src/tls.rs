@@ -26,15 +26,27 @@ pub struct Cert {
     pub key: PathBuf,
 }
 
-/// A self-signed P-256 certificate for `cn`, valid for the DNS `names`, written to `dir`.
+/// A self-signed P-256 server certificate (not a CA) for `cn`, valid for `names` (DNS names,
+/// or IP addresses), written to `dir`.
 pub fn make_cert(dir: &Path, cn: &str, names: &[&str]) -> anyhow::Result<Cert> {
     std::fs::create_dir_all(dir)?;
     let cert = dir.join(format!("{cn}.crt"));
     let key = dir.join(format!("{cn}.key"));
-    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
+        .collect();
     let mut cmd = std::process::Command::new("openssl");
     cmd.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
         .args(["-nodes", "-days", "2", "-subj", &format!("/CN={cn}")])
+        // A server's certificate, not a CA's: webpki (rustls) refuses a CA as an end entity.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")

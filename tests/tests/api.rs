@@ -473,3 +473,116 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
     assert_eq!(unauthorized, "401");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `tls_cert_file` and `tls_key_file` the API, `/metrics` included, speaks HTTPS only:
+/// curl and lbctl that trust the certificate get answers, plain HTTP gets none, and a
+/// certificate file that is not one stops lbd before it loads anything.
+#[test]
+fn the_api_serves_https_with_its_certificate() {
+    if !require_privileges("the_api_serves_https_with_its_certificate") {
+        return;
+    }
+    let ns = Netns::create(&unique_id()).unwrap();
+    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-api-tls", ns.name()));
+    let cert = lb_tests::tls::make_cert(&dir, "lbd-api", &["127.0.0.1"]).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let with_tls = |cert_file: &std::path::Path| {
+        CONFIG.replace(
+            "listen = \"\"",
+            &format!(
+                "listen = \"127.0.0.1:7443\"\ntoken_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+                token_file.display(),
+                cert_file.display(),
+                cert.key.display()
+            ),
+        )
+    };
+    let config = dir.join("lb.toml");
+    let lbd = lab::bin_path("lbd").unwrap();
+
+    // Not a certificate: lbd says so and attaches nothing.
+    std::fs::write(&config, with_tls(&token_file)).unwrap();
+    let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("API certificate"), "{stderr}");
+    assert!(!ns.ip(&["link", "show", "veth0"]).unwrap().contains("xdp"));
+
+    std::fs::write(&config, with_tls(&cert.cert)).unwrap();
+    let pid = ns
+        .spawn(
+            &[
+                lbd.as_os_str(),
+                "--config".as_ref(),
+                config.as_os_str(),
+                "--detach-on-exit".as_ref(),
+            ],
+            ChildOutput::Capture,
+        )
+        .unwrap();
+    let cacert = cert.cert.display().to_string();
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let status = wait_for(std::time::Duration::from_secs(20), || {
+        let out = ns
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "--cacert",
+                &cacert,
+                "-H",
+                &bearer,
+                "https://127.0.0.1:7443/v1/status",
+            ])
+            .ok()?;
+        out.contains("\"services\":1").then_some(out)
+    });
+    let metrics = ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "--cacert",
+        &cacert,
+        "-H",
+        &bearer,
+        "https://127.0.0.1:7443/metrics",
+    ]);
+    let plain = ns.exec(&["curl", "-sS", "--max-time", "2", "http://127.0.0.1:7443/v1/status"]);
+    // Without the certificate to trust, curl refuses the server.
+    let untrusted = ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "-H",
+        &bearer,
+        "https://127.0.0.1:7443/v1/status",
+    ]);
+    let lbctl = lab::bin_path("lbctl").unwrap();
+    let lbctl_out = ns.exec(&[
+        lbctl.to_str().unwrap(),
+        "--api",
+        "https://127.0.0.1:7443",
+        "--ca",
+        &cacert,
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "status",
+    ]);
+    let mut child = ns.take_child(pid).unwrap();
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    assert!(status.is_some(), "the API did not answer over HTTPS");
+    assert!(metrics.as_ref().is_ok_and(|m| m.contains("lb_packets_total")), "{metrics:?}");
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+    assert!(untrusted.is_err(), "an untrusted certificate was accepted: {untrusted:?}");
+    assert!(lbctl_out.as_ref().is_ok_and(|o| o.contains("veth0")), "lbctl: {lbctl_out:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -8,6 +8,7 @@
 
 pub mod metrics;
 pub mod openapi;
+pub mod tls;
 
 use std::{net::IpAddr, sync::Arc};
 

@@ -19,6 +19,10 @@ struct Cli {
     /// File holding the bearer token.
     #[arg(long, env = "LB_TOKEN_FILE", global = true)]
     token_file: Option<String>,
+    /// PEM certificate(s) to trust for an `https://` API (lbd's own, or the CA that signed
+    /// it), instead of the public web roots.
+    #[arg(long, env = "LB_CA", global = true)]
+    ca: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -168,8 +172,22 @@ fn run(cli: &Cli) -> Result<(), String> {
         ),
         (None, None) => None,
     };
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+    if let Some(ca) = &cli.ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
+        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(format!("{ca}: no PEM certificate in it"));
+        }
+        let roots = ureq::tls::RootCerts::new_with_certs(&certs);
+        config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+    }
+    let agent: ureq::Agent = config.build().into();
     let client = Client { base: cli.api.clone(), token, agent };
     match &cli.command {
         Command::Status => {

@@ -27,7 +27,7 @@ use lb_tests::{
     privileged::require_privileges,
     testrun::{Case, Output, TestBed, hex},
 };
-use lb_userspace::{Balancer, Config, nexthop::StaticResolver};
+use lb_userspace::{Balancer, Config, nexthop::StaticResolver, rng::XorShift};
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
@@ -954,37 +954,21 @@ fn a_stale_cookie_is_refused() {
         .unwrap();
 }
 
-/// A small deterministic generator for the corruption test (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
-    }
-}
-
 /// Corrupts `frame` one of four ways: bytes overwritten (mostly in the headers), the frame
 /// cut short, grown with garbage, or a header byte set to 0 or 0xff.
-fn corrupt(rng: &mut Rng, frame: &[u8]) -> Vec<u8> {
+fn corrupt(rng: &mut XorShift, frame: &[u8]) -> Vec<u8> {
     let mut out = frame.to_vec();
     let headers = out.len().min(96);
     match rng.below(4) {
         0 => {
             for _ in 0..=rng.below(4) {
                 let at = if rng.below(4) == 0 { rng.below(out.len()) } else { rng.below(headers) };
-                out[at] = rng.next().to_le_bytes()[0];
+                out[at] = rng.next_u64().to_le_bytes()[0];
             }
         }
         // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
         1 => out.truncate(14 + rng.below(out.len() - 14)),
-        2 => out.extend((0..rng.below(64)).map(|_| rng.next().to_le_bytes()[0])),
+        2 => out.extend((0..rng.below(64)).map(|_| rng.next_u64().to_le_bytes()[0])),
         _ => {
             let at = rng.below(headers);
             out[at] = if rng.below(2) == 0 { 0 } else { 0xff };
@@ -1004,7 +988,7 @@ fn corrupted_frames_never_abort_and_are_each_counted_once() {
         ("dsr4", dsr_config(false, "udp"), IpAddr::from(CLIENT4), IpAddr::from(VIP4), IPPROTO_UDP),
         ("dsr6", dsr_config(true, "tcp"), IpAddr::from(CLIENT6), IpAddr::from(VIP6), IPPROTO_TCP),
     ];
-    let mut rng = Rng(0x5eed_1b5a_fe00_0001);
+    let mut rng = XorShift::new(0x5eed_1b5a_fe00_0001);
     for (name, toml, client, vip, proto) in setups {
         let Some(mut lb) = Lb::new(&format!("corrupted_frames_{name}"), &toml, &[]) else {
             return;

@@ -235,22 +235,19 @@ async fn check_loop(
 }
 
 /// A small xorshift generator for check jitter, seeded per backend and per start.
-struct Jitter(u64);
+struct Jitter(crate::rng::XorShift);
 
 impl Jitter {
     fn new(backend: &BackendIdentity) -> Self {
         let mut h = DefaultHasher::new();
         backend.hash(&mut h);
         std::time::SystemTime::now().hash(&mut h);
-        Self(h.finish() | 1)
+        Self(crate::rng::XorShift::new(h.finish()))
     }
 
     fn next(&mut self, max: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
         let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-        if max_ms == 0 { Duration::ZERO } else { Duration::from_millis(self.0 % max_ms) }
+        if max_ms == 0 { Duration::ZERO } else { Duration::from_millis(self.0.next_u64() % max_ms) }
     }
 }
 

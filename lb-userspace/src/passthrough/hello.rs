@@ -741,25 +741,9 @@ mod tests {
         assert!(matches!(parse(&buf), Err(HelloError::Malformed(_))));
     }
 
-    /// xorshift64*: deterministic pseudo-random numbers without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            usize::try_from(self.next() % u64::try_from(bound).unwrap()).unwrap()
-        }
-    }
-
     #[test]
     fn truncations_and_mutations_never_panic() {
-        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let mut rng = crate::rng::XorShift::new(0x5eed_1234_abcd_ef01);
         let samples = [
             OPENSSL_SNI.to_vec(),
             OPENSSL_NO_SNI.to_vec(),
@@ -777,7 +761,7 @@ mod tests {
                 for _ in 0..=rng.below(4) {
                     let at = rng.below(mutated.len());
                     match rng.below(4) {
-                        0 => mutated[at] = rng.next().to_le_bytes()[0],
+                        0 => mutated[at] = rng.next_u64().to_le_bytes()[0],
                         1 => mutated[at] ^= 1 << rng.below(8),
                         2 => mutated[at] = [0, 0xff, 1, 0x7f][rng.below(4)],
                         _ => mutated.truncate(at.max(1)),

@@ -3,15 +3,25 @@
 //! killed if the test fails first.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command},
     time::Duration,
 };
 
 use crate::{
     lab::{self, Lab},
-    netns::{ChildOutput, wait_for},
+    netns::{ChildOutput, Netns, wait_for},
 };
+
+/// Starts `lbd --config CONFIG --detach-on-exit` in `ns` (so its programs go when it stops);
+/// returns its pid, as [`Netns::spawn`] does.
+pub fn spawn_lbd(ns: &Netns, config: &Path, output: ChildOutput) -> anyhow::Result<u32> {
+    let lbd = lab::bin_path("lbd")?;
+    ns.spawn(
+        &[lbd.as_os_str(), "--config".as_ref(), config.as_os_str(), "--detach-on-exit".as_ref()],
+        output,
+    )
+}
 
 /// `lbd` running in the lab with a configuration file it can be told to reload.
 #[derive(Debug)]
@@ -24,19 +34,7 @@ impl LabDaemon {
     pub fn start(lab: &Lab, config: &str) -> Self {
         let path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
         std::fs::write(&path, config).unwrap();
-        let lbd = lab::bin_path("lbd").unwrap();
-        let pid = lab
-            .lb
-            .spawn(
-                &[
-                    lbd.as_os_str(),
-                    "--config".as_ref(),
-                    path.as_os_str(),
-                    "--detach-on-exit".as_ref(),
-                ],
-                ChildOutput::Capture,
-            )
-            .unwrap();
+        let pid = spawn_lbd(&lab.lb, &path, ChildOutput::Capture).unwrap();
         let child = lab.lb.take_child(pid).unwrap();
         let mut daemon = Self { child: Some(child), config: path };
         // Ready when the service answers.

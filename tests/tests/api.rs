@@ -430,17 +430,7 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
 
     std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .unwrap();
-    let pid = ns
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            ChildOutput::Capture,
-        )
-        .unwrap();
+    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Capture).unwrap();
     let status = wait_for(std::time::Duration::from_secs(20), || {
         let out = ns
             .exec(&[
@@ -514,17 +504,7 @@ fn the_api_serves_https_with_its_certificate() {
     assert!(!ns.ip(&["link", "show", "veth0"]).unwrap().contains("xdp"));
 
     std::fs::write(&config, with_tls(&cert.cert)).unwrap();
-    let pid = ns
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            ChildOutput::Capture,
-        )
-        .unwrap();
+    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Capture).unwrap();
     let cacert = cert.cert.display().to_string();
     let bearer = format!("Authorization: Bearer {TOKEN}");
     let status = wait_for(std::time::Duration::from_secs(20), || {

@@ -224,18 +224,7 @@ fn lbd_attaches_on_start_and_detaches_on_sigterm() {
         "[daemon]\nstats_log_interval_secs = 1\n[[interface]]\nname = \"front\"\n[[interface]]\nname = \"back\"\nxdp_mode = \"generic\"\n",
     )
     .unwrap();
-    let lbd = lab::bin_path("lbd").unwrap();
-    let pid = lab
-        .lb
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            lb_tests::netns::ChildOutput::Capture,
-        )
+    let pid = lb_tests::daemon::spawn_lbd(&lab.lb, &config, lb_tests::netns::ChildOutput::Capture)
         .unwrap();
     let attached = wait_for(Duration::from_secs(10), || {
         let front = lab.lb.ip(&["link", "show", "front"]).ok()?;

@@ -53,19 +53,8 @@ fn every_lbctl_command_against_a_running_daemon() {
         .unwrap();
     let config_path = dir.join("lb.toml");
     std::fs::write(&config_path, config(&token_file)).unwrap();
-    let lbd = lab::bin_path("lbd").unwrap();
     let lbctl = lab::bin_path("lbctl").unwrap();
-    let pid = ns
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config_path.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            ChildOutput::Capture,
-        )
-        .unwrap();
+    let pid = lb_tests::daemon::spawn_lbd(&ns, &config_path, ChildOutput::Capture).unwrap();
 
     let run = |args: &[&str], token: &str| -> (bool, String, String) {
         let out = Command::new("ip")

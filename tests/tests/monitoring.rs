@@ -5,7 +5,6 @@
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
 use lb_tests::{
-    lab,
     netns::{ChildOutput, Netns, unique_id, wait_for},
     privileged::require_privileges,
 };
@@ -95,18 +94,7 @@ fn rules_and_dashboard_use_only_exported_metrics() {
          [[service]]\nname = \"s\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"nat\"\nnat_source = \"198.18.1.1\"\n",
     )
     .unwrap();
-    let lbd = lab::bin_path("lbd").unwrap();
-    let pid = ns
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            ChildOutput::Discard,
-        )
-        .unwrap();
+    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Discard).unwrap();
     let scrape = wait_for(Duration::from_secs(20), || {
         // Every family has samples once the policy (which holds at once) has fired and its
         // command has failed.

@@ -62,19 +62,7 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
     );
     let config_path = dir.join("lb.toml");
     std::fs::write(&config_path, &config).unwrap();
-    let lbd = lab::bin_path("lbd").unwrap();
-    let lbd_pid = lab
-        .lb
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config_path.as_os_str(),
-                "--detach-on-exit".as_ref(),
-            ],
-            ChildOutput::Discard,
-        )
-        .unwrap();
+    let lbd_pid = lb_tests::daemon::spawn_lbd(&lab.lb, &config_path, ChildOutput::Discard).unwrap();
     let up =
         wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
     assert!(up.is_some(), "lbd did not start serving");

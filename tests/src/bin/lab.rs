@@ -40,16 +40,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let tls = lab::add_tls_passthrough(&lab, &certs).context("failed to start TLS backends")?;
     std::fs::write(&config_path, format!("{}{tls}", lab::lab_config(3, &[])))
         .context("failed to write the lab's lbd config")?;
-    let lbd = lab::bin_path("lbd")?;
-    let pid = lab.lb.spawn(
-        &[
-            lbd.as_os_str(),
-            "--config".as_ref(),
-            config_path.as_os_str(),
-            "--detach-on-exit".as_ref(),
-        ],
-        lb_tests::netns::ChildOutput::Inherit,
-    )?;
+    let pid =
+        lb_tests::daemon::spawn_lbd(&lab.lb, &config_path, lb_tests::netns::ChildOutput::Inherit)?;
     let mut daemon = lab.lb.take_child(pid).context("lbd child vanished")?;
 
     let client = lab.client.name();

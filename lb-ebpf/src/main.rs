@@ -123,7 +123,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
     if l4 {
-        let action = established(ctx, scratch, now).into_result()?;
+        let action = established(ctx, scratch, now)?;
         if action != Action::Pass {
             return Ok(action);
         }
@@ -142,14 +142,13 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
 /// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
 /// packet on to the service lookup, and `scratch.dead` keeps what the lookup found for
 /// [`balance`], which then needs no lookup of its own.
-#[inline(never)]
-fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
-    let ctx = &parse::reload(ctx);
-    Outcome::from_result(try_established(ctx, scratch, now))
-}
-
+///
+/// Inlined into the entry function: the path nearly every packet of a load balancer takes
+/// pays no call and return (dear where the kernel hardens returns). The 512-byte stack
+/// allows it because the new-flow path calls its pieces one after the other from
+/// [`balance`] rather than nested.
 #[inline(always)]
-fn try_established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
+fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
     let Scratch { packet, buf, live, dead, .. } = scratch;
     dead.present = 0;
     dead.has_stale = 0;
@@ -232,7 +231,13 @@ fn try_balance(
     if dead.has_stale != 0 {
         conntrack::release(key, &dead.stale, buf);
     }
-    open_flow(ctx, key, service, live, buf).into_status()?;
+    // The backend, then (NAT) a source port and the reply entry, then the forward entry:
+    // called one after the other from here, not nested, to keep the call chain's stack short.
+    live.backend_id = select::choose_backend(service, key, select::globals()?)?;
+    if is_nat {
+        conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
+    }
+    open_flow(key, service, live, buf).into_status()?;
     send(ctx, packet, key, live, is_nat, live.new_flow, proxied)
 }
 
@@ -288,19 +293,13 @@ fn send(
     forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
 }
 
-/// Chooses a backend for a new flow and records it (with a NAT source port for NAT
-/// services) in `live`, which also tells whether this packet opened the flow (another CPU
-/// may have won a race for it). Not inlined: the new-flow path gets a stack frame of its own.
+/// Installs the forward entry of a new flow whose backend (and NAT source port) `live`
+/// holds; `live` then also tells whether this packet opened the flow (another CPU may have
+/// won a race for it, and then its choice is taken). Not inlined: the new-flow path gets a
+/// stack frame of its own.
 #[inline(never)]
-fn open_flow(
-    ctx: &XdpContext,
-    key: &FlowKey,
-    service: &Service,
-    live: &mut LiveNat,
-    buf: &mut EntryBuf,
-) -> Outcome {
-    let ctx = &parse::reload(ctx);
-    match try_open_flow(ctx, key, service, live, buf) {
+fn open_flow(key: &FlowKey, service: &Service, live: &mut LiveNat, buf: &mut EntryBuf) -> Outcome {
+    match try_open_flow(key, service, live, buf) {
         Ok(()) => Outcome::DONE,
         Err(reason) => Outcome::err(reason),
     }
@@ -308,18 +307,12 @@ fn open_flow(
 
 #[inline(always)]
 fn try_open_flow(
-    ctx: &XdpContext,
     key: &FlowKey,
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
 ) -> Result<(), Reason> {
-    let g = select::globals()?;
     let is_nat = service.flags & SERVICE_NAT != 0;
-    live.backend_id = select::choose_backend(service, key, g)?;
-    if is_nat {
-        conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
-    }
     conntrack::set_forward_entry(buf, key, service, live, is_nat);
     let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
     conntrack::insert_forward(buf, &mut winner).into_status()?;

@@ -276,10 +276,7 @@ impl Lab {
 
     /// `curl` from `source` (one of the client's addresses) to `addr`, returning the body.
     pub fn curl_from(&self, source: IpAddr, addr: IpAddr, port: u16) -> anyhow::Result<String> {
-        let url = match addr {
-            IpAddr::V4(a) => format!("http://{a}:{port}/"),
-            IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
-        };
+        let url = url(addr, port);
         self.client
             .exec(&["curl", "-sS", "--max-time", "5", "--interface", &source.to_string(), &url])
             .with_context(|| format!("curl {url} from {source}"))
@@ -287,10 +284,7 @@ impl Lab {
 
     /// `curl` from the client to `addr`, returning the body.
     pub fn curl(&self, addr: IpAddr, port: u16) -> anyhow::Result<String> {
-        let url = match addr {
-            IpAddr::V4(a) => format!("http://{a}:{port}/"),
-            IpAddr::V6(a) => format!("http://[{a}]:{port}/"),
-        };
+        let url = url(addr, port);
         self.client
             .exec(&["curl", "-sS", "--max-time", "5", &url])
             .with_context(|| format!("curl {url} from the client"))

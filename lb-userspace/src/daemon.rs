@@ -57,9 +57,6 @@ pub struct Daemon {
     pub config: Config,
     /// The file it came from; API changes are written back to it.
     pub config_path: Option<PathBuf>,
-    /// Backends that were down when the previous lbd stopped: their checks start failing
-    /// (emptied once the checks start).
-    down_at_start: HashSet<BackendIdentity>,
     /// The settings read only at start as the file had them then, and as it has them now
     /// (what `persist` writes back; the running ones may differ, see [`StartSettings`]).
     file_at_start: StartSettings,
@@ -130,18 +127,12 @@ impl Daemon {
             .context("failed to install the firewall")?;
         // Backends that were failing their checks when the previous lbd stopped (marked in
         // the adopted maps) stay out until their checks pass again.
-        let down_at_start: HashSet<BackendIdentity> = config
-            .pools
-            .iter()
-            .filter(|p| p.health_check.is_some())
-            .flat_map(|p| {
-                p.backends.iter().map(|b| BackendIdentity {
-                    pool: p.name.get_ref().clone(),
-                    addr: *b.address.get_ref(),
-                    port: b.port(),
-                })
+        let down_at_start: HashSet<BackendIdentity> = crate::lifecycle::backends(&config)
+            .map(|(identity, _)| identity)
+            .filter(|b| {
+                balancer.was_down(b.addr, b.port)
+                    && config.pool(&b.pool).is_some_and(|p| p.health_check.is_some())
             })
-            .filter(|b| balancer.was_down(b.addr, b.port))
             .collect();
         if !down_at_start.is_empty() {
             info!(
@@ -180,7 +171,6 @@ impl Daemon {
             config,
             config_path,
             file_now: file_at_start.clone(),
-            down_at_start,
             file_at_start,
             hz,
             timeouts,
@@ -216,9 +206,10 @@ impl Daemon {
         let Some(checker) = &mut self.checker else { return };
         let plan = health::plan(&self.config, &self.balancer);
         let checked: HashSet<BackendIdentity> = plan.specs.keys().cloned().collect();
-        let started = checker.sync(plan, &self.down_at_start);
-        self.lifecycle.reset_health(&started, &checked, &self.down_at_start);
-        self.down_at_start.clear();
+        // A backend known down (at a restart of lbd, or of its checks) starts its checks down.
+        let down: HashSet<BackendIdentity> = self.lifecycle.unhealthy().cloned().collect();
+        let started = checker.sync(plan, &down);
+        self.lifecycle.reset_health(&started, &checked);
         self.mark_down();
     }
 

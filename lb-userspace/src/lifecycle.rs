@@ -111,7 +111,7 @@ pub struct Lifecycle {
 }
 
 /// Every backend of a configuration with its configured state.
-fn backends(
+pub(crate) fn backends(
     config: &Config,
 ) -> impl Iterator<Item = (BackendIdentity, &crate::config::BackendConfig)> {
     config.pools.iter().flat_map(|pool| {
@@ -213,16 +213,18 @@ impl Lifecycle {
         }
     }
 
-    /// Forgets the health of backends whose checks stopped or restarted (they count as
-    /// healthy again), but for those in `start_down`, whose checks start failing.
+    /// Forgets the health of backends whose checks stopped (they count as healthy again),
+    /// and the counts of healthy backends whose checks restarted; a backend that is down stays
+    /// down, for its new checks start from there (see `Checker::sync`).
     pub fn reset_health(
         &mut self,
-        backends: &[BackendIdentity],
+        restarted: &[BackendIdentity],
         checked: &HashSet<BackendIdentity>,
-        start_down: &HashSet<BackendIdentity>,
     ) {
-        for b in backends.iter().filter(|b| !start_down.contains(*b)) {
-            self.health.remove(b);
+        for b in restarted {
+            if self.is_healthy(b) {
+                self.health.remove(b);
+            }
         }
         self.health.retain(|k, _| checked.contains(k));
     }
@@ -482,7 +484,7 @@ mode = "dsr-l2"
         assert_eq!(weights(&l, &config, t0), [100, 0]);
         assert_eq!(l.unhealthy().collect::<Vec<_>>(), [&identity(12)]);
         // Its checks start (failing): the health stays; another backend's start resets.
-        l.reset_health(&[identity(11), identity(12)], &down, &down);
+        l.reset_health(&[identity(11), identity(12)], &down);
         assert_eq!(weights(&l, &config, t0), [100, 0]);
         let up =
             Report { backend: identity(12), result: Ok(()), flip: Some(Flip::Up), healthy: true };

@@ -156,7 +156,7 @@ impl Checker {
 
     /// Runs exactly `plan`'s checks: stops those no longer wanted or changed, starts new
     /// ones. Returns the backends whose checks (re)started, which begin healthy, but for
-    /// those in `start_down`, which begin unhealthy.
+    /// those in `start_down` (known down), which begin unhealthy.
     pub fn sync(
         &mut self,
         plan: Plan,

@@ -45,23 +45,32 @@ impl FlowKey {
     }
 }
 
-/// Multiplier of the mixing step (2^32 / golden ratio, odd).
-const GOLDEN: u32 = 0x9e37_79b1;
+/// Multiplier of the mixing step (2^64 / golden ratio, odd).
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// One step over a 64-bit word. 64-bit arithmetic throughout: BPF registers are 64 bits
+/// wide, and without ALU32 every 32-bit step would pay extra instructions to clear the upper
+/// half.
 #[inline(always)]
-const fn mix(h: u32, word: u32) -> u32 {
-    (h ^ word).wrapping_mul(GOLDEN).rotate_left(13)
+const fn mix(h: u64, word: u64) -> u64 {
+    (h ^ word).wrapping_mul(GOLDEN).rotate_left(29)
 }
 
-/// Murmur3's finaliser: every input bit affects every output bit.
+/// Two address or port words as one 64-bit word.
+#[inline(always)]
+const fn pair(lo: u32, hi: u32) -> u64 {
+    lo as u64 | (hi as u64) << 32
+}
+
+/// Murmur3's 64-bit finaliser: every input bit affects every output bit.
 #[inline(always)]
 #[must_use]
-pub const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
+pub const fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
     h
 }
 
@@ -73,20 +82,24 @@ pub const fn fmix32(mut h: u32) -> u32 {
 #[inline(always)]
 #[must_use]
 pub const fn flow_hash(key: &FlowKey, seed: u32, source_only: bool) -> u32 {
-    let mut h = seed;
-    h = mix(h, key.src[0]);
-    h = mix(h, key.src[1]);
-    h = mix(h, key.src[2]);
-    h = mix(h, key.src[3]);
+    let mut h = seed as u64;
+    h = mix(h, pair(key.src[0], key.src[1]));
+    h = mix(h, pair(key.src[2], key.src[3]));
     if !source_only {
-        h = mix(h, key.dst[0]);
-        h = mix(h, key.dst[1]);
-        h = mix(h, key.dst[2]);
-        h = mix(h, key.dst[3]);
-        h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
-        h = mix(h, key.proto as u32);
+        h = mix(h, pair(key.dst[0], key.dst[1]));
+        h = mix(h, pair(key.dst[2], key.dst[3]));
+        h = mix(h, pair((key.sport as u32) << 16 | key.dport as u32, key.proto as u32));
     }
-    fmix32(h)
+    (fmix64(h) >> 32) as u32
+}
+
+/// Where `hash` falls in `0..n`: `hash * n / 2^32`, a multiplication where `hash % n` would
+/// take a division (Lemire's range reduction; the hash's high bits decide, and they are as
+/// well mixed as its low ones). Maglev slots and NAT port probes both use it.
+#[inline(always)]
+#[must_use]
+pub const fn scale(hash: u32, n: u32) -> u32 {
+    ((hash as u64 * n as u64) >> 32) as u32
 }
 
 #[cfg(feature = "user")]
@@ -188,10 +201,11 @@ mod tests {
 
     #[test]
     fn hash_spreads_flows_evenly() {
-        // 100,000 flows into 100 buckets: each within 10% of the mean.
+        // 100,000 flows into 100 buckets, as the data path picks slots: each within 10% of
+        // the mean.
         let mut buckets = [0u32; 100];
         for i in 0..100_000 {
-            buckets[(flow_hash(&key(i), 0, false) % 100) as usize] += 1;
+            buckets[scale(flow_hash(&key(i), 0, false), 100) as usize] += 1;
         }
         for (b, n) in buckets.iter().enumerate() {
             assert!((900..=1100).contains(n), "bucket {b} has {n}");
@@ -216,6 +230,21 @@ mod tests {
         assert_ne!(flow_hash(&base, 1, false), h);
         let unique: HashSet<u32> = (0..10_000).map(|i| flow_hash(&key(i), 0, false)).collect();
         assert!(unique.len() > 9_980, "{} distinct hashes of 10,000", unique.len());
+    }
+
+    #[test]
+    fn scale_stays_in_range_and_keeps_order() {
+        for n in [1, 2, 100, 65_537, 1_048_573, u32::MAX] {
+            assert_eq!(scale(0, n), 0);
+            assert_eq!(scale(u32::MAX, n), n - 1);
+            assert!(scale(0x8000_0000, n) <= n / 2);
+        }
+        let mut last = 0;
+        for h in (0..=u32::MAX).step_by(65_521) {
+            let s = scale(h, 65_537);
+            assert!(s >= last && s < 65_537);
+            last = s;
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! service's flows are hashed into.
 //!
 //! The daemon builds a table per service with [`build_table`] and the data path reads
-//! `table[flow_hash % size]`. Every backend has a pseudo-random permutation of the table's
+//! `table[scale(flow_hash, size)]` (see [`crate::flow::scale`]). Every backend has a pseudo-random permutation of the table's
 //! slots derived from its identity (address and port), and backends take turns claiming their
 //! next free preferred slot, each in proportion to its weight. Removing a backend therefore
 //! moves its own slots and only a few others, and nodes that build from the same backends get

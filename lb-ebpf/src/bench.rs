@@ -6,12 +6,17 @@
 //! frame's first [`BENCH_BYTES`] bytes before calling the real data path and put them back
 //! after it; the same wrapper around a trivial program is the floor the figures are compared
 //! with. The new-flow variant also writes a fresh source port on each run, so every run
-//! opens a new flow.
+//! opens a new flow; the reused-tuple variant instead ages the frame's own flow before each
+//! run, so every run replaces an expired entry, in cache (how Katran's new-flow figure is
+//! measured: the same SYN repeated).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::net::{ETH_P_IP, ETH_P_IPV6};
 
-use crate::{maps::BENCH_SAVE, parse::ptr_at_mut};
+use crate::{
+    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK},
+    parse::ptr_at_mut,
+};
 
 /// Bytes saved and restored: Ethernet, IPv6 and TCP headers fit, with room to spare.
 pub const BENCH_BYTES: usize = 96;
@@ -63,6 +68,20 @@ pub fn around(ctx: &XdpContext, vary_port: bool, inner: impl FnOnce(&XdpContext)
         unsafe { copy_words((&raw const (*save).bytes).cast(), head.cast()) };
     }
     action
+}
+
+/// Marks the connection-table entry of the tuple in `BENCH_REOPEN` (the bench writes the
+/// frame's own) as long expired, so the data path's next packet on it opens the flow afresh:
+/// it finds the dead entry, removes it (and a NAT flow's reply entry), chooses a backend and
+/// inserts a new one. The floor wrapper does the same lookup and store.
+#[inline(always)]
+pub fn age_reopened() {
+    if let Some(key) = BENCH_REOPEN.get(0)
+        && let Some(entry) = CONNTRACK.get_ptr_mut(key)
+    {
+        // SAFETY: a map value pointer from a successful lookup.
+        unsafe { (*entry).last_seen = 0 };
+    }
 }
 
 /// Copies the saved head word by word with volatile accesses: LLVM would otherwise merge

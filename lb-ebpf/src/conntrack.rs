@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, Flow},
-    flow::flow_hash,
+    flow::{flow_hash, scale},
     service::{Backend, MAX_BACKENDS, Service},
 };
 
@@ -186,7 +186,7 @@ fn try_open_nat(
     set_reply_key(&mut buf.key, key, backend, backend_port, service.nat_addr, 0);
     for attempt in 0..NAT_PORT_ATTEMPTS {
         // Probes spread over the range with a large odd stride.
-        let port = min + (start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) % range);
+        let port = min + scale(start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)), range);
         let raw_port = (port as u16).to_be();
         buf.key.dport = raw_port;
         buf.flow.nat_port = raw_port;
@@ -218,9 +218,11 @@ pub struct Winner {
 }
 
 /// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
+/// With `replace`, `buf` takes the place of whatever entry its key has.
 #[inline(never)]
-pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner) -> Outcome {
-    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
+pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Outcome {
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(flags)).is_ok() {
         return Outcome::DONE;
     }
     if let Some(existing) = CONNTRACK.get_ptr(&buf.key) {

@@ -225,7 +225,12 @@ fn try_balance(
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
     }
-    if dead.present != 0 {
+    // A dead entry in the way: a DSR flow's new entry simply replaces it (one map update
+    // instead of a delete and an insert; two CPUs racing here choose the same backend). A
+    // NAT flow's goes first, so that a CPU racing for the tuple cannot overwrite the winner's
+    // port: the insert below then fails for one of them, which follows the other.
+    let replace = dead.present != 0 && !is_nat;
+    if dead.present != 0 && is_nat {
         conntrack::forget(key);
     }
     if dead.has_stale != 0 {
@@ -237,7 +242,7 @@ fn try_balance(
     if is_nat {
         conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
     }
-    open_flow(key, service, live, buf).into_status()?;
+    open_flow(key, service, live, buf, replace).into_status()?;
     send(ctx, packet, key, live, is_nat, live.new_flow, proxied)
 }
 
@@ -294,12 +299,18 @@ fn send(
 }
 
 /// Installs the forward entry of a new flow whose backend (and NAT source port) `live`
-/// holds; `live` then also tells whether this packet opened the flow (another CPU may have
-/// won a race for it, and then its choice is taken). Not inlined: the new-flow path gets a
-/// stack frame of its own.
+/// holds, over a dead entry on its tuple with `replace`; `live` then also tells whether this
+/// packet opened the flow (another CPU may have won a race for it, and then its choice is
+/// taken). Not inlined: the new-flow path gets a stack frame of its own.
 #[inline(never)]
-fn open_flow(key: &FlowKey, service: &Service, live: &mut LiveNat, buf: &mut EntryBuf) -> Outcome {
-    match try_open_flow(key, service, live, buf) {
+fn open_flow(
+    key: &FlowKey,
+    service: &Service,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+    replace: bool,
+) -> Outcome {
+    match try_open_flow(key, service, live, buf, replace) {
         Ok(()) => Outcome::DONE,
         Err(reason) => Outcome::err(reason),
     }
@@ -311,11 +322,12 @@ fn try_open_flow(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
+    replace: bool,
 ) -> Result<(), Reason> {
     let is_nat = service.flags & SERVICE_NAT != 0;
     conntrack::set_forward_entry(buf, key, service, live, is_nat);
     let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
-    conntrack::insert_forward(buf, &mut winner).into_status()?;
+    conntrack::insert_forward(buf, &mut winner, replace).into_status()?;
     if winner.lost {
         // Another CPU opened this flow first: follow it, and free the port taken here.
         if is_nat && winner.nat_port != live.nat_port {
@@ -374,6 +386,33 @@ pub fn bench_new_flow(ctx: XdpContext) -> u32 {
 )]
 pub fn bench_new_flow_floor(ctx: XdpContext) -> u32 {
     bench::around(&ctx, true, |_| xdp_action::XDP_PASS)
+}
+
+/// Bench only: the data path on a tuple whose entry has just expired (every run reopens the
+/// same flow, with the table in cache).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_reopen(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |ctx| {
+        bench::age_reopened();
+        lb_ingress_inner(ctx)
+    })
+}
+
+/// Bench only: the reused-tuple wrapper around a program that does nothing (its floor).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_reopen_floor(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |_| {
+        bench::age_reopened();
+        xdp_action::XDP_PASS
+    })
 }
 
 /// Bench only: one connection-table insert of a fresh key per run and nothing else, to show

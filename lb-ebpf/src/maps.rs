@@ -157,3 +157,8 @@ pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// Saved frame heads for the bench-only wrappers (`bench.rs`).
 #[btf_map]
 pub static BENCH_SAVE: PerCpuArray<crate::bench::BenchSave, 1> = PerCpuArray::new();
+
+/// The tuple whose connection-table entry the "reused tuple" bench wrappers age before each
+/// run (written by the bench; `bench.rs`).
+#[btf_map]
+pub static BENCH_REOPEN: Array<lb_common::FlowKey, 1> = Array::new();

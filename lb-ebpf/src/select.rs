@@ -6,7 +6,7 @@ use lb_common::{
     conntrack::{
         FLOW_NAT, FLOW_REPLY, Flow, FlowState, Transition, initial_tcp_state, next_tcp_state,
     },
-    flow::flow_hash,
+    flow::{flow_hash, scale},
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
     service::{
@@ -150,7 +150,7 @@ pub fn choose_backend(service: &Service, key: &FlowKey, g: &Globals) -> Result<u
     if service.table_size == 0 || service.id >= MAX_SERVICES {
         return Err(Reason::NoBackend);
     }
-    let slot = hash % service.table_size;
+    let slot = scale(hash, service.table_size);
     let backend_id = MAGLEV.get_value(service.id, &slot).copied().unwrap_or(NO_BACKEND);
     // verifier: ids index BACKENDS and the counters; anything else (NO_BACKEND) is no backend.
     if backend_id >= MAX_BACKENDS {

@@ -13,7 +13,7 @@ use std::{
 
 use lb_common::{
     FlowKey,
-    flow::{addr_words, flow_hash, port_raw},
+    flow::{addr_words, flow_hash, port_raw, scale},
     maglev::{MaglevBackend, build_table, identity_hash, table_size_for},
     service::{
         AddrKey, BACKEND_DOWN, Backend, MAX_BACKENDS, MAX_SERVICES, NextHop, SERVICE_HASH_SOURCE,
@@ -126,7 +126,7 @@ impl PoolTable {
     pub fn select(&self, client: SocketAddr, service: SocketAddr) -> Option<(u32, SocketAddr)> {
         let size = u32::try_from(self.slots.len()).ok().filter(|s| *s > 0)?;
         let key = FlowKey::new(client, service, lb_common::net::IPPROTO_TCP);
-        let id = self.slots[(flow_hash(&key, self.hash_seed, false) % size) as usize];
+        let id = self.slots[scale(flow_hash(&key, self.hash_seed, false), size) as usize];
         let (addr, port) = self.backends.get(&id)?;
         Some((id, SocketAddr::new(*addr, port.unwrap_or(service.port()))))
     }

@@ -34,6 +34,8 @@ pub const BENCH_FLOOR: &str = "bench_floor";
 pub const BENCH_NEW_FLOW: &str = "bench_new_flow";
 pub const BENCH_NEW_FLOW_FLOOR: &str = "bench_new_flow_floor";
 pub const BENCH_CONNTRACK_INSERT: &str = "bench_conntrack_insert";
+pub const BENCH_REOPEN: &str = "bench_reopen";
+pub const BENCH_REOPEN_FLOOR: &str = "bench_reopen_floor";
 
 /// Program that reports the data path's clock (see [`Datapath::now_ticks`]).
 pub const CLOCK_PROGRAM: &str = "lb_clock";
@@ -269,6 +271,16 @@ impl Datapath {
             load_program(&mut self.ebpf, name)?;
         }
         xdp_program(&mut self.ebpf, name)
+    }
+
+    /// Bench only: the tuple whose entry the reused-tuple wrappers (`BENCH_REOPEN*`) age.
+    pub fn set_bench_reopen(&mut self, key: &lb_common::FlowKey) -> Result<(), DatapathError> {
+        const NAME: &str = "BENCH_REOPEN";
+        let map = self.ebpf.map_mut(NAME).ok_or(MapError::Missing { name: NAME })?;
+        let mut array: aya::maps::Array<_, lb_common::FlowKey> = aya::maps::Array::try_from(map)
+            .map_err(|source| MapError::Layout { name: NAME, source })?;
+        array.set(0, key, 0).map_err(|source| MapError::Update { name: NAME, source })?;
+        Ok(())
     }
 
     /// Starts the kernel's half of TLS passthrough and hands over its maps: the `sk_lookup`

@@ -349,6 +349,35 @@ fn retransmitted_syn_keeps_one_entry_and_rst_then_syn_opens_a_new_flow() {
 }
 
 #[test]
+fn a_dsr_syn_on_a_closed_tuple_replaces_its_entry() {
+    let b2: IpAddr = "198.18.1.12".parse().unwrap();
+    let Some(mut lb) = Lb::new("dsr_reopen", &dsr_config(false, "tcp"), &[b2]) else { return };
+    let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 45_001, 80).build();
+    let first = lb.bed.run(&syn).unwrap();
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(45_001, 80).flags(tcp_flags::RST).build();
+    assert!(lb.bed.run(&rst).unwrap().verdict.is_some_and(|v| v != Action::Pass));
+    let key = lb_common::FlowKey::new(
+        (IpAddr::from(CLIENT4), 45_001).into(),
+        (IpAddr::from(VIP4), 80).into(),
+        IPPROTO_TCP,
+    );
+    let closed = lb.bed.datapath.maps().conntrack.get(&key).unwrap();
+    assert_eq!(closed.state, FlowState::Closed as u8);
+    // The new connection's entry takes the closed one's place: one entry, fresh state and
+    // clock, the same backend by the same hash.
+    let again = lb.bed.run(&syn).unwrap();
+    assert_eq!(first.output, again.output);
+    let sid = lb.balancer.service_id("s").unwrap();
+    assert_eq!(lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows, 2);
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let open = lb.bed.datapath.maps().conntrack.get(&key).unwrap();
+    assert_eq!(open.state, FlowState::SynSeen as u8);
+    assert_eq!(open.backend_id, closed.backend_id);
+    assert!(open.last_seen >= closed.last_seen);
+}
+
+#[test]
 fn a_backend_reset_closes_both_directions() {
     let Some(mut lb) = Lb::new("backend_reset", &nat_config(false, "tcp"), &[]) else { return };
     let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_000, 80).build();

@@ -25,7 +25,7 @@ use lb_userspace::{
     Balancer, Config, Datapath,
     datapath::{
         BENCH_CONNTRACK_INSERT, BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW, BENCH_NEW_FLOW_FLOOR,
-        LAB_PEER_PROGRAM, LoadOptions,
+        BENCH_REOPEN, BENCH_REOPEN_FLOOR, LAB_PEER_PROGRAM, LoadOptions,
     },
     nexthop::StaticResolver,
 };
@@ -95,6 +95,8 @@ struct Scenario {
     new_flows: bool,
     /// Packets to send once before timing (to open the flow).
     warmup: bool,
+    /// For the reused-tuple wrappers: the frame's flow, aged before each repetition.
+    reopen: Option<lb_common::FlowKey>,
 }
 
 #[derive(serde::Serialize)]
@@ -159,12 +161,16 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
             verdict: Action::Tx,
             new_flows: false,
             warmup: false,
+            reopen: None,
         },
     );
     // `LB_BENCH_LOOP=NAME`: run that one path for 10 s and nothing else, for a profiler
     // (`perf record -a` alongside) to see where its time goes.
     if let Ok(name) = std::env::var("LB_BENCH_LOOP") {
         let s = scenarios.iter().find(|s| s.name == name).context("no such path")?;
+        if let Some(key) = &s.reopen {
+            datapath.set_bench_reopen(key)?;
+        }
         let started = std::time::Instant::now();
         while started.elapsed() < std::time::Duration::from_secs(10) {
             measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, 1, None)?;
@@ -179,6 +185,9 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
     );
     for s in &scenarios {
+        if let Some(key) = &s.reopen {
+            datapath.set_bench_reopen(key)?;
+        }
         if s.warmup {
             run_once(&mut datapath, s.program, &s.frame, s.verdict)?;
         }
@@ -362,6 +371,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Pass,
             new_flows: false,
             warmup: false,
+            reopen: None,
         },
         Scenario {
             name: "not a service (pass)",
@@ -371,6 +381,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Pass,
             new_flows: false,
             warmup: false,
+            reopen: None,
         },
         Scenario {
             name: "DSR IPv4 established",
@@ -380,6 +391,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: false,
             warmup: true,
+            reopen: None,
         },
         Scenario {
             name: "DSR IPv6 established",
@@ -389,6 +401,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: false,
             warmup: true,
+            reopen: None,
         },
         Scenario {
             name: "NAT IPv4 established",
@@ -398,6 +411,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: false,
             warmup: true,
+            reopen: None,
         },
         Scenario {
             name: "NAT IPv6 established",
@@ -407,6 +421,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: false,
             warmup: true,
+            reopen: None,
         },
         Scenario {
             name: "conntrack insert alone",
@@ -416,6 +431,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Pass,
             new_flows: false,
             warmup: false,
+            reopen: None,
         },
         Scenario {
             name: "DSR IPv4 new flow",
@@ -425,6 +441,7 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: true,
             warmup: false,
+            reopen: None,
         },
         Scenario {
             name: "NAT IPv4 new flow",
@@ -434,8 +451,34 @@ fn scenarios() -> Vec<Scenario> {
             verdict: Action::Tx,
             new_flows: true,
             warmup: false,
+            reopen: None,
+        },
+        Scenario {
+            name: "DSR IPv4 new flow, hot",
+            program: BENCH_REOPEN,
+            floor: BENCH_REOPEN_FLOOR,
+            frame: frame(c4, v4(2), 40_008, tcp_flags::SYN),
+            verdict: Action::Tx,
+            new_flows: true,
+            warmup: true,
+            reopen: Some(tcp_key(c4, 40_008, v4(2))),
+        },
+        Scenario {
+            name: "NAT IPv4 new flow, hot",
+            program: BENCH_REOPEN,
+            floor: BENCH_REOPEN_FLOOR,
+            frame: frame(c4, v4(1), 40_009, tcp_flags::SYN),
+            verdict: Action::Tx,
+            new_flows: true,
+            warmup: true,
+            reopen: Some(tcp_key(c4, 40_009, v4(1))),
         },
     ]
+}
+
+/// The connection-table key of a TCP packet from `client` to port 80 of `service`.
+fn tcp_key(client: IpAddr, sport: u16, service: IpAddr) -> lb_common::FlowKey {
+    lb_common::FlowKey::new((client, sport).into(), (service, 80).into(), 6)
 }
 
 fn reply_frame(datapath: &mut Datapath, balancer: &Balancer) -> anyhow::Result<Vec<u8>> {
@@ -446,11 +489,7 @@ fn reply_frame(datapath: &mut Datapath, balancer: &Balancer) -> anyhow::Result<V
         tcp_flags::SYN,
     );
     run_once(datapath, BENCH_INGRESS, &open, Action::Tx)?;
-    let key = lb_common::FlowKey::new(
-        (IpAddr::V4(CLIENT4), 40_100).into(),
-        (IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)), 80).into(),
-        6,
-    );
+    let key = tcp_key(IpAddr::V4(CLIENT4), 40_100, IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)));
     let flow = datapath.maps().conntrack.get(&key).context("the NAT flow was not opened")?;
     let backend = datapath.maps().backends.get(flow.backend_id)?;
     let IpAddr::V4(backend_addr) = lb_common::flow::words_addr(backend.addr, 4) else {
@@ -504,9 +543,14 @@ fn measure(
     } else {
         repeat
     };
-    let counts_packets =
-        ![BENCH_FLOOR, BENCH_NEW_FLOW_FLOOR, LAB_PEER_PROGRAM, BENCH_CONNTRACK_INSERT]
-            .contains(&program);
+    let counts_packets = ![
+        BENCH_FLOOR,
+        BENCH_NEW_FLOW_FLOOR,
+        BENCH_REOPEN_FLOOR,
+        LAB_PEER_PROGRAM,
+        BENCH_CONNTRACK_INSERT,
+    ]
+    .contains(&program);
     if program == BENCH_CONNTRACK_INSERT {
         datapath.maps_mut().conntrack.clear()?;
     }

@@ -171,7 +171,10 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
-    let is_nat = e.flags & FLOW_NAT != 0;
+    if e.flags & FLOW_NAT == 0 {
+        // DSR: the entry says it all; nothing to copy out.
+        return send_dsr(ctx, e.service_id, e.backend_id, false);
+    }
     // A NAT flow's forward entry holds its NAT source address.
     live.start(e.service_id, &e.peer_addr, now);
     live.backend_id = e.backend_id;
@@ -180,10 +183,10 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
     live.cookie_flags = e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ);
     live.seq_delta = e.seq_delta;
     live.isn = e.isn;
-    if is_nat && refresh {
+    if refresh {
         conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
     }
-    send(ctx, packet, key, live, is_nat, false, false)
+    send(ctx, packet, key, live, true, false, false)
 }
 
 /// Sends a packet for `service` to its flow's backend. Not inlined, so its stack frame and
@@ -258,43 +261,59 @@ fn send(
     new_flow: bool,
     proxied: bool,
 ) -> Result<Action, Reason> {
+    if !is_nat {
+        return send_dsr(ctx, live.service_id, live.backend_id, new_flow);
+    }
     let hop = forward::next_hop(live.backend_id)?;
-    if is_nat {
-        let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
-        if proxied {
-            let to = syncookie::Proxied {
-                nat_addr: live.nat_addr,
-                backend_addr: backend.addr,
-                nat_port: live.nat_port,
-                backend_port,
-                client_isn: live.isn,
-            };
-            syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
-            let ctx = &parse::reload(ctx);
-            stats::count_traffic(
-                live.service_id,
-                live.backend_id,
-                stats::frame_len(ctx),
-                new_flow,
-                false,
-            );
-            return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
-        }
-        let to = Rewrite {
-            src: &live.nat_addr,
-            dst: &backend.addr,
-            sport: live.nat_port,
-            dport: backend_port,
+    let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
+    if proxied {
+        let to = syncookie::Proxied {
+            nat_addr: live.nat_addr,
+            backend_addr: backend.addr,
+            nat_port: live.nat_port,
+            backend_port,
+            client_isn: live.isn,
         };
-        nat::rewrite(ctx, packet, &to)?;
-        if live.cookie_flags & FLOW_SEQ_ADJ != 0 && packet.tcp_flags & tcp_flags::ACK != 0 {
-            // The client acknowledges the cookie's numbering; the backend numbers its own.
-            syncookie::shift(ctx, packet, true, live.seq_delta)?;
-        }
-    } else if hop.flags & NEXTHOP_ON_LINK == 0 {
-        return Err(Reason::DsrBackendNotOnLink);
+        syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
+        let ctx = &parse::reload(ctx);
+        stats::count_traffic(
+            live.service_id,
+            live.backend_id,
+            stats::frame_len(ctx),
+            new_flow,
+            false,
+        );
+        return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
+    }
+    let to = Rewrite {
+        src: &live.nat_addr,
+        dst: &backend.addr,
+        sport: live.nat_port,
+        dport: backend_port,
+    };
+    nat::rewrite(ctx, packet, &to)?;
+    if live.cookie_flags & FLOW_SEQ_ADJ != 0 && packet.tcp_flags & tcp_flags::ACK != 0 {
+        // The client acknowledges the cookie's numbering; the backend numbers its own.
+        syncookie::shift(ctx, packet, true, live.seq_delta)?;
     }
     stats::count_traffic(live.service_id, live.backend_id, stats::frame_len(ctx), new_flow, false);
+    forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
+}
+
+/// Sends a packet of a DSR flow to its backend on the same link: counters, then the
+/// backend's MAC address and out.
+#[inline(always)]
+fn send_dsr(
+    ctx: &XdpContext,
+    service_id: u32,
+    backend_id: u32,
+    new_flow: bool,
+) -> Result<Action, Reason> {
+    let hop = forward::next_hop(backend_id)?;
+    if hop.flags & NEXTHOP_ON_LINK == 0 {
+        return Err(Reason::DsrBackendNotOnLink);
+    }
+    stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), new_flow, false);
     forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
 }
 

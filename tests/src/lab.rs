@@ -24,7 +24,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{ChildOutput, Netns, unique_id, veth};
+use crate::{
+    config::{pool, tls_passthrough_service, tls_route},
+    netns::{ChildOutput, Netns, unique_id, veth},
+};
 
 /// The client's address on the front segment.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -457,28 +460,17 @@ pub const TLS_BACKEND_PORT: u16 = 8443;
 /// loopback, and the configuration fragment: `www.example.com` to backend-1 alone, every
 /// other name to all backends.
 pub fn add_tls_passthrough(lab: &Lab, certs: &std::path::Path) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
     for b in &lab.backends {
         let cert = crate::tls::make_cert(certs, &b.name, &["example.com"])?;
         crate::tls::s_server(&b.ns, TLS_BACKEND_PORT, &cert)?;
     }
     lab.lb.ip(&["addr", "add", &format!("{TLS_VIP_V4}/32"), "dev", "lo"])?;
-    let mut c = String::from("[[pool]]\nname = \"tls-www\"\n");
-    let _ = write!(
-        c,
-        "[[pool.backend]]\naddress = \"{}\"\nport = {TLS_BACKEND_PORT}\n",
-        lab.backends[0].v4
-    );
-    c.push_str("[[pool]]\nname = \"tls-all\"\n");
-    for b in &lab.backends {
-        let _ = write!(c, "[[pool.backend]]\naddress = \"{}\"\nport = {TLS_BACKEND_PORT}\n", b.v4);
-    }
-    let _ = write!(
-        c,
-        "[[service]]\nname = \"tls\"\naddress = \"{TLS_VIP_V4}\"\nprotocol = \"tcp\"\nport = 443\npool = \"tls-all\"\nmode = \"tls-passthrough\"\n\
-         [[service.tls.route]]\nserver_name = \"www.example.com\"\npool = \"tls-www\"\n"
-    );
-    Ok(c)
+    let port = format!("port = {TLS_BACKEND_PORT}");
+    let all: Vec<_> = lab.backends.iter().map(|b| (b.v4, port.as_str())).collect();
+    let route = tls_route("www.example.com", "tls-www");
+    Ok(pool("tls-www", &all[..1])
+        + &pool("tls-all", &all)
+        + &tls_passthrough_service("tls", TLS_VIP_V4, 443, "tls-all", &route))
 }
 
 /// Opens `per_source` new connections from each client address to `url` with curl (one

@@ -1,7 +1,8 @@
 //! Test support shared by every end-to-end test and by `cargo xtask run`'s lab: a packet
-//! builder, network namespaces, the lab topology, lbd as the lab runs it, and the privilege
-//! gate.
+//! builder, network namespaces, the lab topology, lbd's configuration tables, lbd as the tests
+//! run it, and the privilege gate.
 
+pub mod config;
 pub mod daemon;
 pub mod lab;
 pub mod netns;

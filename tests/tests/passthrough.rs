@@ -7,13 +7,13 @@
 #![allow(clippy::too_many_lines, reason = "an end-to-end scenario reads best top to bottom")]
 
 use std::{
-    fmt::Write as _,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
+    config::{self, tls_passthrough_service, tls_route},
     daemon::LabDaemon,
     lab::{self, Lab, backend_v4, backend_v6},
     netns::wait_for,
@@ -41,27 +41,9 @@ const PROXY_CHECK_PORT: u16 = 7443;
 /// Bytes each way in the bulk transfers.
 const BULK_BYTES: usize = 48 << 20;
 
-fn pool(name: &str, backends: &[(IpAddr, u16)]) -> String {
-    let mut c = format!("[[pool]]\nname = \"{name}\"\n");
-    for (addr, port) in backends {
-        let _ = write!(c, "[[pool.backend]]\naddress = \"{addr}\"\nport = {port}\n");
-    }
-    c
-}
-
-fn service(name: &str, addr: IpAddr, port: u16, pool: &str, tls: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"tcp\"\nport = {port}\npool = \"{pool}\"\nmode = \"tls-passthrough\"\n[service.tls]\n{tls}\n"
-    )
-}
-
-fn route(name: &str, pool: &str) -> String {
-    format!("[[service.tls.route]]\nserver_name = \"{name}\"\npool = \"{pool}\"\n")
-}
-
 fn config() -> String {
-    let b = |i: usize, port: u16| (IpAddr::from(backend_v4(i)), port);
-    let b6 = |i: usize, port: u16| (IpAddr::from(backend_v6(i)), port);
+    let b = |i: usize, port: u16| (IpAddr::from(backend_v4(i)), format!("port = {port}"));
+    let b6 = |i: usize, port: u16| (IpAddr::from(backend_v6(i)), format!("port = {port}"));
     let mut c = lab::lab_config_with(4, &[], "", &format!("listen = \"{API}\""));
     for (name, backends) in [
         ("tls-www", vec![b(0, S_SERVER_PORT)]),
@@ -73,47 +55,47 @@ fn config() -> String {
         ("tls6-www", vec![b6(1, S_SERVER_PORT)]),
         ("tls6-default", vec![b6(0, S_SERVER_PORT)]),
     ] {
-        c.push_str(&pool(name, &backends));
+        c.push_str(&config::pool(name, &backends));
     }
     let routes = [
-        route("www.example.com", "tls-www"),
-        route("*.example.com", "tls-wild"),
-        route("*.eu.example.com", "tls-eu"),
-        route("bulk.example.com", "tls-bulk"),
+        tls_route("www.example.com", "tls-www"),
+        tls_route("*.example.com", "tls-wild"),
+        tls_route("*.eu.example.com", "tls-eu"),
+        tls_route("bulk.example.com", "tls-bulk"),
     ]
     .concat();
-    c.push_str(&service("tls4", VIP4.into(), TLS_PORT, "tls-default", &routes));
-    c.push_str(&service(
+    c.push_str(&tls_passthrough_service("tls4", VIP4, TLS_PORT, "tls-default", &routes));
+    c.push_str(&tls_passthrough_service(
         "tls4-strict",
-        VIP4.into(),
+        VIP4,
         STRICT_PORT,
         "tls-default",
         &format!(
             "missing_sni = \"reject\"\nunknown_sni = \"reject\"\ndeny = [\"bad.example.com\"]\nhello_timeout_ms = 1000\nmax_pending_per_source = 2\n{}{}",
-            route("www.example.com", "tls-www"),
-            route("bad.example.com", "tls-www")
+            tls_route("www.example.com", "tls-www"),
+            tls_route("bad.example.com", "tls-www")
         ),
     ));
-    c.push_str(&service(
+    c.push_str(&tls_passthrough_service(
         "tls4-proxy",
-        VIP4.into(),
+        VIP4,
         PROXY_PORT,
         "proxy-check",
         "proxy_protocol = true\n",
     ));
-    c.push_str(&service(
+    c.push_str(&tls_passthrough_service(
         "tls4-splice",
-        VIP4.into(),
+        VIP4,
         SPLICE_PORT,
         "tls-bulk",
         "relay = \"splice\"\n",
     ));
-    c.push_str(&service(
+    c.push_str(&tls_passthrough_service(
         "tls6",
-        VIP6.into(),
+        VIP6,
         TLS_PORT,
         "tls6-default",
-        &route("www.example.com", "tls6-www"),
+        &tls_route("www.example.com", "tls6-www"),
     ));
     c
 }

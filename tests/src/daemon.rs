@@ -1,16 +1,20 @@
-//! `lbd` as the lab runs it: started in the load balancer's namespace with a configuration
-//! file of the test's own, reloaded with SIGHUP, stopped with SIGTERM (its log returned), and
-//! killed if the test fails first.
+//! `lbd` as the tests run it: in the lab's load-balancer namespace with a configuration file
+//! of the test's own, reloaded with SIGHUP, stopped with SIGTERM (its log returned), and
+//! killed if the test fails first; or alone on a veth in a sandbox of its own, its REST API
+//! guarded by a bearer token.
 
 use std::{
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command},
     time::Duration,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     lab::{self, Lab},
-    netns::{ChildOutput, Netns, wait_for},
+    netns::{ChildOutput, Netns, unique_id, wait_for},
 };
 
 /// Starts `lbd --config CONFIG --detach-on-exit` in `ns` (so its programs go when it stops);
@@ -21,6 +25,92 @@ pub fn spawn_lbd(ns: &Netns, config: &Path, output: ChildOutput) -> anyhow::Resu
         &[lbd.as_os_str(), "--config".as_ref(), config.as_os_str(), "--detach-on-exit".as_ref()],
         output,
     )
+}
+
+/// The interface lbd attaches to in a sandbox: one end of a veth pair whose other end,
+/// `veth1`, stays in the same namespace with nothing behind it.
+pub const SANDBOX_IF: &str = "veth0";
+
+/// A namespace of the test's own holding the veth pair `veth0`–`veth1`, `veth0` up: somewhere
+/// lbd can attach without the lab.
+pub fn veth_netns() -> anyhow::Result<Netns> {
+    let ns = Netns::create(&unique_id())?;
+    ns.ip(&["link", "add", "name", SANDBOX_IF, "type", "veth", "peer", "name", "veth1"])?;
+    ns.ip(&["link", "set", SANDBOX_IF, "up"])?;
+    Ok(ns)
+}
+
+/// lbd's configuration in a sandbox: nothing pinned, the `[api]` keys `api`, the data path on
+/// [`SANDBOX_IF`], then `body` (the pools and services, see [`crate::config`]).
+#[must_use]
+pub fn sandbox_config(api: &str, body: &str) -> String {
+    format!(
+        "[daemon]\npin_dir = \"\"\n[api]\n{api}\n[[interface]]\nname = \"{SANDBOX_IF}\"\n{body}"
+    )
+}
+
+/// lbd alone in a [`veth_netns`], with a temporary directory (`<namespace>-<what>`) for its
+/// files: the bearer token, mode 0600 (lbd refuses one others can read), and the
+/// configuration. The namespace goes on drop, with lbd if it still runs, then the directory,
+/// even when the test fails.
+#[derive(Debug)]
+pub struct LbdSandbox {
+    pub ns: Netns,
+    dir: TempDir,
+    pub token_file: PathBuf,
+    pub config: PathBuf,
+}
+
+impl LbdSandbox {
+    pub fn create(what: &str, token: &str) -> anyhow::Result<Self> {
+        let ns = veth_netns()?;
+        let dir = TempDir(std::env::temp_dir().join(format!("{}-{what}", ns.name())));
+        std::fs::create_dir_all(&dir.0)
+            .with_context(|| format!("failed to create {}", dir.0.display()))?;
+        let token_file = dir.0.join("token");
+        std::fs::write(&token_file, token)?;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+        let config = dir.0.join("lb.toml");
+        Ok(Self { ns, dir, token_file, config })
+    }
+
+    /// The temporary directory, for further files of the test (certificates).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    /// Writes lbd's [`sandbox_config`]: the API on `listen` with the token file and the
+    /// further `[api]` keys `api` (empty for none), then `body`.
+    pub fn write_config(&self, listen: &str, api: &str, body: &str) -> anyhow::Result<()> {
+        let api =
+            format!("listen = \"{listen}\"\ntoken_file = \"{}\"\n{api}", self.token_file.display());
+        std::fs::write(&self.config, sandbox_config(&api, body))
+            .with_context(|| format!("failed to write {}", self.config.display()))
+    }
+
+    /// Starts lbd on the configuration written last; returns its pid, as [`spawn_lbd`] does.
+    pub fn spawn_lbd(&self, output: ChildOutput) -> anyhow::Result<u32> {
+        spawn_lbd(&self.ns, &self.config, output)
+    }
+
+    /// Stops the lbd [`LbdSandbox::spawn_lbd`] started (SIGTERM) and waits for it to exit.
+    pub fn stop_lbd(&self, pid: u32) {
+        if let Some(mut child) = self.ns.take_child(pid) {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A directory removed with everything in it on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `lbd` running in the lab with a configuration file it can be told to reload.

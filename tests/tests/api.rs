@@ -17,8 +17,10 @@ use axum::{
 };
 use http_body_util::BodyExt as _;
 use lb_tests::{
+    config,
+    daemon::{self, LbdSandbox},
     lab,
-    netns::{ChildOutput, Netns, unique_id, wait_for},
+    netns::{ChildOutput, Netns, wait_for},
     privileged::require_privileges,
 };
 use lb_userspace::{
@@ -30,29 +32,20 @@ use tower::ServiceExt as _;
 
 const TOKEN: &str = "s3cret-token-for-tests-0123456789";
 
-const CONFIG: &str = r#"
-[daemon]
-pin_dir = ""
-[api]
-listen = ""
-[[interface]]
-name = "veth0"
-[[pool]]
-name = "web"
-[[pool.backend]]
-address = "198.18.1.11"
-[[pool.backend]]
-address = "198.18.1.12"
-weight = 50
-[[service]]
-name = "web"
-address = "198.18.100.1"
-protocol = "tcp"
-port = 80
-pool = "web"
-mode = "nat"
-nat_source = "198.18.1.1"
-"#;
+/// The pool and service every test here runs: two backends, one at half weight, behind a NAT
+/// service.
+fn body() -> String {
+    let backends = [(lab::backend_v4(0), ""), (lab::backend_v4(1), "weight = 50")];
+    let nat = format!("mode = \"nat\"\nnat_source = \"{}\"", lab::LB_BACK_V4);
+    config::pool("web", &backends)
+        + &config::tcp_service("web", lab::VIP_V4, lab::HTTP_PORT, "web", &nat)
+}
+
+/// The configuration of the daemon a [`Fixture`] runs: the API socket off (requests go to the
+/// router directly).
+fn fixture_config() -> String {
+    daemon::sandbox_config("listen = \"\"", &body())
+}
 
 /// A daemon on a veth in its own namespace, its configuration in a temporary file.
 struct Fixture {
@@ -66,12 +59,10 @@ impl Fixture {
         if !require_privileges(name) {
             return None;
         }
-        let ns = Netns::create(&unique_id()).unwrap();
-        ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
-        ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+        let ns = daemon::veth_netns().unwrap();
         ns.ip(&["link", "set", "veth1", "up"]).unwrap();
         let config_path = std::env::temp_dir().join(format!("{}-api.toml", ns.name()));
-        std::fs::write(&config_path, CONFIG).unwrap();
+        std::fs::write(&config_path, fixture_config()).unwrap();
         let config = Config::load(&config_path).unwrap();
         let path = config_path.clone();
         let daemon = ns.enter(move || Daemon::start(config, Some(path), None)).unwrap().unwrap();
@@ -335,8 +326,8 @@ fn a_reload_that_fails_validation_leaves_every_map_as_it_was() {
     let before = f.fingerprint();
     // Valid TOML, invalid configuration (unknown pool), then invalid TOML.
     for broken in [
-        CONFIG.replace("pool = \"web\"\nmode", "pool = \"nope\"\nmode"),
-        CONFIG.replace("[[pool]]", "[[pool"),
+        fixture_config().replace("pool = \"web\"\nmode", "pool = \"nope\"\nmode"),
+        fixture_config().replace("[[pool]]", "[[pool"),
     ] {
         std::fs::write(&f.config_path, &broken).unwrap();
         let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
@@ -345,7 +336,7 @@ fn a_reload_that_fails_validation_leaves_every_map_as_it_was() {
         assert_eq!(f.fingerprint(), before, "the rejected reload changed the maps");
     }
     // A valid change does change them (the fingerprint is not blind).
-    std::fs::write(&f.config_path, CONFIG.replace("weight = 50", "weight = 60")).unwrap();
+    std::fs::write(&f.config_path, fixture_config().replace("weight = 50", "weight = 60")).unwrap();
     let (status, text) = f.send(Method::POST, "/v1/reload", None, None);
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_ne!(f.fingerprint(), before);
@@ -357,7 +348,7 @@ fn a_reload_that_fails_validation_leaves_every_map_as_it_was() {
 #[test]
 fn a_reload_keeps_settings_read_at_start_and_applies_the_rest() {
     let Some(f) = Fixture::new("a_reload_keeps_settings_read_at_start", None) else { return };
-    let edited = CONFIG
+    let edited = fixture_config()
         .replace("listen = \"\"", "listen = \"127.0.0.1:7071\"")
         .replace(
             "pin_dir = \"\"",
@@ -400,23 +391,13 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
     if !require_privileges("lbd_serves_the_api_on_a_socket") {
         return;
     }
-    let ns = Netns::create(&unique_id()).unwrap();
-    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
-    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-api", ns.name()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let config = dir.join("lb.toml");
-    let text = CONFIG.replace(
-        "listen = \"\"",
-        &format!("listen = \"127.0.0.1:7070\"\ntoken_file = \"{}\"", token_file.display()),
-    );
-    std::fs::write(&config, &text).unwrap();
+    let sandbox = LbdSandbox::create("api", TOKEN).unwrap();
+    let (ns, token_file, config) = (&sandbox.ns, &sandbox.token_file, &sandbox.config);
+    sandbox.write_config("127.0.0.1:7070", "", &body()).unwrap();
     let lbd = lab::bin_path("lbd").unwrap();
 
     // Readable by others: refused before anything is loaded.
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+    std::fs::set_permissions(token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .unwrap();
     let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
     assert!(!out.status.success());
@@ -428,9 +409,9 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
     let link = ns.ip(&["link", "show", "veth0"]).unwrap();
     assert!(!link.contains("xdp"), "a refused start attached XDP: {link}");
 
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    std::fs::set_permissions(token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .unwrap();
-    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Capture).unwrap();
+    let pid = sandbox.spawn_lbd(ChildOutput::Capture).unwrap();
     let status = wait_for(std::time::Duration::from_secs(20), || {
         let out = ns
             .exec(&[
@@ -456,12 +437,9 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
             "http://127.0.0.1:7070/v1/status",
         ])
         .unwrap();
-    let mut child = ns.take_child(pid).unwrap();
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+    sandbox.stop_lbd(pid);
     assert!(status.is_some(), "the API did not answer");
     assert_eq!(unauthorized, "401");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// With `tls_cert_file` and `tls_key_file` the API, `/metrics` included, speaks HTTPS only:
@@ -472,68 +450,39 @@ fn the_api_serves_https_with_its_certificate() {
     if !require_privileges("the_api_serves_https_with_its_certificate") {
         return;
     }
-    let ns = Netns::create(&unique_id()).unwrap();
-    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
-    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-api-tls", ns.name()));
-    let cert = lb_tests::tls::make_cert(&dir, "lbd-api", &["127.0.0.1"]).unwrap();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap();
-    let with_tls = |cert_file: &std::path::Path| {
-        CONFIG.replace(
-            "listen = \"\"",
-            &format!(
-                "listen = \"127.0.0.1:7443\"\ntoken_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
-                token_file.display(),
-                cert_file.display(),
-                cert.key.display()
-            ),
-        )
+    let sandbox = LbdSandbox::create("api-tls", TOKEN).unwrap();
+    let (ns, token_file, config) = (&sandbox.ns, &sandbox.token_file, &sandbox.config);
+    let cert = lb_tests::tls::make_cert(sandbox.dir(), "lbd-api", &["127.0.0.1"]).unwrap();
+    let write_tls_config = |cert_file: &std::path::Path| {
+        let tls = format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            cert_file.display(),
+            cert.key.display()
+        );
+        sandbox.write_config("127.0.0.1:7443", &tls, &body()).unwrap();
     };
-    let config = dir.join("lb.toml");
     let lbd = lab::bin_path("lbd").unwrap();
 
     // Not a certificate: lbd says so and attaches nothing.
-    std::fs::write(&config, with_tls(&token_file)).unwrap();
+    write_tls_config(token_file);
     let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("API certificate"), "{stderr}");
     assert!(!ns.ip(&["link", "show", "veth0"]).unwrap().contains("xdp"));
 
-    std::fs::write(&config, with_tls(&cert.cert)).unwrap();
-    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Capture).unwrap();
+    write_tls_config(&cert.cert);
+    let pid = sandbox.spawn_lbd(ChildOutput::Capture).unwrap();
     let cacert = cert.cert.display().to_string();
     let bearer = format!("Authorization: Bearer {TOKEN}");
+    let https = |path: &str| {
+        let url = format!("https://127.0.0.1:7443{path}");
+        ns.exec(&["curl", "-sS", "--max-time", "2", "--cacert", &cacert, "-H", &bearer, &url])
+    };
     let status = wait_for(std::time::Duration::from_secs(20), || {
-        let out = ns
-            .exec(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                "--cacert",
-                &cacert,
-                "-H",
-                &bearer,
-                "https://127.0.0.1:7443/v1/status",
-            ])
-            .ok()?;
-        out.contains("\"services\":1").then_some(out)
+        https("/v1/status").ok().filter(|out| out.contains("\"services\":1"))
     });
-    let metrics = ns.exec(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "2",
-        "--cacert",
-        &cacert,
-        "-H",
-        &bearer,
-        "https://127.0.0.1:7443/metrics",
-    ]);
+    let metrics = https("/metrics");
     let plain = ns.exec(&["curl", "-sS", "--max-time", "2", "http://127.0.0.1:7443/v1/status"]);
     // Without the certificate to trust, curl refuses the server.
     let untrusted = ns.exec(&[
@@ -556,13 +505,10 @@ fn the_api_serves_https_with_its_certificate() {
         token_file.to_str().unwrap(),
         "status",
     ]);
-    let mut child = ns.take_child(pid).unwrap();
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+    sandbox.stop_lbd(pid);
     assert!(status.is_some(), "the API did not answer over HTTPS");
     assert!(metrics.as_ref().is_ok_and(|m| m.contains("lb_packets_total")), "{metrics:?}");
     assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
     assert!(untrusted.is_err(), "an untrusted certificate was accepted: {untrusted:?}");
     assert!(lbctl_out.as_ref().is_ok_and(|o| o.contains("veth0")), "lbctl: {lbctl_out:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }

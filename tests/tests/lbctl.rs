@@ -4,37 +4,19 @@
 use std::{process::Command, time::Duration};
 
 use lb_tests::{
+    config,
+    daemon::LbdSandbox,
     lab,
-    netns::{ChildOutput, Netns, unique_id, wait_for},
+    netns::{ChildOutput, wait_for},
     privileged::require_privileges,
 };
 
 const TOKEN: &str = "lbctl-test-token-0123456789abcdef";
 
-fn config(token_file: &std::path::Path) -> String {
-    format!(
-        r#"
-[daemon]
-pin_dir = ""
-[api]
-listen = "127.0.0.1:7070"
-token_file = "{}"
-[[interface]]
-name = "veth0"
-[[pool]]
-name = "web"
-[[pool.backend]]
-address = "198.18.1.11"
-[[service]]
-name = "web"
-address = "198.18.100.1"
-protocol = "tcp"
-port = 80
-pool = "web"
-mode = "dsr-l2"
-"#,
-        token_file.display()
-    )
+/// One backend behind a DSR service.
+fn body() -> String {
+    config::pool("web", &[(lab::backend_v4(0), "")])
+        + &config::tcp_service("web", lab::VIP_V4, lab::HTTP_PORT, "web", "mode = \"dsr-l2\"")
 }
 
 #[test]
@@ -42,19 +24,11 @@ fn every_lbctl_command_against_a_running_daemon() {
     if !require_privileges("every_lbctl_command_against_a_running_daemon") {
         return;
     }
-    let ns = Netns::create(&unique_id()).unwrap();
-    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
-    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-lbctl", ns.name()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap();
-    let config_path = dir.join("lb.toml");
-    std::fs::write(&config_path, config(&token_file)).unwrap();
+    let sandbox = LbdSandbox::create("lbctl", TOKEN).unwrap();
+    let (ns, token_file) = (&sandbox.ns, &sandbox.token_file);
+    sandbox.write_config("127.0.0.1:7070", "", &body()).unwrap();
     let lbctl = lab::bin_path("lbctl").unwrap();
-    let pid = lb_tests::daemon::spawn_lbd(&ns, &config_path, ChildOutput::Capture).unwrap();
+    let pid = sandbox.spawn_lbd(ChildOutput::Capture).unwrap();
 
     let run = |args: &[&str], token: &str| -> (bool, String, String) {
         let out = Command::new("ip")
@@ -137,8 +111,5 @@ fn every_lbctl_command_against_a_running_daemon() {
     let (ok, _, err) = run(&["--token", TOKEN, "status"], "");
     assert!(ok, "{err}");
 
-    let mut child = ns.take_child(pid).unwrap();
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(dir);
+    sandbox.stop_lbd(pid);
 }

@@ -5,9 +5,15 @@
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
 use lb_tests::{
-    netns::{ChildOutput, Netns, unique_id, wait_for},
+    config,
+    daemon::LbdSandbox,
+    lab,
+    netns::{ChildOutput, wait_for},
     privileged::require_privileges,
 };
+use lb_userspace::config::DEFAULT_API_LISTEN;
+
+const TOKEN: &str = "monitoring-test-token-0123456789";
 
 fn docs() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring")
@@ -82,31 +88,26 @@ fn rules_and_dashboard_use_only_exported_metrics() {
     assert!(used.len() >= 10, "{used:?}");
 
     // What a running lbd exports.
-    let ns = Netns::create(&unique_id()).unwrap();
-    ns.ip(&["link", "add", "name", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
-    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
-    let config = std::env::temp_dir().join(format!("{}-mon.toml", ns.name()));
-    std::fs::write(
-        &config,
-        "[daemon]\npin_dir = \"\"\n[[interface]]\nname = \"veth0\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n\
-         [pool.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\n\
-         [[pool.autoscale]]\nname = \"a\"\nsignal = \"healthy_backends\"\nbelow = 5.0\ncommand = [\"false\"]\n\
-         [[service]]\nname = \"s\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"nat\"\nnat_source = \"198.18.1.1\"\n",
-    )
-    .unwrap();
-    let pid = lb_tests::daemon::spawn_lbd(&ns, &config, ChildOutput::Discard).unwrap();
+    let sandbox = LbdSandbox::create("mon", TOKEN).unwrap();
+    let pool = config::pool("p", &[(lab::backend_v4(0), "")])
+        + "[pool.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\n\
+           [[pool.autoscale]]\nname = \"a\"\nsignal = \"healthy_backends\"\nbelow = 5.0\ncommand = [\"false\"]\n";
+    let nat = format!("mode = \"nat\"\nnat_source = \"{}\"", lab::LB_BACK_V4);
+    let service = config::tcp_service("s", lab::VIP_V4, lab::HTTP_PORT, "p", &nat);
+    sandbox.write_config(DEFAULT_API_LISTEN, "", &(pool + &service)).unwrap();
+    let pid = sandbox.spawn_lbd(ChildOutput::Discard).unwrap();
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    let url = format!("http://{DEFAULT_API_LISTEN}/metrics");
     let scrape = wait_for(Duration::from_secs(20), || {
         // Every family has samples once the policy (which holds at once) has fired and its
         // command has failed.
-        ns.exec(&["curl", "-sf", "--max-time", "2", "http://127.0.0.1:7070/metrics"])
+        sandbox
+            .ns
+            .exec(&["curl", "-sf", "--max-time", "2", "-H", &bearer, &url])
             .ok()
             .filter(|text| text.contains("lb_autoscale_deliveries_total{"))
     });
-    if let Some(mut child) = ns.take_child(pid) {
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let _ = child.wait();
-    }
-    let _ = std::fs::remove_file(&config);
+    sandbox.stop_lbd(pid);
     let scrape = scrape.expect("lbd's /metrics answered");
     let exported: BTreeSet<String> = scrape
         .lines()

@@ -178,18 +178,8 @@ impl Engine {
         self.signals.clear();
         for pool in &inputs.config.pools {
             let name = pool.name.get_ref();
-            let members: Vec<(BackendIdentity, &crate::config::BackendConfig)> = pool
-                .backends
-                .iter()
-                .map(|b| {
-                    let identity = BackendIdentity {
-                        pool: name.clone(),
-                        addr: *b.address.get_ref(),
-                        port: b.port(),
-                    };
-                    (identity, b)
-                })
-                .collect();
+            let members: Vec<(BackendIdentity, &crate::config::BackendConfig)> =
+                crate::lifecycle::pool_backends(pool).collect();
             let mut signals = Signals::default();
             let mut active = 0usize;
             let mut live = 0u64;

@@ -114,15 +114,20 @@ pub struct Lifecycle {
 pub(crate) fn backends(
     config: &Config,
 ) -> impl Iterator<Item = (BackendIdentity, &crate::config::BackendConfig)> {
-    config.pools.iter().flat_map(|pool| {
-        pool.backends.iter().map(move |b| {
-            let identity = BackendIdentity {
-                pool: pool.name.get_ref().clone(),
-                addr: *b.address.get_ref(),
-                port: b.port(),
-            };
-            (identity, b)
-        })
+    config.pools.iter().flat_map(pool_backends)
+}
+
+/// Every backend of one pool with its configured state, for work done pool by pool.
+pub(crate) fn pool_backends(
+    pool: &crate::config::PoolConfig,
+) -> impl Iterator<Item = (BackendIdentity, &crate::config::BackendConfig)> {
+    pool.backends.iter().map(move |b| {
+        let identity = BackendIdentity {
+            pool: pool.name.get_ref().clone(),
+            addr: *b.address.get_ref(),
+            port: b.port(),
+        };
+        (identity, b)
     })
 }
 

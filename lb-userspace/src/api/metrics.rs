@@ -16,7 +16,6 @@ use prometheus_client::{
 
 use super::{ApiError, AppState, lock};
 use crate::{
-    balancer::BackendIdentity,
     config::{BackendState, Signal},
     daemon::Daemon,
     maps::StatsSnapshot,
@@ -92,12 +91,7 @@ impl Snapshot {
             }
         }
         for pool in &d.config.pools {
-            for b in &pool.backends {
-                let identity = BackendIdentity {
-                    pool: pool.name.get_ref().clone(),
-                    addr: *b.address.get_ref(),
-                    port: b.port(),
-                };
+            for (identity, b) in crate::lifecycle::pool_backends(pool) {
                 if let Some(id) = d.balancer.backend_id(&identity) {
                     let label = match b.port() {
                         Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use crate::{
-    balancer::{ApplySummary, BackendIdentity},
+    balancer::ApplySummary,
     config::{BackendConfig, BackendState, Config, DEFAULT_WEIGHT, MAX_WEIGHT},
     daemon::{ChangeError, SharedDaemon},
 };
@@ -274,12 +274,7 @@ async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, Api
     let mut out = Vec::new();
     for pool in &d.config.pools {
         let mut backends = Vec::new();
-        for b in &pool.backends {
-            let identity = BackendIdentity {
-                pool: pool.name.get_ref().clone(),
-                addr: *b.address.get_ref(),
-                port: b.port(),
-            };
+        for (identity, b) in crate::lifecycle::pool_backends(pool) {
             let id = d.balancer.backend_id(&identity);
             let counters = id
                 .map(|id| d.datapath.maps().traffic.backend(id))

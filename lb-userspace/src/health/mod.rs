@@ -65,12 +65,9 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
         let pool_name = pool.name.get_ref();
         let services: Vec<_> =
             config.services.iter().filter(|s| s.pool.get_ref() == pool_name).collect();
-        for backend in pool.backends.iter().filter(|b| b.state != BackendState::Disabled) {
-            let identity = BackendIdentity {
-                pool: pool_name.clone(),
-                addr: *backend.address.get_ref(),
-                port: backend.port(),
-            };
+        let enabled = crate::lifecycle::pool_backends(pool)
+            .filter(|(_, b)| b.state != BackendState::Disabled);
+        for (identity, backend) in enabled {
             let Some(id) = balancer.backend_id(&identity) else { continue };
             let port = config.health_check_port(pool, backend).unwrap_or(0);
             let addr = identity.addr;

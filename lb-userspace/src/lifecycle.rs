@@ -252,23 +252,15 @@ impl Lifecycle {
                 min_healthy_share: pool.min_healthy_share,
                 fail_closed: pool.fail_closed,
             };
-            let inputs: Vec<BackendInput> = pool
-                .backends
-                .iter()
-                .map(|b| {
-                    let identity = BackendIdentity {
-                        pool: pool.name.get_ref().clone(),
-                        addr: *b.address.get_ref(),
-                        port: b.port(),
-                    };
-                    BackendInput {
-                        configured: *b.weight.get_ref(),
-                        state: b.state,
-                        healthy: self.is_healthy(&identity),
-                        since_secs: self.came_in.get(&identity).map_or(f64::INFINITY, |t| {
-                            now.saturating_duration_since(*t).as_secs_f64()
-                        }),
-                    }
+            let inputs: Vec<BackendInput> = pool_backends(pool)
+                .map(|(identity, b)| BackendInput {
+                    configured: *b.weight.get_ref(),
+                    state: b.state,
+                    healthy: self.is_healthy(&identity),
+                    since_secs: self
+                        .came_in
+                        .get(&identity)
+                        .map_or(f64::INFINITY, |t| now.saturating_duration_since(*t).as_secs_f64()),
                 })
                 .collect();
             let panic = in_panic(&inputs, &rules);
@@ -322,12 +314,7 @@ impl Lifecycle {
         let mut due = Vec::new();
         for pool in &config.pools {
             let timeout = Duration::from_secs(pool.drain_timeout_secs);
-            for b in &pool.backends {
-                let identity = BackendIdentity {
-                    pool: pool.name.get_ref().clone(),
-                    addr: *b.address.get_ref(),
-                    port: b.port(),
-                };
+            for (identity, _) in pool_backends(pool) {
                 let Some((state, since)) = self.states.get(&identity) else { continue };
                 let cut = match state {
                     BackendState::Active => false,

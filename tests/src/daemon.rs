@@ -154,17 +154,19 @@ impl LabDaemon {
 
     /// Stops lbd, removes its configuration file and returns its log.
     pub fn finish(mut self) -> String {
-        let log = self.stop();
-        let _ = std::fs::remove_file(&self.config);
-        log
+        self.stop()
     }
 }
 
 impl Drop for LabDaemon {
+    /// Kills lbd if it still runs and removes its configuration file, and the copy of the
+    /// original lbd keeps when an API call rewrites it, on failure too.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.config.with_extension("toml.orig"));
     }
 }

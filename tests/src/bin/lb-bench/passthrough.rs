@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
+    config,
     daemon::LabDaemon,
     lab::{self, Lab},
     netns::ChildOutput,
@@ -55,14 +56,26 @@ pub fn run(quick: bool) -> anyhow::Result<serde_json::Value> {
     let client = client_config(&cert)?;
     let mut rows = Vec::new();
 
-    let config = format!(
-        "{}[[pool]]\nname = \"tls\"\n[[pool.backend]]\naddress = \"{}\"\nport = {BACKEND_PORT}\n\
-         [[service]]\nname = \"tls\"\naddress = \"{VIP}\"\nprotocol = \"tcp\"\nport = {SOCKMAP_PORT}\npool = \"tls\"\nmode = \"tls-passthrough\"\n[service.tls]\nunknown_sni = \"reject\"\n[[service.tls.route]]\nserver_name = \"{NAME}\"\npool = \"tls\"\n\
-         [[service]]\nname = \"tls-splice\"\naddress = \"{VIP}\"\nprotocol = \"tcp\"\nport = {SPLICE_PORT}\npool = \"tls\"\nmode = \"tls-passthrough\"\n[service.tls]\nrelay = \"splice\"\n",
+    let toml = [
         lab::lab_config(1, &[]),
-        lab.backends[0].v4,
-    );
-    let daemon = LabDaemon::start(&lab, &config);
+        config::pool("tls", &[(lab.backends[0].v4, format!("port = {BACKEND_PORT}"))]),
+        config::tls_passthrough_service(
+            "tls",
+            VIP,
+            SOCKMAP_PORT,
+            "tls",
+            &format!("unknown_sni = \"reject\"\n{}", config::tls_route(NAME, "tls")),
+        ),
+        config::tls_passthrough_service(
+            "tls-splice",
+            VIP,
+            SPLICE_PORT,
+            "tls",
+            "relay = \"splice\"\n",
+        ),
+    ]
+    .concat();
+    let daemon = LabDaemon::start(&lab, &toml);
     for (path, target) in [
         ("direct to the backend", backend),
         ("lbd passthrough (sockmap)", SocketAddr::from((VIP, SOCKMAP_PORT))),

@@ -40,6 +40,16 @@ pub struct BackendIdentity {
 }
 
 impl BackendIdentity {
+    /// The identity of `backend`, a backend of `pool` in the configuration.
+    #[must_use]
+    pub fn of(pool: &crate::config::PoolConfig, backend: &crate::config::BackendConfig) -> Self {
+        Self {
+            pool: pool.name.get_ref().clone(),
+            addr: *backend.address.get_ref(),
+            port: backend.port(),
+        }
+    }
+
     /// The stable Maglev identity: address and port only, so every node (whatever ids it
     /// gives) builds the same table.
     #[must_use]
@@ -274,14 +284,9 @@ impl Balancer {
             .pools
             .iter()
             .flat_map(|pool| {
-                pool.backends.iter().map(move |b| {
-                    let identity = BackendIdentity {
-                        pool: pool.name.get_ref().clone(),
-                        addr: *b.address.get_ref(),
-                        port: b.port(),
-                    };
-                    (identity, *b.weight.get_ref())
-                })
+                pool.backends
+                    .iter()
+                    .map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
             })
             .collect();
         for (identity, weight) in &wanted {
@@ -525,11 +530,7 @@ impl Balancer {
             .backends
             .iter()
             .filter_map(|b| {
-                let identity = BackendIdentity {
-                    pool: pool.to_owned(),
-                    addr: *b.address.get_ref(),
-                    port: b.port(),
-                };
+                let identity = BackendIdentity::of(pool_config, b);
                 let state = self.backends.get(&identity)?;
                 Some((identity.maglev_identity(self.hash_seed), state.id, state.weight))
             })

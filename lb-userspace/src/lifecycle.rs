@@ -121,14 +121,7 @@ pub(crate) fn backends(
 pub(crate) fn pool_backends(
     pool: &crate::config::PoolConfig,
 ) -> impl Iterator<Item = (BackendIdentity, &crate::config::BackendConfig)> {
-    pool.backends.iter().map(move |b| {
-        let identity = BackendIdentity {
-            pool: pool.name.get_ref().clone(),
-            addr: *b.address.get_ref(),
-            port: b.port(),
-        };
-        (identity, b)
-    })
+    pool.backends.iter().map(move |b| (BackendIdentity::of(pool, b), b))
 }
 
 impl Lifecycle {

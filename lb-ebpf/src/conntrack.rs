@@ -147,7 +147,9 @@ impl LiveNat {
 }
 
 /// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
-/// reply entry under it; the port is written to `live.nat_port`.
+/// reply entry under it; the port is written to `live.nat_port`. A port already in
+/// `live.nat_port` is a dead flow's on the same tuple, backend and NAT address: its reply
+/// entry is overwritten.
 ///
 /// Not inlined: its probe loop gets a stack frame of its own.
 #[inline(never)]
@@ -180,10 +182,15 @@ fn try_open_nat(
         return Err(Reason::NatPortsExhausted);
     }
     let (backend, backend_port) = backend_at(live.backend_id, key.dport)?;
+    set_reply_entry(&mut buf.flow, ctx, key, live)?;
+    set_reply_key(&mut buf.key, key, backend, backend_port, service.nat_addr, live.nat_port);
+    if live.nat_port != 0 {
+        return CONNTRACK
+            .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
+            .map_err(|_| Reason::ConntrackInsertFailed);
+    }
     let range = max - min + 1;
     let start = flow_hash(key, g.hash_seed ^ NAT_PORT_SEED, false);
-    set_reply_entry(&mut buf.flow, ctx, key, live)?;
-    set_reply_key(&mut buf.key, key, backend, backend_port, service.nat_addr, 0);
     for attempt in 0..NAT_PORT_ATTEMPTS {
         // Probes spread over the range with a large odd stride.
         let port = min + scale(start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)), range);

@@ -228,25 +228,49 @@ fn try_balance(
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
     }
-    // A dead entry in the way: a DSR flow's new entry simply replaces it (one map update
-    // instead of a delete and an insert; two CPUs racing here choose the same backend). A
-    // NAT flow's goes first, so that a CPU racing for the tuple cannot overwrite the winner's
-    // port: the insert below then fails for one of them, which follows the other.
-    let replace = dead.present != 0 && !is_nat;
-    if dead.present != 0 && is_nat {
-        conntrack::forget(key);
-    }
-    if dead.has_stale != 0 {
-        conntrack::release(key, &dead.stale, buf);
-    }
     // The backend, then (NAT) a source port and the reply entry, then the forward entry:
     // called one after the other from here, not nested, to keep the call chain's stack short.
     live.backend_id = select::choose_backend(service, key, select::globals()?)?;
+    // A dead entry in the way. A DSR flow's new entry simply replaces it (one map update
+    // instead of a delete and an insert; two CPUs racing here write the same backend). So
+    // does a NAT flow's when the dead flow had the same backend and NAT address: it keeps
+    // the dead flow's port, and both of its entries are overwritten in place (a racing CPU
+    // writes the same ones). Otherwise the dead entries go first, so that a CPU racing for
+    // the tuple cannot overwrite the winner's port: the insert then fails for one of them,
+    // which follows the other.
+    let reuse = is_nat && dead.has_stale != 0 && reusable(&dead.stale, live, service);
+    let replace = dead.present != 0 && (!is_nat || reuse);
+    if reuse {
+        live.nat_port = dead.stale.nat_port;
+    } else {
+        if dead.present != 0 && is_nat {
+            conntrack::forget(key);
+        }
+        if dead.has_stale != 0 {
+            conntrack::release(key, &dead.stale, buf);
+        }
+    }
     if is_nat {
         conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
     }
     open_flow(key, service, live, buf, replace).into_status()?;
     send(ctx, packet, key, live, is_nat, live.new_flow, proxied)
+}
+
+/// Whether the dead NAT flow `stale` went to the backend `live` now has, from the same NAT
+/// address, with a port still in `service`'s range: its reply entry's key is then the new
+/// flow's. Addresses word by word: comparing the arrays whole compiles to a `bcmp` call.
+#[inline(always)]
+fn reusable(stale: &StaleNat, live: &LiveNat, service: &Service) -> bool {
+    let (a, b) = (&stale.nat_addr, &live.nat_addr);
+    let port = u16::from_be(stale.nat_port);
+    stale.backend_id == live.backend_id
+        && port >= service.nat_port_min
+        && port <= service.nat_port_max
+        && a[0] == b[0]
+        && a[1] == b[1]
+        && a[2] == b[2]
+        && a[3] == b[3]
 }
 
 /// Sends a packet of a tracked flow (`live`) to its backend: NAT rewrite (or, for a flow a

@@ -112,6 +112,30 @@ impl Lb {
         Some(Self { bed, balancer, ns, config, redirect_ifindex })
     }
 
+    /// Applies `toml` (pools and services) as a reload would; every backend's next hop is
+    /// the ingress interface.
+    fn reapply(&mut self, toml: &str) {
+        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+        let hops = config
+            .pools
+            .iter()
+            .flat_map(|p| &p.backends)
+            .map(|b| {
+                let addr = *b.address.get_ref();
+                let hop = NextHop {
+                    ifindex: INGRESS_IFINDEX,
+                    flags: NEXTHOP_ON_LINK,
+                    dmac: backend_mac(addr),
+                    smac: EGRESS_MAC,
+                };
+                (addr, hop)
+            })
+            .collect();
+        let mut resolver = StaticResolver(hops);
+        self.balancer.apply(&config, self.bed.datapath.maps_mut(), &mut resolver).unwrap();
+        self.config = config;
+    }
+
     /// The backend (address, port) and NAT port the connection table holds for a flow.
     fn flow_of(
         &self,
@@ -339,7 +363,28 @@ fn retransmitted_syn_keeps_one_entry_and_rst_then_syn_opens_a_new_flow() {
         .map(|(k, _)| raw_port(k.dport))
         .collect();
     assert_eq!(reply_ports, vec![new_port]);
-    let _ = old_port;
+    assert_eq!(new_port, old_port, "the same backend: the dead flow's port and entries are reused");
+
+    // Reset again, and the backend is drained: the next SYN goes to the other backend, so
+    // the dead pair is removed and a new one made (no reply entry left for the first).
+    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
+    let (first, _, _) = lb.flow_of(CLIENT4.into(), 45_000, VIP4.into(), 80, IPPROTO_TCP);
+    let drained = nat_config(false, "tcp").replace(
+        &format!("address = \"{first}\"\nport = 8080\n"),
+        &format!("address = \"{first}\"\nport = 8080\nweight = 0\n"),
+    );
+    lb.reapply(&drained);
+    lb.bed.run(&syn).unwrap();
+    let (second, _, _) = lb.flow_of(CLIENT4.into(), 45_000, VIP4.into(), 80, IPPROTO_TCP);
+    assert_ne!(second, first);
+    assert_eq!(lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows, 3);
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    let reply_sources: Vec<IpAddr> = entries
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, _)| words_addr(k.src, k.family))
+        .collect();
+    assert_eq!(reply_sources, vec![second], "{entries:?}");
 
     // FIN moves the flow to closing; later packets keep their backend.
     let fin =

@@ -319,14 +319,57 @@ fn try_refresh_reply(
         .map_err(|_| Reason::ConntrackInsertFailed)
 }
 
-/// Removes the reply entry of a NAT flow that is over, so its port is free at once and no
-/// half of the pair outlives the other.
+/// Removes the reply entry of a NAT flow that is over (forward key `key`), so its port is
+/// free at once and no half of the pair outlives the other. Only if the entry is still that
+/// flow's: once the flow expired, a new flow to the same backend may have taken its port
+/// over (see [`try_open_nat`]), and that flow's reply entry stays.
 #[inline(never)]
 pub fn release(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) {
-    if let Ok((backend, backend_port)) = backend_at(stale.backend_id, stale.vip_port) {
-        set_reply_key(&mut buf.key, key, backend, backend_port, stale.nat_addr, stale.nat_port);
+    if reply_of(key, stale, buf) == ReplyEntry::Ours {
         let _ = CONNTRACK.remove(&buf.key);
     }
+}
+
+/// Whose the entry under the reply key of the dead NAT flow `stale` (forward key `key`) is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ReplyEntry {
+    Absent,
+    /// The dead flow's own (it translates back to `key`'s client and service).
+    Ours,
+    /// Another flow's, which took the port over after the dead flow expired.
+    Other,
+}
+
+/// Looks up the reply entry of the dead NAT flow `stale`; its key is left in `buf.key`.
+#[inline(always)]
+fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
+    let Ok((backend, backend_port)) = backend_at(stale.backend_id, stale.vip_port) else {
+        return ReplyEntry::Absent;
+    };
+    set_reply_key(&mut buf.key, key, backend, backend_port, stale.nat_addr, stale.nat_port);
+    let Some(entry) = CONNTRACK.get_ptr(&buf.key) else { return ReplyEntry::Absent };
+    // SAFETY: a map value pointer from a successful lookup.
+    let e = unsafe { &*entry };
+    let (p, v) = (&e.peer_addr, &e.vip_addr);
+    // Word by word: comparing the arrays whole compiles to a `bcmp` call.
+    let ours = e.peer_port == key.sport
+        && e.vip_port == key.dport
+        && p[0] == key.src[0]
+        && p[1] == key.src[1]
+        && p[2] == key.src[2]
+        && p[3] == key.src[3]
+        && v[0] == key.dst[0]
+        && v[1] == key.dst[1]
+        && v[2] == key.dst[2]
+        && v[3] == key.dst[3];
+    if ours { ReplyEntry::Ours } else { ReplyEntry::Other }
+}
+
+/// Whether the reply entry of the dead NAT flow `stale` may be overwritten by a new flow on
+/// its tuple: absent, or still the dead flow's.
+#[inline(never)]
+pub fn reply_is_free(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> bool {
+    reply_of(key, stale, buf) != ReplyEntry::Other
 }
 
 /// Removes a dead forward entry so a new connection on its tuple can take its place.

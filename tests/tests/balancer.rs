@@ -423,6 +423,40 @@ fn a_dsr_syn_on_a_closed_tuple_replaces_its_entry() {
 }
 
 #[test]
+fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
+    // One backend and one NAT port: once a closed flow has expired, the next flow takes its
+    // port over, and the closed flow's tuple coming back must not take it away again.
+    let toml = nat_config(false, "tcp")
+        .replace("nat_ports = \"20000-20999\"", "nat_ports = \"20000-20000\"")
+        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "");
+    let Some(mut lb) = Lb::new("nat_port_taken_over", &toml, &[]) else { return };
+    let (a, b) = (45_100, 45_101);
+    let syn = |port| client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
+    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Tx));
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
+    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
+    // Closed flows expire at once from here on.
+    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
+    g.timeouts.closed = 0;
+    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(lb.bed.run(&syn(b)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
+
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    let replies: Vec<(u16, u16)> = entries
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, f)| (raw_port(k.dport), raw_port(f.peer_port)))
+        .collect();
+    assert_eq!(replies, vec![(20_000, b)], "the second flow keeps its port: {entries:?}");
+}
+
+#[test]
 fn a_backend_reset_closes_both_directions() {
     let Some(mut lb) = Lb::new("backend_reset", &nat_config(false, "tcp"), &[]) else { return };
     let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_000, 80).build();

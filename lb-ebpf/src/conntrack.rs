@@ -282,7 +282,8 @@ pub fn set_forward_entry(
 }
 
 /// Keeps a live NAT flow's reply entry in step with its forward entry: refreshes its state
-/// and timestamp, or rebuilds it if the LRU evicted it.
+/// and timestamp, or rebuilds it if the LRU evicted it; fails if another flow holds the port
+/// by now.
 #[inline(never)]
 pub fn refresh_reply(
     ctx: &XdpContext,
@@ -309,6 +310,12 @@ fn try_refresh_reply(
     if let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
         // SAFETY: a map value pointer from a successful lookup.
         let e = unsafe { &mut *entry };
+        if !translates_to(e, key) {
+            // The LRU evicted this flow's reply entry and another flow to the backend took
+            // the port since: this flow has lost its port, and its packets must not reach
+            // the backend on the other flow's connection.
+            return Err(Reason::NatPortsExhausted);
+        }
         e.last_seen = live.now;
         e.state = live.state;
         return Ok(());
@@ -349,10 +356,16 @@ fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
     set_reply_key(&mut buf.key, key, backend, backend_port, stale.nat_addr, stale.nat_port);
     let Some(entry) = CONNTRACK.get_ptr(&buf.key) else { return ReplyEntry::Absent };
     // SAFETY: a map value pointer from a successful lookup.
-    let e = unsafe { &*entry };
+    if translates_to(unsafe { &*entry }, key) { ReplyEntry::Ours } else { ReplyEntry::Other }
+}
+
+/// Whether the reply entry `e` translates back to the client and service of the forward key
+/// `key`, i.e. belongs to that flow. Word by word: comparing the arrays whole compiles to a
+/// `bcmp` call.
+#[inline(always)]
+fn translates_to(e: &Flow, key: &FlowKey) -> bool {
     let (p, v) = (&e.peer_addr, &e.vip_addr);
-    // Word by word: comparing the arrays whole compiles to a `bcmp` call.
-    let ours = e.peer_port == key.sport
+    e.peer_port == key.sport
         && e.vip_port == key.dport
         && p[0] == key.src[0]
         && p[1] == key.src[1]
@@ -361,8 +374,7 @@ fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
         && v[0] == key.dst[0]
         && v[1] == key.dst[1]
         && v[2] == key.dst[2]
-        && v[3] == key.dst[3];
-    if ours { ReplyEntry::Ours } else { ReplyEntry::Other }
+        && v[3] == key.dst[3]
 }
 
 /// Whether the reply entry of the dead NAT flow `stale` may be overwritten by a new flow on

@@ -457,6 +457,44 @@ fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
 }
 
 #[test]
+fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
+    // One backend and one NAT port. The LRU evicts a live flow's reply entry alone; the
+    // next flow takes the port; the first flow's packets must then not reach the backend on
+    // the second one's connection, nor its refresh take the second one's reply entry.
+    let toml = nat_config(false, "tcp")
+        .replace("nat_ports = \"20000-20999\"", "nat_ports = \"20000-20000\"")
+        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "");
+    let Some(mut lb) = Lb::new("nat_port_lost", &toml, &[]) else { return };
+    let (a, b) = (45_200, 45_201);
+    let syn = |port| client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
+    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Tx));
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    let evicted: Vec<_> = conntrack
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(conntrack.remove_all(evicted), 1);
+    assert_eq!(lb.bed.run(&syn(b)).unwrap().verdict, Some(Action::Tx));
+
+    // The first client's ACK moves its flow on (a state change refreshes the reply entry).
+    let ack = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::ACK).build();
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    let replies: Vec<(u16, u16, u8)> = entries
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, f)| (raw_port(k.dport), raw_port(f.peer_port), f.state))
+        .collect();
+    assert_eq!(replies, vec![(20_000, b, FlowState::SynSeen as u8)], "{entries:?}");
+}
+
+#[test]
 fn a_backend_reset_closes_both_directions() {
     let Some(mut lb) = Lb::new("backend_reset", &nat_config(false, "tcp"), &[]) else { return };
     let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_000, 80).build();

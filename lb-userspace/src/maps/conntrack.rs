@@ -150,8 +150,10 @@ impl ConntrackMap {
         Ok(self.remove_all(doomed))
     }
 
-    /// Removes `keys` (duplicates allowed); returns how many were there.
-    fn remove_all(&mut self, mut keys: Vec<FlowKey>) -> u64 {
+    /// Removes `keys` (duplicates allowed) and nothing else: not a NAT flow's other entry,
+    /// as the LRU's eviction does not (the fixtures use it to play that). Returns how many
+    /// were there.
+    pub fn remove_all(&mut self, mut keys: Vec<FlowKey>) -> u64 {
         keys.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
         keys.dedup();
         let mut removed = 0;

@@ -506,11 +506,14 @@ impl Balancer {
     #[must_use]
     pub fn pool_table(&self, pool: &str, config: &Config, table_size: Option<u32>) -> PoolTable {
         let members = self.members(pool, config);
-        let backends: HashMap<u32, (IpAddr, Option<u16>)> = members
-            .iter()
-            .filter_map(|(_, id, _)| {
-                let (identity, _) = self.backends.iter().find(|(_, s)| s.id == *id)?;
-                Some((*id, (identity.addr, identity.port)))
+        // The same backends as `members`, by id.
+        let backends: HashMap<u32, (IpAddr, Option<u16>)> = config
+            .pool(pool)
+            .into_iter()
+            .flat_map(|p| p.backends.iter().map(move |b| BackendIdentity::of(p, b)))
+            .filter_map(|identity| {
+                let state = self.backends.get(&identity)?;
+                Some((state.id, (identity.addr, identity.port)))
             })
             .collect();
         let size = table_size.unwrap_or_else(|| {

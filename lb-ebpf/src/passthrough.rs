@@ -63,12 +63,14 @@ pub fn relay(ctx: &SkBuffContext) -> u32 {
         // SAFETY: this CPU's value of a per-CPU map entry; the daemon only reads it.
         unsafe { *bytes += u64::from(ctx.len()) };
     }
-    // SK_PASS once redirected; SK_DROP when the partner is gone (the connection is ending).
-    if RELAY_SOCKETS.redirect_skb(ctx, &mut key, 0) == i64::from(sk_action::SK_PASS) {
-        sk_action::SK_PASS
-    } else {
-        sk_action::SK_DROP
-    }
+    // Redirected, or (no partner in the map) kept on this socket, where the daemon reads it
+    // and writes it on by hand. A partner is missing between the daemon's two inserts (the
+    // first puts this socket in the map, the second its partner's way back: the backend's
+    // first answer can land in between) and once the other side has closed. Dropping it
+    // there lost that answer: one connection in several hundred stalled under a connection
+    // storm.
+    let _ = RELAY_SOCKETS.redirect_skb(ctx, &mut key, 0);
+    sk_action::SK_PASS
 }
 
 /// Copies an IPv6 address out of a program context word by word: the verifier allows only

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use lb_tests::{
     daemon::LabDaemon,
     lab::{self, Lab},
-    netns::{ChildOutput, Netns, wait_for},
+    netns::{Netns, wait_for},
 };
 
 /// The UDP port of the bench service (nothing listens: backends drop, so no replies load the
@@ -159,20 +159,13 @@ fn run_haproxy(
     rows: &mut Vec<Figures>,
 ) -> anyhow::Result<()> {
     lab.lb.ip(&["addr", "add", &format!("{}/32", lab::VIP_V4), "dev", "lo"])?;
-    let cfg = std::env::temp_dir().join(format!("{}-haproxy.cfg", lab.id));
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n maxconn 4000\ndefaults\n mode tcp\n timeout connect 2s\n timeout client 30s\n timeout server 30s\nfrontend f\n bind {}:80\n default_backend b\nbackend b\n balance roundrobin\n server b0 {}:80\n server b1 {}:80\n",
-            lab::VIP_V4,
-            backends[0],
-            backends[1]
-        ),
-    )?;
-    let pid = lab
-        .lb
-        .spawn(&["haproxy", "-db", "-f", cfg.to_str().unwrap_or_default()], ChildOutput::Discard)?;
-    lab.lb.wait_listening(lab::HTTP_PORT, "haproxy")?;
+    let proxies = format!(
+        "frontend f\n bind {}:80\n default_backend b\nbackend b\n balance roundrobin\n server b0 {}:80\n server b1 {}:80\n",
+        lab::VIP_V4,
+        backends[0],
+        backends[1]
+    );
+    let pid = crate::haproxy::start(lab, "http", &proxies, lab::HTTP_PORT)?;
     let (rps, latency) = wrk(&lab.client, &format!("http://{}/", lab::VIP_V4), secs)?;
     rows.push(Figures {
         peer: "HAProxy (TCP mode)",
@@ -185,7 +178,6 @@ fn run_haproxy(
         let _ = child.wait();
     }
     lab.lb.ip(&["addr", "del", &format!("{}/32", lab::VIP_V4), "dev", "lo"])?;
-    let _ = std::fs::remove_file(&cfg);
     Ok(())
 }
 

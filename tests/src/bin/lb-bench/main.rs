@@ -16,6 +16,7 @@
 mod charts;
 mod control;
 mod datapath;
+mod haproxy;
 mod live;
 mod passthrough;
 

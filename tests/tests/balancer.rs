@@ -422,17 +422,28 @@ fn a_dsr_syn_on_a_closed_tuple_replaces_its_entry() {
     assert!(open.last_seen >= closed.last_seen);
 }
 
+/// A NAT service with one backend and one NAT port: a second flow to the backend can only
+/// have the port the first one had.
+fn one_port_nat_config() -> String {
+    nat_config(false, "tcp")
+        .replace("nat_ports = \"20000-20999\"", "nat_ports = \"20000-20000\"")
+        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "")
+}
+
+/// A client's SYN to the IPv4 service from port `port`.
+fn syn4(port: u16) -> Vec<u8> {
+    client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build()
+}
+
 #[test]
 fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
     // One backend and one NAT port: once a closed flow has expired, the next flow takes its
     // port over, and the closed flow's tuple coming back must not take it away again.
-    let toml = nat_config(false, "tcp")
-        .replace("nat_ports = \"20000-20999\"", "nat_ports = \"20000-20000\"")
-        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "");
-    let Some(mut lb) = Lb::new("nat_port_taken_over", &toml, &[]) else { return };
+    let Some(mut lb) = Lb::new("nat_port_taken_over", &one_port_nat_config(), &[]) else {
+        return;
+    };
     let (a, b) = (45_100, 45_101);
-    let syn = |port| client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
-    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
     let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
     assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
     // Closed flows expire at once from here on.
@@ -440,11 +451,11 @@ fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
     g.timeouts.closed = 0;
     lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(30));
-    assert_eq!(lb.bed.run(&syn(b)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
 
     let before = lb.bed.datapath.stats().read().unwrap();
-    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Drop));
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Drop));
     let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
     assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
     let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
@@ -461,13 +472,9 @@ fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
     // One backend and one NAT port. The LRU evicts a live flow's reply entry alone; the
     // next flow takes the port; the first flow's packets must then not reach the backend on
     // the second one's connection, nor its refresh take the second one's reply entry.
-    let toml = nat_config(false, "tcp")
-        .replace("nat_ports = \"20000-20999\"", "nat_ports = \"20000-20000\"")
-        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "");
-    let Some(mut lb) = Lb::new("nat_port_lost", &toml, &[]) else { return };
+    let Some(mut lb) = Lb::new("nat_port_lost", &one_port_nat_config(), &[]) else { return };
     let (a, b) = (45_200, 45_201);
-    let syn = |port| client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
-    assert_eq!(lb.bed.run(&syn(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
     let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
     let evicted: Vec<_> = conntrack
         .entries()
@@ -477,7 +484,7 @@ fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(conntrack.remove_all(evicted), 1);
-    assert_eq!(lb.bed.run(&syn(b)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
 
     // The first client's ACK moves its flow on (a state change refreshes the reply entry).
     let ack = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::ACK).build();

@@ -60,9 +60,12 @@ pub const FW_LOG_BUDGET: &str = "FW_LOG_BUDGET";
 /// sockets, which do not outlive it. Socket hash of [`crate::passthrough::ListenerKey`] to the
 /// daemon's listening sockets, for the `sk_lookup` program.
 pub const PASSTHROUGH_LISTENERS: &str = "PASSTHROUGH_LISTENERS";
-/// Socket hash of [`crate::passthrough::RelayKey`] to the socket that receives what arrives on
-/// the keyed connection.
+/// Socket hash of [`crate::passthrough::RelayKey`] to that connection's own socket: the
+/// stream-verdict program is attached to this map, so a socket in it has its bytes relayed.
 pub const RELAY_SOCKETS: &str = "RELAY_SOCKETS";
+/// Socket hash of [`crate::passthrough::RelayKey`] to the socket that receives what arrives on
+/// the keyed connection (its partner); no program attached.
+pub const RELAY_PEERS: &str = "RELAY_PEERS";
 /// Per-CPU hash of [`crate::passthrough::RelayKey`] to the bytes relayed from that connection
 /// (u64).
 pub const RELAY_BYTES: &str = "RELAY_BYTES";

@@ -3,10 +3,13 @@
 //!
 //! An `sk_lookup` program hands a passthrough service's connections to the daemon's listening
 //! socket (`PASSTHROUGH_LISTENERS`, keyed by [`ListenerKey`]). Once the daemon has read the
-//! ClientHello and connected to the backend, it puts both sockets in `RELAY_SOCKETS`, each
-//! under the key of the *other* socket's connection ([`RelayKey`], as that socket sees it), and
-//! a stream-verdict program redirects every byte received on one socket to the other's send
-//! queue: no copy through userspace.
+//! ClientHello and connected to the backend, it puts each socket in `RELAY_PEERS` under the
+//! key of the *other* socket's connection ([`RelayKey`], as that socket sees it), then both in
+//! `RELAY_SOCKETS`, whose stream-verdict program redirects every byte received on one socket
+//! to the other's send queue: no copy through userspace. Two maps, because a socket's bytes
+//! reach the program from the moment the socket enters the map the program is attached to:
+//! by then both ways must be known, or a byte arriving between the two inserts has nowhere
+//! to go.
 
 /// Key of `PASSTHROUGH_LISTENERS`: a passthrough service's address and TCP port.
 #[repr(C)]
@@ -25,7 +28,7 @@ const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
 // SAFETY: repr(C), explicit padding, plain integers.
 unsafe impl aya::Pod for ListenerKey {}
 
-/// Key of `RELAY_SOCKETS` and `RELAY_BYTES`: a TCP connection as one of its sockets sees it.
+/// Key of `RELAY_SOCKETS`, `RELAY_PEERS` and `RELAY_BYTES`: a TCP connection as one of its sockets sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RelayKey {
@@ -48,8 +51,8 @@ unsafe impl aya::Pod for RelayKey {}
 
 /// Passthrough services with a listener (one listening socket each).
 pub const MAX_LISTENERS: u32 = 256;
-/// Relayed connections at once: two sockets each. A socket map holds file references, not
-/// buffers, so the cost is a few hundred bytes per entry.
+/// Relayed connections at once: two sockets each, in two socket maps. A socket map holds
+/// file references, not buffers, so the cost is a few hundred bytes per entry.
 pub const MAX_RELAYS: u32 = 65_536;
 
 /// `AF_INET` and `AF_INET6` as the socket contexts report them.

@@ -87,7 +87,7 @@ pub fn lb_passthrough_lookup(ctx: SkLookupContext) -> u32 {
 }
 
 /// TLS passthrough: bytes arriving on a relayed socket leave through its partner (attached
-/// to `RELAY_SOCKETS`).
+/// to `RELAY_SOCKETS`, sending through `RELAY_PEERS`).
 #[stream_verdict]
 #[allow(
     clippy::needless_pass_by_value,

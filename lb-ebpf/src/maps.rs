@@ -124,9 +124,13 @@ pub static FW_LOG_BUDGET: PerCpuArray<Bucket, 1> = PerCpuArray::new();
 #[btf_map]
 pub static PASSTHROUGH_LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> =
     SockHash::new();
-/// TLS passthrough: each relayed socket, under the key of its partner's connection.
+/// TLS passthrough: each relayed socket under its own connection's key; the relay's
+/// stream-verdict program is attached here.
 #[btf_map]
 pub static RELAY_SOCKETS: SockHash<RelayKey, { 2 * MAX_RELAYS as usize }> = SockHash::new();
+/// TLS passthrough: each relayed socket, under the key of its partner's connection.
+#[btf_map]
+pub static RELAY_PEERS: SockHash<RelayKey, { 2 * MAX_RELAYS as usize }> = SockHash::new();
 /// TLS passthrough: bytes relayed from each connection, per CPU.
 #[btf_map]
 pub static RELAY_BYTES: PerCpuHashMap<RelayKey, u64, { 2 * MAX_RELAYS as usize }> =

@@ -11,7 +11,7 @@ use lb_common::{
     passthrough::{AF_INET, AF_INET6, ListenerKey, RelayKey, skb_remote_port},
 };
 
-use crate::maps::{PASSTHROUGH_LISTENERS, RELAY_BYTES, RELAY_SOCKETS};
+use crate::maps::{PASSTHROUGH_LISTENERS, RELAY_BYTES, RELAY_PEERS};
 
 /// Hands a TCP connection to a passthrough service's address and port to the daemon's
 /// listening socket for it. Anything else takes the kernel's usual socket lookup.
@@ -63,13 +63,10 @@ pub fn relay(ctx: &SkBuffContext) -> u32 {
         // SAFETY: this CPU's value of a per-CPU map entry; the daemon only reads it.
         unsafe { *bytes += u64::from(ctx.len()) };
     }
-    // Redirected, or (no partner in the map) kept on this socket, where the daemon reads it
-    // and writes it on by hand. A partner is missing between the daemon's two inserts (the
-    // first puts this socket in the map, the second its partner's way back: the backend's
-    // first answer can land in between) and once the other side has closed. Dropping it
-    // there lost that answer: one connection in several hundred stalled under a connection
-    // storm.
-    let _ = RELAY_SOCKETS.redirect_skb(ctx, &mut key, 0);
+    // Redirected, or (no partner in the map: the other side has closed) kept on this socket,
+    // where the daemon reads it when it sees the end and writes it on by hand. The daemon
+    // puts both partners in `RELAY_PEERS` before either socket reaches this program.
+    let _ = RELAY_PEERS.redirect_skb(ctx, &mut key, 0);
     sk_action::SK_PASS
 }
 

@@ -103,14 +103,22 @@ const BLOCK: usize = 1 << 20;
 /// expect without holding the whole transfer.
 #[must_use]
 pub fn block(seed: u64) -> Vec<u8> {
+    block_prefix(seed, BLOCK)
+}
+
+/// The first `len` bytes (at most a block) of [`block`]: short exchanges need no megabyte.
+#[must_use]
+pub fn block_prefix(seed: u64, len: usize) -> Vec<u8> {
+    let len = len.min(BLOCK);
     let mut x = seed | 1;
-    let mut out = Vec::with_capacity(BLOCK);
-    while out.len() < BLOCK {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(&x.to_le_bytes());
     }
+    out.truncate(len);
     out
 }
 
@@ -271,8 +279,20 @@ pub fn exchange(
     upload: usize,
     download: usize,
 ) -> anyhow::Result<Exchange> {
+    exchange_within(config, target, server_name, upload, download, Duration::from_secs(30))
+}
+
+/// [`exchange`], giving up when a read waits longer than `read_timeout`.
+pub fn exchange_within(
+    config: Arc<rustls::ClientConfig>,
+    target: SocketAddr,
+    server_name: &str,
+    upload: usize,
+    download: usize,
+    read_timeout: Duration,
+) -> anyhow::Result<Exchange> {
     let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    tcp.set_read_timeout(Some(read_timeout))?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(server_name.to_owned())?;
     let mut tls = rustls::StreamOwned::new(rustls::ClientConnection::new(config, name)?, tcp);
@@ -280,7 +300,7 @@ pub fn exchange(
     request[..8].copy_from_slice(&(upload as u64).to_be_bytes());
     request[8..].copy_from_slice(&(download as u64).to_be_bytes());
     tls.write_all(&request)?;
-    let up = block(1);
+    let up = block_prefix(1, upload);
     let mut left = upload;
     while left > 0 {
         let n = left.min(up.len());

@@ -9,6 +9,7 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,8 +20,8 @@ use lb_tests::{
     netns::wait_for,
     privileged::require_privileges,
     tls::{
-        TlsServer, block, client_config, exchange, make_cert, repeated_hash, s_client_peer,
-        s_server, server_config,
+        TlsServer, block, client_config, exchange, exchange_within, make_cert, repeated_hash,
+        s_client_peer, s_server, server_config,
     },
 };
 use lb_userspace::passthrough::{hello::parse_client_hello, proxy_v2::PROXY_V2_SIGNATURE};
@@ -40,6 +41,9 @@ const BULK_PORT: u16 = 9443;
 const PROXY_CHECK_PORT: u16 = 7443;
 /// Bytes each way in the bulk transfers.
 const BULK_BYTES: usize = 48 << 20;
+/// Short connections in the storm through each relay: threads, and connections each.
+const STORM_THREADS: usize = 4;
+const STORM_CONNECTIONS: usize = 500;
 
 fn config() -> String {
     let b = |i: usize, port: u16| (IpAddr::from(backend_v4(i)), format!("port = {port}"));
@@ -564,12 +568,12 @@ fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
     .unwrap();
     let client = client_config(&cert).unwrap();
     let started = Instant::now();
+    let bulk_client = client.clone();
     let exchanged = lab
         .client
-        .enter(move || exchange(client, target, "bulk.example.com", BULK_BYTES, BULK_BYTES))
+        .enter(move || exchange(bulk_client, target, "bulk.example.com", BULK_BYTES, BULK_BYTES))
         .unwrap()
         .unwrap();
-    drop(server);
     let elapsed = started.elapsed();
     assert_eq!(
         exchanged.upload_hash,
@@ -583,6 +587,8 @@ fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
         "{relay}: the download arrived changed"
     );
     eprintln!("{relay}: {} MiB each way in {elapsed:?}", BULK_BYTES >> 20);
+    storm(setup, target, relay, &client);
+    drop(server);
     let relays = wait_for(Duration::from_secs(5), || {
         let n = setup.metric(&format!("lb_passthrough_relays_total{{relay=\"{relay}\"}}"));
         (n >= 1).then_some(n)
@@ -597,4 +603,59 @@ fn bulk_transfer(setup: &Setup, target: SocketAddr, relay: &str) {
         ));
         assert!(bytes >= BULK_BYTES as u64, "{relay} {direction}: {bytes} bytes counted");
     }
+}
+
+/// Short connections from several threads at once, each answered within 5 s and with the
+/// right bytes. A relay linked while its backend's first answer arrives must pass that answer
+/// on: one connection in a few thousand used to stall in its handshake.
+fn storm(setup: &Setup, target: SocketAddr, relay: &str, client: &Arc<rustls::ClientConfig>) {
+    let client = client.clone();
+    let expected = (repeated_hash(&block(1), 64), repeated_hash(&block(2), 64));
+    let started = Instant::now();
+    let failures: Vec<String> = setup
+        .lab
+        .client
+        .enter(move || {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..STORM_THREADS)
+                    .map(|_| {
+                        let (client, expected) = (client.clone(), &expected);
+                        scope.spawn(move || {
+                            let mut failures = Vec::new();
+                            for _ in 0..STORM_CONNECTIONS {
+                                let result = exchange_within(
+                                    client.clone(),
+                                    target,
+                                    "bulk.example.com",
+                                    64,
+                                    64,
+                                    Duration::from_secs(5),
+                                );
+                                match result {
+                                    Ok(e)
+                                        if e.downloaded == 64
+                                            && (&e.upload_hash, &e.download_hash)
+                                                == (&expected.0, &expected.1) => {}
+                                    Ok(e) => failures.push(format!("wrong bytes: {e:?}")),
+                                    Err(error) => failures.push(format!("{error:#}")),
+                                }
+                            }
+                            failures
+                        })
+                    })
+                    .collect();
+                threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+            })
+        })
+        .unwrap();
+    let total = STORM_THREADS * STORM_CONNECTIONS;
+    eprintln!(
+        "{relay}: {total} connections from {STORM_THREADS} threads in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{relay}: {} of {total} connections failed: {failures:?}",
+        failures.len()
+    );
 }

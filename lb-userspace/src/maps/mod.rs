@@ -115,6 +115,7 @@ impl Maps {
             relay: Some(RelayMaps::new(
                 take(ebpf, lb_common::maps::PASSTHROUGH_LISTENERS)?,
                 take(ebpf, lb_common::maps::RELAY_SOCKETS)?,
+                take(ebpf, lb_common::maps::RELAY_PEERS)?,
                 take(ebpf, lb_common::maps::RELAY_BYTES)?,
             )?),
         })

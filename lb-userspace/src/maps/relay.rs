@@ -1,6 +1,7 @@
 //! The TLS-passthrough maps: `PASSTHROUGH_LISTENERS` (the daemon's listeners the `sk_lookup`
-//! program hands connections to), `RELAY_SOCKETS` (each relayed socket under its partner's
-//! connection) and `RELAY_BYTES` (bytes the kernel relayed per connection).
+//! program hands connections to), `RELAY_SOCKETS` (each relayed socket under its own
+//! connection: the stream-verdict program's map), `RELAY_PEERS` (each relayed socket under
+//! its partner's connection) and `RELAY_BYTES` (bytes the kernel relayed per connection).
 
 use std::os::fd::AsRawFd;
 
@@ -18,6 +19,7 @@ use super::{MapError, typed};
 pub struct RelayMaps {
     listeners: SockHash<MapData, ListenerKey>,
     sockets: SockHash<MapData, RelayKey>,
+    peers: SockHash<MapData, RelayKey>,
     bytes: PerCpuHashMap<MapData, RelayKey, u64>,
 }
 
@@ -32,10 +34,16 @@ fn update(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
 }
 
 impl RelayMaps {
-    pub(crate) fn new(listeners: Map, sockets: Map, bytes: Map) -> Result<Self, MapError> {
+    pub(crate) fn new(
+        listeners: Map,
+        sockets: Map,
+        peers: Map,
+        bytes: Map,
+    ) -> Result<Self, MapError> {
         Ok(Self {
             listeners: typed(maps::PASSTHROUGH_LISTENERS, listeners)?,
             sockets: typed(maps::RELAY_SOCKETS, sockets)?,
+            peers: typed(maps::RELAY_PEERS, peers)?,
             bytes: typed(maps::RELAY_BYTES, bytes)?,
         })
     }
@@ -64,7 +72,10 @@ impl RelayMaps {
 
     /// Starts relaying between two connected sockets, `a` (its connection `a_key`) and `b`
     /// (`b_key`): what arrives on either leaves through the other. Byte counters start at
-    /// zero first, so no byte goes uncounted.
+    /// zero first, so no byte goes uncounted; both ways go into `RELAY_PEERS` before either
+    /// socket enters `RELAY_SOCKETS` (and so reaches the program), so no byte finds its way
+    /// missing. With one map, a byte arriving between the two inserts stayed on its socket,
+    /// behind the program's back (one connection in a few thousand under a storm of them).
     pub fn link(
         &mut self,
         a_key: RelayKey,
@@ -81,12 +92,19 @@ impl RelayMaps {
             }
         }
         let linked = self
-            .sockets
+            .peers
             .insert(a_key, b.as_raw_fd(), 0)
-            .and_then(|()| self.sockets.insert(b_key, a.as_raw_fd(), 0));
-        if let Err(source) = linked {
+            .and_then(|()| self.peers.insert(b_key, a.as_raw_fd(), 0))
+            .map_err(|source| MapError::Update { name: maps::RELAY_PEERS, source })
+            .and_then(|()| {
+                self.sockets
+                    .insert(a_key, a.as_raw_fd(), 0)
+                    .and_then(|()| self.sockets.insert(b_key, b.as_raw_fd(), 0))
+                    .map_err(|source| MapError::Update { name: maps::RELAY_SOCKETS, source })
+            });
+        if let Err(error) = linked {
             self.unlink(a_key, b_key);
-            return Err(MapError::Update { name: maps::RELAY_SOCKETS, source });
+            return Err(error);
         }
         Ok(())
     }
@@ -97,10 +115,14 @@ impl RelayMaps {
         self.bytes.get(key, 0).map_or(0, |values| values.iter().sum())
     }
 
-    /// Forgets a relay (entries already gone are fine: closing a socket removes it).
+    /// Forgets a relay (entries already gone are fine: closing a socket removes it). The
+    /// program lets go of both sockets before their partners leave `RELAY_PEERS`.
     pub fn unlink(&mut self, a_key: RelayKey, b_key: RelayKey) {
         for key in [a_key, b_key] {
             let _ = self.sockets.remove(&key);
+        }
+        for key in [a_key, b_key] {
+            let _ = self.peers.remove(&key);
             let _ = self.bytes.remove(&key);
         }
     }

@@ -40,7 +40,9 @@ pub(super) fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, RelayMaps> {
 /// Sends `first` (the PROXY header and every byte the daemon read from the client, which
 /// left nothing in its queue) to `upstream`, then relays until both sides have finished.
 /// `client_ended`: the client's FIN came with its hello. `cut` ends it early, with resets.
-/// Returns which relay ran.
+/// Returns which relay ran. Whatever error ends it resets both sides: closing them plainly
+/// would tell the client the backend finished cleanly (a backend's reset arriving before
+/// the relay starts made its first socket call fail).
 #[allow(clippy::too_many_arguments, reason = "one connection's whole state, passed once")]
 pub async fn run(
     client: TcpStream,
@@ -52,11 +54,27 @@ pub async fn run(
     route: &RouteId,
     cut: &CancellationToken,
 ) -> io::Result<&'static str> {
-    // Written before any relaying: the kernel never sends into `upstream` ahead of it.
-    if let Err(error) = write_all(&upstream, &first).await {
+    let result = relay(&client, &upstream, &first, client_ended, maps, stats, route, cut).await;
+    if result.is_err() {
         abort(&client);
-        return Err(error);
+        abort(&upstream);
     }
+    result
+}
+
+#[allow(clippy::too_many_arguments, reason = "one connection's whole state, passed once")]
+async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    first: &[u8],
+    client_ended: bool,
+    maps: Option<&SharedMaps>,
+    stats: &Stats,
+    route: &RouteId,
+    cut: &CancellationToken,
+) -> io::Result<&'static str> {
+    // Written before any relaying: the kernel never sends into `upstream` ahead of it.
+    write_all(upstream, first).await?;
     stats.relayed(route, first.len() as u64, 0);
     if let Some(maps) = maps {
         let keys = (
@@ -67,36 +85,28 @@ pub async fn run(
             fix_receive_buffer(socket);
         }
         // Where each direction starts, counted before the kernel takes over.
-        let up = Flow::start(&client, &upstream, client_ended)?;
-        let down = Flow::start(&upstream, &client, false)?;
-        let linked = lock(maps).link(keys.0, &client, keys.1, &upstream);
+        let up = Flow::start(client, upstream, client_ended)?;
+        let down = Flow::start(upstream, client, false)?;
+        let linked = lock(maps).link(keys.0, client, keys.1, upstream);
         match linked {
             Ok(()) => {
                 let flows = [up, down];
                 let relayed =
-                    sockmap(&client, &upstream, flows, client_ended, maps, keys, stats, route);
+                    sockmap(client, upstream, flows, client_ended, maps, keys, stats, route);
                 let result = tokio::select! {
                     result = relayed => result,
                     () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
                 };
                 lock(maps).unlink(keys.0, keys.1);
-                if result.is_err() {
-                    abort(&client);
-                    abort(&upstream);
-                }
                 return result.map(|()| "sockmap");
             }
             Err(error) => debug!(%error, "socket map refused the relay; splicing"),
         }
     }
     let result = tokio::select! {
-        result = splice(&client, &upstream, client_ended, stats, route) => result,
+        result = splice(client, upstream, client_ended, stats, route) => result,
         () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
     };
-    if result.is_err() {
-        abort(&client);
-        abort(&upstream);
-    }
     result.map(|()| "splice")
 }
 
@@ -270,14 +280,27 @@ pub enum Queued {
     Ended,
 }
 
-/// Appends to `out` what is queued on `from` without waiting.
+/// Appends to `out` what is queued on `from` without waiting. By `recv(2)` itself, not
+/// tokio's `try_read`: that answers "would block" without asking the kernel whenever tokio
+/// has not yet seen a readiness event, and bytes that came just before (the backend's first
+/// answer, say) would stay in the queue with nobody left to read them.
 pub fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<Queued> {
     loop {
-        match from.try_read(buf) {
+        // SAFETY: recv into a buffer writable for its length, on a socket this process holds.
+        let n = unsafe {
+            libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+        };
+        match usize::try_from(n) {
             Ok(0) => return Ok(Queued::Ended),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Queued::Open),
-            Err(e) => return Err(e),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(Queued::Open),
+                    io::ErrorKind::Interrupted => {}
+                    _ => return Err(e),
+                }
+            }
         }
     }
 }

@@ -331,7 +331,10 @@ impl Balancer {
             &union(&self.current_vips(), &vips),
             &union(&self.current_nat_sources(), &nat_sources),
         )?;
-        // Then each service: its table (switched whole), then its entry.
+        // Then each service: its table (switched whole), then its entry. An address may move
+        // from one service to another in one apply (a rename, a blue/green swap): a key
+        // written here is never removed here, whichever service had it before.
+        let claimed: HashSet<ServiceKey> = balanced.iter().map(|s| service_key(s)).collect();
         let mut kept = BTreeSet::new();
         let mut built: HashMap<TableInput, Table> = HashMap::new();
         for service in balanced {
@@ -377,7 +380,7 @@ impl Balancer {
                 }
                 Some(_) => {}
             }
-            if let Some(p) = previous.as_ref().filter(|p| p.key != key) {
+            if let Some(p) = previous.as_ref().filter(|p| !claimed.contains(&p.key)) {
                 maps.services.remove(&p.key)?;
             }
             maps.services.upsert(&key, &value)?;
@@ -388,7 +391,9 @@ impl Balancer {
         }
         // Adopted services the configuration no longer has.
         for (key, id) in self.adoptable_services.drain() {
-            maps.services.remove(&key)?;
+            if !claimed.contains(&key) {
+                maps.services.remove(&key)?;
+            }
             summary.services_removed += 1;
             summary.removed_service_ids.push(id);
         }
@@ -396,7 +401,9 @@ impl Balancer {
             self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
         for name in removed {
             if let Some(state) = self.services.remove(&name) {
-                maps.services.remove(&state.key)?;
+                if !claimed.contains(&state.key) {
+                    maps.services.remove(&state.key)?;
+                }
                 summary.services_removed += 1;
                 summary.removed_service_ids.push(state.id);
             }

@@ -1218,3 +1218,45 @@ fn corrupted_frames_never_abort_and_are_each_counted_once() {
         assert_eq!(lb.flow_of(client, 41_000, vip, 80, proto).0, backend, "{name}");
     }
 }
+
+#[test]
+fn a_service_address_moving_to_another_service_stays_served() {
+    // A rename (or a blue/green swap) moves the address from one service to another in one
+    // apply: the new service's entry must survive the old one's removal.
+    let Some(mut lb) = Lb::new("service_address_moves", &dsr_config(false, "tcp"), &[]) else {
+        return;
+    };
+    assert_eq!(lb.bed.run(&syn4(45_200)).unwrap().verdict, Some(Action::Tx));
+    let old = lb.balancer.service_id("s").unwrap();
+    lb.reapply(&dsr_config(false, "tcp").replace("name = \"s\"", "name = \"s-green\""));
+    let new = lb.balancer.service_id("s-green").unwrap();
+    assert_ne!(old, new);
+    assert_eq!(lb.bed.run(&syn4(45_201)).unwrap().verdict, Some(Action::Tx), "renamed");
+    assert_eq!(lb.bed.datapath.maps().traffic.service(new).unwrap().new_flows, 1);
+
+    // Two services trading addresses: both stay served, each under its new owner.
+    let two = |a: &str, b: &str| {
+        format!(
+            "{}[[service]]\nname = \"t\"\naddress = \"{b}\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"dsr-l2\"\n",
+            dsr_config(false, "tcp")
+                .replace("name = \"s\"", "name = \"s-green\"")
+                .replace("198.18.100.1", a)
+        )
+    };
+    lb.reapply(&two("198.18.100.1", "198.18.100.2"));
+    lb.reapply(&two("198.18.100.2", "198.18.100.1"));
+    let (s, t) = (lb.balancer.service_id("s-green").unwrap(), lb.balancer.service_id("t").unwrap());
+    let before = (
+        lb.bed.datapath.maps().traffic.service(s).unwrap().new_flows,
+        lb.bed.datapath.maps().traffic.service(t).unwrap().new_flows,
+    );
+    let other =
+        client_packet(CLIENT4.into(), "198.18.100.2".parse().unwrap(), IPPROTO_TCP, 45_202, 80);
+    assert_eq!(lb.bed.run(&syn4(45_203)).unwrap().verdict, Some(Action::Tx), "swapped: first");
+    assert_eq!(lb.bed.run(&other.build()).unwrap().verdict, Some(Action::Tx), "swapped: second");
+    let after = (
+        lb.bed.datapath.maps().traffic.service(s).unwrap().new_flows,
+        lb.bed.datapath.maps().traffic.service(t).unwrap().new_flows,
+    );
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "one new flow each");
+}

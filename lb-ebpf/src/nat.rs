@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
+    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::AddrKey,
@@ -128,6 +128,38 @@ pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outc
     Outcome::err(Reason::NotService)
 }
 
+/// Keeps the forward entry of the NAT flow whose reply entry is `e` alive with it (a flow
+/// whose client went quiet, a one-way UDP stream from the backend, must not expire from the
+/// client's side while its replies flow), or closes it with the backend's reset. Only if
+/// it is still this flow's: the same backend and NAT port. Out of line: once a second per
+/// flow, not per packet.
+#[inline(never)]
+fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
+    let forward = FlowKey {
+        src: e.peer_addr,
+        dst: e.vip_addr,
+        sport: e.peer_port,
+        dport: e.vip_port,
+        proto,
+        family,
+        _pad: 0,
+    };
+    if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let f = unsafe { &mut *f };
+        if f.flags & (FLOW_NAT | FLOW_REPLY) != FLOW_NAT
+            || f.backend_id != e.backend_id
+            || f.nat_port != e.nat_port
+        {
+            return;
+        }
+        if reset {
+            f.state = FlowState::Closed as u8;
+        }
+        f.last_seen = now;
+    }
+}
+
 /// Translates a backend's reply back to the client, by its reply entry `e`.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u64) -> Result<Action, Reason> {
@@ -160,20 +192,8 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u64) -> Resul
         e.last_seen = now;
         if reset {
             e.state = FlowState::Closed as u8;
-            let forward = FlowKey {
-                src: e.peer_addr,
-                dst: e.vip_addr,
-                sport: e.peer_port,
-                dport: e.vip_port,
-                proto: packet.proto,
-                family: packet.family as u8,
-                _pad: 0,
-            };
-            if let Some(f) = CONNTRACK.get_ptr_mut(forward) {
-                // SAFETY: a map value pointer from a successful lookup.
-                unsafe { (*f).state = FlowState::Closed as u8 };
-            }
         }
+        touch_forward(e, packet.proto, packet.family as u8, reset, now);
     }
     let to = Rewrite { src: &e.vip_addr, dst: &e.peer_addr, sport: e.vip_port, dport: e.peer_port };
     rewrite(ctx, packet, &to)?;

@@ -1260,3 +1260,92 @@ fn a_service_address_moving_to_another_service_stays_served() {
     );
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "one new flow each");
 }
+
+/// Runs the daemon's sweep of the connection table with the timeouts the data path has.
+fn sweep(lb: &mut Lb) -> lb_userspace::maps::SweepResult {
+    let timeouts = lb.bed.datapath.maps().globals.get().unwrap().timeouts;
+    let now = lb.bed.datapath.now_ticks().unwrap();
+    let balancer = &lb.balancer;
+    lb.bed
+        .datapath
+        .maps_mut()
+        .conntrack
+        .sweep(&timeouts, now, |id| balancer.backend_entry(id))
+        .unwrap()
+}
+
+#[test]
+fn the_sweep_leaves_a_taken_over_nat_port_alone() {
+    // A closed flow expires; the next flow to the backend takes its NAT port over (one port).
+    // The sweep removing the expired flow must not take the new flow's reply entry with it.
+    let Some(mut lb) = Lb::new("sweep_taken_over_port", &one_port_nat_config(), &[]) else {
+        return;
+    };
+    let (a, b) = (45_300, 45_301);
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
+    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
+    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
+    g.timeouts.closed = 0;
+    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) = lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP);
+    assert_eq!(nat_port, 20_000);
+
+    let swept = sweep(&mut lb);
+    assert_eq!(swept.removed, 1, "the closed flow's forward entry alone: {swept:?}");
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 2, "the new flow's two entries: {entries:?}");
+    // The backend's answer still reaches the new flow's client.
+    let answer = Packet::ipv4(ip4(backend), NAT4)
+        .tcp(bport, nat_port)
+        .flags(tcp_flags::SYN | tcp_flags::ACK)
+        .seq_ack(5000, 1001)
+        .build();
+    let out = lb.bed.run(&answer).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx));
+    let dport = u16::from_be_bytes([out.output[14 + 20 + 2], out.output[14 + 20 + 3]]);
+    assert_eq!(dport, b, "translated back to the new flow");
+}
+
+#[test]
+fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
+    // One datagram from the client, then the backend streams: the flow lives on its
+    // replies, in the data path and through the daemon's sweep.
+    let Some(mut lb) = Lb::new("one_way_udp", &nat_config(false, "udp"), &[]) else { return };
+    let hz = lb.bed.datapath.ticks_per_second().unwrap();
+    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
+    g.timeouts.datagram = hz / 5; // 200 ms
+    g.refresh = 0;
+    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    let cport = 45_400;
+    let first = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_UDP, cport, 80).build();
+    assert_eq!(lb.bed.run(&first).unwrap().verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) =
+        lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_UDP);
+    let datagram = Packet::ipv4(ip4(backend), NAT4).udp(bport, nat_port).payload(b"stream").build();
+    // A second of replies, 50 ms apart, sweeping as the daemon does.
+    for i in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let out = lb.bed.run(&datagram).unwrap();
+        assert_eq!(out.verdict, Some(Action::Tx), "reply {i}");
+        let swept = sweep(&mut lb);
+        assert_eq!(swept.removed, 0, "after reply {i}: {swept:?}");
+    }
+    // Both halves alive: the client's next datagram belongs to the same flow.
+    let sid = lb.balancer.service_id("s").unwrap();
+    let before = lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows;
+    assert_eq!(lb.bed.run(&first).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows, before);
+    // Silence on both sides: the sweep takes the pair.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(sweep(&mut lb).removed, 2);
+}
+
+fn ip4(addr: IpAddr) -> Ipv4Addr {
+    match addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => panic!("an IPv4 backend expected"),
+    }
+}

@@ -83,25 +83,26 @@ impl ConntrackMap {
         self.map.get(key, 0).ok()
     }
 
-    /// Removes entries idle past their state's timeout at `now_ns` (the data path's
-    /// `bpf_ktime_get_coarse_ns` clock). A NAT flow's two entries go together: an expired
-    /// forward entry takes its reply entry with it and vice versa, so no half survives.
-    /// `backend` gives a backend id's current entry, to find a forward entry's partner.
+    /// Removes entries idle past their state's timeout at `now` (the data path's clock). A
+    /// NAT flow's two entries go together, once both are expired (either half alive carries
+    /// the flow: the data path keeps them in step, each direction refreshing both). Each
+    /// candidate is read again just before it goes, since the walk's snapshot ages while the
+    /// data path runs: a tuple reopened meanwhile has a fresh entry, and the key a dead
+    /// flow's partner had may belong to another flow by now (a NAT port taken over), which
+    /// is not removed. `backend` gives a backend id's current entry, to find a forward
+    /// entry's partner.
     pub fn sweep(
         &mut self,
         timeouts: &Timeouts,
-        now_ns: u64,
+        now: u64,
         backend: impl Fn(u32) -> Option<Backend>,
     ) -> Result<SweepResult, MapError> {
-        let entries = self.entries()?;
+        let expired = |flow: &Flow| timeouts.is_expired(flow.state, flow.last_seen, now);
         let mut result = SweepResult::default();
-        let mut doomed = Vec::new();
-        for (key, flow) in &entries {
-            if timeouts.is_expired(flow.state, flow.last_seen, now_ns) {
-                doomed.push(*key);
-                if let Some(partner) = partner_key(key, flow, &backend) {
-                    doomed.push(partner);
-                }
+        let mut candidates = Vec::new();
+        for (key, flow) in self.entries()? {
+            if expired(&flow) {
+                candidates.push(key);
             } else {
                 result.live += 1;
                 if flow.flags & FLOW_REPLY == 0 {
@@ -109,8 +110,37 @@ impl ConntrackMap {
                 }
             }
         }
+        let mut doomed = Vec::new();
+        for key in candidates {
+            let Some(flow) = self.get(&key).filter(|f| expired(f)) else { continue };
+            match self.partner(&key, &flow, &backend) {
+                Some((_, partner)) if !expired(&partner) => {
+                    // Kept with its live half, and counted as the live flow it is.
+                    if flow.flags & FLOW_REPLY == 0 {
+                        *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
+                    }
+                }
+                Some((partner_key, _)) => doomed.extend([key, partner_key]),
+                None => doomed.push(key),
+            }
+        }
         result.removed = self.remove_all(doomed);
         Ok(result)
+    }
+
+    /// The other entry of the NAT flow `flow` (under `key`) and its value, if there is one
+    /// and it is still this flow's: its own partner key is `key`.
+    fn partner(
+        &self,
+        key: &FlowKey,
+        flow: &Flow,
+        backend: &impl Fn(u32) -> Option<Backend>,
+    ) -> Option<(FlowKey, Flow)> {
+        let other = partner_key(key, flow, backend)?;
+        let partner = self.get(&other)?;
+        let back = partner_key(&other, &partner, backend)?;
+        (back == *key && partner.flags & FLOW_REPLY != flow.flags & FLOW_REPLY)
+            .then_some((other, partner))
     }
 }
 
@@ -126,7 +156,7 @@ impl ConntrackMap {
         for (key, flow) in self.entries()? {
             if ids.contains(&flow.backend_id) {
                 doomed.push(key);
-                if let Some(partner) = partner_key(&key, &flow, &backend) {
+                if let Some((partner, _)) = self.partner(&key, &flow, &backend) {
                     doomed.push(partner);
                 }
             }

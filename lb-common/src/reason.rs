@@ -102,7 +102,8 @@ pub enum Reason {
     /// A rate-limit rule's bucket for the packet's source is empty.
     RateLimited = 19,
     /// An ACK without a flow to a service answering with SYN cookies, whose cookie is not
-    /// valid (forged, replayed on another connection, or older than about two minutes).
+    /// valid (forged, replayed on another connection, or older than about two minutes), or
+    /// any other TCP packet without a flow but a SYN while cookies are on.
     SynCookieInvalid = 20,
     /// A client packet of a cookie-opened flow before the backend answered the load
     /// balancer's SYN (the client retransmits).

@@ -108,7 +108,9 @@ struct Segment {
 /// A TCP packet without a flow to a service that may use cookies: a SYN is counted and,
 /// while cookies are on, answered here (`Tx`); an ACK with a valid cookie marks `live` for
 /// a cookie-opened flow (`FLOW_SYN_PROXY`); an ACK with an invalid one is dropped while
-/// cookies are on. Anything else goes on as an ordinary new flow (`DONE`).
+/// cookies are on, and so is anything else (a RST, a SYN-ACK, a segment without flags):
+/// under a flood, only a cookie opens a flow. With cookies off, anything else goes on as an
+/// ordinary new flow (`DONE`).
 #[inline(never)]
 pub fn on_new_flow(
     ctx: &XdpContext,
@@ -129,7 +131,7 @@ pub fn on_new_flow(
         return Outcome::from_result(answer(ctx, packet, cookie));
     }
     if flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) != tcp_flags::ACK {
-        return Outcome::DONE;
+        return if active { Outcome::err(Reason::SynCookieInvalid) } else { Outcome::DONE };
     }
     if check(ctx, packet, cookie) {
         count(service.id, Count::Valid);

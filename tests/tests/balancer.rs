@@ -1349,3 +1349,38 @@ fn ip4(addr: IpAddr) -> Ipv4Addr {
         IpAddr::V6(_) => panic!("an IPv4 backend expected"),
     }
 }
+
+#[test]
+fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
+    // Under a flood, spoofed packets that are neither a SYN nor an ACK must not open flows
+    // (each would take two entries and a NAT port).
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("cookies_only_a_cookie_opens", &config, &[]) else { return };
+    let cases: Vec<Case> = [
+        ("no flags", 0),
+        ("SYN-ACK", tcp_flags::SYN | tcp_flags::ACK),
+        ("RST", tcp_flags::RST),
+        ("RST-ACK", tcp_flags::RST | tcp_flags::ACK),
+        ("FIN", tcp_flags::FIN),
+        ("PSH", tcp_flags::PSH),
+        ("URG", tcp_flags::URG),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (name, flags))| Case {
+        description: format!("{name} without a flow, cookies on"),
+        input: Packet::ipv4(CLIENT4, VIP4)
+            .tcp(46_000 + i as u16, 80)
+            .flags(flags)
+            .seq_ack(1000, 2000)
+            .payload(b"x")
+            .build(),
+        verdict: Action::Drop,
+        reason: Some(Reason::SynCookieInvalid),
+        output: Output::Unchanged,
+    })
+    .collect();
+    lb.bed.check_all(&cases).unwrap();
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert!(entries.is_empty(), "{entries:?}");
+}

@@ -96,8 +96,12 @@ pub struct Balancer {
     backend_addrs: BTreeMap<u32, IpAddr>,
     hash_seed: u32,
     ticks_per_second: u64,
-    /// Backend ids found in adopted (pinned) maps, by (address, port), not yet claimed.
-    adoptable_backends: HashMap<(IpAddr, Option<u16>), u32>,
+    /// Backend ids found in adopted (pinned) maps, by (address, port), not yet claimed:
+    /// several when pools share a backend (each pool has an id of its own).
+    adoptable_backends: HashMap<(IpAddr, Option<u16>), Vec<u32>>,
+    /// Backend ids in each adopted service's Maglev table, by the service's key: which pool
+    /// an adopted id belonged to, when pools share a backend.
+    adopted_tables: HashMap<ServiceKey, BTreeSet<u32>>,
     /// Backends the adopted maps mark `BACKEND_DOWN`, by (address, port).
     adopted_down: HashSet<(IpAddr, Option<u16>)>,
     /// Backend ids whose `BACKENDS` entry carries `BACKEND_DOWN`.
@@ -208,6 +212,9 @@ impl Balancer {
     pub fn adopt(&mut self, maps: &Maps) -> Result<(), MapError> {
         for (key, service) in maps.services.entries()? {
             self.adoptable_services.insert(key, service.id);
+            if let Some(table) = maps.maglev.table(service.id)? {
+                self.adopted_tables.insert(key, table.into_iter().collect());
+            }
         }
         for id in 0..MAX_BACKENDS {
             let backend = maps.backends.get(id)?;
@@ -216,7 +223,7 @@ impl Balancer {
             }
             let addr = lb_common::flow::words_addr(backend.addr, backend.family);
             let port = (backend.port != 0).then(|| lb_common::flow::raw_port(backend.port));
-            self.adoptable_backends.insert((addr, port), id);
+            self.adoptable_backends.entry((addr, port)).or_default().push(id);
             if backend.flags & BACKEND_DOWN != 0 {
                 self.adopted_down.insert((addr, port));
                 self.flagged_down.insert(id);
@@ -289,13 +296,22 @@ impl Balancer {
                     .map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
             })
             .collect();
+        // Adopted ids each pool's services' tables held: a backend in two pools had an id in
+        // each, and each pool takes its own back.
+        let mut pool_hints: HashMap<&str, BTreeSet<u32>> = HashMap::new();
+        for service in config.services.iter().filter(|s| s.in_data_path()) {
+            if let Some(ids) = self.adopted_tables.get(&service_key(service)) {
+                pool_hints.entry(service.pool.get_ref().as_str()).or_default().extend(ids);
+            }
+        }
         for (identity, weight) in &wanted {
             if let Some(state) = self.backends.get_mut(identity) {
                 state.weight = *weight;
                 continue;
             }
             // A backend the pinned maps already hold keeps its id, so its flows keep going.
-            if let Some(id) = self.adoptable_backends.remove(&(identity.addr, identity.port)) {
+            let hints = pool_hints.get(identity.pool.as_str());
+            if let Some(id) = self.claim_adopted(identity, hints) {
                 self.backend_addrs.insert(id, identity.addr);
                 self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
                 continue;
@@ -423,11 +439,14 @@ impl Balancer {
             }
         }
         // Adopted backends the configuration no longer has: retired the same way.
-        for ((addr, port), id) in self.adoptable_backends.drain() {
-            self.retired.insert(id, BackendIdentity { pool: String::new(), addr, port });
-            self.backend_addrs.insert(id, addr);
-            summary.backends_retired += 1;
+        for ((addr, port), ids) in self.adoptable_backends.drain() {
+            for id in ids {
+                self.retired.insert(id, BackendIdentity { pool: String::new(), addr, port });
+                self.backend_addrs.insert(id, addr);
+                summary.backends_retired += 1;
+            }
         }
+        self.adopted_tables.clear();
         if !all_ports && old_flags & lb_common::service::GLOBAL_ALL_PORTS_SERVICES != 0 {
             let mut g = maps.globals.get()?;
             g.flags &= !lb_common::service::GLOBAL_ALL_PORTS_SERVICES;
@@ -567,13 +586,31 @@ impl Balancer {
         m
     }
 
+    /// Takes an adopted id for `identity`: the one its pool's tables held if there is one
+    /// (`hints`), else the lowest left for its address and port.
+    fn claim_adopted(
+        &mut self,
+        identity: &BackendIdentity,
+        hints: Option<&BTreeSet<u32>>,
+    ) -> Option<u32> {
+        let key = (identity.addr, identity.port);
+        let ids = self.adoptable_backends.get_mut(&key)?;
+        ids.sort_unstable();
+        let at = ids.iter().position(|id| hints.is_some_and(|h| h.contains(id))).unwrap_or(0);
+        let id = ids.remove(at);
+        if ids.is_empty() {
+            self.adoptable_backends.remove(&key);
+        }
+        Some(id)
+    }
+
     fn free_backend_id(&self) -> Result<u32, ApplyError> {
         let used: BTreeSet<u32> = self
             .backends
             .values()
             .map(|b| b.id)
             .chain(self.retired.keys().copied())
-            .chain(self.adoptable_backends.values().copied())
+            .chain(self.adoptable_backends.values().flatten().copied())
             .collect();
         (0..MAX_BACKENDS)
             .find(|id| !used.contains(id))

@@ -1366,11 +1366,11 @@ fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
         ("URG", tcp_flags::URG),
     ]
     .into_iter()
-    .enumerate()
-    .map(|(i, (name, flags))| Case {
+    .zip(46_000u16..)
+    .map(|((name, flags), cport)| Case {
         description: format!("{name} without a flow, cookies on"),
         input: Packet::ipv4(CLIENT4, VIP4)
-            .tcp(46_000 + i as u16, 80)
+            .tcp(cport, 80)
             .flags(flags)
             .seq_ack(1000, 2000)
             .payload(b"x")
@@ -1383,4 +1383,40 @@ fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
     lb.bed.check_all(&cases).unwrap();
     let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
     assert!(entries.is_empty(), "{entries:?}");
+}
+
+#[test]
+fn a_restart_gives_each_pool_its_own_id_of_a_shared_backend_back() {
+    // Two pools share a backend: each has an id of its own for it. A restarted daemon
+    // adopting the pinned maps must give both back, to their own pools: an id left out
+    // would go to the next backend added while flows still point at it.
+    let shared = "[[pool]]\nname = \"b\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n\
+                  [[pool.backend]]\naddress = \"198.18.1.13\"\n\
+                  [[service]]\nname = \"t\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\npool = \"b\"\nmode = \"dsr-l2\"\n";
+    let config = dsr_config(false, "tcp").replace("198.18.1.12", "198.18.1.13") + shared;
+    let Some(mut lb) = Lb::new("restart_shared_backend", &config, &[]) else { return };
+    let ids = |b: &Balancer| -> Vec<(String, IpAddr, u32)> {
+        let mut v: Vec<_> = b.backends().map(|(k, id)| (k.pool.clone(), k.addr, id)).collect();
+        v.sort();
+        v
+    };
+    let before = ids(&lb.balancer);
+    assert_eq!(before.len(), 4, "{before:?}");
+    // The restarted balancer knows the maps only; pool "b" sorts first but has the higher
+    // ids, so taking the lowest id per address would swap the pools' ids.
+    let hz = lb.bed.datapath.ticks_per_second().unwrap();
+    let mut restarted = Balancer::new(hz);
+    restarted.adopt(lb.bed.datapath.maps()).unwrap();
+    lb.balancer = restarted;
+    lb.reapply(&config);
+    assert_eq!(ids(&lb.balancer), before, "every pool keeps its ids");
+    // A backend added now gets an id nobody had.
+    lb.reapply(&config.replace(
+        "[[service]]\nname = \"t\"",
+        "[[pool.backend]]\naddress = \"198.18.1.14\"\n[[service]]\nname = \"t\"",
+    ));
+    let after = ids(&lb.balancer);
+    let added = after.iter().find(|(_, a, _)| *a == "198.18.1.14".parse::<IpAddr>().unwrap());
+    let added = added.expect("the new backend").2;
+    assert!(before.iter().all(|(_, _, id)| *id != added), "{after:?}");
 }

@@ -502,11 +502,25 @@ impl Daemon {
     }
 
     /// Applies `new` and writes it back to the configuration file, so the change survives a
-    /// restart. If writing fails, the running state goes back to what it was.
+    /// restart. The new file is written (next to the old one) before anything is applied, so
+    /// a file that cannot be written refuses the change with nothing changed; it replaces the
+    /// old file once the change is applied. Only if that last rename fails does the running
+    /// state go back (by applying the old configuration).
     pub fn change(&mut self, new: Config) -> Result<ApplySummary, ChangeError> {
+        let staged = self.stage(&new)?;
         let old = self.config.clone();
-        let summary = self.apply(new)?;
-        if let Err(error) = self.persist() {
+        let summary = match self.apply(new) {
+            Ok(summary) => summary,
+            Err(error) => {
+                if let Some(staged) = &staged {
+                    let _ = std::fs::remove_file(&staged.tmp);
+                }
+                return Err(error);
+            }
+        };
+        if let Some(staged) = staged
+            && let Err(error) = staged.commit()
+        {
             warn!(%error, "rolling back: the change could not be saved");
             let _ = self.apply(old);
             return Err(error);
@@ -514,22 +528,62 @@ impl Daemon {
         Ok(summary)
     }
 
-    fn persist(&self) -> Result<(), ChangeError> {
-        let Some(path) = &self.config_path else { return Ok(()) };
-        let mut on_disk = self.config.clone();
+    /// Writes what the file will hold after `new` is applied to a temporary file beside it,
+    /// with the file's mode and owner, and keeps the original as `*.toml.orig` (once).
+    /// Writes through a symbolic link to the file it names.
+    fn stage(&self, new: &Config) -> Result<Option<Staged>, ChangeError> {
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let Some(link) = &self.config_path else { return Ok(None) };
+        let fail = |what: &std::path::Path, e: std::io::Error| {
+            ChangeError::Persist(format!("{}: {e}", what.display()))
+        };
+        let path = std::fs::canonicalize(link).map_err(|e| fail(link, e))?;
+        let mut on_disk = new.clone();
         self.file_now.put(&mut on_disk);
         let text = on_disk.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
         let backup = path.with_extension("toml.orig");
         if !backup.exists() {
-            std::fs::copy(path, &backup)
-                .map_err(|e| ChangeError::Persist(format!("{}: {e}", backup.display())))?;
+            std::fs::copy(&path, &backup).map_err(|e| fail(&backup, e))?;
         }
+        let meta = std::fs::metadata(&path).map_err(|e| fail(&path, e))?;
         let tmp = path.with_extension("toml.tmp");
+        let _ = std::fs::remove_file(&tmp);
         let header = "# Written by lbd after a change through its API; the original is kept as *.toml.orig.\n";
-        std::fs::write(&tmp, format!("{header}{text}"))
-            .map_err(|e| ChangeError::Persist(format!("{}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| ChangeError::Persist(format!("{}: {e}", path.display())))?;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(meta.mode() & 0o7777)
+            .open(&tmp)
+            .and_then(|mut file| {
+                use std::io::Write as _;
+                file.write_all(format!("{header}{text}").as_bytes())?;
+                file.sync_all()
+            })
+            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail(&tmp, e));
+        }
+        Ok(Some(Staged { tmp, path }))
+    }
+}
+
+/// A configuration file's next contents, written beside it and not yet in its place.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Puts the new file in place of the old one (and makes the rename durable).
+    fn commit(&self) -> Result<(), ChangeError> {
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| ChangeError::Persist(format!("{}: {e}", self.path.display())))?;
+        if let Some(dir) = self.path.parent()
+            && let Ok(dir) = std::fs::File::open(dir)
+        {
+            let _ = dir.sync_all();
+        }
         Ok(())
     }
 }

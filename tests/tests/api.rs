@@ -512,3 +512,36 @@ fn the_api_serves_https_with_its_certificate() {
     assert!(untrusted.is_err(), "an untrusted certificate was accepted: {untrusted:?}");
     assert!(lbctl_out.as_ref().is_ok_and(|o| o.contains("veth0")), "lbctl: {lbctl_out:?}");
 }
+
+#[test]
+fn a_change_that_cannot_be_saved_is_refused_before_it_applies() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(f) = Fixture::new("change_cannot_be_saved", Some(TOKEN)) else { return };
+    let t = Some(TOKEN);
+    // The file may hold secrets: written back, it keeps its mode.
+    std::fs::set_permissions(&f.config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, body) = f.send(
+        Method::PUT,
+        "/v1/pools/web/backends/198.18.1.12/weight",
+        t,
+        Some(r#"{"weight": 20}"#),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mode = std::fs::metadata(&f.config_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the written-back file's mode");
+
+    // Where the new file would be written, something that is not a file: nothing can be
+    // saved, so nothing may change (the backend is not removed and put back).
+    let blocker = f.config_path.with_extension("toml.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("keep"), "x").unwrap();
+    let (before, text) = (f.fingerprint(), f.config_text());
+    let (status, body) = f.send(Method::DELETE, "/v1/pools/web/backends/198.18.1.11", t, None);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(f.fingerprint(), before, "the running state changed");
+    assert_eq!(f.config_text(), text, "the file changed");
+    let (_, body) = f.send(Method::GET, "/v1/pools", t, None);
+    let pools: Vec<api::PoolView> = serde_json::from_str(&body).unwrap();
+    assert_eq!(pools[0].backends.len(), 2, "{body}");
+}

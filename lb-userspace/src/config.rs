@@ -1064,9 +1064,40 @@ impl Config {
             }
             self.check_service_pool(service, p);
             check_service_mode(service, p);
+            self.check_nat_source(service, p);
             self.check_routes(service, p);
         }
         self.check_passthrough_addresses(p);
+    }
+
+    /// A NAT source is where backends send their replies: a unicast address that is not a
+    /// backend's own.
+    fn check_nat_source(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
+        let Some(source) =
+            service.nat_source.as_ref().filter(|_| service.mode == ForwardingMode::Nat)
+        else {
+            return;
+        };
+        let addr = *source.get_ref();
+        let broadcast = matches!(addr, IpAddr::V4(a) if a.is_broadcast());
+        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() || broadcast {
+            p.add(
+                Some(source.span()),
+                &format!(
+                    "nat_source {addr} is not a unicast address; backends must be able to answer it"
+                ),
+            );
+        }
+        if let Some(pool) = self
+            .pools
+            .iter()
+            .find(|pool| pool.backends.iter().any(|b| *b.address.get_ref() == addr))
+        {
+            p.add(
+                Some(source.span()),
+                &format!("nat_source {addr} is a backend's address (pool {:?}): that backend would send its replies to itself; use an address of this host", pool.name.get_ref()),
+            );
+        }
     }
 
     fn check_service_pool(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
@@ -1563,6 +1594,29 @@ nat_source = "198.18.1.1"
             "{problems:#?}"
         );
         assert!(problems.iter().any(|p| p.contains("nat_ports \"80-90\"")), "{problems:#?}");
+    }
+
+    #[test]
+    fn a_nat_source_is_a_unicast_address_no_backend_has() {
+        for (source, expected) in [
+            ("0.0.0.0", "not a unicast address"),
+            ("224.0.0.1", "not a unicast address"),
+            ("127.0.0.1", "not a unicast address"),
+            ("255.255.255.255", "not a unicast address"),
+            ("198.18.1.12", "is a backend's address (pool \"web\")"),
+        ] {
+            let text =
+                FULL.replace("nat_source = \"198.18.1.1\"", &format!("nat_source = \"{source}\""));
+            let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&text, "t") else {
+                panic!("nat_source {source} accepted");
+            };
+            assert!(
+                problems.len() == 1
+                    && problems[0].contains(expected)
+                    && problems[0].starts_with("line 2"),
+                "{source}: {problems:#?}"
+            );
+        }
     }
 
     #[test]

@@ -142,9 +142,18 @@ impl Daemon {
         }
         let mut lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
         let (effective, panicking) = lifecycle.effective(&config, Instant::now());
-        balancer
+        let summary = balancer
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
+        // Services removed while lbd was down: their flows stop now, as on a reload.
+        if !summary.removed_service_ids.is_empty() {
+            let removed = datapath
+                .maps_mut()
+                .conntrack
+                .remove_flows_of_services(&summary.removed_service_ids)
+                .context("failed to cut the flows of removed services")?;
+            info!(removed, "flows of services removed while lbd was down cut");
+        }
         lifecycle.installed(&effective, panicking);
         balancer
             .mark_down(&down_at_start, datapath.maps_mut())
@@ -162,6 +171,11 @@ impl Daemon {
                 .with_context(|| format!("failed to attach to {name}"))?;
             info!(interface = %name, mode = mode.name(), "XDP program attached");
             attached.push((name.clone(), mode));
+        }
+        // An interface taken out of the configuration is left, not served by a pin.
+        let names: Vec<&str> = attached.iter().map(|(name, _)| name.as_str()).collect();
+        for interface in datapath.detach_unconfigured(&names) {
+            info!(%interface, "detached from an interface no longer configured");
         }
         let timeouts = Timeouts::from_secs(&config.conntrack.timeouts(), hz);
         Ok(Self {

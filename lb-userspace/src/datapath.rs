@@ -335,6 +335,12 @@ impl Datapath {
         self.attach_program(INGRESS_PROGRAM, interface, mode)
     }
 
+    /// Detaches the data path from interfaces an earlier run pinned a link on and this one
+    /// does not serve (`keep`); returns their names.
+    pub fn detach_unconfigured(&self, keep: &[&str]) -> Vec<String> {
+        self.pins.as_ref().map(|p| p.remove_links_except(keep)).unwrap_or_default()
+    }
+
     /// Attaches the pass-through program (lab veth peers only).
     pub fn attach_lab_peer(&mut self, interface: &str) -> Result<AttachedMode, DatapathError> {
         self.attach_program(LAB_PEER_PROGRAM, interface, XdpModeSetting::Driver)

@@ -130,6 +130,21 @@ impl PinDir {
         Ok(prepared)
     }
 
+    /// Removes the pinned links of interfaces not in `keep` and returns their names: a link
+    /// nobody else holds detaches its program as its pin goes.
+    pub fn remove_links_except(&self, keep: &[&str]) -> Vec<String> {
+        let mut removed = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.root.join("links")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name.as_str()) && std::fs::remove_file(entry.path()).is_ok() {
+                    removed.push(name);
+                }
+            }
+        }
+        removed
+    }
+
     /// Removes every pin (maps and links): the data path goes when the last program using it
     /// does.
     pub fn remove_all(&self) {

@@ -238,6 +238,48 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
     drop(bpffs);
 }
 
+#[test]
+fn a_pinned_link_on_an_interface_no_longer_configured_is_detached() {
+    use lb_userspace::{
+        Datapath,
+        datapath::{LoadOptions, XdpModeSetting},
+    };
+    if !require_privileges("a_pinned_link_on_an_interface_no_longer_configured_is_detached") {
+        return;
+    }
+    let id = lb_tests::netns::unique_id();
+    let bpffs = Bpffs::mount(&id);
+    let options = LoadOptions {
+        conntrack_entries: 65_536,
+        pin_dir: Some(bpffs.dir.join("lb")),
+        ..LoadOptions::default()
+    };
+    let ns = lb_tests::daemon::veth_netns().unwrap();
+    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+    let xdp_on = |dev: &str| ns.ip(&["-d", "link", "show", dev]).unwrap().contains("prog/xdp");
+    ns.enter(|| {
+        let mut first = Datapath::load_with(&options).unwrap();
+        for dev in ["veth0", "veth1"] {
+            first.attach(dev, XdpModeSetting::Auto).unwrap();
+        }
+    })
+    .unwrap();
+    assert!(xdp_on("veth0") && xdp_on("veth1"), "the pinned links outlive their process");
+    // The next run serves veth0 only: veth1 must not go on being balanced and filtered.
+    let detached = ns
+        .enter(|| {
+            let mut second = Datapath::load_with(&options).unwrap();
+            second.attach("veth0", XdpModeSetting::Auto).unwrap();
+            second.detach_unconfigured(&["veth0"])
+        })
+        .unwrap();
+    assert_eq!(detached, vec!["veth1".to_owned()]);
+    assert!(xdp_on("veth0"), "the configured interface lost its program");
+    assert!(!xdp_on("veth1"), "the interface no longer configured is still attached");
+    drop(ns);
+    drop(bpffs);
+}
+
 /// Health checks slow enough that a restarted lbd which forgot a backend was down would send
 /// it new flows for about a second before its checks caught up.
 const SLOW_CHECK: &str = r#"

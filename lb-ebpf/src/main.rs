@@ -224,6 +224,14 @@ fn try_balance(
         // A SYN answered with a cookie ends here; a valid cookie marks `live`.
         let outcome = syncookie::on_new_flow(ctx, service, packet, cookie, live);
         if outcome.into_result()? == Action::Tx {
+            // A client starting over on a dead flow's tuple: its cookie ACK must find no
+            // entry, or it would go on as that flow's (to its backend and port, which reset).
+            if dead.present != 0 {
+                conntrack::forget(key);
+                if dead.has_stale != 0 {
+                    conntrack::release(key, &dead.stale, buf);
+                }
+            }
             return Ok(Action::Tx);
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;

@@ -1420,3 +1420,41 @@ fn a_restart_gives_each_pool_its_own_id_of_a_shared_backend_back() {
     let added = added.expect("the new backend").2;
     assert!(before.iter().all(|(_, _, id)| *id != added), "{after:?}");
 }
+
+#[test]
+fn with_syn_cookies_on_a_client_reopening_a_closed_tuple_gets_a_new_connection() {
+    // A cookie-opened connection ends with the client's reset; the client reuses its port at
+    // once. Its new cookie ACK must open a new flow (a SYN to a backend), not go on as the
+    // closed flow's ACK to the old backend and port, which would reset it.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("cookies_reopen_closed_tuple", &config, &[]) else { return };
+    let cport = 46_100;
+    let client = |flags: u8, seq: u32, ack: u32| {
+        Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).build()
+    };
+    let flags_of = |frame: &[u8]| frame[14 + 20 + 13];
+    let handshake = |lb: &mut Lb, isn: u32| {
+        let answer = lb.bed.run(&client(tcp_flags::SYN, isn, 0)).unwrap();
+        assert_eq!(answer.verdict, Some(Action::Tx), "the cookie SYN-ACK");
+        let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+        let out = lb.bed.run(&client(tcp_flags::ACK, isn + 1, cookie.wrapping_add(1))).unwrap();
+        assert_eq!(out.verdict, Some(Action::Tx));
+        out.output
+    };
+    let syn = handshake(&mut lb, 100);
+    assert_eq!(flags_of(&syn), tcp_flags::SYN, "the cookie ACK becomes the backend's SYN");
+    let (backend, bport, nat_port) =
+        lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+    let syn_ack = Packet::ipv4(ip4(backend), NAT4)
+        .tcp(bport, nat_port)
+        .flags(tcp_flags::SYN | tcp_flags::ACK)
+        .seq_ack(5000, 101)
+        .build();
+    assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx), "answered with an ACK");
+    assert_eq!(lb.bed.run(&client(tcp_flags::RST, 101, 0)).unwrap().verdict, Some(Action::Tx));
+
+    let again = handshake(&mut lb, 9000);
+    assert_eq!(flags_of(&again), tcp_flags::SYN, "the new cookie ACK opens a new connection");
+    let seq = u32::from_be_bytes(again[14 + 20 + 4..14 + 20 + 8].try_into().unwrap());
+    assert_eq!(seq, 9000, "with the new client's sequence numbers");
+}

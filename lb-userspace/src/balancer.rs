@@ -167,6 +167,10 @@ pub struct ApplySummary {
 pub enum ApplyError {
     #[error("no free {what} id (at most {max})")]
     NoFreeId { what: &'static str, max: u32 },
+    /// The change would not fit the data path's maps while old and new stand side by side;
+    /// found before anything is written.
+    #[error("{0}")]
+    Capacity(String),
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -272,6 +276,7 @@ impl Balancer {
         maps: &mut Maps,
         resolver: &mut dyn Resolver,
     ) -> Result<ApplySummary, ApplyError> {
+        self.check_capacity(config)?;
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
         let all_ports = config.services.iter().any(|s| s.port().is_none());
@@ -566,6 +571,71 @@ impl Balancer {
             .collect();
         members.sort_unstable();
         members
+    }
+
+    /// Whether `config` fits the maps while it applies: new services, backends and addresses
+    /// are written before the ones they replace go, so both count until then. Refusing here
+    /// leaves everything as it was; running out halfway would not.
+    fn check_capacity(&self, config: &Config) -> Result<(), ApplyError> {
+        let balanced: Vec<&ServiceConfig> =
+            config.services.iter().filter(|s| s.in_data_path()).collect();
+        let fits = |what: &str, n: usize, max: u32| {
+            if n > max as usize {
+                Err(ApplyError::Capacity(format!(
+                    "this change needs {n} {what} at once (the old ones stay until the new ones are in place); at most {max} fit: make it in two steps, removing first"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let new_service_ids = balanced
+            .iter()
+            .filter(|s| {
+                !self.services.contains_key(s.name.get_ref())
+                    && !self.adoptable_services.contains_key(&service_key(s))
+            })
+            .count();
+        let held = self.services.len() + self.adoptable_services.len();
+        fits("service ids", held + new_service_ids, MAX_SERVICES)?;
+        let keys: HashSet<ServiceKey> = self
+            .services
+            .values()
+            .map(|s| s.key)
+            .chain(self.adoptable_services.keys().copied())
+            .chain(balanced.iter().map(|s| service_key(s)))
+            .collect();
+        fits("service entries", keys.len(), MAX_SERVICES)?;
+        let vips: HashSet<AddrKey> = self
+            .current_vips()
+            .into_keys()
+            .chain(balanced.iter().map(|s| addr_key(*s.address.get_ref())))
+            .collect();
+        fits("service addresses", vips.len(), MAX_SERVICES)?;
+        let sources: HashSet<AddrKey> = self
+            .current_nat_sources()
+            .into_keys()
+            .chain(
+                balanced
+                    .iter()
+                    .filter(|s| s.mode == ForwardingMode::Nat)
+                    .filter_map(|s| s.nat_source.as_ref())
+                    .map(|a| addr_key(*a.get_ref())),
+            )
+            .collect();
+        fits("NAT source addresses", sources.len(), lb_common::service::MAX_NAT_SOURCES)?;
+        let new_backends = config
+            .pools
+            .iter()
+            .flat_map(|pool| pool.backends.iter().map(move |b| BackendIdentity::of(pool, b)))
+            .filter(|b| {
+                !self.backends.contains_key(b)
+                    && !self.adoptable_backends.contains_key(&(b.addr, b.port))
+            })
+            .count();
+        let held = self.backends.len()
+            + self.retired.len()
+            + self.adoptable_backends.values().map(Vec::len).sum::<usize>();
+        fits("backend ids", held + new_backends, MAX_BACKENDS)
     }
 
     fn current_vips(&self) -> BTreeMap<AddrKey, u32> {

@@ -472,7 +472,12 @@ impl Daemon {
         let mut summary = self
             .balancer
             .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
-            .map_err(|e| ChangeError::Apply(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::balancer::ApplyError::Capacity(message) => {
+                    ChangeError::Invalid(vec![message])
+                }
+                e => ChangeError::Apply(e.to_string()),
+            })?;
         summary.pending_restart = pending.unwrap_or_default();
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;

@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -1457,4 +1458,39 @@ fn with_syn_cookies_on_a_client_reopening_a_closed_tuple_gets_a_new_connection()
     assert_eq!(flags_of(&again), tcp_flags::SYN, "the new cookie ACK opens a new connection");
     let seq = u32::from_be_bytes(again[14 + 20 + 4..14 + 20 + 8].try_into().unwrap());
     assert_eq!(seq, 9000, "with the new client's sequence numbers");
+}
+
+#[test]
+fn a_change_too_big_to_apply_side_by_side_is_refused_with_nothing_changed() {
+    // 520 services renamed at once: new ids are taken before the old ones are let go, so the
+    // change needs 1,040 service ids where 1,024 exist. It must be refused before anything
+    // is written, not run out of ids halfway.
+    let services = |prefix: &str| -> String {
+        let mut out = String::new();
+        for i in 0..520u16 {
+            let _ = write!(
+                out,
+                "[[service]]\nname = \"{prefix}{i}\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = {}\npool = \"p\"\nmode = \"dsr-l2\"\ntable_size = 101\n",
+                1000 + i
+            );
+        }
+        out
+    };
+    let pool = "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n";
+    let Some(mut lb) = Lb::new("too_big_side_by_side", &format!("{pool}{}", services("a")), &[])
+    else {
+        return;
+    };
+    let before = lb.bed.datapath.maps().fingerprint().unwrap();
+    let renamed = Config::parse(&format!("{INTERFACE}{pool}{}", services("b")), "t").unwrap();
+    let mut resolver = StaticResolver(HashMap::new());
+    let result = lb.balancer.apply(&renamed, lb.bed.datapath.maps_mut(), &mut resolver);
+    let Err(lb_userspace::balancer::ApplyError::Capacity(message)) = result else {
+        panic!("expected a capacity error, got {result:?}");
+    };
+    assert!(message.contains("1040 service ids"), "{message}");
+    assert_eq!(lb.bed.datapath.maps().fingerprint().unwrap(), before, "the maps changed");
+    assert!(lb.balancer.service_id("a7").is_some() && lb.balancer.service_id("b0").is_none());
+    let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_200, 1007).build();
+    assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx), "still served");
 }

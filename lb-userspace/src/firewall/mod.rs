@@ -245,6 +245,20 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
     out.meta.log_burst_micro_tokens = LOG_EVENTS_PER_SECOND * TOKEN;
     out.sources = prefix::propagate(&src_entries, any_src);
     out.destinations = prefix::propagate(&dst_entries, any_dst);
+    // Each trie holds two generations during a change: a rule set past half of it would
+    // fail halfway through installing, so it is refused here, where nothing has changed.
+    let limit = (lb_common::firewall::MAX_PREFIXES / 2) as usize;
+    for (direction, tries) in [("source", &out.sources), ("destination", &out.destinations)] {
+        for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+            let n = tries.keys().filter(|p| matches!(p, Prefix::V6 { .. }) == v6).count();
+            if n > limit {
+                errors.push(format!("firewall: {n} {family} {direction} prefixes (after overlapping prefixes are expanded); at most {limit} fit"));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     Ok(out)
 }
 

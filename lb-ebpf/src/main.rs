@@ -114,7 +114,9 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
         return Err(Reason::NotService);
     }
     if packet.fragment != Fragment::None {
-        return if select::is_vip(packet) {
+        // To a service, or a backend's fragmented reply to a NAT source: neither can be
+        // balanced or translated without ports in every fragment.
+        return if select::is_vip(packet) || nat::is_nat_source(packet) {
             Err(Reason::Fragment)
         } else {
             Err(Reason::NotService)

@@ -1494,3 +1494,49 @@ fn a_change_too_big_to_apply_side_by_side_is_refused_with_nothing_changed() {
     let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_200, 1007).build();
     assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx), "still served");
 }
+
+#[test]
+fn a_fragmented_reply_to_a_nat_source_is_dropped_and_counted() {
+    // A backend's answer too large for one packet: its later fragments carry no ports, so
+    // no fragment can be translated back. Counted as a fragment drop, not handed to the host.
+    let Some(mut lb) = Lb::new("nat_reply_fragments", &nat_config(false, "udp"), &[]) else {
+        return;
+    };
+    let backend = Ipv4Addr::new(198, 18, 1, 11);
+    let elsewhere = Ipv4Addr::new(198, 18, 1, 99);
+    lb.bed
+        .check_all(&[
+            Case {
+                description: "first fragment of a reply to the NAT source".into(),
+                input: Packet::ipv4(backend, NAT4)
+                    .ipv4_fragment(0, true)
+                    .udp(8080, 20_000)
+                    .payload(&[0; 16])
+                    .build(),
+                verdict: Action::Drop,
+                reason: Some(Reason::Fragment),
+                output: Output::Unchanged,
+            },
+            Case {
+                description: "later fragment of a reply to the NAT source".into(),
+                input: Packet::ipv4(backend, NAT4)
+                    .ipv4_fragment(100, false)
+                    .proto(IPPROTO_UDP)
+                    .payload(&[0; 16])
+                    .build(),
+                verdict: Action::Drop,
+                reason: Some(Reason::Fragment),
+                output: Output::Unchanged,
+            },
+            Case::pass(
+                "a fragment to an address that is none of ours",
+                Packet::ipv4(backend, elsewhere)
+                    .ipv4_fragment(100, false)
+                    .proto(IPPROTO_UDP)
+                    .payload(&[0; 16])
+                    .build(),
+                Reason::NotService,
+            ),
+        ])
+        .unwrap();
+}

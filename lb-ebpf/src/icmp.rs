@@ -107,8 +107,9 @@ fn try_translate_error(
     rewrite_outer(ctx, packet, buf).into_status()?;
     rewrite_quoted(ctx, packet, buf, inner_l4 as u32).into_status()?;
     let flow = &buf.flow;
+    let action = forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)?;
     stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
-    forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)
+    Ok(action)
 }
 
 /// Rewrites the outer header for the client; the running ICMP checksum is left in the packet.

@@ -316,6 +316,7 @@ fn send(
         };
         syncookie::syn_to_backend(ctx, packet, &to).into_status()?;
         let ctx = &parse::reload(ctx);
+        let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
         stats::count_traffic(
             live.service_id,
             live.backend_id,
@@ -323,7 +324,7 @@ fn send(
             new_flow,
             false,
         );
-        return forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac);
+        return Ok(action);
     }
     let to = Rewrite {
         src: &live.nat_addr,
@@ -336,12 +337,13 @@ fn send(
         // The client acknowledges the cookie's numbering; the backend numbers its own.
         syncookie::shift(ctx, packet, true, live.seq_delta)?;
     }
+    let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
     stats::count_traffic(live.service_id, live.backend_id, stats::frame_len(ctx), new_flow, false);
-    forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
+    Ok(action)
 }
 
-/// Sends a packet of a DSR flow to its backend on the same link: counters, then the
-/// backend's MAC address and out.
+/// Sends a packet of a DSR flow to its backend on the same link: the backend's MAC address
+/// and out, then counters (a packet the transmission refuses is counted as dropped only).
 #[inline(always)]
 fn send_dsr(
     ctx: &XdpContext,
@@ -353,8 +355,9 @@ fn send_dsr(
     if hop.flags & NEXTHOP_ON_LINK == 0 {
         return Err(Reason::DsrBackendNotOnLink);
     }
+    let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
     stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), new_flow, false);
-    forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)
+    Ok(action)
 }
 
 /// Installs the forward entry of a new flow whose backend (and NAT source port) `live`

@@ -198,6 +198,7 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u64) -> Resul
     let to = Rewrite { src: &e.vip_addr, dst: &e.peer_addr, sport: e.vip_port, dport: e.peer_port };
     rewrite(ctx, packet, &to)?;
     let (service_id, backend_id) = (e.service_id, e.backend_id);
+    let action = forward::transmit(ctx, e.reply_ifindex, &e.reply_dmac, &e.reply_smac)?;
     stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), false, true);
-    forward::transmit(ctx, e.reply_ifindex, &e.reply_dmac, &e.reply_smac)
+    Ok(action)
 }

@@ -1540,3 +1540,34 @@ fn a_fragmented_reply_to_a_nat_source_is_dropped_and_counted() {
         ])
         .unwrap();
 }
+
+#[test]
+fn a_packet_the_transmission_refuses_is_counted_dropped_only() {
+    // A next hop on an interface the device map does not hold: the packet is dropped as
+    // tx_port_missing and must not also count as forwarded to its service and backend.
+    let one = dsr_config(false, "tcp").replace("[[pool.backend]]\naddress = \"198.18.1.12\"\n", "");
+    let Some(mut lb) = Lb::new("tx_port_missing", &one, &[]) else { return };
+    let identity = lb_userspace::balancer::BackendIdentity {
+        pool: "p".into(),
+        addr: "198.18.1.11".parse().unwrap(),
+        port: None,
+    };
+    let id = lb.balancer.backend_id(&identity).unwrap();
+    let hop = NextHop {
+        ifindex: 999_999,
+        flags: NEXTHOP_ON_LINK,
+        dmac: [2, 0, 0, 0, 1, 11],
+        smac: EGRESS_MAC,
+    };
+    lb.bed.datapath.maps_mut().backends.set_next_hop(id, &hop).unwrap();
+    // (The MAC addresses are already rewritten when the device map refuses: a dropped
+    // frame's bytes do not matter.)
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&syn4(46_300)).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::TxPortMissing).packets, 1, "{}", delta.summary());
+    let sid = lb.balancer.service_id("s").unwrap();
+    let service = lb.bed.datapath.maps().traffic.service(sid).unwrap();
+    let backend = lb.bed.datapath.maps().traffic.backend(id).unwrap();
+    assert_eq!((service.packets, service.new_flows, backend.packets), (0, 0, 0));
+}

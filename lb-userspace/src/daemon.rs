@@ -60,6 +60,9 @@ pub struct Daemon {
     /// The settings read only at start as the file had them then, and as it has them now
     /// (what `persist` writes back; the running ones may differ, see [`StartSettings`]).
     file_at_start: StartSettings,
+    /// Digest of the configuration file as lbd last read or wrote it: an API change refuses
+    /// to write over edits made since (see [`Daemon::change`]).
+    file_digest: Option<u64>,
     file_now: StartSettings,
     pub hz: u64,
     pub timeouts: Timeouts,
@@ -178,6 +181,8 @@ impl Daemon {
             info!(%interface, "detached from an interface no longer configured");
         }
         let timeouts = Timeouts::from_secs(&config.conntrack.timeouts(), hz);
+        let file_digest =
+            config_path.as_deref().and_then(|p| std::fs::read(p).ok()).map(|b| digest(&b));
         Ok(Self {
             datapath,
             balancer,
@@ -185,6 +190,7 @@ impl Daemon {
             config,
             config_path,
             file_now: file_at_start.clone(),
+            file_digest,
             file_at_start,
             hz,
             timeouts,
@@ -516,8 +522,14 @@ impl Daemon {
             .config_path
             .clone()
             .ok_or_else(|| ChangeError::NotFound("lbd runs without a configuration file".into()))?;
-        let new = Config::load(&path).map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
-        self.apply_with(new, true)
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ChangeError::Invalid(vec![format!("cannot read {}: {e}", path.display())])
+        })?;
+        let new = Config::parse(&text, &path.display().to_string())
+            .map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
+        let summary = self.apply_with(new, true)?;
+        self.file_digest = Some(digest(text.as_bytes()));
+        Ok(summary)
     }
 
     /// Applies `new` and writes it back to the configuration file, so the change survives a
@@ -537,12 +549,13 @@ impl Daemon {
                 return Err(error);
             }
         };
-        if let Some(staged) = staged
-            && let Err(error) = staged.commit()
-        {
-            warn!(%error, "rolling back: the change could not be saved");
-            let _ = self.apply(old);
-            return Err(error);
+        if let Some(staged) = staged {
+            if let Err(error) = staged.commit() {
+                warn!(%error, "rolling back: the change could not be saved");
+                let _ = self.apply(old);
+                return Err(error);
+            }
+            self.file_digest = Some(staged.digest);
         }
         Ok(summary)
     }
@@ -557,6 +570,15 @@ impl Daemon {
             ChangeError::Persist(format!("{}: {e}", what.display()))
         };
         let path = std::fs::canonicalize(link).map_err(|e| fail(link, e))?;
+        // Edits to the file since lbd last read it (not reloaded yet, or rejected) are not
+        // written over: the change is refused until the file is reloaded or put back.
+        let current = std::fs::read(&path).map_err(|e| fail(&path, e))?;
+        if Some(digest(&current)) != self.file_digest {
+            return Err(ChangeError::Conflict(format!(
+                "{} was edited since lbd last read it; reload it (or undo the edit) before changing the configuration through the API, which would write over the edit",
+                link.display()
+            )));
+        }
         let mut on_disk = new.clone();
         self.file_now.put(&mut on_disk);
         let text = on_disk.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
@@ -568,6 +590,7 @@ impl Daemon {
         let tmp = path.with_extension("toml.tmp");
         let _ = std::fs::remove_file(&tmp);
         let header = "# Written by lbd after a change through its API; the original is kept as *.toml.orig.\n";
+        let contents = format!("{header}{text}");
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -575,7 +598,7 @@ impl Daemon {
             .open(&tmp)
             .and_then(|mut file| {
                 use std::io::Write as _;
-                file.write_all(format!("{header}{text}").as_bytes())?;
+                file.write_all(contents.as_bytes())?;
                 file.sync_all()
             })
             .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
@@ -583,7 +606,7 @@ impl Daemon {
             let _ = std::fs::remove_file(&tmp);
             return Err(fail(&tmp, e));
         }
-        Ok(Some(Staged { tmp, path }))
+        Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()) }))
     }
 }
 
@@ -591,6 +614,16 @@ impl Daemon {
 struct Staged {
     tmp: PathBuf,
     path: PathBuf,
+    /// Of the new contents.
+    digest: u64,
+}
+
+/// A digest of a configuration file's bytes, to notice edits (not a security measure).
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Staged {

@@ -545,3 +545,27 @@ fn a_change_that_cannot_be_saved_is_refused_before_it_applies() {
     let pools: Vec<api::PoolView> = serde_json::from_str(&body).unwrap();
     assert_eq!(pools[0].backends.len(), 2, "{body}");
 }
+
+#[test]
+fn an_api_change_does_not_write_over_edits_not_yet_reloaded() {
+    let Some(f) = Fixture::new("change_over_edits", Some(TOKEN)) else { return };
+    let t = Some(TOKEN);
+    let edited = format!("{}# edited by hand, not reloaded yet\n", f.config_text());
+    std::fs::write(&f.config_path, &edited).unwrap();
+    let before = f.fingerprint();
+    let weight = |w: u32| format!(r#"{{"weight": {w}}}"#);
+    let path = "/v1/pools/web/backends/198.18.1.12/weight";
+    let (status, body) = f.send(Method::PUT, path, t, Some(&weight(30)));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("reload"), "the answer says what to do: {body}");
+    assert_eq!(f.config_text(), edited, "the edit was written over");
+    assert_eq!(f.fingerprint(), before, "the running state changed");
+    // Once reloaded, the API changes it again (and the edit's content is what it builds on).
+    let (status, body) = f.send(Method::POST, "/v1/reload", t, None);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = f.send(Method::PUT, path, t, Some(&weight(30)));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = f.send(Method::PUT, path, t, Some(&weight(40)));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(f.config_text().contains("weight = 40"), "{}", f.config_text());
+}

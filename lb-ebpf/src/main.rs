@@ -163,13 +163,22 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
         return nat::reply(ctx, packet, e, now);
     }
     let g = select::globals()?;
+    if e.flags & FLOW_SYN_PROXY != 0 {
+        // The backend has not answered the SYN this flow sent it: the client's segments
+        // wait (dropped; the client retransmits), and its state does not move. Once a
+        // second has passed without an answer, the client's next segment starts the flow
+        // over: it still carries the cookie, so the backend gets the SYN again (a lost SYN
+        // or SYN-ACK is not the end of the connection).
+        if now.saturating_sub(e.last_seen) > g.refresh {
+            select::note_dead(dead, e);
+            return Ok(Action::Pass);
+        }
+        return Err(Reason::SynProxyPending);
+    }
     let Some((state, refresh)) = select::keep(packet, e, g, now) else {
         select::note_dead(dead, e);
         return Ok(Action::Pass);
     };
-    if e.flags & FLOW_SYN_PROXY != 0 {
-        return Err(Reason::SynProxyPending);
-    }
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }

@@ -1571,3 +1571,51 @@ fn a_packet_the_transmission_refuses_is_counted_dropped_only() {
     let backend = lb.bed.datapath.maps().traffic.backend(id).unwrap();
     assert_eq!((service.packets, service.new_flows, backend.packets), (0, 0, 0));
 }
+
+#[test]
+fn with_syn_cookies_a_lost_syn_to_the_backend_is_sent_again() {
+    // The cookie ACK became a SYN to the backend, and no SYN-ACK came back (lost). The
+    // client's segments wait while it may still come; after that, the client's next
+    // retransmission carries the cookie again and the backend gets the SYN again, from the
+    // same NAT port.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("cookies_lost_syn", &config, &[]) else { return };
+    let cport = 46_400;
+    let client = |flags: u8, seq: u32, ack: u32, data: &[u8]| {
+        Packet::ipv4(CLIENT4, VIP4)
+            .tcp(cport, 80)
+            .flags(flags)
+            .seq_ack(seq, ack)
+            .payload(data)
+            .build()
+    };
+    let answer = lb.bed.run(&client(tcp_flags::SYN, 700, 0, b"")).unwrap();
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    let first = lb.bed.run(&client(tcp_flags::ACK, 701, cookie.wrapping_add(1), b"")).unwrap();
+    assert_eq!(first.verdict, Some(Action::Tx));
+    let segment = |frame: &[u8]| {
+        let l4 = &frame[14 + 20..];
+        let seq = u32::from_be_bytes(l4[4..8].try_into().unwrap());
+        (u16::from_be_bytes([l4[0], l4[1]]), seq, l4[13])
+    };
+    let (nat_port, seq, flags) = segment(&first.output);
+    assert_eq!((seq, flags), (700, tcp_flags::SYN));
+
+    // The client's data right away: the SYN-ACK may still come, so it waits.
+    let data = client(tcp_flags::ACK | tcp_flags::PSH, 701, cookie.wrapping_add(1), b"GET /");
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&data).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::SynProxyPending).packets, 1, "{}", delta.summary());
+
+    // Past the wait (the refresh interval, shortened here), its retransmission sends the
+    // SYN again.
+    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
+    g.refresh = 0;
+    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let again = lb.bed.run(&data).unwrap();
+    assert_eq!(again.verdict, Some(Action::Tx), "the retransmission is answered");
+    assert_eq!(segment(&again.output), (nat_port, 700, tcp_flags::SYN), "the same SYN again");
+    assert_eq!(again.output.len(), first.output.len(), "without the client's data");
+}

@@ -114,9 +114,9 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
         return Err(Reason::NotService);
     }
     if packet.fragment != Fragment::None {
-        // To a service, or a backend's fragmented reply to a NAT source: neither can be
-        // balanced or translated without ports in every fragment.
-        return if select::is_vip(packet) || nat::is_nat_source(packet) {
+        // To a service: not balanced without ports in every fragment. (Fragments to a NAT
+        // source go to the host: they may be its own traffic, see architecture.md.)
+        return if select::is_vip(packet) {
             Err(Reason::Fragment)
         } else {
             Err(Reason::NotService)
@@ -154,6 +154,7 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
     let Scratch { packet, buf, live, dead, .. } = scratch;
     dead.present = 0;
     dead.has_stale = 0;
+    dead.retry = 0;
     let key = packet.flow_key();
     let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else { return Ok(Action::Pass) };
     // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
@@ -167,10 +168,11 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
         // The backend has not answered the SYN this flow sent it: the client's segments
         // wait (dropped; the client retransmits), and its state does not move. Once a
         // second has passed without an answer, the client's next segment starts the flow
-        // over: it still carries the cookie, so the backend gets the SYN again (a lost SYN
-        // or SYN-ACK is not the end of the connection).
+        // over: if it still carries a valid cookie (a retransmission of its first segment),
+        // the backend gets the SYN again. Counted as the same flow, not a new one.
         if now.saturating_sub(e.last_seen) > g.refresh {
             select::note_dead(dead, e);
+            dead.retry = 1;
             return Ok(Action::Pass);
         }
         return Err(Reason::SynProxyPending);
@@ -279,7 +281,8 @@ fn try_balance(
         conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
     }
     open_flow(key, service, live, buf, replace).into_status()?;
-    send(ctx, packet, key, live, is_nat, live.new_flow, proxied)
+    let new_flow = live.new_flow && dead.retry == 0;
+    send(ctx, packet, key, live, is_nat, new_flow, proxied)
 }
 
 /// Whether the dead NAT flow `stale` went to the backend `live` now has, from the same NAT

@@ -106,7 +106,7 @@ pub fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
 
 /// Whether `packet` is addressed to one of the NAT source addresses.
 #[inline(always)]
-pub fn is_nat_source(packet: &Packet) -> bool {
+fn is_nat_source(packet: &Packet) -> bool {
     let key = AddrKey { addr: packet.dst, family: packet.family as u32 };
     NAT_SOURCES.get_ptr(key).is_some()
 }

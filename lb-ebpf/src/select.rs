@@ -115,6 +115,9 @@ pub struct DeadFlow {
     pub present: u8,
     /// 1 when it is a NAT flow's forward entry; `stale` then names its reply entry.
     pub has_stale: u8,
+    /// 1 when it is a cookie-opened flow whose backend never answered, started over: the
+    /// same connection, not a new flow to count.
+    pub retry: u8,
     pub stale: StaleNat,
 }
 

@@ -301,22 +301,16 @@ impl Balancer {
                     .map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
             })
             .collect();
-        // Adopted ids each pool's services' tables held: a backend in two pools had an id in
-        // each, and each pool takes its own back.
-        let mut pool_hints: HashMap<&str, BTreeSet<u32>> = HashMap::new();
-        for service in config.services.iter().filter(|s| s.in_data_path()) {
-            if let Some(ids) = self.adopted_tables.get(&service_key(service)) {
-                pool_hints.entry(service.pool.get_ref().as_str()).or_default().extend(ids);
-            }
-        }
+        let mut claimed = self.claim_pools_own_ids(config, &wanted);
         for (identity, weight) in &wanted {
             if let Some(state) = self.backends.get_mut(identity) {
                 state.weight = *weight;
                 continue;
             }
             // A backend the pinned maps already hold keeps its id, so its flows keep going.
-            let hints = pool_hints.get(identity.pool.as_str());
-            if let Some(id) = self.claim_adopted(identity, hints) {
+            let adopted =
+                claimed.remove(identity).or_else(|| self.claim_adopted(identity, None, false));
+            if let Some(id) = adopted {
                 self.backend_addrs.insert(id, identity.addr);
                 self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
                 continue;
@@ -656,17 +650,51 @@ impl Balancer {
         m
     }
 
+    /// Adopted ids each pool's services' tables held: a backend in two pools had an id in
+    /// each, and each pool takes its own back first (before any takes the lowest left, which
+    /// could be another pool's).
+    fn claim_pools_own_ids(
+        &mut self,
+        config: &Config,
+        wanted: &BTreeMap<BackendIdentity, u32>,
+    ) -> HashMap<BackendIdentity, u32> {
+        let mut pool_hints: HashMap<&str, BTreeSet<u32>> = HashMap::new();
+        for service in config.services.iter().filter(|s| s.in_data_path()) {
+            if let Some(ids) = self.adopted_tables.get(&service_key(service)) {
+                pool_hints.entry(service.pool.get_ref().as_str()).or_default().extend(ids);
+            }
+        }
+        let mut claimed = HashMap::new();
+        for identity in wanted.keys() {
+            if self.backends.contains_key(identity) {
+                continue;
+            }
+            if let Some(hints) = pool_hints.get(identity.pool.as_str())
+                && let Some(id) = self.claim_adopted(identity, Some(hints), true)
+            {
+                claimed.insert(identity.clone(), id);
+            }
+        }
+        claimed
+    }
+
     /// Takes an adopted id for `identity`: the one its pool's tables held if there is one
-    /// (`hints`), else the lowest left for its address and port.
+    /// (`hints`), else (unless `hinted_only`) the lowest left for its address and port.
     fn claim_adopted(
         &mut self,
         identity: &BackendIdentity,
         hints: Option<&BTreeSet<u32>>,
+        hinted_only: bool,
     ) -> Option<u32> {
         let key = (identity.addr, identity.port);
         let ids = self.adoptable_backends.get_mut(&key)?;
         ids.sort_unstable();
-        let at = ids.iter().position(|id| hints.is_some_and(|h| h.contains(id))).unwrap_or(0);
+        let hinted = ids.iter().position(|id| hints.is_some_and(|h| h.contains(id)));
+        let at = match hinted {
+            Some(at) => at,
+            None if hinted_only => return None,
+            None => 0,
+        };
         let id = ids.remove(at);
         if ids.is_empty() {
             self.adoptable_backends.remove(&key);

@@ -1070,8 +1070,8 @@ impl Config {
         self.check_passthrough_addresses(p);
     }
 
-    /// A NAT source is where backends send their replies: a unicast address that is not a
-    /// backend's own.
+    /// A NAT source is where backends send their replies: a unicast address that is not the
+    /// address of one of the service's own backends.
     fn check_nat_source(&self, service: &ServiceConfig, p: &mut Problems<'_>) {
         let Some(source) =
             service.nat_source.as_ref().filter(|_| service.mode == ForwardingMode::Nat)
@@ -1089,9 +1089,8 @@ impl Config {
             );
         }
         if let Some(pool) = self
-            .pools
-            .iter()
-            .find(|pool| pool.backends.iter().any(|b| *b.address.get_ref() == addr))
+            .pool(service.pool.get_ref())
+            .filter(|pool| pool.backends.iter().any(|b| *b.address.get_ref() == addr))
         {
             p.add(
                 Some(source.span()),

@@ -598,13 +598,25 @@ impl Daemon {
             .open(&tmp)
             .and_then(|mut file| {
                 use std::io::Write as _;
+                // The mode given at creation is masked by the umask: set it whole.
+                file.set_permissions(meta.permissions())?;
                 file.write_all(contents.as_bytes())?;
-                file.sync_all()
-            })
-            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(fail(&tmp, e));
+                file.sync_all()?;
+                file.metadata()
+            });
+        let created = match written {
+            Ok(created) => created,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(fail(&tmp, e));
+            }
+        };
+        // The owner too, when it is not lbd's own; lbd may lack the right to (a unit without
+        // CAP_CHOWN): then the file keeps its mode and changes owner, which is logged.
+        if (created.uid(), created.gid()) != (meta.uid(), meta.gid())
+            && let Err(error) = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
+        {
+            warn!(%error, file = %path.display(), "could not keep the configuration file's owner");
         }
         Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()) }))
     }

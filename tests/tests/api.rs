@@ -518,8 +518,9 @@ fn a_change_that_cannot_be_saved_is_refused_before_it_applies() {
     use std::os::unix::fs::PermissionsExt as _;
     let Some(f) = Fixture::new("change_cannot_be_saved", Some(TOKEN)) else { return };
     let t = Some(TOKEN);
-    // The file may hold secrets: written back, it keeps its mode.
-    std::fs::set_permissions(&f.config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The file may hold secrets, and a group may edit it: written back, it keeps its mode
+    // exactly (group-writable, which lbd's umask alone would take away).
+    std::fs::set_permissions(&f.config_path, std::fs::Permissions::from_mode(0o660)).unwrap();
     let (status, body) = f.send(
         Method::PUT,
         "/v1/pools/web/backends/198.18.1.12/weight",
@@ -528,7 +529,7 @@ fn a_change_that_cannot_be_saved_is_refused_before_it_applies() {
     );
     assert_eq!(status, StatusCode::OK, "{body}");
     let mode = std::fs::metadata(&f.config_path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the written-back file's mode");
+    assert_eq!(mode, 0o660, "the written-back file's mode");
 
     // Where the new file would be written, something that is not a file: nothing can be
     // saved, so nothing may change (the backend is not removed and put back).

@@ -1496,41 +1496,28 @@ fn a_change_too_big_to_apply_side_by_side_is_refused_with_nothing_changed() {
 }
 
 #[test]
-fn a_fragmented_reply_to_a_nat_source_is_dropped_and_counted() {
-    // A backend's answer too large for one packet: its later fragments carry no ports, so
-    // no fragment can be translated back. Counted as a fragment drop, not handed to the host.
+fn a_fragmented_reply_to_a_nat_source_goes_to_the_host() {
+    // No fragment of a backend's oversized reply can be translated back (later fragments
+    // carry no ports), and the NAT source is often the host's own address, whose own traffic
+    // may be fragmented: the host gets them, untouched (see architecture.md).
     let Some(mut lb) = Lb::new("nat_reply_fragments", &nat_config(false, "udp"), &[]) else {
         return;
     };
     let backend = Ipv4Addr::new(198, 18, 1, 11);
-    let elsewhere = Ipv4Addr::new(198, 18, 1, 99);
     lb.bed
         .check_all(&[
-            Case {
-                description: "first fragment of a reply to the NAT source".into(),
-                input: Packet::ipv4(backend, NAT4)
+            Case::pass(
+                "first fragment of a reply to the NAT source",
+                Packet::ipv4(backend, NAT4)
                     .ipv4_fragment(0, true)
                     .udp(8080, 20_000)
                     .payload(&[0; 16])
                     .build(),
-                verdict: Action::Drop,
-                reason: Some(Reason::Fragment),
-                output: Output::Unchanged,
-            },
-            Case {
-                description: "later fragment of a reply to the NAT source".into(),
-                input: Packet::ipv4(backend, NAT4)
-                    .ipv4_fragment(100, false)
-                    .proto(IPPROTO_UDP)
-                    .payload(&[0; 16])
-                    .build(),
-                verdict: Action::Drop,
-                reason: Some(Reason::Fragment),
-                output: Output::Unchanged,
-            },
+                Reason::NotService,
+            ),
             Case::pass(
-                "a fragment to an address that is none of ours",
-                Packet::ipv4(backend, elsewhere)
+                "later fragment of a reply to the NAT source",
+                Packet::ipv4(backend, NAT4)
                     .ipv4_fragment(100, false)
                     .proto(IPPROTO_UDP)
                     .payload(&[0; 16])
@@ -1614,8 +1601,12 @@ fn with_syn_cookies_a_lost_syn_to_the_backend_is_sent_again() {
     g.refresh = 0;
     lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(30));
+    let sid = lb.balancer.service_id("s").unwrap();
+    let flows = lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows;
     let again = lb.bed.run(&data).unwrap();
     assert_eq!(again.verdict, Some(Action::Tx), "the retransmission is answered");
+    let after = lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows;
+    assert_eq!(after, flows, "the same connection, not a new flow");
     assert_eq!(segment(&again.output), (nat_port, 700, tcp_flags::SYN), "the same SYN again");
     assert_eq!(again.output.len(), first.output.len(), "without the client's data");
 }

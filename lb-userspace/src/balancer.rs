@@ -437,10 +437,14 @@ impl Balancer {
                 summary.backends_retired += 1;
             }
         }
-        // Adopted backends the configuration no longer has: retired the same way.
-        for ((addr, port), ids) in self.adoptable_backends.drain() {
+        // Adopted backends the configuration no longer has: retired the same way, under the
+        // pool whose (still configured) services' tables held them, so its drain deadline
+        // applies (none known: never cut, the default).
+        let pool_of = self.adopted_pools(config);
+        for ((addr, port), ids) in std::mem::take(&mut self.adoptable_backends) {
             for id in ids {
-                self.retired.insert(id, BackendIdentity { pool: String::new(), addr, port });
+                let pool = pool_of.get(&id).cloned().unwrap_or_default();
+                self.retired.insert(id, BackendIdentity { pool, addr, port });
                 self.backend_addrs.insert(id, addr);
                 summary.backends_retired += 1;
             }
@@ -676,6 +680,20 @@ impl Balancer {
             }
         }
         claimed
+    }
+
+    /// The pool of each backend id in an adopted Maglev table, by the configured service with
+    /// that table's key.
+    fn adopted_pools(&self, config: &Config) -> HashMap<u32, String> {
+        let mut pools = HashMap::new();
+        for service in config.services.iter().filter(|s| s.in_data_path()) {
+            if let Some(ids) = self.adopted_tables.get(&service_key(service)) {
+                for id in ids {
+                    pools.insert(*id, service.pool.get_ref().clone());
+                }
+            }
+        }
+        pools
     }
 
     /// Takes an adopted id for `identity`: the one its pool's tables held if there is one

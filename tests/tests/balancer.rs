@@ -1610,3 +1610,24 @@ fn with_syn_cookies_a_lost_syn_to_the_backend_is_sent_again() {
     assert_eq!(segment(&again.output), (nat_port, 700, tcp_flags::SYN), "the same SYN again");
     assert_eq!(again.output.len(), first.output.len(), "without the client's data");
 }
+
+#[test]
+fn a_backend_removed_while_lbd_was_down_retires_under_its_pool() {
+    // Removed from the file while lbd was down: the restarted lbd finds its id in the pinned
+    // maps only, and must know its pool, or the pool's drain deadline never cuts its flows.
+    let config = dsr_config(false, "tcp").replace("198.18.1.12", "198.18.1.13");
+    let Some(mut lb) = Lb::new("removed_while_down", &config, &[]) else { return };
+    let gone = lb_userspace::balancer::BackendIdentity {
+        pool: "p".into(),
+        addr: "198.18.1.13".parse().unwrap(),
+        port: None,
+    };
+    let id = lb.balancer.backend_id(&gone).unwrap();
+    let hz = lb.bed.datapath.ticks_per_second().unwrap();
+    let mut restarted = Balancer::new(hz);
+    restarted.adopt(lb.bed.datapath.maps()).unwrap();
+    lb.balancer = restarted;
+    lb.reapply(&config.replace("[[pool.backend]]\naddress = \"198.18.1.13\"\n", ""));
+    let retired: Vec<_> = lb.balancer.retired().map(|(i, b)| (i, b.clone())).collect();
+    assert_eq!(retired, vec![(id, gone)], "retired under its pool");
+}

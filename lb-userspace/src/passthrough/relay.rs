@@ -54,60 +54,50 @@ pub async fn run(
     route: &RouteId,
     cut: &CancellationToken,
 ) -> io::Result<&'static str> {
-    let result = relay(&client, &upstream, &first, client_ended, maps, stats, route, cut).await;
+    let result = async {
+        let (client, upstream) = (&client, &upstream);
+        // Written before any relaying: the kernel never sends into `upstream` ahead of it.
+        write_all(upstream, &first).await?;
+        stats.relayed(route, first.len() as u64, 0);
+        if let Some(maps) = maps {
+            let keys = (
+                RelayKey::new(client.peer_addr()?, client.local_addr()?),
+                RelayKey::new(upstream.peer_addr()?, upstream.local_addr()?),
+            );
+            for socket in [client.as_raw_fd(), upstream.as_raw_fd()] {
+                fix_receive_buffer(socket);
+            }
+            // Where each direction starts, counted before the kernel takes over.
+            let up = Flow::start(client, upstream, client_ended)?;
+            let down = Flow::start(upstream, client, false)?;
+            let linked = lock(maps).link(keys.0, client, keys.1, upstream);
+            match linked {
+                Ok(()) => {
+                    let flows = [up, down];
+                    let relayed =
+                        sockmap(client, upstream, flows, client_ended, maps, keys, stats, route);
+                    let result = tokio::select! {
+                        result = relayed => result,
+                        () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
+                    };
+                    lock(maps).unlink(keys.0, keys.1);
+                    return result.map(|()| "sockmap");
+                }
+                Err(error) => debug!(%error, "socket map refused the relay; splicing"),
+            }
+        }
+        let result = tokio::select! {
+            result = splice(client, upstream, client_ended, stats, route) => result,
+            () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
+        };
+        result.map(|()| "splice")
+    }
+    .await;
     if result.is_err() {
         abort(&client);
         abort(&upstream);
     }
     result
-}
-
-#[allow(clippy::too_many_arguments, reason = "one connection's whole state, passed once")]
-async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    first: &[u8],
-    client_ended: bool,
-    maps: Option<&SharedMaps>,
-    stats: &Stats,
-    route: &RouteId,
-    cut: &CancellationToken,
-) -> io::Result<&'static str> {
-    // Written before any relaying: the kernel never sends into `upstream` ahead of it.
-    write_all(upstream, first).await?;
-    stats.relayed(route, first.len() as u64, 0);
-    if let Some(maps) = maps {
-        let keys = (
-            RelayKey::new(client.peer_addr()?, client.local_addr()?),
-            RelayKey::new(upstream.peer_addr()?, upstream.local_addr()?),
-        );
-        for socket in [client.as_raw_fd(), upstream.as_raw_fd()] {
-            fix_receive_buffer(socket);
-        }
-        // Where each direction starts, counted before the kernel takes over.
-        let up = Flow::start(client, upstream, client_ended)?;
-        let down = Flow::start(upstream, client, false)?;
-        let linked = lock(maps).link(keys.0, client, keys.1, upstream);
-        match linked {
-            Ok(()) => {
-                let flows = [up, down];
-                let relayed =
-                    sockmap(client, upstream, flows, client_ended, maps, keys, stats, route);
-                let result = tokio::select! {
-                    result = relayed => result,
-                    () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
-                };
-                lock(maps).unlink(keys.0, keys.1);
-                return result.map(|()| "sockmap");
-            }
-            Err(error) => debug!(%error, "socket map refused the relay; splicing"),
-        }
-    }
-    let result = tokio::select! {
-        result = splice(client, upstream, client_ended, stats, route) => result,
-        () = cut.cancelled() => Err(io::Error::other("cut: its backend left service")),
-    };
-    result.map(|()| "splice")
 }
 
 /// Receive buffer of relayed sockets. The kernel grows a TCP receive buffer as a reader

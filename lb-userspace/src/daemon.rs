@@ -522,11 +522,8 @@ impl Daemon {
             .config_path
             .clone()
             .ok_or_else(|| ChangeError::NotFound("lbd runs without a configuration file".into()))?;
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            ChangeError::Invalid(vec![format!("cannot read {}: {e}", path.display())])
-        })?;
-        let new = Config::parse(&text, &path.display().to_string())
-            .map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
+        let (new, text) =
+            Config::load_with_text(&path).map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
         let summary = self.apply_with(new, true)?;
         self.file_digest = Some(digest(text.as_bytes()));
         Ok(summary)

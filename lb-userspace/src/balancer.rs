@@ -301,7 +301,8 @@ impl Balancer {
                     .map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
             })
             .collect();
-        let mut claimed = self.claim_pools_own_ids(config, &wanted);
+        let adopted_pool = self.adopted_pools(config);
+        let mut claimed = self.claim_pools_own_ids(&wanted, &adopted_pool);
         for (identity, weight) in &wanted {
             if let Some(state) = self.backends.get_mut(identity) {
                 state.weight = *weight;
@@ -309,7 +310,7 @@ impl Balancer {
             }
             // A backend the pinned maps already hold keeps its id, so its flows keep going.
             let adopted =
-                claimed.remove(identity).or_else(|| self.claim_adopted(identity, None, false));
+                claimed.remove(identity).or_else(|| self.claim_adopted(identity, |_| true));
             if let Some(id) = adopted {
                 self.backend_addrs.insert(id, identity.addr);
                 self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
@@ -440,10 +441,9 @@ impl Balancer {
         // Adopted backends the configuration no longer has: retired the same way, under the
         // pool whose (still configured) services' tables held them, so its drain deadline
         // applies (none known: never cut, the default).
-        let pool_of = self.adopted_pools(config);
         for ((addr, port), ids) in std::mem::take(&mut self.adoptable_backends) {
             for id in ids {
-                let pool = pool_of.get(&id).cloned().unwrap_or_default();
+                let pool = adopted_pool.get(&id).cloned().unwrap_or_default();
                 self.retired.insert(id, BackendIdentity { pool, addr, port });
                 self.backend_addrs.insert(id, addr);
                 summary.backends_retired += 1;
@@ -654,28 +654,21 @@ impl Balancer {
         m
     }
 
-    /// Adopted ids each pool's services' tables held: a backend in two pools had an id in
-    /// each, and each pool takes its own back first (before any takes the lowest left, which
-    /// could be another pool's).
+    /// Adopted ids each pool's services' tables held (`adopted_pool`): a backend in two pools
+    /// had an id in each, and each pool takes its own back first (before any takes the lowest
+    /// left, which could be another pool's).
     fn claim_pools_own_ids(
         &mut self,
-        config: &Config,
         wanted: &BTreeMap<BackendIdentity, u32>,
+        adopted_pool: &HashMap<u32, String>,
     ) -> HashMap<BackendIdentity, u32> {
-        let mut pool_hints: HashMap<&str, BTreeSet<u32>> = HashMap::new();
-        for service in config.services.iter().filter(|s| s.in_data_path()) {
-            if let Some(ids) = self.adopted_tables.get(&service_key(service)) {
-                pool_hints.entry(service.pool.get_ref().as_str()).or_default().extend(ids);
-            }
-        }
         let mut claimed = HashMap::new();
         for identity in wanted.keys() {
             if self.backends.contains_key(identity) {
                 continue;
             }
-            if let Some(hints) = pool_hints.get(identity.pool.as_str())
-                && let Some(id) = self.claim_adopted(identity, Some(hints), true)
-            {
+            let own = |id: u32| adopted_pool.get(&id) == Some(&identity.pool);
+            if let Some(id) = self.claim_adopted(identity, own) {
                 claimed.insert(identity.clone(), id);
             }
         }
@@ -683,7 +676,7 @@ impl Balancer {
     }
 
     /// The pool of each backend id in an adopted Maglev table, by the configured service with
-    /// that table's key.
+    /// that table's key (an id belongs to one pool).
     fn adopted_pools(&self, config: &Config) -> HashMap<u32, String> {
         let mut pools = HashMap::new();
         for service in config.services.iter().filter(|s| s.in_data_path()) {
@@ -696,23 +689,16 @@ impl Balancer {
         pools
     }
 
-    /// Takes an adopted id for `identity`: the one its pool's tables held if there is one
-    /// (`hints`), else (unless `hinted_only`) the lowest left for its address and port.
+    /// Takes the lowest adopted id left for `identity`'s address and port that `pick` accepts.
     fn claim_adopted(
         &mut self,
         identity: &BackendIdentity,
-        hints: Option<&BTreeSet<u32>>,
-        hinted_only: bool,
+        pick: impl Fn(u32) -> bool,
     ) -> Option<u32> {
         let key = (identity.addr, identity.port);
         let ids = self.adoptable_backends.get_mut(&key)?;
         ids.sort_unstable();
-        let hinted = ids.iter().position(|id| hints.is_some_and(|h| h.contains(id)));
-        let at = match hinted {
-            Some(at) => at,
-            None if hinted_only => return None,
-            None => 0,
-        };
+        let at = ids.iter().position(|id| pick(*id))?;
         let id = ids.remove(at);
         if ids.is_empty() {
             self.adoptable_backends.remove(&key);

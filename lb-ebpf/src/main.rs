@@ -239,12 +239,7 @@ fn try_balance(
         if outcome.into_result()? == Action::Tx {
             // A client starting over on a dead flow's tuple: its cookie ACK must find no
             // entry, or it would go on as that flow's (to its backend and port, which reset).
-            if dead.present != 0 {
-                conntrack::forget(key);
-                if dead.has_stale != 0 {
-                    conntrack::release(key, &dead.stale, buf);
-                }
-            }
+            forget_dead_nat(key, dead, buf);
             return Ok(Action::Tx);
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
@@ -269,13 +264,8 @@ fn try_balance(
     let replace = dead.present != 0 && (!is_nat || reuse);
     if reuse {
         live.nat_port = dead.stale.nat_port;
-    } else {
-        if dead.present != 0 && is_nat {
-            conntrack::forget(key);
-        }
-        if dead.has_stale != 0 {
-            conntrack::release(key, &dead.stale, buf);
-        }
+    } else if is_nat {
+        forget_dead_nat(key, dead, buf);
     }
     if is_nat {
         conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
@@ -283,6 +273,18 @@ fn try_balance(
     open_flow(key, service, live, buf, replace).into_status()?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
+}
+
+/// Removes the dead NAT flow on `key`'s tuple that `dead` found: its forward entry, and its
+/// reply entry unless another flow took that port over.
+#[inline(always)]
+fn forget_dead_nat(key: &FlowKey, dead: &select::DeadFlow, buf: &mut EntryBuf) {
+    if dead.present != 0 {
+        conntrack::forget(key);
+    }
+    if dead.has_stale != 0 {
+        conntrack::release(key, &dead.stale, buf);
+    }
 }
 
 /// Whether the dead NAT flow `stale` went to the backend `live` now has, from the same NAT

@@ -137,6 +137,21 @@ impl Lb {
         self.config = config;
     }
 
+    /// Changes the data path's globals (timeouts, refresh interval) as `f` says.
+    fn set_globals(&mut self, f: impl FnOnce(&mut lb_common::service::Globals)) {
+        let mut g = self.bed.datapath.maps().globals.get().unwrap();
+        f(&mut g);
+        self.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    }
+
+    /// A restarted daemon's balancer: it knows the pinned maps only.
+    fn restart_balancer(&mut self) {
+        let hz = self.bed.datapath.ticks_per_second().unwrap();
+        let mut restarted = Balancer::new(hz);
+        restarted.adopt(self.bed.datapath.maps()).unwrap();
+        self.balancer = restarted;
+    }
+
     /// The backend (address, port) and NAT port the connection table holds for a flow.
     fn flow_of(
         &self,
@@ -436,6 +451,21 @@ fn syn4(port: u16) -> Vec<u8> {
     client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build()
 }
 
+/// On the one-port service: the flow from client port `a` closes and (closed flows now
+/// expiring at once) the flow from `b` takes its NAT port over. Returns `b`'s backend
+/// (address, port) and NAT port.
+fn hand_the_port_over(lb: &mut Lb, a: u16, b: u16) -> (IpAddr, u16, u16) {
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
+    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
+    lb.set_globals(|g| g.timeouts.closed = 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    let flow = lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP);
+    assert_eq!(flow.2, 20_000, "the only port");
+    flow
+}
+
 #[test]
 fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
     // One backend and one NAT port: once a closed flow has expired, the next flow takes its
@@ -444,16 +474,7 @@ fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
         return;
     };
     let (a, b) = (45_100, 45_101);
-    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
-    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
-    // Closed flows expire at once from here on.
-    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
-    g.timeouts.closed = 0;
-    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
-    assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
+    hand_the_port_over(&mut lb, a, b);
 
     let before = lb.bed.datapath.stats().read().unwrap();
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Drop));
@@ -1283,16 +1304,7 @@ fn the_sweep_leaves_a_taken_over_nat_port_alone() {
         return;
     };
     let (a, b) = (45_300, 45_301);
-    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(a, 80).flags(tcp_flags::RST).build();
-    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
-    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
-    g.timeouts.closed = 0;
-    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
-    let (backend, bport, nat_port) = lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP);
-    assert_eq!(nat_port, 20_000);
+    let (backend, bport, nat_port) = hand_the_port_over(&mut lb, a, b);
 
     let swept = sweep(&mut lb);
     assert_eq!(swept.removed, 1, "the closed flow's forward entry alone: {swept:?}");
@@ -1316,10 +1328,10 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     // replies, in the data path and through the daemon's sweep.
     let Some(mut lb) = Lb::new("one_way_udp", &nat_config(false, "udp"), &[]) else { return };
     let hz = lb.bed.datapath.ticks_per_second().unwrap();
-    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
-    g.timeouts.datagram = hz / 5; // 200 ms
-    g.refresh = 0;
-    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    lb.set_globals(|g| {
+        g.timeouts.datagram = hz / 5; // 200 ms
+        g.refresh = 0;
+    });
     let cport = 45_400;
     let first = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_UDP, cport, 80).build();
     assert_eq!(lb.bed.run(&first).unwrap().verdict, Some(Action::Tx));
@@ -1405,10 +1417,7 @@ fn a_restart_gives_each_pool_its_own_id_of_a_shared_backend_back() {
     assert_eq!(before.len(), 4, "{before:?}");
     // The restarted balancer knows the maps only; pool "b" sorts first but has the higher
     // ids, so taking the lowest id per address would swap the pools' ids.
-    let hz = lb.bed.datapath.ticks_per_second().unwrap();
-    let mut restarted = Balancer::new(hz);
-    restarted.adopt(lb.bed.datapath.maps()).unwrap();
-    lb.balancer = restarted;
+    lb.restart_balancer();
     lb.reapply(&config);
     assert_eq!(ids(&lb.balancer), before, "every pool keeps its ids");
     // A backend added now gets an id nobody had.
@@ -1597,9 +1606,7 @@ fn with_syn_cookies_a_lost_syn_to_the_backend_is_sent_again() {
 
     // Past the wait (the refresh interval, shortened here), its retransmission sends the
     // SYN again.
-    let mut g = lb.bed.datapath.maps().globals.get().unwrap();
-    g.refresh = 0;
-    lb.bed.datapath.maps_mut().globals.set(&g).unwrap();
+    lb.set_globals(|g| g.refresh = 0);
     std::thread::sleep(std::time::Duration::from_millis(30));
     let sid = lb.balancer.service_id("s").unwrap();
     let flows = lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows;
@@ -1623,10 +1630,7 @@ fn a_backend_removed_while_lbd_was_down_retires_under_its_pool() {
         port: None,
     };
     let id = lb.balancer.backend_id(&gone).unwrap();
-    let hz = lb.bed.datapath.ticks_per_second().unwrap();
-    let mut restarted = Balancer::new(hz);
-    restarted.adopt(lb.bed.datapath.maps()).unwrap();
-    lb.balancer = restarted;
+    lb.restart_balancer();
     lb.reapply(&config.replace("[[pool.backend]]\naddress = \"198.18.1.13\"\n", ""));
     let retired: Vec<_> = lb.balancer.retired().map(|(i, b)| (i, b.clone())).collect();
     assert_eq!(retired, vec![(id, gone)], "retired under its pool");

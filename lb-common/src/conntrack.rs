@@ -104,6 +104,24 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 80);
 // SAFETY: repr(C), no implicit padding, plain integers.
 unsafe impl aya::Pod for Flow {}
 
+impl Flow {
+    /// The key of the forward entry (client to service) of the NAT flow whose reply entry
+    /// this is; `proto` and `family` are the reply key's.
+    #[inline(always)]
+    #[must_use]
+    pub const fn forward_key(&self, proto: u8, family: u8) -> crate::FlowKey {
+        crate::FlowKey {
+            src: self.peer_addr,
+            dst: self.vip_addr,
+            sport: self.peer_port,
+            dport: self.vip_port,
+            proto,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
 /// How often a live flow's `last_seen` is rewritten, in seconds: often enough for
 /// second-granularity timeouts, rarely enough to keep the entry's cache line mostly read-only.
 pub const REFRESH_SECS: u64 = 1;

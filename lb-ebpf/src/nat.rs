@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    Action, FlowKey, Reason,
+    Action, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
@@ -135,16 +135,7 @@ pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outc
 /// flow, not per packet.
 #[inline(never)]
 fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
-    let forward = FlowKey {
-        src: e.peer_addr,
-        dst: e.vip_addr,
-        sport: e.peer_port,
-        dport: e.vip_port,
-        proto,
-        family,
-        _pad: 0,
-    };
-    if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
+    if let Some(f) = CONNTRACK.get_ptr_mut(&e.forward_key(proto, family)) {
         // SAFETY: a map value pointer from a successful lookup.
         let f = unsafe { &mut *f };
         if f.flags & (FLOW_NAT | FLOW_REPLY) != FLOW_NAT

@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Action, FlowKey, Reason,
+    Action, Reason,
     conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{checksum, pseudo_header_sum, replace_u32},
     net::{IPPROTO_TCP, tcp_flags},
@@ -290,15 +290,7 @@ pub fn on_backend_answer(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u
     // Until now `seq_delta` held the cookie; from now on the offset between the two.
     let delta = backend_isn.wrapping_sub(e.seq_delta);
     let client_isn = e.isn;
-    let forward = FlowKey {
-        src: e.peer_addr,
-        dst: e.vip_addr,
-        sport: e.peer_port,
-        dport: e.vip_port,
-        proto: IPPROTO_TCP,
-        family: packet.family as u8,
-        _pad: 0,
-    };
+    let forward = e.forward_key(IPPROTO_TCP, packet.family as u8);
     let established = FlowState::Established as u8;
     if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: a map value pointer from a successful lookup.

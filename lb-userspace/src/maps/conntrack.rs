@@ -207,15 +207,7 @@ fn partner_key(
     }
     if flow.flags & FLOW_REPLY != 0 {
         // Reply entry: the forward key is client -> VIP.
-        return Some(FlowKey {
-            src: flow.peer_addr,
-            dst: flow.vip_addr,
-            sport: flow.peer_port,
-            dport: flow.vip_port,
-            proto: key.proto,
-            family: key.family,
-            _pad: 0,
-        });
+        return Some(flow.forward_key(key.proto, key.family));
     }
     // Forward entry: the reply key is backend -> NAT source.
     let backend = backend(flow.backend_id)?;

@@ -149,7 +149,8 @@ impl LiveNat {
 /// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
 /// reply entry under it; the port is written to `live.nat_port`. A port already in
 /// `live.nat_port` is a dead flow's on the same tuple, backend and NAT address: its reply
-/// entry is overwritten.
+/// entry is overwritten in place while it is still that flow's (another flow may have taken
+/// the port over since the dead one expired; then a port is allocated as for any new flow).
 ///
 /// Not inlined: its probe loop gets a stack frame of its own.
 #[inline(never)]
@@ -185,9 +186,22 @@ fn try_open_nat(
     set_reply_entry(&mut buf.flow, ctx, key, live)?;
     set_reply_key(&mut buf.key, key, backend, backend_port, service.nat_addr, live.nat_port);
     if live.nat_port != 0 {
-        return CONNTRACK
-            .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
-            .map_err(|_| Reason::ConntrackInsertFailed);
+        match CONNTRACK.get_ptr_mut(&buf.key) {
+            Some(entry) => {
+                // SAFETY: a map value pointer from a successful lookup.
+                let e = unsafe { &mut *entry };
+                if e.flags & FLOW_REPLY != 0 && translates_to(e, key) {
+                    overwrite(e, &buf.flow);
+                    return Ok(());
+                }
+            }
+            None => {
+                if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        live.nat_port = 0;
     }
     let range = max - min + 1;
     let start = flow_hash(key, g.hash_seed ^ NAT_PORT_SEED, false);
@@ -202,12 +216,11 @@ fn try_open_nat(
             return Ok(());
         }
         // Taken: reuse it if the flow that held it is over.
-        if let Some(old) = CONNTRACK.get_ptr(&buf.key) {
+        if let Some(old) = CONNTRACK.get_ptr_mut(&buf.key) {
             // SAFETY: a map value pointer from a successful lookup.
-            let old = unsafe { &*old };
-            if g.timeouts.is_expired(old.state, old.last_seen, live.now)
-                && CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_ANY)).is_ok()
-            {
+            let old = unsafe { &mut *old };
+            if g.timeouts.is_expired(old.state, old.last_seen, live.now) {
+                overwrite(old, &buf.flow);
                 live.nat_port = raw_port;
                 return Ok(());
             }
@@ -225,11 +238,19 @@ pub struct Winner {
 }
 
 /// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
-/// With `replace`, `buf` takes the place of whatever entry its key has.
+/// With `replace`, `buf` is written over the (dead) forward entry its key has, in place.
 #[inline(never)]
 pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Outcome {
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(flags)).is_ok() {
+    if replace && let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let e = unsafe { &mut *entry };
+        if e.flags & FLOW_REPLY != 0 {
+            return Outcome::err(Reason::ConntrackInsertFailed);
+        }
+        overwrite(e, &buf.flow);
+        return Outcome::DONE;
+    }
+    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
         return Outcome::DONE;
     }
     if let Some(existing) = CONNTRACK.get_ptr(&buf.key) {
@@ -247,6 +268,28 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Out
         Err(_) => Outcome::err(Reason::ConntrackInsertFailed),
     }
 }
+
+/// Writes the entry `new` over the entry `old` of the same key, in place: a map update would
+/// take a fresh element from the LRU's free lists and put the old one back, several times
+/// the cost of the whole lookup. Word by word, the timestamp last: a reader on another CPU
+/// (a copy of the packet, or the daemon's sweep) that finds the new timestamp finds the
+/// other fields new too, as stores become visible in order on x86; on weaker orderings it
+/// may see a mix for a moment, one packet going where the dead flow went.
+#[inline(always)]
+fn overwrite(old: &mut Flow, new: &Flow) {
+    const WORDS: usize = core::mem::size_of::<Flow>() / 8;
+    let dst = (&raw mut *old).cast::<u64>();
+    let src = (&raw const *new).cast::<u64>();
+    // SAFETY: two valid `Flow`s (a map value and per-CPU scratch memory), 8-byte aligned
+    // (`last_seen` is a u64), `WORDS` words long; volatile so the order stays as written.
+    unsafe {
+        for i in 1..WORDS {
+            core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+        }
+        core::ptr::write_volatile(dst, core::ptr::read_volatile(src));
+    }
+}
+const _: () = assert!(core::mem::offset_of!(Flow, last_seen) == 0);
 
 /// Writes a new forward entry for `key` to `buf`.
 #[inline(always)]
@@ -375,13 +418,6 @@ fn translates_to(e: &Flow, key: &FlowKey) -> bool {
         && v[1] == key.dst[1]
         && v[2] == key.dst[2]
         && v[3] == key.dst[3]
-}
-
-/// Whether the reply entry of the dead NAT flow `stale` may be overwritten by a new flow on
-/// its tuple: absent, or still the dead flow's.
-#[inline(never)]
-pub fn reply_is_free(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> bool {
-    reply_of(key, stale, buf) != ReplyEntry::Other
 }
 
 /// Removes a dead forward entry so a new connection on its tuple can take its place.

@@ -247,20 +247,18 @@ fn try_balance(
     // The backend, then (NAT) a source port and the reply entry, then the forward entry:
     // called one after the other from here, not nested, to keep the call chain's stack short.
     live.backend_id = select::choose_backend(service, key, select::globals()?)?;
-    // A dead entry in the way. A DSR flow's new entry simply replaces it (one map update
-    // instead of a delete and an insert). So does a NAT flow's when the dead flow had the
-    // same backend and NAT address and its reply entry is still its own: the new flow keeps
-    // the dead one's port and overwrites both entries. Otherwise the dead entries are
-    // removed first (a reply entry another flow took over stays) and the inserts must find
-    // the keys free. Two CPUs opening one tuple at once (copies of a SYN): on the overwrite
-    // paths both write the same entries, unless a reload swaps the Maglev table between
-    // them (the last write wins); on the other path the loser of the forward insert follows
-    // the winner, unless its delete of the dead entry lands after the winner's insert (then
-    // the last write wins and the other's reply entry is left to expire).
-    let reuse = is_nat
-        && dead.has_stale != 0
-        && reusable(&dead.stale, live, service)
-        && conntrack::reply_is_free(key, &dead.stale, buf);
+    // A dead entry in the way. A DSR flow's new entry is written over it in place (no
+    // delete, no insert). So is a NAT flow's when the dead flow had the same backend and NAT
+    // address: the new flow keeps the dead one's port and overwrites both entries (the reply
+    // entry only while it is still the dead flow's; `open_nat` allocates another port if
+    // not). Otherwise the dead entries are removed first (a reply entry another flow took
+    // over stays) and the inserts must find the keys free. Two CPUs opening one tuple at
+    // once (copies of a SYN): on the overwrite paths both write the same entries, unless a
+    // reload swaps the Maglev table between them (the last write wins); on the other path
+    // the loser of the forward insert follows the winner, unless its delete of the dead
+    // entry lands after the winner's insert (then the last write wins and the other's reply
+    // entry is left to expire).
+    let reuse = is_nat && dead.has_stale != 0 && reusable(&dead.stale, live, service);
     let replace = dead.present != 0 && (!is_nat || reuse);
     if reuse {
         live.nat_port = dead.stale.nat_port;

@@ -4,12 +4,13 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, Reason,
-    service::{MAX_BACKENDS, NextHop},
+    service::{MAX_BACKENDS, NEXTHOP_ON_LINK, NextHop},
 };
 
 use crate::{
     maps::{NEXTHOPS, TX_PORTS},
     parse::{EthHdr, ptr_at_mut},
+    stats,
 };
 
 /// Where a backend's packets go, as the daemon resolved it.
@@ -48,4 +49,22 @@ pub fn transmit(
         Ok(_) => Ok(Action::Redirect),
         Err(_) => Err(Reason::TxPortMissing),
     }
+}
+
+/// Sends a packet of a DSR flow to its backend on the same link: the backend's MAC address
+/// and out, then counters (a packet the transmission refuses is counted as dropped only).
+#[inline(always)]
+pub fn send_dsr(
+    ctx: &XdpContext,
+    service_id: u32,
+    backend_id: u32,
+    new_flow: bool,
+) -> Result<Action, Reason> {
+    let hop = next_hop(backend_id)?;
+    if hop.flags & NEXTHOP_ON_LINK == 0 {
+        return Err(Reason::DsrBackendNotOnLink);
+    }
+    let action = transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
+    stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), new_flow, false);
+    Ok(action)
 }

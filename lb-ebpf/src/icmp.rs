@@ -1,26 +1,41 @@
-//! ICMP errors about NAT flows: a "port unreachable", "fragmentation needed" or "packet too
-//! big" sent to the NAT address about a packet the balancer sent to a backend is translated
-//! back to the client, so path-MTU discovery and error reporting work through the NAT.
+//! ICMP errors about balanced flows, in both directions, so path-MTU discovery and error
+//! reporting work through the balancer:
 //!
-//! The error quotes the translated packet (NAT address and port to backend). Its reply entry
-//! gives the client's view; the outer destination, the quoted addresses and ports, the quoted
-//! checksums and the ICMP checksum are all rewritten incrementally.
+//! - A "port unreachable", "fragmentation needed" or "packet too big" sent to the NAT address
+//!   about a packet the balancer sent to a backend is translated back to the client. The
+//!   error quotes the translated packet (NAT address and port to backend); its reply entry
+//!   gives the client's view.
+//! - One sent to a service address about a packet the service sent a client (a router on
+//!   the client's path too small for a backend's answer) goes to the flow's backend: as it
+//!   is for a DSR flow (the backend answers from the service address itself), translated for
+//!   a NAT flow (the quoted packet becomes the backend's own, backend to NAT address and
+//!   port, sequence number in the backend's numbering for a cookie-opened flow). A DSR
+//!   service's error without a flow here (expired, or another balancer node carried the
+//!   flow) goes where the service's Maglev table sends the flow.
+//!
+//! Translations rewrite the outer destination, the quoted addresses, ports and checksums and
+//! the ICMP checksum incrementally. Both directions build the same key from the quoted packet
+//! (its ports and addresses swapped: the reply entry's key at a NAT address, the forward
+//! entry's at a service address) and describe the translation the same way, in
+//! [`EntryBuf::flow`]: the quoted packet's new source and destination in `peer_addr` and
+//! `vip_addr`, its new ports in `peer_port` and `vip_port` (a reply entry's own layout).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    Action, Reason,
-    conntrack::FLOW_REPLY,
+    Action, FlowKey, Reason,
+    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
     csum::{replace_u16, replace_u32, replace_u128},
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN},
+    service::{SERVICE_NAT, ServiceKey},
 };
 
 use crate::{
-    conntrack::EntryBuf,
+    conntrack::{EntryBuf, backend_at},
     forward,
     maps::CONNTRACK,
     outcome::Outcome,
     parse::{Family, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at_mut, reload},
-    select::globals,
+    select::{self, globals},
     stats,
 };
 
@@ -44,7 +59,8 @@ pub fn translate_error(ctx: &XdpContext, packet: &Packet, buf: &mut EntryBuf, no
     Outcome::from_result(try_translate_error(ctx, packet, buf, now))
 }
 
-/// The first eight bytes of the quoted L4 header: the ports and, for UDP, the checksum.
+/// The first eight bytes of the quoted L4 header: the ports and, for UDP, the checksum (for
+/// TCP, the sequence number).
 #[repr(C)]
 struct QuotedL4 {
     sport: [u8; 2],
@@ -59,11 +75,104 @@ fn try_translate_error(
     buf: &mut EntryBuf,
     now: u64,
 ) -> Result<Action, Reason> {
-    let inner_off = packet.l4_off + 8;
     // The quoted packet went from the NAT source to the backend: its reply entry is keyed the
-    // other way round. `buf.key` is that key; its `dst` is the quoted source and its `src` the
-    // quoted destination.
-    let key = &mut buf.key;
+    // other way round.
+    let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
+    let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
+    // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
+    unsafe { crate::mem::copy(&raw mut buf.flow, entry) };
+    let g = globals()?;
+    let flow = &buf.flow;
+    if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen, now) {
+        return Err(Reason::NotService);
+    }
+
+    rewrite_outer(ctx, packet, buf).into_status()?;
+    rewrite_quoted(ctx, packet, buf, inner_l4 as u32).into_status()?;
+    let flow = &buf.flow;
+    let action = forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)?;
+    stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
+    Ok(action)
+}
+
+/// Sends an ICMP error to a service address about a packet the service sent a client on to
+/// that flow's backend (see the module's description). The flow's key and the translation
+/// are built in `buf` (per-CPU scratch).
+#[inline(never)]
+pub fn error_to_backend(
+    ctx: &XdpContext,
+    packet: &Packet,
+    buf: &mut EntryBuf,
+    now: u64,
+) -> Outcome {
+    let ctx = &reload(ctx);
+    Outcome::from_result(try_error_to_backend(ctx, packet, buf, now))
+}
+
+#[inline(always)]
+fn try_error_to_backend(
+    ctx: &XdpContext,
+    packet: &Packet,
+    buf: &mut EntryBuf,
+    now: u64,
+) -> Result<Action, Reason> {
+    // The quoted packet went from the service to the client: the flow's forward entry is
+    // keyed the other way round. It must have come from the address the error went to.
+    let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
+    let key = &buf.key;
+    let (from, to) = (&key.dst, &packet.dst);
+    if from[0] != to[0] || from[1] != to[1] || from[2] != to[2] || from[3] != to[3] {
+        return Err(Reason::NotService);
+    }
+    let g = globals()?;
+    // SAFETY: a map value pointer from a successful lookup, valid for this program run.
+    let live = CONNTRACK.get_ptr(key).map(|e| unsafe { &*e }).filter(|e| {
+        e.flags & (FLOW_REPLY | FLOW_SYN_PROXY) == 0
+            && !g.timeouts.is_expired(e.state, e.last_seen, now)
+    });
+    let Some(e) = live else {
+        // No flow here: a DSR service's table names the backend every node agrees on.
+        let service_key =
+            ServiceKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
+        let service = select::service_at(service_key).ok_or(Reason::NotService)?;
+        if service.flags & SERVICE_NAT != 0 {
+            return Err(Reason::NotService);
+        }
+        let backend_id = select::choose_backend(service, key, g)?;
+        return forward::send_dsr(ctx, service.id, backend_id, false);
+    };
+    if e.flags & FLOW_NAT == 0 {
+        return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
+    }
+    // The quoted packet becomes the backend's: backend to NAT address and port.
+    let (backend, backend_port) = backend_at(e.backend_id, key.dport)?;
+    let to_backend = &mut buf.flow;
+    // SAFETY: map values and per-CPU scratch memory: valid and disjoint.
+    unsafe {
+        crate::mem::copy(&raw mut to_backend.peer_addr, &raw const backend.addr);
+        crate::mem::copy(&raw mut to_backend.vip_addr, &raw const e.peer_addr);
+    }
+    to_backend.peer_port = backend_port;
+    to_backend.vip_port = e.nat_port;
+    to_backend.flags = e.flags;
+    to_backend.seq_delta = e.seq_delta;
+    to_backend.service_id = e.service_id;
+    to_backend.backend_id = e.backend_id;
+    rewrite_outer(ctx, packet, buf).into_status()?;
+    rewrite_quoted(ctx, packet, buf, inner_l4 as u32).into_status()?;
+    let backend_id = buf.flow.backend_id;
+    let hop = forward::next_hop(backend_id)?;
+    let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
+    stats::count_traffic(buf.flow.service_id, backend_id, stats::frame_len(ctx), false, false);
+    Ok(action)
+}
+
+/// Writes the key of the quoted packet's flow, its addresses and ports swapped, to `key`:
+/// `key.dst` is the quoted source and `key.src` the quoted destination. Returns the offset
+/// of the quoted L4 header; only TCP and UDP are quoted flows.
+#[inline(always)]
+fn quoted_key(ctx: &XdpContext, packet: &Packet, key: &mut FlowKey) -> Result<usize, Reason> {
+    let inner_off = packet.l4_off + 8;
     key.family = packet.family as u8;
     key._pad = 0;
     let inner_l4 = if packet.family == Family::V4 {
@@ -90,30 +199,19 @@ fn try_translate_error(
     if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
         return Err(Reason::NotService);
     }
-    let l4: *mut QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
+    let l4: *const QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
     // SAFETY: checked by ptr_at_mut.
-    let l4 = unsafe { &mut *l4 };
+    let l4 = unsafe { &*l4 };
     key.dport = u16::from_ne_bytes(l4.sport);
     key.sport = u16::from_ne_bytes(l4.dport);
-    let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
-    // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
-    unsafe { crate::mem::copy(&raw mut buf.flow, entry) };
-    let g = globals()?;
-    let flow = &buf.flow;
-    if flow.flags & FLOW_REPLY == 0 || g.timeouts.is_expired(flow.state, flow.last_seen, now) {
-        return Err(Reason::NotService);
-    }
-
-    rewrite_outer(ctx, packet, buf).into_status()?;
-    rewrite_quoted(ctx, packet, buf, inner_l4 as u32).into_status()?;
-    let flow = &buf.flow;
-    let action = forward::transmit(ctx, flow.reply_ifindex, &flow.reply_dmac, &flow.reply_smac)?;
-    stats::count_traffic(flow.service_id, flow.backend_id, stats::frame_len(ctx), false, true);
-    Ok(action)
+    Ok(inner_l4)
 }
 
-/// Rewrites the outer header for the client; the running ICMP checksum is left in the packet.
-/// Not inlined, like [`rewrite_quoted`]: each gets a stack frame of its own.
+/// Rewrites the outer header for whoever sent the quoted packet (the new quoted source); the
+/// running ICMP checksum is left in the packet. An error the quoted packet's destination
+/// sent itself comes from the new quoted destination (the service to a client, the NAT
+/// address to a backend). Not inlined, like [`rewrite_quoted`]: each gets a stack frame of
+/// its own.
 #[inline(never)]
 fn rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Outcome {
     let ctx = &reload(ctx);
@@ -130,9 +228,8 @@ fn try_rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Resul
     // SAFETY: checked by ptr_at_mut.
     let icmp = unsafe { &mut *icmp };
     let mut icmp_check = u16::from_ne_bytes(icmp.check);
-    // Outer header: the error goes to the client, and from the service if the backend sent it.
-    let from_backend = packet.src == key.src;
-    let new_src = if from_backend { &flow.vip_addr } else { &packet.src };
+    let from_peer = packet.src == key.src;
+    let new_src = if from_peer { &flow.vip_addr } else { &packet.src };
     if packet.family == Family::V4 {
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, packet.l3_off)?;
         // SAFETY: checked by ptr_at_mut.
@@ -158,8 +255,10 @@ fn try_rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Resul
     Ok(())
 }
 
-/// Rewrites the quoted packet (at `inner_l4` its L4 header) for the client and finishes the
-/// ICMP checksum.
+/// Rewrites the quoted packet (at `inner_l4` its L4 header) as `buf.flow` describes and
+/// finishes the ICMP checksum. A forward entry's translation (towards a backend) of a
+/// cookie-opened flow also takes the quoted TCP sequence number back to the backend's
+/// numbering.
 #[inline(never)]
 fn rewrite_quoted(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf, inner_l4: u32) -> Outcome {
     let ctx = &reload(ctx);
@@ -188,11 +287,23 @@ fn try_rewrite_quoted(
     let l4: *mut QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
     // SAFETY: checked by ptr_at_mut.
     let l4 = unsafe { &mut *l4 };
-    // The quoted L4 header: ports back to the client's view, and its checksum (UDP's is in the
-    // quoted eight bytes; TCP's only when more of the header is quoted).
+    // The quoted L4 header: its ports, sequence number, and checksum (UDP's is in the quoted
+    // eight bytes; TCP's only when more of the header is quoted).
     let v4 = packet.family == Family::V4;
+    let shift_seq =
+        key.proto == IPPROTO_TCP && flow.flags & (FLOW_REPLY | FLOW_SEQ_ADJ) == FLOW_SEQ_ADJ;
+    let old_seq = u32::from_ne_bytes(l4.rest);
+    let new_seq =
+        u32::from_ne_bytes(u32::from_be_bytes(l4.rest).wrapping_add(flow.seq_delta).to_be_bytes());
+    if shift_seq {
+        icmp_check = replace_u32(icmp_check, old_seq, new_seq);
+        l4.rest = new_seq.to_ne_bytes();
+    }
     let l4_update = |c: u16| -> u16 {
         let mut c = c;
+        if shift_seq {
+            c = replace_u32(c, old_seq, new_seq);
+        }
         if v4 {
             c = replace_u32(c, key.dst[0], flow.peer_addr[0]);
             c = replace_u32(c, key.src[0], flow.vip_addr[0]);

@@ -34,9 +34,7 @@ use lb_common::{
     Action, FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
-    service::{
-        NEXTHOP_ON_LINK, SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service,
-    },
+    service::{SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service},
 };
 
 use crate::{
@@ -186,7 +184,7 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
     }
     if e.flags & FLOW_NAT == 0 {
         // DSR: the entry says it all; nothing to copy out.
-        return send_dsr(ctx, e.service_id, e.backend_id, false);
+        return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
     }
     // A NAT flow's forward entry holds its NAT source address.
     live.start(e.service_id, &e.peer_addr, now);
@@ -314,7 +312,7 @@ fn send(
     proxied: bool,
 ) -> Result<Action, Reason> {
     if !is_nat {
-        return send_dsr(ctx, live.service_id, live.backend_id, new_flow);
+        return forward::send_dsr(ctx, live.service_id, live.backend_id, new_flow);
     }
     let hop = forward::next_hop(live.backend_id)?;
     let (backend, backend_port) = conntrack::backend_at(live.backend_id, key.dport)?;
@@ -351,24 +349,6 @@ fn send(
     }
     let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
     stats::count_traffic(live.service_id, live.backend_id, stats::frame_len(ctx), new_flow, false);
-    Ok(action)
-}
-
-/// Sends a packet of a DSR flow to its backend on the same link: the backend's MAC address
-/// and out, then counters (a packet the transmission refuses is counted as dropped only).
-#[inline(always)]
-fn send_dsr(
-    ctx: &XdpContext,
-    service_id: u32,
-    backend_id: u32,
-    new_flow: bool,
-) -> Result<Action, Reason> {
-    let hop = forward::next_hop(backend_id)?;
-    if hop.flags & NEXTHOP_ON_LINK == 0 {
-        return Err(Reason::DsrBackendNotOnLink);
-    }
-    let action = forward::transmit(ctx, hop.ifindex, &hop.dmac, &hop.smac)?;
-    stats::count_traffic(service_id, backend_id, stats::frame_len(ctx), new_flow, false);
     Ok(action)
 }
 

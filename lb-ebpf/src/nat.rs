@@ -111,19 +111,21 @@ fn is_nat_source(packet: &Packet) -> bool {
     NAT_SOURCES.get_ptr(key).is_some()
 }
 
-/// ICMP errors to a NAT source address about a NAT flow go back to its client; anything
-/// else that reaches here is not ours (`not_service`: the host's own traffic). TCP and UDP
+/// ICMP errors to a NAT source address about a NAT flow go back to its client, errors to a
+/// service address about a flow's replies go to its backend (see `icmp.rs`); anything else
+/// that reaches here is not ours (`not_service`: the host's own traffic). TCP and UDP
 /// replies are found by the connection lookup before (see `main.rs`).
 #[inline(always)]
 pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     let Scratch { packet, buf, .. } = scratch;
-    // Cheap tests first: the address lookup is the expensive one.
-    if packet.has_l4
-        && packet.fragment == Fragment::None
-        && crate::icmp::is_error(packet)
-        && is_nat_source(packet)
-    {
-        return crate::icmp::translate_error(ctx, packet, buf, now);
+    // Cheap tests first: the address lookups are the expensive ones.
+    if packet.has_l4 && packet.fragment == Fragment::None && crate::icmp::is_error(packet) {
+        if is_nat_source(packet) {
+            return crate::icmp::translate_error(ctx, packet, buf, now);
+        }
+        if crate::select::is_vip(packet) {
+            return crate::icmp::error_to_backend(ctx, packet, buf, now);
+        }
     }
     Outcome::err(Reason::NotService)
 }

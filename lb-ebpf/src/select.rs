@@ -20,19 +20,24 @@ use crate::{
     parse::Packet,
 };
 
-/// The service `packet` is addressed to: an exact (address, protocol, port) match first, then
-/// an all-ports service of the address and protocol.
+/// The service `packet` is addressed to (see [`service_at`]).
 #[inline(always)]
 pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
     if !packet.has_l4 || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
     }
-    let mut key = ServiceKey {
+    service_at(ServiceKey {
         addr: packet.dst,
         port: packet.dport,
         proto: packet.proto,
         family: packet.family as u8,
-    };
+    })
+}
+
+/// The service at `key` (address, protocol, port): an exact match first, then an all-ports
+/// service of the address and protocol.
+#[inline(always)]
+pub fn service_at(mut key: ServiceKey) -> Option<&'static Service> {
     if let Some(service) = SERVICES.get_ptr(key) {
         // SAFETY: a map value pointer from a successful lookup, valid for this program run.
         return Some(unsafe { &*service });

@@ -858,6 +858,142 @@ fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
     }
 }
 
+#[test]
+fn icmp_errors_to_a_service_reach_the_flows_backend() {
+    // A router on the client's path too small for a backend's answer (or the client itself)
+    // sends its error to the service address, quoting the answer as the client's side saw
+    // it: DSR flows' errors go to the backend as they are, NAT flows' translated into an
+    // error about the backend's own packet (backend to NAT address and port).
+    for v6 in [false, true] {
+        let family = if v6 { "v6" } else { "v4" };
+        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
+            (CLIENT6.into(), VIP6.into(), NAT6.into())
+        } else {
+            (CLIENT4.into(), VIP4.into(), NAT4.into())
+        };
+        let router: IpAddr =
+            if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() };
+        let (unreach, port_unreach, too_big, too_big_code) =
+            if v6 { (1, 4, 2, 0) } else { (3, 3, 3, 4) };
+        let mtu = [0, 0, 0x05, 0x00];
+        let ip_len = if v6 { 40 } else { 20 };
+        for mode in ["nat", "dsr"] {
+            let mut toml = String::new();
+            for proto in ["udp", "tcp"] {
+                let config =
+                    if mode == "nat" { nat_config(v6, proto) } else { dsr_config(v6, proto) };
+                let service = config.split("[[service]]").nth(1).unwrap();
+                if toml.is_empty() {
+                    toml = config.split("[[service]]").next().unwrap().to_string();
+                }
+                toml.push_str("[[service]]");
+                toml.push_str(&service.replace("name = \"s\"", &format!("name = \"{proto}\"")));
+            }
+            let name = format!("icmp_to_service_{mode}_{family}");
+            let Some(mut lb) = Lb::new(&name, &toml, &[]) else { return };
+            let mut cases = Vec::new();
+            for (proto, cport) in [(IPPROTO_UDP, 48_100u16), (IPPROTO_TCP, 48_101)] {
+                lb.bed.run(&client_packet(client, vip, proto, cport, 80).build()).unwrap();
+                let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, proto);
+                // The backend's answer as the client received it, and as the backend sent it.
+                let answer = rewritten(vip, client, 80, cport, proto, (LB_MAC, CLIENT_MAC));
+                let sent = if mode == "nat" {
+                    rewritten(backend, nat, bport, nat_port, proto, (backend_mac(backend), LB_MAC))
+                } else {
+                    answer.clone()
+                };
+                for (who, from, kind, code, rest) in [
+                    ("router: too big", router, too_big, too_big_code, mtu),
+                    ("client: port unreachable", client, unreach, port_unreach, [0; 4]),
+                ] {
+                    for quote_len in [answer.len() - 14, ip_len + 8] {
+                        let input = icmp_error(
+                            from,
+                            vip,
+                            kind,
+                            code,
+                            rest,
+                            &answer[14..14 + quote_len],
+                            (CLIENT_MAC, LB_MAC),
+                        );
+                        let expected = if mode == "nat" {
+                            let out_from = if from == client { nat } else { router };
+                            icmp_error(
+                                out_from,
+                                backend,
+                                kind,
+                                code,
+                                rest,
+                                &sent[14..14 + quote_len],
+                                (EGRESS_MAC, backend_mac(backend)),
+                            )
+                        } else {
+                            let mut frame = input.clone();
+                            frame[..6].copy_from_slice(&backend_mac(backend));
+                            frame[6..12].copy_from_slice(&EGRESS_MAC);
+                            frame
+                        };
+                        cases.push(Case {
+                            description: format!(
+                                "{name} {} {who}, {quote_len} bytes quoted",
+                                if proto == IPPROTO_TCP { "TCP" } else { "UDP" }
+                            ),
+                            input,
+                            verdict: Action::Tx,
+                            reason: None,
+                            output: Output::Frame(expected),
+                        });
+                    }
+                }
+                // Quoting a packet that did not come from the service address: the kernel's.
+                let other = rewritten(router, client, 80, cport, proto, (LB_MAC, CLIENT_MAC));
+                cases.push(Case::pass(
+                    format!("{name} error quoting another sender's packet"),
+                    icmp_error(
+                        router,
+                        vip,
+                        too_big,
+                        too_big_code,
+                        mtu,
+                        &other[14..],
+                        (CLIENT_MAC, LB_MAC),
+                    ),
+                    Reason::NotService,
+                ));
+            }
+            lb.bed.check_all(&cases).unwrap();
+
+            // No flow on the quoted tuple: a NAT service has nothing to translate it with (the
+            // kernel's); a DSR service sends it where its table sends the flow.
+            let cport = 48_200;
+            let answer = rewritten(vip, client, 80, cport, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
+            let error = icmp_error(
+                router,
+                vip,
+                too_big,
+                too_big_code,
+                mtu,
+                &answer[14..],
+                (CLIENT_MAC, LB_MAC),
+            );
+            let out = lb.bed.run(&error).unwrap();
+            if mode == "nat" {
+                assert_eq!(out.verdict, Some(Action::Pass), "{name}: no flow");
+                continue;
+            }
+            assert_eq!(out.verdict, Some(Action::Tx), "{name}: no flow");
+            assert!(
+                lb.bed.datapath.maps().conntrack.entries().unwrap().len() == 2,
+                "{name}: an error opens no flow"
+            );
+            lb.bed.run(&client_packet(client, vip, IPPROTO_TCP, cport, 80).build()).unwrap();
+            let (backend, _, _) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
+            assert_eq!(out.output[..6], backend_mac(backend), "{name}: the flow's backend");
+            assert_eq!(out.output[12..], error[12..], "{name}: sent as it came");
+        }
+    }
+}
+
 /// A frame's TCP sequence number, source port and length, read from its bytes (no VLAN).
 fn tcp_seq_and_sport(frame: &[u8], v6: bool) -> (u32, u16) {
     let l4 = if v6 { 14 + 40 } else { 14 + 20 };
@@ -1057,6 +1193,43 @@ fn syn_cookies_handshake_frame_by_frame() {
         assert_eq!(entries.len(), 2, "{name}: one flow, two entries");
         assert!(entries.iter().all(|(_, f)| f.flags & lb_common::conntrack::FLOW_SEQ_ADJ != 0
             && f.seq_delta == backend_isn.wrapping_sub(cookie)));
+
+        // A router's "too big" about the backend's data as the client got it reaches the
+        // backend about its own packet, in its own numbering (which its stack checks).
+        let router: IpAddr =
+            if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() };
+        let (kind, code) = if v6 { (2, 0) } else { (3, 4) };
+        let seen = reply((vip, 80), (client, cport), (LB_MAC, CLIENT_MAC), cookie.wrapping_add(1));
+        let sent =
+            reply((backend, bport), (nat, nat_port), (bmac, LB_MAC), backend_isn.wrapping_add(1));
+        let ip_len = if v6 { 40 } else { 20 };
+        let cases: Vec<Case> = [seen.len() - 14, ip_len + 8]
+            .into_iter()
+            .map(|quote_len| Case {
+                description: format!("{name}: too big, {quote_len} bytes quoted"),
+                input: icmp_error(
+                    router,
+                    vip,
+                    kind,
+                    code,
+                    [0, 0, 5, 0],
+                    &seen[14..14 + quote_len],
+                    (CLIENT_MAC, LB_MAC),
+                ),
+                verdict: Action::Tx,
+                reason: None,
+                output: Output::Frame(icmp_error(
+                    router,
+                    backend,
+                    kind,
+                    code,
+                    [0, 0, 5, 0],
+                    &sent[14..14 + quote_len],
+                    (EGRESS_MAC, bmac),
+                )),
+            })
+            .collect();
+        lb.bed.check_all(&cases).unwrap();
     }
 }
 

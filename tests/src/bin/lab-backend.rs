@@ -54,8 +54,12 @@ fn serve_http(listener: &TcpListener, name: &str) {
     }
 }
 
+/// Largest body `GET /bytes/N` serves.
+const MAX_BYTES: usize = 64 << 20;
+
 /// HTTP/1.1 with keep-alive: reads request heads, drains any `Content-Length` body and
-/// answers `<name>\n` until the client closes or asks to.
+/// answers `<name>\n` (or, for `GET /bytes/N`, N bytes: a large answer, in full-size
+/// segments) until the client closes or asks to.
 fn handle_http(stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_mins(1)))?;
     stream.set_nodelay(true)?;
@@ -96,13 +100,24 @@ fn handle_http(stream: TcpStream, name: &str) -> std::io::Result<()> {
             remaining -= n;
         }
         let connection = if close { "close" } else { "keep-alive" };
+        let size = request_line
+            .strip_prefix("GET /bytes/")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= MAX_BYTES);
+        let content = match size {
+            Some(n) => vec![b'x'; n],
+            None => body.clone().into_bytes(),
+        };
         // One write: a response in pieces meets Nagle and delayed ACKs (40 ms a request).
-        let response = format!(
+        let mut response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-             X-Backend: {name}\r\nConnection: {connection}\r\n\r\n{body}",
-            body.len()
-        );
-        writer.write_all(response.as_bytes())?;
+             X-Backend: {name}\r\nConnection: {connection}\r\n\r\n",
+            content.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(&content);
+        writer.write_all(&response)?;
         if close {
             return Ok(());
         }

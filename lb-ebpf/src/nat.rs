@@ -60,8 +60,11 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite<'_>) -> Result<()
             // SAFETY: checked by ptr_at_mut.
             let udp = unsafe { &mut *udp };
             let old = u16::from_ne_bytes(udp.check);
-            // IPv4 UDP may carry no checksum (zero); leave it so.
-            if old != 0 || packet.family == Family::V6 {
+            // IPv4 UDP may carry no checksum (zero); leave it so. So does IPv6 UDP (valid
+            // only for tunnels that allow it, RFC 6935): the receiver judges it as it would
+            // have without the balancer, as Linux's NAT does. A computed zero is sent as
+            // 0xffff.
+            if old != 0 {
                 udp.check = udp_nonzero(l4_check_update(old)).to_ne_bytes();
             }
             udp.sport = to.sport.to_ne_bytes();

@@ -271,10 +271,16 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Out
 
 /// Writes the entry `new` over the entry `old` of the same key, in place: a map update would
 /// take a fresh element from the LRU's free lists and put the old one back, several times
-/// the cost of the whole lookup. Word by word, the timestamp last: a reader on another CPU
-/// (a copy of the packet, or the daemon's sweep) that finds the new timestamp finds the
-/// other fields new too, as stores become visible in order on x86; on weaker orderings it
-/// may see a mix for a moment, one packet going where the dead flow went.
+/// the cost of the whole lookup. Word by word, the timestamp last, so that on x86 (stores
+/// become visible in order) the entry does not look alive before the rest is written. A
+/// reader on another CPU in that instant (a copy of a packet on the same tuple; the daemon's
+/// sweep, which copies the value front to back) may still see a mix of old and new fields,
+/// as with every write through a lookup's pointer (`select::keep` refreshes the state and
+/// timestamp so): one packet going where the dead flow went. Should the sweep delete the
+/// dead entry between the lookup and the write, the new entry is lost with it (the next
+/// packet opens the flow again) or, if another CPU reuses the freed element at once, lands
+/// in that element: the hazard of any in-place write to an LRU map's value, here over a
+/// window of a few instructions.
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;
@@ -400,6 +406,25 @@ fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
     let Some(entry) = CONNTRACK.get_ptr(&buf.key) else { return ReplyEntry::Absent };
     // SAFETY: a map value pointer from a successful lookup.
     if translates_to(unsafe { &*entry }, key) { ReplyEntry::Ours } else { ReplyEntry::Other }
+}
+
+/// Whether the live NAT flow whose forward entry is `e` (key `key`) still holds its port: its
+/// reply entry is there and translates back to it. Not inlined: the reply key is built on
+/// a stack frame of its own.
+#[inline(never)]
+pub fn holds_port(key: &FlowKey, e: &Flow) -> bool {
+    let Ok((backend, backend_port)) = backend_at(e.backend_id, e.vip_port) else { return false };
+    let reply = FlowKey {
+        src: backend.addr,
+        dst: e.peer_addr,
+        sport: backend_port,
+        dport: e.nat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: 0,
+    };
+    // SAFETY: a map value pointer from a successful lookup.
+    CONNTRACK.get_ptr(&reply).is_some_and(|r| translates_to(unsafe { &*r }, key))
 }
 
 /// Whether the reply entry `e` translates back to the client and service of the forward key

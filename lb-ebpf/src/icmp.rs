@@ -30,7 +30,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{EntryBuf, backend_at},
+    conntrack::{self, EntryBuf, backend_at},
     forward,
     maps::CONNTRACK,
     outcome::Outcome,
@@ -131,18 +131,15 @@ fn try_error_to_backend(
             && !g.timeouts.is_expired(e.state, e.last_seen, now)
     });
     let Some(e) = live else {
-        // No flow here: a DSR service's table names the backend every node agrees on.
-        let service_key =
-            ServiceKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
-        let service = select::service_at(service_key).ok_or(Reason::NotService)?;
-        if service.flags & SERVICE_NAT != 0 {
-            return Err(Reason::NotService);
-        }
-        let backend_id = select::choose_backend(service, key, g)?;
-        return forward::send_dsr(ctx, service.id, backend_id, false);
+        return to_table_backend(ctx, key).into_result();
     };
     if e.flags & FLOW_NAT == 0 {
         return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
+    }
+    // Only while the flow still holds its NAT port: once another flow has taken it over (the
+    // LRU evicted this one's reply entry), the error would be about that flow's connection.
+    if !conntrack::holds_port(key, e) {
+        return Err(Reason::NotService);
     }
     // The quoted packet becomes the backend's: backend to NAT address and port.
     let (backend, backend_port) = backend_at(e.backend_id, key.dport)?;
@@ -167,6 +164,28 @@ fn try_error_to_backend(
     Ok(action)
 }
 
+/// Sends an error about a flow not tracked here (expired, or carried by another balancer
+/// node) to the backend a DSR service's Maglev table gives the flow (`key`): the one every
+/// node agrees on. A NAT service's has nothing to translate it with. Not inlined: the
+/// service lookup's frame stays off the translation's call chain.
+#[inline(never)]
+fn to_table_backend(ctx: &XdpContext, key: &FlowKey) -> Outcome {
+    let ctx = &reload(ctx);
+    let service_key =
+        ServiceKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
+    let Some(service) = select::service_at(service_key) else {
+        return Outcome::err(Reason::NotService);
+    };
+    if service.flags & SERVICE_NAT != 0 {
+        return Outcome::err(Reason::NotService);
+    }
+    let backend_id = match globals().and_then(|g| select::choose_backend(service, key, g)) {
+        Ok(id) => id,
+        Err(reason) => return Outcome::err(reason),
+    };
+    Outcome::from_result(forward::send_dsr(ctx, service.id, backend_id, false))
+}
+
 /// Writes the key of the quoted packet's flow, its addresses and ports swapped, to `key`:
 /// `key.dst` is the quoted source and `key.src` the quoted destination. Returns the offset
 /// of the quoted L4 header; only TCP and UDP are quoted flows.
@@ -180,7 +199,8 @@ fn quoted_key(ctx: &XdpContext, packet: &Packet, key: &mut FlowKey) -> Result<us
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &*ip };
         let hlen = usize::from(ip.version_ihl & 0x0f) * 4;
-        if hlen < 20 {
+        // A later fragment quoted has no ports where they would be.
+        if hlen < 20 || u16::from_be_bytes(ip.frag_off) & 0x1fff != 0 {
             return Err(Reason::NotService);
         }
         key.dst = [u32::from_ne_bytes(ip.src), 0, 0, 0];

@@ -257,7 +257,6 @@ fn try_balance(
     // entry lands after the winner's insert (then the last write wins and the other's reply
     // entry is left to expire).
     let reuse = is_nat && dead.has_stale != 0 && reusable(&dead.stale, live, service);
-    let replace = dead.present != 0 && (!is_nat || reuse);
     if reuse {
         live.nat_port = dead.stale.nat_port;
     } else if is_nat {
@@ -266,6 +265,14 @@ fn try_balance(
     if is_nat {
         conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
     }
+    // `open_nat` gave the dead flow's port up (another flow holds it by now): the dead
+    // forward entry goes and the new one is inserted as on the other path, so that a second
+    // CPU opening the tuple follows this one instead of overwriting it with another port.
+    let reused = reuse && live.nat_port == dead.stale.nat_port;
+    if reuse && !reused {
+        conntrack::forget(key);
+    }
+    let replace = dead.present != 0 && (!is_nat || reused);
     open_flow(key, service, live, buf, replace).into_status()?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)

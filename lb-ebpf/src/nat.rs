@@ -124,7 +124,12 @@ pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outc
     // Cheap tests first: the address lookups are the expensive ones.
     if packet.has_l4 && packet.fragment == Fragment::None && crate::icmp::is_error(packet) {
         if is_nat_source(packet) {
-            return crate::icmp::translate_error(ctx, packet, buf, now);
+            let outcome = crate::icmp::translate_error(ctx, packet, buf, now);
+            // An address may be a NAT source and a service address at once: an error that
+            // quotes no NAT flow's packet to a backend may quote a reply to a client.
+            if outcome.into_result() != Err(Reason::NotService) {
+                return outcome;
+            }
         }
         if crate::select::is_vip(packet) {
             return crate::icmp::error_to_backend(ctx, packet, buf, now);

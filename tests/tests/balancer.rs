@@ -700,6 +700,26 @@ fn policies_for_traffic_the_balancer_does_not_forward() {
 }
 
 #[test]
+fn the_bench_wrappers_pass_the_verifier() {
+    // `cargo xtask bench` runs the data path inside wrappers whose own stack adds to the
+    // data path's deepest call chain (512 bytes in all): a change that fits `lb_ingress`
+    // alone may not fit them, and the bench is not part of the test run.
+    if !require_privileges("the_bench_wrappers_pass_the_verifier") {
+        return;
+    }
+    let mut bed = TestBed::load().unwrap();
+    for name in [
+        lb_userspace::datapath::BENCH_INGRESS,
+        lb_userspace::datapath::BENCH_NEW_FLOW,
+        lb_userspace::datapath::BENCH_REOPEN,
+    ] {
+        if let Err(error) = bed.datapath.bench_program(name) {
+            panic!("{name}: {error}");
+        }
+    }
+}
+
+#[test]
 fn all_ports_services_and_source_affinity() {
     let toml = "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.backend]]\naddress = \"198.18.1.12\"\n[[pool.backend]]\naddress = \"198.18.1.13\"\n\
                 [[service]]\nname = \"any\"\naddress = \"198.18.100.1\"\nprotocol = \"udp\"\npool = \"p\"\nmode = \"dsr-l2\"\nhash = \"source\"\n";
@@ -1011,6 +1031,89 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
             assert_eq!(out.output[12..], error[12..], "{name}: sent as it came");
         }
     }
+}
+
+#[test]
+fn icmp_errors_when_the_nat_source_is_the_service_address() {
+    // One address for both: an error to it may quote a NAT flow's packet to a backend (back
+    // to the client) or a reply to a client (on to the backend); the quoted packet decides.
+    let vip: IpAddr = VIP4.into();
+    let toml = nat_config(false, "tcp")
+        .replace("nat_source = \"198.18.1.1\"", "nat_source = \"198.18.100.1\"");
+    let Some(mut lb) = Lb::new("icmp_nat_source_is_vip", &toml, &[]) else { return };
+    let client: IpAddr = CLIENT4.into();
+    let router: IpAddr = "198.18.2.254".parse().unwrap();
+    let original = client_packet(client, vip, IPPROTO_TCP, 48_300, 80).build();
+    lb.bed.run(&original).unwrap();
+    let (backend, bport, nat_port) = lb.flow_of(client, 48_300, vip, 80, IPPROTO_TCP);
+    let bmac = backend_mac(backend);
+    let sent = rewritten(vip, backend, nat_port, bport, IPPROTO_TCP, (EGRESS_MAC, bmac));
+    let answer = rewritten(vip, client, 80, 48_300, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
+    let from_backend = rewritten(backend, vip, bport, nat_port, IPPROTO_TCP, (bmac, LB_MAC));
+    let mtu = [0, 0, 5, 0];
+    lb.bed
+        .check_all(&[
+            Case {
+                description: "too big about the packet to the backend: to the client".into(),
+                input: icmp_error(router, vip, 3, 4, mtu, &sent[14..], (bmac, LB_MAC)),
+                verdict: Action::Tx,
+                reason: None,
+                output: Output::Frame(icmp_error(
+                    router,
+                    client,
+                    3,
+                    4,
+                    mtu,
+                    &original[14..],
+                    (LB_MAC, CLIENT_MAC),
+                )),
+            },
+            Case {
+                description: "too big about the reply to the client: to the backend".into(),
+                input: icmp_error(router, vip, 3, 4, mtu, &answer[14..], (CLIENT_MAC, LB_MAC)),
+                verdict: Action::Tx,
+                reason: None,
+                output: Output::Frame(icmp_error(
+                    router,
+                    backend,
+                    3,
+                    4,
+                    mtu,
+                    &from_backend[14..],
+                    (EGRESS_MAC, bmac),
+                )),
+            },
+        ])
+        .unwrap();
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_that_lost_its_nat_port_stays_off_the_backend() {
+    // One backend, one NAT port. The LRU evicts a live flow's reply entry alone and the next
+    // flow takes the port: an error about the first flow's replies would name the second
+    // one's connection at the backend (a "port unreachable" resetting another client).
+    let Some(mut lb) = Lb::new("icmp_lost_port", &one_port_nat_config(), &[]) else { return };
+    let (a, b) = (45_300, 45_301);
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    let evicted: Vec<_> = conntrack
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(conntrack.remove_all(evicted), 1);
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let error = |port: u16| {
+        let answer = rewritten(vip, client, 80, port, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
+        icmp_error(client, vip, 3, 3, [0; 4], &answer[14..], (CLIENT_MAC, LB_MAC))
+    };
+    let out = lb.bed.run(&error(a)).unwrap();
+    assert_eq!(out.verdict, Some(Action::Pass), "the flow that lost its port");
+    let out = lb.bed.run(&error(b)).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx), "the flow that holds it");
 }
 
 /// A frame's TCP sequence number, source port and length, read from its bytes (no VLAN).

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -111,7 +111,7 @@ impl Daemon {
         let mut datapath =
             Datapath::load_with(&load).context("failed to load the XDP data path")?;
         let hz = datapath.ticks_per_second()?;
-        reserve_nat_ports(&config);
+        reserve_nat_ports(&config.daemon.pin_dir, &[&config]);
         let mut resolver = KernelResolver;
         let mut balancer = Balancer::new(hz);
         if datapath.adopted() {
@@ -470,12 +470,14 @@ impl Daemon {
             start_passthrough(&mut self.datapath, &mut self.passthrough)
                 .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
         }
-        reserve_nat_ports(&new);
+        // The new ranges are reserved before any flow can take their ports; the old ones
+        // are given back once the change has applied (or the new ones, if it fails).
+        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new]);
         let now = Instant::now();
         let mut lifecycle = self.lifecycle.clone();
         lifecycle.observe(&new, now);
         let (effective, panicking) = lifecycle.effective(&new, now);
-        let mut summary = self
+        let applied = self
             .balancer
             .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
             .map_err(|e| match e {
@@ -483,7 +485,14 @@ impl Daemon {
                     ChangeError::Invalid(vec![message])
                 }
                 e => ChangeError::Apply(e.to_string()),
-            })?;
+            });
+        let mut summary = match applied {
+            Ok(summary) => summary,
+            Err(error) => {
+                reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config]);
+                return Err(error);
+            }
+        };
         summary.pending_restart = pending.unwrap_or_default();
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
@@ -508,6 +517,7 @@ impl Daemon {
         }
         self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
+        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config]);
         if let Some(file) = file_now {
             self.file_now = file;
         }
@@ -719,13 +729,18 @@ impl StartSettings {
     }
 }
 
-fn reserve_nat_ports(config: &Config) {
-    for range in
-        config.services.iter().filter(|s| s.nat_source.is_some()).map(ServiceConfig::nat_port_range)
-    {
-        if let Err(error) = sysctl::reserve_local_ports(range) {
-            warn!(%error, "could not reserve the NAT ports from the kernel's ephemeral range");
-        }
+/// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range
+/// and gives back those lbd reserved for services no longer in any of them (see `sysctl`).
+fn reserve_nat_ports(pin_dir: &str, configs: &[&Config]) {
+    let ranges: Vec<(u16, u16)> = configs
+        .iter()
+        .flat_map(|c| &c.services)
+        .filter(|s| s.nat_source.is_some())
+        .map(ServiceConfig::nat_port_range)
+        .collect();
+    let state_dir = (!pin_dir.is_empty()).then(|| Path::new(pin_dir));
+    if let Err(error) = sysctl::reserve_nat_ports(&sysctl::Ports::of_ranges(&ranges), state_dir) {
+        warn!(%error, "could not reserve the NAT ports from the kernel's ephemeral range");
     }
 }
 

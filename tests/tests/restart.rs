@@ -359,3 +359,59 @@ fn a_backend_down_before_a_restart_stays_out_after_it() {
     drop(lab);
     drop(bpffs);
 }
+
+/// The load balancer namespace's `net.ipv4.ip_local_reserved_ports`.
+fn reserved_ports(lab: &Lab) -> String {
+    lab.lb.exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]).unwrap().trim().to_owned()
+}
+
+#[test]
+fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
+    if !require_privileges("nat_ports_no_longer_configured_are_given_back_across_a_restart") {
+        return;
+    }
+    let lab = Lab::create(1).unwrap();
+    let bpffs = Bpffs::mount(&lab.id);
+    let pin_dir = bpffs.dir.join("lb");
+    let config = std::env::temp_dir().join(format!("{}-ports.toml", lab.id));
+    // An administrator's reservation, which lbd must leave alone.
+    lab.lb.sysctl("net.ipv4.ip_local_reserved_ports", "8000-8100").unwrap();
+    let with_range = |range: &str| {
+        lab::lab_config(1, &[])
+            .replace("nat_source = ", &format!("nat_ports = \"{range}\"\nnat_source = "))
+    };
+    std::fs::write(&config, with_range("40000-40999")).unwrap();
+    let mut first = start_lbd(&lab, &config, &pin_dir);
+    let ready =
+        wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
+    assert!(ready.is_some(), "lbd did not start serving: {}", kill(&mut first, "-TERM"));
+    assert_eq!(reserved_ports(&lab), "8000-8100,40000-40999");
+
+    // A reload moves the range: the old one is given back.
+    std::fs::write(&config, with_range("41000-41999")).unwrap();
+    let _ = Command::new("kill").args(["-HUP", &first.id().to_string()]).status();
+    let moved = wait_for(Duration::from_secs(10), || {
+        (reserved_ports(&lab) == "8000-8100,41000-41999").then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "after the reload: {}: {}",
+        reserved_ports(&lab),
+        kill(&mut first, "-TERM")
+    );
+
+    // A restarted lbd knows its own reservations from the pin directory.
+    kill(&mut first, "-KILL");
+    std::fs::write(&config, with_range("42000-42099")).unwrap();
+    // (The pinned data path serves throughout: wait for the new lbd's reservation itself.)
+    let mut second = start_lbd(&lab, &config, &pin_dir);
+    let moved = wait_for(Duration::from_secs(20), || {
+        (reserved_ports(&lab) == "8000-8100,42000-42099").then_some(())
+    });
+    let reserved = reserved_ports(&lab);
+    let log = kill(&mut second, "-TERM");
+    assert!(moved.is_some(), "after the restart: {reserved}: {log}");
+    let _ = std::fs::remove_file(&config);
+    drop(lab);
+    drop(bpffs);
+}

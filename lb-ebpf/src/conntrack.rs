@@ -215,11 +215,14 @@ fn try_open_nat(
             live.nat_port = raw_port;
             return Ok(());
         }
-        // Taken: reuse it if the flow that held it is over.
+        // Taken: reuse it if the flow that held it is over, or if it is this tuple's own
+        // (another CPU opening the same flow got there first: both end on one port).
         if let Some(old) = CONNTRACK.get_ptr_mut(&buf.key) {
             // SAFETY: a map value pointer from a successful lookup.
             let old = unsafe { &mut *old };
-            if g.timeouts.is_expired(old.state, old.last_seen, live.now) {
+            if g.timeouts.is_expired(old.state, old.last_seen, live.now)
+                || (old.flags & FLOW_REPLY != 0 && translates_to(old, key))
+            {
                 overwrite(old, &buf.flow);
                 live.nat_port = raw_port;
                 return Ok(());
@@ -409,8 +412,8 @@ fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
 }
 
 /// Whether the live NAT flow whose forward entry is `e` (key `key`) still holds its port: its
-/// reply entry is there and translates back to it. Not inlined: the reply key is built on
-/// a stack frame of its own.
+/// reply entry translates back to it, or is gone (evicted) with no other flow on the port.
+/// Not inlined: the reply key is built on a stack frame of its own.
 #[inline(never)]
 pub fn holds_port(key: &FlowKey, e: &Flow) -> bool {
     let Ok((backend, backend_port)) = backend_at(e.backend_id, e.vip_port) else { return false };
@@ -424,7 +427,7 @@ pub fn holds_port(key: &FlowKey, e: &Flow) -> bool {
         _pad: 0,
     };
     // SAFETY: a map value pointer from a successful lookup.
-    CONNTRACK.get_ptr(&reply).is_some_and(|r| translates_to(unsafe { &*r }, key))
+    CONNTRACK.get_ptr(&reply).is_none_or(|r| translates_to(unsafe { &*r }, key))
 }
 
 /// Whether the reply entry `e` translates back to the client and service of the forward key

@@ -77,6 +77,7 @@ fn try_translate_error(
 ) -> Result<Action, Reason> {
     // The quoted packet went from the NAT source to the backend: its reply entry is keyed the
     // other way round.
+    // Every `not_service` below comes before the packet changes (see `nat::try_icmp_error`).
     let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
     let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
     // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
@@ -96,17 +97,19 @@ fn try_translate_error(
 }
 
 /// Sends an ICMP error to a service address about a packet the service sent a client on to
-/// that flow's backend (see the module's description). The flow's key and the translation
-/// are built in `buf` (per-CPU scratch).
+/// that flow's backend (see the module's description); with `by_table`, an untracked flow's
+/// to the backend a DSR service's table gives it. The flow's key and the translation are
+/// built in `buf` (per-CPU scratch).
 #[inline(never)]
 pub fn error_to_backend(
     ctx: &XdpContext,
     packet: &Packet,
     buf: &mut EntryBuf,
     now: u64,
+    by_table: bool,
 ) -> Outcome {
     let ctx = &reload(ctx);
-    Outcome::from_result(try_error_to_backend(ctx, packet, buf, now))
+    Outcome::from_result(try_error_to_backend(ctx, packet, buf, now, by_table))
 }
 
 #[inline(always)]
@@ -115,6 +118,7 @@ fn try_error_to_backend(
     packet: &Packet,
     buf: &mut EntryBuf,
     now: u64,
+    by_table: bool,
 ) -> Result<Action, Reason> {
     // The quoted packet went from the service to the client: the flow's forward entry is
     // keyed the other way round. It must have come from the address the error went to.
@@ -131,6 +135,9 @@ fn try_error_to_backend(
             && !g.timeouts.is_expired(e.state, e.last_seen, now)
     });
     let Some(e) = live else {
+        if !by_table {
+            return Err(Reason::NotService);
+        }
         return to_table_backend(ctx, key).into_result();
     };
     if e.flags & FLOW_NAT == 0 {

@@ -123,16 +123,20 @@ pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outc
     let Scratch { packet, buf, .. } = scratch;
     // Cheap tests first: the address lookups are the expensive ones.
     if packet.has_l4 && packet.fragment == Fragment::None && crate::icmp::is_error(packet) {
-        if is_nat_source(packet) {
+        let nat_source = is_nat_source(packet);
+        if nat_source {
+            // Fails with `not_service` before it changes the packet.
             let outcome = crate::icmp::translate_error(ctx, packet, buf, now);
             // An address may be a NAT source and a service address at once: an error that
-            // quotes no NAT flow's packet to a backend may quote a reply to a client.
+            // quotes no NAT flow's packet to a backend may quote a reply to a client. Not
+            // one about an untracked flow, though: that may be a NAT flow's whose entries
+            // are gone, which no DSR service's table may claim.
             if outcome.into_result() != Err(Reason::NotService) {
                 return outcome;
             }
         }
         if crate::select::is_vip(packet) {
-            return crate::icmp::error_to_backend(ctx, packet, buf, now);
+            return crate::icmp::error_to_backend(ctx, packet, buf, now, !nat_source);
         }
     }
     Outcome::err(Reason::NotService)

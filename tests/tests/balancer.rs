@@ -490,6 +490,44 @@ fn a_reopened_nat_tuple_leaves_a_port_another_flow_took_over() {
 }
 
 #[test]
+fn a_reopened_nat_tuple_whose_port_was_taken_gets_another_one() {
+    // One backend, two NAT ports. Flow a closes and expires; b takes a's port (c holds the
+    // other); c closes and expires. a's tuple coming back finds its old port b's: it gets
+    // c's, as a new flow, and b's reply entry stays b's.
+    let toml = one_port_nat_config().replace("20000-20000", "20000-20001");
+    let Some(mut lb) = Lb::new("nat_port_reopened_moves", &toml, &[]) else { return };
+    let (a, b, c) = (45_400, 45_401, 45_402);
+    let rst = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::RST).build();
+    let port_of =
+        |lb: &Lb, port: u16| lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP).2;
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(c)).unwrap().verdict, Some(Action::Tx));
+    let (port_a, port_c) = (port_of(&lb, a), port_of(&lb, c));
+    assert_ne!(port_a, port_c);
+    assert_eq!(lb.bed.run(&rst(a)).unwrap().verdict, Some(Action::Tx));
+    lb.set_globals(|g| g.timeouts.closed = 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(port_of(&lb, b), port_a, "b takes a's expired port");
+    assert_eq!(lb.bed.run(&rst(c)).unwrap().verdict, Some(Action::Tx));
+    std::thread::sleep(std::time::Duration::from_millis(30));
+
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(port_of(&lb, a), port_c, "a moves to the free port");
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    let replies: std::collections::BTreeMap<u16, u16> = entries
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+        .map(|(k, f)| (raw_port(k.dport), raw_port(f.peer_port)))
+        .collect();
+    assert_eq!(replies.get(&port_a), Some(&b), "b keeps its reply entry: {entries:?}");
+    assert_eq!(replies.get(&port_c), Some(&a), "a's new reply entry: {entries:?}");
+    let forward_a =
+        entries.iter().filter(|(k, f)| f.flags & FLOW_REPLY == 0 && raw_port(k.sport) == a).count();
+    assert_eq!(forward_a, 1, "{entries:?}");
+}
+
+#[test]
 fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
     // One backend and one NAT port. The LRU evicts a live flow's reply entry alone; the
     // next flow takes the port; the first flow's packets must then not reach the backend on
@@ -1004,31 +1042,59 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
 
             // No flow on the quoted tuple: a NAT service has nothing to translate it with (the
             // kernel's); a DSR service sends it where its table sends the flow.
-            let cport = 48_200;
-            let answer = rewritten(vip, client, 80, cport, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
-            let error = icmp_error(
-                router,
-                vip,
-                too_big,
-                too_big_code,
-                mtu,
-                &answer[14..],
-                (CLIENT_MAC, LB_MAC),
-            );
-            let out = lb.bed.run(&error).unwrap();
-            if mode == "nat" {
-                assert_eq!(out.verdict, Some(Action::Pass), "{name}: no flow");
-                continue;
+            // Eight tuples, so that a wrong hash key cannot pass by chance (two backends).
+            let mut chosen = std::collections::HashSet::new();
+            for cport in 48_200..48_208 {
+                let answer = rewritten(vip, client, 80, cport, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
+                let error = icmp_error(
+                    router,
+                    vip,
+                    too_big,
+                    too_big_code,
+                    mtu,
+                    &answer[14..],
+                    (CLIENT_MAC, LB_MAC),
+                );
+                let tracked = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
+                let out = lb.bed.run(&error).unwrap();
+                if mode == "nat" {
+                    assert_eq!(out.verdict, Some(Action::Pass), "{name}: no flow");
+                    continue;
+                }
+                assert_eq!(out.verdict, Some(Action::Tx), "{name}: no flow");
+                let now_tracked = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
+                assert_eq!(now_tracked, tracked, "{name}: an error opens no flow");
+                lb.bed.run(&client_packet(client, vip, IPPROTO_TCP, cport, 80).build()).unwrap();
+                let (backend, _, _) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
+                assert_eq!(out.output[..6], backend_mac(backend), "{name}: the flow's backend");
+                assert_eq!(out.output[12..], error[12..], "{name}: sent as it came");
+                chosen.insert(backend);
             }
-            assert_eq!(out.verdict, Some(Action::Tx), "{name}: no flow");
-            assert!(
-                lb.bed.datapath.maps().conntrack.entries().unwrap().len() == 2,
-                "{name}: an error opens no flow"
-            );
-            lb.bed.run(&client_packet(client, vip, IPPROTO_TCP, cport, 80).build()).unwrap();
-            let (backend, _, _) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
-            assert_eq!(out.output[..6], backend_mac(backend), "{name}: the flow's backend");
-            assert_eq!(out.output[12..], error[12..], "{name}: sent as it came");
+            assert!(mode == "nat" || chosen.len() == 2, "{name}: both backends seen: {chosen:?}");
+            // A quoted later fragment has no ports: not read as a flow's.
+            if !v6 {
+                let fragment = Packet::ipv4(VIP4, CLIENT4)
+                    .ipv4_fragment(16, false)
+                    .tcp(80, 48_100)
+                    .payload(b"later bytes")
+                    .build();
+                let error = icmp_error(
+                    router,
+                    vip,
+                    too_big,
+                    too_big_code,
+                    mtu,
+                    &fragment[14..],
+                    (CLIENT_MAC, LB_MAC),
+                );
+                lb.bed
+                    .check_all(&[Case::pass(
+                        format!("{name}: quoting a later fragment"),
+                        error,
+                        Reason::NotService,
+                    )])
+                    .unwrap();
+            }
         }
     }
 }
@@ -1104,12 +1170,15 @@ fn an_icmp_error_about_a_flow_that_lost_its_nat_port_stays_off_the_backend() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(conntrack.remove_all(evicted), 1);
-    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let error = |port: u16| {
         let answer = rewritten(vip, client, 80, port, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
         icmp_error(client, vip, 3, 3, [0; 4], &answer[14..], (CLIENT_MAC, LB_MAC))
     };
+    // Evicted, but nobody else on the port yet: still this flow's connection at the backend.
+    let out = lb.bed.run(&error(a)).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx), "the flow whose reply entry is gone");
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     let out = lb.bed.run(&error(a)).unwrap();
     assert_eq!(out.verdict, Some(Action::Pass), "the flow that lost its port");
     let out = lb.bed.run(&error(b)).unwrap();

@@ -1572,6 +1572,18 @@ fn corrupted_frames_never_abort_and_are_each_counted_once() {
             assert_eq!(lb.bed.run(&error).unwrap().verdict, Some(Action::Tx), "{name}: icmp");
             seeds.push(error);
         }
+        // A router's "too big" about the flow's answer, sent to the service address.
+        let router: IpAddr = if client.is_ipv4() {
+            "198.18.2.254".parse().unwrap()
+        } else {
+            "fd00:2::fe".parse().unwrap()
+        };
+        let answer = rewritten(vip, client, 80, 41_000, proto, (LB_MAC, CLIENT_MAC));
+        let (kind, code) = if client.is_ipv4() { (3, 4) } else { (2, 0) };
+        let macs = (CLIENT_MAC, LB_MAC);
+        let too_big = icmp_error(router, vip, kind, code, [0, 0, 5, 0], &answer[14..], macs);
+        assert_eq!(lb.bed.run(&too_big).unwrap().verdict, Some(Action::Tx), "{name}: too big");
+        seeds.push(too_big);
 
         let before = lb.bed.stats().unwrap();
         let runs = 5_000;

@@ -126,6 +126,13 @@ impl Flow {
 /// second-granularity timeouts, rarely enough to keep the entry's cache line mostly read-only.
 pub const REFRESH_SECS: u64 = 1;
 
+/// Refresh intervals past its timeout during which a dead entry may still be overwritten in
+/// place by a new flow on its tuple (`lb-ebpf`'s `conntrack::overwrite`). The daemon's sweep
+/// removes only entries dead for longer, so the two never act on one element at once: an
+/// element the sweep frees may at once hold another key, and a write through a pointer
+/// found before the removal would land in it.
+pub const OVERWRITE_WINDOW_REFRESHES: u64 = 2;
+
 /// Idle timeouts per state in seconds, as configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimeoutSecs {
@@ -190,6 +197,16 @@ impl Timeouts {
     pub const fn is_expired(&self, state: u8, last_seen: u64, now: u64) -> bool {
         now.saturating_sub(last_seen) > self.for_state(state)
     }
+
+    /// Whether a flow has been expired at `now` for longer than the overwrite window
+    /// ([`OVERWRITE_WINDOW_REFRESHES`] intervals of `refresh` ticks): the daemon's sweep
+    /// removes it, and the data path no longer writes over it in place.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_long_expired(&self, state: u8, last_seen: u64, now: u64, refresh: u64) -> bool {
+        let window = refresh.saturating_mul(OVERWRITE_WINDOW_REFRESHES);
+        self.is_expired(state, last_seen, now.saturating_sub(window))
+    }
 }
 
 /// What a packet does to a tracked flow.
@@ -249,6 +266,30 @@ pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
     reason = "test arithmetic on small, known values"
 )]
 mod tests {
+    #[test]
+    fn the_sweep_and_the_in_place_overwrite_never_share_an_entry() {
+        // The sweep judges with its clock read before it removes; the data path's clock
+        // only moves on. An entry the sweep removes is long expired for the data path too,
+        // which then replaces it by a map update, never through a pointer.
+        let t = Timeouts::from_secs(&TimeoutSecs::default(), 100);
+        let refresh = REFRESH_SECS * 100;
+        for state in 1..=5u8 {
+            let timeout = t.for_state(state);
+            for age in [0, timeout, timeout + 1, timeout + 2 * refresh, timeout + 2 * refresh + 1] {
+                let last_seen = 1_000_000;
+                let sweep_now = last_seen + age;
+                for later in [0, 1, refresh, 100 * refresh] {
+                    if t.is_long_expired(state, last_seen, sweep_now, refresh) {
+                        assert!(t.is_long_expired(state, last_seen, sweep_now + later, refresh));
+                    }
+                }
+                // Long expired exactly past the window.
+                let long = t.is_long_expired(state, last_seen, sweep_now, refresh);
+                assert_eq!(long, age > timeout + 2 * refresh, "state {state}, age {age}");
+            }
+        }
+    }
+
     use super::*;
     use crate::net::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 

@@ -10,11 +10,11 @@
 //! run, so every run replaces an expired entry, in cache (how Katran's new-flow figure is
 //! measured: the same SYN repeated).
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use lb_common::net::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
-    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK},
+    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK, GLOBALS},
     parse::ptr_at_mut,
 };
 
@@ -71,16 +71,21 @@ pub fn around(ctx: &XdpContext, vary_port: bool, inner: impl FnOnce(&XdpContext)
 }
 
 /// Marks the connection-table entry of the tuple in `BENCH_REOPEN` (the bench writes the
-/// frame's own) as long expired, so the data path's next packet on it opens the flow afresh:
-/// it finds the dead entry, removes it (and a NAT flow's reply entry), chooses a backend and
-/// inserts a new one. The floor wrapper does the same lookup and store.
+/// frame's own) as just expired (a tick past its state's timeout, as a tuple reopened soon
+/// after its flow ended; the daemon's sweep would not have removed it yet), so the data
+/// path's next packet on it opens the flow afresh over the dead entry. The floor wrapper
+/// does the same lookups and store.
 #[inline(always)]
 pub fn age_reopened() {
     if let Some(key) = BENCH_REOPEN.get(0)
         && let Some(entry) = CONNTRACK.get_ptr_mut(key)
+        && let Some(g) = GLOBALS.get(0)
     {
-        // SAFETY: a map value pointer from a successful lookup.
-        unsafe { (*entry).last_seen = 0 };
+        // SAFETY: a helper without arguments; a map value pointer from a successful lookup.
+        unsafe {
+            let timeout = g.timeouts.for_state((*entry).state);
+            (*entry).last_seen = bpf_jiffies64().saturating_sub(timeout + 1);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use lb_common::{
     FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, Flow},
     flow::{flow_hash, scale},
-    service::{Backend, MAX_BACKENDS, Service},
+    service::{Backend, Globals, MAX_BACKENDS, Service},
 };
 
 use crate::{
@@ -191,8 +191,7 @@ fn try_open_nat(
                 // SAFETY: a map value pointer from a successful lookup.
                 let e = unsafe { &mut *entry };
                 if e.flags & FLOW_REPLY != 0 && translates_to(e, key) {
-                    overwrite(e, &buf.flow);
-                    return Ok(());
+                    return replace_entry(e, buf, g);
                 }
             }
             None => {
@@ -220,10 +219,10 @@ fn try_open_nat(
         if let Some(old) = CONNTRACK.get_ptr_mut(&buf.key) {
             // SAFETY: a map value pointer from a successful lookup.
             let old = unsafe { &mut *old };
-            if g.timeouts.is_expired(old.state, old.last_seen, live.now)
-                || (old.flags & FLOW_REPLY != 0 && translates_to(old, key))
+            if (g.timeouts.is_expired(old.state, old.last_seen, live.now)
+                || (old.flags & FLOW_REPLY != 0 && translates_to(old, key)))
+                && replace_entry(old, buf, g).is_ok()
             {
-                overwrite(old, &buf.flow);
                 live.nat_port = raw_port;
                 return Ok(());
             }
@@ -244,14 +243,19 @@ pub struct Winner {
 /// With `replace`, `buf` is written over the (dead) forward entry its key has, in place.
 #[inline(never)]
 pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Outcome {
-    if replace && let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key) {
+    if replace
+        && let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key)
+        && let Ok(g) = crate::select::globals()
+    {
         // SAFETY: a map value pointer from a successful lookup.
         let e = unsafe { &mut *entry };
         if e.flags & FLOW_REPLY != 0 {
             return Outcome::err(Reason::ConntrackInsertFailed);
         }
-        overwrite(e, &buf.flow);
-        return Outcome::DONE;
+        return match replace_entry(e, buf, g) {
+            Ok(()) => Outcome::DONE,
+            Err(reason) => Outcome::err(reason),
+        };
     }
     if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
         return Outcome::DONE;
@@ -279,11 +283,12 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Out
 /// reader on another CPU in that instant (a copy of a packet on the same tuple; the daemon's
 /// sweep, which copies the value front to back) may still see a mix of old and new fields,
 /// as with every write through a lookup's pointer (`select::keep` refreshes the state and
-/// timestamp so): one packet going where the dead flow went. Should the sweep delete the
-/// dead entry between the lookup and the write, the new entry is lost with it (the next
-/// packet opens the flow again) or, if another CPU reuses the freed element at once, lands
-/// in that element: the hazard of any in-place write to an LRU map's value, here over a
-/// window of a few instructions.
+/// timestamp so): one packet going where the dead flow went. The daemon's sweep, whose
+/// freed elements may at once hold other keys, never removes an entry written here (see
+/// [`replace_entry`]); the daemon's cuts of a drained backend's or removed service's flows
+/// could, in the instant of the write (then the new entry is lost or, should another CPU
+/// reuse the freed element at once, lands in it): the hazard of any write through a
+/// lookup's pointer, here over a few instructions and only at those moments.
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;
@@ -299,6 +304,21 @@ fn overwrite(old: &mut Flow, new: &Flow) {
     }
 }
 const _: () = assert!(core::mem::offset_of!(Flow, last_seen) == 0);
+
+/// Writes the entry `buf` over `old`, the entry its key has: in place (see [`overwrite`])
+/// while `old` is inside the overwrite window, which the daemon's sweep leaves alone; by a
+/// map update once the sweep may be removing it (see
+/// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`). A live `old` is never swept.
+#[inline(always)]
+fn replace_entry(old: &mut Flow, buf: &EntryBuf, g: &Globals) -> Result<(), Reason> {
+    if g.timeouts.is_long_expired(old.state, old.last_seen, buf.flow.last_seen, g.refresh) {
+        return CONNTRACK
+            .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
+            .map_err(|_| Reason::ConntrackInsertFailed);
+    }
+    overwrite(old, &buf.flow);
+    Ok(())
+}
 
 /// Writes a new forward entry for `key` to `buf`.
 #[inline(always)]

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::conntrack::Timeouts;
+use lb_common::conntrack::{REFRESH_SECS, Timeouts};
 use tracing::{info, warn};
 
 use crate::{
@@ -398,10 +398,12 @@ impl Daemon {
         };
         let swept = {
             let balancer = &self.balancer;
-            self.datapath
-                .maps_mut()
-                .conntrack
-                .sweep(&self.timeouts, now, |id| balancer.backend_entry(id))
+            self.datapath.maps_mut().conntrack.sweep(
+                &self.timeouts,
+                REFRESH_SECS * self.hz,
+                now,
+                |id| balancer.backend_entry(id),
+            )
         };
         match swept {
             Ok(result) => {

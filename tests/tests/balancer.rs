@@ -1661,14 +1661,14 @@ fn a_service_address_moving_to_another_service_stays_served() {
 
 /// Runs the daemon's sweep of the connection table with the timeouts the data path has.
 fn sweep(lb: &mut Lb) -> lb_userspace::maps::SweepResult {
-    let timeouts = lb.bed.datapath.maps().globals.get().unwrap().timeouts;
+    let globals = lb.bed.datapath.maps().globals.get().unwrap();
     let now = lb.bed.datapath.now_ticks().unwrap();
     let balancer = &lb.balancer;
     lb.bed
         .datapath
         .maps_mut()
         .conntrack
-        .sweep(&timeouts, now, |id| balancer.backend_entry(id))
+        .sweep(&globals.timeouts, globals.refresh, now, |id| balancer.backend_entry(id))
         .unwrap()
 }
 
@@ -1682,6 +1682,12 @@ fn the_sweep_leaves_a_taken_over_nat_port_alone() {
     let (a, b) = (45_300, 45_301);
     let (backend, bport, nat_port) = hand_the_port_over(&mut lb, a, b);
 
+    // Just expired: inside the window in which the data path may still write a reopened
+    // flow over it in place (two refresh intervals), so the sweep leaves it.
+    let swept = sweep(&mut lb);
+    assert_eq!(swept.removed, 0, "inside the overwrite window: {swept:?}");
+    lb.set_globals(|g| g.refresh = 1);
+    std::thread::sleep(std::time::Duration::from_millis(30));
     let swept = sweep(&mut lb);
     assert_eq!(swept.removed, 1, "the closed flow's forward entry alone: {swept:?}");
     let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();

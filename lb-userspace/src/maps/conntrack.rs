@@ -28,7 +28,8 @@ pub struct SweepResult {
     pub live: u64,
     /// Expired entries removed (each NAT flow counts its two entries).
     pub removed: u64,
-    /// Live flows (forward entries) per backend id.
+    /// Forward entries per backend id that the sweep kept: live flows, and dead ones inside
+    /// the overwrite window (seconds old at most).
     pub live_by_backend: std::collections::HashMap<u32, u64>,
 }
 
@@ -83,7 +84,10 @@ impl ConntrackMap {
         self.map.get(key, 0).ok()
     }
 
-    /// Removes entries idle past their state's timeout at `now` (the data path's clock). A
+    /// Removes entries idle past their state's timeout at `now` (the data path's clock) for
+    /// longer than the overwrite window (`refresh` ticks a refresh interval, see
+    /// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`: the data path may still write a
+    /// reopened flow over a dead entry in place until then). A
     /// NAT flow's two entries go together, once both are expired (either half alive carries
     /// the flow: the data path keeps them in step, each direction refreshing both). Each
     /// candidate is read again just before it goes, since the walk's snapshot ages while the
@@ -94,20 +98,26 @@ impl ConntrackMap {
     pub fn sweep(
         &mut self,
         timeouts: &Timeouts,
+        refresh: u64,
         now: u64,
         backend: impl Fn(u32) -> Option<Backend>,
     ) -> Result<SweepResult, MapError> {
-        let expired = |flow: &Flow| timeouts.is_expired(flow.state, flow.last_seen, now);
+        let expired =
+            |flow: &Flow| timeouts.is_long_expired(flow.state, flow.last_seen, now, refresh);
         let mut result = SweepResult::default();
         let mut candidates = Vec::new();
         for (key, flow) in self.entries()? {
             if expired(&flow) {
                 candidates.push(key);
-            } else {
+                continue;
+            }
+            if !timeouts.is_expired(flow.state, flow.last_seen, now) {
                 result.live += 1;
-                if flow.flags & FLOW_REPLY == 0 {
-                    *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
-                }
+            }
+            // A dead entry not yet removed still names its backend: a retired backend's id
+            // is not handed out again while one does.
+            if flow.flags & FLOW_REPLY == 0 {
+                *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
             }
         }
         let mut doomed = Vec::new();

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::conntrack::{REFRESH_SECS, Timeouts};
+use lb_common::conntrack::Timeouts;
 use tracing::{info, warn};
 
 use crate::{
@@ -111,7 +111,10 @@ impl Daemon {
         let mut datapath =
             Datapath::load_with(&load).context("failed to load the XDP data path")?;
         let hz = datapath.ticks_per_second()?;
-        reserve_nat_ports(&config.daemon.pin_dir, &[&config]);
+        // Added before the services apply; what an earlier lbd reserved and this
+        // configuration no longer holds is given back once they have (the pinned data path
+        // may be handing those ports out until then).
+        reserve_nat_ports(&config.daemon.pin_dir, &[&config], false);
         let mut resolver = KernelResolver;
         let mut balancer = Balancer::new(hz);
         if datapath.adopted() {
@@ -148,6 +151,7 @@ impl Daemon {
         let summary = balancer
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
+        reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed while lbd was down: their flows stop now, as on a reload.
         if !summary.removed_service_ids.is_empty() {
             let removed = datapath
@@ -387,20 +391,26 @@ impl Daemon {
         }
     }
 
-    /// Removes expired connections (pairs together) and releases retired backends.
+    /// Removes expired connections (pairs together) and releases retired backends. With
+    /// the timeouts the data path has (`GLOBALS`), not the configuration's: a change that
+    /// failed after writing them must not make the two judge entries differently.
     pub fn sweep(&mut self) {
-        let now = match self.datapath.now_ticks() {
-            Ok(now) => now,
+        let (now, globals) = match self
+            .datapath
+            .now_ticks()
+            .and_then(|now| Ok((now, self.datapath.maps().globals.get()?)))
+        {
+            Ok(read) => read,
             Err(error) => {
-                warn!(%error, "cannot read the data path's clock");
+                warn!(%error, "cannot read the data path's clock and settings");
                 return;
             }
         };
         let swept = {
             let balancer = &self.balancer;
             self.datapath.maps_mut().conntrack.sweep(
-                &self.timeouts,
-                REFRESH_SECS * self.hz,
+                &globals.timeouts,
+                globals.refresh,
                 now,
                 |id| balancer.backend_entry(id),
             )
@@ -411,7 +421,7 @@ impl Daemon {
                     info!(removed = result.removed, live = result.live, "connection table swept");
                 }
                 if let Err(error) =
-                    self.balancer.release_retired(self.datapath.maps_mut(), &result.live_by_backend)
+                    self.balancer.release_retired(self.datapath.maps_mut(), &result.kept_by_backend)
                 {
                     warn!(%error, "releasing retired backends failed");
                 }
@@ -474,7 +484,7 @@ impl Daemon {
         }
         // The new ranges are reserved before any flow can take their ports; the old ones
         // are given back once the change has applied (or the new ones, if it fails).
-        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new]);
+        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new], false);
         let now = Instant::now();
         let mut lifecycle = self.lifecycle.clone();
         lifecycle.observe(&new, now);
@@ -491,7 +501,7 @@ impl Daemon {
         let mut summary = match applied {
             Ok(summary) => summary,
             Err(error) => {
-                reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config]);
+                reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
                 return Err(error);
             }
         };
@@ -519,7 +529,7 @@ impl Daemon {
         }
         self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
-        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config]);
+        reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
         if let Some(file) = file_now {
             self.file_now = file;
         }
@@ -732,8 +742,9 @@ impl StartSettings {
 }
 
 /// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range
-/// and gives back those lbd reserved for services no longer in any of them (see `sysctl`).
-fn reserve_nat_ports(pin_dir: &str, configs: &[&Config]) {
+/// and, with `give_back`, gives back those lbd reserved for services in none of them (see
+/// `sysctl`).
+fn reserve_nat_ports(pin_dir: &str, configs: &[&Config], give_back: bool) {
     let ranges: Vec<(u16, u16)> = configs
         .iter()
         .flat_map(|c| &c.services)
@@ -741,7 +752,8 @@ fn reserve_nat_ports(pin_dir: &str, configs: &[&Config]) {
         .map(ServiceConfig::nat_port_range)
         .collect();
     let state_dir = (!pin_dir.is_empty()).then(|| Path::new(pin_dir));
-    if let Err(error) = sysctl::reserve_nat_ports(&sysctl::Ports::of_ranges(&ranges), state_dir) {
+    let wanted = sysctl::Ports::of_ranges(&ranges);
+    if let Err(error) = sysctl::reserve_nat_ports(&wanted, state_dir, give_back) {
         warn!(%error, "could not reserve the NAT ports from the kernel's ephemeral range");
     }
 }

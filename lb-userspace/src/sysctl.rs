@@ -10,7 +10,8 @@
 //! only ever adds.
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read as _},
     path::{Path, PathBuf},
 };
 
@@ -130,26 +131,46 @@ pub fn plan(kernel: &Ports, ours: &Ports, wanted: &Ports) -> (Ports, Ports) {
     (others.union(wanted), wanted.minus(&others))
 }
 
-/// Reserves `wanted` from the kernel's ephemeral ports and, with a pin directory
-/// (`state_dir`), gives back the ports lbd reserved earlier that `wanted` no longer holds.
-/// Without one, it only adds. The kernel's list is written only when it changes.
-pub fn reserve_nat_ports(wanted: &Ports, state_dir: Option<&Path>) -> io::Result<()> {
-    reserve_in(Path::new(RESERVED_PORTS), wanted, state_dir)
+/// Reserves `wanted` from the kernel's ephemeral ports and, with `give_back` and a pin
+/// directory (`state_dir`), gives back the ports lbd reserved earlier that `wanted` no
+/// longer holds. Without `give_back` (before a change applies) or without a usable record,
+/// it only adds. The kernel's list is written only when it changes.
+pub fn reserve_nat_ports(
+    wanted: &Ports,
+    state_dir: Option<&Path>,
+    give_back: bool,
+) -> io::Result<()> {
+    reserve_in(Path::new(RESERVED_PORTS), wanted, state_dir, give_back)
 }
 
-fn reserve_in(sysctl: &Path, wanted: &Ports, state_dir: Option<&Path>) -> io::Result<()> {
-    let kernel = Ports::parse(&fs::read_to_string(sysctl)?)?;
-    let record: Option<PathBuf> = state_dir.map(|d| d.join(RECORD_DIR));
-    // No record counts as nothing of ours: nothing is given back.
-    let ours = match &record {
-        Some(dir) => read_record(dir)?,
+fn reserve_in(
+    sysctl: &Path,
+    wanted: &Ports,
+    state_dir: Option<&Path>,
+    give_back: bool,
+) -> io::Result<()> {
+    let kernel = Ports::parse(&read_sysctl(sysctl)?)?;
+    let mut record: Option<PathBuf> = state_dir.map(|d| d.join(RECORD_DIR));
+    // No record (or an unreadable one) counts as nothing of ours: nothing is given back.
+    let ours = match record.as_deref().map(read_record) {
+        Some(Ok(ours)) => ours,
+        Some(Err(error)) => {
+            tracing::warn!(%error, "cannot read lbd's record of its reserved ports; only adding");
+            record = None;
+            Ports::default()
+        }
         None => Ports::default(),
     };
-    let (new_kernel, new_ours) = plan(&kernel, &ours, wanted);
+    let wanted = if give_back { wanted.clone() } else { wanted.union(&ours) };
+    let (mut new_kernel, new_ours) = plan(&kernel, &ours, &wanted);
     // Recorded before the kernel's list grows, forgotten after it shrinks: a failure in
     // between leaves a range recorded that is wanted anyway, never one of ours unrecorded.
-    if let Some(dir) = &record {
-        write_record(dir, &new_ours.union(&ours))?;
+    if let Some(dir) = &record
+        && let Err(error) = write_record(dir, &new_ours.union(&ours))
+    {
+        tracing::warn!(%error, "cannot record lbd's reserved ports; only adding");
+        record = None;
+        new_kernel = kernel.union(&wanted);
     }
     if new_kernel != kernel {
         // A bare newline clears the list; an empty write would leave it as it was.
@@ -160,10 +181,26 @@ fn reserve_in(sysctl: &Path, wanted: &Ports, state_dir: Option<&Path>) -> io::Re
             "NAT ports reserved from the kernel's ephemeral range"
         );
     }
-    if let Some(dir) = &record {
-        write_record(dir, &new_ours)?;
+    if let Some(dir) = &record
+        && let Err(error) = write_record(dir, &new_ours)
+    {
+        tracing::warn!(%error, "cannot record lbd's reserved ports");
     }
     Ok(())
+}
+
+/// Reads the whole list in one read: the kernel answers nothing past offset 0 for this file,
+/// so a reader that starts small (as `read_to_string` does, 32 bytes) gets it truncated.
+fn read_sysctl(path: &Path) -> io::Result<String> {
+    // Every other port reserved alone: 32,768 items of up to six bytes.
+    let mut buf = vec![0u8; 256 << 10];
+    let n = fs::File::open(path)?.read(&mut buf)?;
+    let text = std::str::from_utf8(&buf[..n])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if n == buf.len() || (n > 0 && !text.ends_with('\n')) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "reserved ports list truncated"));
+    }
+    Ok(text.to_owned())
 }
 
 /// The ports the record directory `dir` names (none if it does not exist).
@@ -180,20 +217,21 @@ fn read_record(dir: &Path) -> io::Result<Ports> {
     Ports::parse(&names.join(","))
 }
 
-/// Makes the record directory `dir` name exactly `ports`' ranges.
+/// Makes the record directory `dir` name exactly `ports`' ranges: the new names first, then
+/// the old ones go (a failure in between leaves more recorded, never less).
 fn write_record(dir: &Path, ports: &Ports) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let wanted = ports.ranges();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if !wanted.contains(&entry.file_name().to_string_lossy().into_owned()) {
-            fs::remove_dir(entry.path())?;
-        }
-    }
     for range in &wanted {
         match fs::create_dir(dir.join(range)) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
+        }
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !wanted.contains(&entry.file_name().to_string_lossy().into_owned()) {
+            fs::remove_dir(entry.path())?;
         }
     }
     Ok(())
@@ -243,15 +281,21 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let sysctl = dir.join("ip_local_reserved_ports");
         fs::write(&sysctl, "8000\n").unwrap();
-        reserve_in(&sysctl, &p("20000-20009"), Some(&dir)).unwrap();
+        reserve_in(&sysctl, &p("20000-20009"), Some(&dir), true).unwrap();
         assert_eq!(fs::read_to_string(&sysctl).unwrap(), "8000,20000-20009\n");
         assert_eq!(read_record(&dir.join(RECORD_DIR)).unwrap().to_list(), "20000-20009");
-        reserve_in(&sysctl, &p("30000"), Some(&dir)).unwrap();
+        // Before a change applies: the new range is added, nothing given back yet.
+        reserve_in(&sysctl, &p("30000"), Some(&dir), false).unwrap();
+        assert_eq!(fs::read_to_string(&sysctl).unwrap(), "8000,20000-20009,30000\n");
+        reserve_in(&sysctl, &p("30000"), Some(&dir), true).unwrap();
         assert_eq!(fs::read_to_string(&sysctl).unwrap(), "8000,30000\n");
         assert_eq!(read_record(&dir.join(RECORD_DIR)).unwrap().to_list(), "30000");
         // Without a pin directory nothing is given back.
-        reserve_in(&sysctl, &p("40000"), None).unwrap();
+        reserve_in(&sysctl, &p("40000"), None, true).unwrap();
         assert_eq!(fs::read_to_string(&sysctl).unwrap(), "8000,30000,40000\n");
+        // A list cut short (no final newline) is refused, not half read.
+        fs::write(&sysctl, "8000,300").unwrap();
+        assert!(reserve_in(&sysctl, &p("40000"), None, true).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1686,8 +1686,9 @@ fn the_sweep_leaves_a_taken_over_nat_port_alone() {
     // flow over it in place (two refresh intervals), so the sweep leaves it.
     let swept = sweep(&mut lb);
     assert_eq!(swept.removed, 0, "inside the overwrite window: {swept:?}");
+    // One tick a refresh interval: the window and the sweep's margin are three ticks.
     lb.set_globals(|g| g.refresh = 1);
-    std::thread::sleep(std::time::Duration::from_millis(30));
+    std::thread::sleep(std::time::Duration::from_millis(60));
     let swept = sweep(&mut lb);
     assert_eq!(swept.removed, 1, "the closed flow's forward entry alone: {swept:?}");
     let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();

@@ -374,8 +374,10 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     let bpffs = Bpffs::mount(&lab.id);
     let pin_dir = bpffs.dir.join("lb");
     let config = std::env::temp_dir().join(format!("{}-ports.toml", lab.id));
-    // An administrator's reservation, which lbd must leave alone.
-    lab.lb.sysctl("net.ipv4.ip_local_reserved_ports", "8000-8100").unwrap();
+    // An administrator's reservations, which lbd must leave alone: a list longer than the
+    // 32 bytes a small first read would return of it.
+    let admin = "1024-1100,2049,3260,5000-5100,6000-6100,8000-8100";
+    lab.lb.sysctl("net.ipv4.ip_local_reserved_ports", admin).unwrap();
     let with_range = |range: &str| {
         lab::lab_config(1, &[])
             .replace("nat_source = ", &format!("nat_ports = \"{range}\"\nnat_source = "))
@@ -385,13 +387,13 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     let ready =
         wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
     assert!(ready.is_some(), "lbd did not start serving: {}", kill(&mut first, "-TERM"));
-    assert_eq!(reserved_ports(&lab), "8000-8100,40000-40999");
+    assert_eq!(reserved_ports(&lab), format!("{admin},40000-40999"));
 
     // A reload moves the range: the old one is given back.
     std::fs::write(&config, with_range("41000-41999")).unwrap();
     let _ = Command::new("kill").args(["-HUP", &first.id().to_string()]).status();
     let moved = wait_for(Duration::from_secs(10), || {
-        (reserved_ports(&lab) == "8000-8100,41000-41999").then_some(())
+        (reserved_ports(&lab) == format!("{admin},41000-41999")).then_some(())
     });
     assert!(
         moved.is_some(),
@@ -406,7 +408,7 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     // (The pinned data path serves throughout: wait for the new lbd's reservation itself.)
     let mut second = start_lbd(&lab, &config, &pin_dir);
     let moved = wait_for(Duration::from_secs(20), || {
-        (reserved_ports(&lab) == "8000-8100,42000-42099").then_some(())
+        (reserved_ports(&lab) == format!("{admin},42000-42099")).then_some(())
     });
     let reserved = reserved_ports(&lab);
     let log = kill(&mut second, "-TERM");

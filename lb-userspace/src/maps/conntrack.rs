@@ -28,9 +28,12 @@ pub struct SweepResult {
     pub live: u64,
     /// Expired entries removed (each NAT flow counts its two entries).
     pub removed: u64,
-    /// Forward entries per backend id that the sweep kept: live flows, and dead ones inside
-    /// the overwrite window (seconds old at most).
+    /// Live flows (forward entries) per backend id.
     pub live_by_backend: std::collections::HashMap<u32, u64>,
+    /// Forward entries per backend id that the sweep kept: live flows, and dead ones inside
+    /// the overwrite window (seconds old at most). A retired backend's id is not handed out
+    /// again while one names it.
+    pub kept_by_backend: std::collections::HashMap<u32, u64>,
 }
 
 impl ConntrackMap {
@@ -87,7 +90,8 @@ impl ConntrackMap {
     /// Removes entries idle past their state's timeout at `now` (the data path's clock) for
     /// longer than the overwrite window (`refresh` ticks a refresh interval, see
     /// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`: the data path may still write a
-    /// reopened flow over a dead entry in place until then). A
+    /// reopened flow over a dead entry in place until then), judged one refresh interval
+    /// early (a packet's clock may have been read before `now`). A
     /// NAT flow's two entries go together, once both are expired (either half alive carries
     /// the flow: the data path keeps them in step, each direction refreshing both). Each
     /// candidate is read again just before it goes, since the walk's snapshot ages while the
@@ -102,8 +106,9 @@ impl ConntrackMap {
         now: u64,
         backend: impl Fn(u32) -> Option<Backend>,
     ) -> Result<SweepResult, MapError> {
+        let judged = now.saturating_sub(refresh);
         let expired =
-            |flow: &Flow| timeouts.is_long_expired(flow.state, flow.last_seen, now, refresh);
+            |flow: &Flow| timeouts.is_long_expired(flow.state, flow.last_seen, judged, refresh);
         let mut result = SweepResult::default();
         let mut candidates = Vec::new();
         for (key, flow) in self.entries()? {
@@ -111,30 +116,33 @@ impl ConntrackMap {
                 candidates.push(key);
                 continue;
             }
-            if !timeouts.is_expired(flow.state, flow.last_seen, now) {
+            let live = !timeouts.is_expired(flow.state, flow.last_seen, now);
+            if live {
                 result.live += 1;
             }
-            // A dead entry not yet removed still names its backend: a retired backend's id
-            // is not handed out again while one does.
             if flow.flags & FLOW_REPLY == 0 {
-                *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
+                if live {
+                    *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
+                }
+                *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
             }
         }
-        let mut doomed = Vec::new();
         for key in candidates {
+            // Removed right after it is read again: the gap a reopened tuple could fall
+            // into is one system call wide.
             let Some(flow) = self.get(&key).filter(|f| expired(f)) else { continue };
             match self.partner(&key, &flow, &backend) {
                 Some((_, partner)) if !expired(&partner) => {
                     // Kept with its live half, and counted as the live flow it is.
                     if flow.flags & FLOW_REPLY == 0 {
                         *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
+                        *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
                     }
                 }
-                Some((partner_key, _)) => doomed.extend([key, partner_key]),
-                None => doomed.push(key),
+                Some((partner_key, _)) => result.removed += self.remove_all(vec![key, partner_key]),
+                None => result.removed += self.remove_all(vec![key]),
             }
         }
-        result.removed = self.remove_all(doomed);
         Ok(result)
     }
 

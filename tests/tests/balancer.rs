@@ -144,6 +144,20 @@ impl Lb {
         self.bed.datapath.maps_mut().globals.set(&g).unwrap();
     }
 
+    /// Removes every reply entry, as the LRU may evict one half of a NAT flow alone;
+    /// returns how many went.
+    fn evict_reply_entries(&mut self) -> u64 {
+        let conntrack = &mut self.bed.datapath.maps_mut().conntrack;
+        let replies: Vec<_> = conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
+            .map(|(k, _)| k)
+            .collect();
+        conntrack.remove_all(replies)
+    }
+
     /// A restarted daemon's balancer: it knows the pinned maps only.
     fn restart_balancer(&mut self) {
         let hz = self.bed.datapath.ticks_per_second().unwrap();
@@ -168,6 +182,26 @@ impl Lb {
         let port = if backend.port == 0 { vport } else { raw_port(backend.port) };
         (words_addr(backend.addr, backend.family), port, raw_port(flow.nat_port))
     }
+}
+
+/// The client, service and NAT source addresses of one family.
+fn addresses(v6: bool) -> (IpAddr, IpAddr, IpAddr) {
+    if v6 {
+        (CLIENT6.into(), VIP6.into(), NAT6.into())
+    } else {
+        (CLIENT4.into(), VIP4.into(), NAT4.into())
+    }
+}
+
+/// ICMP(v6) type and code of "port unreachable", then of "fragmentation needed" (v4) or
+/// "packet too big" (v6): (unreachable type, its port code, too-big type, its code).
+fn icmp_kinds(v6: bool) -> (u8, u8, u8, u8) {
+    if v6 { (1, 4, 2, 0) } else { (3, 3, 3, 4) }
+}
+
+/// A router on the clients' side of the balancer (sender of "too big" errors about answers).
+fn client_side_router(v6: bool) -> IpAddr {
+    if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() }
 }
 
 fn nat_config(v6: bool, proto: &str) -> String {
@@ -237,11 +271,7 @@ fn nat_forward_and_reply_for_every_family_and_protocol() {
         (true, "udp", IPPROTO_UDP),
     ] {
         let name = format!("nat_forward_and_reply_{}_{proto_name}", if v6 { "v6" } else { "v4" });
-        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
-            (CLIENT6.into(), VIP6.into(), NAT6.into())
-        } else {
-            (CLIENT4.into(), VIP4.into(), NAT4.into())
-        };
+        let (client, vip, nat) = addresses(v6);
         let backends: Vec<IpAddr> = if v6 {
             vec!["fd00:1::11".parse().unwrap(), "fd00:1::12".parse().unwrap()]
         } else {
@@ -535,15 +565,7 @@ fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
     let Some(mut lb) = Lb::new("nat_port_lost", &one_port_nat_config(), &[]) else { return };
     let (a, b) = (45_200, 45_201);
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
-    let evicted: Vec<_> = conntrack
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(conntrack.remove_all(evicted), 1);
+    assert_eq!(lb.evict_reply_entries(), 1);
     assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
 
     // The first client's ACK moves its flow on (a state change refreshes the reply entry).
@@ -784,11 +806,7 @@ fn udp_without_checksum_keeps_it_zero_through_nat() {
     // both ways.
     for v6 in [false, true] {
         let family = if v6 { "v6" } else { "v4" };
-        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
-            (CLIENT6.into(), VIP6.into(), NAT6.into())
-        } else {
-            (CLIENT4.into(), VIP4.into(), NAT4.into())
-        };
+        let (client, vip, nat) = addresses(v6);
         let name = format!("udp_zero_checksum_{family}");
         let Some(mut lb) = Lb::new(&name, &nat_config(v6, "udp"), &[]) else { return };
         let check_at = 14 + if v6 { 40 } else { 20 } + 6;
@@ -842,11 +860,7 @@ fn icmp_error(
 fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
     for v6 in [false, true] {
         let family = if v6 { "v6" } else { "v4" };
-        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
-            (CLIENT6.into(), VIP6.into(), NAT6.into())
-        } else {
-            (CLIENT4.into(), VIP4.into(), NAT4.into())
-        };
+        let (client, vip, nat) = addresses(v6);
         let router: IpAddr =
             if v6 { "fd00:1::fe".parse().unwrap() } else { "198.18.1.254".parse().unwrap() };
         let toml = format!(
@@ -859,8 +873,7 @@ fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
                 .unwrap()
         );
         let Some(mut lb) = Lb::new(&format!("icmp_errors_{family}"), &toml, &[]) else { return };
-        let (unreach, port_unreach, too_big, too_big_code) =
-            if v6 { (1, 4, 2, 0) } else { (3, 3, 3, 4) };
+        let (unreach, port_unreach, too_big, too_big_code) = icmp_kinds(v6);
         let mtu = [0, 0, 0x05, 0x00];
         let mut cases = Vec::new();
         for (proto, cport) in [(IPPROTO_UDP, 48_000u16), (IPPROTO_TCP, 48_001)] {
@@ -943,15 +956,9 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
     // error about the backend's own packet (backend to NAT address and port).
     for v6 in [false, true] {
         let family = if v6 { "v6" } else { "v4" };
-        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
-            (CLIENT6.into(), VIP6.into(), NAT6.into())
-        } else {
-            (CLIENT4.into(), VIP4.into(), NAT4.into())
-        };
-        let router: IpAddr =
-            if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() };
-        let (unreach, port_unreach, too_big, too_big_code) =
-            if v6 { (1, 4, 2, 0) } else { (3, 3, 3, 4) };
+        let (client, vip, nat) = addresses(v6);
+        let router = client_side_router(v6);
+        let (unreach, port_unreach, too_big, too_big_code) = icmp_kinds(v6);
         let mtu = [0, 0, 0x05, 0x00];
         let ip_len = if v6 { 40 } else { 20 };
         for mode in ["nat", "dsr"] {
@@ -1108,7 +1115,7 @@ fn icmp_errors_when_the_nat_source_is_the_service_address() {
         .replace("nat_source = \"198.18.1.1\"", "nat_source = \"198.18.100.1\"");
     let Some(mut lb) = Lb::new("icmp_nat_source_is_vip", &toml, &[]) else { return };
     let client: IpAddr = CLIENT4.into();
-    let router: IpAddr = "198.18.2.254".parse().unwrap();
+    let router = client_side_router(false);
     let original = client_packet(client, vip, IPPROTO_TCP, 48_300, 80).build();
     lb.bed.run(&original).unwrap();
     let (backend, bport, nat_port) = lb.flow_of(client, 48_300, vip, 80, IPPROTO_TCP);
@@ -1161,15 +1168,7 @@ fn an_icmp_error_about_a_flow_that_lost_its_nat_port_stays_off_the_backend() {
     let Some(mut lb) = Lb::new("icmp_lost_port", &one_port_nat_config(), &[]) else { return };
     let (a, b) = (45_300, 45_301);
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
-    let evicted: Vec<_> = conntrack
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(conntrack.remove_all(evicted), 1);
+    assert_eq!(lb.evict_reply_entries(), 1);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let error = |port: u16| {
         let answer = rewritten(vip, client, 80, port, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
@@ -1210,11 +1209,7 @@ fn syn_cookies_handshake_frame_by_frame() {
         let name = format!("syn_cookies_handshake_{}", if v6 { "v6" } else { "v4" });
         let config = nat_config(v6, "tcp") + "syn_cookies = \"on\"\n";
         let Some(mut lb) = Lb::new(&name, &config, &[]) else { return };
-        let (client, vip, nat): (IpAddr, IpAddr, IpAddr) = if v6 {
-            (CLIENT6.into(), VIP6.into(), NAT6.into())
-        } else {
-            (CLIENT4.into(), VIP4.into(), NAT4.into())
-        };
+        let (client, vip, nat) = addresses(v6);
         // The kernel's cookie MSS table: 1460 is exact for IPv4, 1440 for IPv6.
         let mss: u16 = if v6 { 1440 } else { 1460 };
         let [hi, lo] = mss.to_be_bytes();
@@ -1387,8 +1382,7 @@ fn syn_cookies_handshake_frame_by_frame() {
 
         // A router's "too big" about the backend's data as the client got it reaches the
         // backend about its own packet, in its own numbering (which its stack checks).
-        let router: IpAddr =
-            if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() };
+        let router = client_side_router(v6);
         let (kind, code) = if v6 { (2, 0) } else { (3, 4) };
         let seen = reply((vip, 80), (client, cport), (LB_MAC, CLIENT_MAC), cookie.wrapping_add(1));
         let sent =
@@ -1573,11 +1567,7 @@ fn corrupted_frames_never_abort_and_are_each_counted_once() {
             seeds.push(error);
         }
         // A router's "too big" about the flow's answer, sent to the service address.
-        let router: IpAddr = if client.is_ipv4() {
-            "198.18.2.254".parse().unwrap()
-        } else {
-            "fd00:2::fe".parse().unwrap()
-        };
+        let router = client_side_router(client.is_ipv6());
         let answer = rewritten(vip, client, 80, 41_000, proto, (LB_MAC, CLIENT_MAC));
         let (kind, code) = if client.is_ipv4() { (3, 4) } else { (2, 0) };
         let macs = (CLIENT_MAC, LB_MAC);

@@ -283,12 +283,10 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Out
 /// reader on another CPU in that instant (a copy of a packet on the same tuple; the daemon's
 /// sweep, which copies the value front to back) may still see a mix of old and new fields,
 /// as with every write through a lookup's pointer (`select::keep` refreshes the state and
-/// timestamp so): one packet going where the dead flow went. The daemon's sweep, whose
-/// freed elements may at once hold other keys, never removes an entry written here (see
-/// [`replace_entry`]); the daemon's cuts of a drained backend's or removed service's flows
-/// could, in the instant of the write (then the new entry is lost or, should another CPU
-/// reuse the freed element at once, lands in it): the hazard of any write through a
-/// lookup's pointer, here over a few instructions and only at those moments.
+/// timestamp so): one packet going where the dead flow went. The daemon, whose removals
+/// free elements that may at once hold other keys, never removes an entry written here:
+/// its sweep waits out the overwrite window (see [`replace_entry`]) and its cuts of a
+/// drained backend's or removed service's flows leave dead entries to the sweep.
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;

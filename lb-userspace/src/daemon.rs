@@ -154,10 +154,11 @@ impl Daemon {
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed while lbd was down: their flows stop now, as on a reload.
         if !summary.removed_service_ids.is_empty() {
+            let dead = dead_now(&mut datapath);
             let removed = datapath
                 .maps_mut()
                 .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids)
+                .remove_flows_of_services(&summary.removed_service_ids, dead)
                 .context("failed to cut the flows of removed services")?;
             info!(removed, "flows of services removed while lbd was down cut");
         }
@@ -364,12 +365,12 @@ impl Daemon {
             return;
         }
         let balancer = &self.balancer;
-        match self
-            .datapath
-            .maps_mut()
-            .conntrack
-            .remove_flows_of(&ids, |id| balancer.backend_entry(id))
-        {
+        let dead = dead_now(&mut self.datapath);
+        match self.datapath.maps_mut().conntrack.remove_flows_of(
+            &ids,
+            |id| balancer.backend_entry(id),
+            dead,
+        ) {
             Ok(removed) => {
                 info!(removed, backends = ids.len(), "established flows cut");
                 for id in &ids {
@@ -510,11 +511,12 @@ impl Daemon {
         self.lifecycle = lifecycle;
         self.passthrough.sync(&effective, &self.balancer);
         if !summary.removed_service_ids.is_empty() {
+            let dead = dead_now(&mut self.datapath);
             match self
                 .datapath
                 .maps_mut()
                 .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids)
+                .remove_flows_of_services(&summary.removed_service_ids, dead)
             {
                 Ok(removed) => info!(removed, "flows of removed services cut"),
                 Err(error) => warn!(%error, "cutting flows of removed services failed"),
@@ -739,6 +741,14 @@ impl StartSettings {
         }
         names
     }
+}
+
+/// What a cut of flows leaves to the sweep, by the data path's clock and timeouts; `None`
+/// (everything cut) if they cannot be read.
+fn dead_now(datapath: &mut Datapath) -> Option<crate::maps::Dead> {
+    let now = datapath.now_ticks().ok()?;
+    let globals = datapath.maps().globals.get().ok()?;
+    Some(crate::maps::Dead { timeouts: globals.timeouts, now: now + globals.refresh })
 }
 
 /// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range

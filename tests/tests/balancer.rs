@@ -584,6 +584,62 @@ fn a_nat_flow_that_lost_its_port_to_another_stays_off_it() {
 }
 
 #[test]
+fn cuts_leave_dead_entries_to_the_sweep() {
+    // The data path may be writing a flow that reopens a dead entry's tuple over it in
+    // place; a cut removing the entry in that instant would turn the write into one to a
+    // freed element. Cuts (a removed service, a drain deadline) stop live flows and leave
+    // dead entries to the sweep, which waits out that window.
+    let Some(mut lb) = Lb::new("cuts_spare_dead", &dsr_config(false, "tcp"), &[]) else { return };
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(45_501, 80).flags(tcp_flags::RST).build();
+    for frame in [syn4(45_500), syn4(45_501), rst] {
+        assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx));
+    }
+    lb.set_globals(|g| g.timeouts.closed = 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let dead = |lb: &mut Lb| {
+        let globals = lb.bed.datapath.maps().globals.get().unwrap();
+        let now = lb.bed.datapath.now_ticks().unwrap();
+        Some(lb_userspace::maps::Dead { timeouts: globals.timeouts, now: now + globals.refresh })
+    };
+    let sports = |lb: &Lb| -> Vec<u16> {
+        let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+        let mut ports: Vec<u16> = entries.iter().map(|(k, _)| raw_port(k.sport)).collect();
+        ports.sort_unstable();
+        ports
+    };
+    let sid = lb.balancer.service_id("s").unwrap();
+    let spare = dead(&mut lb);
+    let removed =
+        lb.bed.datapath.maps_mut().conntrack.remove_flows_of_services(&[sid], spare).unwrap();
+    assert_eq!(removed, 1, "the live flow alone");
+    assert_eq!(sports(&lb), vec![45_501], "the closed flow stays for the sweep");
+
+    // A drain deadline's cut likewise.
+    assert_eq!(lb.bed.run(&syn4(45_502)).unwrap().verdict, Some(Action::Tx));
+    let ids: std::collections::HashSet<u32> = lb
+        .bed
+        .datapath
+        .maps()
+        .conntrack
+        .entries()
+        .unwrap()
+        .iter()
+        .map(|(_, f)| f.backend_id)
+        .collect();
+    let spare = dead(&mut lb);
+    let balancer = &lb.balancer;
+    let removed = lb
+        .bed
+        .datapath
+        .maps_mut()
+        .conntrack
+        .remove_flows_of(&ids, |id| balancer.backend_entry(id), spare)
+        .unwrap();
+    assert_eq!(removed, 1, "the live flow alone");
+    assert_eq!(sports(&lb), vec![45_501]);
+}
+
+#[test]
 fn a_backend_reset_closes_both_directions() {
     let Some(mut lb) = Lb::new("backend_reset", &nat_config(false, "tcp"), &[]) else { return };
     let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, 46_000, 80).build();
@@ -625,7 +681,7 @@ fn removing_a_service_cuts_its_flows() {
     let summary = lb.balancer.apply(&config, lb.bed.datapath.maps_mut(), &mut resolver).unwrap();
     assert_eq!(summary.removed_service_ids.len(), 1);
     let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
-    assert_eq!(conntrack.remove_flows_of_services(&summary.removed_service_ids).unwrap(), 2);
+    assert_eq!(conntrack.remove_flows_of_services(&summary.removed_service_ids, None).unwrap(), 2);
     assert!(conntrack.entries().unwrap().is_empty());
     for frame in [&ack, &reply] {
         assert_eq!(lb.bed.run(frame).unwrap().verdict, Some(Action::Pass));

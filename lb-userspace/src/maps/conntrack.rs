@@ -162,19 +162,44 @@ impl ConntrackMap {
     }
 }
 
+/// The entries a cut of flows leaves to the sweep: those dead at `now`. The data path may
+/// be writing a flow that reopens the tuple over such an entry in place, which a removal in
+/// the same instant would turn into a write to a freed element (see
+/// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`); the sweep waits out that window.
+#[derive(Clone, Copy, Debug)]
+pub struct Dead {
+    pub timeouts: Timeouts,
+    /// The data path's clock, read by the daemon, plus a refresh interval: a packet's clock
+    /// may run ahead of the daemon's read.
+    pub now: u64,
+}
+
+impl Dead {
+    /// Whether the cut leaves `flow` alone.
+    #[must_use]
+    pub const fn spares(&self, flow: &Flow) -> bool {
+        self.timeouts.is_expired(flow.state, flow.last_seen, self.now)
+    }
+}
+
 impl ConntrackMap {
-    /// Removes every flow of the backend ids in `ids` (a NAT flow's two entries together),
-    /// so their next packets are balanced afresh. Returns how many entries went.
+    /// Removes every live flow of the backend ids in `ids` (a NAT flow's two entries
+    /// together), so their next packets are balanced afresh; entries `dead` spares stay for
+    /// the sweep. Returns how many entries went.
     pub fn remove_flows_of(
         &mut self,
         ids: &std::collections::HashSet<u32>,
         backend: impl Fn(u32) -> Option<Backend>,
+        dead: Option<Dead>,
     ) -> Result<u64, MapError> {
+        let spared = |flow: &Flow| dead.is_some_and(|d| d.spares(flow));
         let mut doomed = Vec::new();
         for (key, flow) in self.entries()? {
-            if ids.contains(&flow.backend_id) {
+            if ids.contains(&flow.backend_id) && !spared(&flow) {
                 doomed.push(key);
-                if let Some((partner, _)) = self.partner(&key, &flow, &backend) {
+                if let Some((partner, p)) = self.partner(&key, &flow, &backend)
+                    && !spared(&p)
+                {
                     doomed.push(partner);
                 }
             }
@@ -182,17 +207,23 @@ impl ConntrackMap {
         Ok(self.remove_all(doomed))
     }
 
-    /// Removes every entry (forward and reply) of the service ids in `ids`: a removed
-    /// service's flows stop at once instead of running on until they idle out. Returns how
-    /// many entries went.
-    pub fn remove_flows_of_services(&mut self, ids: &[u32]) -> Result<u64, MapError> {
+    /// Removes every entry (forward and reply) of the service ids in `ids` but those `dead`
+    /// spares (left for the sweep): a removed service's flows stop at once instead of
+    /// running on until they idle out. Returns how many entries went.
+    pub fn remove_flows_of_services(
+        &mut self,
+        ids: &[u32],
+        dead: Option<Dead>,
+    ) -> Result<u64, MapError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let doomed = self
             .entries()?
             .into_iter()
-            .filter(|(_, flow)| ids.contains(&flow.service_id))
+            .filter(|(_, flow)| {
+                ids.contains(&flow.service_id) && !dead.is_some_and(|d| d.spares(flow))
+            })
             .map(|(key, _)| key)
             .collect();
         Ok(self.remove_all(doomed))

@@ -120,6 +120,28 @@ impl Flow {
             _pad: 0,
         }
     }
+
+    /// The key of the reply entry (backend to NAT source) of the NAT flow whose forward
+    /// entry this is, `backend` being the entry's backend; `proto` and `family` are the
+    /// forward key's.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reply_key(
+        &self,
+        backend: &crate::service::Backend,
+        proto: u8,
+        family: u8,
+    ) -> crate::FlowKey {
+        crate::FlowKey {
+            src: backend.addr,
+            dst: self.peer_addr,
+            sport: backend.port_for(self.vip_port),
+            dport: self.nat_port,
+            proto,
+            family,
+            _pad: 0,
+        }
+    }
 }
 
 /// How often a live flow's `last_seen` is rewritten, in seconds: often enough for

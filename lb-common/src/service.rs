@@ -103,6 +103,16 @@ pub struct Backend {
 /// keeps such a backend out of the tables until it passes `rise` checks again.
 pub const BACKEND_DOWN: u8 = 1;
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+
+impl Backend {
+    /// The port the backend receives a flow to the service port `vip_port` on (both raw
+    /// network order): its own, or the client's when it has none.
+    #[inline(always)]
+    #[must_use]
+    pub const fn port_for(&self, vip_port: u16) -> u16 {
+        if self.port == 0 { vip_port } else { self.port }
+    }
+}
 #[cfg(feature = "user")]
 // SAFETY: repr(C), explicit padding.
 unsafe impl aya::Pod for Backend {}

@@ -49,8 +49,7 @@ pub fn backend_at(backend_id: u32, vip_port: u16) -> Result<(&'static Backend, u
     if backend.family == 0 {
         return Err(Reason::NoBackend);
     }
-    let port = if backend.port == 0 { vip_port } else { backend.port };
-    Ok((backend, port))
+    Ok((backend, backend.port_for(vip_port)))
 }
 
 /// Writes the key of the reply direction of a NAT flow (backend to the NAT source) to `out`.
@@ -429,21 +428,12 @@ fn reply_of(key: &FlowKey, stale: &StaleNat, buf: &mut EntryBuf) -> ReplyEntry {
     if translates_to(unsafe { &*entry }, key) { ReplyEntry::Ours } else { ReplyEntry::Other }
 }
 
-/// Whether the live NAT flow whose forward entry is `e` (key `key`) still holds its port: its
-/// reply entry translates back to it, or is gone (evicted) with no other flow on the port.
-/// Not inlined: the reply key is built on a stack frame of its own.
+/// Whether the live NAT flow whose forward entry is `e` (key `key`, backend `backend`) still
+/// holds its port: its reply entry translates back to it, or is gone (evicted) with no other
+/// flow on the port. Not inlined: the reply key is built on a stack frame of its own.
 #[inline(never)]
-pub fn holds_port(key: &FlowKey, e: &Flow) -> bool {
-    let Ok((backend, backend_port)) = backend_at(e.backend_id, e.vip_port) else { return false };
-    let reply = FlowKey {
-        src: backend.addr,
-        dst: e.peer_addr,
-        sport: backend_port,
-        dport: e.nat_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: 0,
-    };
+pub fn holds_port(key: &FlowKey, e: &Flow, backend: &Backend) -> bool {
+    let reply = e.reply_key(backend, key.proto, key.family);
     // SAFETY: a map value pointer from a successful lookup.
     CONNTRACK.get_ptr(&reply).is_none_or(|r| translates_to(unsafe { &*r }, key))
 }

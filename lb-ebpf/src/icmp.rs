@@ -143,13 +143,13 @@ fn try_error_to_backend(
     if e.flags & FLOW_NAT == 0 {
         return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
     }
+    let (backend, backend_port) = backend_at(e.backend_id, key.dport)?;
     // Only while the flow still holds its NAT port: once another flow has taken it over (the
     // LRU evicted this one's reply entry), the error would be about that flow's connection.
-    if !conntrack::holds_port(key, e) {
+    if !conntrack::holds_port(key, e, backend) {
         return Err(Reason::NotService);
     }
     // The quoted packet becomes the backend's: backend to NAT address and port.
-    let (backend, backend_port) = backend_at(e.backend_id, key.dport)?;
     let to_backend = &mut buf.flow;
     // SAFETY: map values and per-CPU scratch memory: valid and disjoint.
     unsafe {

@@ -259,15 +259,5 @@ fn partner_key(
         return Some(flow.forward_key(key.proto, key.family));
     }
     // Forward entry: the reply key is backend -> NAT source.
-    let backend = backend(flow.backend_id)?;
-    let port = if backend.port == 0 { flow.vip_port } else { backend.port };
-    Some(FlowKey {
-        src: backend.addr,
-        dst: flow.peer_addr,
-        sport: port,
-        dport: flow.nat_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: 0,
-    })
+    Some(flow.reply_key(&backend(flow.backend_id)?, key.proto, key.family))
 }

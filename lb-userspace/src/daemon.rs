@@ -11,7 +11,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::conntrack::Timeouts;
 use tracing::{info, warn};
 
 use crate::{
@@ -65,7 +64,6 @@ pub struct Daemon {
     file_digest: Option<u64>,
     file_now: StartSettings,
     pub hz: u64,
-    pub timeouts: Timeouts,
     /// Interfaces and the mode their program runs in.
     pub attached: Vec<(String, AttachedMode)>,
     /// Live flows per backend id, from the last connection-table sweep.
@@ -154,11 +152,11 @@ impl Daemon {
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed while lbd was down: their flows stop now, as on a reload.
         if !summary.removed_service_ids.is_empty() {
-            let dead = dead_now(&mut datapath);
+            let clock = datapath.flow_clock().ok();
             let removed = datapath
                 .maps_mut()
                 .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids, dead)
+                .remove_flows_of_services(&summary.removed_service_ids, clock.as_ref())
                 .context("failed to cut the flows of removed services")?;
             info!(removed, "flows of services removed while lbd was down cut");
         }
@@ -185,7 +183,6 @@ impl Daemon {
         for interface in datapath.detach_unconfigured(&names) {
             info!(%interface, "detached from an interface no longer configured");
         }
-        let timeouts = Timeouts::from_secs(&config.conntrack.timeouts(), hz);
         let file_digest =
             config_path.as_deref().and_then(|p| std::fs::read(p).ok()).map(|b| digest(&b));
         Ok(Self {
@@ -198,7 +195,6 @@ impl Daemon {
             file_digest,
             file_at_start,
             hz,
-            timeouts,
             attached,
             live_by_backend: HashMap::new(),
             conntrack_live: 0,
@@ -365,11 +361,11 @@ impl Daemon {
             return;
         }
         let balancer = &self.balancer;
-        let dead = dead_now(&mut self.datapath);
+        let clock = self.datapath.flow_clock().ok();
         match self.datapath.maps_mut().conntrack.remove_flows_of(
             &ids,
             |id| balancer.backend_entry(id),
-            dead,
+            clock.as_ref(),
         ) {
             Ok(removed) => {
                 info!(removed, backends = ids.len(), "established flows cut");
@@ -396,12 +392,8 @@ impl Daemon {
     /// the timeouts the data path has (`GLOBALS`), not the configuration's: a change that
     /// failed after writing them must not make the two judge entries differently.
     pub fn sweep(&mut self) {
-        let (now, globals) = match self
-            .datapath
-            .now_ticks()
-            .and_then(|now| Ok((now, self.datapath.maps().globals.get()?)))
-        {
-            Ok(read) => read,
+        let clock = match self.datapath.flow_clock() {
+            Ok(clock) => clock,
             Err(error) => {
                 warn!(%error, "cannot read the data path's clock and settings");
                 return;
@@ -409,12 +401,7 @@ impl Daemon {
         };
         let swept = {
             let balancer = &self.balancer;
-            self.datapath.maps_mut().conntrack.sweep(
-                &globals.timeouts,
-                globals.refresh,
-                now,
-                |id| balancer.backend_entry(id),
-            )
+            self.datapath.maps_mut().conntrack.sweep(&clock, |id| balancer.backend_entry(id))
         };
         match swept {
             Ok(result) => {
@@ -511,12 +498,12 @@ impl Daemon {
         self.lifecycle = lifecycle;
         self.passthrough.sync(&effective, &self.balancer);
         if !summary.removed_service_ids.is_empty() {
-            let dead = dead_now(&mut self.datapath);
+            let clock = self.datapath.flow_clock().ok();
             match self
                 .datapath
                 .maps_mut()
                 .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids, dead)
+                .remove_flows_of_services(&summary.removed_service_ids, clock.as_ref())
             {
                 Ok(removed) => info!(removed, "flows of removed services cut"),
                 Err(error) => warn!(%error, "cutting flows of removed services failed"),
@@ -529,7 +516,6 @@ impl Daemon {
                 .map_err(|e| ChangeError::Apply(e.to_string()))?;
             info!(?summary, "firewall installed");
         }
-        self.timeouts = Timeouts::from_secs(&new.conntrack.timeouts(), self.hz);
         self.config = new;
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
         if let Some(file) = file_now {
@@ -741,14 +727,6 @@ impl StartSettings {
         }
         names
     }
-}
-
-/// What a cut of flows leaves to the sweep, by the data path's clock and timeouts; `None`
-/// (everything cut) if they cannot be read.
-fn dead_now(datapath: &mut Datapath) -> Option<crate::maps::Dead> {
-    let now = datapath.now_ticks().ok()?;
-    let globals = datapath.maps().globals.get().ok()?;
-    Some(crate::maps::Dead { timeouts: globals.timeouts, now: now + globals.refresh })
 }
 
 /// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range

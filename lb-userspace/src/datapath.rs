@@ -212,6 +212,14 @@ impl Datapath {
         self.adopted
     }
 
+    /// The data path's clock now and the timeouts it judges connections by, to judge them
+    /// alike (the daemon's sweep and cuts).
+    pub fn flow_clock(&mut self) -> Result<crate::maps::FlowClock, DatapathError> {
+        let now = self.now_ticks()?;
+        let globals = self.maps.globals.get()?;
+        Ok(crate::maps::FlowClock { timeouts: globals.timeouts, refresh: globals.refresh, now })
+    }
+
     /// The data path's clock now (`bpf_jiffies64`), which connection timestamps use.
     pub fn now_ticks(&mut self) -> Result<u64, DatapathError> {
         let program = xdp_program(&mut self.ebpf, CLOCK_PROGRAM)?;

@@ -596,11 +596,6 @@ fn cuts_leave_dead_entries_to_the_sweep() {
     }
     lb.set_globals(|g| g.timeouts.closed = 0);
     std::thread::sleep(std::time::Duration::from_millis(30));
-    let dead = |lb: &mut Lb| {
-        let globals = lb.bed.datapath.maps().globals.get().unwrap();
-        let now = lb.bed.datapath.now_ticks().unwrap();
-        Some(lb_userspace::maps::Dead { timeouts: globals.timeouts, now: now + globals.refresh })
-    };
     let sports = |lb: &Lb| -> Vec<u16> {
         let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
         let mut ports: Vec<u16> = entries.iter().map(|(k, _)| raw_port(k.sport)).collect();
@@ -608,9 +603,14 @@ fn cuts_leave_dead_entries_to_the_sweep() {
         ports
     };
     let sid = lb.balancer.service_id("s").unwrap();
-    let spare = dead(&mut lb);
-    let removed =
-        lb.bed.datapath.maps_mut().conntrack.remove_flows_of_services(&[sid], spare).unwrap();
+    let clock = lb.bed.datapath.flow_clock().unwrap();
+    let removed = lb
+        .bed
+        .datapath
+        .maps_mut()
+        .conntrack
+        .remove_flows_of_services(&[sid], Some(&clock))
+        .unwrap();
     assert_eq!(removed, 1, "the live flow alone");
     assert_eq!(sports(&lb), vec![45_501], "the closed flow stays for the sweep");
 
@@ -626,14 +626,14 @@ fn cuts_leave_dead_entries_to_the_sweep() {
         .iter()
         .map(|(_, f)| f.backend_id)
         .collect();
-    let spare = dead(&mut lb);
+    let clock = lb.bed.datapath.flow_clock().unwrap();
     let balancer = &lb.balancer;
     let removed = lb
         .bed
         .datapath
         .maps_mut()
         .conntrack
-        .remove_flows_of(&ids, |id| balancer.backend_entry(id), spare)
+        .remove_flows_of(&ids, |id| balancer.backend_entry(id), Some(&clock))
         .unwrap();
     assert_eq!(removed, 1, "the live flow alone");
     assert_eq!(sports(&lb), vec![45_501]);
@@ -1707,15 +1707,9 @@ fn a_service_address_moving_to_another_service_stays_served() {
 
 /// Runs the daemon's sweep of the connection table with the timeouts the data path has.
 fn sweep(lb: &mut Lb) -> lb_userspace::maps::SweepResult {
-    let globals = lb.bed.datapath.maps().globals.get().unwrap();
-    let now = lb.bed.datapath.now_ticks().unwrap();
+    let clock = lb.bed.datapath.flow_clock().unwrap();
     let balancer = &lb.balancer;
-    lb.bed
-        .datapath
-        .maps_mut()
-        .conntrack
-        .sweep(&globals.timeouts, globals.refresh, now, |id| balancer.backend_entry(id))
-        .unwrap()
+    lb.bed.datapath.maps_mut().conntrack.sweep(&clock, |id| balancer.backend_entry(id)).unwrap()
 }
 
 #[test]

@@ -87,11 +87,7 @@ impl ConntrackMap {
         self.map.get(key, 0).ok()
     }
 
-    /// Removes entries idle past their state's timeout at `now` (the data path's clock) for
-    /// longer than the overwrite window (`refresh` ticks a refresh interval, see
-    /// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`: the data path may still write a
-    /// reopened flow over a dead entry in place until then), judged one refresh interval
-    /// early (a packet's clock may have been read before `now`). A
+    /// Removes the entries `clock` finds sweepable (see [`FlowClock::sweepable`]). A
     /// NAT flow's two entries go together, once both are expired (either half alive carries
     /// the flow: the data path keeps them in step, each direction refreshing both). Each
     /// candidate is read again just before it goes, since the walk's snapshot ages while the
@@ -101,14 +97,10 @@ impl ConntrackMap {
     /// entry's partner.
     pub fn sweep(
         &mut self,
-        timeouts: &Timeouts,
-        refresh: u64,
-        now: u64,
+        clock: &FlowClock,
         backend: impl Fn(u32) -> Option<Backend>,
     ) -> Result<SweepResult, MapError> {
-        let judged = now.saturating_sub(refresh);
-        let expired =
-            |flow: &Flow| timeouts.is_long_expired(flow.state, flow.last_seen, judged, refresh);
+        let expired = |flow: &Flow| clock.sweepable(flow);
         let mut result = SweepResult::default();
         let mut candidates = Vec::new();
         for (key, flow) in self.entries()? {
@@ -116,7 +108,7 @@ impl ConntrackMap {
                 candidates.push(key);
                 continue;
             }
-            let live = !timeouts.is_expired(flow.state, flow.last_seen, now);
+            let live = clock.live(&flow);
             if live {
                 result.live += 1;
             }
@@ -162,37 +154,56 @@ impl ConntrackMap {
     }
 }
 
-/// The entries a cut of flows leaves to the sweep: those dead at `now`. The data path may
-/// be writing a flow that reopens the tuple over such an entry in place, which a removal in
-/// the same instant would turn into a write to a freed element (see
-/// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`); the sweep waits out that window.
+/// The data path's clock and its timeouts (`GLOBALS`) as the daemon read them, to judge
+/// entries as the data path does (see `Datapath::flow_clock`). A packet's clock may have
+/// been read a little before or after `now`: the daemon's removals allow a refresh interval
+/// either way, as the data path may write a flow that reopens the tuple over a dead entry
+/// in place until it has been expired for the overwrite window
+/// (`lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`), and a removal in the same instant
+/// would turn that write into one to a freed element.
 #[derive(Clone, Copy, Debug)]
-pub struct Dead {
+pub struct FlowClock {
     pub timeouts: Timeouts,
-    /// The data path's clock, read by the daemon, plus a refresh interval: a packet's clock
-    /// may run ahead of the daemon's read.
+    /// Ticks between refreshes of a live flow's `last_seen`.
+    pub refresh: u64,
     pub now: u64,
 }
 
-impl Dead {
-    /// Whether the cut leaves `flow` alone.
+impl FlowClock {
+    /// Whether `flow` is live (not expired) now.
     #[must_use]
-    pub const fn spares(&self, flow: &Flow) -> bool {
-        self.timeouts.is_expired(flow.state, flow.last_seen, self.now)
+    pub const fn live(&self, flow: &Flow) -> bool {
+        !self.timeouts.is_expired(flow.state, flow.last_seen, self.now)
+    }
+
+    /// Whether the sweep removes `flow`: expired for longer than the overwrite window,
+    /// judged a refresh interval early.
+    #[must_use]
+    pub const fn sweepable(&self, flow: &Flow) -> bool {
+        let judged = self.now.saturating_sub(self.refresh);
+        self.timeouts.is_long_expired(flow.state, flow.last_seen, judged, self.refresh)
+    }
+
+    /// Whether a cut of flows (a removed service, a drain deadline) leaves `flow` to the
+    /// sweep: dead, judged a refresh interval late.
+    #[must_use]
+    pub const fn spared_by_cuts(&self, flow: &Flow) -> bool {
+        let judged = self.now.saturating_add(self.refresh);
+        self.timeouts.is_expired(flow.state, flow.last_seen, judged)
     }
 }
 
 impl ConntrackMap {
     /// Removes every live flow of the backend ids in `ids` (a NAT flow's two entries
-    /// together), so their next packets are balanced afresh; entries `dead` spares stay for
-    /// the sweep. Returns how many entries went.
+    /// together), so their next packets are balanced afresh; dead entries stay for the sweep
+    /// (with a `clock`; without one, everything goes). Returns how many entries went.
     pub fn remove_flows_of(
         &mut self,
         ids: &std::collections::HashSet<u32>,
         backend: impl Fn(u32) -> Option<Backend>,
-        dead: Option<Dead>,
+        clock: Option<&FlowClock>,
     ) -> Result<u64, MapError> {
-        let spared = |flow: &Flow| dead.is_some_and(|d| d.spares(flow));
+        let spared = |flow: &Flow| clock.is_some_and(|c| c.spared_by_cuts(flow));
         let mut doomed = Vec::new();
         for (key, flow) in self.entries()? {
             if ids.contains(&flow.backend_id) && !spared(&flow) {
@@ -207,13 +218,13 @@ impl ConntrackMap {
         Ok(self.remove_all(doomed))
     }
 
-    /// Removes every entry (forward and reply) of the service ids in `ids` but those `dead`
-    /// spares (left for the sweep): a removed service's flows stop at once instead of
-    /// running on until they idle out. Returns how many entries went.
+    /// Removes every entry (forward and reply) of the service ids in `ids` but dead ones
+    /// (left for the sweep, with a `clock`): a removed service's flows stop at once instead
+    /// of running on until they idle out. Returns how many entries went.
     pub fn remove_flows_of_services(
         &mut self,
         ids: &[u32],
-        dead: Option<Dead>,
+        clock: Option<&FlowClock>,
     ) -> Result<u64, MapError> {
         if ids.is_empty() {
             return Ok(0);
@@ -222,7 +233,7 @@ impl ConntrackMap {
             .entries()?
             .into_iter()
             .filter(|(_, flow)| {
-                ids.contains(&flow.service_id) && !dead.is_some_and(|d| d.spares(flow))
+                ids.contains(&flow.service_id) && !clock.is_some_and(|c| c.spared_by_cuts(flow))
             })
             .map(|(key, _)| key)
             .collect();

@@ -17,7 +17,7 @@ use aya::{Ebpf, maps::Map};
 use thiserror::Error;
 
 pub use backends::BackendsMap;
-pub use conntrack::{ConntrackMap, Dead, SweepResult};
+pub use conntrack::{ConntrackMap, FlowClock, SweepResult};
 pub use firewall::FirewallMaps;
 pub use globals::GlobalsMap;
 pub use maglev::MaglevMap;

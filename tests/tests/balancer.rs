@@ -204,6 +204,15 @@ fn client_side_router(v6: bool) -> IpAddr {
     if v6 { "fd00:2::fe".parse().unwrap() } else { "198.18.2.254".parse().unwrap() }
 }
 
+/// The identity of the backend at `addr` (no port of its own) in `pool`.
+fn identity(pool: &str, addr: &str) -> lb_userspace::balancer::BackendIdentity {
+    lb_userspace::balancer::BackendIdentity {
+        pool: pool.into(),
+        addr: addr.parse().unwrap(),
+        port: None,
+    }
+}
+
 fn nat_config(v6: bool, proto: &str) -> String {
     let (vip, nat, b1, b2) = if v6 {
         ("fd00:100::1", "fd00:1::1", "fd00:1::11", "fd00:1::12")
@@ -727,13 +736,7 @@ fn policies_for_traffic_the_balancer_does_not_forward() {
         .maps_mut()
         .backends
         .set_next_hop(
-            lb.balancer
-                .backend_id(&lb_userspace::balancer::BackendIdentity {
-                    pool: "far".into(),
-                    addr: "198.18.9.9".parse().unwrap(),
-                    port: None,
-                })
-                .unwrap(),
+            lb.balancer.backend_id(&identity("far", "198.18.9.9")).unwrap(),
             &NextHop::default(),
         )
         .unwrap();
@@ -1966,12 +1969,7 @@ fn a_packet_the_transmission_refuses_is_counted_dropped_only() {
     // tx_port_missing and must not also count as forwarded to its service and backend.
     let one = dsr_config(false, "tcp").replace("[[pool.backend]]\naddress = \"198.18.1.12\"\n", "");
     let Some(mut lb) = Lb::new("tx_port_missing", &one, &[]) else { return };
-    let identity = lb_userspace::balancer::BackendIdentity {
-        pool: "p".into(),
-        addr: "198.18.1.11".parse().unwrap(),
-        port: None,
-    };
-    let id = lb.balancer.backend_id(&identity).unwrap();
+    let id = lb.balancer.backend_id(&identity("p", "198.18.1.11")).unwrap();
     let hop = NextHop {
         ifindex: 999_999,
         flags: NEXTHOP_ON_LINK,
@@ -2047,11 +2045,7 @@ fn a_backend_removed_while_lbd_was_down_retires_under_its_pool() {
     // maps only, and must know its pool, or the pool's drain deadline never cuts its flows.
     let config = dsr_config(false, "tcp").replace("198.18.1.12", "198.18.1.13");
     let Some(mut lb) = Lb::new("removed_while_down", &config, &[]) else { return };
-    let gone = lb_userspace::balancer::BackendIdentity {
-        pool: "p".into(),
-        addr: "198.18.1.13".parse().unwrap(),
-        port: None,
-    };
+    let gone = identity("p", "198.18.1.13");
     let id = lb.balancer.backend_id(&gone).unwrap();
     lb.restart_balancer();
     lb.reapply(&config.replace("[[pool.backend]]\naddress = \"198.18.1.13\"\n", ""));

@@ -2,19 +2,79 @@
 //! `datapath.rs` embeds it.
 //!
 //! The BPF toolchain (nightly `rust-src`, `bpf-linker`) is installed by `cargo xtask`; a bare
-//! `cargo build` on a machine without it fails here with aya-build's message.
+//! `cargo build` on a machine without it fails here, naming the command that failed.
+//!
+//! The nested cargo runs with code-generation flags of our own (aya-build's builder fixes
+//! them): `allows-misaligned-mem-access` lets LLVM read a header's 2- and 4-byte fields with
+//! one load each instead of byte by byte (header structs have alignment 1, and a packet's
+//! IP header starts 14 bytes in). The kernel allows misaligned packet and map-value access
+//! on the architectures that run this (x86-64, arm64: no `BPF_F_STRICT_ALIGNMENT`). It
+//! refuses misaligned *stack* access, and LLVM may now merge neighbouring stack stores into
+//! one wider store: should a change make such a store misaligned, loading fails (in every
+//! test, the verifier naming the instruction) and the stack value needs a wider alignment.
+//! ALU32 (`-Ctarget-cpu=v3`) stays off: the verifier refuses its 32-bit moves of packet
+//! pointers.
 
-use anyhow::Context as _;
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+const TARGET: &str = "bpfel-unknown-none";
+const PACKAGE: &str = "lb-ebpf";
+/// The program binary's name (`[[bin]]` in lb-ebpf's Cargo.toml).
+const BINARY: &str = "lb";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_owned());
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
-    let ebpf_dir = std::path::Path::new(&manifest_dir).join("../lb-ebpf");
-    let ebpf_dir = ebpf_dir.to_str().context("lb-ebpf path is not UTF-8")?;
-    aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: ebpf_dir, ..Default::default() }],
-        aya_build::Toolchain::Custom(&toolchain),
-    )
-    .context("building the XDP object failed; run `cargo xtask build` to install the BPF toolchain")
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR not set")?);
+    let ebpf_dir = Path::new(&manifest_dir).join("../lb-ebpf");
+    // The build-dependency on lb-ebpf covers its library and lb-common; its binary's
+    // sources need this.
+    println!("cargo:rerun-if-changed={}", ebpf_dir.display());
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
+    // A target directory of its own: the outer cargo holds a lock on its own.
+    let target_dir = out_dir.join("ebpf-target");
+    let flags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".to_owned(),
+        "-Clink-arg=--btf".to_owned(),
+        "-Ctarget-feature=+allows-misaligned-mem-access".to_owned(),
+    ]
+    .join("\x1f");
+    let mut cargo = Command::new("rustup");
+    cargo
+        .args(["run", &toolchain, "cargo", "build", "--package", PACKAGE, "--bins", "--release"])
+        .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(&ebpf_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        // The outer build's compiler and wrappers are the host toolchain's, not nightly's.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        // A build script's stdout is read by cargo as instructions: the nested cargo's
+        // messages go to stderr, which cargo shows when the build fails.
+        .stdout(Stdio::from(std::io::stderr()));
+    let status = cargo.status().with_context(|| {
+        format!(
+            "running {cargo:?} failed; run `cargo xtask build` to install the BPF toolchain \
+             (rustup, nightly with rust-src, bpf-linker)"
+        )
+    })?;
+    if !status.success() {
+        bail!(
+            "building the XDP object failed ({status}): {cargo:?}; if the BPF toolchain is \
+             missing, `cargo xtask build` installs it"
+        );
+    }
+    let built = target_dir.join(TARGET).join("release").join(BINARY);
+    std::fs::copy(&built, out_dir.join(BINARY))
+        .with_context(|| format!("copying {} to {}", built.display(), out_dir.display()))?;
+    Ok(())
 }

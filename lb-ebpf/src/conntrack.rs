@@ -239,15 +239,16 @@ pub struct Winner {
 }
 
 /// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
-/// With `replace`, `buf` is written over the (dead) forward entry its key has, in place.
+/// With `replace` (not null: the dead forward entry this packet's lookup found under
+/// `buf.key`), `buf` is written over that entry, in place (see [`replace_entry`]).
 #[inline(never)]
-pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Outcome {
-    if replace
-        && let Some(entry) = CONNTRACK.get_ptr_mut(&buf.key)
+pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: *mut Flow) -> Outcome {
+    if !replace.is_null()
         && let Ok(g) = crate::select::globals()
     {
-        // SAFETY: a map value pointer from a successful lookup.
-        let e = unsafe { &mut *entry };
+        // SAFETY: a map value pointer from this program run's successful lookup (see
+        // `overwrite` for what may happen to the entry since).
+        let e = unsafe { &mut *replace };
         if e.flags & FLOW_REPLY != 0 {
             return Outcome::err(Reason::ConntrackInsertFailed);
         }
@@ -286,6 +287,14 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: bool) -> Out
 /// free elements that may at once hold other keys, never removes an entry written here:
 /// its sweep waits out the overwrite window (see [`replace_entry`]) and its cuts of a
 /// drained backend's or removed service's flows leave dead entries to the sweep.
+///
+/// `old` is the pointer the packet's live-flow lookup returned, held while the backend is
+/// chosen (no second lookup of the key: ~35 ns of a new flow's cost here). Until then, two
+/// things could free the element and let another key take it, making this a write into
+/// that key's entry: the LRU's eviction, which passes over entries whose reference bit is
+/// set (the lookup has just set it); and the data path on another CPU removing this dead
+/// NAT flow for a copy of the same packet that chose differently (only if a reload changed
+/// the backend or NAT address between the two copies' table reads).
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;

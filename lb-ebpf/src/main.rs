@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
+    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::{SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service},
 };
@@ -122,14 +122,17 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
+    // The dead entry `established` found on the tuple, if any: a new flow is written over it
+    // through this pointer, without looking the key up again.
+    let mut dead_entry: *mut Flow = core::ptr::null_mut();
     if l4 {
-        let action = established(ctx, scratch, now)?;
+        let action = established(ctx, scratch, now, &mut dead_entry)?;
         if action != Action::Pass {
             return Ok(action);
         }
     }
     match select::lookup_service(&scratch.packet) {
-        Some(service) => balance(ctx, scratch, service, now).into_result(),
+        Some(service) => balance(ctx, scratch, service, now, dead_entry).into_result(),
         // No flow (the lookup above would have found a reply entry) and no service.
         None if l4 => Err(Reason::NotService),
         None => nat::try_icmp_error(ctx, scratch, now).into_result(),
@@ -141,14 +144,19 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
 /// needs), a reply entry translates it back to the client. Without a live entry, or when
 /// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
 /// packet on to the service lookup, and `scratch.dead` keeps what the lookup found for
-/// [`balance`], which then needs no lookup of its own.
+/// [`balance`] (`dead_entry` the entry itself), which then needs no lookup of its own.
 ///
 /// Inlined into the entry function: the path nearly every packet of a load balancer takes
 /// pays no call and return (dear where the kernel hardens returns). The 512-byte stack
 /// allows it because the new-flow path calls its pieces one after the other from
 /// [`balance`] rather than nested.
 #[inline(always)]
-fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Action, Reason> {
+fn established(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    now: u64,
+    dead_entry: &mut *mut Flow,
+) -> Result<Action, Reason> {
     let Scratch { packet, buf, live, dead, .. } = scratch;
     dead.present = 0;
     dead.has_stale = 0;
@@ -170,6 +178,7 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
         // the backend gets the SYN again. Counted as the same flow, not a new one.
         if now.saturating_sub(e.last_seen) > g.refresh {
             select::note_dead(dead, e);
+            *dead_entry = entry;
             dead.retry = 1;
             return Ok(Action::Pass);
         }
@@ -177,6 +186,7 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
     }
     let Some((state, refresh)) = select::keep(packet, e, g, now) else {
         select::note_dead(dead, e);
+        *dead_entry = entry;
         return Ok(Action::Pass);
     };
     if packet.has_ip_options {
@@ -203,9 +213,15 @@ fn established(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<Acti
 /// Sends a packet for `service` to its flow's backend. Not inlined, so its stack frame and
 /// the reply path's are never live together.
 #[inline(never)]
-fn balance(ctx: &XdpContext, scratch: &mut Scratch, service: &Service, now: u64) -> Outcome {
+fn balance(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    service: &Service,
+    now: u64,
+    dead_entry: *mut Flow,
+) -> Outcome {
     let ctx = &parse::reload(ctx);
-    Outcome::from_result(try_balance(ctx, scratch, service, now))
+    Outcome::from_result(try_balance(ctx, scratch, service, now, dead_entry))
 }
 
 #[inline(always)]
@@ -214,6 +230,7 @@ fn try_balance(
     scratch: &mut Scratch,
     service: &Service,
     now: u64,
+    dead_entry: *mut Flow,
 ) -> Result<Action, Reason> {
     // Only TCP and UDP packets have services, and `established` has looked their flow up
     // already: no live entry, and `dead` says whether a dead one is in the way.
@@ -272,7 +289,8 @@ fn try_balance(
     if reuse && !reused {
         conntrack::forget(key);
     }
-    let replace = dead.present != 0 && (!is_nat || reused);
+    let replace =
+        if dead.present != 0 && (!is_nat || reused) { dead_entry } else { core::ptr::null_mut() };
     open_flow(key, service, live, buf, replace).into_status()?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
@@ -360,7 +378,7 @@ fn send(
 }
 
 /// Installs the forward entry of a new flow whose backend (and NAT source port) `live`
-/// holds, over a dead entry on its tuple with `replace`; `live` then also tells whether this
+/// holds, over the dead entry on its tuple that `replace` points to (if not null); `live` then also tells whether this
 /// packet opened the flow (another CPU may have won a race for it, and then its choice is
 /// taken). Not inlined: the new-flow path gets a stack frame of its own.
 #[inline(never)]
@@ -369,7 +387,7 @@ fn open_flow(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-    replace: bool,
+    replace: *mut Flow,
 ) -> Outcome {
     match try_open_flow(key, service, live, buf, replace) {
         Ok(()) => Outcome::DONE,
@@ -383,7 +401,7 @@ fn try_open_flow(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-    replace: bool,
+    replace: *mut Flow,
 ) -> Result<(), Reason> {
     let is_nat = service.flags & SERVICE_NAT != 0;
     conntrack::set_forward_entry(buf, key, service, live, is_nat);

@@ -98,8 +98,8 @@ fn set_reply_entry(
     out.reply_ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: a checked packet range and a map value.
     unsafe {
-        crate::mem::copy(&raw mut out.reply_dmac, &raw const eth.src);
-        crate::mem::copy(&raw mut out.reply_smac, &raw const eth.dst);
+        crate::mem::copy_mac(&raw mut out.reply_dmac, &raw const eth.src);
+        crate::mem::copy_mac(&raw mut out.reply_smac, &raw const eth.dst);
     }
     Ok(())
 }

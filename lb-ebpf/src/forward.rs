@@ -39,8 +39,8 @@ pub fn transmit(
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0)?;
     // SAFETY: checked by ptr_at_mut.
     unsafe {
-        crate::mem::copy(&raw mut (*eth).dst, dmac);
-        crate::mem::copy(&raw mut (*eth).src, smac);
+        crate::mem::copy_mac(&raw mut (*eth).dst, dmac);
+        crate::mem::copy_mac(&raw mut (*eth).src, smac);
     }
     if ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(Action::Tx);

@@ -18,6 +18,23 @@ pub unsafe fn copy<T>(dst: *mut T, src: *const T) {
     unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) };
 }
 
+/// Copies a MAC address as a 4-byte and a 2-byte word: a copy of `[u8; 6]`, whose alignment
+/// is 1, is expanded byte by byte (six loads, six stores), even with misaligned access
+/// allowed (see lb-userspace's build script).
+///
+/// # Safety
+/// Both pointers are valid for six bytes (checked packet ranges or map values) and do not
+/// overlap.
+#[inline(always)]
+pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
+    let (dst, src) = (dst.cast::<u8>(), src.cast::<u8>());
+    // SAFETY: the caller's contract; unaligned reads and writes of bytes 0-3 and 4-5.
+    unsafe {
+        dst.cast::<u32>().write_unaligned(src.cast::<u32>().read_unaligned());
+        dst.add(4).cast::<u16>().write_unaligned(src.add(4).cast::<u16>().read_unaligned());
+    }
+}
+
 /// Zeroes an address.
 #[inline(always)]
 pub fn zero_addr(dst: &mut [u32; 4]) {

@@ -281,6 +281,40 @@ impl Datapath {
         xdp_program(&mut self.ebpf, name)
     }
 
+    /// The names of every program in the object.
+    pub fn program_names(&self) -> Vec<String> {
+        self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()
+    }
+
+    /// Loads the program `name`, of any type, into the kernel without attaching it (if not
+    /// loaded already). Tests prove with it that every program passes the verifier,
+    /// including the relay's, whose refusal the daemon survives by splicing instead.
+    pub fn load_unattached(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        use aya::programs::Program;
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::MissingProgram { name })?;
+        if program.fd().is_ok() {
+            return Ok(());
+        }
+        let loaded = match program {
+            Program::Xdp(p) => p.load(),
+            Program::SkLookup(p) => p.load(),
+            Program::SkSkb(p) => p.load(),
+            other => {
+                return Err(DatapathError::Passthrough(format!(
+                    "{name}: no loader for a {:?} program",
+                    other.prog_type()
+                )));
+            }
+        };
+        loaded.map_err(|source| {
+            let log = match &source {
+                ProgramError::LoadError { verifier_log, .. } => verifier_log.to_string(),
+                _ => String::new(),
+            };
+            DatapathError::Verifier { name, source, log }
+        })
+    }
+
     /// Bench only: the tuple whose entry the reused-tuple wrappers (`BENCH_REOPEN*`) age.
     pub fn set_bench_reopen(&mut self, key: &lb_common::FlowKey) -> Result<(), DatapathError> {
         const NAME: &str = "BENCH_REOPEN";

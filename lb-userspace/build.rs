@@ -9,9 +9,11 @@
 //! one load each instead of byte by byte (header structs have alignment 1, and a packet's
 //! IP header starts 14 bytes in). The kernel allows misaligned packet and map-value access
 //! on the architectures that run this (x86-64, arm64: no `BPF_F_STRICT_ALIGNMENT`). It
-//! refuses misaligned *stack* access, and LLVM may now merge neighbouring stack stores into
-//! one wider store: should a change make such a store misaligned, loading fails (in every
-//! test, the verifier naming the instruction) and the stack value needs a wider alignment.
+//! refuses misaligned *stack* access, and LLVM now merges neighbouring stack stores into
+//! wider ones wherever it likes (a 2-byte store at fp-3 in the relay program, once): the
+//! test `every_program_passes_the_verifier` loads every program and names the refused one;
+//! the fix is to build such a stack value with volatile stores, one per field (see
+//! `lb-ebpf/src/passthrough.rs`), or to keep it in per-CPU scratch memory.
 //! ALU32 (`-Ctarget-cpu=v3`) stays off: the verifier refuses its 32-bit moves of packet
 //! pointers.
 

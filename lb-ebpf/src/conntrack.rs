@@ -115,6 +115,8 @@ pub struct LiveNat {
     pub state: u8,
     /// Set when this packet opened the flow.
     pub new_flow: bool,
+    /// Set when the new forward entry replaces a dead entry on the tuple.
+    pub replace: bool,
     pub now: u64,
     /// Cookie-opened flows: `FLOW_SYN_PROXY` or `FLOW_SEQ_ADJ`, and their numbers.
     pub cookie_flags: u8,
@@ -138,6 +140,7 @@ impl LiveNat {
             core::ptr::write_volatile(&raw mut self.nat_port, 0);
             core::ptr::write_volatile(&raw mut self.state, 0);
             core::ptr::write_volatile(&raw mut self.new_flow, false);
+            core::ptr::write_volatile(&raw mut self.replace, false);
             core::ptr::write_volatile(&raw mut self.cookie_flags, 0);
             core::ptr::write_volatile(&raw mut self.seq_delta, 0);
             core::ptr::write_volatile(&raw mut self.isn, 0);
@@ -239,16 +242,24 @@ pub struct Winner {
 }
 
 /// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
-/// With `replace` (not null: the dead forward entry this packet's lookup found under
-/// `buf.key`), `buf` is written over that entry, in place (see [`replace_entry`]).
+/// With `replace`, `buf` replaces the dead entry under `buf.key` (see [`replace_entry`]):
+/// `entry` when not null (the live-flow lookup's pointer, see `select::in_window`), else
+/// found by a lookup here.
 #[inline(never)]
-pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: *mut Flow) -> Outcome {
-    if !replace.is_null()
+pub fn insert_forward(
+    buf: &EntryBuf,
+    winner: &mut Winner,
+    replace: bool,
+    entry: *mut Flow,
+) -> Outcome {
+    if replace
+        && let Some(entry) =
+            if entry.is_null() { CONNTRACK.get_ptr_mut(&buf.key) } else { Some(entry) }
         && let Ok(g) = crate::select::globals()
     {
-        // SAFETY: a map value pointer from this program run's successful lookup (see
-        // `overwrite` for what may happen to the entry since).
-        let e = unsafe { &mut *replace };
+        // SAFETY: a map value pointer from a successful lookup, here or this program run's
+        // live-flow lookup (see `overwrite` for what may happen to the entry since).
+        let e = unsafe { &mut *entry };
         if e.flags & FLOW_REPLY != 0 {
             return Outcome::err(Reason::ConntrackInsertFailed);
         }
@@ -288,13 +299,16 @@ pub fn insert_forward(buf: &EntryBuf, winner: &mut Winner, replace: *mut Flow) -
 /// its sweep waits out the overwrite window (see [`replace_entry`]) and its cuts of a
 /// drained backend's or removed service's flows leave dead entries to the sweep.
 ///
-/// `old` is the pointer the packet's live-flow lookup returned, held while the backend is
-/// chosen (no second lookup of the key: ~35 ns of a new flow's cost here). Until then, two
-/// things could free the element and let another key take it, making this a write into
-/// that key's entry: the LRU's eviction, which passes over entries whose reference bit is
-/// set (the lookup has just set it); and the data path on another CPU removing this dead
-/// NAT flow for a copy of the same packet that chose differently (only if a reload changed
-/// the backend or NAT address between the two copies' table reads).
+/// `old` is often the pointer the packet's live-flow lookup returned, held while the
+/// backend is chosen (no second lookup of the key: ~35 ns of a new flow's cost here); only
+/// for entries the daemon leaves alone (`select::in_window`). Besides the daemon, two things
+/// can free the element in that time and let another key take it, making this a write into
+/// that key's entry (or, if it became a reply entry, a refused insert): the LRU's eviction
+/// when the table is full (it takes entries without the reference bit first, and the
+/// lookup has just set this one's, but takes any when it finds none), which may be this
+/// packet's own reply-entry insert; and the data path on another CPU removing this dead
+/// NAT flow for a copy of the same packet that took another port (a reload changed the
+/// backend or NAT address between the two, or its port probe found another port first).
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;

@@ -122,8 +122,9 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
-    // The dead entry `established` found on the tuple, if any: a new flow is written over it
-    // through this pointer, without looking the key up again.
+    // The dead entry `established` found on the tuple, when the daemon leaves it alone (see
+    // `select::in_window`): a new flow is written over it through this pointer, without
+    // looking the key up again.
     let mut dead_entry: *mut Flow = core::ptr::null_mut();
     if l4 {
         let action = established(ctx, scratch, now, &mut dead_entry)?;
@@ -177,8 +178,8 @@ fn established(
         // over: if it still carries a valid cookie (a retransmission of its first segment),
         // the backend gets the SYN again. Counted as the same flow, not a new one.
         if now.saturating_sub(e.last_seen) > g.refresh {
+            // Not expired: `open_flow` looks it up again (see `select::in_window`).
             select::note_dead(dead, e);
-            *dead_entry = entry;
             dead.retry = 1;
             return Ok(Action::Pass);
         }
@@ -186,7 +187,9 @@ fn established(
     }
     let Some((state, refresh)) = select::keep(packet, e, g, now) else {
         select::note_dead(dead, e);
-        *dead_entry = entry;
+        if select::in_window(e, g, now) {
+            *dead_entry = entry;
+        }
         return Ok(Action::Pass);
     };
     if packet.has_ip_options {
@@ -289,9 +292,9 @@ fn try_balance(
     if reuse && !reused {
         conntrack::forget(key);
     }
-    let replace =
-        if dead.present != 0 && (!is_nat || reused) { dead_entry } else { core::ptr::null_mut() };
-    open_flow(key, service, live, buf, replace).into_status()?;
+    live.replace = dead.present != 0 && (!is_nat || reused);
+    let entry = if live.replace { dead_entry } else { core::ptr::null_mut() };
+    open_flow(key, service, live, buf, entry).into_status()?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
 }
@@ -378,7 +381,8 @@ fn send(
 }
 
 /// Installs the forward entry of a new flow whose backend (and NAT source port) `live`
-/// holds, over the dead entry on its tuple that `replace` points to (if not null); `live` then also tells whether this
+/// holds, over the dead entry on its tuple with `live.replace` (through `entry` when not
+/// null); `live` then also tells whether this
 /// packet opened the flow (another CPU may have won a race for it, and then its choice is
 /// taken). Not inlined: the new-flow path gets a stack frame of its own.
 #[inline(never)]
@@ -387,9 +391,9 @@ fn open_flow(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-    replace: *mut Flow,
+    entry: *mut Flow,
 ) -> Outcome {
-    match try_open_flow(key, service, live, buf, replace) {
+    match try_open_flow(key, service, live, buf, entry) {
         Ok(()) => Outcome::DONE,
         Err(reason) => Outcome::err(reason),
     }
@@ -401,12 +405,12 @@ fn try_open_flow(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-    replace: *mut Flow,
+    entry: *mut Flow,
 ) -> Result<(), Reason> {
     let is_nat = service.flags & SERVICE_NAT != 0;
     conntrack::set_forward_entry(buf, key, service, live, is_nat);
     let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
-    conntrack::insert_forward(buf, &mut winner, replace).into_status()?;
+    conntrack::insert_forward(buf, &mut winner, live.replace, entry).into_status()?;
     if winner.lost {
         // Another CPU opened this flow first: follow it, and free the port taken here.
         if is_nat && winner.nat_port != live.nat_port {

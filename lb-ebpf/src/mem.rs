@@ -23,8 +23,8 @@ pub unsafe fn copy<T>(dst: *mut T, src: *const T) {
 /// allowed (see lb-userspace's build script).
 ///
 /// # Safety
-/// Both pointers are valid for six bytes (checked packet ranges or map values) and do not
-/// overlap.
+/// Both pointers are valid for six bytes of packet or map memory (not the stack, where the
+/// verifier refuses misaligned access) and do not overlap.
 #[inline(always)]
 pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
     let (dst, src) = (dst.cast::<u8>(), src.cast::<u8>());

@@ -39,6 +39,11 @@ fn main() -> anyhow::Result<()> {
     // sources need this.
     println!("cargo:rerun-if-changed={}", ebpf_dir.display());
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH not set")?;
+    // The maps' layouts are shared with the host as plain memory: the BPF target's byte
+    // order must be the host's, and only little-endian hosts are built and tested.
+    if std::env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() != Ok("little") {
+        bail!("lb-ebpf is built for {TARGET}: big-endian hosts are not supported");
+    }
     // A target directory of its own: the outer cargo holds a lock on its own.
     let target_dir = out_dir.join("ebpf-target");
     let flags = [
@@ -59,6 +64,9 @@ fn main() -> anyhow::Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_BUILD_RUSTC")
+        .env_remove("CARGO_BUILD_RUSTC_WRAPPER")
+        .env_remove("CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
         // A build script's stdout is read by cargo as instructions: the nested cargo's
         // messages go to stderr, which cargo shows when the build fails.

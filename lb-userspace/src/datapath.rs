@@ -90,6 +90,8 @@ pub enum DatapathError {
     MissingProgram { name: &'static str },
     #[error("program {name} is not an XDP program: {source}")]
     NotXdp { name: &'static str, source: ProgramError },
+    #[error("program {name} is of a type this daemon does not load ({kind})")]
+    UnsupportedProgram { name: &'static str, kind: String },
     #[error("the kernel rejected program {name}: {source}\n{log}")]
     Verifier { name: &'static str, source: ProgramError, log: String },
     #[error("no interface named {interface}")]
@@ -300,10 +302,8 @@ impl Datapath {
             Program::SkLookup(p) => p.load(),
             Program::SkSkb(p) => p.load(),
             other => {
-                return Err(DatapathError::Passthrough(format!(
-                    "{name}: no loader for a {:?} program",
-                    other.prog_type()
-                )));
+                let kind = format!("{:?}", other.prog_type());
+                return Err(DatapathError::UnsupportedProgram { name, kind });
             }
         };
         loaded.map_err(|source| {

@@ -18,6 +18,7 @@
 //! pointers.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -69,15 +70,28 @@ fn main() -> anyhow::Result<()> {
         .env_remove("CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
         // A build script's stdout is read by cargo as instructions: the nested cargo's
-        // messages go to stderr, which cargo shows when the build fails.
-        .stdout(Stdio::from(std::io::stderr()));
-    let status = cargo.status().with_context(|| {
+        // stdout goes to stderr, which cargo shows when the build fails; its stderr is read
+        // here (see `forward_warnings`).
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::piped());
+    let mut child = cargo.spawn().with_context(|| {
         format!(
             "running {cargo:?} failed; run `cargo xtask build` to install the BPF toolchain \
              (rustup, nightly with rust-src, bpf-linker)"
         )
     })?;
-    if !status.success() {
+    let messages: Vec<String> = child
+        .stderr
+        .take()
+        .map(|stderr| BufReader::new(stderr).lines().map_while(Result::ok).collect())
+        .unwrap_or_default();
+    let status = child.wait().with_context(|| format!("waiting for {cargo:?}"))?;
+    if status.success() {
+        forward_warnings(&messages);
+    } else {
+        for line in &messages {
+            eprintln!("{line}");
+        }
         bail!(
             "building the XDP object failed ({status}): {cargo:?}; if the BPF toolchain is \
              missing, `cargo xtask build` installs it"
@@ -87,4 +101,29 @@ fn main() -> anyhow::Result<()> {
     std::fs::copy(&built, out_dir.join(BINARY))
         .with_context(|| format!("copying {} to {}", built.display(), out_dir.display()))?;
     Ok(())
+}
+
+/// Shows the nested build's warnings (rustc's, and LLVM's: one naming a target feature it
+/// does not know would mean the object was built without it) as cargo warnings, each with
+/// the lines rustc renders under it; progress lines, cargo's per-crate counts and rustc's
+/// notice that `allows-misaligned-mem-access` is an unstable feature (every build says so)
+/// stay hidden.
+fn forward_warnings(messages: &[String]) {
+    const KNOWN: &str = "warning: unstable feature specified for `-Ctarget-feature`";
+    let mut show = false;
+    for line in messages {
+        let trimmed = line.trim_start();
+        let continues = trimmed.starts_with('|')
+            || trimmed.starts_with("-->")
+            || trimmed.starts_with('=')
+            || trimmed.split_once(" |").is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        if line.starts_with("warning") {
+            show = !line.starts_with(KNOWN) && !line.contains(" generated ");
+        } else if !continues {
+            show = false;
+        }
+        if show {
+            println!("cargo:warning={line}");
+        }
+    }
 }

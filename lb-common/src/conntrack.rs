@@ -229,6 +229,26 @@ impl Timeouts {
         let window = refresh.saturating_mul(OVERWRITE_WINDOW_REFRESHES);
         self.is_expired(state, last_seen, now.saturating_sub(window))
     }
+
+    /// Whether a flow is expired at `now` but not for longer than the overwrite window: the
+    /// dead entries the daemon neither sweeps nor cuts (its clock read within `refresh` of
+    /// `now`, see lb-userspace's `FlowClock`), which the data path therefore writes over
+    /// through the pointer its live-flow lookup returned, held while a new flow's backend
+    /// is chosen. Other dead entries (a closed connection's tuple reopened before its
+    /// timeout, which a cut may remove; a cookie flow started over; an entry expired long
+    /// ago, which the sweep may remove) are looked up again just before the write.
+    #[inline(always)]
+    #[must_use]
+    pub const fn in_overwrite_window(
+        &self,
+        state: u8,
+        last_seen: u64,
+        now: u64,
+        refresh: u64,
+    ) -> bool {
+        self.is_expired(state, last_seen, now)
+            && !self.is_long_expired(state, last_seen, now, refresh)
+    }
 }
 
 /// What a packet does to a tracked flow.

@@ -243,8 +243,8 @@ pub struct Winner {
 
 /// Installs `buf` (a new forward entry); if another CPU got there first, that entry wins.
 /// With `replace`, `buf` replaces the dead entry under `buf.key` (see [`replace_entry`]):
-/// `entry` when not null (the live-flow lookup's pointer, see `select::in_window`), else
-/// found by a lookup here.
+/// `entry` when not null (the live-flow lookup's pointer, see
+/// `Timeouts::in_overwrite_window`), else found by a lookup here.
 #[inline(never)]
 pub fn insert_forward(
     buf: &EntryBuf,
@@ -294,21 +294,23 @@ pub fn insert_forward(
 /// reader on another CPU in that instant (a copy of a packet on the same tuple; the daemon's
 /// sweep, which copies the value front to back) may still see a mix of old and new fields,
 /// as with every write through a lookup's pointer (`select::keep` refreshes the state and
-/// timestamp so): one packet going where the dead flow went. The daemon, whose removals
-/// free elements that may at once hold other keys, never removes an entry written here:
-/// its sweep waits out the overwrite window (see [`replace_entry`]) and its cuts of a
-/// drained backend's or removed service's flows leave dead entries to the sweep.
+/// timestamp so): one packet going where the dead flow went. The daemon's removals free
+/// elements that may at once hold other keys: its sweep waits out the overwrite window (see
+/// [`replace_entry`]) and its cuts of a drained backend's or removed service's flows leave
+/// expired entries to the sweep; a closed connection not yet timed out (which a SYN
+/// reopens) may be cut, in the few instructions between its lookup and this write.
 ///
 /// `old` is often the pointer the packet's live-flow lookup returned, held while the
 /// backend is chosen (no second lookup of the key: ~35 ns of a new flow's cost here); only
-/// for entries the daemon leaves alone (`select::in_window`). Besides the daemon, two things
-/// can free the element in that time and let another key take it, making this a write into
-/// that key's entry (or, if it became a reply entry, a refused insert): the LRU's eviction
-/// when the table is full (it takes entries without the reference bit first, and the
-/// lookup has just set this one's, but takes any when it finds none), which may be this
-/// packet's own reply-entry insert; and the data path on another CPU removing this dead
-/// NAT flow for a copy of the same packet that took another port (a reload changed the
-/// backend or NAT address between the two, or its port probe found another port first).
+/// for entries neither sweep nor cuts remove (`Timeouts::in_overwrite_window`). Besides the
+/// daemon, two things can free the element in that time and let another key take it,
+/// making this a write into that key's entry (or, if it became a reply entry, a refused
+/// insert): the LRU's eviction when the table is full (it takes entries without the
+/// reference bit first, and the lookup has just set this one's, but takes any when it finds
+/// none), which may be this packet's own reply-entry insert; and the data path on another
+/// CPU removing this dead NAT flow for a copy of the same packet that took another port (a
+/// reload changed the backend or NAT address between the two, or its port probe found
+/// another port first).
 #[inline(always)]
 fn overwrite(old: &mut Flow, new: &Flow) {
     const WORDS: usize = core::mem::size_of::<Flow>() / 8;

@@ -123,8 +123,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
     // The dead entry `established` found on the tuple, when the daemon leaves it alone (see
-    // `select::in_window`): a new flow is written over it through this pointer, without
-    // looking the key up again.
+    // `Timeouts::in_overwrite_window`): a new flow is written over it through this pointer,
+    // without looking the key up again.
     let mut dead_entry: *mut Flow = core::ptr::null_mut();
     if l4 {
         let action = established(ctx, scratch, now, &mut dead_entry)?;
@@ -178,7 +178,7 @@ fn established(
         // over: if it still carries a valid cookie (a retransmission of its first segment),
         // the backend gets the SYN again. Counted as the same flow, not a new one.
         if now.saturating_sub(e.last_seen) > g.refresh {
-            // Not expired: `open_flow` looks it up again (see `select::in_window`).
+            // Not expired: `open_flow` looks it up again (see `in_overwrite_window`).
             select::note_dead(dead, e);
             dead.retry = 1;
             return Ok(Action::Pass);
@@ -187,7 +187,7 @@ fn established(
     }
     let Some((state, refresh)) = select::keep(packet, e, g, now) else {
         select::note_dead(dead, e);
-        if select::in_window(e, g, now) {
+        if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
             *dead_entry = entry;
         }
         return Ok(Action::Pass);
@@ -382,9 +382,9 @@ fn send(
 
 /// Installs the forward entry of a new flow whose backend (and NAT source port) `live`
 /// holds, over the dead entry on its tuple with `live.replace` (through `entry` when not
-/// null); `live` then also tells whether this
-/// packet opened the flow (another CPU may have won a race for it, and then its choice is
-/// taken). Not inlined: the new-flow path gets a stack frame of its own.
+/// null); `live` then also tells whether this packet opened the flow (another CPU may have
+/// won a race for it, and then its choice is taken). Not inlined: the new-flow path gets a
+/// stack frame of its own.
 #[inline(never)]
 fn open_flow(
     key: &FlowKey,

@@ -111,19 +111,6 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
     Some((state as u8, refresh))
 }
 
-/// Whether the dead entry `e` may be written over through the live-flow lookup's pointer,
-/// held while a new flow's backend is chosen: expired, but not for longer than the
-/// overwrite window — the entries the daemon's sweep (which removes long-expired ones) and
-/// its cuts (which spare expired ones) both leave alone. Other dead entries (a closed
-/// connection's tuple reopened before its timeout, a cookie flow started over, an entry
-/// expired long ago) are looked up again just before the write, which keeps the window in
-/// which the daemon could free them to a few instructions.
-#[inline(always)]
-pub fn in_window(e: &Flow, g: &Globals, now: u64) -> bool {
-    g.timeouts.is_expired(e.state, e.last_seen, now)
-        && !g.timeouts.is_long_expired(e.state, e.last_seen, now, g.refresh)
-}
-
 /// A connection-table entry on a packet's tuple that no longer carries it (expired, or a
 /// closed connection whose tuple a SYN reuses), as the live-flow lookup found it: a new flow
 /// must take its place, and a NAT flow's reply entry must go with it.

@@ -272,3 +272,40 @@ fn partner_key(
     // Forward entry: the reply key is backend -> NAT source.
     Some(flow.reply_key(&backend(flow.backend_id)?, key.proto, key.family))
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::conntrack::{Flow, REFRESH_SECS, TimeoutSecs, Timeouts};
+
+    use super::FlowClock;
+
+    #[test]
+    fn entries_written_through_the_lookups_pointer_are_neither_swept_nor_cut() {
+        // The data path holds a dead entry's pointer through a new flow's backend choice
+        // only inside the overwrite window; a removal by the daemon in that time would turn
+        // the write into one to a freed element, perhaps another key's. The daemon's clock
+        // is read up to a refresh interval before or after the packet's.
+        let hz = 100;
+        let timeouts = Timeouts::from_secs(&TimeoutSecs::default(), hz);
+        let refresh = REFRESH_SECS * hz;
+        let last_seen = 1_000_000;
+        let mut held = 0;
+        for state in 1..=5u8 {
+            let timeout = timeouts.for_state(state);
+            for age in (timeout.saturating_sub(2)..=timeout + 3 * refresh).step_by(7) {
+                let packet_now = last_seen + age;
+                if !timeouts.in_overwrite_window(state, last_seen, packet_now, refresh) {
+                    continue;
+                }
+                held += 1;
+                let flow = Flow { state, last_seen, ..Flow::default() };
+                for now in [packet_now - refresh, packet_now, packet_now + refresh] {
+                    let clock = FlowClock { timeouts, refresh, now };
+                    assert!(!clock.sweepable(&flow), "state {state}, age {age}, daemon at {now}");
+                    assert!(clock.spared_by_cuts(&flow), "state {state}, age {age}, at {now}");
+                }
+            }
+        }
+        assert!(held > 100, "the window was exercised ({held} ages)");
+    }
+}

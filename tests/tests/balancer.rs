@@ -1022,6 +1022,10 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
         let (unreach, port_unreach, too_big, too_big_code) = icmp_kinds(v6);
         let mtu = [0, 0, 0x05, 0x00];
         let ip_len = if v6 { 40 } else { 20 };
+        // The router's "too big" to the service address, quoting `quoted` (from the IP header).
+        let too_big_to_service = |quoted: &[u8]| {
+            icmp_error(router, vip, too_big, too_big_code, mtu, quoted, (CLIENT_MAC, LB_MAC))
+        };
         for mode in ["nat", "dsr"] {
             let mut toml = String::new();
             for proto in ["udp", "tcp"] {
@@ -1094,15 +1098,7 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
                 let other = rewritten(router, client, 80, cport, proto, (LB_MAC, CLIENT_MAC));
                 cases.push(Case::pass(
                     format!("{name} error quoting another sender's packet"),
-                    icmp_error(
-                        router,
-                        vip,
-                        too_big,
-                        too_big_code,
-                        mtu,
-                        &other[14..],
-                        (CLIENT_MAC, LB_MAC),
-                    ),
+                    too_big_to_service(&other[14..]),
                     Reason::NotService,
                 ));
             }
@@ -1114,15 +1110,7 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
             let mut chosen = std::collections::HashSet::new();
             for cport in 48_200..48_208 {
                 let answer = rewritten(vip, client, 80, cport, IPPROTO_TCP, (LB_MAC, CLIENT_MAC));
-                let error = icmp_error(
-                    router,
-                    vip,
-                    too_big,
-                    too_big_code,
-                    mtu,
-                    &answer[14..],
-                    (CLIENT_MAC, LB_MAC),
-                );
+                let error = too_big_to_service(&answer[14..]);
                 let tracked = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
                 let out = lb.bed.run(&error).unwrap();
                 if mode == "nat" {
@@ -1146,15 +1134,7 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
                     .tcp(80, 48_100)
                     .payload(b"later bytes")
                     .build();
-                let error = icmp_error(
-                    router,
-                    vip,
-                    too_big,
-                    too_big_code,
-                    mtu,
-                    &fragment[14..],
-                    (CLIENT_MAC, LB_MAC),
-                );
+                let error = too_big_to_service(&fragment[14..]);
                 lb.bed
                     .check_all(&[Case::pass(
                         format!("{name}: quoting a later fragment"),

@@ -45,6 +45,54 @@ pub const fn replace_u128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
     replace_u32(c, old[3], new[3])
 }
 
+/// The change replacing words makes to every checksum that covers them, summed once and
+/// applied to each (NAT changes addresses covered by both the IPv4 header checksum and the
+/// TCP/UDP pseudo-header): `HC' = ~(~HC + Σ~m + Σm')` (RFC 1624 eqn. 3) with one fold at the
+/// end instead of one per word. 32-bit words are summed whole in 64 bits: their halves'
+/// one's-complement sum is the folded total, as 2^16 ≡ 1 modulo 2^16 - 1. Gives the same
+/// checksum, bit for bit, as the word-by-word `replace_*` (tested).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delta(u64);
+
+impl Delta {
+    /// No change.
+    pub const NONE: Self = Self(0);
+
+    /// With the 16-bit word `old` replaced by `new`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn u16(self, old: u16, new: u16) -> Self {
+        Self(self.0 + (!old) as u64 + new as u64)
+    }
+
+    /// With the 32-bit value `old` (two words) replaced by `new`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn u32(self, old: u32, new: u32) -> Self {
+        Self(self.0 + (!old) as u64 + new as u64)
+    }
+
+    /// With a 128-bit address (four 32-bit values) replaced by another.
+    #[inline(always)]
+    #[must_use]
+    pub const fn u128(self, old: &[u32; 4], new: &[u32; 4]) -> Self {
+        self.u32(old[0], new[0]).u32(old[1], new[1]).u32(old[2], new[2]).u32(old[3], new[3])
+    }
+
+    /// `check` updated for every replacement this delta holds.
+    #[inline(always)]
+    #[must_use]
+    pub const fn apply(self, check: u16) -> u16 {
+        // At most 2^8 terms below 2^32 each: the 64-bit sum cannot overflow.
+        let sum = (!check) as u64 + self.0;
+        let folded = (sum & 0xffff_ffff) + (sum >> 32);
+        let folded = (folded & 0xffff_ffff) + (folded >> 32);
+        #[allow(clippy::cast_possible_truncation, reason = "folded twice, so below 2^32")]
+        let folded = folded as u32;
+        !fold(folded)
+    }
+}
+
 /// The one's-complement sum of an IP pseudo-header (addresses of a family, protocol,
 /// upper-layer length), as raw words like the rest of this module.
 #[inline(always)]
@@ -161,6 +209,38 @@ mod tests {
     fn udp_zero_becomes_all_ones() {
         assert_eq!(udp_nonzero(0), 0xffff);
         assert_eq!(udp_nonzero(0x1234), 0x1234);
+    }
+
+    #[test]
+    fn delta_matches_word_by_word_replacement() {
+        // Random checksums and replacements of addresses, 32-bit values and ports, compared
+        // bit for bit (including which encoding of zero) with the `replace_*` chain.
+        let mut state = 0x9e37_79b9u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        for round in 0..20_000 {
+            // Now and then all-ones and all-zero words, where the encodings of zero meet.
+            let pick = |r: u32, x: u32| match r % 8 {
+                0 => 0,
+                1 => u32::MAX,
+                _ => x,
+            };
+            let check = if round % 16 == 0 { 0xffff } else { next() as u16 };
+            let old: [u32; 4] = core::array::from_fn(|_| pick(next(), next()));
+            let new: [u32; 4] = core::array::from_fn(|_| pick(next(), next()));
+            let (old32, new32) = (pick(next(), next()), pick(next(), next()));
+            let (old16, new16) = (next() as u16, next() as u16);
+            let mut by_word = replace_u128(check, &old, &new);
+            by_word = replace_u32(by_word, old32, new32);
+            by_word = replace_u16(by_word, old16, new16);
+            let delta = Delta::NONE.u128(&old, &new).u32(old32, new32).u16(old16, new16);
+            assert_eq!(delta.apply(check), by_word, "round {round}");
+            assert_eq!(Delta::NONE.apply(check), check);
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::{
     conntrack::{self, EntryBuf, backend_at},
     forward,
     maps::CONNTRACK,
+    mem::put_addr,
     outcome::Outcome,
     parse::{Family, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, ptr_at_mut, reload},
     select::{self, globals},
@@ -274,8 +275,11 @@ fn try_rewrite_outer(ctx: &XdpContext, packet: &Packet, buf: &EntryBuf) -> Resul
         // ICMPv6's checksum covers a pseudo-header with the outer addresses.
         icmp_check = replace_u128(icmp_check, &packet.dst, &flow.peer_addr);
         icmp_check = replace_u128(icmp_check, &packet.src, new_src);
-        ip.dst = bytes(&flow.peer_addr);
-        ip.src = bytes(new_src);
+        // SAFETY: packet memory.
+        unsafe {
+            put_addr(&mut ip.dst, &flow.peer_addr);
+            put_addr(&mut ip.src, new_src);
+        }
     }
 
     icmp.check = icmp_check.to_ne_bytes();
@@ -383,8 +387,11 @@ fn try_rewrite_quoted(
         let ip = unsafe { &mut *ip };
         icmp_check = replace_u128(icmp_check, &key.dst, &flow.peer_addr);
         icmp_check = replace_u128(icmp_check, &key.src, &flow.vip_addr);
-        ip.src = bytes(&flow.peer_addr);
-        ip.dst = bytes(&flow.vip_addr);
+        // SAFETY: packet memory.
+        unsafe {
+            put_addr(&mut ip.src, &flow.peer_addr);
+            put_addr(&mut ip.dst, &flow.vip_addr);
+        }
     }
     icmp.check = icmp_check.to_ne_bytes();
     Ok(())
@@ -398,9 +405,4 @@ fn words(b: &[u8; 16]) -> [u32; 4] {
         u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
         u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
     ]
-}
-
-#[inline(always)]
-fn bytes(w: &[u32; 4]) -> [u8; 16] {
-    crate::nat::words_to_bytes(w)
 }

@@ -35,6 +35,21 @@ pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
     }
 }
 
+/// Writes an address held as four raw words into a header's 16 bytes, as four 4-byte stores:
+/// assigning a `[u8; 16]` (alignment 1) is expanded into sixteen byte stores and the shifts
+/// feeding them.
+///
+/// # Safety
+/// `dst` is packet memory (not the stack, where the verifier refuses misaligned access).
+#[inline(always)]
+pub unsafe fn put_addr(dst: &mut [u8; 16], words: &[u32; 4]) {
+    let dst = dst.as_mut_ptr();
+    for (i, word) in words.iter().enumerate() {
+        // SAFETY: the caller's contract; unaligned writes of bytes 4i to 4i+3 of 16.
+        unsafe { dst.add(4 * i).cast::<u32>().write_unaligned(*word) };
+    }
+}
+
 /// Zeroes an address.
 #[inline(always)]
 pub fn zero_addr(dst: &mut [u32; 4]) {

@@ -5,7 +5,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Action, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
-    csum::{replace_u16, replace_u32, replace_u128, udp_nonzero},
+    csum::{Delta, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::AddrKey,
 };
@@ -13,6 +13,7 @@ use lb_common::{
 use crate::{
     forward,
     maps::{CONNTRACK, NAT_SOURCES, Scratch},
+    mem::put_addr,
     outcome::Outcome,
     parse::{Family, Fragment, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, UdpHdr, ptr_at_mut},
     select::globals,
@@ -29,16 +30,22 @@ pub struct Rewrite<'a> {
 }
 
 /// Rewrites the packet's addresses and ports and fixes the IPv4 header checksum and the
-/// TCP/UDP checksum (whose pseudo-header covers the addresses).
+/// TCP/UDP checksum (whose pseudo-header covers the addresses): the addresses' change is
+/// summed once for both, and each checksum folded once.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite<'_>) -> Result<(), Reason> {
+    let addrs = if packet.family == Family::V4 {
+        Delta::NONE.u32(packet.src[0], to.src[0]).u32(packet.dst[0], to.dst[0])
+    } else {
+        Delta::NONE.u128(&packet.src, to.src).u128(&packet.dst, to.dst)
+    };
+    let l4 = addrs.u16(packet.sport, to.sport).u16(packet.dport, to.dport);
     match packet.proto {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at_mut(ctx, packet.l4_off)?;
             // SAFETY: checked by ptr_at_mut.
             let tcp = unsafe { &mut *tcp };
-            let check = l4_check_update(packet, to, u16::from_ne_bytes(tcp.check));
-            tcp.check = check.to_ne_bytes();
+            tcp.check = l4.apply(u16::from_ne_bytes(tcp.check)).to_ne_bytes();
             tcp.sport = to.sport.to_ne_bytes();
             tcp.dport = to.dport.to_ne_bytes();
         }
@@ -52,7 +59,7 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite<'_>) -> Result<()
             // have without the balancer, as Linux's NAT does. A computed zero is sent as
             // 0xffff.
             if old != 0 {
-                udp.check = udp_nonzero(l4_check_update(packet, to, old)).to_ne_bytes();
+                udp.check = udp_nonzero(l4.apply(old)).to_ne_bytes();
             }
             udp.sport = to.sport.to_ne_bytes();
             udp.dport = to.dport.to_ne_bytes();
@@ -63,51 +70,20 @@ pub fn rewrite(ctx: &XdpContext, packet: &Packet, to: &Rewrite<'_>) -> Result<()
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, packet.l3_off)?;
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
-        let mut check = u16::from_ne_bytes(ip.check);
-        check = replace_u32(check, packet.src[0], to.src[0]);
-        check = replace_u32(check, packet.dst[0], to.dst[0]);
-        ip.check = check.to_ne_bytes();
+        ip.check = addrs.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
         ip.src = to.src[0].to_ne_bytes();
         ip.dst = to.dst[0].to_ne_bytes();
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, packet.l3_off)?;
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
-        ip.src = words_to_bytes(to.src);
-        ip.dst = words_to_bytes(to.dst);
+        // SAFETY: packet memory.
+        unsafe {
+            put_addr(&mut ip.src, to.src);
+            put_addr(&mut ip.dst, to.dst);
+        }
     }
     Ok(())
-}
-
-/// `check` (a TCP or UDP checksum) updated for the pseudo-header's change. A function, not
-/// a closure: LLVM made the closure a call of its own, paid by every NAT packet.
-#[inline(always)]
-fn l4_check_update(packet: &Packet, to: &Rewrite<'_>, check: u16) -> u16 {
-    let mut c = check;
-    if packet.family == Family::V4 {
-        c = replace_u32(c, packet.src[0], to.src[0]);
-        c = replace_u32(c, packet.dst[0], to.dst[0]);
-    } else {
-        c = replace_u128(c, &packet.src, to.src);
-        c = replace_u128(c, &packet.dst, to.dst);
-    }
-    c = replace_u16(c, packet.sport, to.sport);
-    replace_u16(c, packet.dport, to.dport)
-}
-
-#[inline(always)]
-pub fn words_to_bytes(words: &[u32; 4]) -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let word = words[i].to_ne_bytes();
-        bytes[i * 4] = word[0];
-        bytes[i * 4 + 1] = word[1];
-        bytes[i * 4 + 2] = word[2];
-        bytes[i * 4 + 3] = word[3];
-        i += 1;
-    }
-    bytes
 }
 
 /// Whether `packet` is addressed to one of the NAT source addresses.

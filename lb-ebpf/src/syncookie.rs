@@ -407,8 +407,11 @@ fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
         ip.payload_len = tcp_len.to_be_bytes();
-        ip.src = crate::nat::words_to_bytes(&s.src);
-        ip.dst = crate::nat::words_to_bytes(&s.dst);
+        // SAFETY: packet memory.
+        unsafe {
+            crate::mem::put_addr(&mut ip.src, &s.src);
+            crate::mem::put_addr(&mut ip.dst, &s.dst);
+        }
     } else {
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, packet.l3_off)?;
         // SAFETY: checked by ptr_at_mut.

@@ -105,6 +105,7 @@ impl Daemon {
             hash_seed: config.daemon.hash_seed,
             pin_dir: (!config.daemon.pin_dir.is_empty())
                 .then(|| config.daemon.pin_dir.clone().into()),
+            object: None,
         };
         let mut datapath =
             Datapath::load_with(&load).context("failed to load the XDP data path")?;

@@ -134,6 +134,9 @@ pub struct LoadOptions {
     /// Pin maps and links under this bpffs directory so they outlive the process (and adopt
     /// what an earlier run pinned there). `None` keeps everything tied to this process.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Another BPF object to load instead of [`EBPF_OBJECT`] (with the same maps and
+    /// programs): the bench's comparison of two builds. `None` in the daemon.
+    pub object: Option<&'static [u8]>,
 }
 
 impl Default for LoadOptions {
@@ -143,6 +146,7 @@ impl Default for LoadOptions {
             timeouts: TimeoutSecs::default(),
             hash_seed: 0,
             pin_dir: None,
+            object: None,
         }
     }
 }
@@ -177,15 +181,17 @@ impl Datapath {
         Self::load_with(&LoadOptions::default())
     }
 
-    /// Loads [`EBPF_OBJECT`] and its programs into the kernel and writes the initial settings.
+    /// Loads [`EBPF_OBJECT`] (or `options.object`) and its programs into the kernel and writes
+    /// the initial settings.
     pub fn load_with(options: &LoadOptions) -> Result<Self, DatapathError> {
         raise_memlock_limit();
+        let object = options.object.unwrap_or(EBPF_OBJECT);
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
         let pins = options.pin_dir.as_deref().map(PinDir::open).transpose()?;
         let mut adopted = false;
         if let Some(pins) = &pins {
-            let prepared = pins.prepare(EBPF_OBJECT, options.conntrack_entries)?;
+            let prepared = pins.prepare(object, options.conntrack_entries)?;
             adopted = prepared.reused.contains(&names::SERVICES);
             if !prepared.reused.is_empty() {
                 info!(maps = ?prepared.reused, "adopting pinned maps");
@@ -194,7 +200,7 @@ impl Datapath {
                 loader.map_pin_path(name, path);
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
+        let mut ebpf = loader.load(object).map_err(DatapathError::Object)?;
         for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM, CLOCK_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }

@@ -120,30 +120,43 @@ fn frame(src: IpAddr, dst: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
     p.tcp(sport, 80).flags(flags).payload(&[0x61; 48]).build()
 }
 
+/// The bench's data path (this build's object, or `object`) with `CONFIG` applied.
+fn setup(object: Option<&'static [u8]>) -> anyhow::Result<(Datapath, Balancer)> {
+    let config = Config::parse(CONFIG, "bench")?;
+    let mut datapath = Datapath::load_with(&LoadOptions { object, ..LoadOptions::default() })?;
+    let mut hops = HashMap::new();
+    for pool in &config.pools {
+        for b in &pool.backends {
+            hops.insert(
+                *b.address.get_ref(),
+                NextHop {
+                    ifindex: 1,
+                    flags: NEXTHOP_ON_LINK,
+                    dmac: [2, 0, 0, 0, 1, 1],
+                    smac: [2, 0, 0, 0, 0, 1],
+                },
+            );
+        }
+    }
+    let mut balancer = Balancer::new(datapath.ticks_per_second()?);
+    balancer.apply(&config, datapath.maps_mut(), &mut StaticResolver(hops))?;
+    Ok((datapath, balancer))
+}
+
 /// Runs every data-path scenario and the firewall table; prints them, returns them as JSON.
 pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
-    let ns = Netns::create(&lb_tests::netns::unique_id())?;
-    let (mut datapath, balancer) = ns.enter(|| -> anyhow::Result<(Datapath, Balancer)> {
-        let config = Config::parse(CONFIG, "bench")?;
-        let mut datapath = Datapath::load_with(&LoadOptions::default())?;
-        let mut hops = HashMap::new();
-        for pool in &config.pools {
-            for b in &pool.backends {
-                hops.insert(
-                    *b.address.get_ref(),
-                    NextHop {
-                        ifindex: 1,
-                        flags: NEXTHOP_ON_LINK,
-                        dmac: [2, 0, 0, 0, 1, 1],
-                        smac: [2, 0, 0, 0, 0, 1],
-                    },
-                );
-            }
+    // `LB_BENCH_AB=[A,]B`: two builds' BPF objects compared path by path (A defaults to this
+    // build's); see `compare`.
+    let ab = std::env::var("LB_BENCH_AB").ok();
+    let (a_object, b_object) = match ab.as_deref().map(|ab| ab.split_once(',').unwrap_or(("", ab)))
+    {
+        Some((a, b)) => {
+            (if a.is_empty() { None } else { Some(read_object(a)?) }, Some(read_object(b)?))
         }
-        let mut balancer = Balancer::new(datapath.ticks_per_second()?);
-        balancer.apply(&config, datapath.maps_mut(), &mut StaticResolver(hops))?;
-        Ok((datapath, balancer))
-    })??;
+        None => (None, None),
+    };
+    let ns = Netns::create(&lb_tests::netns::unique_id())?;
+    let (mut datapath, balancer) = ns.enter(|| setup(a_object))??;
 
     let mut scenarios = scenarios();
     // The reply of an established NAT flow (timed before the new-flow runs, which empty the
@@ -176,6 +189,12 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
             measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, 1, None)?;
         }
         return Ok(serde_json::Value::Null);
+    }
+    if let Some(object) = b_object {
+        let other = ns.enter(|| setup(Some(object)))??;
+        let names = ab.unwrap_or_default();
+        return compare(&scenarios, (&mut datapath, &balancer), other, repeat, rounds.max(21))
+            .map(|json| serde_json::json!({ "objects": names, "compare": json }));
     }
     let mut rows = Vec::new();
     let mut table = String::new();
@@ -259,6 +278,90 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         "conntrack_memory_bytes": memory,
         "conntrack_entries": LoadOptions::default().conntrack_entries,
     }))
+}
+
+/// A BPF object file read into memory that lives as long as the process (the loader keeps
+/// no reference, but the bench runs once), aligned as the ELF parser wants it.
+fn read_object(path: &str) -> anyhow::Result<&'static [u8]> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {path}"))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    ensure!(bytes.as_ptr().align_offset(8) == 0, "{path}: not 8-byte aligned in memory");
+    Ok(bytes)
+}
+
+/// Every path (the floors aside) through A and B, run by run in turn (A B B A ...), so that
+/// the machine's phases weigh on both alike: prints each side's median and the median of the
+/// rounds' differences, which is what to trust on a shared machine where single runs of one
+/// path differ by 30-80 ns. Two loads of one object differ too (by up to ~10 ns on a path
+/// here, the first loaded the slower): compare both ways (`A,B` then `B,A`) and take half
+/// the difference of the two results. The empty-program row is a control: the same program
+/// on both sides.
+fn compare(
+    scenarios: &[Scenario],
+    (a, a_balancer): (&mut Datapath, &Balancer),
+    (mut b, b_balancer): (Datapath, Balancer),
+    repeat: u32,
+    rounds: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut table = format!(
+        "{:<28} {:>8} {:>8} {:>8} {:>12}\n",
+        "path (ns/packet)", "A", "B", "B - A", "B faster in"
+    );
+    let mut rows = Vec::new();
+    for s in scenarios {
+        let sides: [(&mut Datapath, &Balancer); 2] = [(&mut *a, a_balancer), (&mut b, &b_balancer)];
+        let mut sids = [None, None];
+        for (side, (datapath, balancer)) in sides.into_iter().enumerate() {
+            if s.name == "NAT IPv4 reply" {
+                ensure!(
+                    reply_frame(datapath, balancer)? == s.frame,
+                    "B gives the NAT reply another port: not comparable"
+                );
+            }
+            if let Some(key) = &s.reopen {
+                datapath.set_bench_reopen(key)?;
+            }
+            if s.warmup {
+                run_once(datapath, s.program, &s.frame, s.verdict)?;
+            }
+            if s.new_flows {
+                let name = if s.name.starts_with("NAT") { "nat4" } else { "dsr4" };
+                sids[side] = balancer.service_id(name);
+            }
+        }
+        let (mut times, mut diffs) = ([Vec::new(), Vec::new()], Vec::new());
+        for round in 0..rounds {
+            let mut ns = [0u64; 2];
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for side in order {
+                let datapath = if side == 0 { &mut *a } else { &mut b };
+                ns[side] = measure(datapath, s.program, &s.frame, s.verdict, repeat, 1, sids[side])
+                    .with_context(|| format!("{} ({})", s.name, ["A", "B"][side]))?
+                    .0;
+                times[side].push(ns[side]);
+            }
+            diffs.push(i64::try_from(ns[1]).unwrap_or(0) - i64::try_from(ns[0]).unwrap_or(0));
+        }
+        let faster = diffs.iter().filter(|d| **d < 0).count();
+        diffs.sort_unstable();
+        let diff = diffs[diffs.len() / 2];
+        let (a_ns, b_ns) = (spread(&mut times[0]).0, spread(&mut times[1]).0);
+        let _ = writeln!(
+            table,
+            "{:<28} {a_ns:>8} {b_ns:>8} {diff:>+8} {:>12}",
+            s.name,
+            format!("{faster}/{rounds}")
+        );
+        eprintln!("  {} A {a_ns} B {b_ns} ns", s.name);
+        rows.push(serde_json::json!({
+            "name": s.name, "a_ns": a_ns, "b_ns": b_ns, "b_minus_a_ns": diff, "b_faster": faster
+        }));
+    }
+    println!(
+        "\nA against B ({}), {repeat} repetitions per run, {rounds} runs each, in turn:\n\n{table}",
+        std::env::var("LB_BENCH_AB").unwrap_or_default()
+    );
+    Ok(serde_json::json!({ "compare": rows, "repeat": repeat, "rounds": rounds }))
 }
 
 /// The firewall with 0, 10,000 and 1,000,000 source prefixes (half IPv4, half IPv6, in one

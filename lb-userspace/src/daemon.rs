@@ -85,12 +85,19 @@ pub struct Daemon {
     pub passthrough: Passthrough,
 }
 
+/// A configuration file and the text read from it, which the configuration was parsed from.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
 impl Daemon {
     /// Loads the data path (adopting pinned state), installs `config` and attaches.
     /// `pin_dir` overrides the configuration's (`lbd --pin-dir`) without changing the file.
     pub fn start(
         mut config: Config,
-        config_path: Option<PathBuf>,
+        config_file: Option<ConfigFile>,
         pin_dir: Option<String>,
     ) -> anyhow::Result<Self> {
         let file_at_start = StartSettings::of(&config);
@@ -184,8 +191,10 @@ impl Daemon {
         for interface in datapath.detach_unconfigured(&names) {
             info!(%interface, "detached from an interface no longer configured");
         }
-        let file_digest =
-            config_path.as_deref().and_then(|p| std::fs::read(p).ok()).map(|b| digest(&b));
+        // The digest of the text `config` came from, not of the file read again: an edit in
+        // between would pass for what lbd runs, and an API change would write over it.
+        let file_digest = config_file.as_ref().map(|f| digest(f.text.as_bytes()));
+        let config_path = config_file.map(|f| f.path);
         Ok(Self {
             datapath,
             balancer,

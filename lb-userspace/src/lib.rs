@@ -33,15 +33,15 @@ pub use balancer::Balancer;
 pub use config::Config;
 pub use datapath::Datapath;
 
-use crate::daemon::{Daemon, SharedDaemon};
+use crate::daemon::{ConfigFile, Daemon, SharedDaemon};
 
 /// Options of a daemon run that are not part of the configuration file.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Remove programs from the interfaces on exit (the lab uses this).
     pub detach_on_exit: bool,
-    /// The configuration file, re-read on SIGHUP.
-    pub config_path: Option<std::path::PathBuf>,
+    /// The configuration file (re-read on SIGHUP) and the text `config` was parsed from.
+    pub config_file: Option<ConfigFile>,
     /// Pin directory instead of the configuration's (`lbd --pin-dir`).
     pub pin_dir: Option<String>,
 }
@@ -84,7 +84,7 @@ pub async fn run(
                 format!("failed to listen on {} for the API", api_config.listen)
             })?)
         };
-    let daemon = Daemon::start(config, options.config_path.clone(), options.pin_dir.clone())?;
+    let daemon = Daemon::start(config, options.config_file, options.pin_dir.clone())?;
     let daemon: SharedDaemon = Arc::new(Mutex::new(daemon));
     // Neighbours probed during the first resolution answer within milliseconds: resolve
     // again until every backend has a next hop (or a few seconds pass), so the first

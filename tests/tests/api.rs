@@ -26,7 +26,7 @@ use lb_tests::{
 use lb_userspace::{
     Config,
     api::{self, AppState},
-    daemon::Daemon,
+    daemon::{ConfigFile, Daemon},
 };
 use tower::ServiceExt as _;
 
@@ -56,6 +56,12 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str, token: Option<&str>) -> Option<Self> {
+        Self::edited_at_start(name, token, None)
+    }
+
+    /// With `edit` appended to the file after lbd read it and before it started (as lbd's
+    /// own `main` reads it, then starts).
+    fn edited_at_start(name: &str, token: Option<&str>, edit: Option<&str>) -> Option<Self> {
         if !require_privileges(name) {
             return None;
         }
@@ -63,9 +69,12 @@ impl Fixture {
         ns.ip(&["link", "set", "veth1", "up"]).unwrap();
         let config_path = std::env::temp_dir().join(format!("{}-api.toml", ns.name()));
         std::fs::write(&config_path, fixture_config()).unwrap();
-        let config = Config::load(&config_path).unwrap();
-        let path = config_path.clone();
-        let daemon = ns.enter(move || Daemon::start(config, Some(path), None)).unwrap().unwrap();
+        let (config, text) = Config::load_with_text(&config_path).unwrap();
+        if let Some(edit) = edit {
+            std::fs::write(&config_path, format!("{text}{edit}")).unwrap();
+        }
+        let file = ConfigFile { path: config_path.clone(), text };
+        let daemon = ns.enter(move || Daemon::start(config, Some(file), None)).unwrap().unwrap();
         let state = AppState { daemon: Arc::new(Mutex::new(daemon)), token: token.map(Into::into) };
         Some(Self { ns, state, config_path })
     }
@@ -545,6 +554,22 @@ fn a_change_that_cannot_be_saved_is_refused_before_it_applies() {
     let (_, body) = f.send(Method::GET, "/v1/pools", t, None);
     let pools: Vec<api::PoolView> = serde_json::from_str(&body).unwrap();
     assert_eq!(pools[0].backends.len(), 2, "{body}");
+}
+
+#[test]
+fn an_edit_made_while_lbd_starts_is_not_written_over() {
+    // lbd parsed the file, then it was edited before lbd had started: what lbd runs is the
+    // text it parsed, so an API change must see the edit as not reloaded.
+    let edit = "# edited by hand while lbd started\n";
+    let Some(f) = Fixture::edited_at_start("edit_while_starting", Some(TOKEN), Some(edit)) else {
+        return;
+    };
+    let edited = f.config_text();
+    assert!(edited.ends_with(edit));
+    let path = "/v1/pools/web/backends/198.18.1.12/weight";
+    let (status, body) = f.send(Method::PUT, path, Some(TOKEN), Some(r#"{"weight": 30}"#));
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(f.config_text(), edited, "the edit was written over");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use lb_userspace::{Config, RunOptions};
+use lb_userspace::{Config, RunOptions, daemon::ConfigFile};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -72,8 +72,8 @@ fn main() -> ExitCode {
                 eprintln!("lbd: no configuration; pass --config FILE (see docs/configuration.md)");
                 return ExitCode::from(2);
             };
-            let config = match Config::load(&path) {
-                Ok(config) => config,
+            let (config, text) = match Config::load_with_text(&path) {
+                Ok(loaded) => loaded,
                 Err(error) => {
                     eprintln!("{error}");
                     return ExitCode::from(2);
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             };
             let options = RunOptions {
                 detach_on_exit: cli.detach_on_exit,
-                config_path: Some(path),
+                config_file: Some(ConfigFile { path, text }),
                 pin_dir: cli.pin_dir,
             };
             match serve(config, options) {

@@ -51,7 +51,7 @@ pub const fn replace_u128(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
 /// end instead of one per word. 32-bit words are summed whole in 64 bits: their halves'
 /// one's-complement sum is the folded total, as 2^16 ≡ 1 modulo 2^16 - 1. Gives the same
 /// checksum, bit for bit, as the word-by-word `replace_*` (tested).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Delta(u64);
 
 impl Delta {
@@ -83,7 +83,8 @@ impl Delta {
     #[inline(always)]
     #[must_use]
     pub const fn apply(self, check: u16) -> u16 {
-        // At most 2^8 terms below 2^32 each: the 64-bit sum cannot overflow.
+        // Terms below 2^32 each (a NAT rewrite has 21): the 64-bit sum would need 2^32 of
+        // them to overflow.
         let sum = (!check) as u64 + self.0;
         let folded = (sum & 0xffff_ffff) + (sum >> 32);
         let folded = (folded & 0xffff_ffff) + (folded >> 32);
@@ -241,6 +242,15 @@ mod tests {
             assert_eq!(delta.apply(check), by_word, "round {round}");
             assert_eq!(Delta::NONE.apply(check), check);
         }
+        // Where the two encodings of zero meet: every term zero gives all ones, as the chain
+        // does; a sum of all ones gives zero.
+        let ones = [u32::MAX; 4];
+        let all_zero = Delta::NONE.u128(&ones, &[0; 4]).u32(u32::MAX, 0).u16(0xffff, 0);
+        let chain =
+            replace_u16(replace_u32(replace_u128(0xffff, &ones, &[0; 4]), u32::MAX, 0), 0xffff, 0);
+        assert_eq!((all_zero.apply(0xffff), chain), (0xffff, 0xffff));
+        assert_eq!(Delta::NONE.u16(0, 0xffff).apply(0xffff), replace_u16(0xffff, 0, 0xffff));
+        assert_eq!(Delta::NONE.u16(0, 0xffff).apply(0xffff), 0);
     }
 
     #[test]

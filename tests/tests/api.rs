@@ -566,10 +566,12 @@ fn an_edit_made_while_lbd_starts_is_not_written_over() {
     };
     let edited = f.config_text();
     assert!(edited.ends_with(edit));
+    let before = f.fingerprint();
     let path = "/v1/pools/web/backends/198.18.1.12/weight";
     let (status, body) = f.send(Method::PUT, path, Some(TOKEN), Some(r#"{"weight": 30}"#));
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(f.config_text(), edited, "the edit was written over");
+    assert_eq!(f.fingerprint(), before, "the running state changed");
 }
 
 #[test]

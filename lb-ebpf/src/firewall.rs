@@ -206,7 +206,8 @@ fn port_of(packet: &Packet) -> u16 {
 }
 
 /// The rule bits of the packet's source (`source`) or destination in its family's trie,
-/// with the key built in scratch memory.
+/// with the key built in scratch memory as 4-byte words (prefix length, generation, the
+/// address's raw words): byte by byte, LLVM stores each byte with its own shift.
 #[inline(always)]
 fn trie_bits(
     packet: &Packet,
@@ -215,36 +216,24 @@ fn trie_bits(
     source: bool,
 ) -> Option<RuleBits> {
     let addr = if source { &packet.src } else { &packet.dst };
-    let generation_bytes = generation.to_ne_bytes();
-    key[4] = generation_bytes[0];
-    key[5] = generation_bytes[1];
-    key[6] = generation_bytes[2];
-    key[7] = generation_bytes[3];
+    let words: u32 = if packet.family == Family::V4 { 1 } else { 4 };
+    let head = key.as_mut_ptr();
+    // SAFETY: per-CPU scratch (map memory, where the verifier allows unaligned access), 28
+    // bytes: words 0 to 6 at most.
+    unsafe {
+        head.cast::<u32>().write_unaligned(GENERATION_BITS + 32 * words);
+        head.add(4).cast::<u32>().write_unaligned(generation);
+        for (i, word) in addr.iter().take(words as usize).enumerate() {
+            head.add(8 + 4 * i).cast::<u32>().write_unaligned(*word);
+        }
+    }
     match packet.family {
         Family::V4 => {
-            let len = (GENERATION_BITS + 32).to_ne_bytes();
-            key[..4].copy_from_slice(&len);
-            let a = addr[0].to_ne_bytes();
-            key[8] = a[0];
-            key[9] = a[1];
-            key[10] = a[2];
-            key[11] = a[3];
             // SAFETY: `Key<FwV4>` is packed (alignment 1) and 12 bytes, within the buffer.
             let key = unsafe { &*key.as_ptr().cast::<Key<FwV4>>() };
             if source { FW_SRC_V4.get(key) } else { FW_DST_V4.get(key) }.copied()
         }
         Family::V6 => {
-            let len = (GENERATION_BITS + 128).to_ne_bytes();
-            key[..4].copy_from_slice(&len);
-            let mut i = 0;
-            while i < 4 {
-                let a = addr[i].to_ne_bytes();
-                key[8 + i * 4] = a[0];
-                key[9 + i * 4] = a[1];
-                key[10 + i * 4] = a[2];
-                key[11 + i * 4] = a[3];
-                i += 1;
-            }
             // SAFETY: `Key<FwV6>` is packed (alignment 1) and 28 bytes, the buffer's size.
             let key = unsafe { &*key.as_ptr().cast::<Key<FwV6>>() };
             if source { FW_SRC_V6.get(key) } else { FW_DST_V6.get(key) }.copied()

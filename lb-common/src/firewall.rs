@@ -104,6 +104,10 @@ pub const META_DEFAULT_DENY: u32 = 0x1;
 pub const META_AUDIT: u32 = 0x2;
 /// Some rule names destinations (else the destination lookup is skipped).
 pub const META_HAS_DST: u32 = 0x4;
+/// No rule names sources: the source lookup is skipped. The other way round from
+/// `META_HAS_DST` so that a generation written before the flag existed (pinned, adopted by a
+/// newer lbd) still has its sources looked up.
+pub const META_NO_SRC: u32 = 0x8;
 
 /// Events logged per second per CPU at most, whatever the rules' sampling says.
 pub const LOG_EVENTS_PER_SECOND: u64 = 100;

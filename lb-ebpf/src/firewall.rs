@@ -8,8 +8,8 @@ use lb_common::{
         ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION,
         AUDIT_SLOT, Bucket, CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, EVENT_AUDITED,
         EVENT_DROPPED, EVENT_PASSED, FwEvent, FwMeta, FwRule, FwV4, FwV6, GENERATION_BITS,
-        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, RULE_LOG, RateKey, RuleBits,
-        class_of, counter_index, lowest_bit, ports_index,
+        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, META_NO_SRC, RULE_LOG, RateKey,
+        RuleBits, class_of, counter_index, lowest_bit, ports_index,
     },
     net::IPPROTO_TCP,
 };
@@ -64,7 +64,13 @@ fn try_filter(
     let generation = active & ACTIVE_GENERATION;
     let Some(meta) = FW_META.get(generation) else { return Ok(()) };
     let bytes = stats::frame_len(ctx);
-    let src = trie_bits(packet, key, generation, true).unwrap_or(meta.any_src);
+    // Rules by port or protocol alone (no source prefixes anywhere): no trie lookup, the
+    // dearest step here (~30 ns).
+    let src = if meta.flags & META_NO_SRC != 0 {
+        meta.any_src
+    } else {
+        trie_bits(packet, key, generation, true).unwrap_or(meta.any_src)
+    };
     let mut candidates = src;
     if candidates != 0 && meta.flags & META_HAS_DST != 0 {
         candidates &= trie_bits(packet, key, generation, false).unwrap_or(meta.any_dst);

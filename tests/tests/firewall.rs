@@ -267,6 +267,58 @@ source = ["198.18.9.0/24"]
 }
 
 #[test]
+fn rules_without_sources_match_without_the_source_lookup() {
+    // No rule names sources: the data path skips the source trie (META_NO_SRC) and every
+    // rule still matches by port and protocol, in both families; a set with sources switched
+    // in looks them up again, and one without switched back skips them again.
+    let ports = r#"
+[firewall]
+default = "deny"
+[[firewall.rule]]
+name = "telnet"
+action = "deny"
+protocol = "tcp"
+ports = [23]
+[[firewall.rule]]
+name = "web"
+action = "allow"
+protocol = "tcp"
+ports = [80]
+"#;
+    let Some(mut fw) = Fw::new("rules_without_sources_match_without_the_source_lookup", ports)
+    else {
+        return;
+    };
+    let dst = [198, 18, 100, 1];
+    let port_cases = || {
+        vec![
+            deny("v4 telnet", tcp4([198, 18, 9, 1], dst, 23, 0), Reason::FirewallDeny),
+            allow("v4 web", tcp4([198, 18, 9, 1], dst, 80, tcp_flags::SYN)),
+            deny("v4 else", tcp4([198, 18, 9, 1], dst, 81, 0), Reason::FirewallDefaultDeny),
+            deny("v6 telnet", tcp6("fd00::9", "fd00::2", 23, 0), Reason::FirewallDeny),
+            allow("v6 web", tcp6("fd00::9", "fd00::2", 80, 0)),
+            deny("v6 else", tcp6("fd00::9", "fd00::2", 81, 0), Reason::FirewallDefaultDeny),
+        ]
+    };
+    fw.bed.check_all(&port_cases()).unwrap();
+    let with_source = format!(
+        "{ports}[[firewall.rule]]\nname = \"trusted\"\naction = \"allow\"\nsource = [\"198.18.9.0/24\", \"fd00::9/128\"]\n"
+    );
+    assert!(fw.install(&with_source).switched);
+    fw.bed
+        .check_all(&[
+            deny("v4 telnet first", tcp4([198, 18, 9, 1], dst, 23, 0), Reason::FirewallDeny),
+            allow("v4 trusted source", tcp4([198, 18, 9, 1], dst, 81, 0)),
+            deny("v4 untrusted", tcp4([198, 18, 8, 1], dst, 81, 0), Reason::FirewallDefaultDeny),
+            allow("v6 trusted source", tcp6("fd00::9", "fd00::2", 81, 0)),
+            deny("v6 untrusted", tcp6("fd00::8", "fd00::2", 81, 0), Reason::FirewallDefaultDeny),
+        ])
+        .unwrap();
+    assert!(fw.install(ports).switched);
+    fw.bed.check_all(&port_cases()).unwrap();
+}
+
+#[test]
 fn rule_sets_switch_whole_and_prefix_lists_change_in_place() {
     let one = "[firewall]\n[[firewall.rule]]\nname = \"block\"\naction = \"deny\"\nsource = [\"198.18.0.0/24\", \"198.18.1.0/24\"]\n";
     let Some(mut fw) = Fw::new("rule_sets_switch_whole_and_prefix_lists_change_in_place", one)

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use lb_common::firewall::{
     ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
     CLASSES, FwMeta, FwRule, LOG_EVENTS_PER_SECOND, MAX_RULES, META_AUDIT, META_DEFAULT_DENY,
-    META_HAS_DST, RULE_LOG, RuleBits, TOKEN,
+    META_HAS_DST, META_NO_SRC, RULE_LOG, RuleBits, TOKEN,
 };
 use tracing::info;
 
@@ -234,6 +234,9 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
     out.meta.any_dst = any_dst;
     if !dst_entries.is_empty() {
         out.meta.flags |= META_HAS_DST;
+    }
+    if src_entries.is_empty() {
+        out.meta.flags |= META_NO_SRC;
     }
     if config.default == Policy::Deny {
         out.meta.flags |= META_DEFAULT_DENY;
@@ -544,6 +547,12 @@ icmp_types = [8, 128]
         assert_eq!(out.meta.any_dst, 0b1011);
         assert_eq!(out.meta.flag_rules, 0b0100);
         assert_eq!(out.meta.flags, META_DEFAULT_DENY | META_HAS_DST);
+        // Without sources anywhere the data path skips the source lookup.
+        let ports_only =
+            "[firewall]\n[[firewall.rule]]\nname = \"a\"\naction = \"deny\"\nports = [23]\n";
+        let by_port = compile(&config(ports_only), 250).unwrap();
+        assert_eq!(by_port.meta.flags, META_NO_SRC);
+        assert!(by_port.sources.is_empty());
         assert_eq!(out.sources[&Prefix::parse("198.18.0.0/24").unwrap()], 0b1111);
         assert_eq!(out.destinations[&Prefix::parse("198.18.100.0/24").unwrap()], 0b1111);
         let port = |class: u32, p: usize| out.ports[class as usize * PORTS + p];

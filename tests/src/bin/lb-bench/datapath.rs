@@ -429,12 +429,13 @@ fn firewall_bench(
             }
         }
         std::fs::write(&path, &text)?;
+        // No prefixes: a rule by port alone, which skips the source lookup.
         let toml = format!(
             "[[interface]]\nname = \"lo\"\n[firewall]\n[[firewall.rule]]\nname = \"blocklist\"\naction = \"deny\"\n{}",
             if count > 0 {
                 format!("source_file = \"{}\"\n", path.display())
             } else {
-                "source = [\"203.0.113.0/24\"]\n".to_owned()
+                "protocol = \"tcp\"\nports = [23]\n".to_owned()
             }
         );
         let config = Config::parse(&toml, "bench")?;

@@ -222,15 +222,21 @@ fn trie_bits(
     source: bool,
 ) -> Option<RuleBits> {
     let addr = if source { &packet.src } else { &packet.dst };
-    let words: u32 = if packet.family == Family::V4 { 1 } else { 4 };
     let head = key.as_mut_ptr();
+    // Straight-line stores per family: a loop over 1 or 4 words became a `memcpy` call.
     // SAFETY: per-CPU scratch (map memory, where the verifier allows unaligned access), 28
     // bytes: words 0 to 6 at most.
     unsafe {
-        head.cast::<u32>().write_unaligned(GENERATION_BITS + 32 * words);
-        head.add(4).cast::<u32>().write_unaligned(generation);
-        for (i, word) in addr.iter().take(words as usize).enumerate() {
-            head.add(8 + 4 * i).cast::<u32>().write_unaligned(*word);
+        let put = |offset: usize, word: u32| head.add(offset).cast::<u32>().write_unaligned(word);
+        put(4, generation);
+        put(8, addr[0]);
+        if packet.family == Family::V4 {
+            put(0, GENERATION_BITS + 32);
+        } else {
+            put(0, GENERATION_BITS + 128);
+            put(12, addr[1]);
+            put(16, addr[2]);
+            put(20, addr[3]);
         }
     }
     match packet.family {

@@ -316,6 +316,25 @@ ports = [80]
         .unwrap();
     assert!(fw.install(ports).switched);
     fw.bed.check_all(&port_cases()).unwrap();
+    // A rule whose source file is empty matches nothing (as a trie miss did); filling the
+    // file switches a generation in, with the source lookup back.
+    let file = std::env::temp_dir().join(format!("lbt-{}-nosrc.txt", std::process::id()));
+    std::fs::write(&file, "").unwrap();
+    let from_file = format!(
+        "{ports}[[firewall.rule]]\nname = \"listed\"\naction = \"allow\"\nsource_file = \"{}\"\n",
+        file.display()
+    );
+    assert!(fw.install(&from_file).switched);
+    fw.bed.check_all(&port_cases()).unwrap();
+    std::fs::write(&file, "198.18.9.0/24\nfd00::9/128\n").unwrap();
+    assert!(fw.install(&from_file).switched, "the source lookup is needed again");
+    let listed = fw.bed.check_all(&[
+        allow("v4 listed source", tcp4([198, 18, 9, 1], dst, 81, 0)),
+        allow("v6 listed source", tcp6("fd00::9", "fd00::2", 81, 0)),
+        deny("v4 unlisted", tcp4([198, 18, 8, 1], dst, 81, 0), Reason::FirewallDefaultDeny),
+    ]);
+    let _ = std::fs::remove_file(&file);
+    listed.unwrap();
 }
 
 #[test]

@@ -62,7 +62,9 @@ fn set_reply_key(
     nat_addr: [u32; 4],
     nat_port: u16,
 ) {
-    out.src = backend.addr;
+    // SAFETY: a map value and per-CPU scratch memory: valid and disjoint (an assignment
+    // between the two compiled to a `memmove` call, see `mem.rs`).
+    unsafe { crate::mem::copy(&raw mut out.src, &raw const backend.addr) };
     out.dst = nat_addr;
     out.sport = backend_port;
     out.dport = nat_port;

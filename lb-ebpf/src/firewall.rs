@@ -223,29 +223,26 @@ fn trie_bits(
 ) -> Option<RuleBits> {
     let addr = if source { &packet.src } else { &packet.dst };
     let head = key.as_mut_ptr();
-    // Straight-line stores per family: a loop over 1 or 4 words became a `memcpy` call.
+    // Straight-line stores per family (a loop over 1 or 4 words became a `memcpy` call).
     // SAFETY: per-CPU scratch (map memory, where the verifier allows unaligned access), 28
     // bytes: words 0 to 6 at most.
-    unsafe {
-        let put = |offset: usize, word: u32| head.add(offset).cast::<u32>().write_unaligned(word);
-        put(4, generation);
-        put(8, addr[0]);
-        if packet.family == Family::V4 {
-            put(0, GENERATION_BITS + 32);
-        } else {
-            put(0, GENERATION_BITS + 128);
-            put(12, addr[1]);
-            put(16, addr[2]);
-            put(20, addr[3]);
-        }
-    }
+    let put = |offset: usize, word: u32| unsafe {
+        head.add(offset).cast::<u32>().write_unaligned(word);
+    };
+    put(4, generation);
+    put(8, addr[0]);
     match packet.family {
         Family::V4 => {
+            put(0, GENERATION_BITS + 32);
             // SAFETY: `Key<FwV4>` is packed (alignment 1) and 12 bytes, within the buffer.
             let key = unsafe { &*key.as_ptr().cast::<Key<FwV4>>() };
             if source { FW_SRC_V4.get(key) } else { FW_DST_V4.get(key) }.copied()
         }
         Family::V6 => {
+            put(0, GENERATION_BITS + 128);
+            put(12, addr[1]);
+            put(16, addr[2]);
+            put(20, addr[3]);
             // SAFETY: `Key<FwV6>` is packed (alignment 1) and 28 bytes, the buffer's size.
             let key = unsafe { &*key.as_ptr().cast::<Key<FwV6>>() };
             if source { FW_SRC_V6.get(key) } else { FW_DST_V6.get(key) }.copied()

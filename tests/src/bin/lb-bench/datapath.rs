@@ -203,17 +203,7 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
     );
     for s in &scenarios {
-        if let Some(key) = &s.reopen {
-            datapath.set_bench_reopen(key)?;
-        }
-        if s.warmup {
-            run_once(&mut datapath, s.program, &s.frame, s.verdict)?;
-        }
-        let sid = if s.new_flows {
-            balancer.service_id(if s.name.starts_with("NAT") { "nat4" } else { "dsr4" })
-        } else {
-            None
-        };
+        let sid = prepare(&mut datapath, &balancer, s)?;
         // The floor and the path alternate run by run: the machine's load comes and goes in
         // phases of about a second (one path measured 155 and 220-260 ns by turns over six
         // seconds, on either CPU), and a phase should weigh on both alike. "Above floor" is
@@ -279,6 +269,26 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Readies `datapath` for scenario `s` (the reused tuple to age, the flow to open) and
+/// returns the service whose new flows its runs must count, if they open flows.
+fn prepare(
+    datapath: &mut Datapath,
+    balancer: &Balancer,
+    s: &Scenario,
+) -> anyhow::Result<Option<u32>> {
+    if let Some(key) = &s.reopen {
+        datapath.set_bench_reopen(key)?;
+    }
+    if s.warmup {
+        run_once(datapath, s.program, &s.frame, s.verdict)?;
+    }
+    Ok(if s.new_flows {
+        balancer.service_id(if s.name.starts_with("NAT") { "nat4" } else { "dsr4" })
+    } else {
+        None
+    })
+}
+
 /// A BPF object file read into memory that lives as long as the process (the loader keeps
 /// no reference, but the bench runs once), aligned as the ELF parser wants it.
 fn read_object(path: &str) -> anyhow::Result<&'static [u8]> {
@@ -294,8 +304,8 @@ fn read_object(path: &str) -> anyhow::Result<&'static [u8]> {
 /// path differ by 30-80 ns. Two loads of one object differ too: here within ±5 ns on the
 /// established rows, but the second-loaded side's new-flow rows 80-200 ns faster (why is
 /// not known; the connection tables are two separate 368 MiB maps): compare both ways
-/// (`A,B` then `B,A`) and take half the difference of the two results. The empty-program row is a control: the same program
-/// on both sides.
+/// (`A,B` then `B,A`) and take half the difference of the two results. The empty-program
+/// row is a control: the same program on both sides.
 fn compare(
     scenarios: &[Scenario],
     (a, a_balancer): (&mut Datapath, &Balancer),
@@ -309,28 +319,14 @@ fn compare(
     );
     let mut rows = Vec::new();
     for s in scenarios {
-        let sides: [(&mut Datapath, &Balancer); 2] = [(&mut *a, a_balancer), (&mut b, &b_balancer)];
-        let mut sids = [None, None];
-        for (side, (datapath, balancer)) in sides.into_iter().enumerate() {
-            if s.name == "NAT IPv4 reply" {
-                // A's frame is the scenario's; B must have chosen the same port.
-                ensure!(
-                    reply_frame(datapath, balancer)? == s.frame,
-                    "{} gives the NAT reply another port: not comparable",
-                    ["A", "B"][side]
-                );
-            }
-            if let Some(key) = &s.reopen {
-                datapath.set_bench_reopen(key)?;
-            }
-            if s.warmup {
-                run_once(datapath, s.program, &s.frame, s.verdict)?;
-            }
-            if s.new_flows {
-                let name = if s.name.starts_with("NAT") { "nat4" } else { "dsr4" };
-                sids[side] = balancer.service_id(name);
-            }
+        if s.name == "NAT IPv4 reply" {
+            // The scenario's frame is A's reply; B must have chosen the same port.
+            ensure!(
+                reply_frame(&mut b, &b_balancer)? == s.frame,
+                "B gives the NAT reply another port: not comparable"
+            );
         }
+        let sids = [prepare(a, a_balancer, s)?, prepare(&mut b, &b_balancer, s)?];
         let (mut times, mut diffs) = ([Vec::new(), Vec::new()], Vec::new());
         for round in 0..rounds {
             let mut ns = [0u64; 2];

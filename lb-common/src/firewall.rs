@@ -108,6 +108,10 @@ pub const META_HAS_DST: u32 = 0x4;
 /// `META_HAS_DST` so that a generation written before the flag existed (pinned, adopted by a
 /// newer lbd) still has its sources looked up.
 pub const META_NO_SRC: u32 = 0x8;
+/// The generation's source prefilter in `FW_SRC_FILTER` is written: a packet whose bit there
+/// is clear matches no source prefix, and the trie lookup is skipped. Set only by a daemon
+/// that writes the prefilter, so a generation pinned by an older one is looked up as before.
+pub const META_SRC_FILTER: u32 = 0x10;
 
 /// Events logged per second per CPU at most, whatever the rules' sampling says.
 pub const LOG_EVENTS_PER_SECOND: u64 = 100;
@@ -169,6 +173,28 @@ unsafe impl aya::Pod for FwV6 {}
 
 /// Bits of the generation in an LPM key's prefix length.
 pub const GENERATION_BITS: u32 = 32;
+
+/// Words of one family's source prefilter (65,536 bits).
+pub const SRC_FILTER_WORDS: u32 = 1024;
+/// `FW_SRC_FILTER` entries: a prefilter per generation and family.
+pub const SRC_FILTER_ENTRIES: u32 = 2 * 2 * SRC_FILTER_WORDS;
+
+/// The source prefilter's bit of an address, from its first 32 bits (`top`, host order): an
+/// IPv4 address's /16, a hash of an IPv6 address's /32. Every source prefix of a generation
+/// has the bits of all the addresses it covers set (a superset: a set bit only means "look
+/// the trie up"), so a clear bit proves the trie holds nothing for the address.
+#[inline(always)]
+#[must_use]
+pub const fn src_filter_bit(v6: bool, top: u32) -> u32 {
+    if v6 { top.wrapping_mul(0x9e37_79b1) >> 16 } else { top >> 16 }
+}
+
+/// Index in `FW_SRC_FILTER` of the word holding `bit` of a generation's family.
+#[inline(always)]
+#[must_use]
+pub const fn src_filter_index(generation: u32, v6: bool, bit: u32) -> u32 {
+    ((generation & 1) * 2 + v6 as u32) * SRC_FILTER_WORDS + ((bit >> 6) & (SRC_FILTER_WORDS - 1))
+}
 
 /// Key of the per-source rate-limit buckets.
 #[repr(C)]
@@ -348,5 +374,20 @@ mod tests {
         assert_eq!(counter_index(1, AUDIT_SLOT), 2 * COUNTER_SLOTS - 1);
         assert_eq!(class_of(58), CLASS_ICMP);
         assert_eq!(class_of(47), CLASS_OTHER);
+        assert_eq!(src_filter_index(0, false, 0), 0);
+        assert_eq!(src_filter_index(0, true, 0), SRC_FILTER_WORDS);
+        assert_eq!(src_filter_index(1, true, 65_535), SRC_FILTER_ENTRIES - 1);
+    }
+
+    #[test]
+    fn the_source_prefilter_bit_is_an_ipv4_slash_16() {
+        assert_eq!(src_filter_bit(false, 0xc612_0000), 0xc612);
+        assert_eq!(src_filter_bit(false, 0xc612_ffff), 0xc612);
+        assert_ne!(src_filter_bit(false, 0xc613_0000), 0xc612);
+        // IPv6: within 16 bits, and spread (the /32s of one /16 do not share a bit).
+        let bits: std::collections::HashSet<u32> =
+            (0..1000).map(|i| src_filter_bit(true, 0x2001_0000 + i)).collect();
+        assert!(bits.iter().all(|b| *b < 65_536));
+        assert!(bits.len() > 990, "{} distinct bits for 1000 /32s", bits.len());
     }
 }

@@ -45,6 +45,9 @@ pub const FW_SRC_V4: &str = "FW_SRC_V4";
 pub const FW_SRC_V6: &str = "FW_SRC_V6";
 pub const FW_DST_V4: &str = "FW_DST_V4";
 pub const FW_DST_V6: &str = "FW_DST_V6";
+/// Array of u64 words by generation and family: the source prefilter (see
+/// [`crate::firewall::src_filter_bit`]).
+pub const FW_SRC_FILTER: &str = "FW_SRC_FILTER";
 /// Array of rule bits by generation, protocol class and destination port.
 pub const FW_PORTS: &str = "FW_PORTS";
 /// Per-CPU array of [`crate::Counter`] by generation and rule (then default and audit).
@@ -98,6 +101,7 @@ pub const PINNED: &[&str] = &[
     FW_SRC_V6,
     FW_DST_V4,
     FW_DST_V6,
+    FW_SRC_FILTER,
     FW_PORTS,
     FW_COUNTERS,
     FW_RATE,

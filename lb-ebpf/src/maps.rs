@@ -16,7 +16,7 @@ use lb_common::{
     conntrack::Flow,
     firewall::{
         Bucket, COUNTER_SLOTS, EVENTS_BYTES, FwEvent, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES,
-        MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
+        MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits, SRC_FILTER_ENTRIES,
     },
     maglev::DEFAULT_TABLE_SIZE,
     passthrough::{ListenerKey, MAX_LISTENERS, MAX_RELAYS, RelayKey},
@@ -106,6 +106,8 @@ pub static FW_SRC_V6: LpmTrie<FwV6, RuleBits, { MAX_PREFIXES as usize }> = LpmTr
 pub static FW_DST_V4: LpmTrie<FwV4, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
 #[btf_map]
 pub static FW_DST_V6: LpmTrie<FwV6, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static FW_SRC_FILTER: Array<u64, { SRC_FILTER_ENTRIES as usize }> = Array::new();
 #[btf_map]
 pub static FW_PORTS: Array<RuleBits, { PORTS_ENTRIES as usize }> = Array::new();
 #[btf_map]

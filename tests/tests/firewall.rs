@@ -16,7 +16,7 @@ use std::{
 
 use lb_common::{
     Action, Reason,
-    firewall::{AUDIT_SLOT, DEFAULT_SLOT},
+    firewall::{AUDIT_SLOT, DEFAULT_SLOT, META_SRC_FILTER, SRC_FILTER_WORDS, src_filter_bit},
     net::tcp_flags,
 };
 use lb_tests::{
@@ -335,6 +335,111 @@ ports = [80]
     ]);
     let _ = std::fs::remove_file(&file);
     listed.unwrap();
+}
+
+#[test]
+fn sources_no_prefix_covers_skip_the_trie_by_the_prefilter() {
+    // One /24 and one /48 blocked: the generation's prefilter has their two bits. Sources in
+    // another /16 (IPv4) or another /32 (IPv6) have clear bits and skip the trie: the rules
+    // that match any source still apply to them.
+    let block = r#"
+[firewall]
+[[firewall.rule]]
+name = "block"
+action = "deny"
+source = ["198.18.7.0/24", "fd00:7::/48"]
+[[firewall.rule]]
+name = "no-ssh"
+action = "deny"
+protocol = "tcp"
+ports = [22]
+"#;
+    let Some(mut fw) = Fw::new("sources_no_prefix_covers_skip_the_trie_by_the_prefilter", block)
+    else {
+        return;
+    };
+    let (v6_listed, v6_other) = (0xfd00_0007, 0xfd00_0008);
+    assert_ne!(src_filter_bit(true, v6_listed), src_filter_bit(true, v6_other));
+    let dst = [198, 18, 100, 1];
+    let cases = || {
+        vec![
+            deny("v4 listed", tcp4([198, 18, 7, 1], dst, 80, 0), Reason::FirewallDeny),
+            allow("v4 another /16", tcp4([198, 19, 7, 1], dst, 80, 0)),
+            deny("v4 another /16, ssh", tcp4([198, 19, 7, 1], dst, 22, 0), Reason::FirewallDeny),
+            deny("v6 listed", tcp6("fd00:7::1", "fd00::2", 80, 0), Reason::FirewallDeny),
+            allow("v6 another /32", tcp6("fd00:8::1", "fd00::2", 80, 0)),
+            deny("v6 another /32, ssh", tcp6("fd00:8::1", "fd00::2", 22, 0), Reason::FirewallDeny),
+        ]
+    };
+    fw.bed.check_all(&cases()).unwrap();
+    let generation = fw.firewall.active_generation().unwrap();
+    let words = SRC_FILTER_WORDS as usize;
+    let has = |fw: &Fw, v6: bool, top: u32| {
+        let filter = fw.bed.datapath.maps().firewall.src_filter(generation).unwrap();
+        let bit = src_filter_bit(v6, top);
+        filter[usize::from(v6) * words + (bit >> 6) as usize] & (1 << (bit & 63)) != 0
+    };
+    let ones = |fw: &Fw| {
+        let filter = fw.bed.datapath.maps().firewall.src_filter(generation).unwrap();
+        filter.iter().map(|w| w.count_ones()).sum::<u32>()
+    };
+    assert!(has(&fw, false, 0xc612_0000) && has(&fw, true, v6_listed));
+    assert_eq!(ones(&fw), 2);
+
+    // The data path reads it: with the IPv4 bit cleared by hand, the listed source is no
+    // longer looked up (and passes). An adopting daemon rewrites the prefilter from the trie.
+    let word = (src_filter_bit(false, 0xc612_0000) >> 6) as usize;
+    let maps = &mut fw.bed.datapath.maps_mut().firewall;
+    maps.set_src_filter_word(generation, word, 0).unwrap();
+    fw.bed.check_all(&[allow("bit cleared", tcp4([198, 18, 7, 1], dst, 80, 0))]).unwrap();
+    fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
+    fw.bed.check_all(&cases()).unwrap();
+
+    // In place: a prefix in a new /16 sets its bit with the trie entry; removed, both go.
+    let grown = block.replace("\"fd00:7::/48\"", "\"fd00:7::/48\", \"198.19.5.0/24\"");
+    assert!(!fw.install(&grown).switched);
+    assert!(has(&fw, false, 0xc613_0000));
+    fw.bed
+        .check_all(&[
+            deny("v4 added", tcp4([198, 19, 5, 1], dst, 80, 0), Reason::FirewallDeny),
+            allow("v4 beside it", tcp4([198, 19, 6, 1], dst, 80, 0)),
+        ])
+        .unwrap();
+    assert!(!fw.install(block).switched);
+    assert!(!has(&fw, false, 0xc613_0000));
+    assert_eq!(ones(&fw), 2);
+    fw.bed.check_all(&cases()).unwrap();
+
+    // An IPv6 prefix shorter than the /32 the bit is hashed from sets every IPv6 bit.
+    let wide = block.replace("\"fd00:7::/48\"", "\"fd00::/16\"");
+    assert!(!fw.install(&wide).switched);
+    assert_eq!(ones(&fw), 1 + 65_536);
+    fw.bed
+        .check_all(&[deny(
+            "v6 in the /16",
+            tcp6("fd00:8::1", "fd00::2", 80, 0),
+            Reason::FirewallDeny,
+        )])
+        .unwrap();
+    assert!(!fw.install(block).switched);
+
+    // A generation pinned by a daemon without the prefilter (flag clear, words zero) is
+    // looked up as before; the next install switches a generation with the prefilter in.
+    let maps = &mut fw.bed.datapath.maps_mut().firewall;
+    let mut meta = maps.meta(generation).unwrap();
+    meta.flags &= !META_SRC_FILTER;
+    maps.set_meta(generation, &meta).unwrap();
+    for i in 0..2 * words {
+        maps.set_src_filter_word(generation, i, 0).unwrap();
+    }
+    fw.bed.check_all(&cases()).unwrap();
+    fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
+    assert!(fw.install(block).switched, "the adopted generation has no prefilter");
+    let now = fw.firewall.active_generation().unwrap();
+    assert_ne!(now, generation);
+    let meta = fw.bed.datapath.maps().firewall.meta(now).unwrap();
+    assert_ne!(meta.flags & META_SRC_FILTER, 0);
+    fw.bed.check_all(&cases()).unwrap();
 }
 
 #[test]

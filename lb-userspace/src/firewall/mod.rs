@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use lb_common::firewall::{
     ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
     CLASSES, FwMeta, FwRule, LOG_EVENTS_PER_SECOND, MAX_RULES, META_AUDIT, META_DEFAULT_DENY,
-    META_HAS_DST, META_NO_SRC, RULE_LOG, RuleBits, TOKEN,
+    META_HAS_DST, META_NO_SRC, META_SRC_FILTER, RULE_LOG, RuleBits, TOKEN,
 };
 use tracing::info;
 
@@ -238,6 +238,8 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
     if src_entries.is_empty() {
         out.meta.flags |= META_NO_SRC;
     }
+    // Installing writes the source prefilter with the tries (`write_tries`).
+    out.meta.flags |= META_SRC_FILTER;
     if config.default == Policy::Deny {
         out.meta.flags |= META_DEFAULT_DENY;
     }
@@ -340,7 +342,12 @@ impl Firewall {
         write_generation(maps, inactive, &empty, &found)?;
         fw.held[inactive as usize] = Some(empty);
         if enabled {
-            fw.held[active as usize] = Some(Self::read_back(maps, active)?);
+            let current = Self::read_back(maps, active)?;
+            // The prefilter is rewritten from the trie as read (the tries are not changing):
+            // an older daemon may have changed them in place without it.
+            let mut held = maps.src_filter(active)?;
+            write_src_filter(maps, active, &mut held, &prefix::src_filter(current.sources.keys()))?;
+            fw.held[active as usize] = Some(current);
         } else {
             write_generation(maps, active, &Compiled::empty(), &Self::read_back(maps, active)?)?;
             fw.held[active as usize] = Some(Compiled::empty());
@@ -476,13 +483,19 @@ fn write_generation(
 }
 
 /// Updates a generation's tries from `old` to `new`: removals of prefixes gone, writes of
-/// prefixes new or changed.
+/// prefixes new or changed. The source prefilter covers every prefix the trie holds at every
+/// moment (the data path may be reading it): it covers both lists before the trie changes,
+/// and only the new one after (also when a write fails half-way: it still covers both).
 fn write_tries(
     maps: &mut FirewallMaps,
     generation: u32,
     new: &Compiled,
     old: &Compiled,
 ) -> Result<(usize, usize), MapError> {
+    let wanted = prefix::src_filter(new.sources.keys());
+    let mut held = maps.src_filter(generation)?;
+    let both: Vec<u64> = held.iter().zip(&wanted).map(|(h, w)| h | w).collect();
+    write_src_filter(maps, generation, &mut held, &both)?;
     let (mut written, mut removed) = (0, 0);
     for direction in [Direction::Source, Direction::Destination] {
         let (n, o) = (new.tries(direction), old.tries(direction));
@@ -497,7 +510,25 @@ fn write_tries(
             removed += 1;
         }
     }
+    write_src_filter(maps, generation, &mut held, &wanted)?;
     Ok((written, removed))
+}
+
+/// Brings a generation's source prefilter from what the map holds (`held`, kept up to date)
+/// to `wanted`, writing the words that differ.
+fn write_src_filter(
+    maps: &mut FirewallMaps,
+    generation: u32,
+    held: &mut [u64],
+    wanted: &[u64],
+) -> Result<(), MapError> {
+    for (i, (h, w)) in held.iter_mut().zip(wanted).enumerate() {
+        if h != w {
+            maps.set_src_filter_word(generation, i, *w)?;
+            *h = *w;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -546,12 +577,12 @@ icmp_types = [8, 128]
         assert_eq!(out.meta.any_src, 0b1110);
         assert_eq!(out.meta.any_dst, 0b1011);
         assert_eq!(out.meta.flag_rules, 0b0100);
-        assert_eq!(out.meta.flags, META_DEFAULT_DENY | META_HAS_DST);
+        assert_eq!(out.meta.flags, META_DEFAULT_DENY | META_HAS_DST | META_SRC_FILTER);
         // Without sources anywhere the data path skips the source lookup.
         let ports_only =
             "[firewall]\n[[firewall.rule]]\nname = \"a\"\naction = \"deny\"\nports = [23]\n";
         let by_port = compile(&config(ports_only), 250).unwrap();
-        assert_eq!(by_port.meta.flags, META_NO_SRC);
+        assert_eq!(by_port.meta.flags, META_NO_SRC | META_SRC_FILTER);
         assert!(by_port.sources.is_empty());
         assert_eq!(out.sources[&Prefix::parse("198.18.0.0/24").unwrap()], 0b1111);
         assert_eq!(out.destinations[&Prefix::parse("198.18.100.0/24").unwrap()], 0b1111);

@@ -1,9 +1,10 @@
-//! Prefixes: parsing (inline lists and files of a million lines) and the propagation that
-//! makes a longest-prefix match return every rule that covers an address.
+//! Prefixes: parsing (inline lists and files of a million lines), the propagation that
+//! makes a longest-prefix match return every rule that covers an address, and the source
+//! prefilter that lets most addresses skip the match.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::firewall::RuleBits;
+use lb_common::firewall::{RuleBits, SRC_FILTER_WORDS, src_filter_bit};
 
 pub use crate::maps::firewall::Prefix;
 
@@ -109,6 +110,39 @@ pub fn propagate(entries: &[(Prefix, RuleBits)], any: RuleBits) -> BTreeMap<Pref
     out
 }
 
+/// The source prefilter of `prefixes`, as `FW_SRC_FILTER` holds a generation's (the IPv4
+/// words, then the IPv6 words): the bit of every address a prefix covers is set (see
+/// `lb_common::firewall::src_filter_bit`).
+#[must_use]
+pub fn src_filter<'a>(prefixes: impl IntoIterator<Item = &'a Prefix>) -> Vec<u64> {
+    let words = SRC_FILTER_WORDS as usize;
+    let mut out = vec![0u64; 2 * words];
+    let mut v6_all = false;
+    let mut set = |v6: bool, bit: u32| {
+        out[usize::from(v6) * words + (bit >> 6) as usize] |= 1 << (bit & 63);
+    };
+    for prefix in prefixes {
+        match *prefix {
+            Prefix::V4 { addr, len } => {
+                // The /16 of a longer prefix; each of the 2^(16 - len) /16s of a shorter one.
+                let first = src_filter_bit(false, addr);
+                for bit in first..first + (1 << 16u8.saturating_sub(len)) {
+                    set(false, bit);
+                }
+            }
+            Prefix::V6 { addr, len } if len >= 32 => {
+                set(true, src_filter_bit(true, (addr >> 96) as u32));
+            }
+            // Shorter than the /32 the bit is hashed from: it may cover any bit.
+            Prefix::V6 { .. } => v6_all = true,
+        }
+    }
+    if v6_all {
+        out[words..].fill(u64::MAX);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +184,33 @@ mod tests {
         assert_eq!(t[&p("198.19.0.0/16")], 0b1101, "a sibling subtree: the /15 covers it");
         assert_eq!(t[&p("203.0.113.0/24")], 0b1100, "nothing covers it but `any`");
         assert_eq!(t[&p("fd00::/8")], 0b1001, "families never cover each other");
+    }
+
+    #[test]
+    fn the_source_prefilter_covers_every_address_of_every_prefix() {
+        let has = |filter: &[u64], v6: bool, top: u32| {
+            let bit = src_filter_bit(v6, top);
+            let word = usize::from(v6) * SRC_FILTER_WORDS as usize + (bit >> 6) as usize;
+            filter[word] & (1 << (bit & 63)) != 0
+        };
+        let ones = |filter: &[u64]| filter.iter().map(|w| w.count_ones()).sum::<u32>();
+        let f = src_filter(&[p("198.18.7.0/24"), p("fd00:1::/48")]);
+        assert!(has(&f, false, 0xc612_0000) && has(&f, false, 0xc612_ffff));
+        assert!(!has(&f, false, 0xc613_0000), "another /16");
+        assert!(has(&f, true, 0xfd00_0001));
+        assert_eq!(ones(&f), 2);
+        // Shorter than a /16: every /16 it covers, and no other.
+        let f = src_filter(&[p("198.18.0.0/15"), p("10.0.0.0/8")]);
+        assert!(has(&f, false, 0xc612_0000) && has(&f, false, 0xc613_0000));
+        assert!(has(&f, false, 0x0a00_0000) && has(&f, false, 0x0aff_ffff));
+        assert!(!has(&f, false, 0x0b00_0000) && !has(&f, false, 0x09ff_ffff));
+        assert_eq!(ones(&f), 2 + 256);
+        assert_eq!(ones(&src_filter(&[p("0.0.0.0/0")])), 65_536);
+        // IPv6 shorter than a /32: every IPv6 bit (the bit is a hash of the /32).
+        let f = src_filter(&[p("fd00::/16")]);
+        assert_eq!(ones(&f[..SRC_FILTER_WORDS as usize]), 0);
+        assert_eq!(ones(&f[SRC_FILTER_WORDS as usize..]), 65_536);
+        assert_eq!(ones(&src_filter(&[])), 0);
     }
 
     #[test]

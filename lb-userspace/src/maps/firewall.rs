@@ -9,7 +9,7 @@ use lb_common::{
     Counter,
     firewall::{
         ACTIVE_ENABLED, ACTIVE_GENERATION, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6,
-        GENERATION_BITS, MAX_RULES, RuleBits, counter_index,
+        GENERATION_BITS, MAX_RULES, RuleBits, SRC_FILTER_WORDS, counter_index,
     },
     maps,
 };
@@ -39,6 +39,7 @@ pub struct FirewallMaps {
     src_v6: LpmTrie<MapData, FwV6, RuleBits>,
     dst_v4: LpmTrie<MapData, FwV4, RuleBits>,
     dst_v6: LpmTrie<MapData, FwV6, RuleBits>,
+    src_filter: Array<MapData, u64>,
     ports: Array<MapData, RuleBits>,
     counters: PerCpuArray<MapData, Counter>,
 }
@@ -67,6 +68,7 @@ impl FirewallMaps {
         src_v6: Map,
         dst_v4: Map,
         dst_v6: Map,
+        src_filter: Map,
         ports: Map,
         counters: Map,
     ) -> Result<Self, MapError> {
@@ -78,6 +80,7 @@ impl FirewallMaps {
             src_v6: typed(maps::FW_SRC_V6, src_v6)?,
             dst_v4: typed(maps::FW_DST_V4, dst_v4)?,
             dst_v6: typed(maps::FW_DST_V6, dst_v6)?,
+            src_filter: typed(maps::FW_SRC_FILTER, src_filter)?,
             ports: typed(maps::FW_PORTS, ports)?,
             counters: typed(maps::FW_COUNTERS, counters)?,
         })
@@ -124,6 +127,28 @@ impl FirewallMaps {
 
     pub fn set_port_bits(&mut self, index: u32, bits: RuleBits) -> Result<(), MapError> {
         self.ports.set(index, bits, 0).map_err(update(maps::FW_PORTS))
+    }
+
+    /// A generation's source prefilter as the maps hold it: the IPv4 words, then the IPv6
+    /// words (see `lb_common::firewall::src_filter_bit`).
+    pub fn src_filter(&self, generation: u32) -> Result<Vec<u64>, MapError> {
+        let base = (generation & 1) * 2 * SRC_FILTER_WORDS;
+        (base..base + 2 * SRC_FILTER_WORDS)
+            .map(|i| self.src_filter.get(&i, 0).map_err(access(maps::FW_SRC_FILTER)))
+            .collect()
+    }
+
+    /// Writes word `index` of a generation's source prefilter (laid out as
+    /// [`Self::src_filter`] returns it).
+    pub fn set_src_filter_word(
+        &mut self,
+        generation: u32,
+        index: usize,
+        word: u64,
+    ) -> Result<(), MapError> {
+        let i = (generation & 1) * 2 * SRC_FILTER_WORDS
+            + u32::try_from(index).unwrap_or(u32::MAX).min(2 * SRC_FILTER_WORDS - 1);
+        self.src_filter.set(i, word, 0).map_err(update(maps::FW_SRC_FILTER))
     }
 
     /// Writes one prefix's rule bits in a generation's trie.

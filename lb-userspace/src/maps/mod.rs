@@ -105,6 +105,7 @@ impl Maps {
                 take(ebpf, lb_common::maps::FW_SRC_V6)?,
                 take(ebpf, lb_common::maps::FW_DST_V4)?,
                 take(ebpf, lb_common::maps::FW_DST_V6)?,
+                take(ebpf, lb_common::maps::FW_SRC_FILTER)?,
                 take(ebpf, lb_common::maps::FW_PORTS)?,
                 take(ebpf, lb_common::maps::FW_COUNTERS)?,
             )?,

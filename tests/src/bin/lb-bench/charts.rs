@@ -52,12 +52,19 @@ pub fn draw(dir: &Path, run: &Value) -> anyhow::Result<Vec<PathBuf>> {
         file: "firewall-prefixes.png",
         title: title("Firewall, ns per packet matching nothing"),
         ylabel: "ns per packet",
-        series: vec!["firewall on", "firewall off (alternating)"],
+        series: vec![
+            "firewall on, unlisted /16",
+            "firewall on, listed /16",
+            "firewall off (alternating)",
+        ],
         rows: rows(&fw["rows"])
             .iter()
             .map(|r| {
                 let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
-                (format!("{} prefixes", r["prefixes"]), vec![n("median_ns"), n("off_median_ns")])
+                (
+                    format!("{} prefixes", r["prefixes"]),
+                    vec![n("median_ns"), n("listed_median_ns"), n("off_median_ns")],
+                )
             })
             .collect(),
     });

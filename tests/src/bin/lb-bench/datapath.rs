@@ -370,7 +370,9 @@ fn compare(
 /// The firewall with 0, 10,000 and 1,000,000 source prefixes (half IPv4, half IPv6, in one
 /// deny rule) on a packet that matches none of them and is not for a service, next to the
 /// same packet with the firewall off and the empty program (the floor), all in this run; and
-/// how long each prefix set took to compile and load.
+/// how long each prefix set took to compile and load. Two sources: one in a /16 no prefix
+/// touches (the source prefilter skips the trie) and one in a /16 a listed prefix is in,
+/// outside every prefix (looked up).
 fn firewall_bench(
     datapath: &mut Datapath,
     repeat: u32,
@@ -388,9 +390,11 @@ fn firewall_bench(
     let hz = datapath.ticks_per_second()?;
     let mut fw = Firewall::fresh();
     let mut table = format!(
-        "{:<34} {:>9} {:>10} {:>12} {:>14}\n{:<34} {:>9}\n{:<34} {:>9} {:>10}\n",
+        "{:<34} {:>9} {:>10} {:>11} {:>10} {:>12} {:>14}\n{:<34} {:>9}\n{:<34} {:>9} {:>10}\n",
         "firewall (ns/packet, no match)",
         "median",
+        "vs off*",
+        "listed /16",
         "vs off*",
         "load (s)",
         "prefixes",
@@ -406,6 +410,7 @@ fn firewall_bench(
         let mut text = String::with_capacity(count * 32);
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut seen = std::collections::HashSet::new();
+        let mut v4 = Vec::new();
         while seen.len() < count {
             x ^= x << 13;
             x ^= x >> 7;
@@ -422,8 +427,19 @@ fn firewall_bench(
             let prefix = firewall::Prefix::parse(&line).map_err(anyhow::Error::msg)?;
             if seen.insert(prefix) {
                 let _ = writeln!(text, "{prefix}");
+                if let firewall::Prefix::V4 { addr, .. } = prefix {
+                    v4.push(addr);
+                }
             }
         }
+        let listed = listed_not_covered(&seen, &v4).map(|src| {
+            self::frame(
+                IpAddr::V4(src),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1)),
+                40_000,
+                tcp_flags::ACK,
+            )
+        });
         std::fs::write(&path, &text)?;
         // No prefixes: a rule by port alone, which skips the source lookup.
         let toml = format!(
@@ -441,30 +457,40 @@ fn firewall_bench(
         fw.install(&mut datapath.maps_mut().firewall, Some(&compiled))?;
         let load = started.elapsed().as_secs_f64();
         // Off and on alternate run by run, so drift on a shared machine hits both alike.
-        let (mut on_ns, mut off_ns) = (Vec::new(), Vec::new());
+        let (mut on_ns, mut off_ns, mut listed_ns) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             fw.install(&mut datapath.maps_mut().firewall, None)?;
             off_ns.push(measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, 1, None)?.0);
             fw.install(&mut datapath.maps_mut().firewall, Some(&compiled))?;
             on_ns.push(measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, 1, None)?.0);
+            if let Some(listed) = &listed {
+                let ns = measure(datapath, BENCH_INGRESS, listed, Action::Pass, repeat, 1, None)?.0;
+                listed_ns.push(ns);
+            }
         }
         let median = |v: &mut Vec<u64>| {
             v.sort_unstable();
-            v[v.len() / 2]
+            v.get(v.len() / 2).copied()
         };
-        let (ns, off_here) = (median(&mut on_ns), median(&mut off_ns));
+        let (ns, off_here) = (median(&mut on_ns).unwrap_or(0), median(&mut off_ns).unwrap_or(0));
+        let listed_median = median(&mut listed_ns);
+        let vs_off =
+            |ns: u64| i64::try_from(ns).unwrap_or(0) - i64::try_from(off_here).unwrap_or(0);
         let prefixes = compiled.sources.len();
         let _ = writeln!(
             table,
-            "{:<34} {:>9} {:>+10} {:>12.2} {:>14}",
+            "{:<34} {:>9} {:>+10} {:>11} {:>10} {:>12.2} {:>14}",
             format!("firewall, {count} prefixes"),
             ns,
-            i64::try_from(ns).unwrap_or(0) - i64::try_from(off_here).unwrap_or(0),
+            vs_off(ns),
+            listed_median.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            listed_median.map_or_else(|| "-".to_owned(), |n| format!("{:+}", vs_off(n))),
             load,
             prefixes
         );
         rows.push(serde_json::json!({
-            "prefixes": prefixes, "median_ns": ns, "off_median_ns": off_here, "load_secs": load
+            "prefixes": prefixes, "median_ns": ns, "off_median_ns": off_here,
+            "listed_median_ns": listed_median, "load_secs": load
         }));
     }
     fw.install(&mut datapath.maps_mut().firewall, None)?;
@@ -473,6 +499,21 @@ fn firewall_bench(
         "\nFirewall, {repeat} repetitions per run, median of {rounds} runs:\n\n{table}\n* against the firewall off, measured alternately with it in the same runs"
     );
     Ok(serde_json::json!({ "floor_ns": floor, "off_ns": off, "rows": rows }))
+}
+
+/// An IPv4 source in the /16 of a listed prefix (`v4`: their addresses) that no prefix in
+/// `prefixes` covers, so that its packet is looked up in the trie and matches nothing.
+fn listed_not_covered(
+    prefixes: &std::collections::HashSet<lb_userspace::firewall::Prefix>,
+    v4: &[u32],
+) -> Option<Ipv4Addr> {
+    use lb_userspace::firewall::Prefix;
+    let first = *v4.first()?;
+    (0..=u16::MAX).map(|low| (first & 0xffff_0000) | u32::from(low)).find_map(|addr| {
+        let host = Prefix::V4 { addr, len: 32 };
+        let covered = prefixes.iter().any(|p| p.contains(&host));
+        (!covered).then_some(Ipv4Addr::from_bits(addr))
+    })
 }
 
 /// The timed paths, each with its floor and expected verdict.

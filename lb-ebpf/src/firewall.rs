@@ -66,7 +66,8 @@ fn try_filter(
     let Some(meta) = FW_META.get(generation) else { return Ok(()) };
     let bytes = stats::frame_len(ctx);
     // Rules by port or protocol alone (no source prefixes anywhere), or a source no prefix
-    // covers by the prefilter: no trie lookup, the dearest step here (~30 ns).
+    // covers by the prefilter: no trie lookup, the dearest step here (30 to 150 ns with
+    // the trie's depth at the address).
     let src = if meta.flags & META_NO_SRC != 0 || !may_have_source(packet, generation, meta.flags) {
         meta.any_src
     } else {

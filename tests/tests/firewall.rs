@@ -52,8 +52,7 @@ impl Fw {
     }
 
     fn install(&mut self, toml: &str) -> InstallSummary {
-        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
-        let compiled = firewall::compile(config.firewall.as_ref().unwrap(), self.hz).unwrap();
+        let compiled = compile(toml, self.hz);
         self.firewall.install(&mut self.bed.datapath.maps_mut().firewall, Some(&compiled)).unwrap()
     }
 
@@ -62,6 +61,11 @@ impl Fw {
         let generation = self.firewall.active_generation().unwrap();
         self.bed.datapath.maps().firewall.counter(generation, slot).unwrap().packets
     }
+}
+
+fn compile(toml: &str, hz: u64) -> firewall::Compiled {
+    let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+    firewall::compile(config.firewall.as_ref().unwrap(), hz).unwrap()
 }
 
 fn deny(description: &str, input: Vec<u8>, reason: Reason) -> Case {
@@ -410,8 +414,29 @@ ports = [22]
     assert_eq!(ones(&fw), 2);
     fw.bed.check_all(&cases()).unwrap();
 
-    // An IPv6 prefix shorter than the /32 the bit is hashed from sets every IPv6 bit.
-    let wide = block.replace("\"fd00:7::/48\"", "\"fd00::/16\"");
+    // An update failing half-way (the kernel refuses a prefix longer than the family's,
+    // written after a good one) leaves the good one in the trie: its bit was set before.
+    let mut broken = compile(&grown, fw.hz);
+    let bad = firewall::Prefix::V4 { addr: 0xc613_0600, len: 40 };
+    broken.sources.insert(bad, 1);
+    let maps = &mut fw.bed.datapath.maps_mut().firewall;
+    assert!(fw.firewall.install(maps, Some(&broken)).is_err());
+    assert!(has(&fw, false, 0xc613_0000));
+    fw.bed
+        .check_all(&[deny(
+            "v4 written before the failure",
+            tcp4([198, 19, 5, 1], dst, 80, 0),
+            Reason::FirewallDeny,
+        )])
+        .unwrap();
+    assert!(!fw.install(block).switched, "the trie as read back after the failure");
+    let trie = fw.bed.datapath.maps().firewall.prefixes(Direction::Source, generation).unwrap();
+    assert_eq!(trie.len(), 2, "what the failed update wrote is removed: {trie:?}");
+    assert_eq!(ones(&fw), 2);
+    fw.bed.check_all(&cases()).unwrap();
+
+    // An IPv6 prefix shorter than a /16 sets every IPv6 bit.
+    let wide = block.replace("\"fd00:7::/48\"", "\"fd00::/15\"");
     assert!(!fw.install(&wide).switched);
     assert_eq!(ones(&fw), 1 + 65_536);
     fw.bed
@@ -439,6 +464,7 @@ ports = [22]
     assert_ne!(now, generation);
     let meta = fw.bed.datapath.maps().firewall.meta(now).unwrap();
     assert_ne!(meta.flags & META_SRC_FILTER, 0);
+    assert_eq!(ones(&fw), 0, "the old generation's prefilter is cleared with it");
     fw.bed.check_all(&cases()).unwrap();
 }
 

@@ -343,8 +343,8 @@ impl Firewall {
         fw.held[inactive as usize] = Some(empty);
         if enabled {
             let current = Self::read_back(maps, active)?;
-            // The prefilter is rewritten from the trie as read (the tries are not changing):
-            // an older daemon may have changed them in place without it.
+            // The prefilter is rewritten from the trie as read (the tries are not changing),
+            // exact again after a crash mid-update (a superset then) or a lost pin.
             let mut held = maps.src_filter(active)?;
             write_src_filter(maps, active, &mut held, &prefix::src_filter(current.sources.keys()))?;
             fw.held[active as usize] = Some(current);
@@ -395,8 +395,16 @@ impl Firewall {
         if self.enabled
             && let Some(current) = self.held[active].as_ref().filter(|c| c.same_rules(new))
         {
-            // Only prefixes changed: in place, in the active generation.
-            let (w, r) = write_tries(maps, self.active, new, current)?;
+            // Only prefixes changed: in place, in the active generation. A failure part-way
+            // leaves some of the changes in: what the trie holds is read back (or, if that
+            // fails too, read again when next needed).
+            let (w, r) = match write_tries(maps, self.active, new, current) {
+                Ok(counts) => counts,
+                Err(error) => {
+                    self.held[active] = Self::read_back(maps, self.active).ok();
+                    return Err(error);
+                }
+            };
             (summary.prefixes_written, summary.prefixes_removed) = (w, r);
             self.held[active] = Some(new.clone());
             return Ok(summary);
@@ -419,9 +427,11 @@ impl Firewall {
         // The old generation is no longer read by new packets: clear it to free its memory.
         if was_enabled && previous != target {
             let empty = Compiled::empty();
-            if let Some(old) = self.held[previous as usize].take() {
-                write_generation(maps, previous, &empty, &old)?;
-            }
+            let old = match self.held[previous as usize].take() {
+                Some(old) => old,
+                None => Self::read_back(maps, previous)?,
+            };
+            write_generation(maps, previous, &empty, &old)?;
             self.held[previous as usize] = Some(empty);
         }
         info!(

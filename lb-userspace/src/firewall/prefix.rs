@@ -130,10 +130,15 @@ pub fn src_filter<'a>(prefixes: impl IntoIterator<Item = &'a Prefix>) -> Vec<u64
                     set(false, bit);
                 }
             }
-            Prefix::V6 { addr, len } if len >= 32 => {
-                set(true, src_filter_bit(true, (addr >> 96) as u32));
+            // The hashed bit of each /32 the prefix covers: one for a /32 or longer, eight
+            // for a /29, up to 65,536 for a /16.
+            Prefix::V6 { addr, len } if len >= 16 => {
+                let first = (addr >> 96) as u32;
+                for top in first..=first + ((1u32 << 32u8.saturating_sub(len)) - 1) {
+                    set(true, src_filter_bit(true, top));
+                }
             }
-            // Shorter than the /32 the bit is hashed from: it may cover any bit.
+            // Shorter: every bit (setting them one /32 at a time would take longer).
             Prefix::V6 { .. } => v6_all = true,
         }
     }
@@ -206,8 +211,13 @@ mod tests {
         assert!(!has(&f, false, 0x0b00_0000) && !has(&f, false, 0x09ff_ffff));
         assert_eq!(ones(&f), 2 + 256);
         assert_eq!(ones(&src_filter(&[p("0.0.0.0/0")])), 65_536);
-        // IPv6 shorter than a /32: every IPv6 bit (the bit is a hash of the /32).
+        // IPv6 shorter than a /32: the bit of each /32 in it, down to a /16; every bit below.
+        let f = src_filter(&[p("fd00:10::/29")]);
+        assert!((0..8).all(|i| has(&f, true, 0xfd00_0010 + i)));
+        assert!((1..=8).contains(&ones(&f)));
         let f = src_filter(&[p("fd00::/16")]);
+        assert!(has(&f, true, 0xfd00_0000) && has(&f, true, 0xfd00_ffff));
+        let f = src_filter(&[p("fd00::/15")]);
         assert_eq!(ones(&f[..SRC_FILTER_WORDS as usize]), 0);
         assert_eq!(ones(&f[SRC_FILTER_WORDS as usize..]), 65_536);
         assert_eq!(ones(&src_filter(&[])), 0);

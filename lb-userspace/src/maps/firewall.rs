@@ -146,8 +146,13 @@ impl FirewallMaps {
         index: usize,
         word: u64,
     ) -> Result<(), MapError> {
-        let i = (generation & 1) * 2 * SRC_FILTER_WORDS
-            + u32::try_from(index).unwrap_or(u32::MAX).min(2 * SRC_FILTER_WORDS - 1);
+        let words = 2 * SRC_FILTER_WORDS;
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        if index >= words {
+            let source = aya::maps::MapError::OutOfBounds { index, max_entries: words };
+            return Err(MapError::Update { name: maps::FW_SRC_FILTER, source });
+        }
+        let i = (generation & 1) * words + index;
         self.src_filter.set(i, word, 0).map_err(update(maps::FW_SRC_FILTER))
     }
 

@@ -61,9 +61,11 @@ pub fn draw(dir: &Path, run: &Value) -> anyhow::Result<Vec<PathBuf>> {
             .iter()
             .map(|r| {
                 let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
+                // No listed source without prefixes: NaN, which gnuplot leaves out.
+                let listed = r["listed_median_ns"].as_f64().unwrap_or(f64::NAN);
                 (
                     format!("{} prefixes", r["prefixes"]),
-                    vec![n("median_ns"), n("listed_median_ns"), n("off_median_ns")],
+                    vec![n("median_ns"), listed, n("off_median_ns")],
                 )
             })
             .collect(),

@@ -529,6 +529,31 @@ pub fn bench_conntrack_insert(ctx: XdpContext) -> u32 {
     })
 }
 
+/// Bench only: parsing and the connection-table lookup of the packet's flow, nothing else
+/// (no firewall, decision, rewrite, counter or transmission): the least an established
+/// packet can cost with this parser and table, to read the established rows against.
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_conntrack_lookup(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |ctx| {
+        let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: a per-CPU map value, used by this program run alone.
+        let packet = unsafe { &mut (*scratch).packet };
+        if parse::parse_packet(ctx, packet).into_status().is_err() {
+            return xdp_action::XDP_ABORTED;
+        }
+        match maps::CONNTRACK.get_ptr(packet.flow_key()) {
+            Some(_) => xdp_action::XDP_PASS,
+            None => xdp_action::XDP_ABORTED,
+        }
+    })
+}
+
 /// The data path's clock for the daemon: writes `bpf_jiffies64` to the frame's first eight
 /// bytes (run through `BPF_PROG_TEST_RUN`; never attached).
 #[xdp]

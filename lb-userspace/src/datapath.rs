@@ -34,6 +34,7 @@ pub const BENCH_FLOOR: &str = "bench_floor";
 pub const BENCH_NEW_FLOW: &str = "bench_new_flow";
 pub const BENCH_NEW_FLOW_FLOOR: &str = "bench_new_flow_floor";
 pub const BENCH_CONNTRACK_INSERT: &str = "bench_conntrack_insert";
+pub const BENCH_CONNTRACK_LOOKUP: &str = "bench_conntrack_lookup";
 pub const BENCH_REOPEN: &str = "bench_reopen";
 pub const BENCH_REOPEN_FLOOR: &str = "bench_reopen_floor";
 

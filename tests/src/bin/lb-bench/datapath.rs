@@ -24,8 +24,8 @@ use lb_tests::{netns::Netns, packet::Packet};
 use lb_userspace::{
     Balancer, Config, Datapath,
     datapath::{
-        BENCH_CONNTRACK_INSERT, BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW, BENCH_NEW_FLOW_FLOOR,
-        BENCH_REOPEN, BENCH_REOPEN_FLOOR, LAB_PEER_PROGRAM, LoadOptions,
+        BENCH_CONNTRACK_INSERT, BENCH_CONNTRACK_LOOKUP, BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW,
+        BENCH_NEW_FLOW_FLOOR, BENCH_REOPEN, BENCH_REOPEN_FLOOR, LAB_PEER_PROGRAM, LoadOptions,
     },
     nexthop::StaticResolver,
 };
@@ -279,7 +279,10 @@ fn prepare(
     if let Some(key) = &s.reopen {
         datapath.set_bench_reopen(key)?;
     }
-    if s.warmup {
+    if s.warmup && s.program == BENCH_CONNTRACK_LOOKUP {
+        // The lookup alone opens nothing: the data path opens the flow it finds.
+        run_once(datapath, BENCH_INGRESS, &s.frame, Action::Tx)?;
+    } else if s.warmup {
         run_once(datapath, s.program, &s.frame, s.verdict)?;
     }
     Ok(if s.new_flows {
@@ -589,6 +592,16 @@ fn scenarios() -> Vec<Scenario> {
             reopen: None,
         },
         Scenario {
+            name: "parse + conntrack lookup",
+            program: BENCH_CONNTRACK_LOOKUP,
+            floor: BENCH_FLOOR,
+            frame: frame(c4, v4(2), 40_001, ack),
+            verdict: Action::Pass,
+            new_flows: false,
+            warmup: true,
+            reopen: None,
+        },
+        Scenario {
             name: "conntrack insert alone",
             program: BENCH_CONNTRACK_INSERT,
             floor: BENCH_NEW_FLOW_FLOOR,
@@ -714,6 +727,7 @@ fn measure(
         BENCH_REOPEN_FLOOR,
         LAB_PEER_PROGRAM,
         BENCH_CONNTRACK_INSERT,
+        BENCH_CONNTRACK_LOOKUP,
     ]
     .contains(&program);
     if program == BENCH_CONNTRACK_INSERT {

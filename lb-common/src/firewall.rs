@@ -174,26 +174,66 @@ unsafe impl aya::Pod for FwV6 {}
 /// Bits of the generation in an LPM key's prefix length.
 pub const GENERATION_BITS: u32 = 32;
 
-/// Words of one family's source prefilter (65,536 bits).
-pub const SRC_FILTER_WORDS: u32 = 1024;
-/// `FW_SRC_FILTER` entries: a prefilter per generation and family.
-pub const SRC_FILTER_ENTRIES: u32 = 2 * 2 * SRC_FILTER_WORDS;
+/// The source prefilter: a bitmap per generation in which every source prefix of the
+/// generation has the bits of all the addresses it covers set (a superset: a set bit only
+/// means "look the trie up"), so a clear bit proves the trie holds nothing for an address.
+/// Three parts, by an address's first 32 bits: an IPv4 address has a bit for its /16 (8 KiB
+/// of bits, which stay in cache) and, when that is set, one for its /24 (2 MiB); an IPv6
+/// address has a hashed bit for its /32. These are the parts' first bits.
+pub const FILTER_V4_16: u32 = 0;
+pub const FILTER_V6_32: u32 = 1 << 16;
+pub const FILTER_V4_24: u32 = 1 << 17;
+/// Bits of a generation's prefilter.
+pub const SRC_FILTER_BITS: u32 = FILTER_V4_24 + (1 << 24);
+/// Bits of one `FW_SRC_FILTER` element ([`FilterChunk`]).
+pub const FILTER_CHUNK_BITS: u32 = 64 * 64;
+/// `FW_SRC_FILTER` elements of a generation.
+pub const SRC_FILTER_CHUNKS: u32 = SRC_FILTER_BITS / FILTER_CHUNK_BITS;
+/// `FW_SRC_FILTER` entries: two generations.
+pub const SRC_FILTER_ENTRIES: u32 = 2 * SRC_FILTER_CHUNKS;
 
-/// The source prefilter's bit of an address, from its first 32 bits (`top`, host order): an
-/// IPv4 address's /16, a hash of an IPv6 address's /32. Every source prefix of a generation
-/// has the bits of all the addresses it covers set (a superset: a set bit only means "look
-/// the trie up"), so a clear bit proves the trie holds nothing for the address.
+/// One element of `FW_SRC_FILTER`: 4,096 bits of a generation's prefilter, bit `b` in word
+/// `b / 64 % 64` at `b % 64` (elements of words keep the daemon's writes few).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterChunk {
+    pub words: [u64; 64],
+}
+impl Default for FilterChunk {
+    fn default() -> Self {
+        Self { words: [0; 64] }
+    }
+}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no padding.
+unsafe impl aya::Pod for FilterChunk {}
+
+/// The prefilter bit of an IPv4 address's /16 (`top`: the address, host order).
 #[inline(always)]
 #[must_use]
-pub const fn src_filter_bit(v6: bool, top: u32) -> u32 {
-    if v6 { top.wrapping_mul(0x9e37_79b1) >> 16 } else { top >> 16 }
+pub const fn filter_v4_16(top: u32) -> u32 {
+    FILTER_V4_16 + (top >> 16)
 }
 
-/// Index in `FW_SRC_FILTER` of the word holding `bit` of a generation's family.
+/// The prefilter bit of an IPv4 address's /24.
 #[inline(always)]
 #[must_use]
-pub const fn src_filter_index(generation: u32, v6: bool, bit: u32) -> u32 {
-    ((generation & 1) * 2 + v6 as u32) * SRC_FILTER_WORDS + ((bit >> 6) & (SRC_FILTER_WORDS - 1))
+pub const fn filter_v4_24(top: u32) -> u32 {
+    FILTER_V4_24 + (top >> 8)
+}
+
+/// The prefilter bit of an IPv6 address's /32 (`top`: its first 32 bits, host order), hashed.
+#[inline(always)]
+#[must_use]
+pub const fn filter_v6_32(top: u32) -> u32 {
+    FILTER_V6_32 + (top.wrapping_mul(0x9e37_79b1) >> 16)
+}
+
+/// Index in `FW_SRC_FILTER` of the element holding prefilter bit `bit` of a generation.
+#[inline(always)]
+#[must_use]
+pub const fn filter_chunk(generation: u32, bit: u32) -> u32 {
+    (generation & 1) * SRC_FILTER_CHUNKS + bit / FILTER_CHUNK_BITS
 }
 
 /// Key of the per-source rate-limit buckets.
@@ -374,20 +414,25 @@ mod tests {
         assert_eq!(counter_index(1, AUDIT_SLOT), 2 * COUNTER_SLOTS - 1);
         assert_eq!(class_of(58), CLASS_ICMP);
         assert_eq!(class_of(47), CLASS_OTHER);
-        assert_eq!(src_filter_index(0, false, 0), 0);
-        assert_eq!(src_filter_index(0, true, 0), SRC_FILTER_WORDS);
-        assert_eq!(src_filter_index(1, true, 65_535), SRC_FILTER_ENTRIES - 1);
+        assert_eq!(filter_chunk(0, filter_v4_16(0)), 0);
+        assert_eq!(filter_chunk(1, filter_v4_16(0)), SRC_FILTER_CHUNKS);
+        assert_eq!(filter_chunk(1, filter_v4_24(u32::MAX)), SRC_FILTER_ENTRIES - 1);
+        assert_eq!(SRC_FILTER_BITS % FILTER_CHUNK_BITS, 0);
     }
 
     #[test]
-    fn the_source_prefilter_bit_is_an_ipv4_slash_16() {
-        assert_eq!(src_filter_bit(false, 0xc612_0000), 0xc612);
-        assert_eq!(src_filter_bit(false, 0xc612_ffff), 0xc612);
-        assert_ne!(src_filter_bit(false, 0xc613_0000), 0xc612);
-        // IPv6: within 16 bits, and spread (the /32s of one /16 do not share a bit).
+    fn the_source_prefilter_parts_do_not_overlap() {
+        assert_eq!(filter_v4_16(0xc612_0000), 0xc612);
+        assert_eq!(filter_v4_16(0xc612_ffff), 0xc612);
+        assert_ne!(filter_v4_16(0xc613_0000), 0xc612);
+        assert_eq!(filter_v4_16(u32::MAX), FILTER_V6_32 - 1);
+        assert_eq!(filter_v4_24(0xc612_07ff), FILTER_V4_24 + 0xc6_1207);
+        assert_ne!(filter_v4_24(0xc612_0800), filter_v4_24(0xc612_07ff));
+        assert_eq!(filter_v4_24(u32::MAX), SRC_FILTER_BITS - 1);
+        // IPv6: within its part, and spread (the /32s of one /16 do not share a bit).
         let bits: std::collections::HashSet<u32> =
-            (0..1000).map(|i| src_filter_bit(true, 0x2001_0000 + i)).collect();
-        assert!(bits.iter().all(|b| *b < 65_536));
+            (0..1000).map(|i| filter_v6_32(0x2001_0000 + i)).collect();
+        assert!(bits.iter().all(|b| (FILTER_V6_32..FILTER_V4_24).contains(b)));
         assert!(bits.len() > 990, "{} distinct bits for 1000 /32s", bits.len());
     }
 }

@@ -45,8 +45,8 @@ pub const FW_SRC_V4: &str = "FW_SRC_V4";
 pub const FW_SRC_V6: &str = "FW_SRC_V6";
 pub const FW_DST_V4: &str = "FW_DST_V4";
 pub const FW_DST_V6: &str = "FW_DST_V6";
-/// Array of u64 words by generation and family: the source prefilter (see
-/// [`crate::firewall::src_filter_bit`]).
+/// Array of [`crate::firewall::FilterChunk`]s by generation: the source prefilter (see
+/// [`crate::firewall::FILTER_V4_16`]).
 pub const FW_SRC_FILTER: &str = "FW_SRC_FILTER";
 /// Array of rule bits by generation, protocol class and destination port.
 pub const FW_PORTS: &str = "FW_PORTS";

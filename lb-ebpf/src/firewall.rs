@@ -9,8 +9,8 @@ use lb_common::{
         AUDIT_SLOT, Bucket, CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, EVENT_AUDITED,
         EVENT_DROPPED, EVENT_PASSED, FwEvent, FwMeta, FwRule, FwV4, FwV6, GENERATION_BITS,
         MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, META_NO_SRC, META_SRC_FILTER,
-        RULE_LOG, RateKey, RuleBits, class_of, counter_index, lowest_bit, ports_index,
-        src_filter_bit, src_filter_index,
+        RULE_LOG, RateKey, RuleBits, class_of, counter_index, filter_chunk, filter_v4_16,
+        filter_v4_24, filter_v6_32, lowest_bit, ports_index,
     },
     net::IPPROTO_TCP,
 };
@@ -214,17 +214,28 @@ fn port_of(packet: &Packet) -> u16 {
 }
 
 /// Whether a source prefix of the generation may cover the packet's source: false when its
-/// prefilter is written and the address's bit there is clear (one inlined array lookup).
+/// prefilter is written and a bit of the address there is clear (IPv4: the /16's, then the
+/// /24's; IPv6: the /32's), each an inlined array lookup.
 #[inline(always)]
 fn may_have_source(packet: &Packet, generation: u32, flags: u32) -> bool {
     if flags & META_SRC_FILTER == 0 {
         return true;
     }
-    let v6 = matches!(packet.family, Family::V6);
-    let bit = src_filter_bit(v6, u32::from_be(packet.src[0]));
+    let top = u32::from_be(packet.src[0]);
+    match packet.family {
+        Family::V4 => {
+            filter_has(generation, filter_v4_16(top)) && filter_has(generation, filter_v4_24(top))
+        }
+        Family::V6 => filter_has(generation, filter_v6_32(top)),
+    }
+}
+
+/// Whether prefilter bit `bit` of a generation is set (or cannot be read).
+#[inline(always)]
+fn filter_has(generation: u32, bit: u32) -> bool {
     FW_SRC_FILTER
-        .get(src_filter_index(generation, v6, bit))
-        .is_none_or(|w| *w & (1u64 << (bit & 63)) != 0)
+        .get(filter_chunk(generation, bit))
+        .is_none_or(|c| c.words[((bit >> 6) & 63) as usize] & (1u64 << (bit & 63)) != 0)
 }
 
 /// The rule bits of the packet's source (`source`) or destination in its family's trie,

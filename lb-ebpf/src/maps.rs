@@ -15,8 +15,9 @@ use lb_common::{
     Counter, FlowKey,
     conntrack::Flow,
     firewall::{
-        Bucket, COUNTER_SLOTS, EVENTS_BYTES, FwEvent, FwMeta, FwRule, FwV4, FwV6, MAX_PREFIXES,
-        MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits, SRC_FILTER_ENTRIES,
+        Bucket, COUNTER_SLOTS, EVENTS_BYTES, FilterChunk, FwEvent, FwMeta, FwRule, FwV4, FwV6,
+        MAX_PREFIXES, MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
+        SRC_FILTER_ENTRIES,
     },
     maglev::DEFAULT_TABLE_SIZE,
     passthrough::{ListenerKey, MAX_LISTENERS, MAX_RELAYS, RelayKey},
@@ -107,7 +108,7 @@ pub static FW_DST_V4: LpmTrie<FwV4, RuleBits, { MAX_PREFIXES as usize }> = LpmTr
 #[btf_map]
 pub static FW_DST_V6: LpmTrie<FwV6, RuleBits, { MAX_PREFIXES as usize }> = LpmTrie::new();
 #[btf_map]
-pub static FW_SRC_FILTER: Array<u64, { SRC_FILTER_ENTRIES as usize }> = Array::new();
+pub static FW_SRC_FILTER: Array<FilterChunk, { SRC_FILTER_ENTRIES as usize }> = Array::new();
 #[btf_map]
 pub static FW_PORTS: Array<RuleBits, { PORTS_ENTRIES as usize }> = Array::new();
 #[btf_map]

@@ -16,7 +16,10 @@ use std::{
 
 use lb_common::{
     Action, Reason,
-    firewall::{AUDIT_SLOT, DEFAULT_SLOT, META_SRC_FILTER, SRC_FILTER_WORDS, src_filter_bit},
+    firewall::{
+        AUDIT_SLOT, DEFAULT_SLOT, FilterChunk, META_SRC_FILTER, SRC_FILTER_CHUNKS, filter_v4_16,
+        filter_v4_24, filter_v6_32,
+    },
     net::tcp_flags,
 };
 use lb_tests::{
@@ -343,9 +346,10 @@ ports = [80]
 
 #[test]
 fn sources_no_prefix_covers_skip_the_trie_by_the_prefilter() {
-    // One /24 and one /48 blocked: the generation's prefilter has their two bits. Sources in
-    // another /16 (IPv4) or another /32 (IPv6) have clear bits and skip the trie: the rules
-    // that match any source still apply to them.
+    // One /24 and one /48 blocked: the generation's prefilter has three bits (the /16 and the
+    // /24 of the IPv4 prefix, the /32 of the IPv6 one). Sources in another /16 or /24 (IPv4)
+    // or another /32 (IPv6) have a clear bit and skip the trie: the rules that match any
+    // source still apply to them.
     let block = r#"
 [firewall]
 [[firewall.rule]]
@@ -363,13 +367,15 @@ ports = [22]
         return;
     };
     let (v6_listed, v6_other) = (0xfd00_0007, 0xfd00_0008);
-    assert_ne!(src_filter_bit(true, v6_listed), src_filter_bit(true, v6_other));
+    assert_ne!(filter_v6_32(v6_listed), filter_v6_32(v6_other));
     let dst = [198, 18, 100, 1];
     let cases = || {
         vec![
             deny("v4 listed", tcp4([198, 18, 7, 1], dst, 80, 0), Reason::FirewallDeny),
             allow("v4 another /16", tcp4([198, 19, 7, 1], dst, 80, 0)),
             deny("v4 another /16, ssh", tcp4([198, 19, 7, 1], dst, 22, 0), Reason::FirewallDeny),
+            allow("v4 another /24", tcp4([198, 18, 8, 1], dst, 80, 0)),
+            deny("v4 another /24, ssh", tcp4([198, 18, 8, 1], dst, 22, 0), Reason::FirewallDeny),
             deny("v6 listed", tcp6("fd00:7::1", "fd00::2", 80, 0), Reason::FirewallDeny),
             allow("v6 another /32", tcp6("fd00:8::1", "fd00::2", 80, 0)),
             deny("v6 another /32, ssh", tcp6("fd00:8::1", "fd00::2", 22, 0), Reason::FirewallDeny),
@@ -377,32 +383,37 @@ ports = [22]
     };
     fw.bed.check_all(&cases()).unwrap();
     let generation = fw.firewall.active_generation().unwrap();
-    let words = SRC_FILTER_WORDS as usize;
-    let has = |fw: &Fw, v6: bool, top: u32| {
-        let filter = fw.bed.datapath.maps().firewall.src_filter(generation).unwrap();
-        let bit = src_filter_bit(v6, top);
-        filter[usize::from(v6) * words + (bit >> 6) as usize] & (1 << (bit & 63)) != 0
+    let filter = |fw: &Fw| fw.bed.datapath.maps().firewall.src_filter(generation).unwrap();
+    let has = |fw: &Fw, bit: u32| filter(fw)[(bit / 64) as usize] & (1 << (bit % 64)) != 0;
+    let ones = |fw: &Fw| filter(fw).iter().map(|w| w.count_ones()).sum::<u32>();
+    // Clears one bit of the generation's prefilter by hand.
+    let clear = |fw: &mut Fw, bit: u32| {
+        let words = filter(fw);
+        let index = (bit / 4096) as usize;
+        let mut chunk = FilterChunk::default();
+        chunk.words.copy_from_slice(&words[index * 64..index * 64 + 64]);
+        chunk.words[(bit / 64 % 64) as usize] &= !(1 << (bit % 64));
+        let maps = &mut fw.bed.datapath.maps_mut().firewall;
+        maps.set_src_filter_chunk(generation, index, &chunk).unwrap();
     };
-    let ones = |fw: &Fw| {
-        let filter = fw.bed.datapath.maps().firewall.src_filter(generation).unwrap();
-        filter.iter().map(|w| w.count_ones()).sum::<u32>()
-    };
-    assert!(has(&fw, false, 0xc612_0000) && has(&fw, true, v6_listed));
-    assert_eq!(ones(&fw), 2);
+    let (v4_16, v4_24) = (filter_v4_16(0xc612_0700), filter_v4_24(0xc612_0700));
+    assert!(has(&fw, v4_16) && has(&fw, v4_24) && has(&fw, filter_v6_32(v6_listed)));
+    assert_eq!(ones(&fw), 3);
 
-    // The data path reads it: with the IPv4 bit cleared by hand, the listed source is no
-    // longer looked up (and passes). An adopting daemon rewrites the prefilter from the trie.
-    let word = (src_filter_bit(false, 0xc612_0000) >> 6) as usize;
-    let maps = &mut fw.bed.datapath.maps_mut().firewall;
-    maps.set_src_filter_word(generation, word, 0).unwrap();
-    fw.bed.check_all(&[allow("bit cleared", tcp4([198, 18, 7, 1], dst, 80, 0))]).unwrap();
-    fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
-    fw.bed.check_all(&cases()).unwrap();
+    // The data path reads both IPv4 parts: with either bit cleared by hand, the listed source
+    // is no longer looked up (and passes). An adopting daemon rewrites the prefilter from the
+    // trie.
+    for bit in [v4_16, v4_24] {
+        clear(&mut fw, bit);
+        fw.bed.check_all(&[allow("bit cleared", tcp4([198, 18, 7, 1], dst, 80, 0))]).unwrap();
+        fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
+        fw.bed.check_all(&cases()).unwrap();
+    }
 
-    // In place: a prefix in a new /16 sets its bit with the trie entry; removed, both go.
+    // In place: a prefix in a new /16 sets its bits with the trie entry; removed, they go.
     let grown = block.replace("\"fd00:7::/48\"", "\"fd00:7::/48\", \"198.19.5.0/24\"");
     assert!(!fw.install(&grown).switched);
-    assert!(has(&fw, false, 0xc613_0000));
+    assert!(has(&fw, filter_v4_16(0xc613_0500)) && has(&fw, filter_v4_24(0xc613_0500)));
     fw.bed
         .check_all(&[
             deny("v4 added", tcp4([198, 19, 5, 1], dst, 80, 0), Reason::FirewallDeny),
@@ -410,18 +421,18 @@ ports = [22]
         ])
         .unwrap();
     assert!(!fw.install(block).switched);
-    assert!(!has(&fw, false, 0xc613_0000));
-    assert_eq!(ones(&fw), 2);
+    assert!(!has(&fw, filter_v4_16(0xc613_0500)));
+    assert_eq!(ones(&fw), 3);
     fw.bed.check_all(&cases()).unwrap();
 
     // An update failing half-way (the kernel refuses a prefix longer than the family's,
-    // written after a good one) leaves the good one in the trie: its bit was set before.
+    // written after a good one) leaves the good one in the trie: its bits were set before.
     let mut broken = compile(&grown, fw.hz);
     let bad = firewall::Prefix::V4 { addr: 0xc613_0600, len: 40 };
     broken.sources.insert(bad, 1);
     let maps = &mut fw.bed.datapath.maps_mut().firewall;
     assert!(fw.firewall.install(maps, Some(&broken)).is_err());
-    assert!(has(&fw, false, 0xc613_0000));
+    assert!(has(&fw, filter_v4_16(0xc613_0500)) && has(&fw, filter_v4_24(0xc613_0500)));
     fw.bed
         .check_all(&[deny(
             "v4 written before the failure",
@@ -432,16 +443,16 @@ ports = [22]
     assert!(!fw.install(block).switched, "the trie as read back after the failure");
     let trie = fw.bed.datapath.maps().firewall.prefixes(Direction::Source, generation).unwrap();
     assert_eq!(trie.len(), 2, "what the failed update wrote is removed: {trie:?}");
-    assert_eq!(ones(&fw), 2);
+    assert_eq!(ones(&fw), 3);
     fw.bed.check_all(&cases()).unwrap();
 
     // An IPv6 prefix shorter than a /16 sets every IPv6 bit.
     let wide = block.replace("\"fd00:7::/48\"", "\"fd00::/15\"");
     assert!(!fw.install(&wide).switched);
-    assert_eq!(ones(&fw), 1 + 65_536);
+    assert_eq!(ones(&fw), 2 + 65_536);
     fw.bed
         .check_all(&[deny(
-            "v6 in the /16",
+            "v6 in the /15",
             tcp6("fd00:8::1", "fd00::2", 80, 0),
             Reason::FirewallDeny,
         )])
@@ -454,8 +465,8 @@ ports = [22]
     let mut meta = maps.meta(generation).unwrap();
     meta.flags &= !META_SRC_FILTER;
     maps.set_meta(generation, &meta).unwrap();
-    for i in 0..2 * words {
-        maps.set_src_filter_word(generation, i, 0).unwrap();
+    for i in 0..SRC_FILTER_CHUNKS as usize {
+        maps.set_src_filter_chunk(generation, i, &FilterChunk::default()).unwrap();
     }
     fw.bed.check_all(&cases()).unwrap();
     fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();

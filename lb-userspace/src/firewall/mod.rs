@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use lb_common::firewall::{
     ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
-    CLASSES, FwMeta, FwRule, LOG_EVENTS_PER_SECOND, MAX_RULES, META_AUDIT, META_DEFAULT_DENY,
-    META_HAS_DST, META_NO_SRC, META_SRC_FILTER, RULE_LOG, RuleBits, TOKEN,
+    CLASSES, FilterChunk, FwMeta, FwRule, LOG_EVENTS_PER_SECOND, MAX_RULES, META_AUDIT,
+    META_DEFAULT_DENY, META_HAS_DST, META_NO_SRC, META_SRC_FILTER, RULE_LOG, RuleBits, TOKEN,
 };
 use tracing::info;
 
@@ -525,17 +525,19 @@ fn write_tries(
 }
 
 /// Brings a generation's source prefilter from what the map holds (`held`, kept up to date)
-/// to `wanted`, writing the words that differ.
+/// to `wanted`, writing the elements (64 words) that differ.
 fn write_src_filter(
     maps: &mut FirewallMaps,
     generation: u32,
     held: &mut [u64],
     wanted: &[u64],
 ) -> Result<(), MapError> {
-    for (i, (h, w)) in held.iter_mut().zip(wanted).enumerate() {
+    for (i, (h, w)) in held.chunks_mut(64).zip(wanted.chunks(64)).enumerate() {
         if h != w {
-            maps.set_src_filter_word(generation, i, *w)?;
-            *h = *w;
+            let mut chunk = FilterChunk::default();
+            chunk.words.copy_from_slice(w);
+            maps.set_src_filter_chunk(generation, i, &chunk)?;
+            h.copy_from_slice(w);
         }
     }
     Ok(())

@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::firewall::{RuleBits, SRC_FILTER_WORDS, src_filter_bit};
+use lb_common::firewall::{
+    FILTER_V4_24, FILTER_V6_32, RuleBits, SRC_FILTER_BITS, filter_v4_16, filter_v4_24, filter_v6_32,
+};
 
 pub use crate::maps::firewall::Prefix;
 
@@ -110,46 +112,52 @@ pub fn propagate(entries: &[(Prefix, RuleBits)], any: RuleBits) -> BTreeMap<Pref
     out
 }
 
-/// The source prefilter of `prefixes`, as `FW_SRC_FILTER` holds a generation's (the IPv4
-/// words, then the IPv6 words): the bit of every address a prefix covers is set (see
-/// `lb_common::firewall::src_filter_bit`).
+/// The source prefilter of `prefixes`, as `FW_SRC_FILTER` holds a generation's (bit `b` of
+/// the prefilter is bit `b % 64` of word `b / 64`): the bits of every address a prefix covers
+/// are set (see `lb_common::firewall::FILTER_V4_16`).
 #[must_use]
 pub fn src_filter<'a>(prefixes: impl IntoIterator<Item = &'a Prefix>) -> Vec<u64> {
-    let words = SRC_FILTER_WORDS as usize;
-    let mut out = vec![0u64; 2 * words];
-    let mut v6_all = false;
-    let mut set = |v6: bool, bit: u32| {
-        out[usize::from(v6) * words + (bit >> 6) as usize] |= 1 << (bit & 63);
-    };
+    let mut out = vec![0u64; (SRC_FILTER_BITS / 64) as usize];
     for prefix in prefixes {
         match *prefix {
             Prefix::V4 { addr, len } => {
-                // The /16 of a longer prefix; each of the 2^(16 - len) /16s of a shorter one.
-                let first = src_filter_bit(false, addr);
-                for bit in first..first + (1 << 16u8.saturating_sub(len)) {
-                    set(false, bit);
-                }
+                // The /16 (/24) of a prefix as long or longer; every one of a shorter prefix.
+                set_bits(&mut out, filter_v4_16(addr), 1 << 16u8.saturating_sub(len));
+                set_bits(&mut out, filter_v4_24(addr), 1 << 24u8.saturating_sub(len));
             }
             // The hashed bit of each /32 the prefix covers: one for a /32 or longer, eight
             // for a /29, up to 65,536 for a /16.
             Prefix::V6 { addr, len } if len >= 16 => {
                 let first = (addr >> 96) as u32;
                 for top in first..=first + ((1u32 << 32u8.saturating_sub(len)) - 1) {
-                    set(true, src_filter_bit(true, top));
+                    set_bits(&mut out, filter_v6_32(top), 1);
                 }
             }
-            // Shorter: every bit (setting them one /32 at a time would take longer).
-            Prefix::V6 { .. } => v6_all = true,
+            // Shorter: every IPv6 bit (setting them one /32 at a time would take longer).
+            Prefix::V6 { .. } => set_bits(&mut out, FILTER_V6_32, FILTER_V4_24 - FILTER_V6_32),
         }
-    }
-    if v6_all {
-        out[words..].fill(u64::MAX);
     }
     out
 }
 
+/// Sets `count` bits from bit `first`, whole words at a time where it can.
+fn set_bits(words: &mut [u64], first: u32, count: u32) {
+    let (mut bit, end) = (first as usize, first as usize + count as usize);
+    while bit < end {
+        if bit % 64 == 0 && end - bit >= 64 {
+            words[bit / 64] = u64::MAX;
+            bit += 64;
+        } else {
+            words[bit / 64] |= 1 << (bit % 64);
+            bit += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use lb_common::firewall::FILTER_V4_16;
+
     use super::*;
 
     fn p(text: &str) -> Prefix {
@@ -193,33 +201,39 @@ mod tests {
 
     #[test]
     fn the_source_prefilter_covers_every_address_of_every_prefix() {
-        let has = |filter: &[u64], v6: bool, top: u32| {
-            let bit = src_filter_bit(v6, top);
-            let word = usize::from(v6) * SRC_FILTER_WORDS as usize + (bit >> 6) as usize;
-            filter[word] & (1 << (bit & 63)) != 0
-        };
+        let has = |filter: &[u64], bit: u32| filter[(bit / 64) as usize] & (1 << (bit % 64)) != 0;
         let ones = |filter: &[u64]| filter.iter().map(|w| w.count_ones()).sum::<u32>();
-        let f = src_filter(&[p("198.18.7.0/24"), p("fd00:1::/48")]);
-        assert!(has(&f, false, 0xc612_0000) && has(&f, false, 0xc612_ffff));
-        assert!(!has(&f, false, 0xc613_0000), "another /16");
-        assert!(has(&f, true, 0xfd00_0001));
-        assert_eq!(ones(&f), 2);
-        // Shorter than a /16: every /16 it covers, and no other.
-        let f = src_filter(&[p("198.18.0.0/15"), p("10.0.0.0/8")]);
-        assert!(has(&f, false, 0xc612_0000) && has(&f, false, 0xc613_0000));
-        assert!(has(&f, false, 0x0a00_0000) && has(&f, false, 0x0aff_ffff));
-        assert!(!has(&f, false, 0x0b00_0000) && !has(&f, false, 0x09ff_ffff));
-        assert_eq!(ones(&f), 2 + 256);
-        assert_eq!(ones(&src_filter(&[p("0.0.0.0/0")])), 65_536);
+        let part = |filter: &[u64], from: u32, to: u32| {
+            ones(&filter[(from / 64) as usize..(to / 64) as usize])
+        };
+        let f = src_filter(&[p("198.18.7.0/25"), p("fd00:1::/48")]);
+        assert!(has(&f, filter_v4_16(0xc612_0000)) && has(&f, filter_v4_16(0xc612_ffff)));
+        assert!(has(&f, filter_v4_24(0xc612_0700)) && has(&f, filter_v4_24(0xc612_07ff)));
+        assert!(!has(&f, filter_v4_16(0xc613_0000)), "another /16");
+        assert!(!has(&f, filter_v4_24(0xc612_0800)), "another /24");
+        assert!(has(&f, filter_v6_32(0xfd00_0001)));
+        assert_eq!(ones(&f), 3);
+        // Shorter than a /16: every /16 and /24 it covers, and no other.
+        let f = src_filter(&[p("198.18.0.0/15"), p("10.0.0.0/8"), p("203.0.113.0/24")]);
+        assert!(has(&f, filter_v4_16(0xc613_ffff)) && has(&f, filter_v4_24(0xc612_0000)));
+        assert!(has(&f, filter_v4_16(0x0a00_0000)) && has(&f, filter_v4_16(0x0aff_ffff)));
+        assert!(!has(&f, filter_v4_16(0x0b00_0000)) && !has(&f, filter_v4_16(0x09ff_ffff)));
+        assert!(!has(&f, filter_v4_24(0x0b00_0000)) && !has(&f, filter_v4_24(0xc614_0000)));
+        assert_eq!(part(&f, FILTER_V4_16, FILTER_V6_32), 2 + 256 + 1);
+        assert_eq!(part(&f, FILTER_V4_24, SRC_FILTER_BITS), 2 * 256 + 65_536 + 1);
+        let all = src_filter(&[p("0.0.0.0/0")]);
+        assert_eq!(part(&all, FILTER_V4_16, FILTER_V6_32), 65_536);
+        assert_eq!(part(&all, FILTER_V4_24, SRC_FILTER_BITS), 1 << 24);
+        assert_eq!(part(&all, FILTER_V6_32, FILTER_V4_24), 0);
         // IPv6 shorter than a /32: the bit of each /32 in it, down to a /16; every bit below.
         let f = src_filter(&[p("fd00:10::/29")]);
-        assert!((0..8).all(|i| has(&f, true, 0xfd00_0010 + i)));
+        assert!((0..8).all(|i| has(&f, filter_v6_32(0xfd00_0010 + i))));
         assert!((1..=8).contains(&ones(&f)));
         let f = src_filter(&[p("fd00::/16")]);
-        assert!(has(&f, true, 0xfd00_0000) && has(&f, true, 0xfd00_ffff));
+        assert!(has(&f, filter_v6_32(0xfd00_0000)) && has(&f, filter_v6_32(0xfd00_ffff)));
         let f = src_filter(&[p("fd00::/15")]);
-        assert_eq!(ones(&f[..SRC_FILTER_WORDS as usize]), 0);
-        assert_eq!(ones(&f[SRC_FILTER_WORDS as usize..]), 65_536);
+        assert_eq!(part(&f, FILTER_V6_32, FILTER_V4_24), 65_536);
+        assert_eq!(ones(&f), 65_536);
         assert_eq!(ones(&src_filter(&[])), 0);
     }
 

@@ -8,8 +8,8 @@ use aya::maps::{
 use lb_common::{
     Counter,
     firewall::{
-        ACTIVE_ENABLED, ACTIVE_GENERATION, COUNTER_SLOTS, FwMeta, FwRule, FwV4, FwV6,
-        GENERATION_BITS, MAX_RULES, RuleBits, SRC_FILTER_WORDS, counter_index,
+        ACTIVE_ENABLED, ACTIVE_GENERATION, COUNTER_SLOTS, FilterChunk, FwMeta, FwRule, FwV4, FwV6,
+        GENERATION_BITS, MAX_RULES, RuleBits, SRC_FILTER_CHUNKS, counter_index,
     },
     maps,
 };
@@ -39,7 +39,7 @@ pub struct FirewallMaps {
     src_v6: LpmTrie<MapData, FwV6, RuleBits>,
     dst_v4: LpmTrie<MapData, FwV4, RuleBits>,
     dst_v6: LpmTrie<MapData, FwV6, RuleBits>,
-    src_filter: Array<MapData, u64>,
+    src_filter: Array<MapData, FilterChunk>,
     ports: Array<MapData, RuleBits>,
     counters: PerCpuArray<MapData, Counter>,
 }
@@ -129,31 +129,33 @@ impl FirewallMaps {
         self.ports.set(index, bits, 0).map_err(update(maps::FW_PORTS))
     }
 
-    /// A generation's source prefilter as the maps hold it: the IPv4 words, then the IPv6
-    /// words (see `lb_common::firewall::src_filter_bit`).
+    /// A generation's source prefilter as the maps hold it, as words: bit `b` (see
+    /// `lb_common::firewall::FILTER_V4_16`) is bit `b % 64` of word `b / 64`.
     pub fn src_filter(&self, generation: u32) -> Result<Vec<u64>, MapError> {
-        let base = (generation & 1) * 2 * SRC_FILTER_WORDS;
-        (base..base + 2 * SRC_FILTER_WORDS)
-            .map(|i| self.src_filter.get(&i, 0).map_err(access(maps::FW_SRC_FILTER)))
-            .collect()
+        let base = (generation & 1) * SRC_FILTER_CHUNKS;
+        let mut words = Vec::with_capacity(SRC_FILTER_CHUNKS as usize * 64);
+        for i in base..base + SRC_FILTER_CHUNKS {
+            let chunk = self.src_filter.get(&i, 0).map_err(access(maps::FW_SRC_FILTER))?;
+            words.extend_from_slice(&chunk.words);
+        }
+        Ok(words)
     }
 
-    /// Writes word `index` of a generation's source prefilter (laid out as
-    /// [`Self::src_filter`] returns it).
-    pub fn set_src_filter_word(
+    /// Writes element `index` of a generation's source prefilter: its words `64 × index` to
+    /// `64 × index + 63`, as [`Self::src_filter`] numbers them.
+    pub fn set_src_filter_chunk(
         &mut self,
         generation: u32,
         index: usize,
-        word: u64,
+        chunk: &FilterChunk,
     ) -> Result<(), MapError> {
-        let words = 2 * SRC_FILTER_WORDS;
         let index = u32::try_from(index).unwrap_or(u32::MAX);
-        if index >= words {
-            let source = aya::maps::MapError::OutOfBounds { index, max_entries: words };
+        if index >= SRC_FILTER_CHUNKS {
+            let source = aya::maps::MapError::OutOfBounds { index, max_entries: SRC_FILTER_CHUNKS };
             return Err(MapError::Update { name: maps::FW_SRC_FILTER, source });
         }
-        let i = (generation & 1) * words + index;
-        self.src_filter.set(i, word, 0).map_err(update(maps::FW_SRC_FILTER))
+        let i = (generation & 1) * SRC_FILTER_CHUNKS + index;
+        self.src_filter.set(i, chunk, 0).map_err(update(maps::FW_SRC_FILTER))
     }
 
     /// Writes one prefix's rule bits in a generation's trie.

@@ -53,19 +53,25 @@ pub fn draw(dir: &Path, run: &Value) -> anyhow::Result<Vec<PathBuf>> {
         title: title("Firewall, ns per packet matching nothing"),
         ylabel: "ns per packet",
         series: vec![
-            "firewall on, unlisted /16",
-            "firewall on, listed /16",
-            "firewall off (alternating)",
+            "on, unlisted /16",
+            "on, listed /16, unlisted /24",
+            "on, listed /24",
+            "off (alternating)",
         ],
         rows: rows(&fw["rows"])
             .iter()
             .map(|r| {
                 let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
-                // No listed source without prefixes: NaN, which gnuplot leaves out.
-                let listed = r["listed_median_ns"].as_f64().unwrap_or(f64::NAN);
+                // No listed sources without prefixes: NaN, which gnuplot leaves out.
+                let near = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
                 (
                     format!("{} prefixes", r["prefixes"]),
-                    vec![n("median_ns"), listed, n("off_median_ns")],
+                    vec![
+                        n("median_ns"),
+                        near("listed16_median_ns"),
+                        near("listed24_median_ns"),
+                        n("off_median_ns"),
+                    ],
                 )
             })
             .collect(),

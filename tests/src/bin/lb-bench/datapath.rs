@@ -373,10 +373,10 @@ fn compare(
 /// The firewall with 0, 10,000 and 1,000,000 source prefixes (half IPv4, half IPv6, in one
 /// deny rule) on a packet that matches none of them and is not for a service, next to the
 /// same packet with the firewall off and the empty program (the floor), all in this run; and
-/// how long each prefix set took to compile and load. Two sources: one in a /16 no prefix
-/// touches (the source prefilter skips the trie) and one in a /16 a listed prefix is in,
-/// outside every prefix (looked up). Each round times off, on and on with the listed
-/// source, in that order; both "vs off" columns are against that round's off.
+/// how long each prefix set took to compile and load. Three sources outside every prefix:
+/// in a /16 no prefix touches and in an untouched /24 of a listed prefix's /16 (both skip
+/// the trie by the source prefilter), and in the /24 of a listed prefix (looked up). Each
+/// round times off, then on with each source; every "vs off" is against that round's off.
 fn firewall_bench(
     datapath: &mut Datapath,
     repeat: u32,
@@ -394,11 +394,13 @@ fn firewall_bench(
     let hz = datapath.ticks_per_second()?;
     let mut fw = Firewall::fresh();
     let mut table = format!(
-        "{:<34} {:>9} {:>10} {:>11} {:>10} {:>12} {:>14}\n{:<34} {:>9}\n{:<34} {:>9} {:>10}\n",
+        "{:<30} {:>7} {:>8} {:>11} {:>8} {:>11} {:>8} {:>9} {:>10}\n{:<30} {:>7}\n{:<30} {:>7} {:>8}\n",
         "firewall (ns/packet, no match)",
         "median",
         "vs off*",
         "listed /16",
+        "vs off*",
+        "listed /24",
         "vs off*",
         "load (s)",
         "prefixes",
@@ -415,6 +417,7 @@ fn firewall_bench(
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut seen = std::collections::HashSet::new();
         let mut v4 = Vec::new();
+        let to = IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1));
         while seen.len() < count {
             x ^= x << 13;
             x ^= x >> 7;
@@ -431,19 +434,15 @@ fn firewall_bench(
             let prefix = firewall::Prefix::parse(&line).map_err(anyhow::Error::msg)?;
             if seen.insert(prefix) {
                 let _ = writeln!(text, "{prefix}");
-                if let firewall::Prefix::V4 { addr, .. } = prefix {
-                    v4.push(addr);
+                if matches!(prefix, firewall::Prefix::V4 { .. }) {
+                    v4.push(prefix);
                 }
             }
         }
-        let listed = listed_not_covered(&seen, &v4).map(|src| {
-            self::frame(
-                IpAddr::V4(src),
-                IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1)),
-                40_000,
-                tcp_flags::ACK,
-            )
-        });
+        let near: Vec<Option<Vec<u8>>> = near_misses(&seen, &v4)
+            .into_iter()
+            .map(|src| src.map(|src| self::frame(IpAddr::V4(src), to, 40_000, tcp_flags::ACK)))
+            .collect();
         std::fs::write(&path, &text)?;
         // No prefixes: a rule by port alone, which skips the source lookup.
         let toml = format!(
@@ -461,15 +460,18 @@ fn firewall_bench(
         fw.install(&mut datapath.maps_mut().firewall, Some(&compiled))?;
         let load = started.elapsed().as_secs_f64();
         // Off and on alternate run by run, so drift on a shared machine hits both alike.
-        let (mut on_ns, mut off_ns, mut listed_ns) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut on_ns, mut off_ns, mut near_ns) = (Vec::new(), Vec::new(), [vec![], vec![]]);
         for _ in 0..rounds {
             fw.install(&mut datapath.maps_mut().firewall, None)?;
             off_ns.push(measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, 1, None)?.0);
             fw.install(&mut datapath.maps_mut().firewall, Some(&compiled))?;
             on_ns.push(measure(datapath, BENCH_INGRESS, &frame, Action::Pass, repeat, 1, None)?.0);
-            if let Some(listed) = &listed {
-                let ns = measure(datapath, BENCH_INGRESS, listed, Action::Pass, repeat, 1, None)?.0;
-                listed_ns.push(ns);
+            for (source, times) in near.iter().zip(&mut near_ns) {
+                if let Some(source) = source {
+                    times.push(
+                        measure(datapath, BENCH_INGRESS, source, Action::Pass, repeat, 1, None)?.0,
+                    );
+                }
             }
         }
         let median = |v: &mut Vec<u64>| {
@@ -477,24 +479,29 @@ fn firewall_bench(
             v.get(v.len() / 2).copied()
         };
         let (ns, off_here) = (median(&mut on_ns).unwrap_or(0), median(&mut off_ns).unwrap_or(0));
-        let listed_median = median(&mut listed_ns);
+        let [listed16, listed24] = near_ns.each_mut().map(median);
         let vs_off =
             |ns: u64| i64::try_from(ns).unwrap_or(0) - i64::try_from(off_here).unwrap_or(0);
+        let show = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        let show_vs =
+            |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| format!("{:+}", vs_off(n)));
         let prefixes = compiled.sources.len();
         let _ = writeln!(
             table,
-            "{:<34} {:>9} {:>+10} {:>11} {:>10} {:>12.2} {:>14}",
+            "{:<30} {:>7} {:>+8} {:>11} {:>8} {:>11} {:>8} {:>9.2} {:>10}",
             format!("firewall, {count} prefixes"),
             ns,
             vs_off(ns),
-            listed_median.map_or_else(|| "-".to_owned(), |n| n.to_string()),
-            listed_median.map_or_else(|| "-".to_owned(), |n| format!("{:+}", vs_off(n))),
+            show(listed16),
+            show_vs(listed16),
+            show(listed24),
+            show_vs(listed24),
             load,
             prefixes
         );
         rows.push(serde_json::json!({
             "prefixes": prefixes, "median_ns": ns, "off_median_ns": off_here,
-            "listed_median_ns": listed_median, "load_secs": load
+            "listed16_median_ns": listed16, "listed24_median_ns": listed24, "load_secs": load
         }));
     }
     fw.install(&mut datapath.maps_mut().firewall, None)?;
@@ -505,23 +512,42 @@ fn firewall_bench(
     Ok(serde_json::json!({ "floor_ns": floor, "off_ns": off, "rows": rows }))
 }
 
-/// An IPv4 source in the /16 of a listed prefix (`v4`: their addresses) that no prefix in
-/// `prefixes` covers, so that its packet is looked up in the trie and matches nothing.
-fn listed_not_covered(
+/// Sources next to the listed IPv4 prefixes (`v4`, in the order listed) that no prefix in
+/// `prefixes` covers: one in the first prefix's /16 whose /24 no prefix touches (the source
+/// prefilter's /24 part skips the trie for it), and one in the /24 of the first prefix longer
+/// than /24 (looked up in the trie, matching nothing).
+fn near_misses(
     prefixes: &std::collections::HashSet<lb_userspace::firewall::Prefix>,
-    v4: &[u32],
-) -> Option<Ipv4Addr> {
+    v4: &[lb_userspace::firewall::Prefix],
+) -> [Option<Ipv4Addr>; 2] {
     use lb_userspace::firewall::Prefix;
-    let slash16 = *v4.first()? & 0xffff_0000;
-    // The prefixes that touch that /16 (the others cannot cover an address in it).
-    let whole = Prefix::V4 { addr: slash16, len: 16 };
-    let near: Vec<&Prefix> =
-        prefixes.iter().filter(|p| p.contains(&whole) || whole.contains(p)).collect();
-    (0..=u16::MAX).map(|low| slash16 | u32::from(low)).find_map(|addr| {
-        let host = Prefix::V4 { addr, len: 32 };
-        let covered = near.iter().any(|p| p.contains(&host));
-        (!covered).then_some(Ipv4Addr::from_bits(addr))
-    })
+    // The prefixes that overlap `net` (the others cannot cover an address in it).
+    let touching = |net: Prefix| -> Vec<Prefix> {
+        prefixes.iter().filter(|p| p.contains(&net) || net.contains(p)).copied().collect()
+    };
+    let addr_of = |p: &Prefix| match *p {
+        Prefix::V4 { addr, .. } => addr,
+        Prefix::V6 { .. } => 0,
+    };
+    let in_untouched_24 = v4.first().and_then(|p| {
+        let slash16 = addr_of(p) & 0xffff_0000;
+        let near = touching(Prefix::V4 { addr: slash16, len: 16 });
+        (0..=255u32).map(|i| slash16 | (i << 8)).find_map(|addr| {
+            let net = Prefix::V4 { addr, len: 24 };
+            let touched = near.iter().any(|p| p.contains(&net) || net.contains(p));
+            (!touched).then_some(Ipv4Addr::from_bits(addr | 1))
+        })
+    });
+    let in_listed_24 =
+        v4.iter().find(|p| matches!(p, Prefix::V4 { len, .. } if *len > 24)).and_then(|p| {
+            let slash24 = addr_of(p) & 0xffff_ff00;
+            let near = touching(Prefix::V4 { addr: slash24, len: 24 });
+            (slash24..=slash24 | 0xff).find_map(|addr| {
+                let host = Prefix::V4 { addr, len: 32 };
+                (!near.iter().any(|p| p.contains(&host))).then_some(Ipv4Addr::from_bits(addr))
+            })
+        });
+    [in_untouched_24, in_listed_24]
 }
 
 /// The timed paths, each with its floor and expected verdict.

@@ -108,10 +108,13 @@ pub const META_HAS_DST: u32 = 0x4;
 /// `META_HAS_DST` so that a generation written before the flag existed (pinned, adopted by a
 /// newer lbd) still has its sources looked up.
 pub const META_NO_SRC: u32 = 0x8;
-/// The generation's source prefilter in `FW_SRC_FILTER` is written: a packet whose bit there
-/// is clear matches no source prefix, and the trie lookup is skipped. Set only by a daemon
-/// that writes the prefilter, so a generation pinned by an older one is looked up as before.
-pub const META_SRC_FILTER: u32 = 0x10;
+/// The generation's source prefilter in `FW_SRC_FILTER` is written, in the layout of
+/// [`FILTER_V4_16`]: a packet with a clear bit there matches no source prefix, and the trie
+/// lookup is skipped. Set only by a daemon that writes this layout, so a generation pinned by
+/// another is looked up as before (until its first install switches a generation in). 0x10
+/// is retired: a development build's layout (one word per element, no /24 part), which a
+/// program of this layout must not trust.
+pub const META_SRC_FILTER: u32 = 0x20;
 
 /// Events logged per second per CPU at most, whatever the rules' sampling says.
 pub const LOG_EVENTS_PER_SECOND: u64 = 100;

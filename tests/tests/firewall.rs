@@ -17,8 +17,8 @@ use std::{
 use lb_common::{
     Action, Reason,
     firewall::{
-        AUDIT_SLOT, DEFAULT_SLOT, FilterChunk, META_SRC_FILTER, SRC_FILTER_CHUNKS, filter_v4_16,
-        filter_v4_24, filter_v6_32,
+        AUDIT_SLOT, DEFAULT_SLOT, FILTER_CHUNK_BITS, FilterChunk, META_SRC_FILTER,
+        SRC_FILTER_CHUNKS, filter_v4_16, filter_v4_24, filter_v6_32,
     },
     net::tcp_flags,
 };
@@ -64,6 +64,11 @@ impl Fw {
         let generation = self.firewall.active_generation().unwrap();
         self.bed.datapath.maps().firewall.counter(generation, slot).unwrap().packets
     }
+}
+
+/// Words of a `FW_SRC_FILTER` element.
+fn chunk_words() -> usize {
+    (FILTER_CHUNK_BITS / 64) as usize
 }
 
 fn compile(toml: &str, hz: u64) -> firewall::Compiled {
@@ -389,10 +394,11 @@ ports = [22]
     // Clears one bit of the generation's prefilter by hand.
     let clear = |fw: &mut Fw, bit: u32| {
         let words = filter(fw);
-        let index = (bit / 4096) as usize;
+        let index = (bit / FILTER_CHUNK_BITS) as usize;
+        let per_chunk = chunk_words();
         let mut chunk = FilterChunk::default();
-        chunk.words.copy_from_slice(&words[index * 64..index * 64 + 64]);
-        chunk.words[(bit / 64 % 64) as usize] &= !(1 << (bit % 64));
+        chunk.words.copy_from_slice(&words[index * per_chunk..(index + 1) * per_chunk]);
+        chunk.words[(bit / 64) as usize % per_chunk] &= !(1 << (bit % 64));
         let maps = &mut fw.bed.datapath.maps_mut().firewall;
         maps.set_src_filter_chunk(generation, index, &chunk).unwrap();
     };
@@ -426,19 +432,24 @@ ports = [22]
     fw.bed.check_all(&cases()).unwrap();
 
     // An update failing half-way (the kernel refuses a prefix longer than the family's,
-    // written after a good one) leaves the good one in the trie: its bits were set before.
-    let mut broken = compile(&grown, fw.hz);
+    // written after a good one, before a removal) leaves the good one and the one to remove
+    // in the trie: the bits of both lists were set before it began.
+    let mut broken = compile(&grown.replace("\"198.18.7.0/24\", ", ""), fw.hz);
     let bad = firewall::Prefix::V4 { addr: 0xc613_0600, len: 40 };
     broken.sources.insert(bad, 1);
     let maps = &mut fw.bed.datapath.maps_mut().firewall;
     assert!(fw.firewall.install(maps, Some(&broken)).is_err());
     assert!(has(&fw, filter_v4_16(0xc613_0500)) && has(&fw, filter_v4_24(0xc613_0500)));
+    assert!(has(&fw, v4_16) && has(&fw, v4_24), "the bits of a prefix not yet removed");
     fw.bed
-        .check_all(&[deny(
-            "v4 written before the failure",
-            tcp4([198, 19, 5, 1], dst, 80, 0),
-            Reason::FirewallDeny,
-        )])
+        .check_all(&[
+            deny(
+                "v4 written before the failure",
+                tcp4([198, 19, 5, 1], dst, 80, 0),
+                Reason::FirewallDeny,
+            ),
+            deny("v4 not yet removed", tcp4([198, 18, 7, 1], dst, 80, 0), Reason::FirewallDeny),
+        ])
         .unwrap();
     assert!(!fw.install(block).switched, "the trie as read back after the failure");
     let trie = fw.bed.datapath.maps().firewall.prefixes(Direction::Source, generation).unwrap();

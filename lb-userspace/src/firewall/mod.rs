@@ -346,7 +346,8 @@ impl Firewall {
             // The prefilter is rewritten from the trie as read (the tries are not changing),
             // exact again after a crash mid-update (a superset then) or a lost pin.
             let mut held = maps.src_filter(active)?;
-            write_src_filter(maps, active, &mut held, &prefix::src_filter(current.sources.keys()))?;
+            let wanted = prefix::src_filter(current.sources.keys());
+            write_src_filter(maps, active, &mut held, &wanted, Filter::Exact)?;
             fw.held[active as usize] = Some(current);
         } else {
             write_generation(maps, active, &Compiled::empty(), &Self::read_back(maps, active)?)?;
@@ -504,8 +505,7 @@ fn write_tries(
 ) -> Result<(usize, usize), MapError> {
     let wanted = prefix::src_filter(new.sources.keys());
     let mut held = maps.src_filter(generation)?;
-    let both: Vec<u64> = held.iter().zip(&wanted).map(|(h, w)| h | w).collect();
-    write_src_filter(maps, generation, &mut held, &both)?;
+    write_src_filter(maps, generation, &mut held, &wanted, Filter::WithHeld)?;
     let (mut written, mut removed) = (0, 0);
     for direction in [Direction::Source, Direction::Destination] {
         let (n, o) = (new.tries(direction), old.tries(direction));
@@ -520,24 +520,37 @@ fn write_tries(
             removed += 1;
         }
     }
-    write_src_filter(maps, generation, &mut held, &wanted)?;
+    write_src_filter(maps, generation, &mut held, &wanted, Filter::Exact)?;
     Ok((written, removed))
 }
 
+/// What [`write_src_filter`] writes: `wanted` alone, or with the bits held too (the union
+/// that covers both prefix lists while the trie moves from one to the other).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    Exact,
+    WithHeld,
+}
+
 /// Brings a generation's source prefilter from what the map holds (`held`, kept up to date)
-/// to `wanted`, writing the elements (64 words) that differ.
+/// to `wanted` (with `held`'s bits too for [`Filter::WithHeld`]), writing the elements (64
+/// words) that change.
 fn write_src_filter(
     maps: &mut FirewallMaps,
     generation: u32,
     held: &mut [u64],
     wanted: &[u64],
+    what: Filter,
 ) -> Result<(), MapError> {
+    debug_assert_eq!(held.len(), wanted.len());
     for (i, (h, w)) in held.chunks_mut(64).zip(wanted.chunks(64)).enumerate() {
-        if h != w {
-            let mut chunk = FilterChunk::default();
-            chunk.words.copy_from_slice(w);
+        let mut chunk = FilterChunk::default();
+        for ((c, h), w) in chunk.words.iter_mut().zip(h.iter()).zip(w) {
+            *c = if what == Filter::WithHeld { h | w } else { *w };
+        }
+        if chunk.words[..] != h[..] {
             maps.set_src_filter_chunk(generation, i, &chunk)?;
-            h.copy_from_slice(w);
+            h.copy_from_slice(&chunk.words);
         }
     }
     Ok(())

@@ -119,7 +119,12 @@ pub fn propagate(entries: &[(Prefix, RuleBits)], any: RuleBits) -> BTreeMap<Pref
 pub fn src_filter<'a>(prefixes: impl IntoIterator<Item = &'a Prefix>) -> Vec<u64> {
     let mut out = vec![0u64; (SRC_FILTER_BITS / 64) as usize];
     for prefix in prefixes {
-        match *prefix {
+        // Host bits cleared (as parsing does; a key read back from the trie may carry them).
+        let prefix = match *prefix {
+            Prefix::V4 { addr, len } => Prefix::V4 { addr: addr & mask32(len.min(32)), len },
+            Prefix::V6 { addr, len } => Prefix::V6 { addr: addr & mask128(len.min(128)), len },
+        };
+        match prefix {
             Prefix::V4 { addr, len } => {
                 // The /16 (/24) of a prefix as long or longer; every one of a shorter prefix.
                 set_bits(&mut out, filter_v4_16(addr), 1 << 16u8.saturating_sub(len));
@@ -221,6 +226,17 @@ mod tests {
         assert!(!has(&f, filter_v4_24(0x0b00_0000)) && !has(&f, filter_v4_24(0xc614_0000)));
         assert_eq!(part(&f, FILTER_V4_16, FILTER_V6_32), 2 + 256 + 1);
         assert_eq!(part(&f, FILTER_V4_24, SRC_FILTER_BITS), 2 * 256 + 65_536 + 1);
+        // Between a /16 and a /24: its /16, and each of its /24s (here within one word).
+        let f = src_filter(&[p("198.18.16.0/20")]);
+        assert!(has(&f, filter_v4_24(0xc612_1000)) && has(&f, filter_v4_24(0xc612_1fff)));
+        assert!(!has(&f, filter_v4_24(0xc612_0fff)) && !has(&f, filter_v4_24(0xc612_2000)));
+        assert_eq!(part(&f, FILTER_V4_24, SRC_FILTER_BITS), 16);
+        assert_eq!(ones(&f), 17);
+        // Host bits, as a key read back from the trie may carry, are cleared first.
+        let unmasked = Prefix::V4 { addr: 0x0a01_0000, len: 8 };
+        assert_eq!(src_filter(&[unmasked]), src_filter(&[p("10.0.0.0/8")]));
+        let top = Prefix::V6 { addr: u128::MAX, len: 16 };
+        assert_eq!(src_filter(&[top]), src_filter(&[p("ffff::/16")]));
         let all = src_filter(&[p("0.0.0.0/0")]);
         assert_eq!(part(&all, FILTER_V4_16, FILTER_V6_32), 65_536);
         assert_eq!(part(&all, FILTER_V4_24, SRC_FILTER_BITS), 1 << 24);

@@ -525,12 +525,9 @@ fn near_misses(
     let touching = |net: Prefix| -> Vec<Prefix> {
         prefixes.iter().filter(|p| p.contains(&net) || net.contains(p)).copied().collect()
     };
-    let addr_of = |p: &Prefix| match *p {
-        Prefix::V4 { addr, .. } => addr,
-        Prefix::V6 { .. } => 0,
-    };
     let in_untouched_24 = v4.first().and_then(|p| {
-        let slash16 = addr_of(p) & 0xffff_0000;
+        let Prefix::V4 { addr, .. } = *p else { return None };
+        let slash16 = addr & 0xffff_0000;
         let near = touching(Prefix::V4 { addr: slash16, len: 16 });
         (0..=255u32).map(|i| slash16 | (i << 8)).find_map(|addr| {
             let net = Prefix::V4 { addr, len: 24 };
@@ -540,7 +537,8 @@ fn near_misses(
     });
     let in_listed_24 =
         v4.iter().find(|p| matches!(p, Prefix::V4 { len, .. } if *len > 24)).and_then(|p| {
-            let slash24 = addr_of(p) & 0xffff_ff00;
+            let Prefix::V4 { addr, .. } = *p else { return None };
+            let slash24 = addr & 0xffff_ff00;
             let near = touching(Prefix::V4 { addr: slash24, len: 24 });
             (slash24..=slash24 | 0xff).find_map(|addr| {
                 let host = Prefix::V4 { addr, len: 32 };

@@ -574,7 +574,7 @@ impl Balancer {
     /// Whether `config` fits the maps while it applies: new services, backends and addresses
     /// are written before the ones they replace go, so both count until then. Refusing here
     /// leaves everything as it was; running out halfway would not.
-    fn check_capacity(&self, config: &Config) -> Result<(), ApplyError> {
+    pub fn check_capacity(&self, config: &Config) -> Result<(), ApplyError> {
         let balanced: Vec<&ServiceConfig> =
             config.services.iter().filter(|s| s.in_data_path()).collect();
         let fits = |what: &str, n: usize, max: u32| {

@@ -1116,6 +1116,16 @@ impl Config {
         };
         let v4 = service.address.get_ref().is_ipv4();
         for backend in &pool.backends {
+            let addr = backend.address.get_ref();
+            if let Some(other) = self.services.iter().find(|s| s.address.get_ref() == addr) {
+                p.add(
+                    Some(backend.address.span()),
+                    &format!(
+                        "backend {addr} of pool {pool_name:?} is the address of service {:?}: its packets would come back to the load balancer; use the backend's own address",
+                        other.name.get_ref()
+                    ),
+                );
+            }
             if backend.address.get_ref().is_ipv4() != v4 {
                 p.add(
                     Some(backend.address.span()),
@@ -1249,6 +1259,27 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
         if hc.rise == 0 || hc.fall == 0 || hc.rise > 100 || hc.fall > 100 {
             p.add(at.clone(), &format!("pool {name:?}: health_check rise and fall are 1 to 100"));
         }
+        if hc.port == Some(0) {
+            p.add(at.clone(), &format!("pool {name:?}: health_check port must be 1 to 65535"));
+        }
+        if !(100..=599).contains(&hc.expect_status) {
+            p.add(
+                at.clone(),
+                &format!("pool {name:?}: health_check expect_status must be 100 to 599"),
+            );
+        }
+        if let Some(sni) = &hc.sni {
+            if hc.kind != CheckKind::Https {
+                p.add(at.clone(), &format!("pool {name:?}: health_check sni is for https checks"));
+            } else if rustls::pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                p.add(
+                    at.clone(),
+                    &format!(
+                        "pool {name:?}: health_check sni {sni:?} is not a DNS name or address"
+                    ),
+                );
+            }
+        }
         match hc.kind {
             CheckKind::Command if hc.command.is_empty() => {
                 p.add(
@@ -1299,6 +1330,15 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
             p.add(
                 at.clone(),
                 &format!("pool {name:?}: autoscale policy {:?} is defined twice", policy.name),
+            );
+        }
+        if policy.above.or(policy.below).is_some_and(|t| !t.is_finite()) {
+            p.add(
+                at.clone(),
+                &format!(
+                    "pool {name:?}: autoscale policy {:?} needs a finite threshold",
+                    policy.name
+                ),
             );
         }
         if policy.above.is_some() == policy.below.is_some() {
@@ -1394,7 +1434,7 @@ fn check_service_mode(service: &ServiceConfig, p: &mut Problems<'_>) {
 /// The checks of a `tls-passthrough` service that need nothing but the service (its routes'
 /// pools are checked with the pools).
 fn check_passthrough(service: &ServiceConfig, p: &mut Problems<'_>) {
-    use crate::passthrough::routes::is_valid_pattern;
+    use crate::passthrough::routes::{Routes, is_valid_pattern};
     let name = service.name.get_ref();
     let at = Some(service.name.span());
     if service.protocol != Protocol::Tcp || service.port().is_none() {
@@ -1409,7 +1449,8 @@ fn check_passthrough(service: &ServiceConfig, p: &mut Problems<'_>) {
         p.add(at.clone(), &format!("service {name:?} is tls-passthrough; `nat_source` and `nat_ports` only apply to nat services (the daemon connects to backends from the host's own addresses)"));
     }
     let Some(tls) = &service.tls else { return };
-    let mut seen = HashSet::new();
+    // Duplicates as the routing table judges them (case and a final dot do not count).
+    let mut seen = Routes::new();
     for route in &tls.routes {
         let pattern = route.server_name.get_ref();
         if let Err(message) = is_valid_pattern(pattern) {
@@ -1417,7 +1458,7 @@ fn check_passthrough(service: &ServiceConfig, p: &mut Problems<'_>) {
                 Some(route.server_name.span()),
                 &format!("service {name:?}: server_name {pattern:?}: {message}"),
             );
-        } else if !seen.insert(pattern.to_ascii_lowercase()) {
+        } else if seen.insert(pattern, ()).is_err() {
             p.add(Some(route.server_name.span()), &format!("service {name:?}: server_name {pattern:?} is routed twice; keep one route per name"));
         }
     }
@@ -1626,6 +1667,45 @@ nat_source = "198.18.1.1"
     }
 
     #[test]
+    fn refuses_checks_thresholds_and_backends_that_cannot_work() {
+        let problems = |text: &str| match Config::parse(text, "t") {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("accepted: {other:?}"),
+        };
+        let check = |settings: &str| {
+            FULL.replace(
+                "name = \"web\"\n[[pool.backend]]",
+                &format!("name = \"web\"\n[pool.health_check]\n{settings}\n[[pool.backend]]"),
+            )
+        };
+        assert!(Config::parse(&check("kind = \"https\"\nsni = \"api.example.com\""), "t").is_ok());
+        for (settings, expected) in [
+            ("kind = \"tcp\"\nport = 0", "port must be 1 to 65535"),
+            ("kind = \"http\"\nexpect_status = 0", "expect_status must be 100 to 599"),
+            ("kind = \"https\"\nsni = \"not a name!\"", "is not a DNS name"),
+            ("kind = \"tcp\"\nsni = \"api.example.com\"", "sni is for https checks"),
+        ] {
+            let found = problems(&check(settings));
+            assert!(found.len() == 1 && found[0].contains(expected), "{settings}: {found:#?}");
+        }
+        let policy = |threshold: &str| {
+            FULL.replace(
+                "name = \"web\"\n[[pool.backend]]",
+                &format!("name = \"web\"\n[[pool.autoscale]]\nname = \"up\"\nsignal = \"new_flows_per_second\"\n{threshold}\ncommand = [\"true\"]\n[[pool.backend]]"),
+            )
+        };
+        assert!(Config::parse(&policy("above = 100.0"), "t").is_ok());
+        let found = problems(&policy("above = nan"));
+        assert!(found.len() == 1 && found[0].contains("finite threshold"), "{found:#?}");
+        let found =
+            problems(&FULL.replace("address = \"198.18.1.11\"", "address = \"198.18.100.1\""));
+        assert!(
+            found.len() == 1 && found[0].contains("is the address of service \"web\""),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
     fn nat_needs_a_source_and_dsr_keeps_ports() {
         let text = FULL.replace("nat_source = \"198.18.1.1\"\n", "");
         let error = Config::parse(&text, "t").unwrap_err().to_string();
@@ -1685,6 +1765,10 @@ pool = "web"
             ),
             (
                 ("server_name = \"*.example.com\"", "server_name = \"WWW.example.com\""),
+                "routed twice",
+            ),
+            (
+                ("server_name = \"*.example.com\"", "server_name = \"www.example.com.\""),
                 "routed twice",
             ),
             (

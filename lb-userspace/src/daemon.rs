@@ -440,6 +440,13 @@ impl Daemon {
     /// [`Daemon::apply`]; `reread` re-reads the firewall's prefix files even when the
     /// `[firewall]` section is unchanged (a reload does, an API change does not).
     fn apply_with(&mut self, new: Config, reread: bool) -> Result<ApplySummary, ChangeError> {
+        let prepared = self.prepare(new, reread)?;
+        self.install(prepared)
+    }
+
+    /// Every check of a change, with nothing changed yet: what [`Daemon::install`] needs, or
+    /// why the change is refused.
+    fn prepare(&self, new: Config, reread: bool) -> Result<Prepared, ChangeError> {
         new.validate().map_err(ChangeError::Invalid)?;
         let interfaces = |c: &Config| {
             c.interfaces.iter().map(|i| (i.name.get_ref().clone(), i.xdp_mode)).collect::<Vec<_>>()
@@ -472,10 +479,26 @@ impl Daemon {
         }
         StartSettings::of(&self.config).put(&mut new);
         let firewall = if reread || new.firewall != self.config.firewall {
-            Some(compile_firewall(&new, self.hz).map_err(ChangeError::Invalid)?)
+            FirewallChange::Install(compile_firewall(&new, self.hz).map_err(ChangeError::Invalid)?)
         } else {
-            None
+            FirewallChange::Keep
         };
+        let now = Instant::now();
+        let mut lifecycle = self.lifecycle.clone();
+        lifecycle.observe(&new, now);
+        let (effective, panicking) = lifecycle.effective(&new, now);
+        // Also checked by `Balancer::apply`; here too, so that nothing (passthrough's start,
+        // port reservations, the file) changes for a change that does not fit.
+        self.balancer
+            .check_capacity(&effective)
+            .map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
+        Ok(Prepared { new, file_now, pending, firewall, lifecycle, effective, panicking, now })
+    }
+
+    /// Applies a prepared change: the data path, then the daemon's own state.
+    fn install(&mut self, prepared: Prepared) -> Result<ApplySummary, ChangeError> {
+        let Prepared { new, file_now, pending, firewall, mut lifecycle, effective, panicking, now } =
+            prepared;
         if Passthrough::needed(&new) && !self.passthrough.started() {
             start_passthrough(&mut self.datapath, &mut self.passthrough)
                 .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
@@ -483,10 +506,6 @@ impl Daemon {
         // The new ranges are reserved before any flow can take their ports; the old ones
         // are given back once the change has applied (or the new ones, if it fails).
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new], false);
-        let now = Instant::now();
-        let mut lifecycle = self.lifecycle.clone();
-        lifecycle.observe(&new, now);
-        let (effective, panicking) = lifecycle.effective(&new, now);
         let applied = self
             .balancer
             .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
@@ -519,7 +538,7 @@ impl Daemon {
                 Err(error) => warn!(%error, "cutting flows of removed services failed"),
             }
         }
-        if let Some(compiled) = firewall {
+        if let FirewallChange::Install(compiled) = firewall {
             let summary = self
                 .firewall
                 .install(&mut self.datapath.maps_mut().firewall, compiled.as_ref())
@@ -550,31 +569,35 @@ impl Daemon {
     }
 
     /// Applies `new` and writes it back to the configuration file, so the change survives a
-    /// restart. The new file is written (next to the old one) before anything is applied, so
-    /// a file that cannot be written refuses the change with nothing changed; it replaces the
-    /// old file once the change is applied. Only if that last rename fails does the running
-    /// state go back (by applying the old configuration).
+    /// restart. Every check comes first, then the file is written (beside the old one, then
+    /// renamed over it), then the change is applied: a refused change or a file that cannot
+    /// be written leaves everything as it was. Should applying fail after that (a map write
+    /// refused by the kernel), the old file is put back.
     pub fn change(&mut self, new: Config) -> Result<ApplySummary, ChangeError> {
-        let staged = self.stage(&new)?;
-        let old = self.config.clone();
-        let summary = match self.apply(new) {
-            Ok(summary) => summary,
-            Err(error) => {
-                if let Some(staged) = &staged {
-                    let _ = std::fs::remove_file(&staged.tmp);
-                }
-                return Err(error);
-            }
-        };
-        if let Some(staged) = staged {
-            if let Err(error) = staged.commit() {
-                warn!(%error, "rolling back: the change could not be saved");
-                let _ = self.apply(old);
-                return Err(error);
-            }
-            self.file_digest = Some(staged.digest);
+        let prepared = self.prepare(new, false)?;
+        let staged = self.stage(&prepared.new)?;
+        if let Some(staged) = &staged {
+            staged.commit()?;
         }
-        Ok(summary)
+        match self.install(prepared) {
+            Ok(summary) => {
+                if let Some(staged) = staged {
+                    self.file_digest = Some(staged.digest);
+                }
+                Ok(summary)
+            }
+            Err(error) => {
+                if let Some(staged) = staged
+                    && let Err(restore) = staged.restore()
+                {
+                    // The file holds the refused change: a later API change is refused as
+                    // a conflict until the file is mended and reloaded.
+                    tracing::error!(%restore, "the configuration file could not be put back");
+                    self.file_digest = None;
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Writes what the file will hold after `new` is applied to a temporary file beside it,
@@ -635,7 +658,7 @@ impl Daemon {
         {
             warn!(%error, file = %path.display(), "could not keep the configuration file's owner");
         }
-        Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()) }))
+        Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()), previous: current }))
     }
 }
 
@@ -645,6 +668,32 @@ struct Staged {
     path: PathBuf,
     /// Of the new contents.
     digest: u64,
+    /// The file's contents before the change, to put back if the change fails to apply.
+    previous: Vec<u8>,
+}
+
+/// What a change does to the firewall.
+enum FirewallChange {
+    /// Nothing: its section and prefix files are as installed.
+    Keep,
+    /// Installs this rule set (`None`: no firewall).
+    Install(Option<firewall::Compiled>),
+}
+
+/// A change that passed every check ([`Daemon::prepare`]), ready for [`Daemon::install`].
+struct Prepared {
+    /// The configuration to run (settings read only at start kept as running).
+    new: Config,
+    /// What the file holds of those settings, after a reload.
+    file_now: Option<StartSettings>,
+    /// Settings the file changed that wait for a restart.
+    pending: Option<Vec<&'static str>>,
+    firewall: FirewallChange,
+    lifecycle: Lifecycle,
+    /// `new` under the lifecycle's weights, and the pools in panic mode.
+    effective: Config,
+    panicking: std::collections::BTreeSet<String>,
+    now: Instant,
 }
 
 /// A digest of a configuration file's bytes, to notice edits (not a security measure).
@@ -656,16 +705,47 @@ fn digest(bytes: &[u8]) -> u64 {
 }
 
 impl Staged {
-    /// Puts the new file in place of the old one (and makes the rename durable).
+    /// Puts the new file in place of the old one (and makes the rename durable); on failure
+    /// the old file stays and the new one goes.
     fn commit(&self) -> Result<(), ChangeError> {
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| ChangeError::Persist(format!("{}: {e}", self.path.display())))?;
-        if let Some(dir) = self.path.parent()
-            && let Ok(dir) = std::fs::File::open(dir)
-        {
-            let _ = dir.sync_all();
+        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(ChangeError::Persist(format!("{}: {e}", self.path.display())));
         }
+        sync_parent(&self.path);
         Ok(())
+    }
+
+    /// Puts the file's previous contents back (the committed file's mode and owner are the
+    /// old file's already), the same way: a file beside it, renamed over it.
+    fn restore(&self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let _ = std::fs::remove_file(&self.tmp);
+        let permissions = std::fs::metadata(&self.path)?.permissions();
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.tmp)
+            .and_then(|mut file| {
+                file.set_permissions(permissions)?;
+                file.write_all(&self.previous)?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        sync_parent(&self.path);
+        written
+    }
+}
+
+/// Makes a rename in `path`'s directory durable (best effort).
+fn sync_parent(path: &std::path::Path) {
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
     }
 }
 

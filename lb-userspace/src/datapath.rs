@@ -350,7 +350,9 @@ impl Datapath {
         if lookup.fd().is_err() {
             lookup.load().map_err(|e| fail("loading the sk_lookup program", &e))?;
         }
-        let netns = std::fs::File::open("/proc/self/ns/net")
+        // This thread's namespace: `/proc/self` is the main thread's, another one when the
+        // daemon runs in a thread moved into a namespace (as the tests run it).
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")
             .map_err(|e| fail("opening this network namespace", &e))?;
         lookup.attach(netns).map_err(|e| fail("attaching the sk_lookup program", &e))?;
         // Taken only now: a failure above leaves them for a later attempt.

@@ -318,6 +318,34 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
             StatusCode::BAD_REQUEST,
             "not an IP",
         ),
+        (
+            Method::DELETE,
+            "/v1/pools/web/backends/198.18.1.11?Port=8080",
+            None,
+            StatusCode::BAD_REQUEST,
+            "Port",
+        ),
+        (
+            Method::DELETE,
+            "/v1/pools/web/backends/198.18.1.11?port=abc",
+            None,
+            StatusCode::BAD_REQUEST,
+            "port",
+        ),
+        (
+            Method::PUT,
+            "/v1/pools/web/backends/198.18.1.11/weight?port=9999",
+            Some(r#"{"weight": 5}"#),
+            StatusCode::NOT_FOUND,
+            "port 9999",
+        ),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "198.18.100.1"}"#),
+            StatusCode::BAD_REQUEST,
+            "is the address of service",
+        ),
     ] {
         let (status, text) = f.send(method.clone(), path, None, body);
         assert_eq!(status, want, "{method} {path} {body:?}: {text}");
@@ -327,6 +355,46 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
         assert!(message.contains(needle), "{method} {path}: {message:?} should mention {needle:?}");
     }
     assert_eq!((f.fingerprint(), f.config_text()), before, "a rejected request changed something");
+    for leftover in ["toml.orig", "toml.tmp"] {
+        let path = f.config_path.with_extension(leftover);
+        assert!(!path.exists(), "a rejected request left {}", path.display());
+    }
+}
+
+#[test]
+fn backends_sharing_an_address_are_named_by_port() {
+    let Some(f) = Fixture::new("backends_by_port", None) else { return };
+    let (status, body) = f.send(
+        Method::POST,
+        "/v1/pools/web/backends",
+        None,
+        Some(r#"{"address": "198.18.1.11", "port": 8081}"#),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // Two backends at 198.18.1.11 (one without a port): a request without a port would
+    // have changed both.
+    let before = (f.fingerprint(), f.config_text());
+    let path = "/v1/pools/web/backends/198.18.1.11/state";
+    let (status, body) = f.send(Method::PUT, path, None, Some(r#"{"state": "draining"}"#));
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("ports: none, 8081"), "{body}");
+    assert_eq!(
+        (f.fingerprint(), f.config_text()),
+        before,
+        "an ambiguous request changed something"
+    );
+    let (status, body) =
+        f.send(Method::DELETE, "/v1/pools/web/backends/198.18.1.11?port=0", None, None);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = f.send(Method::GET, "/v1/pools", None, None);
+    let pools: Vec<api::PoolView> = serde_json::from_str(&body).unwrap();
+    let at: Vec<_> = pools[0]
+        .backends
+        .iter()
+        .filter(|b| b.address.to_string() == "198.18.1.11")
+        .map(|b| b.port)
+        .collect();
+    assert_eq!(at, vec![Some(8081)], "{body}");
 }
 
 #[test]

@@ -390,11 +390,55 @@ pub struct NewBackend {
     pub weight: Option<u32>,
 }
 
-/// Which backend of a pool: its address in the path, and its port when several share it.
+/// Which backend of a pool: its address in the path, and its port when several share it
+/// (`port=0`: the one without a port of its own).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendSelector {
     #[serde(default)]
     pub port: Option<u16>,
+}
+
+impl BackendSelector {
+    /// The index in `backends` of the backend at `addr` this names: without a port, the one
+    /// backend at that address (several: refused, listing their ports).
+    fn pick(
+        &self,
+        pool: &str,
+        backends: &[BackendConfig],
+        addr: IpAddr,
+    ) -> Result<usize, ApiError> {
+        let at: Vec<usize> =
+            (0..backends.len()).filter(|i| *backends[*i].address.get_ref() == addr).collect();
+        let ports = || {
+            at.iter()
+                .map(|i| backends[*i].port().map_or_else(|| "none".to_owned(), |p| p.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self.port {
+            None if at.len() > 1 => Err(ApiError::BadRequest(format!(
+                "pool {pool:?} has {} backends at {addr} (ports: {}); name one with ?port=P (?port=0 for the one without a port)",
+                at.len(),
+                ports()
+            ))),
+            None => at
+                .first()
+                .copied()
+                .ok_or_else(|| ApiError::NotFound(format!("pool {pool:?} has no backend {addr}"))),
+            Some(port) => {
+                let wanted = (port != 0).then_some(port);
+                at.iter().copied().find(|i| backends[*i].port() == wanted).ok_or_else(|| {
+                    let which = if port == 0 {
+                        "without a port".to_owned()
+                    } else {
+                        format!("port {port}")
+                    };
+                    ApiError::NotFound(format!("pool {pool:?} has no backend {addr} {which}"))
+                })
+            }
+        }
+    }
 }
 
 /// Body of `PUT /v1/pools/{pool}/backends/{address}/weight`.
@@ -504,20 +548,15 @@ async fn add_backend(
 async fn remove_backend(
     State(state): State<AppState>,
     Path((pool, address)): Path<(String, String)>,
-    Query(selector): Query<BackendSelector>,
+    selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
     let what = format!("remove backend {addr} port {:?} from pool {pool}", selector.port);
     change(&state, &what, |config| {
         let p = pool_mut(config, &pool)?;
-        let before = p.backends.len();
-        p.backends.retain(|b| {
-            !(*b.address.get_ref() == addr
-                && (selector.port.is_none() || b.port() == selector.port))
-        });
-        if p.backends.len() == before {
-            return Err(ApiError::NotFound(format!("pool {pool:?} has no backend {addr}")));
-        }
+        let index = selector.pick(&pool, &p.backends, addr)?;
+        p.backends.remove(index);
         Ok(())
     })
 }
@@ -525,9 +564,10 @@ async fn remove_backend(
 async fn set_weight(
     State(state): State<AppState>,
     Path((pool, address)): Path<(String, String)>,
-    Query(selector): Query<BackendSelector>,
+    selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<Weight>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
     if body.weight > MAX_WEIGHT {
@@ -537,7 +577,7 @@ async fn set_weight(
         )));
     }
     let what = format!("set weight of backend {addr} in pool {pool} to {}", body.weight);
-    edit_backends(&state, &what, &pool, addr, selector.port, |b| {
+    edit_backend(&state, &what, &pool, addr, &selector, |b| {
         b.weight = toml::Spanned::new(0..0, body.weight);
     })
 }
@@ -545,38 +585,30 @@ async fn set_weight(
 async fn set_state(
     State(state): State<AppState>,
     Path((pool, address)): Path<(String, String)>,
-    Query(selector): Query<BackendSelector>,
+    selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<StateChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
     let what = format!("set backend {addr} in pool {pool} {}", body.state.name());
-    edit_backends(&state, &what, &pool, addr, selector.port, |b| b.state = body.state)
+    edit_backend(&state, &what, &pool, addr, &selector, |b| b.state = body.state)
 }
 
-/// Applies `edit` to the backends of `pool` at `addr` (and `port`, if given).
-fn edit_backends(
+/// Applies `edit` to the backend of `pool` at `addr` that `selector` names.
+fn edit_backend(
     state: &AppState,
     what: &str,
     pool: &str,
     addr: IpAddr,
-    port: Option<u16>,
+    selector: &BackendSelector,
     edit: impl Fn(&mut BackendConfig),
 ) -> Result<Json<ChangeResult>, ApiError> {
     change(state, what, |config| {
         let p = pool_mut(config, pool)?;
-        let mut found = false;
-        for b in &mut p.backends {
-            if *b.address.get_ref() == addr && (port.is_none() || b.port() == port) {
-                edit(b);
-                found = true;
-            }
-        }
-        if found {
-            Ok(())
-        } else {
-            Err(ApiError::NotFound(format!("pool {pool:?} has no backend {addr}")))
-        }
+        let index = selector.pick(pool, &p.backends, addr)?;
+        edit(&mut p.backends[index]);
+        Ok(())
     })
 }
 

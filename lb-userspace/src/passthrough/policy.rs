@@ -43,8 +43,13 @@ impl Policy {
         let tls = service.tls.clone().unwrap_or_default();
         let mut routes = Routes::new();
         for route in &tls.routes {
-            // Validated: patterns are well formed and unique.
-            let _ = routes.insert(route.server_name.get_ref(), route.pool.get_ref().clone());
+            // Validated (`Config::check`): patterns are well formed and unique as `Routes`
+            // judges them, so this cannot fail for a checked configuration.
+            if let Err(error) =
+                routes.insert(route.server_name.get_ref(), route.pool.get_ref().clone())
+            {
+                tracing::error!(service = %service.name.get_ref(), %error, "server_name route not installed");
+            }
         }
         let default_pool = service.pool.get_ref().clone();
         // The service's own table size applies to its pool; routed pools are sized for

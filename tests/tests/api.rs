@@ -204,8 +204,16 @@ fn every_endpoint_answers_and_the_openapi_document_matches_the_routes() {
             "{method} {concrete} is not routed: {status} {text}"
         );
     }
-    let (status, _) = f.send(Method::GET, "/v1/nonexistent", t, None);
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Unknown endpoints and methods answer JSON errors like every other.
+    for (method, path, want) in [
+        (Method::GET, "/v1/nonexistent", StatusCode::NOT_FOUND),
+        (Method::DELETE, "/v1/status", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let (status, text) = f.send(method.clone(), path, t, None);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let error: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(error["error"].as_str().is_some_and(|e| e.contains("openapi")), "{text}");
+    }
 }
 
 #[test]

@@ -51,6 +51,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reload", post(reload))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
+        .fallback(|| async { ApiError::NotFound("no such endpoint; see /v1/openapi.json".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -63,6 +65,7 @@ pub enum ApiError {
     BadRequest(String),
     NotFound(String),
     Conflict(String),
+    MethodNotAllowed,
     Internal(String),
 }
 
@@ -80,6 +83,10 @@ impl IntoResponse for ApiError {
             Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
             Self::Conflict(m) => (StatusCode::CONFLICT, m),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method; see /v1/openapi.json".to_owned(),
+            ),
             Self::Internal(m) => {
                 error!(cause = %m, "API request failed");
                 (

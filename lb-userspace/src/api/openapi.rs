@@ -24,6 +24,7 @@ fn error_responses() -> Value {
         "400": { "description": "Invalid input; the message says what and how to fix it. Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
         "401": { "description": "Missing or wrong bearer token. Nothing changed." },
         "404": { "description": "No such pool or backend. Nothing changed." },
+        "409": { "description": "The backend exists already, or the configuration file was edited since lbd last read it (reload it first). Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
         "500": { "description": "Internal error; the cause is in the daemon's log." }
     })
 }
@@ -67,7 +68,7 @@ pub fn document_value() -> Value {
                     "conntrack_entries": { "type": "integer" }, "conntrack_capacity": { "type": "integer" }, "pinned": { "type": "boolean" } } },
                 "Service": { "type": "object", "properties": {
                     "name": { "type": "string" }, "address": { "type": "string" }, "protocol": { "type": "string", "enum": ["tcp", "udp"] },
-                    "port": { "type": "integer", "nullable": true }, "pool": { "type": "string" }, "mode": { "type": "string", "enum": ["nat", "dsr-l2"] },
+                    "port": { "type": "integer", "nullable": true }, "pool": { "type": "string" }, "mode": { "type": "string", "enum": ["nat", "dsr-l2", "tls-passthrough"] },
                     "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" } } },
                 "Backend": { "type": "object", "properties": {
                     "address": { "type": "string" }, "port": { "type": "integer", "nullable": true }, "weight": { "type": "integer" },

@@ -31,6 +31,16 @@ use crate::{
 /// A daemon shared between the run loop and the API.
 pub type SharedDaemon = Arc<Mutex<Daemon>>;
 
+/// Locks the daemon for the run loop and the API alike. A panic while it was held (a bug) is
+/// logged and the daemon goes on: the maps are what the data path runs, and the next change,
+/// reload or periodic task writes them whole again.
+pub fn lock(daemon: &SharedDaemon) -> std::sync::MutexGuard<'_, Daemon> {
+    daemon.lock().unwrap_or_else(|poisoned| {
+        tracing::error!("a task panicked holding the daemon's state; going on with it");
+        poisoned.into_inner()
+    })
+}
+
 /// Why a configuration change was not made; the running state is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {

@@ -33,7 +33,7 @@ pub use balancer::Balancer;
 pub use config::Config;
 pub use datapath::Datapath;
 
-use crate::daemon::{ConfigFile, Daemon, SharedDaemon};
+use crate::daemon::{ConfigFile, Daemon, SharedDaemon, lock};
 
 /// Options of a daemon run that are not part of the configuration file.
 #[derive(Clone, Debug, Default)]
@@ -171,10 +171,6 @@ fn raise_fd_limit() {
             }
         }
     }
-}
-
-fn lock(daemon: &SharedDaemon) -> std::sync::MutexGuard<'_, Daemon> {
-    daemon.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Serves the API on `listener` until `shutdown`.

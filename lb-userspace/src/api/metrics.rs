@@ -607,7 +607,7 @@ impl Snapshot {
 /// `GET /metrics`.
 pub async fn scrape(axum::extract::State(state): State<AppState>) -> Result<Response, ApiError> {
     let snapshot = {
-        let d = lock(&state)?;
+        let d = lock(&state);
         Snapshot::take(&d).map_err(|e| ApiError::Internal(e.to_string()))?
     };
     let mut registry = Registry::default();

@@ -142,8 +142,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn lock(state: &AppState) -> Result<std::sync::MutexGuard<'_, crate::daemon::Daemon>, ApiError> {
-    state.daemon.lock().map_err(|_| ApiError::Internal("daemon state lock poisoned".into()))
+fn lock(state: &AppState) -> std::sync::MutexGuard<'_, crate::daemon::Daemon> {
+    crate::daemon::lock(&state.daemon)
 }
 
 /// `GET /v1/status`.
@@ -166,7 +166,7 @@ pub struct InterfaceStatus {
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    let d = lock(&state)?;
+    let d = lock(&state);
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces: d
@@ -198,7 +198,7 @@ pub struct ServiceView {
 }
 
 async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>>, ApiError> {
-    let d = lock(&state)?;
+    let d = lock(&state);
     let mut out = Vec::new();
     let passthrough =
         crate::passthrough::Passthrough::needed(&d.config).then(|| d.passthrough.stats.snapshot());
@@ -276,7 +276,7 @@ pub struct BackendView {
 }
 
 async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
-    let d = lock(&state)?;
+    let d = lock(&state);
     let now = std::time::Instant::now();
     let mut out = Vec::new();
     for pool in &d.config.pools {
@@ -343,7 +343,7 @@ pub struct RuleView {
 }
 
 async fn firewall(State(state): State<AppState>) -> Result<Json<FirewallView>, ApiError> {
-    let d = lock(&state)?;
+    let d = lock(&state);
     Ok(Json(firewall_view(&d).map_err(|e| ApiError::Internal(e.to_string()))?))
 }
 
@@ -511,7 +511,7 @@ fn change(
     what: &str,
     edit: impl FnOnce(&mut Config) -> Result<(), ApiError>,
 ) -> Result<Json<ChangeResult>, ApiError> {
-    let mut d = lock(state)?;
+    let mut d = lock(state);
     let mut new = d.config.clone();
     edit(&mut new)?;
     let summary = d.change(new)?;
@@ -620,7 +620,7 @@ fn edit_backend(
 }
 
 async fn reload(State(state): State<AppState>) -> Result<Json<ChangeResult>, ApiError> {
-    let mut d = lock(&state)?;
+    let mut d = lock(&state);
     let summary = d.reload()?;
     info!(?summary, "configuration reloaded through the API");
     Ok(Json(summary.into()))

@@ -1117,7 +1117,11 @@ impl Config {
         let v4 = service.address.get_ref().is_ipv4();
         for backend in &pool.backends {
             let addr = backend.address.get_ref();
-            if let Some(other) = self.services.iter().find(|s| s.address.get_ref() == addr) {
+            // Services the data path balances (a passthrough service's address is only
+            // steered at its port, and the daemon connects to backends with plain sockets).
+            if let Some(other) =
+                self.services.iter().find(|s| s.in_data_path() && s.address.get_ref() == addr)
+            {
                 p.add(
                     Some(backend.address.span()),
                     &format!(

@@ -31,12 +31,16 @@ use crate::{
 /// A daemon shared between the run loop and the API.
 pub type SharedDaemon = Arc<Mutex<Daemon>>;
 
-/// Locks the daemon for the run loop and the API alike. A panic while it was held (a bug) is
-/// logged and the daemon goes on: the maps are what the data path runs, and the next change,
-/// reload or periodic task writes them whole again.
+/// Locks the daemon for the run loop, the API and the firewall log alike. A panic while it
+/// was held (a bug) is logged once and the daemon goes on serving: the data path keeps
+/// running on the maps as they are. A change cut short that way may leave the maps and the
+/// daemon's configuration apart (until the next reload); the log says so.
 pub fn lock(daemon: &SharedDaemon) -> std::sync::MutexGuard<'_, Daemon> {
     daemon.lock().unwrap_or_else(|poisoned| {
-        tracing::error!("a task panicked holding the daemon's state; going on with it");
+        tracing::error!(
+            "a task panicked holding the daemon's state; going on with it (reload the configuration to make sure the data path runs it)"
+        );
+        daemon.clear_poison();
         poisoned.into_inner()
     })
 }
@@ -726,20 +730,27 @@ impl Staged {
         Ok(())
     }
 
-    /// Puts the file's previous contents back (the committed file's mode and owner are the
-    /// old file's already), the same way: a file beside it, renamed over it.
+    /// Puts the file's previous contents back the same way (a file beside it, renamed over
+    /// it), with the committed file's mode and owner (the old file's, as staged).
     fn restore(&self) -> std::io::Result<()> {
-        use std::io::Write as _;
+        use std::{io::Write as _, os::unix::fs::MetadataExt as _};
         let _ = std::fs::remove_file(&self.tmp);
-        let permissions = std::fs::metadata(&self.path)?.permissions();
+        let meta = std::fs::metadata(&self.path)?;
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&self.tmp)
             .and_then(|mut file| {
-                file.set_permissions(permissions)?;
+                file.set_permissions(meta.permissions())?;
                 file.write_all(&self.previous)?;
-                file.sync_all()
+                file.sync_all()?;
+                // As in `stage`: lbd may lack the right to, and then the owner changes.
+                if let Err(error) =
+                    std::os::unix::fs::chown(&self.tmp, Some(meta.uid()), Some(meta.gid()))
+                {
+                    warn!(%error, "could not keep the configuration file's owner");
+                }
+                Ok(())
             })
             .and_then(|()| std::fs::rename(&self.tmp, &self.path));
         if written.is_err() {

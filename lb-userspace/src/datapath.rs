@@ -333,7 +333,7 @@ impl Datapath {
     }
 
     /// Starts the kernel's half of TLS passthrough and hands over its maps: the `sk_lookup`
-    /// program on this process's network namespace (required), and the relay's
+    /// program on the calling thread's network namespace (required), and the relay's
     /// stream-verdict program on `RELAY_SOCKETS` (`false` when the kernel refuses it: the
     /// relay then splices). Both stay attached as long as this data path is loaded.
     pub fn start_passthrough(&mut self) -> Result<(RelayMaps, bool), DatapathError> {

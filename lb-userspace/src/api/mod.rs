@@ -425,7 +425,7 @@ impl BackendSelector {
         };
         match self.port {
             None if at.len() > 1 => Err(ApiError::BadRequest(format!(
-                "pool {pool:?} has {} backends at {addr} (ports: {}); name one with ?port=P (?port=0 for the one without a port)",
+                "pool {pool:?} has {} backends at {addr} (ports: {}); name one with ?port=P (lbctl: --port P), port 0 for the one without a port",
                 at.len(),
                 ports()
             ))),

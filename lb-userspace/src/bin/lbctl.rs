@@ -64,6 +64,7 @@ enum BackendAction {
     Remove {
         pool: String,
         address: IpAddr,
+        /// Which backend at the address, when several share it (0: the one without a port).
         #[arg(long)]
         port: Option<u16>,
     },
@@ -72,6 +73,7 @@ enum BackendAction {
         pool: String,
         address: IpAddr,
         weight: u32,
+        /// Which backend at the address, when several share it (0: the one without a port).
         #[arg(long)]
         port: Option<u16>,
     },
@@ -80,6 +82,7 @@ enum BackendAction {
     Drain {
         pool: String,
         address: IpAddr,
+        /// Which backend at the address, when several share it (0: the one without a port).
         #[arg(long)]
         port: Option<u16>,
     },
@@ -87,6 +90,7 @@ enum BackendAction {
     Disable {
         pool: String,
         address: IpAddr,
+        /// Which backend at the address, when several share it (0: the one without a port).
         #[arg(long)]
         port: Option<u16>,
     },
@@ -94,6 +98,7 @@ enum BackendAction {
     Enable {
         pool: String,
         address: IpAddr,
+        /// Which backend at the address, when several share it (0: the one without a port).
         #[arg(long)]
         port: Option<u16>,
     },

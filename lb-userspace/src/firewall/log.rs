@@ -73,7 +73,7 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
             continue;
         }
         let names: Vec<String> = {
-            let d = daemon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let d = crate::daemon::lock(&daemon);
             d.config.firewall.iter().flat_map(|f| &f.rules).map(|r| r.name.clone()).collect()
         };
         for event in batch {

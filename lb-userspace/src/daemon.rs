@@ -483,14 +483,6 @@ impl Daemon {
         let mut new = new;
         let file_now = reread.then(|| StartSettings::of(&new));
         let pending = file_now.as_ref().map(|f| f.differences(&self.file_at_start));
-        if let Some(pending) = &pending
-            && !pending.is_empty()
-        {
-            warn!(
-                settings = %pending.join(", "),
-                "changed in the configuration file; they take effect when lbd restarts"
-            );
-        }
         StartSettings::of(&self.config).put(&mut new);
         let firewall = if reread || new.firewall != self.config.firewall {
             FirewallChange::Install(compile_firewall(&new, self.hz).map_err(ChangeError::Invalid)?)
@@ -513,6 +505,14 @@ impl Daemon {
     fn install(&mut self, prepared: Prepared) -> Result<ApplySummary, ChangeError> {
         let Prepared { new, file_now, pending, firewall, mut lifecycle, effective, panicking, now } =
             prepared;
+        if let Some(pending) = &pending
+            && !pending.is_empty()
+        {
+            warn!(
+                settings = %pending.join(", "),
+                "changed in the configuration file; they take effect when lbd restarts"
+            );
+        }
         if Passthrough::needed(&new) && !self.passthrough.started() {
             start_passthrough(&mut self.datapath, &mut self.passthrough)
                 .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
@@ -618,7 +618,6 @@ impl Daemon {
     /// with the file's mode and owner, and keeps the original as `*.toml.orig` (once).
     /// Writes through a symbolic link to the file it names.
     fn stage(&self, new: &Config) -> Result<Option<Staged>, ChangeError> {
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let Some(link) = &self.config_path else { return Ok(None) };
         let fail = |what: &std::path::Path, e: std::io::Error| {
             ChangeError::Persist(format!("{}: {e}", what.display()))
@@ -640,40 +639,52 @@ impl Daemon {
         if !backup.exists() {
             std::fs::copy(&path, &backup).map_err(|e| fail(&backup, e))?;
         }
-        let meta = std::fs::metadata(&path).map_err(|e| fail(&path, e))?;
         let tmp = path.with_extension("toml.tmp");
-        let _ = std::fs::remove_file(&tmp);
         let header = "# Written by lbd after a change through its API; the original is kept as *.toml.orig.\n";
         let contents = format!("{header}{text}");
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(meta.mode() & 0o7777)
-            .open(&tmp)
-            .and_then(|mut file| {
-                use std::io::Write as _;
-                // The mode given at creation is masked by the umask: set it whole.
-                file.set_permissions(meta.permissions())?;
-                file.write_all(contents.as_bytes())?;
-                file.sync_all()?;
-                file.metadata()
-            });
-        let created = match written {
-            Ok(created) => created,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(fail(&tmp, e));
-            }
-        };
-        // The owner too, when it is not lbd's own; lbd may lack the right to (a unit without
-        // CAP_CHOWN): then the file keeps its mode and changes owner, which is logged.
-        if (created.uid(), created.gid()) != (meta.uid(), meta.gid())
-            && let Err(error) = std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
-        {
-            warn!(%error, file = %path.display(), "could not keep the configuration file's owner");
-        }
+        write_beside(&path, &tmp, contents.as_bytes()).map_err(|e| fail(&tmp, e))?;
         Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()), previous: current }))
     }
+}
+
+/// Writes `contents` to `tmp` (beside `path`, to be renamed over it) with `path`'s mode and
+/// owner, durably; on failure `tmp` is gone.
+fn write_beside(
+    path: &std::path::Path,
+    tmp: &std::path::Path,
+    contents: &[u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let meta = std::fs::metadata(path)?;
+    let _ = std::fs::remove_file(tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.mode() & 0o7777)
+        .open(tmp)
+        .and_then(|mut file| {
+            use std::io::Write as _;
+            // The mode given at creation is masked by the umask: set it whole.
+            file.set_permissions(meta.permissions())?;
+            file.write_all(contents)?;
+            file.sync_all()?;
+            file.metadata()
+        });
+    let created = match written {
+        Ok(created) => created,
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            return Err(e);
+        }
+    };
+    // The owner too, when it is not lbd's own; lbd may lack the right to (a unit without
+    // CAP_CHOWN): then the file keeps its mode and changes owner, which is logged.
+    if (created.uid(), created.gid()) != (meta.uid(), meta.gid())
+        && let Err(error) = std::os::unix::fs::chown(tmp, Some(meta.uid()), Some(meta.gid()))
+    {
+        warn!(%error, file = %path.display(), "could not keep the configuration file's owner");
+    }
+    Ok(())
 }
 
 /// A configuration file's next contents, written beside it and not yet in its place.
@@ -733,31 +744,13 @@ impl Staged {
     /// Puts the file's previous contents back the same way (a file beside it, renamed over
     /// it), with the committed file's mode and owner (the old file's, as staged).
     fn restore(&self) -> std::io::Result<()> {
-        use std::{io::Write as _, os::unix::fs::MetadataExt as _};
-        let _ = std::fs::remove_file(&self.tmp);
-        let meta = std::fs::metadata(&self.path)?;
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&self.tmp)
-            .and_then(|mut file| {
-                file.set_permissions(meta.permissions())?;
-                file.write_all(&self.previous)?;
-                file.sync_all()?;
-                // As in `stage`: lbd may lack the right to, and then the owner changes.
-                if let Err(error) =
-                    std::os::unix::fs::chown(&self.tmp, Some(meta.uid()), Some(meta.gid()))
-                {
-                    warn!(%error, "could not keep the configuration file's owner");
-                }
-                Ok(())
-            })
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
-        if written.is_err() {
+        write_beside(&self.path, &self.tmp, &self.previous)?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
             let _ = std::fs::remove_file(&self.tmp);
+            return Err(e);
         }
         sync_parent(&self.path);
-        written
+        Ok(())
     }
 }
 

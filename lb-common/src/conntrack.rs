@@ -301,6 +301,35 @@ pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
     }
 }
 
+/// Whether a live forward entry in `state`, last refreshed at `last_seen`, carries a packet
+/// of `proto` with `flags` (TCP flags) at `now`: the state after the packet, and whether the
+/// entry must be rewritten (the state changes, or more than `refresh` ticks have passed since
+/// `last_seen`). `None` when the entry has expired or the packet starts the tuple over. The
+/// one rule both the connection table's entries and the flow cache's copies of them follow.
+#[inline(always)]
+#[must_use]
+pub const fn carry(
+    state: u8,
+    last_seen: u64,
+    proto: u8,
+    flags: u8,
+    timeouts: &Timeouts,
+    refresh: u64,
+    now: u64,
+) -> Option<(u8, bool)> {
+    if timeouts.is_expired(state, last_seen, now) {
+        return None;
+    }
+    let transition = if proto == crate::net::IPPROTO_TCP {
+        next_tcp_state(state, flags)
+    } else {
+        Transition::Keep(FlowState::Datagram)
+    };
+    let Transition::Keep(next) = transition else { return None };
+    let next = next as u8;
+    Some((next, next != state || now.saturating_sub(last_seen) > refresh))
+}
+
 #[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,
@@ -385,6 +414,27 @@ mod tests {
         assert_eq!(initial_tcp_state(SYN | ACK), FlowState::Established);
         assert_eq!(initial_tcp_state(FIN | ACK), FlowState::Closing);
         assert_eq!(initial_tcp_state(RST), FlowState::Closed);
+    }
+
+    #[test]
+    fn carry_keeps_refreshes_and_lets_go() {
+        let t = Timeouts::from_secs(&TimeoutSecs::default(), S);
+        let est = FlowState::Established as u8;
+        let tcp = crate::net::IPPROTO_TCP;
+        let carry_at = |state, flags, now| carry(state, 10 * S, tcp, flags, &t, S, now);
+        // Within a refresh interval nothing is written; past it, the entry is.
+        assert_eq!(carry_at(est, ACK, 11 * S), Some((est, false)));
+        assert_eq!(carry_at(est, ACK | PSH, 11 * S + 1), Some((est, true)));
+        // A state change is always written.
+        assert_eq!(carry_at(est, FIN | ACK, 10 * S), Some((FlowState::Closing as u8, true)));
+        assert_eq!(carry_at(est, RST, 10 * S), Some((FlowState::Closed as u8, true)));
+        // Expired, or started over: not carried.
+        assert_eq!(carry_at(est, ACK, 7210 * S + 1), None);
+        assert_eq!(carry_at(FlowState::Closed as u8, SYN, 10 * S), None);
+        // Other protocols are datagrams.
+        let dgram = FlowState::Datagram as u8;
+        assert_eq!(carry(dgram, 10 * S, 17, 0, &t, S, 10 * S), Some((dgram, false)));
+        assert_eq!(carry(dgram, 10 * S, 17, 0, &t, S, 71 * S), None);
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl FlowKey {
 }
 
 /// Multiplier of the mixing step (2^64 / golden ratio, odd).
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One step over a 64-bit word. 64-bit arithmetic throughout: BPF registers are 64 bits
 /// wide, and without ALU32 every 32-bit step would pay extra instructions to clear the upper
@@ -58,7 +58,7 @@ const fn mix(h: u64, word: u64) -> u64 {
 
 /// Two address or port words as one 64-bit word.
 #[inline(always)]
-const fn pair(lo: u32, hi: u32) -> u64 {
+pub(crate) const fn pair(lo: u32, hi: u32) -> u64 {
     lo as u64 | (hi as u64) << 32
 }
 

@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod firewall;
 pub mod flow;
+pub mod flowcache;
 pub mod maglev;
 pub mod maps;
 pub mod net;

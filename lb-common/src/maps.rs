@@ -16,6 +16,12 @@ pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
 /// Array of [`crate::service::NextHop`] per backend id (resolved and written by the daemon).
 pub const NEXTHOPS: &str = "NEXTHOPS";
+/// Per-CPU array of [`crate::flowcache::CachedFlow`]: the flow cache (see
+/// [`crate::flowcache`]). Not pinned: a new load starts with an empty cache.
+pub const FLOW_CACHE: &str = "FLOW_CACHE";
+/// Single-entry array of a u32: the flow cache's epoch, bumped by the daemon after it removes
+/// flows (pinned, so a bump reaches the program still attached during a restart too).
+pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
 /// Single-entry array of [`crate::service::Globals`].
 pub const GLOBALS: &str = "GLOBALS";
 /// Per-CPU arrays of [`crate::service::TrafficCounter`] by service id and by backend id.
@@ -89,6 +95,7 @@ pub const PINNED: &[&str] = &[
     NEXTHOPS,
     MAGLEV,
     CONNTRACK,
+    FLOW_EPOCH,
     GLOBALS,
     SERVICE_STATS,
     BACKEND_STATS,

@@ -8,13 +8,14 @@
 //! with. The new-flow variant also writes a fresh source port on each run, so every run
 //! opens a new flow; the reused-tuple variant instead ages the frame's own flow before each
 //! run, so every run replaces an expired entry, in cache (how Katran's new-flow figure is
-//! measured: the same SYN repeated).
+//! measured: the same SYN repeated); the uncached variant moves the flow cache to a new
+//! epoch before each run, so an established flow's packets take the connection table.
 
 use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use lb_common::net::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
-    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK, GLOBALS},
+    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK, FLOW_EPOCH, GLOBALS},
     parse::ptr_at_mut,
 };
 
@@ -86,6 +87,17 @@ pub fn age_reopened() {
             let timeout = g.timeouts.for_state((*entry).state);
             (*entry).last_seen = bpf_jiffies64().saturating_sub(timeout + 1);
         }
+    }
+}
+
+/// Moves the flow cache to a new epoch (as the daemon does after removing flows): no slot
+/// filled before is used.
+#[inline(always)]
+pub fn bump_epoch() {
+    if let Some(epoch) = FLOW_EPOCH.get_ptr_mut(0) {
+        // SAFETY: a map value pointer from a successful array lookup (a bench-only race with
+        // another CPU costs nothing but a cache hit).
+        unsafe { *epoch = (*epoch).wrapping_add(1).max(1) };
     }
 }
 

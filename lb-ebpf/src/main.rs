@@ -12,6 +12,7 @@
 mod bench;
 mod conntrack;
 mod firewall;
+mod flowcache;
 mod forward;
 mod icmp;
 mod maps;
@@ -140,9 +141,9 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
 }
 
-/// A TCP or UDP packet of a live flow, found by one connection-table lookup: a forward entry
-/// sends it to the flow's backend (without looking the service up: the entry holds all it
-/// needs), a reply entry translates it back to the client. Without a live entry, or when
+/// A TCP or UDP packet of a live flow, found in the flow cache or by one connection-table
+/// lookup: a forward entry sends it to the flow's backend (without looking the service up:
+/// the entry holds all it needs), a reply entry translates it back to the client. Without a live entry, or when
 /// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
 /// packet on to the service lookup, and `scratch.dead` keeps what the lookup found for
 /// [`balance`] (`dead_entry` the entry itself), which then needs no lookup of its own.
@@ -163,14 +164,22 @@ fn established(
     dead.has_stale = 0;
     dead.retry = 0;
     let key = packet.flow_key();
+    let g = select::globals()?;
+    // A busy flow's packets find its entry in the flow cache, without the table's lookup. A
+    // handshake's packets (SYN set) go to the table: mostly new flows, whose slot would be
+    // one more cold cache line to read.
+    let epoch = flowcache::epoch();
+    let handshake = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::SYN != 0;
+    if !handshake && let Some(e) = flowcache::hit(packet, g, epoch, now) {
+        return carry_on(ctx, packet, key, live, buf, e, e.state, false, now);
+    }
     let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else { return Ok(Action::Pass) };
     // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
     // the timestamp and state, which any of them may win.
     let e = unsafe { &mut *entry };
     if e.flags & FLOW_REPLY != 0 {
-        return nat::reply(ctx, packet, e, now);
+        return nat::reply(ctx, packet, e, g, now);
     }
-    let g = select::globals()?;
     if e.flags & FLOW_SYN_PROXY != 0 {
         // The backend has not answered the SYN this flow sent it: the client's segments
         // wait (dropped; the client retransmits), and its state does not move. Once a
@@ -186,12 +195,34 @@ fn established(
         return Err(Reason::SynProxyPending);
     }
     let Some((state, refresh)) = select::keep(packet, e, g, now) else {
+        // A flow starting over here may have been cached on another CPU's packets until now.
+        flowcache::forget(packet, g);
         select::note_dead(dead, e);
         if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
             *dead_entry = entry;
         }
         return Ok(Action::Pass);
     };
+    flowcache::fill(packet, e, g, epoch);
+    carry_on(ctx, packet, key, live, buf, e, state, refresh, now)
+}
+
+/// Sends a packet of the live forward flow `e` (its table entry, or the flow cache's copy)
+/// on to its backend, the flow now in `state`; with `refresh`, a NAT flow's reply entry is
+/// refreshed too (the forward entry has been).
+#[allow(clippy::too_many_arguments, reason = "inlined: the arguments cost nothing")]
+#[inline(always)]
+fn carry_on(
+    ctx: &XdpContext,
+    packet: &parse::Packet,
+    key: &FlowKey,
+    live: &mut LiveNat,
+    buf: &mut EntryBuf,
+    e: &Flow,
+    state: u8,
+    refresh: bool,
+    now: u64,
+) -> Result<Action, Reason> {
     if packet.has_ip_options {
         return Err(Reason::IpOptions);
     }
@@ -500,6 +531,34 @@ pub fn bench_reopen(ctx: XdpContext) -> u32 {
 pub fn bench_reopen_floor(ctx: XdpContext) -> u32 {
     bench::around(&ctx, false, |_| {
         bench::age_reopened();
+        xdp_action::XDP_PASS
+    })
+}
+
+/// Bench only: the data path with the flow cache's epoch bumped before each run, so every
+/// packet of an established flow goes to the connection table (what a packet whose slot
+/// another flow took pays); inlined, as in `bench_ingress`.
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_uncached(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |ctx| {
+        bench::bump_epoch();
+        lb_ingress_inner(ctx)
+    })
+}
+
+/// Bench only: the epoch-bumping wrapper around a program that does nothing (its floor).
+#[xdp]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
+pub fn bench_uncached_floor(ctx: XdpContext) -> u32 {
+    bench::around(&ctx, false, |_| {
+        bench::bump_epoch();
         xdp_action::XDP_PASS
     })
 }

@@ -1,7 +1,8 @@
 //! Every map of the data path. Names, capacities and value types come from `lb_common`.
 //!
-//! The daemon writes every map but `STATS`, the counter maps and `CONNTRACK`, which only the
-//! data path writes (the daemon reads them, and removes expired connection pairs).
+//! The daemon writes every map but `STATS`, the counter maps, `CONNTRACK` and `FLOW_CACHE`,
+//! which only the data path writes (the daemon reads them, and removes expired connection
+//! pairs).
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
@@ -19,6 +20,7 @@ use lb_common::{
         MAX_PREFIXES, MAX_RULES, PORTS_ENTRIES, RATE_ENTRIES, RateKey, RuleBits,
         SRC_FILTER_ENTRIES,
     },
+    flowcache::{CachedFlow, FLOW_CACHE_SLOTS},
     maglev::DEFAULT_TABLE_SIZE,
     passthrough::{ListenerKey, MAX_LISTENERS, MAX_RELAYS, RelayKey},
     service::{
@@ -73,6 +75,13 @@ pub static MAGLEV: ArrayOfMaps<
 #[btf_map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The flow cache in front of `CONNTRACK` (see `lb_common::flowcache`), and its epoch, which
+/// the daemon bumps after removing flows.
+#[btf_map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+pub static FLOW_EPOCH: Array<u32, 1> = Array::new();
 
 /// Settings from the daemon (timeouts, hash seed).
 #[btf_map]

@@ -7,7 +7,7 @@ use lb_common::{
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{Delta, udp_nonzero},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
-    service::AddrKey,
+    service::{AddrKey, Globals},
 };
 
 use crate::{
@@ -16,7 +16,6 @@ use crate::{
     mem::put_addr,
     outcome::Outcome,
     parse::{Family, Fragment, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, UdpHdr, ptr_at_mut},
-    select::globals,
     stats,
 };
 
@@ -146,8 +145,13 @@ fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
 
 /// Translates a backend's reply back to the client, by its reply entry `e`.
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u64) -> Result<Action, Reason> {
-    let g = globals()?;
+pub fn reply(
+    ctx: &XdpContext,
+    packet: &Packet,
+    e: &mut Flow,
+    g: &Globals,
+    now: u64,
+) -> Result<Action, Reason> {
     if g.timeouts.is_expired(e.state, e.last_seen, now) {
         return Err(Reason::NotService);
     }

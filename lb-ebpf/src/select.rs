@@ -3,9 +3,7 @@
 
 use lb_common::{
     FlowKey, Reason,
-    conntrack::{
-        FLOW_NAT, FLOW_REPLY, Flow, FlowState, Transition, initial_tcp_state, next_tcp_state,
-    },
+    conntrack::{FLOW_NAT, FLOW_REPLY, Flow, FlowState, carry, initial_tcp_state},
     flow::{flow_hash, scale},
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
@@ -94,21 +92,16 @@ pub struct StaleNat {
 /// on a closed connection's tuple).
 #[inline(always)]
 pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8, bool)> {
-    if e.flags & FLOW_REPLY != 0 || g.timeouts.is_expired(e.state, e.last_seen, now) {
+    if e.flags & FLOW_REPLY != 0 {
         return None;
     }
-    let transition = if packet.proto == IPPROTO_TCP {
-        next_tcp_state(e.state, packet.tcp_flags)
-    } else {
-        Transition::Keep(FlowState::Datagram)
-    };
-    let Transition::Keep(state) = transition else { return None };
-    let refresh = state as u8 != e.state || now.saturating_sub(e.last_seen) > g.refresh;
+    let (proto, flags) = (packet.proto, packet.tcp_flags);
+    let (state, refresh) = carry(e.state, e.last_seen, proto, flags, &g.timeouts, g.refresh, now)?;
     if refresh {
-        e.state = state as u8;
+        e.state = state;
         e.last_seen = now;
     }
-    Some((state as u8, refresh))
+    Some((state, refresh))
 }
 
 /// A connection-table entry on a packet's tuple that no longer carries it (expired, or a

@@ -506,6 +506,11 @@ impl Balancer {
             .filter(|id| live.get(id).copied().unwrap_or(0) == 0)
             .copied()
             .collect();
+        if !done.is_empty() {
+            // A flow the LRU evicted may still be carried by a flow-cache copy naming the id:
+            // dropped before the id is cleared (and may be handed out again).
+            maps.conntrack.invalidate_cache()?;
+        }
         for id in &done {
             maps.backends.clear(*id)?;
             self.retired.remove(id);

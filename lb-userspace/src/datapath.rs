@@ -37,6 +37,8 @@ pub const BENCH_CONNTRACK_INSERT: &str = "bench_conntrack_insert";
 pub const BENCH_CONNTRACK_LOOKUP: &str = "bench_conntrack_lookup";
 pub const BENCH_REOPEN: &str = "bench_reopen";
 pub const BENCH_REOPEN_FLOOR: &str = "bench_reopen_floor";
+pub const BENCH_UNCACHED: &str = "bench_uncached";
+pub const BENCH_UNCACHED_FLOOR: &str = "bench_uncached_floor";
 
 /// Program that reports the data path's clock (see [`Datapath::now_ticks`]).
 pub const CLOCK_PROGRAM: &str = "lb_clock";
@@ -212,6 +214,8 @@ impl Datapath {
         // An adopted GLOBALS keeps its flags until the configuration is applied again.
         let flags = if adopted { datapath.maps.globals.get()?.flags } else { 0 };
         datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, flags))?;
+        // A pinned epoch may be one an earlier program's slots were filled in.
+        datapath.maps.conntrack.invalidate_cache()?;
         Ok(datapath)
     }
 

@@ -155,7 +155,7 @@ impl Lb {
             .filter(|(_, f)| f.flags & FLOW_REPLY != 0)
             .map(|(k, _)| k)
             .collect();
-        conntrack.remove_all(replies)
+        conntrack.evict(replies)
     }
 
     /// A restarted daemon's balancer: it knows the pinned maps only.
@@ -663,6 +663,86 @@ fn a_backend_reset_closes_both_directions() {
     assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
     for (_, flow) in lb.bed.datapath.maps().conntrack.entries().unwrap() {
         assert_eq!(flow.state, FlowState::Closed as u8);
+    }
+}
+
+#[test]
+fn the_flow_cache_carries_established_packets_until_the_table_must_see_them() {
+    // An established flow's packets are carried by the flow cache's copy of its entry (per
+    // CPU; the harness keeps the test on one). Seen by the LRU evicting the entry behind the
+    // cache's back: the next packet still leaves, exactly as the table would send it, and
+    // the table stays without the flow. A cut (the daemon's removals bump the cache's epoch)
+    // or a packet that changes the flow's state sends packets to the table again.
+    for (v6, nat) in [(false, true), (true, true), (false, false), (true, false)] {
+        let name = format!(
+            "flow_cache_{}_{}",
+            if v6 { "v6" } else { "v4" },
+            if nat { "nat" } else { "dsr" }
+        );
+        let (client, vip, nat_addr) = addresses(v6);
+        let config = if nat { nat_config(v6, "tcp") } else { dsr_config(v6, "tcp") };
+        let Some(mut lb) = Lb::new(&name, &config, &[]) else { return };
+        // No refresh falls due during the test, whatever the machine's pace.
+        lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+        let segment = |port: u16, flags: u8| {
+            ip_packet(client, vip).tcp(port, 80).flags(flags).seq_ack(1000, 1).payload(b"cached")
+        };
+        let key = |port: u16| {
+            lb_common::FlowKey::new((client, port).into(), (vip, 80).into(), IPPROTO_TCP)
+        };
+        let data = tcp_flags::ACK | tcp_flags::PSH;
+
+        let port = 46_200;
+        for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+            assert_eq!(
+                lb.bed.run(&segment(port, flags).build()).unwrap().verdict,
+                Some(Action::Tx)
+            );
+        }
+        let (backend, bport, nat_port) = lb.flow_of(client, port, vip, 80, IPPROTO_TCP);
+        let expected = if nat {
+            ip_packet(nat_addr, backend)
+                .macs(EGRESS_MAC, backend_mac(backend))
+                .tcp(nat_port, bport)
+                .flags(data)
+                .seq_ack(1000, 1)
+                .payload(b"cached")
+                .build()
+        } else {
+            segment(port, data).macs(EGRESS_MAC, backend_mac(backend)).build()
+        };
+        let sid = lb.balancer.service_id("s").unwrap();
+        let before = lb.bed.datapath.maps().traffic.service(sid).unwrap();
+        assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key(port)]), 1);
+        let out = lb.bed.run(&segment(port, data).build()).unwrap();
+        assert_eq!(out.verdict, Some(Action::Tx), "{name}");
+        assert_eq!(hex(&out.output), hex(&expected), "{name}: the cached flow's frame");
+        assert!(lb.bed.datapath.maps().conntrack.get(&key(port)).is_none(), "{name}: by the cache");
+        let after = lb.bed.datapath.maps().traffic.service(sid).unwrap();
+        assert_eq!(after.packets, before.packets + 1, "{name}: counted");
+        assert_eq!(after.new_flows, before.new_flows, "{name}: no new flow");
+
+        // The daemon's cuts bump the epoch: the table's again (it picks the flow up anew).
+        let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+        let cut = conntrack.remove_flows_of_services(&[sid], None).unwrap();
+        assert_eq!(cut, u64::from(nat), "{name}: only a NAT flow's reply entry was left");
+        assert_eq!(lb.bed.run(&segment(port, data).build()).unwrap().verdict, Some(Action::Tx));
+        assert!(lb.bed.datapath.maps().conntrack.get(&key(port)).is_some(), "{name}: by the table");
+
+        // A FIN changes the state: the table takes it, and the slot follows the table (a
+        // closing flow is not carried by the cache).
+        let port = 46_201;
+        for flags in [tcp_flags::SYN, tcp_flags::ACK, data, tcp_flags::FIN | tcp_flags::ACK] {
+            assert_eq!(
+                lb.bed.run(&segment(port, flags).build()).unwrap().verdict,
+                Some(Action::Tx)
+            );
+        }
+        let entry = lb.bed.datapath.maps().conntrack.get(&key(port)).unwrap();
+        assert_eq!(entry.state, FlowState::Closing as u8, "{name}");
+        assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key(port)]), 1);
+        assert_eq!(lb.bed.run(&segment(port, data).build()).unwrap().verdict, Some(Action::Tx));
+        assert!(lb.bed.datapath.maps().conntrack.get(&key(port)).is_some(), "{name}: after a FIN");
     }
 }
 

@@ -1,7 +1,9 @@
 //! `CONNTRACK`: read access for counting and inspecting flows, and the sweep that removes
-//! expired entries, both directions of a NAT flow together.
+//! expired entries, both directions of a NAT flow together. Every removal of flows that may
+//! be live bumps `FLOW_EPOCH`, so no packet is sent on by a flow-cache slot of a removed
+//! flow (see `lb_common::flowcache`).
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
     FlowKey,
     conntrack::{FLOW_NAT, FLOW_REPLY, Flow, Timeouts},
@@ -13,6 +15,7 @@ use super::{MapError, typed};
 
 pub struct ConntrackMap {
     map: HashMap<MapData, FlowKey, Flow>,
+    epoch: Array<MapData, u32>,
 }
 
 impl std::fmt::Debug for ConntrackMap {
@@ -37,8 +40,22 @@ pub struct SweepResult {
 }
 
 impl ConntrackMap {
-    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
-        Ok(Self { map: typed(maps::CONNTRACK, map)? })
+    pub(crate) fn new(map: Map, epoch: Map) -> Result<Self, MapError> {
+        Ok(Self { map: typed(maps::CONNTRACK, map)?, epoch: typed(maps::FLOW_EPOCH, epoch)? })
+    }
+
+    /// The flow cache's epoch.
+    pub fn epoch(&self) -> Result<u32, MapError> {
+        self.epoch.get(&0, 0).map_err(|source| MapError::Access { name: maps::FLOW_EPOCH, source })
+    }
+
+    /// Bumps the flow cache's epoch: every slot filled before is ignored from now on (zero is
+    /// skipped, it never matches).
+    pub fn invalidate_cache(&mut self) -> Result<(), MapError> {
+        let next = self.epoch()?.wrapping_add(1).max(1);
+        self.epoch
+            .set(0, next, 0)
+            .map_err(|source| MapError::Update { name: maps::FLOW_EPOCH, source })
     }
 
     /// Every entry (for tests and inspection; a full walk, so not for the hot loop).
@@ -71,6 +88,7 @@ impl ConntrackMap {
         for key in &keys {
             let _ = self.map.remove(key);
         }
+        self.invalidate_cache()?;
         Ok(keys.len())
     }
 
@@ -131,8 +149,8 @@ impl ConntrackMap {
                         *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
                     }
                 }
-                Some((partner_key, _)) => result.removed += self.remove_all(vec![key, partner_key]),
-                None => result.removed += self.remove_all(vec![key]),
+                Some((partner_key, _)) => result.removed += self.evict(vec![key, partner_key]),
+                None => result.removed += self.evict(vec![key]),
             }
         }
         Ok(result)
@@ -215,7 +233,7 @@ impl ConntrackMap {
                 }
             }
         }
-        Ok(self.remove_all(doomed))
+        self.remove_all(doomed)
     }
 
     /// Removes every entry (forward and reply) of the service ids in `ids` but dead ones
@@ -237,13 +255,24 @@ impl ConntrackMap {
             })
             .map(|(key, _)| key)
             .collect();
-        Ok(self.remove_all(doomed))
+        self.remove_all(doomed)
     }
 
-    /// Removes `keys` (duplicates allowed) and nothing else: not a NAT flow's other entry,
-    /// as the LRU's eviction does not (the fixtures use it to play that). Returns how many
-    /// were there.
-    pub fn remove_all(&mut self, mut keys: Vec<FlowKey>) -> u64 {
+    /// Removes `keys` (duplicates allowed) and nothing else, not a NAT flow's other entry;
+    /// then the flow cache's copies of them (see [`Self::evict`] for a removal that leaves
+    /// them). Returns how many were there.
+    pub fn remove_all(&mut self, keys: Vec<FlowKey>) -> Result<u64, MapError> {
+        let removed = self.evict(keys);
+        self.invalidate_cache()?;
+        Ok(removed)
+    }
+
+    /// Removes `keys` (duplicates allowed) as the LRU's eviction does: not a NAT flow's
+    /// other entry, and not the flow cache's copies, which carry a live flow's packets on
+    /// for up to a refresh interval. The sweep removes with it (a slot is never used for an
+    /// entry that long expired, see `lb_common::flowcache`); the fixtures play eviction with
+    /// it. Returns how many were there.
+    pub fn evict(&mut self, mut keys: Vec<FlowKey>) -> u64 {
         keys.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
         keys.dedup();
         let mut removed = 0;

@@ -89,7 +89,10 @@ impl Maps {
                 take(ebpf, lb_common::maps::NEXTHOPS)?,
             )?,
             maglev: MaglevMap::new(take(ebpf, lb_common::maps::MAGLEV)?)?,
-            conntrack: ConntrackMap::new(take(ebpf, lb_common::maps::CONNTRACK)?)?,
+            conntrack: ConntrackMap::new(
+                take(ebpf, lb_common::maps::CONNTRACK)?,
+                take(ebpf, lb_common::maps::FLOW_EPOCH)?,
+            )?,
             globals: GlobalsMap::new(take(ebpf, lb_common::maps::GLOBALS)?)?,
             traffic: TrafficMaps::new(
                 take(ebpf, lb_common::maps::SERVICE_STATS)?,

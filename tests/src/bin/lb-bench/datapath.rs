@@ -25,7 +25,8 @@ use lb_userspace::{
     Balancer, Config, Datapath,
     datapath::{
         BENCH_CONNTRACK_INSERT, BENCH_CONNTRACK_LOOKUP, BENCH_FLOOR, BENCH_INGRESS, BENCH_NEW_FLOW,
-        BENCH_NEW_FLOW_FLOOR, BENCH_REOPEN, BENCH_REOPEN_FLOOR, LAB_PEER_PROGRAM, LoadOptions,
+        BENCH_NEW_FLOW_FLOOR, BENCH_REOPEN, BENCH_REOPEN_FLOOR, BENCH_UNCACHED,
+        BENCH_UNCACHED_FLOOR, LAB_PEER_PROGRAM, LoadOptions,
     },
     nexthop::StaticResolver,
 };
@@ -199,7 +200,7 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10}",
+        "{:<30} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10}",
         "path (ns/packet)", "median", "min", "max", "floor", "ratio", "above floor"
     );
     for s in &scenarios {
@@ -231,7 +232,7 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         };
         let _ = writeln!(
             table,
-            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>7.2}x {:>10}",
+            "{:<30} {:>9} {:>9} {:>9} {:>10} {:>7.2}x {:>10}",
             row.name,
             row.median_ns,
             row.min_ns,
@@ -317,7 +318,7 @@ fn compare(
     rounds: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let mut table = format!(
-        "{:<28} {:>8} {:>8} {:>8} {:>12}\n",
+        "{:<30} {:>8} {:>8} {:>8} {:>12}\n",
         "path (ns/packet)", "A", "B", "B - A", "B faster in"
     );
     let mut rows = Vec::new();
@@ -349,7 +350,7 @@ fn compare(
         let (a_ns, b_ns) = (spread(&mut times[0]).0, spread(&mut times[1]).0);
         let _ = writeln!(
             table,
-            "{:<28} {a_ns:>8} {b_ns:>8} {diff:>+8} {:>12}",
+            "{:<30} {a_ns:>8} {b_ns:>8} {diff:>+8} {:>12}",
             s.name,
             format!("{faster}/{rounds}")
         );
@@ -616,6 +617,26 @@ fn scenarios() -> Vec<Scenario> {
             reopen: None,
         },
         Scenario {
+            name: "DSR IPv4 established, uncached",
+            program: BENCH_UNCACHED,
+            floor: BENCH_UNCACHED_FLOOR,
+            frame: frame(c4, v4(2), 40_001, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+            reopen: None,
+        },
+        Scenario {
+            name: "NAT IPv4 established, uncached",
+            program: BENCH_UNCACHED,
+            floor: BENCH_UNCACHED_FLOOR,
+            frame: frame(c4, v4(1), 40_003, ack),
+            verdict: Action::Tx,
+            new_flows: false,
+            warmup: true,
+            reopen: None,
+        },
+        Scenario {
             name: "parse + conntrack lookup",
             program: BENCH_CONNTRACK_LOOKUP,
             floor: BENCH_FLOOR,
@@ -749,6 +770,7 @@ fn measure(
         BENCH_FLOOR,
         BENCH_NEW_FLOW_FLOOR,
         BENCH_REOPEN_FLOOR,
+        BENCH_UNCACHED_FLOOR,
         LAB_PEER_PROGRAM,
         BENCH_CONNTRACK_INSERT,
         BENCH_CONNTRACK_LOOKUP,

@@ -1,25 +1,27 @@
-//! The flow cache: per CPU, a direct-mapped copy of what the established path needs from the
-//! connection-table entries of live forward flows, so that a packet of a busy flow costs an
-//! inlined array read and a 40-byte compare instead of the kernel's hash lookup (a jhash of
-//! the key, a bucket walk, a `memcmp`, and the calls and hardened returns between them).
+//! The flow cache: per CPU, a direct-mapped copy of the connection-table entries of live
+//! forward flows, so that a packet of a busy flow costs an array read and a 40-byte compare
+//! instead of the kernel's hash lookup (a jhash of the key, a bucket walk, a `memcmp`, and
+//! the calls and hardened returns between them).
 //!
 //! The connection table stays the truth; a slot is a copy the data path may use only while
 //! the table's entry would carry the packet the same way without being rewritten:
-//! - the slot holds the packet's key and the current [`FLOW_EPOCH`](crate::maps::FLOW_EPOCH)
-//!   (the daemon bumps it after removing entries of flows that may be live: cuts, clears, a
-//!   new load);
+//! - the slot holds the packet's key and the current [`CACHE_EPOCH`](crate::maps::CACHE_EPOCH)
+//!   (the daemon bumps it after removing entries of flows that may be live, after writing
+//!   services, before releasing a backend id, at every load);
 //! - [`carry`](crate::conntrack::carry) on the slot's state and `last_seen` (the entry's, as
 //!   cached) keeps the state and asks for no refresh. So a cached flow goes back to the table
 //!   at least once every refresh interval: the entry is refreshed on the same schedule as
-//!   without the cache, and the slot with it; a packet that changes the state (FIN, RST, a
-//!   SYN) always goes to the table.
+//!   without the cache, and the slot with it; a packet that changes the state (FIN, RST) or
+//!   carries a SYN always goes to the table;
+//! - a NAT copy's port has not been taken by another flow since (`NAT_PORT_GEN`).
 //!
-//! Only plain DSR and NAT forward entries in the established or datagram state are cached
-//! (no SYN-cookie flows, no reply entries); the sweep never removes an entry a slot could
-//! still be used for (it removes entries expired for longer than the overwrite window, and
-//! a slot is used only within a refresh interval of a `last_seen` no later than the
-//! entry's). A slot is overwritten by whichever flow last filled it: a collision costs a
-//! table lookup, never a wrong backend.
+//! Only plain DSR and NAT forward entries in the established or datagram state are used (no
+//! SYN-cookie flows, no reply entries); whatever the table does with a flow, the data path
+//! refills or empties its slot on that CPU. The sweep never removes an entry a slot could
+//! still be used for (it removes entries expired for longer than the overwrite window, and a
+//! slot is used only within a refresh interval of a `last_seen` no later than the entry's).
+//! A slot holds whichever flow last filled it: a collision costs a table lookup, never a
+//! wrong backend.
 
 use crate::{
     FlowKey,
@@ -27,7 +29,7 @@ use crate::{
     flow::{GOLDEN, pair},
 };
 
-/// Slots per CPU (a power of two): 16,384 slots of 128 bytes, 2 MiB a CPU.
+/// Slots per CPU (a power of two): 16,384 slots of 128 bytes, 2 MiB per possible CPU.
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
 const FLOW_CACHE_BITS: u32 = 14;
 
@@ -36,9 +38,11 @@ const FLOW_CACHE_BITS: u32 = 14;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
     pub key: FlowKey,
-    /// `FLOW_EPOCH` when the slot was filled; zero never matches.
+    /// `CACHE_EPOCH` when the slot was filled; zero never matches.
     pub epoch: u32,
-    pub _pad: u32,
+    /// NAT flows: `NAT_PORT_GEN` of the flow's NAT port when the slot was filled (a port
+    /// taken by another flow since does not carry this one's packets).
+    pub port_gen: u32,
     /// The entry as it was after the packet that filled the slot.
     pub flow: Flow,
 }
@@ -48,7 +52,9 @@ const _: () = assert!(core::mem::size_of::<CachedFlow>() == 128);
 unsafe impl aya::Pod for CachedFlow {}
 
 /// The slot of `key` (below [`FLOW_CACHE_SLOTS`]). Seeded, so that which flows share a slot
-/// differs from node to node; every word of the key counts.
+/// differs from node to node, and every word of the key counts; XOR-linear in the words,
+/// so keys crafted to collide do so under every seed (which costs them table lookups,
+/// never a wrong backend).
 #[inline(always)]
 #[must_use]
 pub const fn cache_slot(key: &FlowKey, seed: u32) -> u32 {

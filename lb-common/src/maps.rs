@@ -19,9 +19,16 @@ pub const NEXTHOPS: &str = "NEXTHOPS";
 /// Per-CPU array of [`crate::flowcache::CachedFlow`]: the flow cache (see
 /// [`crate::flowcache`]). Not pinned: a new load starts with an empty cache.
 pub const FLOW_CACHE: &str = "FLOW_CACHE";
-/// Single-entry array of a u32: the flow cache's epoch, bumped by the daemon after it removes
-/// flows (pinned, so a bump reaches the program still attached during a restart too).
-pub const FLOW_EPOCH: &str = "FLOW_EPOCH";
+/// Per-CPU array of [`crate::service::CachedService`]: the service cache (see
+/// [`crate::service::CachedService`]). Not pinned.
+pub const SERVICE_CACHE: &str = "SERVICE_CACHE";
+/// Array of u32 by NAT port (host order): bumped by the data path whenever a flow takes the
+/// port, so a flow-cache copy of another flow on that port stops being used. Not pinned.
+pub const NAT_PORT_GEN: &str = "NAT_PORT_GEN";
+/// Single-entry array of a u32: the epoch of both caches, bumped by the daemon after it
+/// removes flows or writes `SERVICES` (pinned, so a bump reaches the program still attached
+/// during a restart too).
+pub const CACHE_EPOCH: &str = "CACHE_EPOCH";
 /// Single-entry array of [`crate::service::Globals`].
 pub const GLOBALS: &str = "GLOBALS";
 /// Per-CPU arrays of [`crate::service::TrafficCounter`] by service id and by backend id.
@@ -95,7 +102,7 @@ pub const PINNED: &[&str] = &[
     NEXTHOPS,
     MAGLEV,
     CONNTRACK,
-    FLOW_EPOCH,
+    CACHE_EPOCH,
     GLOBALS,
     SERVICE_STATS,
     BACKEND_STATS,

@@ -84,6 +84,52 @@ const _: () = assert!(core::mem::size_of::<Service>() == 32);
 // SAFETY: repr(C), no implicit padding.
 unsafe impl aya::Pod for Service {}
 
+impl ServiceKey {
+    /// The key's 20 bytes as five 32-bit words, as they lie in memory (the last holds port,
+    /// protocol and family; little-endian, as BPF is).
+    #[inline(always)]
+    #[must_use]
+    pub const fn words(&self) -> [u32; 5] {
+        let tail = self.port as u32 | (self.proto as u32) << 16 | (self.family as u32) << 24;
+        [self.addr[0], self.addr[1], self.addr[2], self.addr[3], tail]
+    }
+}
+
+/// Slots of the per-CPU service cache (a power of two): 1,024 slots of 64 bytes, 64 KiB a
+/// CPU.
+pub const SERVICE_CACHE_SLOTS: u32 = 1 << SERVICE_CACHE_BITS;
+const SERVICE_CACHE_BITS: u32 = 10;
+
+/// A slot of `SERVICE_CACHE` (per-CPU array): a packet's service key and a copy of the
+/// service the `SERVICES` lookup gave it (an exact match, or the address's all-ports
+/// service), so that a new flow to a busy service costs an inlined array read instead of
+/// the kernel's hash lookup. Used only while its epoch is `CACHE_EPOCH`'s, which the daemon
+/// bumps after every write to `SERVICES`; misses are not cached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedService {
+    pub key: ServiceKey,
+    /// `CACHE_EPOCH` when the slot was filled; zero never matches.
+    pub epoch: u32,
+    pub service: Service,
+    pub _pad: [u32; 2],
+}
+const _: () = assert!(core::mem::size_of::<CachedService>() == 64);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding (asserted size), plain integers.
+unsafe impl aya::Pod for CachedService {}
+
+/// The service-cache slot of a key given as its [`ServiceKey::words`] (below
+/// [`SERVICE_CACHE_SLOTS`]), seeded like the flow hash.
+#[inline(always)]
+#[must_use]
+pub const fn service_slot(w: &[u32; 5], seed: u32) -> u32 {
+    let lo = (w[0] ^ w[2]) as u64 | ((w[1] ^ w[3]) as u64) << 32;
+    let mut h = (seed as u64) ^ lo ^ (w[4] as u64).rotate_left(29);
+    h ^= h >> 32;
+    (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SERVICE_CACHE_BITS)) as u32
+}
+
 /// Value of the `BACKENDS` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -236,6 +282,44 @@ impl TrafficCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_key_words_are_its_memory_and_slots_spread() {
+        let key = ServiceKey {
+            addr: [0x0102_0304, 0x0506_0708, 0x090a_0b0c, 0x0d0e_0f10],
+            port: 0x1112,
+            proto: 0x13,
+            family: 0x14,
+        };
+        // SAFETY: `ServiceKey` is 20 bytes of plain integers without implicit padding.
+        let bytes: [u8; 20] = unsafe { core::mem::transmute(key) };
+        let words: std::vec::Vec<u8> = key.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(words, bytes);
+        // 256 ports of one address and 256 addresses on one port: few share a slot.
+        for keys in [
+            (0..256u16)
+                .map(|p| ServiceKey {
+                    port: p.to_be(),
+                    proto: 6,
+                    family: 4,
+                    ..ServiceKey::default()
+                })
+                .collect::<std::vec::Vec<_>>(),
+            (0..=u8::MAX)
+                .map(|a| ServiceKey {
+                    addr: [u32::from_be_bytes([198, 18, 100, a]), 0, 0, 0],
+                    port: 443u16.to_be(),
+                    proto: 6,
+                    family: 4,
+                })
+                .collect(),
+        ] {
+            let slots: std::collections::HashSet<u32> =
+                keys.iter().map(|k| service_slot(&k.words(), 9)).collect();
+            assert!(slots.iter().all(|s| *s < SERVICE_CACHE_SLOTS));
+            assert!(slots.len() > 200, "{} slots for 256 services", slots.len());
+        }
+    }
 
     #[test]
     fn addr_filter_bits_stay_in_the_bitmap_and_spread() {

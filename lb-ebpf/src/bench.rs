@@ -15,7 +15,7 @@ use aya_ebpf::{helpers::bpf_jiffies64, programs::XdpContext};
 use lb_common::net::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
-    maps::{BENCH_REOPEN, BENCH_SAVE, CONNTRACK, FLOW_EPOCH, GLOBALS},
+    maps::{BENCH_REOPEN, BENCH_SAVE, CACHE_EPOCH, CONNTRACK, GLOBALS},
     parse::ptr_at_mut,
 };
 
@@ -94,7 +94,7 @@ pub fn age_reopened() {
 /// filled before is used.
 #[inline(always)]
 pub fn bump_epoch() {
-    if let Some(epoch) = FLOW_EPOCH.get_ptr_mut(0) {
+    if let Some(epoch) = CACHE_EPOCH.get_ptr_mut(0) {
         // SAFETY: a map value pointer from a successful array lookup (a bench-only race with
         // another CPU costs nothing but a cache hit).
         unsafe { *epoch = (*epoch).wrapping_add(1).max(1) };

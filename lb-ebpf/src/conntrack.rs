@@ -167,7 +167,10 @@ pub fn open_nat(
 ) -> Outcome {
     let ctx = &reload(ctx);
     match try_open_nat(ctx, key, service, live, buf) {
-        Ok(()) => Outcome::DONE,
+        Ok(()) => {
+            crate::flowcache::port_taken(live.nat_port);
+            Outcome::DONE
+        }
         Err(reason) => Outcome::err(reason),
     }
 }

@@ -1,18 +1,20 @@
-//! The flow cache's operations (see `lb_common::flowcache` for when a slot may be used):
-//! finding a packet's live flow in its slot, filling the slot from the connection table's
-//! entry after the table carried a packet, and forgetting a flow the table let go.
+//! The flow cache's operations (see `lb_common::flowcache` for when a slot may be used): a
+//! packet's slot is found once ([`find`]); then either the slot carries the packet
+//! ([`Slot::hit`]), or the connection table does and the slot follows what the table did:
+//! filled from the entry that carried the packet ([`Slot::fill`]), emptied when the table
+//! has no live forward entry for the flow ([`Slot::forget`]).
 //!
 //! Keys are handled as five 64-bit words, read straight from the packet's key (the head of
 //! `Packet`) and the slot: one load and one compare per word.
 
 use lb_common::{
-    conntrack::Flow,
-    flowcache::{CachedFlow, carries, same_words, slot_of_words},
+    conntrack::{FLOW_NAT, Flow},
+    flowcache::{CachedFlow, carries, same_words, slot_of_words, usable},
     service::Globals,
 };
 
 use crate::{
-    maps::{FLOW_CACHE, FLOW_EPOCH},
+    maps::{CACHE_EPOCH, FLOW_CACHE, NAT_PORT_GEN},
     parse::Packet,
 };
 
@@ -22,6 +24,9 @@ const _: () = {
     assert!(core::mem::offset_of!(CachedFlow, key) == 0);
 };
 
+const FLOW_WORDS: usize = size_of::<Flow>() / 8;
+const _: () = assert!(size_of::<Flow>().is_multiple_of(8) && align_of::<Flow>() == 8);
+
 /// The packet's flow key as words.
 #[inline(always)]
 fn words(packet: &Packet) -> &[u64; 5] {
@@ -30,77 +35,98 @@ fn words(packet: &Packet) -> &[u64; 5] {
     unsafe { &*core::ptr::from_ref(packet).cast::<[u64; 5]>() }
 }
 
-/// The slot for the key `w` (this CPU's).
-#[inline(always)]
-fn slot(w: &[u64; 5], g: &Globals) -> Option<*mut CachedFlow> {
-    FLOW_CACHE.get_ptr_mut(slot_of_words(w, g.hash_seed))
-}
-
-/// The slot's key as words.
-///
-/// # Safety
-/// `slot` is a valid slot pointer.
-#[inline(always)]
-unsafe fn slot_words<'a>(slot: *const CachedFlow) -> &'a [u64; 5] {
-    // SAFETY: the caller's contract; the key is the slot's first 40 bytes, 8-byte aligned.
-    unsafe { &*slot.cast::<[u64; 5]>() }
-}
-
-/// The flow cache's epoch now (zero, which no slot matches, if the map cannot be read).
+/// The caches' epoch now (zero, which no slot matches, if the map cannot be read).
 #[inline(always)]
 pub fn epoch() -> u32 {
-    FLOW_EPOCH.get(0).copied().unwrap_or(0)
+    CACHE_EPOCH.get(0).copied().unwrap_or(0)
 }
 
-/// The cached forward entry of `packet`'s flow, if its slot holds it in `epoch` and the
-/// table's entry would carry this packet without being rewritten.
+/// The generation of a NAT port (raw network order).
 #[inline(always)]
-pub fn hit(packet: &Packet, g: &Globals, epoch: u32, now: u64) -> Option<&'static Flow> {
-    let w = words(packet);
-    let slot = slot(w, g)?;
-    // SAFETY: a per-CPU map value pointer from a successful lookup; only this CPU's programs
-    // write it, one at a time.
-    let c = unsafe { &*slot };
-    // SAFETY: as above.
-    if epoch == 0 || c.epoch != epoch || !same_words(unsafe { slot_words(slot) }, w) {
-        return None;
-    }
-    let (proto, flags) = (packet.proto, packet.tcp_flags);
-    carries(&c.flow, proto, flags, &g.timeouts, g.refresh, now).then_some(&c.flow)
+fn port_gen(raw_port: u16) -> u32 {
+    NAT_PORT_GEN.get(u32::from(u16::from_be(raw_port))).copied().unwrap_or(0)
 }
 
-/// Copies the forward entry `e` of `packet`'s flow into its slot as the table left it after
-/// carrying the packet, whether or not it may be used (so a slot never keeps an older state
-/// of a flow the table has moved on). Word by word: copying the key or the entry whole from
-/// one map value to another compiles to a `memmove` call (see `mem.rs`).
+/// Marks the NAT port `raw_port` (network order) as just taken by a flow: cached copies of
+/// flows that had it are no longer used. A plain increment: two CPUs taking the port at
+/// once may count it once, and the generation has changed all the same.
 #[inline(always)]
-pub fn fill(packet: &Packet, e: &Flow, g: &Globals, epoch: u32) {
-    let w = words(packet);
-    let Some(slot) = slot(w, g) else { return };
-    // SAFETY: as in `hit`; the packet's key is per-CPU scratch memory and `e` a
-    // connection-table value: neither overlaps the slot. `Flow` is 8-byte aligned in both
-    // maps and a whole number of words.
-    unsafe {
-        copy_words(slot.cast::<u64>(), w.as_ptr(), 5);
-        (*slot).epoch = epoch;
-        copy_words((&raw mut (*slot).flow).cast(), core::ptr::from_ref(e).cast(), FLOW_WORDS);
+pub fn port_taken(raw_port: u16) {
+    if let Some(g) = NAT_PORT_GEN.get_ptr_mut(u32::from(u16::from_be(raw_port))) {
+        // SAFETY: a map value pointer from a successful array lookup.
+        unsafe { *g = (*g).wrapping_add(1) };
     }
 }
 
-const FLOW_WORDS: usize = size_of::<Flow>() / 8;
-const _: () = assert!(size_of::<Flow>().is_multiple_of(8) && align_of::<Flow>() == 8);
+/// A packet's slot in this CPU's flow cache, and whether it holds the packet's flow.
+pub struct Slot {
+    slot: *mut CachedFlow,
+    holds: bool,
+}
 
-/// Empties the slot of `packet`'s flow if it holds that flow (which the table no longer
-/// carries).
+/// Finds `packet`'s slot.
 #[inline(always)]
-pub fn forget(packet: &Packet, g: &Globals) {
+pub fn find(packet: &Packet, g: &Globals) -> Slot {
     let w = words(packet);
-    if let Some(slot) = slot(w, g) {
-        // SAFETY: as in `hit`.
+    match FLOW_CACHE.get_ptr_mut(slot_of_words(w, g.hash_seed)) {
+        // SAFETY: a per-CPU map value pointer from a successful lookup (only this CPU's
+        // programs write it, one at a time); the key is its first 40 bytes, 8-byte aligned.
+        Some(slot) => Slot { slot, holds: same_words(unsafe { &*slot.cast::<[u64; 5]>() }, w) },
+        None => Slot { slot: core::ptr::null_mut(), holds: false },
+    }
+}
+
+impl Slot {
+    /// The cached forward entry of the packet's flow, if the slot holds it in `epoch`, a
+    /// NAT flow's port has not been taken since, and the table's entry would carry this
+    /// packet without being rewritten.
+    #[inline(always)]
+    pub fn hit(&self, packet: &Packet, g: &Globals, epoch: u32, now: u64) -> Option<&'static Flow> {
+        if !self.holds || epoch == 0 {
+            return None;
+        }
+        // SAFETY: `holds` is only set for a valid slot pointer (see `find`).
+        let c = unsafe { &*self.slot };
+        let (proto, flags) = (packet.proto, packet.tcp_flags);
+        let carried = c.epoch == epoch
+            && carries(&c.flow, proto, flags, &g.timeouts, g.refresh, now)
+            && (c.flow.flags & FLOW_NAT == 0 || port_gen(c.flow.nat_port) == c.port_gen);
+        carried.then_some(&c.flow)
+    }
+
+    /// Copies the forward entry `e` of the packet's flow into the slot as the table left it
+    /// after carrying the packet; an entry the slot may not carry empties the slot instead,
+    /// if it held the flow (a slot never keeps an older state of a flow the table has moved
+    /// on). Word by word: copying the key or the entry whole from one map value to another
+    /// compiles to a `memmove` call (see `mem.rs`).
+    #[inline(always)]
+    pub fn fill(&self, packet: &Packet, e: &Flow, epoch: u32) {
+        if self.slot.is_null() {
+            return;
+        }
+        if !usable(e) {
+            self.forget();
+            return;
+        }
+        // SAFETY: a valid slot (see `find`); the packet's key is per-CPU scratch memory and
+        // `e` a connection-table value: neither overlaps the slot. `Flow` is 8-byte aligned
+        // in both maps and a whole number of words.
         unsafe {
-            if same_words(slot_words(slot), w) {
-                (*slot).epoch = 0;
-            }
+            copy_words(self.slot.cast::<u64>(), words(packet).as_ptr(), 5);
+            (*self.slot).epoch = epoch;
+            (*self.slot).port_gen = if e.flags & FLOW_NAT != 0 { port_gen(e.nat_port) } else { 0 };
+            let flow = (&raw mut (*self.slot).flow).cast::<u64>();
+            copy_words(flow, core::ptr::from_ref(e).cast(), FLOW_WORDS);
+        }
+    }
+
+    /// Empties the slot if it holds the packet's flow: the table has no live forward entry
+    /// for it (evicted, expired, started over, or a reply or SYN-cookie entry on its key).
+    #[inline(always)]
+    pub fn forget(&self) {
+        if self.holds {
+            // SAFETY: `holds` is only set for a valid slot pointer (see `find`).
+            unsafe { (*self.slot).epoch = 0 };
         }
     }
 }

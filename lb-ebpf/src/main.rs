@@ -133,7 +133,7 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
             return Ok(action);
         }
     }
-    match select::lookup_service(&scratch.packet) {
+    match select::lookup_service(&scratch.packet, select::globals()?) {
         Some(service) => balance(ctx, scratch, service, now, dead_entry).into_result(),
         // No flow (the lookup above would have found a reply entry) and no service.
         None if l4 => Err(Reason::NotService),
@@ -165,45 +165,56 @@ fn established(
     dead.retry = 0;
     let key = packet.flow_key();
     let g = select::globals()?;
-    // A busy flow's packets find its entry in the flow cache, without the table's lookup. A
-    // handshake's packets (SYN set) go to the table: mostly new flows, whose slot would be
-    // one more cold cache line to read.
+    // A busy flow's packets find its entry in the flow cache, without the table's lookup;
+    // otherwise the table carries the packet and the slot follows it. A packet with SYN set
+    // goes to the table: a new connection on a tuple the table lost (evicted) must open a
+    // new flow, not be carried as a retransmission of the old one's SYN.
     let epoch = flowcache::epoch();
+    let slot = flowcache::find(packet, g);
     let handshake = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::SYN != 0;
-    if !handshake && let Some(e) = flowcache::hit(packet, g, epoch, now) {
-        return carry_on(ctx, packet, key, live, buf, e, e.state, false, now);
-    }
-    let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else { return Ok(Action::Pass) };
-    // SAFETY: a map value pointer from a successful lookup; concurrent writers only race on
-    // the timestamp and state, which any of them may win.
-    let e = unsafe { &mut *entry };
-    if e.flags & FLOW_REPLY != 0 {
-        return nat::reply(ctx, packet, e, g, now);
-    }
-    if e.flags & FLOW_SYN_PROXY != 0 {
-        // The backend has not answered the SYN this flow sent it: the client's segments
-        // wait (dropped; the client retransmits), and its state does not move. Once a
-        // second has passed without an answer, the client's next segment starts the flow
-        // over: if it still carries a valid cookie (a retransmission of its first segment),
-        // the backend gets the SYN again. Counted as the same flow, not a new one.
-        if now.saturating_sub(e.last_seen) > g.refresh {
-            // Not expired: `open_flow` looks it up again (see `in_overwrite_window`).
-            select::note_dead(dead, e);
-            dead.retry = 1;
+    let cached = if handshake { None } else { slot.hit(packet, g, epoch, now) };
+    let (e, state, refresh) = if let Some(e) = cached {
+        (e, e.state, false)
+    } else {
+        let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else {
+            slot.forget();
             return Ok(Action::Pass);
+        };
+        // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
+        // on the timestamp and state, which any of them may win.
+        let e = unsafe { &mut *entry };
+        if e.flags & (FLOW_REPLY | FLOW_SYN_PROXY) != 0 {
+            slot.forget();
         }
-        return Err(Reason::SynProxyPending);
-    }
-    let Some((state, refresh)) = select::keep(packet, e, g, now) else {
-        // A flow starting over here may have been cached on another CPU's packets until now.
-        flowcache::forget(packet, g);
-        select::note_dead(dead, e);
-        if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
-            *dead_entry = entry;
+        if e.flags & FLOW_REPLY != 0 {
+            return nat::reply(ctx, packet, e, g, now);
         }
-        return Ok(Action::Pass);
+        if e.flags & FLOW_SYN_PROXY != 0 {
+            // The backend has not answered the SYN this flow sent it: the client's segments
+            // wait (dropped; the client retransmits), and its state does not move. Once a
+            // second has passed without an answer, the client's next segment starts the
+            // flow over: if it still carries a valid cookie (a retransmission of its first
+            // segment), the backend gets the SYN again. Counted as the same flow, not a new
+            // one.
+            if now.saturating_sub(e.last_seen) > g.refresh {
+                // Not expired: `open_flow` looks it up again (see `in_overwrite_window`).
+                select::note_dead(dead, e);
+                dead.retry = 1;
+                return Ok(Action::Pass);
+            }
+            return Err(Reason::SynProxyPending);
+        }
+        let Some((state, refresh)) = select::keep(packet, e, g, now) else {
+            slot.forget();
+            select::note_dead(dead, e);
+            if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
+                *dead_entry = entry;
+            }
+            return Ok(Action::Pass);
+        };
+        slot.fill(packet, e, epoch);
+        (&*e, state, refresh)
     };
-    flowcache::fill(packet, e, g, epoch);
     carry_on(ctx, packet, key, live, buf, e, state, refresh, now)
 }
 

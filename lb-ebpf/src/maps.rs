@@ -1,8 +1,8 @@
 //! Every map of the data path. Names, capacities and value types come from `lb_common`.
 //!
-//! The daemon writes every map but `STATS`, the counter maps, `CONNTRACK` and `FLOW_CACHE`,
-//! which only the data path writes (the daemon reads them, and removes expired connection
-//! pairs).
+//! The daemon writes every map but `STATS`, the counter maps, `CONNTRACK`, the caches and
+//! `NAT_PORT_GEN`, which only the data path writes (the daemon reads the counters and the
+//! table, and removes expired connection pairs).
 
 use aya_ebpf::{
     bindings::BPF_F_INNER_MAP,
@@ -24,9 +24,9 @@ use lb_common::{
     maglev::DEFAULT_TABLE_SIZE,
     passthrough::{ListenerKey, MAX_LISTENERS, MAX_RELAYS, RelayKey},
     service::{
-        ADDR_FILTER_WORDS, AddrKey, Backend, DEFAULT_CONNTRACK_ENTRIES, Globals, MAX_BACKENDS,
-        MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NextHop, Service, ServiceKey, SynCounter,
-        TrafficCounter,
+        ADDR_FILTER_WORDS, AddrKey, Backend, CachedService, DEFAULT_CONNTRACK_ENTRIES, Globals,
+        MAX_BACKENDS, MAX_NAT_SOURCES, MAX_SERVICES, MAX_TX_PORTS, NextHop, SERVICE_CACHE_SLOTS,
+        Service, ServiceKey, SynCounter, TrafficCounter,
     },
     stats::STATS_SLOTS,
 };
@@ -76,12 +76,20 @@ pub static MAGLEV: ArrayOfMaps<
 pub static CONNTRACK: LruHashMap<FlowKey, Flow, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// The flow cache in front of `CONNTRACK` (see `lb_common::flowcache`), and its epoch, which
-/// the daemon bumps after removing flows.
+/// The flow cache in front of `CONNTRACK` (see `lb_common::flowcache`), the service cache in
+/// front of `SERVICES` (see `lb_common::service::CachedService`), and their epoch, which the
+/// daemon bumps after removing flows or writing services.
 #[btf_map]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
-pub static FLOW_EPOCH: Array<u32, 1> = Array::new();
+pub static SERVICE_CACHE: PerCpuArray<CachedService, { SERVICE_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+#[btf_map]
+pub static CACHE_EPOCH: Array<u32, 1> = Array::new();
+/// A generation per NAT port, bumped whenever a flow takes the port (see
+/// `lb_common::maps::NAT_PORT_GEN`).
+#[btf_map]
+pub static NAT_PORT_GEN: Array<u32, 65_536> = Array::new();
 
 /// Settings from the daemon (timeouts, hash seed).
 #[btf_map]

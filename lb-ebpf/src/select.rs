@@ -9,27 +9,52 @@ use lb_common::{
     net::{IPPROTO_TCP, IPPROTO_UDP},
     service::{
         AddrKey, GLOBAL_ALL_PORTS_SERVICES, Globals, MAX_BACKENDS, MAX_SERVICES,
-        SERVICE_HASH_SOURCE, Service, ServiceKey, addr_filter_bit,
+        SERVICE_HASH_SOURCE, Service, ServiceKey, addr_filter_bit, service_slot,
     },
 };
 
 use crate::{
-    maps::{ADDR_FILTER, GLOBALS, MAGLEV, SERVICES, VIPS},
+    maps::{ADDR_FILTER, GLOBALS, MAGLEV, SERVICE_CACHE, SERVICES, VIPS},
     parse::Packet,
 };
 
-/// The service `packet` is addressed to (see [`service_at`]).
+/// The service `packet` is addressed to (see [`service_at`]): from this CPU's service
+/// cache when its slot holds the packet's key in the current epoch, else from `SERVICES`,
+/// which then fills the slot (the returned service is the slot's copy either way).
 #[inline(always)]
-pub fn lookup_service(packet: &Packet) -> Option<&'static Service> {
+pub fn lookup_service(packet: &Packet, g: &Globals) -> Option<&'static Service> {
     if !packet.has_l4 || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
     }
-    service_at(ServiceKey {
+    let key = ServiceKey {
         addr: packet.dst,
         port: packet.dport,
         proto: packet.proto,
         family: packet.family as u8,
-    })
+    };
+    let w = key.words();
+    let epoch = crate::flowcache::epoch();
+    let slot = SERVICE_CACHE.get_ptr_mut(service_slot(&w, g.hash_seed))?;
+    // SAFETY: a per-CPU map value pointer from a successful lookup; only this CPU's programs
+    // write it, one at a time, and nothing else writes it during this program run.
+    let c = unsafe { &mut *slot };
+    let held = c.key.words();
+    let diff = (w[0] ^ held[0]) | (w[1] ^ held[1]) | (w[2] ^ held[2]) | (w[3] ^ held[3]);
+    if epoch != 0 && c.epoch == epoch && (diff | (w[4] ^ held[4])) == 0 {
+        return Some(&c.service);
+    }
+    let service = service_at(key)?;
+    // Field by field: a struct copy between map values compiles to a `memmove` call.
+    for i in 0..4 {
+        c.key.addr[i] = key.addr[i];
+    }
+    c.key.port = key.port;
+    c.key.proto = key.proto;
+    c.key.family = key.family;
+    c.epoch = epoch;
+    // SAFETY: a `SERVICES` value and the slot: valid and disjoint.
+    unsafe { crate::mem::copy(&raw mut c.service, service) };
+    Some(&c.service)
 }
 
 /// The service at `key` (address, protocol, port): an exact match first, then an all-ports

@@ -747,6 +747,74 @@ fn the_flow_cache_carries_established_packets_until_the_table_must_see_them() {
 }
 
 #[test]
+fn a_flow_the_table_lost_is_not_carried_on_by_its_slot() {
+    // The LRU evicts a cached flow's entry and the client starts a new connection on the
+    // tuple: the SYN finds no entry and opens the flow afresh, and the slot must not carry
+    // the next packets as the old connection's (the ACK completing the handshake goes to
+    // the table, which moves the new entry to established).
+    let Some(mut lb) = Lb::new("flow_cache_lost", &dsr_config(false, "tcp"), &[]) else { return };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let port = 46_300;
+    let segment = |flags: u8| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(flags).build();
+    let key = lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    for flags in [tcp_flags::SYN, tcp_flags::ACK, tcp_flags::ACK] {
+        assert_eq!(lb.bed.run(&segment(flags)).unwrap().verdict, Some(Action::Tx));
+    }
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key]), 1);
+    assert_eq!(lb.bed.run(&segment(tcp_flags::SYN)).unwrap().verdict, Some(Action::Tx));
+    let opened = lb.bed.datapath.maps().conntrack.get(&key).unwrap();
+    assert_eq!(opened.state, FlowState::SynSeen as u8);
+    assert_eq!(lb.bed.run(&segment(tcp_flags::ACK)).unwrap().verdict, Some(Action::Tx));
+    let entry = lb.bed.datapath.maps().conntrack.get(&key).unwrap();
+    assert_eq!(entry.state, FlowState::Established as u8, "the handshake's ACK reached the table");
+}
+
+#[test]
+fn a_nat_port_taken_over_stops_the_slot_of_the_flow_that_lost_it() {
+    // One NAT port. Client port `a`'s flow is cached, then the LRU evicts both its entries
+    // and client port `b` takes the port. `a`'s next packet must not leave from that port
+    // (into `b`'s connection at the backend): the port's generation moved, the slot is not
+    // used, the table has nothing for `a`, and no port is free for a new flow.
+    let Some(mut lb) = Lb::new("flow_cache_port", &one_port_nat_config(), &[]) else { return };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let (a, b) = (46_310, 46_311);
+    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    for _ in 0..2 {
+        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
+    }
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    let all: Vec<_> = conntrack.entries().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(conntrack.evict(all), 2, "a's two entries");
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
+
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+}
+
+#[test]
+fn a_removed_service_opens_no_flow_from_the_service_cache() {
+    // New flows find their service in this CPU's service cache; removing the service (a
+    // write to `SERVICES`) must leave no copy that still opens flows.
+    // A second service on the address keeps it in the address filter: the packet reaches
+    // the service lookup.
+    let other = "[[service]]\nname = \"s81\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 81\npool = \"p\"\nmode = \"dsr-l2\"\n";
+    let config = format!("{}{other}", dsr_config(false, "tcp"));
+    let Some(mut lb) = Lb::new("service_cache", &config, &[]) else { return };
+    assert_eq!(lb.bed.run(&syn4(46_320)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&syn4(46_321)).unwrap().verdict, Some(Action::Tx));
+    let pool = dsr_config(false, "tcp");
+    lb.reapply(&format!("{}{other}", &pool[..pool.find("[[service]]").unwrap()]));
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&syn4(46_322)).unwrap().verdict, Some(Action::Pass));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NotService).packets, 1, "{}", delta.summary());
+}
+
+#[test]
 fn removing_a_service_cuts_its_flows() {
     // A live flow is forwarded by its connection entry alone, without the service lookup:
     // removing the service must take its flows (both directions) with it.

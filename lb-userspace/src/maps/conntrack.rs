@@ -1,9 +1,9 @@
 //! `CONNTRACK`: read access for counting and inspecting flows, and the sweep that removes
 //! expired entries, both directions of a NAT flow together. Every removal of flows that may
-//! be live bumps `FLOW_EPOCH`, so no packet is sent on by a flow-cache slot of a removed
+//! be live bumps `CACHE_EPOCH`, so no packet is sent on by a flow-cache slot of a removed
 //! flow (see `lb_common::flowcache`).
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     FlowKey,
     conntrack::{FLOW_NAT, FLOW_REPLY, Flow, Timeouts},
@@ -11,11 +11,11 @@ use lb_common::{
     service::Backend,
 };
 
-use super::{MapError, typed};
+use super::{CacheEpoch, MapError, typed};
 
 pub struct ConntrackMap {
     map: HashMap<MapData, FlowKey, Flow>,
-    epoch: Array<MapData, u32>,
+    epoch: CacheEpoch,
 }
 
 impl std::fmt::Debug for ConntrackMap {
@@ -40,22 +40,18 @@ pub struct SweepResult {
 }
 
 impl ConntrackMap {
-    pub(crate) fn new(map: Map, epoch: Map) -> Result<Self, MapError> {
-        Ok(Self { map: typed(maps::CONNTRACK, map)?, epoch: typed(maps::FLOW_EPOCH, epoch)? })
+    pub(crate) fn new(map: Map, epoch: CacheEpoch) -> Result<Self, MapError> {
+        Ok(Self { map: typed(maps::CONNTRACK, map)?, epoch })
     }
 
-    /// The flow cache's epoch.
+    /// The caches' epoch.
     pub fn epoch(&self) -> Result<u32, MapError> {
-        self.epoch.get(&0, 0).map_err(|source| MapError::Access { name: maps::FLOW_EPOCH, source })
+        self.epoch.get()
     }
 
-    /// Bumps the flow cache's epoch: every slot filled before is ignored from now on (zero is
-    /// skipped, it never matches).
+    /// Bumps the caches' epoch: every slot filled before is ignored from now on.
     pub fn invalidate_cache(&mut self) -> Result<(), MapError> {
-        let next = self.epoch()?.wrapping_add(1).max(1);
-        self.epoch
-            .set(0, next, 0)
-            .map_err(|source| MapError::Update { name: maps::FLOW_EPOCH, source })
+        self.epoch.bump()
     }
 
     /// Every entry (for tests and inspection; a full walk, so not for the hot loop).

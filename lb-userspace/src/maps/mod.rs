@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod conntrack;
+pub mod epoch;
 pub mod firewall;
 pub mod globals;
 pub mod maglev;
@@ -18,6 +19,7 @@ use thiserror::Error;
 
 pub use backends::BackendsMap;
 pub use conntrack::{ConntrackMap, FlowClock, SweepResult};
+pub use epoch::CacheEpoch;
 pub use firewall::FirewallMaps;
 pub use globals::GlobalsMap;
 pub use maglev::MaglevMap;
@@ -76,6 +78,7 @@ impl std::fmt::Debug for FirewallEvents {
 impl Maps {
     /// Takes the maps out of `ebpf` (the programs keep their own references to them).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+        let epoch = CacheEpoch::new(take(ebpf, lb_common::maps::CACHE_EPOCH)?)?;
         Ok(Self {
             stats: StatsMap::new(take(ebpf, lb_common::maps::STATS)?)?,
             services: ServicesMap::new(
@@ -83,16 +86,14 @@ impl Maps {
                 take(ebpf, lb_common::maps::VIPS)?,
                 take(ebpf, lb_common::maps::NAT_SOURCES)?,
                 take(ebpf, lb_common::maps::ADDR_FILTER)?,
+                epoch.another()?,
             )?,
             backends: BackendsMap::new(
                 take(ebpf, lb_common::maps::BACKENDS)?,
                 take(ebpf, lb_common::maps::NEXTHOPS)?,
             )?,
             maglev: MaglevMap::new(take(ebpf, lb_common::maps::MAGLEV)?)?,
-            conntrack: ConntrackMap::new(
-                take(ebpf, lb_common::maps::CONNTRACK)?,
-                take(ebpf, lb_common::maps::FLOW_EPOCH)?,
-            )?,
+            conntrack: ConntrackMap::new(take(ebpf, lb_common::maps::CONNTRACK)?, epoch)?,
             globals: GlobalsMap::new(take(ebpf, lb_common::maps::GLOBALS)?)?,
             traffic: TrafficMaps::new(
                 take(ebpf, lb_common::maps::SERVICE_STATS)?,

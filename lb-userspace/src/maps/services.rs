@@ -8,7 +8,7 @@ use lb_common::{
     service::{ADDR_FILTER_WORDS, AddrKey, Service, ServiceKey, addr_filter_bit},
 };
 
-use super::{MapError, typed};
+use super::{CacheEpoch, MapError, typed};
 
 /// An address set's entries: address and the number of services using it.
 pub type AddressSet = Vec<(AddrKey, u32)>;
@@ -22,6 +22,8 @@ pub struct ServicesMap {
     /// write, so an apply that moves no address (one runs every second during a slow start)
     /// costs no syscall for it. Dropped when a write fails, to be read again.
     filter_words: Option<Vec<u64>>,
+    /// Bumped after every write to `SERVICES`: the data path's service cache holds copies.
+    epoch: CacheEpoch,
 }
 
 impl std::fmt::Debug for ServicesMap {
@@ -36,6 +38,7 @@ impl ServicesMap {
         vips: Map,
         nat_sources: Map,
         filter: Map,
+        epoch: CacheEpoch,
     ) -> Result<Self, MapError> {
         Ok(Self {
             services: typed(maps::SERVICES, services)?,
@@ -43,19 +46,27 @@ impl ServicesMap {
             nat_sources: typed(maps::NAT_SOURCES, nat_sources)?,
             filter: typed(maps::ADDR_FILTER, filter)?,
             filter_words: None,
+            epoch,
         })
     }
 
-    /// Adds or replaces a service.
+    /// Adds or replaces a service (then drops the data path's cached copies).
     pub fn upsert(&mut self, key: &ServiceKey, service: &Service) -> Result<(), MapError> {
-        self.services
+        let written = self
+            .services
             .insert(key, service, 0)
-            .map_err(|source| MapError::Update { name: maps::SERVICES, source })
+            .map_err(|source| MapError::Update { name: maps::SERVICES, source });
+        // Even after a failed write: it may have replaced the entry before failing.
+        self.epoch.bump()?;
+        written
     }
 
-    /// Removes a service; a missing one is not an error.
+    /// Removes a service (then drops the data path's cached copies); a missing one is not
+    /// an error.
     pub fn remove(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        remove_ok_if_missing(&mut self.services, key, maps::SERVICES)
+        let removed = remove_ok_if_missing(&mut self.services, key, maps::SERVICES);
+        self.epoch.bump()?;
+        removed
     }
 
     /// Every service in the map.

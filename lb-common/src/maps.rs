@@ -22,8 +22,10 @@ pub const FLOW_CACHE: &str = "FLOW_CACHE";
 /// Per-CPU array of [`crate::service::CachedService`]: the service cache (see
 /// [`crate::service::CachedService`]). Not pinned.
 pub const SERVICE_CACHE: &str = "SERVICE_CACHE";
-/// Array of u32 by NAT port (host order): bumped by the data path whenever a flow takes the
-/// port, so a flow-cache copy of another flow on that port stops being used. Not pinned.
+/// Array of u32 by NAT port (host order): a new random generation written by the data path
+/// whenever a flow takes the port, so a flow-cache copy of another flow on that port stops being used. Pinned: while
+/// a restarted daemon swaps interfaces over one by one, the old and the new program share
+/// it as they share the table.
 pub const NAT_PORT_GEN: &str = "NAT_PORT_GEN";
 /// Single-entry array of a u32: the epoch of both caches, bumped by the daemon after it
 /// removes flows or writes `SERVICES` (pinned, so a bump reaches the program still attached
@@ -103,6 +105,7 @@ pub const PINNED: &[&str] = &[
     MAGLEV,
     CONNTRACK,
     CACHE_EPOCH,
+    NAT_PORT_GEN,
     GLOBALS,
     SERVICE_STATS,
     BACKEND_STATS,

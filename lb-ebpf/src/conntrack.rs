@@ -422,7 +422,10 @@ fn try_refresh_reply(
     set_reply_entry(&mut buf.flow, ctx, key, live)?;
     CONNTRACK
         .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
-        .map_err(|_| Reason::ConntrackInsertFailed)
+        .map_err(|_| Reason::ConntrackInsertFailed)?;
+    // The port taken again: copies of another flow that had it since are no longer used.
+    crate::flowcache::port_taken(live.nat_port);
+    Ok(())
 }
 
 /// Removes the reply entry of a NAT flow that is over (forward key `key`), so its port is

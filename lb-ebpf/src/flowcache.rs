@@ -43,18 +43,21 @@ pub fn epoch() -> u32 {
 
 /// The generation of a NAT port (raw network order).
 #[inline(always)]
-fn port_gen(raw_port: u16) -> u32 {
+pub fn port_gen(raw_port: u16) -> u32 {
     NAT_PORT_GEN.get(u32::from(u16::from_be(raw_port))).copied().unwrap_or(0)
 }
 
 /// Marks the NAT port `raw_port` (network order) as just taken by a flow: cached copies of
-/// flows that had it are no longer used. A plain increment: two CPUs taking the port at
-/// once may count it once, and the generation has changed all the same.
+/// flows that had it are no longer used. The new generation is random rather than the old
+/// one plus one: the BPF target has no atomic add here, and of two CPUs' racing
+/// increments the later store could put back an older generation a slot recorded; a
+/// random store leaves a generation no slot recorded (but with odds of 2^-32).
 #[inline(always)]
 pub fn port_taken(raw_port: u16) {
     if let Some(g) = NAT_PORT_GEN.get_ptr_mut(u32::from(u16::from_be(raw_port))) {
-        // SAFETY: a map value pointer from a successful array lookup.
-        unsafe { *g = (*g).wrapping_add(1) };
+        // SAFETY: a helper without arguments; a map value pointer from a successful array
+        // lookup.
+        unsafe { *g = aya_ebpf::helpers::bpf_get_prandom_u32() };
     }
 }
 
@@ -94,13 +97,27 @@ impl Slot {
         carried.then_some(&c.flow)
     }
 
-    /// Copies the forward entry `e` of the packet's flow into the slot as the table left it
-    /// after carrying the packet; an entry the slot may not carry empties the slot instead,
-    /// if it held the flow (a slot never keeps an older state of a flow the table has moved
-    /// on). Word by word: copying the key or the entry whole from one map value to another
-    /// compiles to a `memmove` call (see `mem.rs`).
+    /// Whether the slot holds the packet's NAT flow in `epoch` but its port has been taken
+    /// since it was cached: the table path must then check the port is still the flow's
+    /// (as at a refresh), not just send from it.
     #[inline(always)]
-    pub fn fill(&self, packet: &Packet, e: &Flow, epoch: u32) {
+    pub fn port_moved(&self, epoch: u32) -> bool {
+        if !self.holds {
+            return false;
+        }
+        // SAFETY: `holds` is only set for a valid slot pointer (see `find`).
+        let c = unsafe { &*self.slot };
+        c.epoch == epoch && c.flow.flags & FLOW_NAT != 0 && port_gen(c.flow.nat_port) != c.port_gen
+    }
+
+    /// Copies the forward entry `e` of the packet's flow into the slot as the table left it
+    /// after carrying the packet, with `port_gen`, the generation of a NAT flow's port read
+    /// before the table showed the port is still the flow's; an entry the slot may not
+    /// carry empties the slot instead, if it held the flow (a slot never keeps an older
+    /// state of a flow the table has moved on). Word by word: copying the key or the entry
+    /// whole from one map value to another compiles to a `memmove` call (see `mem.rs`).
+    #[inline(always)]
+    pub fn fill(&self, packet: &Packet, e: &Flow, epoch: u32, port_gen: u32) {
         if self.slot.is_null() {
             return;
         }
@@ -114,7 +131,7 @@ impl Slot {
         unsafe {
             copy_words(self.slot.cast::<u64>(), words(packet).as_ptr(), 5);
             (*self.slot).epoch = epoch;
-            (*self.slot).port_gen = if e.flags & FLOW_NAT != 0 { port_gen(e.nat_port) } else { 0 };
+            (*self.slot).port_gen = port_gen;
             let flow = (&raw mut (*self.slot).flow).cast::<u64>();
             copy_words(flow, core::ptr::from_ref(e).cast(), FLOW_WORDS);
         }

@@ -212,15 +212,21 @@ fn established(
             }
             return Ok(Action::Pass);
         };
-        slot.fill(packet, e, epoch);
+        // A NAT flow whose cached copy's port was taken since: its port is checked as at a
+        // refresh (the packet is dropped if another flow holds it now).
+        let refresh = refresh || slot.port_moved(epoch);
         (&*e, state, refresh)
     };
-    carry_on(ctx, packet, key, live, buf, e, state, refresh, now)
+    let cache = if cached.is_some() { None } else { Some((&slot, epoch)) };
+    carry_on(ctx, packet, key, live, buf, e, state, refresh, now, cache)
 }
 
 /// Sends a packet of the live forward flow `e` (its table entry, or the flow cache's copy)
 /// on to its backend, the flow now in `state`; with `refresh`, a NAT flow's reply entry is
-/// refreshed too (the forward entry has been).
+/// refreshed too (the forward entry has been). With `cache` (the table carried the packet),
+/// the flow's slot follows: a DSR flow's is filled from `e`; a NAT flow's only once a refresh
+/// has shown its port is still its own (with the port's generation read before), and
+/// emptied otherwise.
 #[allow(clippy::too_many_arguments, reason = "inlined: the arguments cost nothing")]
 #[inline(always)]
 fn carry_on(
@@ -233,11 +239,18 @@ fn carry_on(
     state: u8,
     refresh: bool,
     now: u64,
+    cache: Option<(&flowcache::Slot, u32)>,
 ) -> Result<Action, Reason> {
     if packet.has_ip_options {
+        if let Some((slot, _)) = cache {
+            slot.forget();
+        }
         return Err(Reason::IpOptions);
     }
     if e.flags & FLOW_NAT == 0 {
+        if let Some((slot, epoch)) = cache {
+            slot.fill(packet, e, epoch, 0);
+        }
         // DSR: the entry says it all; nothing to copy out.
         return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
     }
@@ -249,8 +262,20 @@ fn carry_on(
     live.cookie_flags = e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ);
     live.seq_delta = e.seq_delta;
     live.isn = e.isn;
+    let generation = flowcache::port_gen(e.nat_port);
+    let refreshed = if refresh {
+        conntrack::refresh_reply(ctx, key, live, buf).into_status()
+    } else {
+        Err(Reason::NotService)
+    };
+    if let Some((slot, epoch)) = cache {
+        match refreshed {
+            Ok(()) => slot.fill(packet, e, epoch, generation),
+            Err(_) => slot.forget(),
+        }
+    }
     if refresh {
-        conntrack::refresh_reply(ctx, key, live, buf).into_status()?;
+        refreshed?;
     }
     send(ctx, packet, key, live, true, false, false)
 }

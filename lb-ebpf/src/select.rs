@@ -40,10 +40,18 @@ pub fn lookup_service(packet: &Packet, g: &Globals) -> Option<&'static Service> 
     let c = unsafe { &mut *slot };
     let held = c.key.words();
     let diff = (w[0] ^ held[0]) | (w[1] ^ held[1]) | (w[2] ^ held[2]) | (w[3] ^ held[3]);
-    if epoch != 0 && c.epoch == epoch && (diff | (w[4] ^ held[4])) == 0 {
+    let holds = (diff | (w[4] ^ held[4])) == 0;
+    if holds && epoch != 0 && c.epoch == epoch {
         return Some(&c.service);
     }
-    let service = service_at(key)?;
+    let Some(service) = service_at(key) else {
+        if holds {
+            // No such service any more: an old copy is not left to come back should the
+            // epoch ever wrap round to its own.
+            c.epoch = 0;
+        }
+        return None;
+    };
     // Field by field: a struct copy between map values compiles to a `memmove` call.
     for i in 0..4 {
         c.key.addr[i] = key.addr[i];

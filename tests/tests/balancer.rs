@@ -815,6 +815,159 @@ fn a_removed_service_opens_no_flow_from_the_service_cache() {
 }
 
 #[test]
+fn a_released_backend_id_leaves_no_slot_that_sends_to_it() {
+    // A backend removed from the pool keeps its id while a flow uses it; the flow's entry is
+    // evicted, the sweep finds no flow left and its id is released (its next hop cleared,
+    // the id free again). The flow's slot must not go on naming the id: the next packet is
+    // balanced afresh by the table instead of dropped for want of a next hop.
+    let config = dsr_config(false, "tcp");
+    let Some(mut lb) = Lb::new("flow_cache_released", &config, &[]) else { return };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let port = 46_330;
+    let segment = |flags: u8| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(flags).build();
+    let key = lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+        assert_eq!(lb.bed.run(&segment(flags)).unwrap().verdict, Some(Action::Tx));
+    }
+    let (backend, ..) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+    let kept = if backend == IpAddr::from(Ipv4Addr::new(198, 18, 1, 11)) {
+        "198.18.1.12"
+    } else {
+        "198.18.1.11"
+    };
+    let gone = if kept == "198.18.1.12" { "198.18.1.11" } else { "198.18.1.12" };
+    lb.reapply(&config.replace(&format!("[[pool.backend]]\naddress = \"{gone}\"\n"), ""));
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    // The reload's service writes bumped the epoch: this packet fills the slot again.
+    assert_eq!(lb.bed.run(&segment(tcp_flags::ACK)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key]), 1);
+    let result = sweep(&mut lb);
+    let released =
+        lb.balancer.release_retired(lb.bed.datapath.maps_mut(), &result.kept_by_backend).unwrap();
+    assert_eq!(released, 1, "the removed backend's id");
+    let out = lb.bed.run(&segment(tcp_flags::ACK)).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx), "balanced afresh, not dropped");
+    let kept: IpAddr = kept.parse().unwrap();
+    assert_eq!(out.output[..6], backend_mac(kept), "to the backend left");
+}
+
+#[test]
+fn a_cached_flow_refreshes_its_entries_once_a_refresh_interval() {
+    // The cache carries packets only within a refresh interval of the entry's last write:
+    // a busy flow's next packet after that goes to the table, which refreshes the forward
+    // entry and (NAT) the reply entry, so neither expires under a live flow.
+    for nat in [false, true] {
+        let name = if nat { "flow_cache_refresh_nat" } else { "flow_cache_refresh_dsr" };
+        let config = if nat { nat_config(false, "tcp") } else { dsr_config(false, "tcp") };
+        let Some(mut lb) = Lb::new(name, &config, &[]) else { return };
+        lb.set_globals(|g| g.refresh = 1);
+        let port = 46_340;
+        let segment = |flags: u8| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(flags).build();
+        let key = lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+        for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+            assert_eq!(lb.bed.run(&segment(flags)).unwrap().verdict, Some(Action::Tx));
+        }
+        let stamps = |lb: &Lb| -> Vec<u64> {
+            let mut s: Vec<u64> = lb
+                .bed
+                .datapath
+                .maps()
+                .conntrack
+                .entries()
+                .unwrap()
+                .iter()
+                .map(|(_, f)| f.last_seen)
+                .collect();
+            s.sort_unstable();
+            s
+        };
+        let before = stamps(&lb);
+        assert_eq!(before.len(), if nat { 2 } else { 1 }, "{name}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(lb.bed.run(&segment(tcp_flags::ACK)).unwrap().verdict, Some(Action::Tx));
+        let after = stamps(&lb);
+        for (b, a) in before.iter().zip(&after) {
+            assert!(a > b, "{name}: every entry refreshed ({before:?} -> {after:?})");
+        }
+        let _ = key;
+    }
+}
+
+#[test]
+fn a_nat_flow_whose_cached_port_was_taken_has_its_port_checked() {
+    // One NAT port. Client port `a`'s flow is cached; the LRU evicts its reply entry alone
+    // and client port `b` takes the port. `a`'s forward entry is still live and no refresh
+    // is due, but its slot's port generation moved: the table path checks the port as at a
+    // refresh and drops `a`'s packet rather than send it into `b`'s connection.
+    let Some(mut lb) = Lb::new("flow_cache_port_moved", &one_port_nat_config(), &[]) else {
+        return;
+    };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let (a, b) = (46_350, 46_351);
+    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    for _ in 0..2 {
+        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
+    }
+    assert_eq!(lb.evict_reply_entries(), 1);
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+}
+
+#[test]
+fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
+    // One NAT port. `a`'s reply entry is evicted and `c` takes the port, is cached, and then
+    // loses both its entries to the LRU. `a`'s next packet finds its port moved, checks it
+    // and takes it back (a new reply entry): `c`'s slot must not send `c`'s packets from the
+    // port into `a`'s connection.
+    let Some(mut lb) = Lb::new("flow_cache_port_back", &one_port_nat_config(), &[]) else {
+        return;
+    };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let (a, c) = (46_370, 46_371);
+    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.evict_reply_entries(), 1);
+    assert_eq!(lb.bed.run(&syn4(c)).unwrap().verdict, Some(Action::Tx));
+    for _ in 0..2 {
+        assert_eq!(lb.bed.run(&ack(c)).unwrap().verdict, Some(Action::Tx));
+    }
+    let key =
+        |port: u16| lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    let c_entries: Vec<_> =
+        conntrack.entries().unwrap().into_iter().map(|(k, _)| k).filter(|k| *k != key(a)).collect();
+    assert_eq!(conntrack.evict(c_entries), 2, "c's two entries");
+    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx), "a takes its port back");
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(&ack(c)).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+}
+
+#[test]
+fn a_rewritten_service_is_seen_by_the_next_new_flow() {
+    // The service cache holds a NAT service's copy; the daemon switches SYN cookies on (a
+    // rewrite of the service entry): the next SYN is answered with a cookie, not balanced.
+    let Some(mut lb) = Lb::new("service_cache_upsert", &nat_config(false, "tcp"), &[]) else {
+        return;
+    };
+    assert_eq!(lb.bed.run(&syn4(46_360)).unwrap().verdict, Some(Action::Tx));
+    let services = &mut lb.bed.datapath.maps_mut().services;
+    let (key, mut service) = services.entries().unwrap()[0];
+    service.flags |= lb_common::service::SERVICE_SYN_COOKIES;
+    services.upsert(&key, &service).unwrap();
+    let out = lb.bed.run(&syn4(46_361)).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx));
+    assert_eq!(out.output[..6], CLIENT_MAC, "a cookie SYN-ACK back to the client");
+    assert!(lb.bed.datapath.maps().conntrack.entries().unwrap().len() == 2, "no new flow");
+}
+
+#[test]
 fn removing_a_service_cuts_its_flows() {
     // A live flow is forwarded by its connection entry alone, without the service lookup:
     // removing the service must take its flows (both directions) with it.

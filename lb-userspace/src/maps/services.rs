@@ -24,6 +24,10 @@ pub struct ServicesMap {
     filter_words: Option<Vec<u64>>,
     /// Bumped after every write to `SERVICES`: the data path's service cache holds copies.
     epoch: CacheEpoch,
+    /// What this handle last wrote to `SERVICES` per key: rewriting a service unchanged (an
+    /// apply rewrites every service, once a second during a slow start) is skipped, and
+    /// with it the bump that would empty both caches.
+    written: std::collections::HashMap<ServiceKey, Service>,
 }
 
 impl std::fmt::Debug for ServicesMap {
@@ -47,23 +51,32 @@ impl ServicesMap {
             filter: typed(maps::ADDR_FILTER, filter)?,
             filter_words: None,
             epoch,
+            written: std::collections::HashMap::new(),
         })
     }
 
-    /// Adds or replaces a service (then drops the data path's cached copies).
+    /// Adds or replaces a service (then drops the data path's cached copies); a service
+    /// this handle wrote as it is already is left alone.
     pub fn upsert(&mut self, key: &ServiceKey, service: &Service) -> Result<(), MapError> {
+        if self.written.get(key) == Some(service) {
+            return Ok(());
+        }
+        self.written.remove(key);
         let written = self
             .services
             .insert(key, service, 0)
             .map_err(|source| MapError::Update { name: maps::SERVICES, source });
         // Even after a failed write: it may have replaced the entry before failing.
         self.epoch.bump()?;
-        written
+        written?;
+        self.written.insert(*key, *service);
+        Ok(())
     }
 
     /// Removes a service (then drops the data path's cached copies); a missing one is not
     /// an error.
     pub fn remove(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.written.remove(key);
         let removed = remove_ok_if_missing(&mut self.services, key, maps::SERVICES);
         self.epoch.bump()?;
         removed

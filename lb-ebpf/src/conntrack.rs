@@ -420,9 +420,16 @@ fn try_refresh_reply(
         return Ok(());
     }
     set_reply_entry(&mut buf.flow, ctx, key, live)?;
-    CONNTRACK
-        .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
-        .map_err(|_| Reason::ConntrackInsertFailed)?;
+    if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU wrote the key since the lookup: this flow's refresh, or another flow
+        // that took the port (never overwritten).
+        // SAFETY: a map value pointer from a successful lookup.
+        return match CONNTRACK.get_ptr(&buf.key).map(|r| translates_to(unsafe { &*r }, key)) {
+            Some(true) => Ok(()),
+            Some(false) => Err(Reason::NatPortsExhausted),
+            None => Err(Reason::ConntrackInsertFailed),
+        };
+    }
     // The port taken again: copies of another flow that had it since are no longer used.
     crate::flowcache::port_taken(live.nat_port);
     Ok(())

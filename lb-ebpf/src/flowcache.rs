@@ -137,6 +137,29 @@ impl Slot {
         }
     }
 
+    /// Follows the table's forward entry `e` of a NAT flow the table carried without a
+    /// refresh (no port check): the slot is refilled from `e` only if it holds the flow in
+    /// `epoch` on the same port and no flow has taken the port since the slot's last check
+    /// (the port's generation is still the one recorded, read after the table's entry, so a
+    /// take in between shows), and emptied otherwise. A flow whose reply packets refresh its
+    /// entries first stays cached this way.
+    #[inline(always)]
+    pub fn follow_nat(&self, packet: &Packet, e: &Flow, epoch: u32) {
+        if !self.holds {
+            return;
+        }
+        // SAFETY: `holds` is only set for a valid slot pointer (see `find`).
+        let (recorded, same) = unsafe {
+            let c = &*self.slot;
+            (c.port_gen, c.epoch == epoch && c.flow.nat_port == e.nat_port)
+        };
+        if same && port_gen(e.nat_port) == recorded {
+            self.fill(packet, e, epoch, recorded);
+        } else {
+            self.forget();
+        }
+    }
+
     /// Empties the slot if it holds the packet's flow: the table has no live forward entry
     /// for it (evicted, expired, started over, or a reply or SYN-cookie entry on its key).
     #[inline(always)]

@@ -224,9 +224,10 @@ fn established(
 /// Sends a packet of the live forward flow `e` (its table entry, or the flow cache's copy)
 /// on to its backend, the flow now in `state`; with `refresh`, a NAT flow's reply entry is
 /// refreshed too (the forward entry has been). With `cache` (the table carried the packet),
-/// the flow's slot follows: a DSR flow's is filled from `e`; a NAT flow's only once a refresh
-/// has shown its port is still its own (with the port's generation read before), and
-/// emptied otherwise.
+/// the flow's slot follows: a DSR flow's is filled from `e`; a NAT flow's once a refresh has
+/// shown its port is still its own (with the port's generation read before), or while no
+/// flow has taken the port since the slot's last check (`Slot::follow_nat`), and emptied
+/// otherwise. A NAT flow found to have lost its port loses its forward entry.
 #[allow(clippy::too_many_arguments, reason = "inlined: the arguments cost nothing")]
 #[inline(always)]
 fn carry_on(
@@ -262,20 +263,26 @@ fn carry_on(
     live.cookie_flags = e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ);
     live.seq_delta = e.seq_delta;
     live.isn = e.isn;
-    let generation = flowcache::port_gen(e.nat_port);
-    let refreshed = if refresh {
-        conntrack::refresh_reply(ctx, key, live, buf).into_status()
-    } else {
-        Err(Reason::NotService)
-    };
-    if let Some((slot, epoch)) = cache {
-        match refreshed {
-            Ok(()) => slot.fill(packet, e, epoch, generation),
-            Err(_) => slot.forget(),
-        }
-    }
     if refresh {
-        refreshed?;
+        // Read before the check, so that a port taken after it shows as a new generation.
+        let generation = cache.map(|_| flowcache::port_gen(e.nat_port));
+        if let Err(reason) = conntrack::refresh_reply(ctx, key, live, buf).into_status() {
+            if let Some((slot, _)) = cache {
+                slot.forget();
+            }
+            if reason == Reason::NatPortsExhausted {
+                // Another flow holds the port now: this flow's forward entry goes, so its
+                // next packet is balanced afresh (another port) rather than sent from this
+                // one into the other flow's connection until the next refresh.
+                conntrack::forget(key);
+            }
+            return Err(reason);
+        }
+        if let (Some((slot, epoch)), Some(generation)) = (cache, generation) {
+            slot.fill(packet, e, epoch, generation);
+        }
+    } else if let Some((slot, epoch)) = cache {
+        slot.follow_nat(packet, e, epoch);
     }
     send(ctx, packet, key, live, true, false, false)
 }

@@ -86,7 +86,7 @@ pub static SERVICE_CACHE: PerCpuArray<CachedService, { SERVICE_CACHE_SLOTS as us
     PerCpuArray::new();
 #[btf_map]
 pub static CACHE_EPOCH: Array<u32, 1> = Array::new();
-/// A generation per NAT port, bumped whenever a flow takes the port (see
+/// A generation per NAT port, a new random value whenever a flow takes the port (see
 /// `lb_common::maps::NAT_PORT_GEN`).
 #[btf_map]
 pub static NAT_PORT_GEN: Array<u32, 65_536> = Array::new();

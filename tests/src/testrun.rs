@@ -174,8 +174,10 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// Pins the calling thread to the CPU it runs on.
-fn stay_on_this_cpu() -> anyhow::Result<()> {
+/// Pins the calling thread to the CPU it runs on (the data path keeps per-CPU caches: a
+/// thread moving between CPUs would find them cold, and a NAT flow cached on one CPU stale
+/// on the other).
+pub fn stay_on_this_cpu() -> anyhow::Result<()> {
     // SAFETY: plain system calls on the calling thread (pid 0) with a zeroed, then filled,
     // CPU set of the size passed.
     unsafe {

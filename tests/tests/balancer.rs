@@ -838,7 +838,7 @@ fn a_released_backend_id_leaves_no_slot_that_sends_to_it() {
     let gone = if kept == "198.18.1.12" { "198.18.1.11" } else { "198.18.1.12" };
     lb.reapply(&config.replace(&format!("[[pool.backend]]\naddress = \"{gone}\"\n"), ""));
     lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
-    // The reload's service writes bumped the epoch: this packet fills the slot again.
+    // Whatever the reload did to the caches, this packet leaves the slot filled.
     assert_eq!(lb.bed.run(&segment(tcp_flags::ACK)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key]), 1);
     let result = sweep(&mut lb);
@@ -863,7 +863,6 @@ fn a_cached_flow_refreshes_its_entries_once_a_refresh_interval() {
         lb.set_globals(|g| g.refresh = 1);
         let port = 46_340;
         let segment = |flags: u8| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(flags).build();
-        let key = lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
         for flags in [tcp_flags::SYN, tcp_flags::ACK] {
             assert_eq!(lb.bed.run(&segment(flags)).unwrap().verdict, Some(Action::Tx));
         }
@@ -889,7 +888,6 @@ fn a_cached_flow_refreshes_its_entries_once_a_refresh_interval() {
         for (b, a) in before.iter().zip(&after) {
             assert!(a > b, "{name}: every entry refreshed ({before:?} -> {after:?})");
         }
-        let _ = key;
     }
 }
 
@@ -911,10 +909,43 @@ fn a_nat_flow_whose_cached_port_was_taken_has_its_port_checked() {
     }
     assert_eq!(lb.evict_reply_entries(), 1);
     assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
-    let before = lb.bed.datapath.stats().read().unwrap();
-    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
-    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    // Every later packet too: the flow that lost its port loses its forward entry, and a
+    // new flow finds no free port (not sent from `b`'s port until the next refresh).
+    for _ in 0..3 {
+        let before = lb.bed.datapath.stats().read().unwrap();
+        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
+        let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+        assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    }
+    let key = lb_common::FlowKey::new((CLIENT4, a).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    assert!(lb.bed.datapath.maps().conntrack.get(&key).is_none(), "a's forward entry went");
+}
+
+#[test]
+fn a_nat_flow_whose_replies_refresh_it_stays_cached() {
+    // The backend's replies refresh a NAT flow's entries before the client's packets do:
+    // the client's next packet finds its slot past a refresh interval and the table entry
+    // not due, and the slot is refilled without a port check (no flow took the port since
+    // the last one). Seen by evicting the entry right after: the slot still carries.
+    let Some(mut lb) = Lb::new("flow_cache_replies", &nat_config(false, "tcp"), &[]) else {
+        return;
+    };
+    let hz = lb.bed.datapath.ticks_per_second().unwrap();
+    lb.set_globals(|g| g.refresh = hz / 10);
+    let port = 46_380;
+    let ack = Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&syn4(port)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+    let IpAddr::V4(backend4) = backend else { unreachable!() };
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let reply = Packet::ipv4(backend4, NAT4).tcp(bport, nat_port).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
+    let key = lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key]), 1);
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
+    assert!(lb.bed.datapath.maps().conntrack.get(&key).is_none(), "carried by the slot");
 }
 
 #[test]

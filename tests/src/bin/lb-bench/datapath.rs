@@ -160,6 +160,8 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         }
         None => (None, None),
     };
+    // One CPU throughout: the data path's caches are per CPU.
+    lb_tests::testrun::stay_on_this_cpu()?;
     let ns = Netns::create(&lb_tests::netns::unique_id())?;
     let (mut datapath, balancer) = ns.enter(|| setup(a_object))??;
 
@@ -188,9 +190,7 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
     if let Ok(name) = std::env::var("LB_BENCH_LOOP") {
         ensure!(b_object.is_none(), "LB_BENCH_LOOP and LB_BENCH_AB: one at a time");
         let s = scenarios.iter().find(|s| s.name == name).context("no such path")?;
-        if let Some(key) = &s.reopen {
-            datapath.set_bench_reopen(key)?;
-        }
+        prepare(&mut datapath, &balancer, s)?;
         let started = std::time::Instant::now();
         while started.elapsed() < std::time::Duration::from_secs(10) {
             measure(&mut datapath, s.program, &s.frame, s.verdict, repeat, 1, None)?;

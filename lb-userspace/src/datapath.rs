@@ -309,9 +309,9 @@ impl Datapath {
             return Ok(());
         }
         let loaded = match program {
-            Program::Xdp(p) => p.load(),
-            Program::SkLookup(p) => p.load(),
-            Program::SkSkb(p) => p.load(),
+            Program::Xdp(p) => retrying_eagain(|| p.load()),
+            Program::SkLookup(p) => retrying_eagain(|| p.load()),
+            Program::SkSkb(p) => retrying_eagain(|| p.load()),
             other => {
                 let kind = format!("{:?}", other.prog_type());
                 return Err(DatapathError::UnsupportedProgram { name, kind });
@@ -563,13 +563,31 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     let program = xdp_program(ebpf, name)?;
-    program.load().map_err(|source| {
+    retrying_eagain(|| program.load()).map_err(|source| {
         let log = match &source {
             ProgramError::LoadError { verifier_log, .. } => verifier_log.to_string(),
             _ => String::new(),
         };
         DatapathError::Verifier { name, source, log }
     })
+}
+
+/// Runs `load` again while the kernel answers EAGAIN, up to five attempts in all: the
+/// verifier gives up with EAGAIN when a signal is pending on the loading thread during a
+/// long verification (`lb_ingress` takes ~200,000 verifier steps), and libbpf retries the
+/// same way. Seen once in a CI run, with the test harness's child processes exiting.
+fn retrying_eagain(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut attempts = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+            {
+                attempts += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so large maps load there.

@@ -485,6 +485,22 @@ fn one_port_nat_config() -> String {
         .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\nport = 8080\n", "")
 }
 
+/// A test bed on the one-port NAT service whose refreshes are far apart: every packet that
+/// finds its flow in the flow cache is carried by it.
+fn one_port_cached(name: &str) -> Option<Lb> {
+    let mut lb = Lb::new(name, &one_port_nat_config(), &[])?;
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    Some(lb)
+}
+
+/// Runs `frame` and checks it is dropped for want of a NAT port, counted once.
+fn assert_no_port(lb: &mut Lb, frame: &[u8]) {
+    let before = lb.bed.datapath.stats().read().unwrap();
+    assert_eq!(lb.bed.run(frame).unwrap().verdict, Some(Action::Drop));
+    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+}
+
 /// A client's SYN to the IPv4 service from port `port`.
 fn syn4(port: u16) -> Vec<u8> {
     client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build()
@@ -775,8 +791,7 @@ fn a_nat_port_taken_over_stops_the_slot_of_the_flow_that_lost_it() {
     // and client port `b` takes the port. `a`'s next packet must not leave from that port
     // (into `b`'s connection at the backend): the port's generation moved, the slot is not
     // used, the table has nothing for `a`, and no port is free for a new flow.
-    let Some(mut lb) = Lb::new("flow_cache_port", &one_port_nat_config(), &[]) else { return };
-    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let Some(mut lb) = one_port_cached("flow_cache_port") else { return };
     let (a, b) = (46_310, 46_311);
     let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
@@ -789,10 +804,7 @@ fn a_nat_port_taken_over_stops_the_slot_of_the_flow_that_lost_it() {
     assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
 
-    let before = lb.bed.datapath.stats().read().unwrap();
-    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
-    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    assert_no_port(&mut lb, &ack(a));
 }
 
 #[test]
@@ -897,10 +909,7 @@ fn a_nat_flow_whose_cached_port_was_taken_has_its_port_checked() {
     // and client port `b` takes the port. `a`'s forward entry is still live and no refresh
     // is due, but its slot's port generation moved: the table path checks the port as at a
     // refresh and drops `a`'s packet rather than send it into `b`'s connection.
-    let Some(mut lb) = Lb::new("flow_cache_port_moved", &one_port_nat_config(), &[]) else {
-        return;
-    };
-    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let Some(mut lb) = one_port_cached("flow_cache_port_moved") else { return };
     let (a, b) = (46_350, 46_351);
     let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
@@ -912,10 +921,7 @@ fn a_nat_flow_whose_cached_port_was_taken_has_its_port_checked() {
     // Every later packet too: the flow that lost its port loses its forward entry, and a
     // new flow finds no free port (not sent from `b`'s port until the next refresh).
     for _ in 0..3 {
-        let before = lb.bed.datapath.stats().read().unwrap();
-        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Drop));
-        let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-        assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+        assert_no_port(&mut lb, &ack(a));
     }
     let key = lb_common::FlowKey::new((CLIENT4, a).into(), (VIP4, 80).into(), IPPROTO_TCP);
     assert!(lb.bed.datapath.maps().conntrack.get(&key).is_none(), "a's forward entry went");
@@ -954,10 +960,7 @@ fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
     // loses both its entries to the LRU. `a`'s next packet finds its port moved, checks it
     // and takes it back (a new reply entry): `c`'s slot must not send `c`'s packets from the
     // port into `a`'s connection.
-    let Some(mut lb) = Lb::new("flow_cache_port_back", &one_port_nat_config(), &[]) else {
-        return;
-    };
-    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let Some(mut lb) = one_port_cached("flow_cache_port_back") else { return };
     let (a, c) = (46_370, 46_371);
     let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
@@ -974,10 +977,7 @@ fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
         conntrack.entries().unwrap().into_iter().map(|(k, _)| k).filter(|k| *k != key(a)).collect();
     assert_eq!(conntrack.evict(c_entries), 2, "c's two entries");
     assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx), "a takes its port back");
-    let before = lb.bed.datapath.stats().read().unwrap();
-    assert_eq!(lb.bed.run(&ack(c)).unwrap().verdict, Some(Action::Drop));
-    let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-    assert_eq!(delta.reason(Reason::NatPortsExhausted).packets, 1, "{}", delta.summary());
+    assert_no_port(&mut lb, &ack(c));
 }
 
 #[test]

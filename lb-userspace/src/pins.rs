@@ -99,7 +99,8 @@ impl PinDir {
             let path = dir.join(name);
             if path.exists() {
                 let matches = MapInfo::from_pin(&path).is_ok_and(|info| {
-                    info.key_size() == def.key_size()
+                    info.map_type().is_ok_and(|t| t as u32 == def.map_type())
+                        && info.key_size() == def.key_size()
                         && info.value_size() == def.value_size()
                         && info.max_entries() == max_entries
                         && info.map_flags() == def.map_flags()

@@ -235,6 +235,17 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
     let fourth = Datapath::load_with(&options(131_072)).unwrap();
     assert!(!stale.exists(), "maps of another layout version are still there");
     drop(fourth);
+    // A map of another type with the same sizes is replaced too (a per-CPU array where the
+    // caches' epoch, a plain one-entry array, is pinned).
+    let epoch = conntrack.with_file_name(lb_common::maps::CACHE_EPOCH);
+    std::fs::remove_file(&epoch).unwrap();
+    aya::maps::PerCpuArray::<_, u32>::create(1, 0).unwrap().pin(&epoch).unwrap();
+    let before = aya::maps::MapInfo::from_pin(&epoch).unwrap().id();
+    let fifth = Datapath::load_with(&options(131_072)).unwrap();
+    let after = aya::maps::MapInfo::from_pin(&epoch).unwrap();
+    assert_ne!(after.id(), before, "a pinned map of another type was adopted");
+    assert_eq!(after.map_type().unwrap(), aya::maps::MapType::Array);
+    drop(fifth);
     drop(bpffs);
 }
 

@@ -58,19 +58,23 @@ pub struct RunResult {
 #[derive(Debug)]
 pub struct TestBed {
     pub datapath: Datapath,
+    /// The loading thread stays on its CPU while the bed lives (see [`TestBed::load`]).
+    _pin: CpuPin,
 }
 
 impl TestBed {
     /// Loads the object with a small connection table (tests need thousands of flows, not
     /// millions, and several test beds load at once). The calling thread, which runs the
-    /// frames, stays on the CPU it is on from now on: the program keeps per-CPU state (the
-    /// flow cache), and a flow's packets meet on one CPU, as they do on one NIC queue.
+    /// frames, stays on the CPU it is on while the bed lives: the program keeps per-CPU
+    /// state (the flow cache), and a flow's packets meet on one CPU, as they do on one NIC
+    /// queue.
     pub fn load() -> anyhow::Result<Self> {
-        stay_on_this_cpu()?;
+        let pin = stay_on_this_cpu()?;
         let options =
             LoadOptions { conntrack_entries: TEST_CONNTRACK_ENTRIES, ..LoadOptions::default() };
         Ok(Self {
             datapath: Datapath::load_with(&options).context("failed to load the XDP object")?,
+            _pin: pin,
         })
     }
 
@@ -174,13 +178,18 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// Pins the calling thread to the CPU it runs on (the data path keeps per-CPU caches: a
-/// thread moving between CPUs would find them cold, and a NAT flow cached on one CPU stale
-/// on the other).
-pub fn stay_on_this_cpu() -> anyhow::Result<()> {
-    // SAFETY: plain system calls on the calling thread (pid 0) with a zeroed, then filled,
-    // CPU set of the size passed.
+/// Pins the calling thread to the CPU it runs on until the returned guard is dropped (the
+/// data path keeps per-CPU caches: a thread moving between CPUs would find them cold, and a
+/// NAT flow cached on one CPU stale on the other). Threads and processes it starts
+/// meanwhile inherit the pin.
+pub fn stay_on_this_cpu() -> anyhow::Result<CpuPin> {
+    // SAFETY: plain system calls on the calling thread (pid 0) with zeroed, then filled, CPU
+    // sets of the size passed.
     unsafe {
+        let mut previous: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut previous) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
         let cpu = libc::sched_getcpu();
         if cpu < 0 {
             bail!("sched_getcpu: {}", std::io::Error::last_os_error());
@@ -190,6 +199,26 @@ pub fn stay_on_this_cpu() -> anyhow::Result<()> {
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
         }
+        Ok(CpuPin { previous })
     }
-    Ok(())
+}
+
+/// The CPUs a thread pinned by [`stay_on_this_cpu`] ran on before, given back on drop.
+pub struct CpuPin {
+    previous: libc::cpu_set_t,
+}
+
+impl std::fmt::Debug for CpuPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuPin").finish_non_exhaustive()
+    }
+}
+
+impl Drop for CpuPin {
+    fn drop(&mut self) {
+        // SAFETY: the calling thread's affinity set back to a set it had.
+        unsafe {
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const self.previous);
+        }
+    }
 }

@@ -160,8 +160,9 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         }
         None => (None, None),
     };
-    // One CPU throughout: the data path's caches are per CPU.
-    lb_tests::testrun::stay_on_this_cpu()?;
+    // One CPU throughout this section (given back at its end, before the live sections
+    // start their processes): the data path's caches are per CPU.
+    let _pin = lb_tests::testrun::stay_on_this_cpu()?;
     let ns = Netns::create(&lb_tests::netns::unique_id())?;
     let (mut datapath, balancer) = ns.enter(|| setup(a_object))??;
 

@@ -46,7 +46,7 @@ impl FlowKey {
 }
 
 /// Multiplier of the mixing step (2^64 / golden ratio, odd).
-pub(crate) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One step over a 64-bit word. 64-bit arithmetic throughout: BPF registers are 64 bits
 /// wide, and without ALU32 every 32-bit step would pay extra instructions to clear the upper
@@ -54,6 +54,16 @@ pub(crate) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 #[inline(always)]
 const fn mix(h: u64, word: u64) -> u64 {
     (h ^ word).wrapping_mul(GOLDEN).rotate_left(29)
+}
+
+/// The top `bits` bits of `h` once its halves are folded and multiplied through: a cache
+/// slot index in which every input bit counts.
+#[inline(always)]
+#[must_use]
+#[allow(clippy::cast_possible_truncation, reason = "callers take at most 32 bits")]
+pub(crate) const fn top_bits(mut h: u64, bits: u32) -> u32 {
+    h ^= h >> 32;
+    (h.wrapping_mul(GOLDEN) >> (64 - bits)) as u32
 }
 
 /// Two address or port words as one 64-bit word.

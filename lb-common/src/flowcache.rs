@@ -26,7 +26,7 @@
 use crate::{
     FlowKey,
     conntrack::{FLOW_NAT, Flow, FlowState, Timeouts, carry},
-    flow::{GOLDEN, pair},
+    flow::{pair, top_bits},
 };
 
 /// Slots per CPU (a power of two): 16,384 slots of 128 bytes, 2 MiB per possible CPU.
@@ -66,9 +66,17 @@ pub const fn cache_slot(key: &FlowKey, seed: u32) -> u32 {
 #[inline(always)]
 #[must_use]
 pub const fn slot_of_words(w: &[u64; 5], seed: u32) -> u32 {
-    let mut h = (seed as u64) ^ w[0] ^ w[1] ^ (w[2] ^ w[3]).rotate_left(21) ^ w[4].rotate_left(42);
-    h ^= h >> 32;
-    (h.wrapping_mul(GOLDEN) >> (64 - FLOW_CACHE_BITS)) as u32
+    let h = (seed as u64) ^ w[0] ^ w[1] ^ (w[2] ^ w[3]).rotate_left(21) ^ w[4].rotate_left(42);
+    top_bits(h, FLOW_CACHE_BITS)
+}
+
+/// The epoch after `epoch` (zero, which no slot matches, skipped): what the daemon and the
+/// bench-only wrapper write to move the caches on.
+#[inline(always)]
+#[must_use]
+pub const fn next_epoch(epoch: u32) -> u32 {
+    let next = epoch.wrapping_add(1);
+    if next == 0 { 1 } else { next }
 }
 
 /// Whether two keys, as [`key_words`], are the same flow: one word-wide compare per word,
@@ -173,6 +181,13 @@ mod tests {
             assert!(used > (FLOW_CACHE_SLOTS as usize) * 95 / 100, "{used} slots used");
             assert!(fullest < 20, "a slot holds {fullest} flows");
         }
+    }
+
+    #[test]
+    fn the_next_epoch_is_never_zero() {
+        assert_eq!(next_epoch(5), 6);
+        assert_eq!(next_epoch(0), 1);
+        assert_eq!(next_epoch(u32::MAX), 1);
     }
 
     #[test]

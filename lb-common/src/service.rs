@@ -1,7 +1,10 @@
 //! Services, backends and their counters: the `SERVICES`, `BACKENDS`, `NEXTHOPS`, `GLOBALS`
 //! and per-service/per-backend counter maps.
 
-use crate::conntrack::Timeouts;
+use crate::{
+    conntrack::Timeouts,
+    flow::{pair, top_bits},
+};
 
 /// Services the data path holds (and entries of the Maglev outer array). Each service is one
 /// address, protocol and port; a thousand covers a busy host with room to spare.
@@ -124,10 +127,8 @@ unsafe impl aya::Pod for CachedService {}
 #[inline(always)]
 #[must_use]
 pub const fn service_slot(w: &[u32; 5], seed: u32) -> u32 {
-    let lo = (w[0] ^ w[2]) as u64 | ((w[1] ^ w[3]) as u64) << 32;
-    let mut h = (seed as u64) ^ lo ^ (w[4] as u64).rotate_left(29);
-    h ^= h >> 32;
-    (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SERVICE_CACHE_BITS)) as u32
+    let h = (seed as u64) ^ pair(w[0] ^ w[2], w[1] ^ w[3]) ^ (w[4] as u64).rotate_left(29);
+    top_bits(h, SERVICE_CACHE_BITS)
 }
 
 /// Value of the `BACKENDS` array.

@@ -97,7 +97,7 @@ pub fn bump_epoch() {
     if let Some(epoch) = CACHE_EPOCH.get_ptr_mut(0) {
         // SAFETY: a map value pointer from a successful array lookup (a bench-only race with
         // another CPU costs nothing but a cache hit).
-        unsafe { *epoch = (*epoch).wrapping_add(1).max(1) };
+        unsafe { *epoch = lb_common::flowcache::next_epoch(*epoch) };
     }
 }
 

@@ -35,7 +35,7 @@ use lb_common::{
     Action, FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
-    service::{SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service},
+    service::{Globals, SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service},
 };
 
 use crate::{
@@ -127,13 +127,16 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // `Timeouts::in_overwrite_window`): a new flow is written over it through this pointer,
     // without looking the key up again.
     let mut dead_entry: *mut Flow = core::ptr::null_mut();
+    // Read once for the flow and the service lookups (and their caches).
+    let g = select::globals()?;
+    let epoch = flowcache::epoch();
     if l4 {
-        let action = established(ctx, scratch, now, &mut dead_entry)?;
+        let action = established(ctx, scratch, g, epoch, now, &mut dead_entry)?;
         if action != Action::Pass {
             return Ok(action);
         }
     }
-    match select::lookup_service(&scratch.packet, select::globals()?) {
+    match select::lookup_service(&scratch.packet, g, epoch) {
         Some(service) => balance(ctx, scratch, service, now, dead_entry).into_result(),
         // No flow (the lookup above would have found a reply entry) and no service.
         None if l4 => Err(Reason::NotService),
@@ -141,10 +144,10 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
 }
 
-/// A TCP or UDP packet of a live flow, found in the flow cache or by one connection-table
-/// lookup: a forward entry sends it to the flow's backend (without looking the service up:
-/// the entry holds all it needs), a reply entry translates it back to the client. Without a live entry, or when
-/// the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
+/// A TCP or UDP packet of a live flow, found in the flow cache (in `epoch`) or by one
+/// connection-table lookup: a forward entry sends it to the flow's backend (without looking
+/// the service up: the entry holds all it needs), a reply entry translates it back to the
+/// client. Without a live entry, or when the packet starts the flow over (a SYN on a closed connection's tuple), `Pass` sends the
 /// packet on to the service lookup, and `scratch.dead` keeps what the lookup found for
 /// [`balance`] (`dead_entry` the entry itself), which then needs no lookup of its own.
 ///
@@ -156,6 +159,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
 fn established(
     ctx: &XdpContext,
     scratch: &mut Scratch,
+    g: &Globals,
+    epoch: u32,
     now: u64,
     dead_entry: &mut *mut Flow,
 ) -> Result<Action, Reason> {
@@ -164,12 +169,10 @@ fn established(
     dead.has_stale = 0;
     dead.retry = 0;
     let key = packet.flow_key();
-    let g = select::globals()?;
     // A busy flow's packets find its entry in the flow cache, without the table's lookup;
     // otherwise the table carries the packet and the slot follows it. A packet with SYN set
     // goes to the table: a new connection on a tuple the table lost (evicted) must open a
     // new flow, not be carried as a retransmission of the old one's SYN.
-    let epoch = flowcache::epoch();
     let slot = flowcache::find(packet, g);
     let handshake = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::SYN != 0;
     let cached = if handshake { None } else { slot.hit(packet, g, epoch, now) };

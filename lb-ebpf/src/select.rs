@@ -19,10 +19,11 @@ use crate::{
 };
 
 /// The service `packet` is addressed to (see [`service_at`]): from this CPU's service
-/// cache when its slot holds the packet's key in the current epoch, else from `SERVICES`,
-/// which then fills the slot (the returned service is the slot's copy either way).
+/// cache when its slot holds the packet's key in `epoch` (the caches' epoch now), else from
+/// `SERVICES`, which then fills the slot (the returned service is the slot's copy either
+/// way).
 #[inline(always)]
-pub fn lookup_service(packet: &Packet, g: &Globals) -> Option<&'static Service> {
+pub fn lookup_service(packet: &Packet, g: &Globals, epoch: u32) -> Option<&'static Service> {
     if !packet.has_l4 || (packet.proto != IPPROTO_TCP && packet.proto != IPPROTO_UDP) {
         return None;
     }
@@ -33,7 +34,6 @@ pub fn lookup_service(packet: &Packet, g: &Globals) -> Option<&'static Service> 
         family: packet.family as u8,
     };
     let w = key.words();
-    let epoch = crate::flowcache::epoch();
     let slot = SERVICE_CACHE.get_ptr_mut(service_slot(&w, g.hash_seed))?;
     // SAFETY: a per-CPU map value pointer from a successful lookup; only this CPU's programs
     // write it, one at a time, and nothing else writes it during this program run.

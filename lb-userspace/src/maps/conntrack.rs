@@ -44,11 +44,6 @@ impl ConntrackMap {
         Ok(Self { map: typed(maps::CONNTRACK, map)?, epoch })
     }
 
-    /// The caches' epoch.
-    pub fn epoch(&self) -> Result<u32, MapError> {
-        self.epoch.get()
-    }
-
     /// Bumps the caches' epoch: every slot filled before is ignored from now on.
     pub fn invalidate_cache(&mut self) -> Result<(), MapError> {
         self.epoch.bump()

@@ -39,7 +39,7 @@ impl CacheEpoch {
     /// Moves to the next epoch (skipping zero, which never matches): every slot filled
     /// before is ignored from now on.
     pub fn bump(&mut self) -> Result<(), MapError> {
-        let next = self.get()?.wrapping_add(1).max(1);
+        let next = lb_common::flowcache::next_epoch(self.get()?);
         self.map
             .set(0, next, 0)
             .map_err(|source| MapError::Update { name: maps::CACHE_EPOCH, source })

@@ -506,6 +506,19 @@ fn syn4(port: u16) -> Vec<u8> {
     client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build()
 }
 
+/// A client's ACK to the IPv4 service's port 80 from `port`.
+fn ack4(port: u16) -> Vec<u8> {
+    Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build()
+}
+
+/// Opens the flow from client `port` (SYN, ACK) and sends one more ACK, which its slot in
+/// the flow cache carries (on a bed whose refreshes are far apart).
+fn open_cached(lb: &mut Lb, port: u16) {
+    for frame in [syn4(port), ack4(port), ack4(port)] {
+        assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx));
+    }
+}
+
 /// On the one-port service: the flow from client port `a` closes and (closed flows now
 /// expiring at once) the flow from `b` takes its NAT port over. Returns `b`'s backend
 /// (address, port) and NAT port.
@@ -793,18 +806,14 @@ fn a_nat_port_taken_over_stops_the_slot_of_the_flow_that_lost_it() {
     // used, the table has nothing for `a`, and no port is free for a new flow.
     let Some(mut lb) = one_port_cached("flow_cache_port") else { return };
     let (a, b) = (46_310, 46_311);
-    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
-    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    for _ in 0..2 {
-        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
-    }
+    open_cached(&mut lb, a);
     let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
     let all: Vec<_> = conntrack.entries().unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(conntrack.evict(all), 2, "a's two entries");
     assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.flow_of(CLIENT4.into(), b, VIP4.into(), 80, IPPROTO_TCP).2, 20_000);
 
-    assert_no_port(&mut lb, &ack(a));
+    assert_no_port(&mut lb, &ack4(a));
 }
 
 #[test]
@@ -911,17 +920,13 @@ fn a_nat_flow_whose_cached_port_was_taken_has_its_port_checked() {
     // refresh and drops `a`'s packet rather than send it into `b`'s connection.
     let Some(mut lb) = one_port_cached("flow_cache_port_moved") else { return };
     let (a, b) = (46_350, 46_351);
-    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
-    assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    for _ in 0..2 {
-        assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
-    }
+    open_cached(&mut lb, a);
     assert_eq!(lb.evict_reply_entries(), 1);
     assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
     // Every later packet too: the flow that lost its port loses its forward entry, and a
     // new flow finds no free port (not sent from `b`'s port until the next refresh).
     for _ in 0..3 {
-        assert_no_port(&mut lb, &ack(a));
+        assert_no_port(&mut lb, &ack4(a));
     }
     let key = lb_common::FlowKey::new((CLIENT4, a).into(), (VIP4, 80).into(), IPPROTO_TCP);
     assert!(lb.bed.datapath.maps().conntrack.get(&key).is_none(), "a's forward entry went");
@@ -962,22 +967,18 @@ fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
     // port into `a`'s connection.
     let Some(mut lb) = one_port_cached("flow_cache_port_back") else { return };
     let (a, c) = (46_370, 46_371);
-    let ack = |port: u16| Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(a)).unwrap().verdict, Some(Action::Tx));
-    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&ack4(a)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.evict_reply_entries(), 1);
-    assert_eq!(lb.bed.run(&syn4(c)).unwrap().verdict, Some(Action::Tx));
-    for _ in 0..2 {
-        assert_eq!(lb.bed.run(&ack(c)).unwrap().verdict, Some(Action::Tx));
-    }
+    open_cached(&mut lb, c);
     let key =
         |port: u16| lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
     let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
     let c_entries: Vec<_> =
         conntrack.entries().unwrap().into_iter().map(|(k, _)| k).filter(|k| *k != key(a)).collect();
     assert_eq!(conntrack.evict(c_entries), 2, "c's two entries");
-    assert_eq!(lb.bed.run(&ack(a)).unwrap().verdict, Some(Action::Tx), "a takes its port back");
-    assert_no_port(&mut lb, &ack(c));
+    assert_eq!(lb.bed.run(&ack4(a)).unwrap().verdict, Some(Action::Tx), "a takes its port back");
+    assert_no_port(&mut lb, &ack4(c));
 }
 
 #[test]

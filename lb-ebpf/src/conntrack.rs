@@ -155,9 +155,7 @@ impl LiveNat {
 /// `live.nat_port` is a dead flow's on the same tuple, backend and NAT address: its reply
 /// entry is overwritten in place while it is still that flow's (another flow may have taken
 /// the port over since the dead one expired; then a port is allocated as for any new flow).
-///
-/// Not inlined: its probe loop gets a stack frame of its own.
-#[inline(never)]
+#[inline(always)]
 pub fn open_nat(
     ctx: &XdpContext,
     key: &FlowKey,
@@ -167,10 +165,11 @@ pub fn open_nat(
 ) -> Outcome {
     let ctx = &reload(ctx);
     match try_open_nat(ctx, key, service, live, buf) {
-        Ok(()) => {
+        Ok(Port::Taken) => {
             crate::flowcache::port_taken(live.nat_port);
             Outcome::DONE
         }
+        Ok(Port::Kept) => Outcome::DONE,
         Err(reason) => Outcome::err(reason),
     }
 }
@@ -182,7 +181,7 @@ fn try_open_nat(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-) -> Result<(), Reason> {
+) -> Result<Port, Reason> {
     let g = crate::select::globals()?;
     let min = u32::from(service.nat_port_min);
     let max = u32::from(service.nat_port_max);
@@ -198,12 +197,12 @@ fn try_open_nat(
                 // SAFETY: a map value pointer from a successful lookup.
                 let e = unsafe { &mut *entry };
                 if e.flags & FLOW_REPLY != 0 && translates_to(e, key) {
-                    return replace_entry(e, buf, g);
+                    return replace_entry(e, buf, g).map(|()| Port::Kept);
                 }
             }
             None => {
                 if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
-                    return Ok(());
+                    return Ok(Port::Taken);
                 }
             }
         }
@@ -219,7 +218,7 @@ fn try_open_nat(
         buf.flow.nat_port = raw_port;
         if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
             live.nat_port = raw_port;
-            return Ok(());
+            return Ok(Port::Taken);
         }
         // Taken: reuse it if the flow that held it is over, or if it is this tuple's own
         // (another CPU opening the same flow got there first: both end on one port).
@@ -231,11 +230,23 @@ fn try_open_nat(
                 && replace_entry(old, buf, g).is_ok()
             {
                 live.nat_port = raw_port;
-                return Ok(());
+                return Ok(Port::Taken);
             }
         }
     }
     Err(Reason::NatPortsExhausted)
+}
+
+/// What [`try_open_nat`] did with the port it installed the reply entry under.
+enum Port {
+    /// Taken from whoever held it (a free port, or a dead flow's): cached copies of the flows
+    /// that held it must not be used any more (see `flowcache::port_taken`).
+    Taken,
+    /// Kept by the tuple that held it: the dead flow's own reply entry, overwritten for the
+    /// new flow on the same tuple, backend and NAT address. No other flow's copy can be
+    /// current on it (whoever took it last, since any other flow's copy was recorded, is
+    /// this tuple, and that take moved the generation on).
+    Kept,
 }
 
 /// Who owns a forward entry after [`insert_forward`]: `lost` is set when another CPU
@@ -250,7 +261,7 @@ pub struct Winner {
 /// With `replace`, `buf` replaces the dead entry under `buf.key` (see [`replace_entry`]):
 /// `entry` when not null (the live-flow lookup's pointer, see
 /// `Timeouts::in_overwrite_window`), else found by a lookup here.
-#[inline(never)]
+#[inline(always)]
 pub fn insert_forward(
     buf: &EntryBuf,
     winner: &mut Winner,

@@ -197,7 +197,7 @@ fn try_open_nat(
                 // SAFETY: a map value pointer from a successful lookup.
                 let e = unsafe { &mut *entry };
                 if e.flags & FLOW_REPLY != 0 && translates_to(e, key) {
-                    return replace_entry(e, buf, g).map(|()| Port::Kept);
+                    return replace_entry(e, buf, g);
                 }
             }
             None => {
@@ -242,10 +242,12 @@ enum Port {
     /// Taken from whoever held it (a free port, or a dead flow's): cached copies of the flows
     /// that held it must not be used any more (see `flowcache::port_taken`).
     Taken,
-    /// Kept by the tuple that held it: the dead flow's own reply entry, overwritten for the
-    /// new flow on the same tuple, backend and NAT address. No other flow's copy can be
-    /// current on it (whoever took it last, since any other flow's copy was recorded, is
-    /// this tuple, and that take moved the generation on).
+    /// Kept by the tuple that held it: the dead flow's own reply entry, overwritten in place
+    /// for the new flow on the same tuple, backend and NAT address. No other flow's copy can
+    /// be current on it (whoever took it last, since any other flow's copy was recorded, is
+    /// this tuple, and that take moved the generation on). A re-insert (see
+    /// [`replace_entry`]) counts as taken: the sweep may have removed the entry and another
+    /// flow taken the port in between.
     Kept,
 }
 
@@ -280,7 +282,7 @@ pub fn insert_forward(
             return Outcome::err(Reason::ConntrackInsertFailed);
         }
         return match replace_entry(e, buf, g) {
-            Ok(()) => Outcome::DONE,
+            Ok(_) => Outcome::DONE,
             Err(reason) => Outcome::err(reason),
         };
     }
@@ -347,15 +349,17 @@ const _: () = assert!(core::mem::offset_of!(Flow, last_seen) == 0);
 /// while `old` is inside the overwrite window, which the daemon's sweep leaves alone; by a
 /// map update once the sweep may be removing it (see
 /// `lb_common::conntrack::OVERWRITE_WINDOW_REFRESHES`). A live `old` is never swept.
+/// Says which (for a reply entry, whether its port counts as kept or taken: see [`Port`]).
 #[inline(always)]
-fn replace_entry(old: &mut Flow, buf: &EntryBuf, g: &Globals) -> Result<(), Reason> {
+fn replace_entry(old: &mut Flow, buf: &EntryBuf, g: &Globals) -> Result<Port, Reason> {
     if g.timeouts.is_long_expired(old.state, old.last_seen, buf.flow.last_seen, g.refresh) {
         return CONNTRACK
             .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
+            .map(|()| Port::Taken)
             .map_err(|_| Reason::ConntrackInsertFailed);
     }
     overwrite(old, &buf.flow);
-    Ok(())
+    Ok(Port::Kept)
 }
 
 /// Writes a new forward entry for `key` to `buf`.

@@ -153,8 +153,9 @@ impl LiveNat {
 /// Allocates a NAT source port for a new flow (`key` to `service`) and installs the flow's
 /// reply entry under it; the port is written to `live.nat_port`. A port already in
 /// `live.nat_port` is a dead flow's on the same tuple, backend and NAT address: its reply
-/// entry is overwritten in place while it is still that flow's (another flow may have taken
-/// the port over since the dead one expired; then a port is allocated as for any new flow).
+/// entry is written over (see [`replace_entry`]) while it is still that flow's (another
+/// flow may have taken the port over since the dead one expired; then a port is allocated
+/// as for any new flow). Inlined into `balance`, as the rest of the new-flow path.
 #[inline(always)]
 pub fn open_nat(
     ctx: &XdpContext,
@@ -162,16 +163,11 @@ pub fn open_nat(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
-) -> Outcome {
-    let ctx = &reload(ctx);
-    match try_open_nat(ctx, key, service, live, buf) {
-        Ok(Port::Taken) => {
-            crate::flowcache::port_taken(live.nat_port);
-            Outcome::DONE
-        }
-        Ok(Port::Kept) => Outcome::DONE,
-        Err(reason) => Outcome::err(reason),
+) -> Result<(), Reason> {
+    if try_open_nat(ctx, key, service, live, buf)? == Port::Taken {
+        crate::flowcache::port_taken(live.nat_port);
     }
+    Ok(())
 }
 
 #[inline(always)]
@@ -238,14 +234,20 @@ fn try_open_nat(
 }
 
 /// What [`try_open_nat`] did with the port it installed the reply entry under.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Port {
-    /// Taken from whoever held it (a free port, or a dead flow's): cached copies of the flows
-    /// that held it must not be used any more (see `flowcache::port_taken`).
+    /// Taken: a free port, a dead flow's (overwritten or re-inserted), this tuple's own as
+    /// another CPU opening the same flow installed it, or re-inserted over a dead entry of
+    /// this tuple's (see `Kept`). Cached copies of flows that held the port before must not
+    /// be used any more (see `flowcache::port_taken`).
     Taken,
     /// Kept by the tuple that held it: the dead flow's own reply entry, overwritten in place
     /// for the new flow on the same tuple, backend and NAT address. No other flow's copy can
-    /// be current on it (whoever took it last, since any other flow's copy was recorded, is
-    /// this tuple, and that take moved the generation on). A re-insert (see
+    /// be current on this reply key (whoever installed its entry last, after any other flow's
+    /// copy was recorded, is this tuple, and that install moved the generation on), save in
+    /// the instant between the lookup and the write, in which the element may be freed and
+    /// reused (see [`overwrite`]). Copies of flows on the same port number to other
+    /// backends or NAT addresses stay current, as they should. A re-insert (see
     /// [`replace_entry`]) counts as taken: the sweep may have removed the entry and another
     /// flow taken the port in between.
     Kept,
@@ -269,7 +271,7 @@ pub fn insert_forward(
     winner: &mut Winner,
     replace: bool,
     entry: *mut Flow,
-) -> Outcome {
+) -> Result<(), Reason> {
     if replace
         && let Some(entry) =
             if entry.is_null() { CONNTRACK.get_ptr_mut(&buf.key) } else { Some(entry) }
@@ -279,30 +281,26 @@ pub fn insert_forward(
         // live-flow lookup (see `overwrite` for what may happen to the entry since).
         let e = unsafe { &mut *entry };
         if e.flags & FLOW_REPLY != 0 {
-            return Outcome::err(Reason::ConntrackInsertFailed);
+            return Err(Reason::ConntrackInsertFailed);
         }
-        return match replace_entry(e, buf, g) {
-            Ok(_) => Outcome::DONE,
-            Err(reason) => Outcome::err(reason),
-        };
+        return replace_entry(e, buf, g).map(|_| ());
     }
     if CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_NOEXIST)).is_ok() {
-        return Outcome::DONE;
+        return Ok(());
     }
     if let Some(existing) = CONNTRACK.get_ptr(&buf.key) {
         // SAFETY: a map value pointer from a successful lookup.
         let e = unsafe { &*existing };
         if e.flags & FLOW_REPLY != 0 {
-            return Outcome::err(Reason::ConntrackInsertFailed);
+            return Err(Reason::ConntrackInsertFailed);
         }
         *winner = Winner { backend_id: e.backend_id, nat_port: e.nat_port, lost: true };
-        return Outcome::DONE;
+        return Ok(());
     }
     // Present a moment ago, evicted since: take the slot.
-    match CONNTRACK.insert(&buf.key, &buf.flow, u64::from(BPF_ANY)) {
-        Ok(()) => Outcome::DONE,
-        Err(_) => Outcome::err(Reason::ConntrackInsertFailed),
-    }
+    CONNTRACK
+        .insert(&buf.key, &buf.flow, u64::from(BPF_ANY))
+        .map_err(|_| Reason::ConntrackInsertFailed)
 }
 
 /// Writes the entry `new` over the entry `old` of the same key, in place: a map update would

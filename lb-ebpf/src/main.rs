@@ -153,8 +153,8 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
 ///
 /// Inlined into the entry function: the path nearly every packet of a load balancer takes
 /// pays no call and return (dear where the kernel hardens returns). The 512-byte stack
-/// allows it because the new-flow path calls its pieces one after the other from
-/// [`balance`] rather than nested.
+/// allows it because the new-flow path is one call, [`balance`], with its pieces inlined
+/// into it, and the rarer paths (ICMP errors, SYN cookies) are calls of their own.
 #[inline(always)]
 fn established(
     ctx: &XdpContext,
@@ -339,8 +339,8 @@ fn try_balance(
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
     }
-    // The backend, then (NAT) a source port and the reply entry, then the forward entry:
-    // called one after the other from here, not nested, to keep the call chain's stack short.
+    // The backend, then (NAT) a source port and the reply entry, then the forward entry,
+    // one after the other (all inlined here: this frame holds them).
     live.backend_id = select::choose_backend(service, key, select::globals()?)?;
     // A dead entry in the way. A DSR flow's new entry is written over it in place (no
     // delete, no insert). So is a NAT flow's when the dead flow had the same backend and NAT
@@ -360,7 +360,7 @@ fn try_balance(
         forget_dead_nat(key, dead, buf);
     }
     if is_nat {
-        conntrack::open_nat(ctx, key, service, live, buf).into_status()?;
+        conntrack::open_nat(ctx, key, service, live, buf)?;
     }
     // `open_nat` gave the dead flow's port up (another flow holds it by now): the dead
     // forward entry goes and the new one is inserted as on the other path, so that a second
@@ -371,7 +371,7 @@ fn try_balance(
     }
     live.replace = dead.present != 0 && (!is_nat || reused);
     let entry = if live.replace { dead_entry } else { core::ptr::null_mut() };
-    open_flow(key, service, live, buf, entry).into_status()?;
+    open_flow(key, service, live, buf, entry)?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
 }
@@ -470,25 +470,11 @@ fn open_flow(
     live: &mut LiveNat,
     buf: &mut EntryBuf,
     entry: *mut Flow,
-) -> Outcome {
-    match try_open_flow(key, service, live, buf, entry) {
-        Ok(()) => Outcome::DONE,
-        Err(reason) => Outcome::err(reason),
-    }
-}
-
-#[inline(always)]
-fn try_open_flow(
-    key: &FlowKey,
-    service: &Service,
-    live: &mut LiveNat,
-    buf: &mut EntryBuf,
-    entry: *mut Flow,
 ) -> Result<(), Reason> {
     let is_nat = service.flags & SERVICE_NAT != 0;
     conntrack::set_forward_entry(buf, key, service, live, is_nat);
     let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
-    conntrack::insert_forward(buf, &mut winner, live.replace, entry).into_status()?;
+    conntrack::insert_forward(buf, &mut winner, live.replace, entry)?;
     if winner.lost {
         // Another CPU opened this flow first: follow it, and free the port taken here.
         if is_nat && winner.nat_port != live.nat_port {

@@ -982,6 +982,49 @@ fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
 }
 
 #[test]
+fn a_tuple_reopened_on_its_own_port_leaves_other_flows_cached() {
+    // One NAT port, two backends: a flow to each holds port 20000 (the reply keys differ by
+    // backend), and port generations are per port number. `t` closes and its tuple reopens
+    // over the dead flow, keeping the port and overwriting its reply entry: no flow lost
+    // the port, so `a`'s copy (on the other backend, same port number) must stay in use.
+    // Seen by evicting `a`'s forward entry: its next packet is still carried by the slot.
+    let toml = nat_config(false, "tcp").replace("20000-20999", "20000-20000");
+    let Some(mut lb) = Lb::new("flow_cache_port_kept", &toml, &[]) else { return };
+    lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+    let mut by_backend = std::collections::BTreeMap::<IpAddr, u16>::default();
+    for port in 46_400..46_464 {
+        if lb.bed.run(&syn4(port)).unwrap().verdict == Some(Action::Tx) {
+            let (backend, _, nat_port) =
+                lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+            assert_eq!(nat_port, 20_000);
+            assert!(by_backend.insert(backend, port).is_none(), "one flow per backend");
+        }
+        if by_backend.len() == 2 {
+            break;
+        }
+    }
+    let ports: Vec<u16> = by_backend.values().copied().collect();
+    let [a, t] = ports[..] else { panic!("no flow to each backend: {by_backend:?}") };
+    for _ in 0..2 {
+        assert_eq!(lb.bed.run(&ack4(a)).unwrap().verdict, Some(Action::Tx));
+    }
+    let rst = Packet::ipv4(CLIENT4, VIP4).tcp(t, 80).flags(tcp_flags::RST).build();
+    assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
+    lb.set_globals(|g| g.timeouts.closed = 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(lb.bed.run(&syn4(t)).unwrap().verdict, Some(Action::Tx));
+    let key =
+        |port: u16| lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    let reopened = lb.bed.datapath.maps().conntrack.get(&key(t)).unwrap();
+    assert_eq!(reopened.state, FlowState::SynSeen as u8, "t reopened");
+    assert_eq!(raw_port(reopened.nat_port), 20_000, "on its own port");
+
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key(a)]), 1);
+    assert_eq!(lb.bed.run(&ack4(a)).unwrap().verdict, Some(Action::Tx));
+    assert!(lb.bed.datapath.maps().conntrack.get(&key(a)).is_none(), "carried by a's slot");
+}
+
+#[test]
 fn a_rewritten_service_is_seen_by_the_next_new_flow() {
     // The service cache holds a NAT service's copy; the daemon switches SYN cookies on (a
     // rewrite of the service entry): the next SYN is answered with a cookie, not balanced.

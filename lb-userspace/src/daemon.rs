@@ -240,6 +240,12 @@ impl Daemon {
         self.sync_health_checks();
     }
 
+    /// Gives back every NAT port lbd reserved from the kernel's ephemeral range (when the
+    /// data path is taken down with it: no flow can hold them any more).
+    pub fn give_back_nat_ports(&self) {
+        reserve_nat_ports(&self.config.daemon.pin_dir, &[], true);
+    }
+
     /// Stops the health checks and removes their routes.
     pub fn stop_health_checks(&mut self) {
         if let Some(mut checker) = self.checker.take() {

@@ -149,6 +149,8 @@ pub async fn run(
     lock(&daemon).passthrough.stop();
 
     if options.detach_on_exit {
+        // Before the pins go: lbd's record of its reservations is kept beside them.
+        lock(&daemon).give_back_nat_ports();
         lock(&daemon).datapath.detach_all();
         info!("XDP programs detached and pins removed");
     }

@@ -19,6 +19,17 @@ use tracing::{info, warn};
 /// bpffs magic number (`statfs.f_type`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// Flags the kernel gives a map of this type whatever it was created with, which a pinned
+/// map's info then reports: devmaps are read-only to programs (`dev_map_alloc_check`).
+fn flags_set_by_kernel(map_type: u32) -> u32 {
+    use aya::maps::MapType;
+    if map_type == MapType::DevMap as u32 || map_type == MapType::DevMapHash as u32 {
+        aya_obj::generated::BPF_F_RDONLY_PROG
+    } else {
+        0
+    }
+}
+
 /// Failure to prepare the pin directory.
 #[derive(Debug, Error)]
 pub enum PinError {
@@ -98,17 +109,21 @@ impl PinDir {
                 if *name == names::CONNTRACK { conntrack_entries } else { def.max_entries() };
             let path = dir.join(name);
             if path.exists() {
-                let matches = MapInfo::from_pin(&path).is_ok_and(|info| {
-                    info.map_type().is_ok_and(|t| t as u32 == def.map_type())
-                        && info.key_size() == def.key_size()
-                        && info.value_size() == def.value_size()
-                        && info.max_entries() == max_entries
-                        && info.map_flags() == def.map_flags()
+                let flags = def.map_flags() | flags_set_by_kernel(def.map_type());
+                let wanted = (def.map_type(), def.key_size(), def.value_size(), max_entries, flags);
+                let found = MapInfo::from_pin(&path).map(|info| {
+                    (
+                        info.map_type().map_or(u32::MAX, |t| t as u32),
+                        info.key_size(),
+                        info.value_size(),
+                        info.max_entries(),
+                        info.map_flags(),
+                    )
                 });
-                if matches {
+                if found.as_ref().is_ok_and(|f| *f == wanted) {
                     prepared.reused.push(name);
                 } else {
-                    warn!(map = name, path = %path.display(), "pinned map has another layout or size; replacing it");
+                    warn!(map = name, path = %path.display(), ?wanted, ?found, "pinned map has another layout or size (type, key, value, entries, flags); replacing it");
                     std::fs::remove_file(&path).map_err(|source| PinError::Io {
                         path: path.display().to_string(),
                         source,

@@ -46,20 +46,21 @@ impl Drop for Bpffs {
 }
 
 fn start_lbd(lab: &Lab, config: &Path, pin_dir: &Path) -> Child {
+    start_lbd_with(lab, config, pin_dir, &[])
+}
+
+/// [`start_lbd`] with more arguments.
+fn start_lbd_with(lab: &Lab, config: &Path, pin_dir: &Path, more: &[&str]) -> Child {
     let lbd = lab::bin_path("lbd").unwrap();
-    let pid = lab
-        .lb
-        .spawn(
-            &[
-                lbd.as_os_str(),
-                "--config".as_ref(),
-                config.as_os_str(),
-                "--pin-dir".as_ref(),
-                pin_dir.as_os_str(),
-            ],
-            ChildOutput::Capture,
-        )
-        .unwrap();
+    let mut args = vec![
+        lbd.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+    ];
+    args.extend(more.iter().map(std::ffi::OsStr::new));
+    let pid = lab.lb.spawn(&args, ChildOutput::Capture).unwrap();
     lab.lb.take_child(pid).unwrap()
 }
 
@@ -211,12 +212,27 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
         pin_dir: Some(pin_dir.clone()),
         ..LoadOptions::default()
     };
+    let maps_dir = pin_dir.join(format!("maps-v{}", lb_common::maps::MAPS_LAYOUT_VERSION));
+    let pinned_ids = || -> std::collections::BTreeMap<String, u32> {
+        std::fs::read_dir(&maps_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let id = aya::maps::MapInfo::from_pin(&p).unwrap().id();
+                (p.file_name().unwrap().to_string_lossy().into_owned(), id)
+            })
+            .collect()
+    };
     let first = Datapath::load_with(&options(65_536)).unwrap();
     assert!(!first.adopted(), "nothing was pinned before");
     drop(first);
-    // Same layout: adopted.
+    let pinned = pinned_ids();
+    assert!(pinned.contains_key(lb_common::maps::TX_PORTS), "{pinned:?}");
+    // Same layout: adopted, every pinned map kept (a devmap's flags as the kernel reports
+    // them include one it sets itself).
     let second = Datapath::load_with(&options(65_536)).unwrap();
     assert!(second.adopted());
+    assert_eq!(pinned_ids(), pinned, "a pinned map of the same layout was replaced");
     drop(second);
     // A connection table of another size is replaced (and the rest adopted).
     let conntrack = pin_dir
@@ -417,13 +433,16 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     kill(&mut first, "-KILL");
     std::fs::write(&config, with_range("42000-42099")).unwrap();
     // (The pinned data path serves throughout: wait for the new lbd's reservation itself.)
-    let mut second = start_lbd(&lab, &config, &pin_dir);
+    let mut second = start_lbd_with(&lab, &config, &pin_dir, &["--detach-on-exit"]);
     let moved = wait_for(Duration::from_secs(20), || {
         (reserved_ports(&lab) == format!("{admin},42000-42099")).then_some(())
     });
     let reserved = reserved_ports(&lab);
     let log = kill(&mut second, "-TERM");
     assert!(moved.is_some(), "after the restart: {reserved}: {log}");
+    // Stopped with --detach-on-exit, the data path is gone and its ports with it; the
+    // administrator's stay.
+    assert_eq!(reserved_ports(&lab), admin, "after --detach-on-exit: {log}");
     let _ = std::fs::remove_file(&config);
     drop(lab);
     drop(bpffs);

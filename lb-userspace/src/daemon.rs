@@ -621,7 +621,7 @@ impl Daemon {
     }
 
     /// Writes what the file will hold after `new` is applied to a temporary file beside it,
-    /// with the file's mode and owner, and keeps the original as `*.toml.orig` (once).
+    /// with the file's mode and owner, and keeps the original as `<file>.orig` (once).
     /// Writes through a symbolic link to the file it names.
     fn stage(&self, new: &Config) -> Result<Option<Staged>, ChangeError> {
         let Some(link) = &self.config_path else { return Ok(None) };
@@ -641,12 +641,13 @@ impl Daemon {
         let mut on_disk = new.clone();
         self.file_now.put(&mut on_disk);
         let text = on_disk.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
-        let backup = path.with_extension("toml.orig");
+        let backup = beside(&path, ".orig");
         if !backup.exists() {
             std::fs::copy(&path, &backup).map_err(|e| fail(&backup, e))?;
         }
-        let tmp = path.with_extension("toml.tmp");
-        let header = "# Written by lbd after a change through its API; the original is kept as *.toml.orig.\n";
+        let tmp = beside(&path, ".tmp");
+        let header =
+            "# Written by lbd after a change through its API; the original is kept as *.orig.\n";
         let contents = format!("{header}{text}");
         write_beside(&path, &tmp, contents.as_bytes()).map_err(|e| fail(&tmp, e))?;
         Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()), previous: current }))
@@ -842,6 +843,13 @@ impl StartSettings {
 /// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range
 /// and, with `give_back`, gives back those lbd reserved for services in none of them (see
 /// `sysctl`).
+/// `path` with `suffix` added to its file name (`lbd.toml` to `lbd.toml.orig`).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 fn reserve_nat_ports(pin_dir: &str, configs: &[&Config], give_back: bool) {
     let ranges: Vec<(u16, u16)> = configs
         .iter()

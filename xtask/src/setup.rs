@@ -99,7 +99,25 @@ fn ensure_kernel() -> anyhow::Result<()> {
     if !Path::new("/proc/sys/net/core/bpf_jit_enable").exists() {
         bail!("this kernel has no BPF JIT (CONFIG_BPF_JIT); XDP needs it");
     }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Some(version) = kernel_version(&release)
+        && version < (6, 0)
+    {
+        bail!(
+            "kernel {} is too old: the data path calls the SYN-cookie helpers that came with \
+             Linux 6.0",
+            release.trim()
+        );
+    }
     Ok(())
+}
+
+/// The major and minor numbers of a kernel release string (`6.18.44-fc-v509`).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// Picks the toolchain that builds the BPF object and makes sure it can.
@@ -265,4 +283,18 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed ({st})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_version;
+
+    #[test]
+    fn kernel_versions_are_read_from_release_strings() {
+        assert_eq!(kernel_version("6.18.44-fc-v509\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(kernel_version("6.1-rc3"), Some((6, 1)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.15.0").unwrap() < (6, 0));
+    }
 }

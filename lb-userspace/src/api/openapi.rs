@@ -43,7 +43,7 @@ fn address_params() -> Value {
     json!([
         pool_param(),
         { "name": "address", "in": "path", "required": true, "schema": { "type": "string", "format": "ip" } },
-        { "name": "port", "in": "query", "required": false, "description": "The backend's port, when several backends share the address.", "schema": { "type": "integer", "minimum": 1, "maximum": 65535 } }
+        { "name": "port", "in": "query", "required": false, "description": "The backend's port, when several backends share the address (0: the one without a port).", "schema": { "type": "integer", "minimum": 0, "maximum": 65535 } }
     ])
 }
 
@@ -79,7 +79,7 @@ pub fn document_value() -> Value {
                     "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" } } },
                 "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "panic": { "type": "boolean" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },
                 "NewBackend": { "type": "object", "additionalProperties": false, "required": ["address"], "properties": {
-                    "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535 }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
+                    "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535, "nullable": true }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535, "nullable": true } } },
                 "Weight": { "type": "object", "additionalProperties": false, "required": ["weight"], "properties": { "weight": { "type": "integer", "minimum": 0, "maximum": 65535 } } },
                 "Firewall": { "type": "object", "properties": {
                     "enabled": { "type": "boolean" }, "default": { "type": "string", "enum": ["allow", "deny"] }, "audit": { "type": "boolean" },

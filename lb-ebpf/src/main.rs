@@ -647,16 +647,20 @@ pub fn bench_conntrack_lookup(ctx: XdpContext) -> u32 {
 }
 
 /// The data path's clock for the daemon: writes `bpf_jiffies64` to the frame's first eight
-/// bytes (run through `BPF_PROG_TEST_RUN`; never attached).
+/// bytes and `bpf_ktime_get_ns` of the same moment to the next eight (run through
+/// `BPF_PROG_TEST_RUN`; never attached).
 #[xdp]
 #[allow(
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands over the context by value"
 )]
 pub fn lb_clock(ctx: XdpContext) -> u32 {
-    if let Ok(out) = parse::ptr_at_mut::<[u8; 8]>(&ctx, 0) {
-        // SAFETY: a helper without arguments; `out` is a checked packet range.
-        unsafe { *out = bpf_jiffies64().to_ne_bytes() };
+    if let Ok(out) = parse::ptr_at_mut::<[[u8; 8]; 2]>(&ctx, 0) {
+        // SAFETY: helpers without arguments; `out` is a checked packet range.
+        unsafe {
+            (*out)[0] = bpf_jiffies64().to_ne_bytes();
+            (*out)[1] = aya_ebpf::helpers::bpf_ktime_get_ns().to_ne_bytes();
+        }
     }
     xdp_action::XDP_PASS
 }

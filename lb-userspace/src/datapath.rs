@@ -235,6 +235,11 @@ impl Datapath {
 
     /// The data path's clock now (`bpf_jiffies64`), which connection timestamps use.
     pub fn now_ticks(&mut self) -> Result<u64, DatapathError> {
+        Ok(self.clock_pair()?.0)
+    }
+
+    /// `bpf_jiffies64` and `bpf_ktime_get_ns`, read in one program run.
+    fn clock_pair(&mut self) -> Result<(u64, u64), DatapathError> {
         let program = xdp_program(&mut self.ebpf, CLOCK_PROGRAM)?;
         let frame = [0u8; 64];
         let mut out = [0u8; 64];
@@ -245,30 +250,28 @@ impl Datapath {
                 ..TestRunOptions::default()
             })
             .map_err(|source| DatapathError::Clock { source })?;
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&out[..8]);
-        Ok(u64::from_ne_bytes(bytes))
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&out[at..at + 8]);
+            u64::from_ne_bytes(bytes)
+        };
+        Ok((word(0), word(8)))
     }
 
     /// Ticks a second of the data path's clock (the kernel's `HZ`), measured once per process
-    /// over 50 ms and rounded to the nearest value kernels are built with.
+    /// and rounded to the nearest value kernels are built with. Each end of the measurement
+    /// reads the tick count and the nanosecond clock in one program run, so a stall of this
+    /// process between the reads (a busy machine) does not skew it; over 80 ms the count is
+    /// off by one tick at most, which keeps 250 and 300 apart.
     pub fn ticks_per_second(&mut self) -> Result<u64, DatapathError> {
         static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         if let Some(hz) = HZ.get() {
             return Ok(*hz);
         }
-        let started = std::time::Instant::now();
-        let t0 = self.now_ticks()?;
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let t1 = self.now_ticks()?;
-        let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-        let measured =
-            i64::try_from((t1 - t0).saturating_mul(1_000_000) / elapsed_us).unwrap_or(i64::MAX);
-        let hz = [100u64, 250, 300, 1000]
-            .into_iter()
-            .min_by_key(|hz| (i64::try_from(*hz).unwrap_or(0) - measured).abs())
-            .unwrap_or(250);
-        Ok(*HZ.get_or_init(|| hz))
+        let (j0, n0) = self.clock_pair()?;
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        let (j1, n1) = self.clock_pair()?;
+        Ok(*HZ.get_or_init(|| nearest_hz(j1.saturating_sub(j0), n1.saturating_sub(n0))))
     }
 
     /// The data path's maps.
@@ -554,6 +557,16 @@ fn adopt_link(program: &mut Xdp, path: &std::path::Path) -> Result<XdpLinkId, St
     program.attach_to_link(link).map_err(|e| e.to_string())
 }
 
+/// The kernel tick rate (of those kernels are built with) closest to `ticks` ticks in
+/// `nanos` nanoseconds.
+fn nearest_hz(ticks: u64, nanos: u64) -> u64 {
+    let measured = u128::from(ticks) * 1_000_000_000 / u128::from(nanos.max(1));
+    [100u64, 250, 300, 1000]
+        .into_iter()
+        .min_by_key(|hz| u128::from(*hz).abs_diff(measured))
+        .unwrap_or(250)
+}
+
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?
@@ -622,5 +635,18 @@ mod tests {
             }
         }
         assert!(calls.is_empty(), "calls to byte-loop builtins:\n{}", calls.join("\n"));
+    }
+
+    /// 80 ms of ticks, off by one either way, still names the kernel's rate.
+    #[test]
+    fn the_tick_rate_is_the_nearest_kernel_rate() {
+        let ns = 80_000_000;
+        for hz in [100u64, 250, 300, 1000] {
+            let ticks = hz * 80 / 1000;
+            for t in [ticks - 1, ticks, ticks + 1] {
+                assert_eq!(super::nearest_hz(t, ns), hz, "{t} ticks in 80 ms");
+            }
+        }
+        assert_eq!(super::nearest_hz(0, 0), 100);
     }
 }

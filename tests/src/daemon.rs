@@ -97,8 +97,8 @@ impl LbdSandbox {
     /// Stops the lbd [`LbdSandbox::spawn_lbd`] started (SIGTERM) and waits for it to exit.
     pub fn stop_lbd(&self, pid: u32) {
         if let Some(mut child) = self.ns.take_child(pid) {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
+            let stopped = crate::netns::stop_child(&mut child, "-TERM", Duration::from_secs(20));
+            assert!(stopped.in_time, "lbd did not exit within 20 s of SIGTERM: {}", stopped.log);
         }
     }
 }
@@ -142,14 +142,36 @@ impl LabDaemon {
         assert!(status.success());
     }
 
+    /// Writes `config` to lbd's configuration file and has lbd reload it through its API
+    /// (`POST /v1/reload` on the lab's 127.0.0.1:7070), which answers once the reload is
+    /// applied or rejected; returns the HTTP status and the answer's body.
+    pub fn reload_by_api(&self, lab: &Lab, config: &str) -> (u16, String) {
+        std::fs::write(&self.config, config).unwrap();
+        let out = lab
+            .lb
+            .exec(&[
+                "curl",
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "http://127.0.0.1:7070/v1/reload",
+            ])
+            .unwrap();
+        let (body, status) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+        (status.parse().unwrap_or(0), body.to_owned())
+    }
+
     /// Stops lbd (SIGTERM) and returns its log; empty if it was stopped already.
     pub fn stop(&mut self) -> String {
-        let Some(child) = self.child.take() else { return String::new() };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        child
-            .wait_with_output()
-            .map(|output| String::from_utf8_lossy(&output.stderr).into_owned())
-            .unwrap_or_default()
+        let Some(mut child) = self.child.take() else { return String::new() };
+        let stopped = crate::netns::stop_child(&mut child, "-TERM", Duration::from_secs(20));
+        if stopped.in_time {
+            stopped.log
+        } else {
+            format!("(lbd did not exit within 20 s of SIGTERM; killed)\n{}", stopped.log)
+        }
     }
 
     /// Stops lbd, removes its configuration file and returns its log.

@@ -238,10 +238,12 @@ impl Lab {
     }
 
     /// Starts an iperf3 client towards `vip` for `secs` seconds at `rate` (JSON report on
-    /// standard output); wait for it with [`check_iperf`].
+    /// standard output), killed if it runs 30 s longer; wait for it with [`check_iperf`].
     pub fn iperf_client(&self, vip: IpAddr, secs: u32, rate: &str) -> anyhow::Result<Child> {
         let pid = self.client.spawn(
             &[
+                "timeout",
+                &(secs + 30).to_string(),
                 "iperf3",
                 "-c",
                 &vip.to_string(),

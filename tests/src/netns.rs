@@ -257,6 +257,36 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<Output> {
     Ok(out)
 }
 
+/// How [`stop_child`] ended a process.
+#[derive(Debug)]
+pub struct Stopped {
+    /// What it wrote to standard error (when that was captured).
+    pub log: String,
+    /// Whether it exited within the limit after the signal (else it was killed).
+    pub in_time: bool,
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`, ...) to `child` and waits at most `limit` for it to
+/// exit, reading its captured standard error meanwhile (a full pipe would keep it from
+/// exiting); past the limit it is killed. Never waits unbounded.
+pub fn stop_child(child: &mut Child, signal: &str, limit: Duration) -> Stopped {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    let reader = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let mut log = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut log);
+            log
+        })
+    });
+    let exited = wait_for(limit, || child.try_wait().ok().flatten()).is_some();
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let log = reader.and_then(|r| r.join().ok()).unwrap_or_default();
+    Stopped { log, in_time: exited }
+}
+
 /// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.
 pub fn wait_for<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

@@ -484,7 +484,15 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
     // Readable by others: refused before anything is loaded.
     std::fs::set_permissions(token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .unwrap();
-    let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
+    let out = ns
+        .exec_output(&[
+            "timeout".as_ref(),
+            "20".as_ref(),
+            lbd.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ])
+        .unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
@@ -550,7 +558,15 @@ fn the_api_serves_https_with_its_certificate() {
 
     // Not a certificate: lbd says so and attaches nothing.
     write_tls_config(token_file);
-    let out = ns.exec_output(&[lbd.as_os_str(), "--config".as_ref(), config.as_os_str()]).unwrap();
+    let out = ns
+        .exec_output(&[
+            "timeout".as_ref(),
+            "20".as_ref(),
+            lbd.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ])
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("API certificate"), "{stderr}");

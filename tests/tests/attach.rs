@@ -240,12 +240,11 @@ fn lbd_attaches_on_start_and_detaches_on_sigterm() {
 
     // Let one counter summary (every second) reach the log.
     std::thread::sleep(Duration::from_millis(1500));
-    let child = lab.lb.take_child(pid).unwrap();
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(status.success());
-    let output = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "lbd failed: {log}");
+    let mut child = lab.lb.take_child(pid).unwrap();
+    let stopped = lb_tests::netns::stop_child(&mut child, "-TERM", Duration::from_secs(20));
+    let log = stopped.log;
+    assert!(stopped.in_time, "lbd did not exit within 20 s of SIGTERM: {log}");
+    assert!(child.wait().unwrap().success(), "lbd failed: {log}");
     assert!(log.contains("XDP program attached") && log.contains("mode=\"driver\""), "{log}");
     assert!(log.contains("data path counters"), "no counter summary logged: {log}");
     for interface in ["front", "back"] {

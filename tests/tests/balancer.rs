@@ -18,7 +18,7 @@ use std::{
 use lb_common::{
     Action, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FlowState},
-    flow::{port_raw, raw_port, words_addr},
+    flow::{raw_port, words_addr},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::{NEXTHOP_ON_LINK, NextHop},
 };
@@ -359,11 +359,17 @@ fn dsr_rewrites_only_the_macs() {
             if v6 { "fd00:1::12".parse().unwrap() } else { "198.18.1.12".parse().unwrap() };
         let Some(mut lb) = Lb::new(&name, &dsr_config(v6, proto_name), &[b2]) else { return };
         let mut cases = Vec::new();
-        for cport in 41_000u16..41_006 {
+        let mut used = std::collections::BTreeSet::new();
+        // Six flows or more, until both backends have one (bounded).
+        for cport in 41_000u16..41_032 {
+            if cases.len() >= 6 && used.len() == 2 {
+                break;
+            }
             let input = client_packet(client, vip, proto, cport, 80).build();
             lb.bed.run(&input).unwrap();
             let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, proto);
             assert_eq!((bport, nat_port), (80, 0));
+            used.insert(backend);
             let verdict = if backend == b2 { Action::Redirect } else { Action::Tx };
             let expected = client_packet(client, vip, proto, cport, 80)
                 .macs(EGRESS_MAC, backend_mac(backend))
@@ -376,9 +382,11 @@ fn dsr_rewrites_only_the_macs() {
                 output: Output::Frame(expected),
             });
         }
+        // Both backends, so both transmissions (XDP_TX and the redirect) are checked.
+        assert_eq!(used.len(), 2, "{name}: {} flows all went to {used:?}", cases.len());
         lb.bed.check_all(&cases).unwrap();
         let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
-        assert_eq!(entries.len(), 6, "{name}: one entry per DSR flow");
+        assert_eq!(entries.len(), cases.len(), "{name}: one entry per DSR flow");
     }
 }
 
@@ -690,7 +698,9 @@ fn a_backend_reset_closes_both_directions() {
         .flags(tcp_flags::RST | tcp_flags::ACK)
         .build();
     assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx));
-    for (_, flow) in lb.bed.datapath.maps().conntrack.entries().unwrap() {
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 2, "both directions kept until they expire: {entries:?}");
+    for (_, flow) in entries {
         assert_eq!(flow.state, FlowState::Closed as u8);
     }
 }
@@ -906,6 +916,7 @@ fn a_cached_flow_refreshes_its_entries_once_a_refresh_interval() {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(lb.bed.run(&segment(tcp_flags::ACK)).unwrap().verdict, Some(Action::Tx));
         let after = stamps(&lb);
+        assert_eq!(after.len(), before.len(), "{name}: {before:?} -> {after:?}");
         for (b, a) in before.iter().zip(&after) {
             assert!(a > b, "{name}: every entry refreshed ({before:?} -> {after:?})");
         }
@@ -1077,14 +1088,18 @@ fn removing_a_service_cuts_its_flows() {
 fn the_daemon_picks_the_backend_the_data_path_picks() {
     // TLS passthrough balances in the daemon with `Balancer::pool_table`: for every flow it
     // must choose the backend the XDP program chooses for the same 5-tuple, with the default
-    // table size and with a service's own.
+    // table size, with a service's own, and with a hash seed (which load balancers behind
+    // one ECMP group share to agree on flows); the seed must change some choices.
     let sized =
         nat_config(false, "tcp").replace("mode = \"nat\"", "mode = \"nat\"\ntable_size = 1009");
     assert_ne!(sized, nat_config(false, "tcp"));
-    for (config, size) in [(nat_config(false, "tcp"), None), (sized, Some(1009))] {
+    let seeded = format!("[daemon]\nhash_seed = 2654435761\n{}", nat_config(false, "tcp"));
+    let mut choices = Vec::new();
+    for (config, size) in [(nat_config(false, "tcp"), None), (sized, Some(1009)), (seeded, None)] {
         let Some(mut lb) = Lb::new("pool_table", &config, &[]) else { return };
         let table = lb.balancer.pool_table("p", &lb.config, size);
         let mut chosen = std::collections::BTreeSet::new();
+        let mut each = Vec::new();
         for port in 40_000..40_064 {
             let syn = client_packet(CLIENT4.into(), VIP4.into(), IPPROTO_TCP, port, 80).build();
             assert_eq!(lb.bed.run(&syn).unwrap().verdict, Some(Action::Tx));
@@ -1095,9 +1110,12 @@ fn the_daemon_picks_the_backend_the_data_path_picks() {
                 .unwrap();
             assert_eq!(daemon, (backend, bport).into(), "table size {size:?}, client port {port}");
             chosen.insert(backend);
+            each.push(backend);
         }
         assert_eq!(chosen.len(), 2, "64 flows should reach both backends");
+        choices.push(each);
     }
+    assert_ne!(choices[0], choices[2], "the hash seed changed no flow's backend");
 }
 
 #[test]
@@ -1221,19 +1239,26 @@ fn all_ports_services_and_source_affinity() {
     let toml = "[[pool]]\nname = \"p\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.backend]]\naddress = \"198.18.1.12\"\n[[pool.backend]]\naddress = \"198.18.1.13\"\n\
                 [[service]]\nname = \"any\"\naddress = \"198.18.100.1\"\nprotocol = \"udp\"\npool = \"p\"\nmode = \"dsr-l2\"\nhash = \"source\"\n";
     let Some(mut lb) = Lb::new("all_ports", toml, &[]) else { return };
-    let mut chosen = std::collections::HashSet::new();
-    for (i, dport) in [53u16, 123, 5353, 9999, 65_000].into_iter().enumerate() {
-        let cport = 50_000 + u16::try_from(i).unwrap();
-        let input = Packet::ipv4(CLIENT4, VIP4).udp(cport, dport).payload(b"x").build();
-        let result = lb.bed.run(&input).unwrap();
-        assert_eq!(result.verdict, Some(Action::Tx), "port {dport}");
-        let (backend, bport, _) =
-            lb.flow_of(CLIENT4.into(), cport, VIP4.into(), dport, IPPROTO_UDP);
-        assert_eq!(bport, dport, "all-ports DSR keeps the port");
-        chosen.insert(backend);
+    // Twelve clients, five flows each (other ports, both ends): one backend per client, and
+    // not one backend for all (a hash of nothing would pass the first half).
+    let mut all = std::collections::BTreeSet::new();
+    for host in 10u8..22 {
+        let client = Ipv4Addr::new(198, 18, 0, host);
+        let mut chosen = std::collections::BTreeSet::new();
+        for (i, dport) in [53u16, 123, 5353, 9999, 65_000].into_iter().enumerate() {
+            let cport = 50_000 + u16::try_from(i).unwrap();
+            let input = Packet::ipv4(client, VIP4).udp(cport, dport).payload(b"x").build();
+            let result = lb.bed.run(&input).unwrap();
+            assert_eq!(result.verdict, Some(Action::Tx), "{client} port {dport}");
+            let (backend, bport, _) =
+                lb.flow_of(client.into(), cport, VIP4.into(), dport, IPPROTO_UDP);
+            assert_eq!(bport, dport, "all-ports DSR keeps the port");
+            chosen.insert(backend);
+        }
+        assert_eq!(chosen.len(), 1, "source affinity sends {client} to one backend: {chosen:?}");
+        all.extend(chosen);
     }
-    assert_eq!(chosen.len(), 1, "source affinity sends one client to one backend: {chosen:?}");
-    let _ = port_raw(1);
+    assert!(all.len() >= 2, "twelve clients all sent to {all:?}");
 }
 
 #[test]

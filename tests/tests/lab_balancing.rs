@@ -142,7 +142,9 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
                 );
             }
         }
-        daemon.reload(&config);
+        assert_ne!(config, lab::lab_config(3, &[]), "{what}: no backend removed");
+        let (status, answer) = daemon.reload_by_api(&lab, &config);
+        assert_eq!(status, 200, "{what}: the removal not applied: {answer}");
         lab::check_iperf(what, client, 8, 10_000_000);
         assert_eq!(lab.iperf_backend(), None, "{what}: the connection is closed");
         // Back to two backends for the next mode.

@@ -64,14 +64,11 @@ fn start_lbd_with(lab: &Lab, config: &Path, pin_dir: &Path, more: &[&str]) -> Ch
     lab.lb.take_child(pid).unwrap()
 }
 
+/// Stops lbd with `signal` and returns its log; fails if it takes over 20 s to exit.
 fn kill(child: &mut Child, signal: &str) -> String {
-    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
-    let _ = child.wait();
-    let mut log = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut err, &mut log);
-    }
-    log
+    let stopped = lb_tests::netns::stop_child(child, signal, Duration::from_secs(20));
+    assert!(stopped.in_time, "lbd did not exit within 20 s of {signal}: {}", stopped.log);
+    stopped.log
 }
 
 #[test]
@@ -99,11 +96,14 @@ fn sigkill_and_restart_under_load_loses_nothing() {
         b.ns.wait_listening(lab::IPERF_PORT, &format!("iperf3 server on {}", b.name)).unwrap();
     }
 
-    // Load: one iperf3 flow and a request every 50 ms, each a new connection.
+    // Load: one iperf3 flow (killed if it runs 30 s long) and a request every 50 ms, each a
+    // new connection.
     let iperf = lab
         .client
         .spawn(
             &[
+                "timeout",
+                "42",
                 "iperf3",
                 "-c",
                 &lab::VIP_V4.to_string(),

@@ -952,15 +952,17 @@ fn a_nat_flow_whose_replies_refresh_it_stays_cached() {
     let Some(mut lb) = Lb::new("flow_cache_replies", &nat_config(false, "tcp"), &[]) else {
         return;
     };
+    // A refresh interval of a second: the steps after the sleep must fit inside one, on a
+    // machine that may stall the test for a few hundred milliseconds.
     let hz = lb.bed.datapath.ticks_per_second().unwrap();
-    lb.set_globals(|g| g.refresh = hz / 10);
+    lb.set_globals(|g| g.refresh = hz);
     let port = 46_380;
     let ack = Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(port)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
     let (backend, bport, nat_port) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
     let IpAddr::V4(backend4) = backend else { unreachable!() };
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let reply = Packet::ipv4(backend4, NAT4).tcp(bport, nat_port).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
@@ -1033,6 +1035,48 @@ fn a_tuple_reopened_on_its_own_port_leaves_other_flows_cached() {
     assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key(a)]), 1);
     assert_eq!(lb.bed.run(&ack4(a)).unwrap().verdict, Some(Action::Tx));
     assert!(lb.bed.datapath.maps().conntrack.get(&key(a)).is_none(), "carried by a's slot");
+}
+
+#[test]
+fn ip_options_on_a_live_flow_are_dropped_and_the_flow_goes_on() {
+    // Packets with IPv4 options are not balanced (policy, see architecture.md): also not
+    // those of a live flow, whether the table or the flow cache carries it; the flow itself
+    // is untouched and its next packet goes to its backend.
+    for nat in [false, true] {
+        let name = if nat { "ip_options_live_nat" } else { "ip_options_live_dsr" };
+        let config = if nat { nat_config(false, "tcp") } else { dsr_config(false, "tcp") };
+        let Some(mut lb) = Lb::new(name, &config, &[]) else { return };
+        for (cached, port) in [(false, 46_390), (true, 46_391)] {
+            let what = format!("{name}, {}", if cached { "cached" } else { "by the table" });
+            if cached {
+                lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+                open_cached(&mut lb, port);
+            } else {
+                lb.set_globals(|g| g.refresh = 0);
+                for frame in [syn4(port), ack4(port)] {
+                    assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx), "{what}");
+                }
+            }
+            let (backend, ..) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+            let entries = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
+            let with_options = Packet::ipv4(CLIENT4, VIP4)
+                .ipv4_options(&[1, 1, 1, 1])
+                .tcp(port, 80)
+                .flags(tcp_flags::ACK)
+                .build();
+            let before = lb.bed.datapath.stats().read().unwrap();
+            let out = lb.bed.run(&with_options).unwrap();
+            assert_eq!(out.verdict, Some(Action::Drop), "{what}");
+            assert_eq!(out.output, with_options, "{what}: the frame is left as it came");
+            let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+            assert_eq!(delta.reason(Reason::IpOptions).packets, 1, "{what}: {}", delta.summary());
+            let out = lb.bed.run(&ack4(port)).unwrap();
+            assert_eq!(out.verdict, Some(Action::Tx), "{what}: the flow goes on");
+            assert_eq!(out.output[..6], backend_mac(backend), "{what}: to its backend");
+            let after = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
+            assert_eq!(after, entries, "{what}: no flow opened or lost");
+        }
+    }
 }
 
 #[test]
@@ -2138,7 +2182,7 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     let Some(mut lb) = Lb::new("one_way_udp", &nat_config(false, "udp"), &[]) else { return };
     let hz = lb.bed.datapath.ticks_per_second().unwrap();
     lb.set_globals(|g| {
-        g.timeouts.datagram = hz / 5; // 200 ms
+        g.timeouts.datagram = hz / 2; // 500 ms: a step may stall for 400 ms
         g.refresh = 0;
     });
     let cport = 45_400;
@@ -2147,9 +2191,9 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     let (backend, bport, nat_port) =
         lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_UDP);
     let datagram = Packet::ipv4(ip4(backend), NAT4).udp(bport, nat_port).payload(b"stream").build();
-    // A second of replies, 50 ms apart, sweeping as the daemon does.
-    for i in 0..20 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    // 1.2 s of replies (over twice the timeout), 100 ms apart, sweeping as the daemon does.
+    for i in 0..12 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let out = lb.bed.run(&datagram).unwrap();
         assert_eq!(out.verdict, Some(Action::Tx), "reply {i}");
         let swept = sweep(&mut lb);
@@ -2161,7 +2205,7 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     assert_eq!(lb.bed.run(&first).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows, before);
     // Silence on both sides: the sweep takes the pair.
-    std::thread::sleep(std::time::Duration::from_millis(400));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     assert_eq!(sweep(&mut lb).removed, 2);
 }
 

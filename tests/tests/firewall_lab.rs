@@ -227,3 +227,56 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     assert!(conntrack <= 2 * (answered + 10), "{conntrack} entries after {answered} connections");
     daemon.finish();
 }
+
+#[test]
+fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
+    // `syn_cookies = "auto"`: the daemon switches a service's cookies on when its SYN rate
+    // passes the threshold, and off once the rate has stayed low for the calm period, each
+    // seen in the service's gauge; real clients are answered throughout.
+    if !require_privileges("auto_syn_cookies_go_on_under_a_flood_and_off_after_it") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    let config = lab::lab_config(2, &[]).replace(
+        "[[service]]\nname = \"web4\"\n",
+        "[[service]]\nname = \"web4\"\nsyn_cookies = \"auto\"\nsyn_cookie_threshold = 200\n",
+    );
+    assert!(config.contains("syn_cookies = \"auto\""));
+    let daemon = LabDaemon::start(&lab, &config);
+    let active = || -> Option<u64> {
+        let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).ok()?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("lb_service_syn_cookies_active{service=\"web4\"} "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(active(), Some(0), "cookies on before any flood");
+    // About 2,000 spoofed SYNs a second for 3 s: ten times the threshold.
+    let flood = lab
+        .client
+        .exec_output(&[
+            "hping3",
+            "-S",
+            "-p",
+            "80",
+            "--rand-source",
+            "-c",
+            "6000",
+            "-i",
+            "u500",
+            &lab::VIP_V4.to_string(),
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&flood.stderr).into_owned()
+        + &String::from_utf8_lossy(&flood.stdout);
+    assert!(text.contains("6000 packets transmitted"), "{text}");
+    // On (a sample a second; the calm period keeps them on for 10 s after the flood).
+    let on = wait_for(Duration::from_secs(5), || (active()? == 1).then_some(()));
+    assert!(on.is_some(), "cookies not on after the flood: {:?}", active());
+    assert!(lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).unwrap().starts_with("backend-"));
+    // Off again once the rate has stayed below half the threshold for the calm period.
+    let off = wait_for(Duration::from_secs(25), || (active()? == 0).then_some(()));
+    assert!(off.is_some(), "cookies still on 25 s after the flood: {:?}", active());
+    assert!(lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).unwrap().starts_with("backend-"));
+    daemon.finish();
+}

@@ -108,7 +108,6 @@ pub struct Lab {
 impl Lab {
     /// Builds the lab with `backends` backend hosts, each running the lab backend server.
     pub fn create(backends: usize) -> anyhow::Result<Self> {
-        crate::netns::cleanup_stale();
         let id = unique_id();
         let switch = Netns::create(&format!("{id}-sw"))?;
         let lb = Netns::create(&format!("{id}-lb"))?;

@@ -196,7 +196,8 @@ fn kill_all_in(name: &str) {
 }
 
 /// Removes namespaces left behind by lab processes that no longer exist (a run killed with
-/// SIGKILL cannot clean up after itself).
+/// SIGKILL cannot clean up after itself). Called by the interactive lab only: tests touch
+/// the namespaces they create and no others.
 pub fn cleanup_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;

@@ -34,6 +34,9 @@ fn run() -> anyhow::Result<ExitCode> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    // A lab killed with SIGKILL leaves its namespaces behind; the interactive lab clears
+    // such leftovers of earlier labs (tests touch only the namespaces they create).
+    lb_tests::netns::cleanup_stale();
     let lab = Lab::create(3).context("failed to build the lab")?;
     let config_path = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
     let certs = std::env::temp_dir().join(format!("{}-certs", lab.id));

@@ -83,9 +83,9 @@ fn detection_bound(n: u64) -> Duration {
     Duration::from_millis(300 + 50 + (n - 1) * (100 + 50) + n * 250)
 }
 
-/// Slack for a loaded machine: the test polls the API every 50 ms and lbd's tasks share the
-/// CPU with the rest of the suite.
-const SLACK: Duration = Duration::from_secs(2);
+/// Slack for a loaded machine: the test polls the API every 50 ms and lbd's tasks share two
+/// CPUs with the rest of the suite (an iperf3 flow included).
+const SLACK: Duration = Duration::from_secs(4);
 
 #[test]
 fn a_stopped_server_leaves_the_tables_and_rejoins_after_restart() {
@@ -372,7 +372,7 @@ fn a_new_flow_surge_fires_one_signed_webhook_per_cooldown() {
     let secret_file = std::env::temp_dir().join(format!("{}-hook-secret", lab.id));
     std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
     let policy = format!(
-        "[[pool.autoscale]]\nname = \"scale-out\"\nsignal = \"new_flows_per_second\"\nabove = 20.0\nfor_secs = 3\ncooldown_secs = 300\nwebhook = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"{}\"\n",
+        "[[pool.autoscale]]\nname = \"scale-out\"\nsignal = \"new_flows_per_second\"\nabove = 5.0\nfor_secs = 3\ncooldown_secs = 300\nwebhook = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"{}\"\n",
         receiver.port,
         secret_file.display()
     );
@@ -419,8 +419,8 @@ fn a_new_flow_surge_fires_one_signed_webhook_per_cooldown() {
     assert_eq!(event["policy"], "scale-out");
     assert_eq!(event["signal"], "new_flows_per_second");
     assert_eq!(event["direction"], "above");
-    assert_eq!(event["threshold"], 20.0);
-    assert!(event["value"].as_f64().unwrap() > 20.0, "{event}");
+    assert_eq!(event["threshold"], 5.0);
+    assert!(event["value"].as_f64().unwrap() > 5.0, "{event}");
     assert_eq!(event["backends"].as_array().unwrap().len(), 3, "{event}");
     assert_eq!(event["healthy_backends"], 3);
 

@@ -90,9 +90,10 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
     assert!(scraping.is_some(), "Prometheus never scraped lbd successfully");
 
     // Known traffic: 30 new connections to the NAT service (the warm-up request made one).
-    let before = query(&lab, "lb_service_new_flows_total{service=\"web4\"}")
-        .and_then(|r| r.first().map(|(_, v)| *v))
-        .unwrap_or(0.0);
+    let before = wait_for(Duration::from_secs(10), || {
+        query(&lab, "lb_service_new_flows_total{service=\"web4\"}")?.first().map(|(_, v)| *v)
+    })
+    .expect("the service's counter never reached Prometheus");
     for _ in 0..30 {
         assert!(lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).unwrap().starts_with("backend-"));
     }

@@ -24,7 +24,7 @@ use lb_common::{
 };
 use lb_tests::{
     netns::{Netns, unique_id},
-    packet::{CLIENT_MAC, LB_MAC, Packet},
+    packet::{CLIENT_MAC, ExtHeader, LB_MAC, Packet},
     privileged::require_privileges,
     testrun::{Case, Output, TestBed, hex},
 };
@@ -1166,8 +1166,27 @@ fn the_daemon_picks_the_backend_the_data_path_picks() {
 fn policies_for_traffic_the_balancer_does_not_forward() {
     let empty_pool = "[[pool]]\nname = \"none\"\n[[service]]\nname = \"empty\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\npool = \"none\"\nmode = \"dsr-l2\"\n";
     let unresolved = "[[pool]]\nname = \"far\"\n[[pool.backend]]\naddress = \"198.18.9.9\"\n[[service]]\nname = \"far\"\naddress = \"198.18.100.3\"\nprotocol = \"tcp\"\nport = 80\npool = \"far\"\nmode = \"dsr-l2\"\n";
-    let toml = format!("{}{empty_pool}{unresolved}", dsr_config(false, "tcp"));
+    let routed = "[[pool]]\nname = \"routed\"\n[[pool.backend]]\naddress = \"198.18.9.10\"\n[[service]]\nname = \"routed\"\naddress = \"198.18.100.4\"\nprotocol = \"tcp\"\nport = 80\npool = \"routed\"\nmode = \"dsr-l2\"\n";
+    let six = "[[pool]]\nname = \"six\"\n[[pool.backend]]\naddress = \"fd00:1::11\"\n[[service]]\nname = \"six\"\naddress = \"fd00:100::1\"\nprotocol = \"tcp\"\nport = 80\npool = \"six\"\nmode = \"dsr-l2\"\n";
+    let toml = format!("{}{empty_pool}{unresolved}{routed}{six}", dsr_config(false, "tcp"));
     let Some(mut lb) = Lb::new("policies", &toml, &[]) else { return };
+    // The routed backend's next hop is a router: DSR cannot reach it (only the MAC address
+    // changes, so the backend must be on the link).
+    let routed_backend: IpAddr = "198.18.9.10".parse().unwrap();
+    lb.bed
+        .datapath
+        .maps_mut()
+        .backends
+        .set_next_hop(
+            lb.balancer.backend_id(&identity("routed", "198.18.9.10")).unwrap(),
+            &NextHop {
+                ifindex: INGRESS_IFINDEX,
+                flags: 0,
+                dmac: backend_mac(routed_backend),
+                smac: EGRESS_MAC,
+            },
+        )
+        .unwrap();
     // The far backend has no next hop at all.
     lb.bed
         .datapath
@@ -1236,6 +1255,23 @@ fn policies_for_traffic_the_balancer_does_not_forward() {
             "a backend without a resolved next hop",
             Packet::ipv4(CLIENT4, vip3).tcp(1, 80).flags(tcp_flags::SYN).build(),
             Reason::NoNextHop,
+        ),
+        (
+            "a DSR backend behind a router",
+            Packet::ipv4(CLIENT4, Ipv4Addr::new(198, 18, 100, 4))
+                .tcp(1, 80)
+                .flags(tcp_flags::SYN)
+                .build(),
+            Reason::DsrBackendNotOnLink,
+        ),
+        (
+            "IPv6 extension headers on a packet to the service",
+            Packet::ipv6(CLIENT6, VIP6)
+                .ext_header(ExtHeader::HopByHop { len: 0 })
+                .tcp(1, 80)
+                .flags(tcp_flags::SYN)
+                .build(),
+            Reason::IpOptions,
         ),
     ] {
         cases.push(Case {

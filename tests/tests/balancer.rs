@@ -272,6 +272,68 @@ fn rewritten(
 }
 
 #[test]
+fn vlan_tagged_frames_are_rewritten_with_their_tags_kept() {
+    // A frame with one 802.1Q tag, or a QinQ pair, is balanced as the untagged frame is, and
+    // leaves with its tags as they came (back out of the interface, on the same VLAN): NAT
+    // both ways and DSR, exact frames.
+    let tagged = |p: Packet, tags: &[(u16, u16)]| {
+        tags.iter().fold(p, |p, (tpid, vid)| p.vlan_tpid(*tpid, *vid))
+    };
+    let (client, vip, nat) = addresses(false);
+    for tags in [vec![(0x8100u16, 100u16)], vec![(0x88a8, 7), (0x8100, 100)]] {
+        for mode in ["nat", "dsr"] {
+            let name = format!("vlan_{mode}_{}", tags.len());
+            let config =
+                if mode == "nat" { nat_config(false, "tcp") } else { dsr_config(false, "tcp") };
+            let Some(mut lb) = Lb::new(&name, &config, &[]) else { return };
+            let cport = 40_100;
+            let input = tagged(client_packet(client, vip, IPPROTO_TCP, cport, 80), &tags).build();
+            let out = lb.bed.run(&input).unwrap();
+            assert_eq!(out.verdict, Some(Action::Tx), "{name}");
+            let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
+            let IpAddr::V4(b) = backend else { unreachable!() };
+            let macs = (EGRESS_MAC, backend_mac(backend));
+            let expected = if mode == "nat" {
+                let IpAddr::V4(n) = nat else { unreachable!() };
+                Packet::ipv4(n, b).tcp(nat_port, bport)
+            } else {
+                let (IpAddr::V4(c), IpAddr::V4(v)) = (client, vip) else { unreachable!() };
+                Packet::ipv4(c, v).tcp(cport, 80)
+            };
+            let expected = tagged(
+                expected.macs(macs.0, macs.1).flags(tcp_flags::SYN).seq_ack(1000, 0),
+                &tags,
+            )
+            .build();
+            assert_eq!(hex(&out.output), hex(&expected), "{name}: to the backend");
+            if mode == "nat" {
+                let IpAddr::V4(n) = nat else { unreachable!() };
+                let reply = tagged(
+                    Packet::ipv4(b, n)
+                        .macs(backend_mac(backend), LB_MAC)
+                        .tcp(bport, nat_port)
+                        .flags(tcp_flags::SYN | tcp_flags::ACK),
+                    &tags,
+                )
+                .build();
+                let (IpAddr::V4(c), IpAddr::V4(v)) = (client, vip) else { unreachable!() };
+                let back = tagged(
+                    Packet::ipv4(v, c)
+                        .macs(LB_MAC, CLIENT_MAC)
+                        .tcp(80, cport)
+                        .flags(tcp_flags::SYN | tcp_flags::ACK),
+                    &tags,
+                )
+                .build();
+                let out = lb.bed.run(&reply).unwrap();
+                assert_eq!(out.verdict, Some(Action::Tx), "{name}: reply");
+                assert_eq!(hex(&out.output), hex(&back), "{name}: back to the client");
+            }
+        }
+    }
+}
+
+#[test]
 fn nat_forward_and_reply_for_every_family_and_protocol() {
     for (v6, proto_name, proto) in [
         (false, "tcp", IPPROTO_TCP),

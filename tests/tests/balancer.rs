@@ -300,11 +300,9 @@ fn vlan_tagged_frames_are_rewritten_with_their_tags_kept() {
                 let (IpAddr::V4(c), IpAddr::V4(v)) = (client, vip) else { unreachable!() };
                 Packet::ipv4(c, v).tcp(cport, 80)
             };
-            let expected = tagged(
-                expected.macs(macs.0, macs.1).flags(tcp_flags::SYN).seq_ack(1000, 0),
-                &tags,
-            )
-            .build();
+            let expected =
+                tagged(expected.macs(macs.0, macs.1).flags(tcp_flags::SYN).seq_ack(1000, 0), &tags)
+                    .build();
             assert_eq!(hex(&out.output), hex(&expected), "{name}: to the backend");
             if mode == "nat" {
                 let IpAddr::V4(n) = nat else { unreachable!() };

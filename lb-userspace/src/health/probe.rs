@@ -382,6 +382,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn udp_checks_send_their_payload_and_judge_the_answer() {
+        if !own_netns("udp_checks_send_their_payload_and_judge_the_answer") {
+            return;
+        }
+        // A server that answers "pong <what it got>".
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                let answer = format!("pong {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = server.send_to(answer.as_bytes(), from).await;
+            }
+        });
+        let probe = |send: &str, expect: Option<&str>| Probe {
+            kind: CheckKind::Udp,
+            targets: vec![addr],
+            mark: None,
+            timeout: Duration::from_millis(500),
+            path: "/".into(),
+            expect_status: 200,
+            expect: expect.map(Into::into),
+            send: Some(send.into()),
+            sni: None,
+            host: None,
+            command: Vec::new(),
+        };
+        assert_eq!(probe("ping", Some("pong ping")).run().await, Ok(()));
+        assert_eq!(probe("ping", None).run().await, Ok(()));
+        let wrong = probe("ping", Some("pong other")).run().await.unwrap_err();
+        assert!(wrong.contains("does not contain"), "{wrong}");
+        // No answer (nothing listens on the port): the check times out.
+        let quiet = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut silent = probe("ping", None);
+        silent.targets = vec![quiet.local_addr().unwrap()];
+        let error = silent.run().await.unwrap_err();
+        assert!(error.contains("timed out"), "{error}");
+    }
+
+    #[tokio::test]
     async fn http_checks_send_the_configured_host() {
         if !own_netns("http_checks_send_the_configured_host") {
             return;

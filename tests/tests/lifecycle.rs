@@ -227,6 +227,50 @@ fn a_draining_backend_keeps_its_flow_while_new_ones_avoid_it() {
     daemon.finish();
 }
 
+#[test]
+fn a_draining_backend_past_its_deadline_has_its_flows_cut() {
+    // drain_timeout_secs = 2: the draining backend's established flow is cut once the
+    // deadline passes (its table entries go, the client's connection ends), not before.
+    if !require_privileges("a_draining_backend_past_its_deadline_has_its_flows_cut") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    lab.start_iperf_servers().unwrap();
+    let extras = PoolExtras { keys: "drain_timeout_secs = 2", tables: "" };
+    let daemon = LabDaemon::start(&lab, &lab::lab_config_pools(2, &[], "", "", &extras));
+    let iperf = lab.iperf_client(lab::VIP_V4.into(), 10, "50M").unwrap();
+    let serving = wait_for(Duration::from_secs(5), || lab.iperf_backend()).expect("iperf3 up");
+    let addr = IpAddr::from(lab.backends[serving].v4);
+    let active = || backend_view(&lab, "web4", addr)["active_flows"].as_u64();
+    let live = wait_for(Duration::from_secs(5), || active().filter(|n| *n > 0));
+    assert!(live.is_some(), "the sweep never counted the flow: {:?}", active());
+
+    api(
+        &lab,
+        "PUT",
+        &format!("/v1/pools/web4/backends/{addr}/state"),
+        Some(r#"{"state":"draining"}"#),
+    );
+    let drained = Instant::now();
+    // Within the deadline the flow stays.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(lab.iperf_backend(), Some(serving), "cut before the deadline");
+    // Past it, the backend's flows are cut: the sweep finds none (a second apart).
+    let gone = wait_for(Duration::from_secs(10), || (active()? == 0).then(Instant::now));
+    let took = gone.map(|t| t - drained);
+    assert!(took.is_some(), "flows still counted 10 s after draining: {:?}", active());
+    assert!(took.unwrap() >= Duration::from_secs(2), "cut after {took:?}, before the deadline");
+    // The client's connection did not survive the cut.
+    let output = iperf.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    let clean = report.get("error").is_none()
+        && report["intervals"].as_array().is_some_and(|i| {
+            i.len() >= 9 && i.iter().all(|x| x["sum"]["bytes"].as_u64().is_some_and(|b| b > 0))
+        });
+    assert!(!clean, "the flow ran on past the cut: {report}");
+    daemon.finish();
+}
+
 /// 20 s of slow start for a backend joining two others at weight 100. Its weight is about
 /// 5 at 1 s (share ~2%), 50 at 10 s (20%), 100 after 20 s (33%). 162 flows per sample: the
 /// standard deviation of a share is at most 3.7 points, so the gaps are four or more.

@@ -9,10 +9,15 @@ pub fn require_privileges(name: &str) -> bool {
     let Some(reason) = missing_privilege() else {
         return true;
     };
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(!in_ci, "{name}: privileged test cannot run in CI: {reason}");
+    assert!(!in_ci(), "{name}: privileged test cannot run in CI: {reason}");
     eprintln!("SKIPPED {name}: {reason} (run `cargo xtask test` as root on Linux)");
     false
+}
+
+/// Whether this is a CI run (`CI=true` or `CI=1`), where nothing may skip.
+#[must_use]
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn missing_privilege() -> Option<String> {

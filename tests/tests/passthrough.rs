@@ -293,7 +293,12 @@ fn captured_hello(lab: &Lab) -> Vec<u8> {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            let (mut conn, _) = listener.accept().unwrap();
+            // Bounded: openssl may fail before it connects.
+            listener.set_nonblocking(true).unwrap();
+            let (mut conn, _) =
+                lb_tests::netns::wait_for(Duration::from_secs(10), || listener.accept().ok())
+                    .expect("openssl s_client never connected");
+            conn.set_nonblocking(false).unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut hello = Vec::new();
             let mut chunk = [0u8; 4096];

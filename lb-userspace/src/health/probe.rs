@@ -422,6 +422,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn https_checks_speak_tls_with_the_configured_server_name() {
+        if !own_netns("https_checks_speak_tls_with_the_configured_server_name") {
+            return;
+        }
+        // A self-signed certificate (checks accept any: backends seldom have public ones).
+        let dir = std::env::temp_dir().join(format!("lb-probe-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=backend"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (cargo xtask test installs it)");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let config = crate::api::tls::server_config(&cert, &key).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers with the server name the client sent.
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(stream).await else { continue };
+                let name = tls.get_ref().1.server_name().unwrap_or("none").to_owned();
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 200 OK\r\n\r\nsecure sni={name}\n");
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let probe = |kind, sni: Option<&str>, expect: &str| Probe {
+            kind,
+            targets: vec![addr],
+            mark: None,
+            timeout: Duration::from_secs(2),
+            path: "/".into(),
+            expect_status: 200,
+            expect: Some(expect.into()),
+            send: None,
+            sni: sni.map(Into::into),
+            host: None,
+            command: Vec::new(),
+        };
+        let sni = Some("app.example");
+        assert_eq!(probe(CheckKind::Https, sni, "secure sni=app.example").run().await, Ok(()));
+        assert!(probe(CheckKind::Https, sni, "insecure").run().await.is_err());
+        // Plain HTTP to a TLS server is no answer.
+        assert!(probe(CheckKind::Http, None, "secure").run().await.is_err());
+    }
+
+    #[tokio::test]
     async fn http_checks_send_the_configured_host() {
         if !own_netns("http_checks_send_the_configured_host") {
             return;

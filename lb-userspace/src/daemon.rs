@@ -240,10 +240,16 @@ impl Daemon {
         self.sync_health_checks();
     }
 
-    /// Gives back every NAT port lbd reserved from the kernel's ephemeral range (when the
-    /// data path is taken down with it: no flow can hold them any more).
+    /// Gives back every NAT port lbd reserved from the kernel's ephemeral range, once the
+    /// data path is gone (no flow can hold them any more), and then its record of them and
+    /// the pin directory, if they are empty. Without a pin directory lbd keeps no record,
+    /// so nothing counts as its own and nothing is given back.
     pub fn give_back_nat_ports(&self) {
-        reserve_nat_ports(&self.config.daemon.pin_dir, &[], true);
+        let pin_dir = &self.config.daemon.pin_dir;
+        reserve_nat_ports(pin_dir, &[], true);
+        if !pin_dir.is_empty() {
+            sysctl::remove_empty_record(Path::new(pin_dir));
+        }
     }
 
     /// Stops the health checks and removes their routes.
@@ -840,9 +846,6 @@ impl StartSettings {
     }
 }
 
-/// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range
-/// and, with `give_back`, gives back those lbd reserved for services in none of them (see
-/// `sysctl`).
 /// `path` with `suffix` added to its file name (`lbd.toml` to `lbd.toml.orig`).
 fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -850,6 +853,9 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Reserves the NAT source ports of `configs`' services from the kernel's ephemeral range
+/// and, with `give_back`, gives back those lbd reserved for services in none of them (see
+/// `sysctl`).
 fn reserve_nat_ports(pin_dir: &str, configs: &[&Config], give_back: bool) {
     let ranges: Vec<(u16, u16)> = configs
         .iter()

@@ -149,10 +149,11 @@ pub async fn run(
     lock(&daemon).passthrough.stop();
 
     if options.detach_on_exit {
-        // Before the pins go: lbd's record of its reservations is kept beside them.
-        lock(&daemon).give_back_nat_ports();
+        // The programs first: until they are gone they may still hand out NAT ports, which
+        // must stay reserved from the kernel's ephemeral range meanwhile.
         lock(&daemon).datapath.detach_all();
-        info!("XDP programs detached and pins removed");
+        lock(&daemon).give_back_nat_ports();
+        info!("XDP programs detached, pins removed and NAT ports given back");
     }
     Ok(())
 }

@@ -217,6 +217,13 @@ fn read_record(dir: &Path) -> io::Result<Ports> {
     Ports::parse(&names.join(","))
 }
 
+/// Removes lbd's record of its reservations under `state_dir` if it names no range (all
+/// given back), then `state_dir` itself if that leaves it empty.
+pub fn remove_empty_record(state_dir: &Path) {
+    let _ = fs::remove_dir(state_dir.join(RECORD_DIR));
+    let _ = fs::remove_dir(state_dir);
+}
+
 /// Makes the record directory `dir` name exactly `ports`' ranges: the new names first, then
 /// the old ones go (a failure in between leaves more recorded, never less).
 fn write_record(dir: &Path, ports: &Ports) -> io::Result<()> {

@@ -272,19 +272,25 @@ pub struct Stopped {
 /// exiting); past the limit it is killed. Never waits unbounded.
 pub fn stop_child(child: &mut Child, signal: &str, limit: Duration) -> Stopped {
     let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    // The reader hands its text over a channel: a grandchild that inherited the pipe (an
+    // autoscaling command) may hold it open after the child is gone, and the wait for the
+    // text must stay bounded too.
     let reader = child.stderr.take().map(|mut err| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut log = String::new();
             let _ = std::io::Read::read_to_string(&mut err, &mut log);
-            log
-        })
+            let _ = tx.send(log);
+        });
+        rx
     });
     let exited = wait_for(limit, || child.try_wait().ok().flatten()).is_some();
     if !exited {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let log = reader.and_then(|r| r.join().ok()).unwrap_or_default();
+    let log =
+        reader.and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok()).unwrap_or_default();
     Stopped { log, in_time: exited }
 }
 

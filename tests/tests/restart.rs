@@ -96,8 +96,8 @@ fn sigkill_and_restart_under_load_loses_nothing() {
         b.ns.wait_listening(lab::IPERF_PORT, &format!("iperf3 server on {}", b.name)).unwrap();
     }
 
-    // Load: one iperf3 flow (killed if it runs 30 s long) and a request every 50 ms, each a
-    // new connection.
+    // Load: one iperf3 flow (killed if it runs 30 s longer than its 12) and a request every
+    // 50 ms, each a new connection.
     let iperf = lab
         .client
         .spawn(
@@ -454,6 +454,8 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     // Stopped with --detach-on-exit, the data path is gone and its ports with it; the
     // administrator's stay.
     assert_eq!(reserved_ports(&lab), admin, "after --detach-on-exit: {log}");
+    // And nothing of lbd's stays pinned, its record of the ports included.
+    assert!(!pin_dir.exists(), "{} left behind: {log}", pin_dir.display());
     let _ = std::fs::remove_file(&config);
     drop(lab);
     drop(bpffs);

@@ -16,8 +16,8 @@ struct Cli {
     /// Configuration file (TOML); see docs/configuration.md.
     #[arg(long, short, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// Remove the XDP programs, maps and pins when the daemon exits (by default the data path
-    /// keeps running without the daemon).
+    /// Remove the XDP programs, maps and pins when the daemon exits, and give back the NAT
+    /// ports it reserved (by default the data path keeps running without the daemon).
     #[arg(long)]
     detach_on_exit: bool,
     /// Pin maps and links here instead of the configured `pin_dir` (`""` pins nothing).

@@ -302,14 +302,14 @@ mod tests {
     /// Moves this test's thread (a `#[tokio::test]` runs its tasks on it) into a network
     /// namespace of its own with `lo` up, so the servers these tests start touch nothing of
     /// the host's. Needs root, as `cargo xtask test` runs; without it the test says so and
-    /// skips, except in CI (`CI=true`), where it fails.
+    /// skips, except in CI (`CI=true` or `1`), where it fails.
     fn own_netns(test: &str) -> bool {
         // SAFETY: a flag-only system call; it changes this thread's namespace alone.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             let error = std::io::Error::last_os_error();
             let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
             assert!(!ci, "{test}: a network namespace of its own needs root: {error}");
-            eprintln!("skipping {test}: a network namespace of its own needs root ({error})");
+            eprintln!("SKIPPED {test}: a network namespace of its own needs root ({error})");
             return false;
         }
         let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
@@ -413,7 +413,8 @@ mod tests {
         assert_eq!(probe("ping", None).run().await, Ok(()));
         let wrong = probe("ping", Some("pong other")).run().await.unwrap_err();
         assert!(wrong.contains("does not contain"), "{wrong}");
-        // No answer (nothing listens on the port): the check times out.
+        // No answer (a socket that never reads, so no port-unreachable either): the check
+        // times out.
         let quiet = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut silent = probe("ping", None);
         silent.targets = vec![quiet.local_addr().unwrap()];

@@ -163,8 +163,9 @@ pub fn open_nat(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
+    g: &Globals,
 ) -> Result<(), Reason> {
-    if try_open_nat(ctx, key, service, live, buf)? == Port::Taken {
+    if try_open_nat(ctx, key, service, live, buf, g)? == Port::Taken {
         crate::flowcache::port_taken(live.nat_port);
     }
     Ok(())
@@ -177,8 +178,8 @@ fn try_open_nat(
     service: &Service,
     live: &mut LiveNat,
     buf: &mut EntryBuf,
+    g: &Globals,
 ) -> Result<Port, Reason> {
-    let g = crate::select::globals()?;
     let min = u32::from(service.nat_port_min);
     let max = u32::from(service.nat_port_max);
     if min == 0 || max < min {
@@ -271,11 +272,11 @@ pub fn insert_forward(
     winner: &mut Winner,
     replace: bool,
     entry: *mut Flow,
+    g: &Globals,
 ) -> Result<(), Reason> {
     if replace
         && let Some(entry) =
             if entry.is_null() { CONNTRACK.get_ptr_mut(&buf.key) } else { Some(entry) }
-        && let Ok(g) = crate::select::globals()
     {
         // SAFETY: a map value pointer from a successful lookup, here or this program run's
         // live-flow lookup (see `overwrite` for what may happen to the entry since).

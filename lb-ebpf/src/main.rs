@@ -341,7 +341,9 @@ fn try_balance(
     }
     // The backend, then (NAT) a source port and the reply entry, then the forward entry,
     // one after the other (all inlined here: this frame holds them).
-    live.backend_id = select::choose_backend(service, key, select::globals()?)?;
+    // Read once for the pieces below (inlined here: a second read would be a second lookup).
+    let g = select::globals()?;
+    live.backend_id = select::choose_backend(service, key, g)?;
     // A dead entry in the way. A DSR flow's new entry is written over it in place (no
     // delete, no insert). So is a NAT flow's when the dead flow had the same backend and NAT
     // address: the new flow keeps the dead one's port and overwrites both entries (the reply
@@ -360,7 +362,7 @@ fn try_balance(
         forget_dead_nat(key, dead, buf);
     }
     if is_nat {
-        conntrack::open_nat(ctx, key, service, live, buf)?;
+        conntrack::open_nat(ctx, key, service, live, buf, g)?;
     }
     // `open_nat` gave the dead flow's port up (another flow holds it by now): the dead
     // forward entry goes and the new one is inserted as on the other path, so that a second
@@ -371,7 +373,7 @@ fn try_balance(
     }
     live.replace = dead.present != 0 && (!is_nat || reused);
     let entry = if live.replace { dead_entry } else { core::ptr::null_mut() };
-    open_flow(key, service, live, buf, entry)?;
+    open_flow(key, service, live, buf, entry, g)?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
 }
@@ -470,11 +472,12 @@ fn open_flow(
     live: &mut LiveNat,
     buf: &mut EntryBuf,
     entry: *mut Flow,
+    g: &Globals,
 ) -> Result<(), Reason> {
     let is_nat = service.flags & SERVICE_NAT != 0;
     conntrack::set_forward_entry(buf, key, service, live, is_nat);
     let mut winner = conntrack::Winner { backend_id: 0, nat_port: 0, lost: false };
-    conntrack::insert_forward(buf, &mut winner, live.replace, entry)?;
+    conntrack::insert_forward(buf, &mut winner, live.replace, entry, g)?;
     if winner.lost {
         // Another CPU opened this flow first: follow it, and free the port taken here.
         if is_nat && winner.nat_port != live.nat_port {

@@ -89,6 +89,19 @@ impl LbdSandbox {
             .with_context(|| format!("failed to write {}", self.config.display()))
     }
 
+    /// Runs lbd in the foreground on the configuration written last, for one it must refuse
+    /// (killed after 20 s if it does not), and returns how it ended.
+    pub fn run_lbd_to_exit(&self) -> anyhow::Result<std::process::Output> {
+        let lbd = lab::bin_path("lbd")?;
+        self.ns.exec_output(&[
+            "timeout".as_ref(),
+            "20".as_ref(),
+            lbd.as_os_str(),
+            "--config".as_ref(),
+            self.config.as_os_str(),
+        ])
+    }
+
     /// Starts lbd on the configuration written last; returns its pid, as [`spawn_lbd`] does.
     pub fn spawn_lbd(&self, output: ChildOutput) -> anyhow::Result<u32> {
         spawn_lbd(&self.ns, &self.config, output)

@@ -477,22 +477,13 @@ fn lbd_serves_the_api_on_a_socket_and_refuses_a_readable_token_file() {
         return;
     }
     let sandbox = LbdSandbox::create("api", TOKEN).unwrap();
-    let (ns, token_file, config) = (&sandbox.ns, &sandbox.token_file, &sandbox.config);
+    let (ns, token_file) = (&sandbox.ns, &sandbox.token_file);
     sandbox.write_config("127.0.0.1:7070", "", &body()).unwrap();
-    let lbd = lab::bin_path("lbd").unwrap();
 
     // Readable by others: refused before anything is loaded.
     std::fs::set_permissions(token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .unwrap();
-    let out = ns
-        .exec_output(&[
-            "timeout".as_ref(),
-            "20".as_ref(),
-            lbd.as_os_str(),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ])
-        .unwrap();
+    let out = sandbox.run_lbd_to_exit().unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
@@ -544,7 +535,7 @@ fn the_api_serves_https_with_its_certificate() {
         return;
     }
     let sandbox = LbdSandbox::create("api-tls", TOKEN).unwrap();
-    let (ns, token_file, config) = (&sandbox.ns, &sandbox.token_file, &sandbox.config);
+    let (ns, token_file) = (&sandbox.ns, &sandbox.token_file);
     let cert = lb_tests::tls::make_cert(sandbox.dir(), "lbd-api", &["127.0.0.1"]).unwrap();
     let write_tls_config = |cert_file: &std::path::Path| {
         let tls = format!(
@@ -554,19 +545,10 @@ fn the_api_serves_https_with_its_certificate() {
         );
         sandbox.write_config("127.0.0.1:7443", &tls, &body()).unwrap();
     };
-    let lbd = lab::bin_path("lbd").unwrap();
 
     // Not a certificate: lbd says so and attaches nothing.
     write_tls_config(token_file);
-    let out = ns
-        .exec_output(&[
-            "timeout".as_ref(),
-            "20".as_ref(),
-            lbd.as_os_str(),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ])
-        .unwrap();
+    let out = sandbox.run_lbd_to_exit().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("API certificate"), "{stderr}");

@@ -299,6 +299,24 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 mod tests {
     use super::*;
 
+    /// A check of `kind` against `target` with the defaults the tests start from (2 s
+    /// timeout, `GET /` expecting 200, nothing else set).
+    fn check(kind: CheckKind, target: SocketAddr) -> Probe {
+        Probe {
+            kind,
+            targets: vec![target],
+            mark: None,
+            timeout: Duration::from_secs(2),
+            path: "/".into(),
+            expect_status: 200,
+            expect: None,
+            send: None,
+            sni: None,
+            host: None,
+            command: Vec::new(),
+        }
+    }
+
     /// Moves this test's thread (a `#[tokio::test]` runs its tasks on it) into a network
     /// namespace of its own with `lo` up, so the servers these tests start touch nothing of
     /// the host's. Needs root, as `cargo xtask test` runs; without it the test says so and
@@ -348,17 +366,8 @@ mod tests {
             }
         });
         let probe = |kind, expect: Option<&str>| Probe {
-            kind,
-            targets: vec![addr],
-            mark: None,
-            timeout: Duration::from_secs(2),
-            path: "/".into(),
-            expect_status: 200,
             expect: expect.map(Into::into),
-            send: None,
-            sni: None,
-            host: None,
-            command: Vec::new(),
+            ..check(kind, addr)
         };
         assert_eq!(probe(CheckKind::Tcp, None).run().await, Ok(()));
         assert_eq!(probe(CheckKind::Http, Some("healthy")).run().await, Ok(()));
@@ -397,17 +406,10 @@ mod tests {
             }
         });
         let probe = |send: &str, expect: Option<&str>| Probe {
-            kind: CheckKind::Udp,
-            targets: vec![addr],
-            mark: None,
             timeout: Duration::from_millis(500),
-            path: "/".into(),
-            expect_status: 200,
             expect: expect.map(Into::into),
             send: Some(send.into()),
-            sni: None,
-            host: None,
-            command: Vec::new(),
+            ..check(CheckKind::Udp, addr)
         };
         assert_eq!(probe("ping", Some("pong ping")).run().await, Ok(()));
         assert_eq!(probe("ping", None).run().await, Ok(()));
@@ -460,17 +462,9 @@ mod tests {
             }
         });
         let probe = |kind, sni: Option<&str>, expect: &str| Probe {
-            kind,
-            targets: vec![addr],
-            mark: None,
-            timeout: Duration::from_secs(2),
-            path: "/".into(),
-            expect_status: 200,
             expect: Some(expect.into()),
-            send: None,
             sni: sni.map(Into::into),
-            host: None,
-            command: Vec::new(),
+            ..check(kind, addr)
         };
         let sni = Some("app.example");
         assert_eq!(probe(CheckKind::Https, sni, "secure sni=app.example").run().await, Ok(()));
@@ -496,19 +490,7 @@ mod tests {
                 let _ = stream.write_all(format!("HTTP/1.1 {status} X\r\n\r\n").as_bytes()).await;
             }
         });
-        let mut probe = Probe {
-            kind: CheckKind::Http,
-            targets: vec![addr],
-            mark: None,
-            timeout: Duration::from_secs(2),
-            path: "/".into(),
-            expect_status: 200,
-            expect: None,
-            send: None,
-            sni: None,
-            host: None,
-            command: Vec::new(),
-        };
+        let mut probe = check(CheckKind::Http, addr);
         assert!(probe.run().await.unwrap_err().contains("404"), "the address as host");
         probe.host = Some("app.example".into());
         assert_eq!(probe.run().await, Ok(()));

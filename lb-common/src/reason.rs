@@ -106,13 +106,20 @@ pub enum Reason {
     /// any other TCP packet without a flow but a SYN while cookies are on.
     SynCookieInvalid = 20,
     /// A client packet of a cookie-opened flow before the backend answered the load
-    /// balancer's SYN (the client retransmits).
+    /// balancer's SYN (the client retransmits), or a backend's answer to that SYN that does
+    /// not acknowledge it.
     SynProxyPending = 21,
+    /// The firewall is on and the packet's transport header cannot be read: a first
+    /// fragment cut inside it (RFC 1858's tiny fragments), an IPv6 header chain longer than
+    /// `MAX_IPV6_EXT_HEADERS` headers or `MAX_L4_OFFSET` bytes, a TCP data offset below 5.
+    /// Rules by port, ICMP type or TCP flags cannot be applied to it, and the host may still
+    /// accept it (it reassembles fragments and follows longer chains), so it is dropped.
+    FirewallUnreadable = 22,
 }
 
 impl Reason {
     /// Every reason, in numeric order; userspace iterates this to read and export counters.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::NotIp,
         Self::NotService,
         Self::Truncated,
@@ -135,6 +142,7 @@ impl Reason {
         Self::RateLimited,
         Self::SynCookieInvalid,
         Self::SynProxyPending,
+        Self::FirewallUnreadable,
     ];
 
     /// What the data path does with a packet for this reason.
@@ -167,7 +175,8 @@ impl Reason {
             | Self::FirewallDefaultDeny
             | Self::RateLimited
             | Self::SynCookieInvalid
-            | Self::SynProxyPending => Action::Drop,
+            | Self::SynProxyPending
+            | Self::FirewallUnreadable => Action::Drop,
         }
     }
 
@@ -204,6 +213,7 @@ impl Reason {
             Self::RateLimited => "rate_limited",
             Self::SynCookieInvalid => "syn_cookie_invalid",
             Self::SynProxyPending => "syn_proxy_pending",
+            Self::FirewallUnreadable => "firewall_unreadable",
         }
     }
 }

@@ -65,6 +65,11 @@ fn try_filter(
     let generation = active & ACTIVE_GENERATION;
     let Some(meta) = FW_META.get(generation) else { return Ok(()) };
     let bytes = stats::frame_len(ctx);
+    // No ports or flags to match: a rule by port would miss what the host may still accept
+    // (a first fragment cut inside its TCP header reassembles into a full one).
+    if packet.l4_error != 0 {
+        return refuse(generation, meta.flags, Reason::FirewallUnreadable, bytes);
+    }
     // Rules by port or protocol alone (no source prefixes anywhere), or a source no prefix
     // covers by the prefilter: no trie lookup, the dearest step here (30 to 150 ns with
     // the trie's depth at the address).

@@ -43,11 +43,11 @@ use crate::{
 /// Whether an ICMP (v4) or ICMPv6 message is an error that quotes the packet it is about.
 #[inline(always)]
 pub const fn is_error(packet: &Packet) -> bool {
-    match packet.proto {
+    match (packet.proto, packet.family) {
         // Destination unreachable, time exceeded, parameter problem.
-        IPPROTO_ICMP => matches!(packet.icmp_type, 3 | 11 | 12),
+        (IPPROTO_ICMP, Family::V4) => matches!(packet.icmp_type, 3 | 11 | 12),
         // Destination unreachable, packet too big, time exceeded, parameter problem.
-        IPPROTO_ICMPV6 => matches!(packet.icmp_type, 1..=4),
+        (IPPROTO_ICMPV6, Family::V6) => matches!(packet.icmp_type, 1..=4),
         _ => false,
     }
 }
@@ -80,6 +80,11 @@ fn try_translate_error(
     // other way round.
     // Every `not_service` below comes before the packet changes (see `nat::try_icmp_error`).
     let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
+    // It must have come from the NAT source address the error went to.
+    let (from, to) = (&buf.key.dst, &packet.dst);
+    if from[0] != to[0] || from[1] != to[1] || from[2] != to[2] || from[3] != to[3] {
+        return Err(Reason::NotService);
+    }
     let entry = CONNTRACK.get_ptr(&buf.key).ok_or(Reason::NotService)?;
     // SAFETY: a map value pointer from a successful lookup; copied to scratch memory.
     unsafe { crate::mem::copy(&raw mut buf.flow, entry) };
@@ -227,6 +232,10 @@ fn quoted_key(ctx: &XdpContext, packet: &Packet, key: &mut FlowKey) -> Result<us
     if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
         return Err(Reason::NotService);
     }
+    // Within the ICMP message, not in the frame's padding behind it.
+    if inner_l4 + core::mem::size_of::<QuotedL4>() > packet.l3_end {
+        return Err(Reason::NotService);
+    }
     let l4: *const QuotedL4 = ptr_at_mut(ctx, inner_l4)?;
     // SAFETY: checked by ptr_at_mut.
     let l4 = unsafe { &*l4 };
@@ -348,13 +357,19 @@ fn try_rewrite_quoted(
     if key.proto == IPPROTO_UDP {
         let old = u16::from_ne_bytes([l4.rest[2], l4.rest[3]]);
         if old != 0 {
-            let new = l4_update(old);
+            // Zero would say "no checksum": its other form, as a sender writes it.
+            let new = match l4_update(old) {
+                0 => 0xffff,
+                new => new,
+            };
             icmp_check = replace_u16(icmp_check, old, new);
             let [a, b] = new.to_ne_bytes();
             l4.rest[2] = a;
             l4.rest[3] = b;
         }
-    } else if let Ok(check) = ptr_at_mut::<[u8; 2]>(ctx, inner_l4 + 16) {
+    } else if let Ok(check) = ptr_at_mut::<[u8; 2]>(ctx, inner_l4 + 16)
+        && inner_l4 + 18 <= packet.l3_end
+    {
         // SAFETY: checked by ptr_at_mut.
         let check = unsafe { &mut *check };
         let old = u16::from_ne_bytes(*check);

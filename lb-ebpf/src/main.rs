@@ -108,6 +108,9 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // The firewall first: what it drops never reaches a service or the connection table.
     firewall::filter(ctx, scratch, now)?;
     let packet = &scratch.packet;
+    if packet.l4_error != 0 {
+        return Err(unreadable(packet));
+    }
     // Most traffic on a host is not ours: prove it with a bit, not two hash lookups.
     if !select::may_be_ours(packet) {
         return Err(Reason::NotService);
@@ -142,6 +145,23 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
         None if l4 => Err(Reason::NotService),
         None => nat::try_icmp_error(ctx, scratch, now).into_result(),
     }
+}
+
+/// Why a packet whose transport header cannot be read is not balanced: to a service, a
+/// fragment or a packet with IP options or extension headers, dropped as such (the host must
+/// not answer for the service); anything else goes to the kernel with the parser's reason.
+/// Out of line: rare.
+#[inline(never)]
+fn unreadable(packet: &parse::Packet) -> Reason {
+    if select::may_be_ours(packet) && select::is_vip(packet) {
+        if packet.fragment != Fragment::None {
+            return Reason::Fragment;
+        }
+        if packet.has_ip_options {
+            return Reason::IpOptions;
+        }
+    }
+    Reason::from_u32(u32::from(packet.l4_error)).unwrap_or(Reason::Truncated)
 }
 
 /// A TCP or UDP packet of a live flow, found in the flow cache (in `epoch`) or by one
@@ -206,6 +226,12 @@ fn established(
                 return Ok(Action::Pass);
             }
             return Err(Reason::SynProxyPending);
+        }
+        if packet.has_ip_options {
+            // Dropped (see `carry_on`), so the flow's state must not move for it: a reset
+            // with options would close the flow here, never reaching the backend.
+            slot.forget();
+            return Err(Reason::IpOptions);
         }
         let Some((state, refresh)) = select::keep(packet, e, g, now) else {
             slot.forget();

@@ -181,6 +181,11 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// Why the IP header parsed but the transport header behind it cannot be read (a
+    /// `Reason`'s number: a broken or overlong IPv6 header chain, an L4 header cut short or
+    /// a TCP data offset below 5), or 0. Such a packet has addresses but no ports: the
+    /// firewall refuses it and the balancer does not serve it (see `main.rs`).
+    pub l4_error: u8,
 }
 
 // `Packet::flow_key` reads the packet's head as a `FlowKey`: the layouts must agree.
@@ -231,7 +236,9 @@ fn words16(b: [u8; 16]) -> [u32; 4] {
 /// Parses Ethernet, up to [`MAX_VLAN_TAGS`] VLAN tags, IPv4 or IPv6 (with extension headers)
 /// and the TCP, UDP or ICMP header behind them.
 ///
-/// Errors name why the frame cannot be balanced; the caller passes such frames to the kernel.
+/// Errors name why the frame has no IP header to read; the caller passes such frames to the
+/// kernel. A readable IP header with an unreadable header chain or L4 header behind it is
+/// no error: `Packet::l4_error` says so, and the firewall still sees the packet.
 ///
 /// The result goes to `out` (a per-CPU scratch value), written field by field, never the
 /// stack: inlined, parsing takes the entry function from 56 to 128 bytes of stack, which the
@@ -281,8 +288,11 @@ fn try_parse_packet(ctx: &XdpContext, out: &mut Packet) -> Result<(), Reason> {
     out.icmp_type = 0;
     out.icmp_code = 0;
     out.has_l4 = false;
-    if out.fragment != Fragment::Later {
-        parse_l4(ctx, out)?;
+    if out.l4_error == 0
+        && out.fragment != Fragment::Later
+        && let Err(reason) = parse_l4(ctx, out)
+    {
+        out.l4_error = reason as u8;
     }
     Ok(())
 }
@@ -325,6 +335,7 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize, out: &mut Packet) -> Result<(), R
     out.l3_end = l3_end;
     out.fragment = fragment;
     out.has_ip_options = hlen > IPV4_MIN_HLEN;
+    out.l4_error = 0;
     Ok(())
 }
 
@@ -340,55 +351,79 @@ fn parse_ipv6(ctx: &XdpContext, l3_off: usize, out: &mut Packet) -> Result<(), R
     if ctx.data() + l3_end > ctx.data_end() {
         return Err(Reason::BadIpv6Header);
     }
-    let mut next = ip.next_header;
-    let mut off = l3_off + IPV6_HLEN;
-    let mut fragment = Fragment::None;
-    let mut ext_headers = 0u8;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
-        if !is_ipv6_ext_header(next) {
-            break;
-        }
-        let ext: *const Ipv6ExtHdr = ptr_at(ctx, off)?;
-        // SAFETY: checked by ptr_at.
-        let ext = unsafe { &*ext };
-        if next == IPPROTO_FRAGMENT {
-            // Fragment offset is the top 13 bits of bytes 2-3; bit 0 is "more fragments".
-            let frag = be16(ext.rest);
-            if frag & 0xfff8 != 0 {
-                fragment = Fragment::Later;
-            } else if frag & 1 != 0 {
-                fragment = Fragment::First;
-            }
-        }
-        off += ipv6_ext_header_len(next, ext.len);
-        next = ext.next_header;
-        ext_headers += 1;
-        if off > l3_end {
-            return Err(Reason::Truncated);
-        }
-        if off > MAX_L4_OFFSET {
-            return Err(Reason::HeadersTooLong);
-        }
-        if fragment == Fragment::Later {
-            break;
-        }
-    }
-    if fragment != Fragment::Later && is_ipv6_ext_header(next) {
-        return Err(Reason::TooManyExtHeaders);
-    }
-    if off > l3_end {
-        return Err(Reason::Truncated);
-    }
     out.src = words16(ip.src);
     out.dst = words16(ip.dst);
-    out.proto = next;
     out.family = Family::V6;
     out.key_pad = 0;
     out.l3_off = l3_off;
-    out.l4_off = off;
     out.l3_end = l3_end;
-    out.fragment = fragment;
-    out.has_ip_options = ext_headers > 0;
+    let mut chain = Chain { next: ip.next_header, off: l3_off + IPV6_HLEN, ..Chain::default() };
+    let walked = walk_ipv6_chain(ctx, l3_end, &mut chain);
+    out.proto = chain.next;
+    out.l4_off = chain.off;
+    out.fragment = chain.fragment;
+    out.has_ip_options = chain.headers > 0;
+    out.l4_error = match walked {
+        Ok(()) => 0,
+        Err(reason) => reason as u8,
+    };
+    Ok(())
+}
+
+/// Where a walk along an IPv6 header chain has got to.
+#[derive(Clone, Copy)]
+struct Chain {
+    /// The next header's type, and where it starts.
+    next: u8,
+    off: usize,
+    fragment: Fragment,
+    /// Extension headers passed.
+    headers: u8,
+}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Self { next: 0, off: 0, fragment: Fragment::None, headers: 0 }
+    }
+}
+
+/// Follows the extension headers from `chain` to the transport header (or a later
+/// fragment's payload). An error says why it cannot be reached within the datagram, in
+/// [`MAX_IPV6_EXT_HEADERS`] headers and [`MAX_L4_OFFSET`] bytes.
+#[inline(always)]
+fn walk_ipv6_chain(ctx: &XdpContext, l3_end: usize, chain: &mut Chain) -> Result<(), Reason> {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if !is_ipv6_ext_header(chain.next) {
+            break;
+        }
+        let ext: *const Ipv6ExtHdr = ptr_at(ctx, chain.off)?;
+        // SAFETY: checked by ptr_at.
+        let ext = unsafe { &*ext };
+        if chain.next == IPPROTO_FRAGMENT {
+            // Fragment offset is the top 13 bits of bytes 2-3; bit 0 is "more fragments".
+            let frag = be16(ext.rest);
+            if frag & 0xfff8 != 0 {
+                chain.fragment = Fragment::Later;
+            } else if frag & 1 != 0 {
+                chain.fragment = Fragment::First;
+            }
+        }
+        chain.off += ipv6_ext_header_len(chain.next, ext.len);
+        chain.next = ext.next_header;
+        chain.headers += 1;
+        if chain.off > l3_end {
+            return Err(Reason::Truncated);
+        }
+        if chain.off > MAX_L4_OFFSET {
+            return Err(Reason::HeadersTooLong);
+        }
+        if chain.fragment == Fragment::Later {
+            break;
+        }
+    }
+    if chain.fragment != Fragment::Later && is_ipv6_ext_header(chain.next) {
+        return Err(Reason::TooManyExtHeaders);
+    }
     Ok(())
 }
 

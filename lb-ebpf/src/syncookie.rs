@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Action, Reason,
-    conntrack::{FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
+    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
     csum::{checksum, pseudo_header_sum, replace_u32},
     net::{IPPROTO_TCP, tcp_flags},
     service::{MAX_SERVICES, SERVICE_SYN_COOKIES, Service},
@@ -286,19 +286,36 @@ pub fn on_backend_answer(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u
     if packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) != tcp_flags::SYN | tcp_flags::ACK {
         return Outcome::err(Reason::SynProxyPending);
     }
-    let Ok(backend_isn) = seq_of(ctx, packet) else { return Outcome::err(Reason::Truncated) };
+    // The ACK is built from the headers' known lengths (see `emit`).
+    if packet.has_ip_options {
+        return Outcome::err(Reason::IpOptions);
+    }
+    let Ok((backend_isn, acked)) = seq_and_ack(ctx, packet) else {
+        return Outcome::err(Reason::Truncated);
+    };
+    let client_isn = e.isn;
+    // An answer to another SYN (an older connection's on this port, or forged) would set
+    // the flow's sequence offset wrong for its whole life.
+    if acked != client_isn.wrapping_add(1) {
+        return Outcome::err(Reason::SynProxyPending);
+    }
     // Until now `seq_delta` held the cookie; from now on the offset between the two.
     let delta = backend_isn.wrapping_sub(e.seq_delta);
-    let client_isn = e.isn;
     let forward = e.forward_key(IPPROTO_TCP, packet.family as u8);
     let established = FlowState::Established as u8;
     if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: a map value pointer from a successful lookup.
-        unsafe {
-            (*f).flags = ((*f).flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
-            (*f).seq_delta = delta;
-            (*f).state = established;
-            (*f).last_seen = now;
+        let f = unsafe { &mut *f };
+        // Only if it is still this flow's (another flow may hold the tuple since an
+        // eviction): the same backend and NAT port, waiting for this answer.
+        if f.flags & (FLOW_NAT | FLOW_REPLY | FLOW_SYN_PROXY) == FLOW_NAT | FLOW_SYN_PROXY
+            && f.backend_id == e.backend_id
+            && f.nat_port == e.nat_port
+        {
+            f.flags = (f.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
+            f.seq_delta = delta;
+            f.state = established;
+            f.last_seen = now;
         }
     }
     e.flags = (e.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
@@ -314,6 +331,15 @@ pub fn seq_of(ctx: &XdpContext, packet: &Packet) -> Result<u32, Reason> {
     let tcp: *const TcpHdr = ptr_at(ctx, packet.l4_off)?;
     // SAFETY: checked by ptr_at.
     Ok(u32::from_be_bytes(unsafe { (*tcp).seq }))
+}
+
+/// A TCP packet's sequence and acknowledgement numbers.
+#[inline(always)]
+fn seq_and_ack(ctx: &XdpContext, packet: &Packet) -> Result<(u32, u32), Reason> {
+    let tcp: *const TcpHdr = ptr_at(ctx, packet.l4_off)?;
+    // SAFETY: checked by ptr_at.
+    let tcp = unsafe { &*tcp };
+    Ok((u32::from_be_bytes(tcp.seq), u32::from_be_bytes(tcp.ack_seq)))
 }
 
 /// Adds `delta` to the sequence number (`ack` false) or acknowledgement number (`ack` true)

@@ -19,7 +19,7 @@ use lb_common::{
     Action, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FlowState},
     flow::{raw_port, words_addr},
-    net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
+    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::{NEXTHOP_ON_LINK, NextHop},
 };
 use lb_tests::{
@@ -1119,17 +1119,30 @@ fn ip_options_on_a_live_flow_are_dropped_and_the_flow_goes_on() {
             }
             let (backend, ..) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
             let entries = lb.bed.datapath.maps().conntrack.entries().unwrap().len();
-            let with_options = Packet::ipv4(CLIENT4, VIP4)
-                .ipv4_options(&[1, 1, 1, 1])
-                .tcp(port, 80)
-                .flags(tcp_flags::ACK)
-                .build();
+            let key =
+                lb_common::FlowKey::new((CLIENT4, port).into(), (VIP4, 80).into(), IPPROTO_TCP);
+            let state = |lb: &Lb| lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
+            assert_eq!(state(&lb), FlowState::Established as u8, "{what}");
+            let with_options = |flags: u8| {
+                Packet::ipv4(CLIENT4, VIP4)
+                    .ipv4_options(&[1, 1, 1, 1])
+                    .tcp(port, 80)
+                    .flags(flags)
+                    .build()
+            };
             let before = lb.bed.datapath.stats().read().unwrap();
-            let out = lb.bed.run(&with_options).unwrap();
-            assert_eq!(out.verdict, Some(Action::Drop), "{what}");
-            assert_eq!(out.output, with_options, "{what}: the frame is left as it came");
+            // A reset too: dropped, it must not close the flow it never reached.
+            for frame in
+                [with_options(tcp_flags::ACK), with_options(tcp_flags::RST | tcp_flags::ACK)]
+            {
+                let out = lb.bed.run(&frame).unwrap();
+                assert_eq!(out.verdict, Some(Action::Drop), "{what}");
+                assert_eq!(out.output, frame, "{what}: the frame is left as it came");
+            }
+            let moved = state(&lb);
+            assert_eq!(moved, FlowState::Established as u8, "{what}: the state did not move");
             let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-            assert_eq!(delta.reason(Reason::IpOptions).packets, 1, "{what}: {}", delta.summary());
+            assert_eq!(delta.reason(Reason::IpOptions).packets, 2, "{what}: {}", delta.summary());
             let out = lb.bed.run(&ack4(port)).unwrap();
             assert_eq!(out.verdict, Some(Action::Tx), "{what}: the flow goes on");
             assert_eq!(out.output[..6], backend_mac(backend), "{what}: to its backend");
@@ -1333,6 +1346,38 @@ fn policies_for_traffic_the_balancer_does_not_forward() {
                 .build(),
             Reason::IpOptions,
         ),
+        // Transport headers the parser cannot read: not passed to the host, which might
+        // reassemble or follow them and answer for the service.
+        (
+            "first IPv4 fragment to the service holding 8 bytes of its TCP header",
+            Packet::ipv4(CLIENT4, VIP4)
+                .ipv4_fragment(0, true)
+                .proto(IPPROTO_TCP)
+                .payload(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1])
+                .build(),
+            Reason::Fragment,
+        ),
+        (
+            "IPv6 SYN to the service behind seven destination options",
+            (0..7)
+                .fold(Packet::ipv6(CLIENT6, VIP6), |p, _| {
+                    p.ext_header(ExtHeader::DestOpts { len: 0 })
+                })
+                .tcp(1, 80)
+                .flags(tcp_flags::SYN)
+                .build(),
+            Reason::IpOptions,
+        ),
+        (
+            "IPv4 options and a TCP header cut short, to the service",
+            {
+                let mut f =
+                    Packet::ipv4(CLIENT4, VIP4).ipv4_options(&[1, 1, 1, 1]).tcp(1, 80).build();
+                f[14 + 24 + 12] = 0x40;
+                f
+            },
+            Reason::IpOptions,
+        ),
     ] {
         cases.push(Case {
             description: description.into(),
@@ -1522,6 +1567,53 @@ fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
                         output: Output::Frame(expected),
                     });
                 }
+            }
+            if proto == IPPROTO_TCP {
+                // Frame padding behind an error quoting eight bytes, where the quoted TCP
+                // checksum would be: not part of the message, so left as it came.
+                let pad = [0xa5u8; 12];
+                let quote = |frame: &[u8]| frame[14..14 + ip_len + 8].to_vec();
+                let mut input = icmp_error(
+                    backend,
+                    nat,
+                    unreach,
+                    port_unreach,
+                    [0; 4],
+                    &quote(&sent),
+                    (backend_mac(backend), LB_MAC),
+                );
+                input.extend_from_slice(&pad);
+                let mut expected = icmp_error(
+                    vip,
+                    client,
+                    unreach,
+                    port_unreach,
+                    [0; 4],
+                    &quote(&original),
+                    (LB_MAC, CLIENT_MAC),
+                );
+                expected.extend_from_slice(&pad);
+                cases.push(Case {
+                    description: format!("{family} TCP error with frame padding behind it"),
+                    input,
+                    verdict: Action::Tx,
+                    reason: None,
+                    output: Output::Frame(expected),
+                });
+                // ICMPv6's number on IPv4 (or ICMP's on IPv6) is no error message of either.
+                let other = if v6 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
+                let mut message = vec![unreach, port_unreach, 0, 0, 0, 0, 0, 0];
+                message.extend_from_slice(&quote(&sent));
+                let base = match (backend, nat) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
+                    (IpAddr::V6(s), IpAddr::V6(d)) => Packet::ipv6(s, d),
+                    _ => unreachable!(),
+                };
+                cases.push(Case::pass(
+                    format!("{family} error under the other family's ICMP protocol number"),
+                    base.macs(backend_mac(backend), LB_MAC).proto(other).payload(&message).build(),
+                    Reason::NotService,
+                ));
             }
             // An error quoting a flow the balancer does not know goes to the kernel untouched.
             let unknown = rewritten(
@@ -1910,6 +2002,39 @@ fn syn_cookies_handshake_frame_by_frame() {
                 .payload(b"HTTP")
                 .build()
         };
+        // A SYN-ACK that does not acknowledge the load balancer's SYN (another connection's
+        // on this port, or forged) would set the flow's offset wrong for its whole life;
+        // one with IP options would get an ACK built for a header without them.
+        let stray = ip_packet(backend, nat)
+            .macs(bmac, LB_MAC)
+            .tcp(bport, nat_port)
+            .flags(tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(backend_isn ^ 0x5555, client_isn + 2)
+            .tcp_options(&mss_option)
+            .build();
+        let mut refused = vec![Case {
+            description: format!("{name}: a SYN-ACK acknowledging something else"),
+            input: stray,
+            verdict: Action::Drop,
+            reason: Some(Reason::SynProxyPending),
+            output: Output::Unchanged,
+        }];
+        if let (IpAddr::V4(backend4), IpAddr::V4(nat4)) = (backend, nat) {
+            refused.push(Case {
+                description: format!("{name}: a SYN-ACK with IP options"),
+                input: Packet::ipv4(backend4, nat4)
+                    .macs(bmac, LB_MAC)
+                    .ipv4_options(&[1, 1, 1, 1])
+                    .tcp(bport, nat_port)
+                    .flags(tcp_flags::SYN | tcp_flags::ACK)
+                    .seq_ack(backend_isn, client_isn + 1)
+                    .build(),
+                verdict: Action::Drop,
+                reason: Some(Reason::IpOptions),
+                output: Output::Unchanged,
+            });
+        }
+        lb.bed.check_all(&refused).unwrap();
         lb.bed
             .check_all(&[
                 Case {

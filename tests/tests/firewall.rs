@@ -20,10 +20,10 @@ use lb_common::{
         AUDIT_SLOT, DEFAULT_SLOT, FILTER_CHUNK_BITS, FilterChunk, META_SRC_FILTER,
         SRC_FILTER_CHUNKS, filter_v4_16, filter_v4_24, filter_v6_32,
     },
-    net::tcp_flags,
+    net::{IPPROTO_TCP, tcp_flags},
 };
 use lb_tests::{
-    packet::Packet,
+    packet::{ExtHeader, Packet},
     privileged::require_privileges,
     testrun::{Case, TestBed},
 };
@@ -276,6 +276,104 @@ source = ["198.18.9.0/24"]
     assert_eq!(fw.hits(1), 1);
     assert_eq!(fw.hits(DEFAULT_SLOT), 1);
     assert_eq!(fw.hits(0), 1);
+}
+
+/// A packet whose transport header cannot be read is refused while the firewall is on: no
+/// rule by port or flags could be matched, and the host may accept it whole (it reassembles
+/// a first fragment cut inside its TCP header, RFC 1858, and follows longer IPv6 header
+/// chains than the parser does). The same shapes with readable headers meet the rules; in
+/// audit mode the unreadable ones go on to the kernel, counted as would-be drops.
+#[test]
+fn unreadable_transport_headers_are_refused() {
+    let Some(mut fw) = Fw::new("unreadable_transport_headers_are_refused", RULES) else { return };
+    let syn = tcp_flags::SYN;
+    let (other4, admin4, dst4) = ([198, 18, 5, 5], [198, 18, 0, 20], [198, 18, 100, 1]);
+    // The first 8 bytes of a TCP header to port 23: ports and sequence number, no flags.
+    let head8 = [0x9c, 0x40, 0, 23, 0, 0, 0, 1];
+    let tiny4 = |src: [u8; 4]| {
+        Packet::ipv4(src.into(), dst4.into())
+            .ipv4_fragment(0, true)
+            .proto(IPPROTO_TCP)
+            .payload(&head8)
+            .build()
+    };
+    let v6 = || Packet::ipv6("fd00:5::5".parse().unwrap(), "fd00:100::1".parse().unwrap());
+    let dest_opts =
+        |n: usize| (0..n).fold(v6(), |p, _| p.ext_header(ExtHeader::DestOpts { len: 0 }));
+    let mut doff4 = tcp4(other4, dst4, 23, syn);
+    doff4[14 + 20 + 12] = 0x40;
+    let unreadable = vec![
+        ("v4 first fragment holding 8 bytes of a TCP header to port 23", tiny4(other4)),
+        ("the same from the admins' /28: refused before any rule", tiny4(admin4)),
+        ("v4 TCP data offset 4", doff4),
+        (
+            "v6 first fragment holding 8 bytes of a TCP header",
+            v6().ext_header(ExtHeader::Fragment { offset: 0, more: true, id: 7 })
+                .proto(IPPROTO_TCP)
+                .payload(&head8)
+                .build(),
+        ),
+        (
+            "v6 SYN to port 23 behind seven destination options",
+            dest_opts(7).tcp(1, 23).flags(syn).build(),
+        ),
+        (
+            "v6 SYN to port 23 behind 1,128 bytes of hop-by-hop options",
+            v6().ext_header(ExtHeader::HopByHop { len: 140 }).tcp(1, 23).flags(syn).build(),
+        ),
+    ];
+    let mut cases: Vec<Case> = unreadable
+        .iter()
+        .map(|(what, frame)| deny(what, frame.clone(), Reason::FirewallUnreadable))
+        .collect();
+    cases.extend([
+        deny(
+            "v4 first fragment with its whole TCP header to port 23",
+            Packet::ipv4(other4.into(), dst4.into())
+                .ipv4_fragment(0, true)
+                .tcp(1, 23)
+                .flags(syn)
+                .build(),
+            Reason::FirewallDeny,
+        ),
+        allow(
+            "v4 first fragment with its whole TCP header to port 80",
+            Packet::ipv4(other4.into(), dst4.into())
+                .ipv4_fragment(0, true)
+                .tcp(1, 80)
+                .flags(syn)
+                .build(),
+        ),
+        deny(
+            "v6 SYN to port 23 behind six destination options",
+            dest_opts(6).tcp(1, 23).flags(syn).build(),
+            Reason::FirewallDeny,
+        ),
+        allow(
+            "v6 SYN to port 80 behind six destination options",
+            dest_opts(6).tcp(1, 80).flags(syn).build(),
+        ),
+    ]);
+    fw.bed.check_all(&cases).unwrap();
+
+    fw.install(&RULES.replace("[firewall]", "[firewall]\naudit = true"));
+    let before = fw.hits(AUDIT_SLOT);
+    let parser_reasons = [
+        Reason::Truncated,
+        Reason::Truncated,
+        Reason::BadTcpHeader,
+        Reason::Truncated,
+        Reason::TooManyExtHeaders,
+        Reason::HeadersTooLong,
+    ];
+    let audited: Vec<Case> = unreadable
+        .iter()
+        .zip(parser_reasons)
+        .map(|((what, frame), reason)| Case::pass(format!("audit: {what}"), frame.clone(), reason))
+        .collect();
+    assert_eq!(audited.len(), unreadable.len());
+    fw.bed.check_all(&audited).unwrap();
+    assert_eq!(fw.hits(AUDIT_SLOT) - before, audited.len() as u64);
 }
 
 #[test]

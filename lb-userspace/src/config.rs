@@ -958,15 +958,15 @@ impl Config {
                     p.add(
                         Some(backend.address.span()),
                         &format!(
-                            "backend {addr} (port {:?}) appears twice in pool {name:?}",
-                            backend.port()
+                            "backend {addr} ({}) appears twice in pool {name:?}",
+                            port_words(backend.port())
                         ),
                     );
                 }
-                if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                if let Some(why) = not_a_host(addr) {
                     p.add(
                         Some(backend.address.span()),
-                        &format!("backend address {addr} is not a unicast host address"),
+                        &format!("backend address {addr} is not a unicast host address: {why}"),
                     );
                 }
                 if backend.port().is_some_and(|port| port == 0) {
@@ -1047,10 +1047,10 @@ impl Config {
                 );
             }
             let addr = *service.address.get_ref();
-            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+            if let Some(why) = not_a_host(addr) {
                 p.add(
                     Some(service.address.span()),
-                    &format!("service address {addr} is not a unicast address"),
+                    &format!("service address {addr} is not a unicast address: {why}"),
                 );
             }
             if service.port().is_some_and(|port| port == 0) {
@@ -1086,12 +1086,11 @@ impl Config {
             return;
         };
         let addr = *source.get_ref();
-        let broadcast = matches!(addr, IpAddr::V4(a) if a.is_broadcast());
-        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() || broadcast {
+        if let Some(why) = not_a_host(addr) {
             p.add(
                 Some(source.span()),
                 &format!(
-                    "nat_source {addr} is not a unicast address; backends must be able to answer it"
+                    "nat_source {addr} is not a unicast address ({why}); backends must be able to answer it"
                 ),
             );
         }
@@ -1554,6 +1553,29 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+/// Why `addr` cannot be one host's address (a backend, a service, a NAT source), if it
+/// cannot: the data path matches addresses exactly, so an address standing for several
+/// hosts or none, or an IPv4 address written as IPv6, would never match what arrives.
+#[must_use]
+pub fn not_a_host(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        _ if addr.is_unspecified() => Some("unspecified"),
+        _ if addr.is_multicast() => Some("multicast"),
+        _ if addr.is_loopback() => Some("loopback"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("an IPv4-mapped IPv6 address; write the IPv4 address itself")
+        }
+        _ => None,
+    }
+}
+
+/// A backend's port as an error message says it.
+#[must_use]
+pub fn port_words(port: Option<u16>) -> String {
+    port.map_or_else(|| "without a port".to_owned(), |port| format!("port {port}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1645,6 +1667,45 @@ nat_source = "198.18.1.1"
             "{problems:#?}"
         );
         assert!(problems.iter().any(|p| p.contains("nat_ports \"80-90\"")), "{problems:#?}");
+    }
+
+    #[test]
+    fn backend_and_service_addresses_are_one_hosts() {
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("224.0.0.1", "multicast"),
+            ("127.0.0.1", "loopback"),
+        ] {
+            for (field, text) in [
+                ("backend", FULL.replace("\"198.18.1.11\"", &format!("\"{bad}\""))),
+                ("service", FULL.replace("\"198.18.100.1\"", &format!("\"{bad}\""))),
+            ] {
+                let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&text, "t") else {
+                    panic!("{field} address {bad} accepted");
+                };
+                let expected = format!("{field} address {bad} is not a unicast");
+                assert!(
+                    problems.iter().any(|p| p.contains(&expected) && p.contains(why)),
+                    "{field} {bad}: {problems:#?}"
+                );
+            }
+        }
+        // An IPv4 address written as IPv6 would never match a packet's address.
+        let mapped = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"six\"\n[[pool.backend]]\naddress = \"::ffff:198.18.1.11\"\n";
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(mapped, "t") else {
+            panic!("an IPv4-mapped backend accepted");
+        };
+        assert!(problems[0].contains("write the IPv4 address itself"), "{problems:#?}");
+        // Duplicates are named in words, not as Rust values.
+        let twice = FULL.replace("\"198.18.1.12\"\nport = 8080", "\"198.18.1.11\"");
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&twice, "t") else {
+            panic!("a backend listed twice accepted");
+        };
+        assert!(
+            problems[0].contains("backend 198.18.1.11 (without a port) appears twice"),
+            "{problems:#?}"
+        );
     }
 
     #[test]

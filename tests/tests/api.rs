@@ -289,7 +289,7 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
             "/v1/pools/web/backends",
             Some(r#"{"address": "198.18.1.11"}"#),
             StatusCode::CONFLICT,
-            "already has",
+            "already has backend 198.18.1.11 (without a port)",
         ),
         (
             Method::POST,
@@ -353,6 +353,23 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
             Some(r#"{"address": "198.18.100.1"}"#),
             StatusCode::BAD_REQUEST,
             "is the address of service",
+        ),
+        // The port belongs in the body: taken from the query, it would be silently lost.
+        (
+            Method::POST,
+            "/v1/pools/web/backends?port=8080",
+            Some(r#"{"address": "198.18.1.13"}"#),
+            StatusCode::BAD_REQUEST,
+            "takes no query parameters",
+        ),
+        (Method::POST, "/v1/reload?force=1", None, StatusCode::BAD_REQUEST, "no query"),
+        (Method::GET, "/v1/pools?name=web", None, StatusCode::BAD_REQUEST, "no query"),
+        (
+            Method::POST,
+            "/v1/pools/web/backends",
+            Some(r#"{"address": "255.255.255.255"}"#),
+            StatusCode::BAD_REQUEST,
+            "broadcast",
         ),
     ] {
         let (status, text) = f.send(method.clone(), path, None, body);

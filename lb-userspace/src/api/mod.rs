@@ -25,7 +25,7 @@ use tracing::{error, info};
 
 use crate::{
     balancer::ApplySummary,
-    config::{BackendConfig, BackendState, Config, DEFAULT_WEIGHT, MAX_WEIGHT},
+    config::{BackendConfig, BackendState, Config, DEFAULT_WEIGHT, MAX_WEIGHT, port_words},
     daemon::{ChangeError, SharedDaemon},
 };
 
@@ -165,7 +165,7 @@ pub struct InterfaceStatus {
     pub mode: String,
 }
 
-async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+async fn status(_: NoQuery, State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let d = lock(&state);
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -197,7 +197,10 @@ pub struct ServiceView {
     pub new_flows: u64,
 }
 
-async fn services(State(state): State<AppState>) -> Result<Json<Vec<ServiceView>>, ApiError> {
+async fn services(
+    _: NoQuery,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<ServiceView>>, ApiError> {
     let d = lock(&state);
     let mut out = Vec::new();
     let passthrough =
@@ -275,7 +278,7 @@ pub struct BackendView {
     pub active_flows: u64,
 }
 
-async fn pools(State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
+async fn pools(_: NoQuery, State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
     let d = lock(&state);
     let now = std::time::Instant::now();
     let mut out = Vec::new();
@@ -342,7 +345,10 @@ pub struct RuleView {
     pub bytes: u64,
 }
 
-async fn firewall(State(state): State<AppState>) -> Result<Json<FirewallView>, ApiError> {
+async fn firewall(
+    _: NoQuery,
+    State(state): State<AppState>,
+) -> Result<Json<FirewallView>, ApiError> {
     let d = lock(&state);
     Ok(Json(firewall_view(&d).map_err(|e| ApiError::Internal(e.to_string()))?))
 }
@@ -397,6 +403,29 @@ pub struct NewBackend {
     pub weight: Option<u32>,
 }
 
+/// The query of an endpoint that takes none: anything there is refused (`400`), so that a
+/// parameter the endpoint does not read (`POST /v1/pools/web/backends?port=8080`, whose port
+/// belongs in the body) is not silently dropped.
+#[derive(Debug)]
+pub struct NoQuery;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        match parts.uri.query() {
+            None | Some("") => Ok(Self),
+            Some(query) => Err(ApiError::BadRequest(format!(
+                "{} takes no query parameters (got {query:?})",
+                parts.uri.path()
+            ))),
+        }
+    }
+}
+
 /// Which backend of a pool: its address in the path, and its port when several share it
 /// (`port=0`: the one without a port of its own).
 #[derive(Debug, Deserialize)]
@@ -407,6 +436,15 @@ pub struct BackendSelector {
 }
 
 impl BackendSelector {
+    /// The selector's port as a log line says it.
+    fn words(&self) -> String {
+        match self.port {
+            None => "any port".to_owned(),
+            Some(0) => "without a port".to_owned(),
+            Some(port) => format!("port {port}"),
+        }
+    }
+
     /// The index in `backends` of the backend at `addr` this names: without a port, the one
     /// backend at that address (several: refused, listing their ports).
     fn pick(
@@ -520,6 +558,7 @@ fn change(
 }
 
 async fn add_backend(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(pool): Path<String>,
     body: Result<Json<NewBackend>, axum::extract::rejection::JsonRejection>,
@@ -531,14 +570,15 @@ async fn add_backend(
             "weight {weight} is above the maximum {MAX_WEIGHT}"
         )));
     }
-    let what = format!("add backend {} port {:?} to pool {pool}", body.address, body.port);
+    let what = format!("add backend {} ({}) to pool {pool}", body.address, port_words(body.port));
     let result = change(&state, &what, |config| {
         let p = pool_mut(config, &pool)?;
         if p.backends.iter().any(|b| *b.address.get_ref() == body.address && b.port() == body.port)
         {
             return Err(ApiError::Conflict(format!(
-                "pool {pool:?} already has backend {} port {:?}",
-                body.address, body.port
+                "pool {pool:?} already has backend {} ({})",
+                body.address,
+                port_words(body.port)
             )));
         }
         p.backends.push(BackendConfig {
@@ -559,7 +599,7 @@ async fn remove_backend(
 ) -> Result<Json<ChangeResult>, ApiError> {
     let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
-    let what = format!("remove backend {addr} port {:?} from pool {pool}", selector.port);
+    let what = format!("remove backend {addr} ({}) from pool {pool}", selector.words());
     change(&state, &what, |config| {
         let p = pool_mut(config, &pool)?;
         let index = selector.pick(&pool, &p.backends, addr)?;
@@ -619,7 +659,7 @@ fn edit_backend(
     })
 }
 
-async fn reload(State(state): State<AppState>) -> Result<Json<ChangeResult>, ApiError> {
+async fn reload(_: NoQuery, State(state): State<AppState>) -> Result<Json<ChangeResult>, ApiError> {
     let mut d = lock(&state);
     let summary = d.reload()?;
     info!(?summary, "configuration reloaded through the API");

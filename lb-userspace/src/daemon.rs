@@ -19,7 +19,7 @@ use crate::{
     balancer::{ApplySummary, BackendIdentity},
     config::{AutoscaleConfig, ServiceConfig, SynCookies},
     datapath::{AttachedMode, LoadOptions},
-    firewall::{self, Firewall},
+    firewall::{self, Firewall, Installed},
     health::{self, Checker, Report},
     lifecycle::Lifecycle,
     nexthop::KernelResolver,
@@ -58,6 +58,9 @@ pub enum ChangeError {
     Apply(String),
     #[error("writing the configuration back failed: {0}")]
     Persist(String),
+    /// The file could not be read (not a fault of its contents).
+    #[error("{0}")]
+    Read(String),
 }
 
 /// Everything the daemon runs.
@@ -120,6 +123,12 @@ impl Daemon {
         }
         let secrets = check_secret_files(&config);
         anyhow::ensure!(secrets.is_empty(), "{}", secrets.join("\n"));
+        // What can be checked before anything changes is: a pinned data path that forwards
+        // while lbd is down keeps its services and firewall when this start is refused.
+        for interface in &config.interfaces {
+            let name = interface.name.get_ref();
+            crate::datapath::if_index(name).with_context(|| format!("cannot attach to {name}"))?;
+        }
         let load = LoadOptions {
             conntrack_entries: config.conntrack.max_entries,
             timeouts: config.conntrack.timeouts(),
@@ -131,6 +140,8 @@ impl Daemon {
         let mut datapath =
             Datapath::load_with(&load).context("failed to load the XDP data path")?;
         let hz = datapath.ticks_per_second()?;
+        let compiled = compile_firewall(&config, hz)
+            .map_err(|e| anyhow::anyhow!("invalid firewall:\n  {}", e.join("\n  ")))?;
         // Added before the services apply; what an earlier lbd reserved and this
         // configuration no longer holds is given back once they have (the pinned data path
         // may be handing those ports out until then).
@@ -140,8 +151,6 @@ impl Daemon {
         if datapath.adopted() {
             balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;
         }
-        let compiled = compile_firewall(&config, hz)
-            .map_err(|e| anyhow::anyhow!("invalid firewall:\n  {}", e.join("\n  ")))?;
         let mut firewall = if datapath.adopted() {
             Firewall::adopt(&mut datapath.maps_mut().firewall)
                 .context("failed to read the pinned firewall maps")?
@@ -525,13 +534,15 @@ impl Daemon {
                 "changed in the configuration file; they take effect when lbd restarts"
             );
         }
-        if Passthrough::needed(&new) && !self.passthrough.started() {
-            start_passthrough(&mut self.datapath, &mut self.passthrough)
-                .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
-        }
+        // What the firewall filters by now, to put back should a later step fail.
+        let firewall_before = match &firewall {
+            FirewallChange::Install(_) => Some(self.firewall.installed()),
+            FirewallChange::Keep => None,
+        };
         // The new ranges are reserved before any flow can take their ports; the old ones
         // are given back once the change has applied (or the new ones, if it fails).
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new], false);
+        // Every step that can fail, in order; a failure puts the earlier ones back.
         let applied = self
             .balancer
             .apply(&effective, self.datapath.maps_mut(), &mut self.resolver)
@@ -540,37 +551,38 @@ impl Daemon {
                     ChangeError::Invalid(vec![message])
                 }
                 e => ChangeError::Apply(e.to_string()),
+            })
+            .and_then(|summary| {
+                if let FirewallChange::Install(compiled) = &firewall {
+                    let installed = self
+                        .firewall
+                        .install(&mut self.datapath.maps_mut().firewall, compiled.as_ref())
+                        .map_err(|e| ChangeError::Apply(format!("firewall: {e}")))?;
+                    info!(summary = ?installed, "firewall installed");
+                }
+                // After the services: a passthrough service's packets reach the host only
+                // once it is in the data path, and until its listener is up, connections
+                // are refused as they were before the change.
+                if Passthrough::needed(&new) && !self.passthrough.started() {
+                    start_passthrough(&mut self.datapath, &mut self.passthrough)
+                        .map_err(|e| ChangeError::Apply(format!("{e:#}")))?;
+                }
+                Ok(summary)
             });
         let mut summary = match applied {
             Ok(summary) => summary,
             Err(error) => {
+                self.put_back(now, firewall_before.as_ref());
                 reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
                 return Err(error);
             }
         };
+        // Nothing below fails.
         summary.pending_restart = pending.unwrap_or_default();
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
         self.passthrough.sync(&effective, &self.balancer);
-        if !summary.removed_service_ids.is_empty() {
-            let clock = self.datapath.flow_clock().ok();
-            match self
-                .datapath
-                .maps_mut()
-                .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids, clock.as_ref())
-            {
-                Ok(removed) => info!(removed, "flows of removed services cut"),
-                Err(error) => warn!(%error, "cutting flows of removed services failed"),
-            }
-        }
-        if let FirewallChange::Install(compiled) = firewall {
-            let summary = self
-                .firewall
-                .install(&mut self.datapath.maps_mut().firewall, compiled.as_ref())
-                .map_err(|e| ChangeError::Apply(e.to_string()))?;
-            info!(?summary, "firewall installed");
-        }
+        self.cut_removed_services(&summary.removed_service_ids);
         self.config = new;
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
         if let Some(file) = file_now {
@@ -581,14 +593,61 @@ impl Daemon {
         Ok(summary)
     }
 
+    /// Puts the data path back to the running configuration after a change failed part-way
+    /// (a map write or program attach the kernel refused): the services, pools and
+    /// settings as `self.config` and the lifecycle have them, and the firewall as it was
+    /// (`firewall`: what it filtered by before, when the change installed one). A change
+    /// that fails this way thus changes nothing but flows of services it added in the
+    /// meantime, which are cut. Best effort: a write refused once may be refused again
+    /// (logged as an error; the next reload or change tries again).
+    fn put_back(&mut self, now: Instant, firewall: Option<&crate::firewall::Installed>) {
+        let (effective, _) = self.lifecycle.effective(&self.config, now);
+        match self.balancer.apply(&effective, self.datapath.maps_mut(), &mut self.resolver) {
+            Ok(summary) => self.cut_removed_services(&summary.removed_service_ids),
+            Err(error) => tracing::error!(
+                %error,
+                "a failed change could not be undone: the data path may serve part of it until the next reload"
+            ),
+        }
+        let before = match firewall {
+            None => return,
+            Some(Installed::Off) => None,
+            Some(Installed::Rules(rules)) => Some(&**rules),
+            Some(Installed::Unknown) => {
+                tracing::error!(
+                    "the firewall could not be put back after a failed change: what it held is unknown"
+                );
+                return;
+            }
+        };
+        let maps = &mut self.datapath.maps_mut().firewall;
+        if let Err(error) = self.firewall.install(maps, before) {
+            tracing::error!(%error, "the firewall could not be put back after a failed change");
+        }
+    }
+
+    /// Cuts the flows of services a change removed (their ids, from its summary).
+    fn cut_removed_services(&mut self, ids: &[u32]) {
+        if ids.is_empty() {
+            return;
+        }
+        let clock = self.datapath.flow_clock().ok();
+        match self.datapath.maps_mut().conntrack.remove_flows_of_services(ids, clock.as_ref()) {
+            Ok(removed) => info!(removed, "flows of removed services cut"),
+            Err(error) => warn!(%error, "cutting flows of removed services failed"),
+        }
+    }
+
     /// Re-reads the configuration file and applies it.
     pub fn reload(&mut self) -> Result<ApplySummary, ChangeError> {
         let path = self
             .config_path
             .clone()
             .ok_or_else(|| ChangeError::NotFound("lbd runs without a configuration file".into()))?;
-        let (new, text) =
-            Config::load_with_text(&path).map_err(|e| ChangeError::Invalid(vec![e.to_string()]))?;
+        let (new, text) = Config::load_with_text(&path).map_err(|e| match e {
+            crate::config::ConfigError::Read { .. } => ChangeError::Read(e.to_string()),
+            e => ChangeError::Invalid(vec![e.to_string()]),
+        })?;
         let summary = self.apply_with(new, true)?;
         self.file_digest = Some(digest(text.as_bytes()));
         Ok(summary)
@@ -647,16 +706,37 @@ impl Daemon {
         let mut on_disk = new.clone();
         self.file_now.put(&mut on_disk);
         let text = on_disk.to_toml().map_err(|e| ChangeError::Persist(e.to_string()))?;
+        // Whole or not at all (copied beside it, then renamed): a partial copy would pass for
+        // the original from then on.
         let backup = beside(&path, ".orig");
-        if !backup.exists() {
-            std::fs::copy(&path, &backup).map_err(|e| fail(&backup, e))?;
+        let new_backup = !backup.exists();
+        if new_backup {
+            let partial = beside(&path, ".orig.tmp");
+            if let Err(e) =
+                std::fs::copy(&path, &partial).and_then(|_| std::fs::rename(&partial, &backup))
+            {
+                let _ = std::fs::remove_file(&partial);
+                return Err(fail(&backup, e));
+            }
         }
         let tmp = beside(&path, ".tmp");
         let header =
             "# Written by lbd after a change through its API; the original is kept as *.orig.\n";
         let contents = format!("{header}{text}");
-        write_beside(&path, &tmp, contents.as_bytes()).map_err(|e| fail(&tmp, e))?;
-        Ok(Some(Staged { tmp, path, digest: digest(contents.as_bytes()), previous: current }))
+        let backup = new_backup.then_some(backup);
+        if let Err(e) = write_beside(&path, &tmp, contents.as_bytes()) {
+            if let Some(backup) = &backup {
+                let _ = std::fs::remove_file(backup);
+            }
+            return Err(fail(&tmp, e));
+        }
+        Ok(Some(Staged {
+            tmp,
+            path,
+            digest: digest(contents.as_bytes()),
+            previous: current,
+            backup,
+        }))
     }
 }
 
@@ -708,6 +788,8 @@ struct Staged {
     digest: u64,
     /// The file's contents before the change, to put back if the change fails to apply.
     previous: Vec<u8>,
+    /// The `.orig` copy this change made (the first through the API), removed with it.
+    backup: Option<PathBuf>,
 }
 
 /// What a change does to the firewall.
@@ -748,6 +830,7 @@ impl Staged {
     fn commit(&self) -> Result<(), ChangeError> {
         if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
             let _ = std::fs::remove_file(&self.tmp);
+            self.forget_backup();
             return Err(ChangeError::Persist(format!("{}: {e}", self.path.display())));
         }
         sync_parent(&self.path);
@@ -763,7 +846,15 @@ impl Staged {
             return Err(e);
         }
         sync_parent(&self.path);
+        self.forget_backup();
         Ok(())
+    }
+
+    /// Removes the `.orig` copy this change made: the file is the original again.
+    fn forget_backup(&self) {
+        if let Some(backup) = &self.backup {
+            let _ = std::fs::remove_file(backup);
+        }
     }
 }
 

@@ -688,3 +688,43 @@ fn an_api_change_does_not_write_over_edits_not_yet_reloaded() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(f.config_text().contains("weight = 40"), "{}", f.config_text());
 }
+
+/// A change that fails part-way, after its services and firewall are in the data path (here
+/// the TLS-passthrough service it adds cannot start: lbd's async runtime is missing, as a
+/// direct call outside it has none), is undone: the maps hold what they held, the file is
+/// the original again (no `.orig` left), and a change after it applies.
+#[test]
+fn a_change_that_fails_part_way_is_undone() {
+    let Some(f) = Fixture::new("fails_part_way", None) else { return };
+    let before = (f.fingerprint(), f.config_text());
+    let nat = format!("mode = \"nat\"\nnat_source = \"{}\"", lab::LB_BACK_V4);
+    let text = format!(
+        "{}{}{}[firewall]\n[[firewall.rule]]\nname = \"no-telnet\"\naction = \"deny\"\nprotocol = \"tcp\"\nports = [23]\n",
+        fixture_config().replace("weight = 50", "weight = 70"),
+        config::tcp_service("extra", lab::VIP_V4, 8080, "web", &nat),
+        config::tls_passthrough_service(
+            "tls",
+            lab::VIP_V4,
+            443,
+            "web",
+            &config::tls_route("www.example.com", "web")
+        ),
+    );
+    let new = Config::parse(&text, "change").unwrap();
+    let daemon = f.state.daemon.clone();
+    let failed = f.ns.enter(move || daemon.lock().unwrap().change(new).map(drop)).unwrap();
+    let error = failed.unwrap_err().to_string();
+    assert!(error.contains("runtime"), "{error}");
+    assert_eq!((f.fingerprint(), f.config_text()), before, "the failed change left something");
+    let orig = f.config_path.with_extension("toml.orig");
+    assert!(!orig.exists(), "the failed change left {}", orig.display());
+    // The daemon still applies a change (its in-memory state matches the maps again).
+    let (status, text) = f.send(
+        Method::PUT,
+        &format!("/v1/pools/web/backends/{}/weight", lab::backend_v4(1)),
+        None,
+        Some(r#"{"weight": 60}"#),
+    );
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_ne!(f.fingerprint(), before.0, "the weight change reached the maps");
+}

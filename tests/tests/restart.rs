@@ -460,3 +460,58 @@ fn nat_ports_no_longer_configured_are_given_back_across_a_restart() {
     drop(lab);
     drop(bpffs);
 }
+
+/// A start refused for what can be checked before anything changes (here an interface that
+/// does not exist) leaves the pinned data path, which forwards while lbd is down, as it was:
+/// the next configuration's services are not installed by an lbd that then exits.
+#[test]
+fn a_refused_start_leaves_the_pinned_services_as_they_were() {
+    use lb_userspace::{Config, Datapath, daemon::Daemon, datapath::LoadOptions};
+    if !require_privileges("a_refused_start_leaves_the_pinned_services_as_they_were") {
+        return;
+    }
+    let id = lb_tests::netns::unique_id();
+    let bpffs = Bpffs::mount(&id);
+    let pin_dir = bpffs.dir.join("lb");
+    let ns = lb_tests::daemon::veth_netns().unwrap();
+    let service = |name: &str, port: u16| {
+        lb_tests::config::tcp_service(name, lab::VIP_V4, port, "web", "mode = \"dsr-l2\"")
+    };
+    let first = format!(
+        "[daemon]\npin_dir = \"{}\"\n[api]\nlisten = \"\"\n[[interface]]\nname = \"veth0\"\n{}{}",
+        pin_dir.display(),
+        lb_tests::config::pool("web", &[(lab::backend_v4(0), "")]),
+        service("web", 80)
+    );
+    let second = format!("{first}{}[[interface]]\nname = \"nope0\"\n", service("more", 8080));
+    let parse = |text: &str| Config::parse(text, "test").unwrap();
+    let (a, b) = (parse(&first), parse(&second));
+    let load = LoadOptions {
+        conntrack_entries: a.conntrack.max_entries,
+        pin_dir: Some(pin_dir.clone()),
+        ..LoadOptions::default()
+    };
+    let services = move || {
+        let datapath = Datapath::load_with(&load).unwrap();
+        let mut keys: Vec<String> = datapath
+            .maps()
+            .services
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|(key, _)| format!("{key:?}"))
+            .collect();
+        keys.sort();
+        keys
+    };
+    ns.enter(move || drop(Daemon::start(a, None, None).unwrap())).unwrap();
+    let before = ns.enter(services.clone()).unwrap();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let refused =
+        ns.enter(move || Daemon::start(b, None, None).map(drop).map_err(|e| format!("{e:#}")));
+    let error = refused.unwrap().unwrap_err();
+    assert!(error.contains("nope0"), "{error}");
+    assert_eq!(ns.enter(services).unwrap(), before, "the refused start changed the services");
+    drop(ns);
+    drop(bpffs);
+}

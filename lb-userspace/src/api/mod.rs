@@ -111,7 +111,9 @@ impl From<ChangeError> for ApiError {
             ChangeError::Invalid(_) => Self::BadRequest(e.to_string()),
             ChangeError::NotFound(m) => Self::NotFound(m),
             ChangeError::Conflict(m) => Self::Conflict(m),
-            ChangeError::Apply(_) | ChangeError::Persist(_) => Self::Internal(e.to_string()),
+            ChangeError::Apply(_) | ChangeError::Persist(_) | ChangeError::Read(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }

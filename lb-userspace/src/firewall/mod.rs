@@ -9,7 +9,10 @@
 pub mod log;
 pub mod prefix;
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use lb_common::firewall::{
     ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, CLASS_ICMP, CLASS_OTHER, CLASS_TCP, CLASS_UDP,
@@ -321,13 +324,23 @@ pub struct InstallSummary {
     pub prefixes_removed: usize,
 }
 
+/// What the firewall filters by at one moment (see [`Firewall::installed`]).
+#[derive(Clone, Debug)]
+pub enum Installed {
+    Off,
+    Rules(Arc<Compiled>),
+    /// The active generation's contents are not known (read back only when next needed).
+    Unknown,
+}
+
 /// The firewall as installed: which generation is active and what each holds.
 #[derive(Debug, Default)]
 pub struct Firewall {
     active: u32,
     enabled: bool,
-    /// Contents of each generation (`None`: unknown, as after a restart).
-    held: [Option<Compiled>; 2],
+    /// Contents of each generation (`None`: unknown, as after a restart); shared, so that
+    /// what is installed can be kept to install again (see [`Firewall::installed`]).
+    held: [Option<Arc<Compiled>>; 2],
 }
 
 impl Firewall {
@@ -340,7 +353,7 @@ impl Firewall {
         let empty = Compiled::empty();
         let found = Self::read_back(maps, inactive)?;
         write_generation(maps, inactive, &empty, &found)?;
-        fw.held[inactive as usize] = Some(empty);
+        fw.held[inactive as usize] = Some(Arc::new(empty));
         if enabled {
             let current = Self::read_back(maps, active)?;
             // The prefilter is rewritten from the trie as read (the tries are not changing),
@@ -348,10 +361,10 @@ impl Firewall {
             let mut held = maps.src_filter(active)?;
             let wanted = prefix::src_filter(current.sources.keys());
             write_src_filter(maps, active, &mut held, &wanted, Filter::Exact)?;
-            fw.held[active as usize] = Some(current);
+            fw.held[active as usize] = Some(Arc::new(current));
         } else {
             write_generation(maps, active, &Compiled::empty(), &Self::read_back(maps, active)?)?;
-            fw.held[active as usize] = Some(Compiled::empty());
+            fw.held[active as usize] = Some(Arc::new(Compiled::empty()));
         }
         Ok(fw)
     }
@@ -359,7 +372,18 @@ impl Firewall {
     /// A firewall over maps known to be empty (freshly created).
     #[must_use]
     pub fn fresh() -> Self {
-        Self { active: 0, enabled: false, held: [Some(Compiled::empty()), Some(Compiled::empty())] }
+        let empty = Arc::new(Compiled::empty());
+        Self { active: 0, enabled: false, held: [Some(empty.clone()), Some(empty)] }
+    }
+
+    /// What the data path filters by now, to install again should a change fail after
+    /// this one's install.
+    #[must_use]
+    pub fn installed(&self) -> Installed {
+        if !self.enabled {
+            return Installed::Off;
+        }
+        self.held[self.active as usize].clone().map_or(Installed::Unknown, Installed::Rules)
     }
 
     /// The active generation, if the firewall is on.
@@ -389,6 +413,17 @@ impl Firewall {
                 maps.set_active(self.active, false)?;
                 self.enabled = false;
                 info!("firewall off");
+                // Read by no packet now: cleared to free its memory, as a generation
+                // switched out is.
+                let generation = self.active;
+                let old = match self.held[generation as usize].take() {
+                    Some(old) => old,
+                    None => Arc::new(Self::read_back(maps, generation)?),
+                };
+                let empty = Compiled::empty();
+                (summary.prefixes_written, summary.prefixes_removed) =
+                    write_generation(maps, generation, &empty, &old)?;
+                self.held[generation as usize] = Some(Arc::new(empty));
             }
             return Ok(summary);
         };
@@ -402,23 +437,23 @@ impl Firewall {
             let (w, r) = match write_tries(maps, self.active, new, current) {
                 Ok(counts) => counts,
                 Err(error) => {
-                    self.held[active] = Self::read_back(maps, self.active).ok();
+                    self.held[active] = Self::read_back(maps, self.active).ok().map(Arc::new);
                     return Err(error);
                 }
             };
             (summary.prefixes_written, summary.prefixes_removed) = (w, r);
-            self.held[active] = Some(new.clone());
+            self.held[active] = Some(Arc::new(new.clone()));
             return Ok(summary);
         }
         let target = if self.enabled { 1 - self.active } else { self.active };
         let old = match self.held[target as usize].take() {
             Some(old) => old,
-            None => Self::read_back(maps, target)?,
+            None => Arc::new(Self::read_back(maps, target)?),
         };
         maps.reset_counters(target)?;
         let (w, r) = write_generation(maps, target, new, &old)?;
         (summary.prefixes_written, summary.prefixes_removed) = (w, r);
-        self.held[target as usize] = Some(new.clone());
+        self.held[target as usize] = Some(Arc::new(new.clone()));
         maps.set_active(target, true)?;
         summary.switched = true;
         let previous = self.active;
@@ -430,10 +465,10 @@ impl Firewall {
             let empty = Compiled::empty();
             let old = match self.held[previous as usize].take() {
                 Some(old) => old,
-                None => Self::read_back(maps, previous)?,
+                None => Arc::new(Self::read_back(maps, previous)?),
             };
             write_generation(maps, previous, &empty, &old)?;
-            self.held[previous as usize] = Some(empty);
+            self.held[previous as usize] = Some(Arc::new(empty));
         }
         info!(
             rules = new.rules.len(),

@@ -261,6 +261,15 @@ pub enum Transition {
     Restart,
 }
 
+/// Whether TCP `flags` are a connection's first SYN: SYN without ACK, RST or FIN. Linux
+/// discards SYN+RST and SYN+FIN on a listening socket; here they neither start a flow over
+/// nor get a SYN cookie (they are resets and FINs).
+#[inline(always)]
+#[must_use]
+pub const fn opens_connection(flags: u8) -> bool {
+    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN) == tcp_flags::SYN
+}
+
 /// The state a new TCP flow starts in for a packet with `flags`. A flow picked up without its
 /// SYN (after a restart, or a failover from another node) is taken as established.
 #[inline(always)]
@@ -285,7 +294,7 @@ pub const fn initial_tcp_state(flags: u8) -> FlowState {
 #[inline(always)]
 #[must_use]
 pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
-    let syn_only = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
+    let syn_only = opens_connection(flags);
     match FlowState::from_u8(state) {
         Some(FlowState::Closed | FlowState::Closing) if syn_only => Transition::Restart,
         _ if flags & tcp_flags::RST != 0 => Transition::Keep(FlowState::Closed),
@@ -406,6 +415,23 @@ mod tests {
             Transition::Keep(FlowState::Closed)
         );
         assert_eq!(next_tcp_state(0, ACK), Transition::Restart, "unknown state");
+    }
+
+    #[test]
+    fn a_syn_with_rst_or_fin_opens_nothing() {
+        assert!(opens_connection(SYN));
+        for flags in [SYN | RST, SYN | FIN, SYN | ACK, SYN | RST | FIN] {
+            assert!(!opens_connection(flags), "{flags:#x}");
+        }
+        // On a closed tuple, a reset stays a reset: no new flow for every copy.
+        assert_eq!(
+            next_tcp_state(FlowState::Closed as u8, SYN | RST),
+            Transition::Keep(FlowState::Closed)
+        );
+        assert_eq!(
+            next_tcp_state(FlowState::Closing as u8, SYN | FIN),
+            Transition::Keep(FlowState::Closing)
+        );
     }
 
     #[test]

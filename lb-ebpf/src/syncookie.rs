@@ -26,7 +26,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Action, Reason,
-    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState},
+    conntrack::{
+        FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState, opens_connection,
+    },
     csum::{checksum, pseudo_header_sum, replace_u32},
     net::{IPPROTO_TCP, tcp_flags},
     service::{MAX_SERVICES, SERVICE_SYN_COOKIES, Service},
@@ -122,7 +124,7 @@ pub fn on_new_flow(
     let ctx = &reload(ctx);
     let flags = packet.tcp_flags;
     let active = service.flags & SERVICE_SYN_COOKIES != 0;
-    if flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+    if opens_connection(flags) {
         count(service.id, Count::Syn);
         if !active {
             return Outcome::DONE;

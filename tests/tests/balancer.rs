@@ -2440,7 +2440,7 @@ fn ip4(addr: IpAddr) -> Ipv4Addr {
 #[test]
 fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
     // Under a flood, spoofed packets that are neither a SYN nor an ACK must not open flows
-    // (each would take two entries and a NAT port).
+    // (each would take two entries and a NAT port), nor be answered.
     let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
     let Some(mut lb) = Lb::new("cookies_only_a_cookie_opens", &config, &[]) else { return };
     let cases: Vec<Case> = [
@@ -2451,6 +2451,9 @@ fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
         ("FIN", tcp_flags::FIN),
         ("PSH", tcp_flags::PSH),
         ("URG", tcp_flags::URG),
+        // Not a connection's first SYN (Linux discards both): no cookie SYN-ACK for them.
+        ("SYN-RST", tcp_flags::SYN | tcp_flags::RST),
+        ("SYN-FIN", tcp_flags::SYN | tcp_flags::FIN),
     ]
     .into_iter()
     .zip(46_000u16..)

@@ -379,6 +379,11 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
         let message = message["error"].as_str().unwrap_or_default().to_owned();
         assert!(message.contains(needle), "{method} {path}: {message:?} should mention {needle:?}");
     }
+    // A path that cannot be read is answered in JSON like every other error.
+    let (status, text) = f.send(Method::DELETE, "/v1/pools/%FF/backends/198.18.1.11", None, None);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let error: serde_json::Value = serde_json::from_str(&text).expect("a JSON error body");
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("UTF-8")), "{text}");
     assert_eq!((f.fingerprint(), f.config_text()), before, "a rejected request changed something");
     for leftover in ["toml.orig", "toml.tmp"] {
         let path = f.config_path.with_extension(leftover);

@@ -14,7 +14,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, Request, State},
+    extract::{Path, Query, Request, State, rejection::PathRejection},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -545,6 +545,12 @@ fn pool_mut<'a>(
         .ok_or_else(|| ApiError::NotFound(format!("no pool named {pool:?}")))
 }
 
+/// The path's segments, or a JSON `400` saying why they cannot be read (a percent-escape
+/// that is not UTF-8), as every other error is answered.
+fn segments<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(segments)| segments).map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
 /// Applies an edited copy of the configuration; logs what changed.
 fn change(
     state: &AppState,
@@ -562,9 +568,10 @@ fn change(
 async fn add_backend(
     _: NoQuery,
     State(state): State<AppState>,
-    Path(pool): Path<String>,
+    pool: Result<Path<String>, PathRejection>,
     body: Result<Json<NewBackend>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<ChangeResult>), ApiError> {
+    let pool = segments(pool)?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let weight = body.weight.unwrap_or(DEFAULT_WEIGHT);
     if weight > MAX_WEIGHT {
@@ -596,9 +603,10 @@ async fn add_backend(
 
 async fn remove_backend(
     State(state): State<AppState>,
-    Path((pool, address)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let (pool, address) = segments(path)?;
     let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
     let what = format!("remove backend {addr} ({}) from pool {pool}", selector.words());
@@ -612,10 +620,11 @@ async fn remove_backend(
 
 async fn set_weight(
     State(state): State<AppState>,
-    Path((pool, address)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<Weight>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let (pool, address) = segments(path)?;
     let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;
@@ -633,10 +642,11 @@ async fn set_weight(
 
 async fn set_state(
     State(state): State<AppState>,
-    Path((pool, address)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     selector: Result<Query<BackendSelector>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<StateChange>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ChangeResult>, ApiError> {
+    let (pool, address) = segments(path)?;
     let Query(selector) = selector.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let addr = parse_addr(&address)?;

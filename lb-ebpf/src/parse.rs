@@ -362,7 +362,8 @@ fn parse_ipv6(ctx: &XdpContext, l3_off: usize, out: &mut Packet) -> Result<(), R
     out.proto = chain.next;
     out.l4_off = chain.off;
     out.fragment = chain.fragment;
-    out.has_ip_options = chain.headers > 0;
+    // Counted from the first header on, even one that could not be read.
+    out.has_ip_options = chain.headers > 0 || is_ipv6_ext_header(ip.next_header);
     out.l4_error = match walked {
         Ok(()) => 0,
         Err(reason) => reason as u8,

@@ -124,10 +124,15 @@ pub fn on_new_flow(
     let ctx = &reload(ctx);
     let flags = packet.tcp_flags;
     let active = service.flags & SERVICE_SYN_COOKIES != 0;
-    if opens_connection(flags) {
+    if flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+        // Counted for `auto` whatever else is set: a flood of SYN+FIN opens flows too while
+        // cookies are off.
         count(service.id, Count::Syn);
         if !active {
             return Outcome::DONE;
+        }
+        if !opens_connection(flags) {
+            return Outcome::err(Reason::SynCookieInvalid);
         }
         count(service.id, Count::Sent);
         return Outcome::from_result(answer(ctx, packet, cookie));
@@ -305,21 +310,24 @@ pub fn on_backend_answer(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u
     let delta = backend_isn.wrapping_sub(e.seq_delta);
     let forward = e.forward_key(IPPROTO_TCP, packet.family as u8);
     let established = FlowState::Established as u8;
-    if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
-        // SAFETY: a map value pointer from a successful lookup.
-        let f = unsafe { &mut *f };
-        // Only if it is still this flow's (another flow may hold the tuple since an
-        // eviction): the same backend and NAT port, waiting for this answer.
-        if f.flags & (FLOW_NAT | FLOW_REPLY | FLOW_SYN_PROXY) == FLOW_NAT | FLOW_SYN_PROXY
-            && f.backend_id == e.backend_id
-            && f.nat_port == e.nat_port
-        {
-            f.flags = (f.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
-            f.seq_delta = delta;
-            f.state = established;
-            f.last_seen = now;
-        }
+    // Only while the client's side is still this flow's (its entry may have been evicted,
+    // and the tuple taken by another flow): the same backend and NAT port, waiting for this
+    // answer. Else the handshake is not completed for a connection no client packet reaches.
+    let Some(f) = CONNTRACK.get_ptr_mut(&forward) else {
+        return Outcome::err(Reason::SynProxyPending);
+    };
+    // SAFETY: a map value pointer from a successful lookup.
+    let f = unsafe { &mut *f };
+    if f.flags & (FLOW_NAT | FLOW_REPLY | FLOW_SYN_PROXY) != FLOW_NAT | FLOW_SYN_PROXY
+        || f.backend_id != e.backend_id
+        || f.nat_port != e.nat_port
+    {
+        return Outcome::err(Reason::SynProxyPending);
     }
+    f.flags = (f.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
+    f.seq_delta = delta;
+    f.state = established;
+    f.last_seen = now;
     e.flags = (e.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
     e.seq_delta = delta;
     e.state = established;

@@ -110,6 +110,9 @@ pub struct Balancer {
     adoptable_services: HashMap<ServiceKey, u32>,
     /// `auto` SYN-cookie services whose cookies are on now.
     cookies_active: BTreeSet<String>,
+    /// Services the last apply removed, by their `SERVICES` key: their ids, should that
+    /// apply be undone (see [`Balancer::take_back_removed`]).
+    last_removed: HashMap<ServiceKey, u32>,
 }
 
 /// Pool members (identity, id, weight) as the Maglev builder takes them.
@@ -200,6 +203,14 @@ impl Balancer {
         self.backends.iter().map(|(k, v)| (k, v.id))
     }
 
+    /// Lets the services the last apply removed have their ids back when applied again, as
+    /// pinned services do after a restart: the daemon undoing a change that failed after its
+    /// apply (their flows, not cut, keep counting under them). Backends need nothing of the
+    /// kind: one configured again takes its retired id back (see [`Balancer::apply`]).
+    pub fn take_back_removed(&mut self) {
+        self.adoptable_services.extend(self.last_removed.drain());
+    }
+
     /// Removed backends still carrying flows, with their ids.
     pub fn retired(&self) -> impl Iterator<Item = (u32, &BackendIdentity)> {
         self.retired.iter().map(|(id, k)| (*id, k))
@@ -277,6 +288,7 @@ impl Balancer {
         resolver: &mut dyn Resolver,
     ) -> Result<ApplySummary, ApplyError> {
         self.check_capacity(config)?;
+        self.last_removed.clear();
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
         let all_ports = config.services.iter().any(|s| s.port().is_none());
@@ -308,9 +320,13 @@ impl Balancer {
                 state.weight = *weight;
                 continue;
             }
-            // A backend the pinned maps already hold keeps its id, so its flows keep going.
-            let adopted =
-                claimed.remove(identity).or_else(|| self.claim_adopted(identity, |_| true));
+            // A backend the pinned maps already hold keeps its id, so its flows keep going;
+            // so does one removed and configured again while its flows drain (they go on
+            // as its flows, not cut at the drain deadline of a backend no longer there).
+            let adopted = claimed
+                .remove(identity)
+                .or_else(|| self.claim_adopted(identity, |_| true))
+                .or_else(|| self.take_back_retired(identity));
             if let Some(id) = adopted {
                 self.backend_addrs.insert(id, identity.addr);
                 self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
@@ -405,25 +421,7 @@ impl Balancer {
                 ServiceState { id, key, value, table, pool: service.pool.get_ref().clone() },
             );
         }
-        // Adopted services the configuration no longer has.
-        for (key, id) in self.adoptable_services.drain() {
-            if !claimed.contains(&key) {
-                maps.services.remove(&key)?;
-            }
-            summary.services_removed += 1;
-            summary.removed_service_ids.push(id);
-        }
-        let removed: Vec<String> =
-            self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
-        for name in removed {
-            if let Some(state) = self.services.remove(&name) {
-                if !claimed.contains(&state.key) {
-                    maps.services.remove(&state.key)?;
-                }
-                summary.services_removed += 1;
-                summary.removed_service_ids.push(state.id);
-            }
-        }
+        self.remove_services(&kept, &claimed, maps, &mut summary)?;
         maps.services.set_addresses(
             &vips.into_iter().collect::<Vec<_>>(),
             &nat_sources.into_iter().collect::<Vec<_>>(),
@@ -708,6 +706,43 @@ impl Balancer {
         if ids.is_empty() {
             self.adoptable_backends.remove(&key);
         }
+        Some(id)
+    }
+
+    /// Removes the services not `kept` (by name), adopted ones the configuration no longer
+    /// has included; a key another service `claimed` stays in `SERVICES` (it was written
+    /// for that one).
+    fn remove_services(
+        &mut self,
+        kept: &BTreeSet<String>,
+        claimed: &HashSet<ServiceKey>,
+        maps: &mut Maps,
+        summary: &mut ApplySummary,
+    ) -> Result<(), ApplyError> {
+        let adopted: Vec<(ServiceKey, u32)> = self.adoptable_services.drain().collect();
+        let removed: Vec<String> =
+            self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
+        let gone = removed
+            .iter()
+            .filter_map(|name| self.services.remove(name))
+            .map(|state| (state.key, state.id))
+            .chain(adopted);
+        for (key, id) in gone.collect::<Vec<_>>() {
+            if !claimed.contains(&key) {
+                maps.services.remove(&key)?;
+            }
+            summary.services_removed += 1;
+            summary.removed_service_ids.push(id);
+            self.last_removed.insert(key, id);
+        }
+        Ok(())
+    }
+
+    /// The retired id of a backend with this identity, taken out of retirement.
+    fn take_back_retired(&mut self, identity: &BackendIdentity) -> Option<u32> {
+        let id =
+            self.retired.iter().find(|(_, retired)| *retired == identity).map(|(id, _)| *id)?;
+        self.retired.remove(&id);
         Some(id)
     }
 

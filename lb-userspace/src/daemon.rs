@@ -534,11 +534,10 @@ impl Daemon {
                 "changed in the configuration file; they take effect when lbd restarts"
             );
         }
-        // What the firewall filters by now, to put back should a later step fail.
-        let firewall_before = match &firewall {
-            FirewallChange::Install(_) => Some(self.firewall.installed()),
-            FirewallChange::Keep => None,
-        };
+        // What the firewall filters by now, to put back should a later step fail after it
+        // was installed (set once it is).
+        let firewall_before = self.firewall.installed();
+        let mut firewall_touched = false;
         // The new ranges are reserved before any flow can take their ports; the old ones
         // are given back once the change has applied (or the new ones, if it fails).
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config, &new], false);
@@ -554,6 +553,7 @@ impl Daemon {
             })
             .and_then(|summary| {
                 if let FirewallChange::Install(compiled) = &firewall {
+                    firewall_touched = true;
                     let installed = self
                         .firewall
                         .install(&mut self.datapath.maps_mut().firewall, compiled.as_ref())
@@ -572,7 +572,7 @@ impl Daemon {
         let mut summary = match applied {
             Ok(summary) => summary,
             Err(error) => {
-                self.put_back(now, firewall_before.as_ref());
+                self.put_back(now, firewall_touched.then_some(&firewall_before));
                 reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
                 return Err(error);
             }
@@ -602,6 +602,7 @@ impl Daemon {
     /// (logged as an error; the next reload or change tries again).
     fn put_back(&mut self, now: Instant, firewall: Option<&crate::firewall::Installed>) {
         let (effective, _) = self.lifecycle.effective(&self.config, now);
+        self.balancer.take_back_removed();
         match self.balancer.apply(&effective, self.datapath.maps_mut(), &mut self.resolver) {
             Ok(summary) => self.cut_removed_services(&summary.removed_service_ids),
             Err(error) => tracing::error!(
@@ -712,9 +713,10 @@ impl Daemon {
         let new_backup = !backup.exists();
         if new_backup {
             let partial = beside(&path, ".orig.tmp");
-            if let Err(e) =
-                std::fs::copy(&path, &partial).and_then(|_| std::fs::rename(&partial, &backup))
-            {
+            let copied = std::fs::copy(&path, &partial)
+                .and_then(|_| std::fs::File::open(&partial)?.sync_all())
+                .and_then(|()| std::fs::rename(&partial, &backup));
+            if let Err(e) = copied {
                 let _ = std::fs::remove_file(&partial);
                 return Err(fail(&backup, e));
             }

@@ -195,9 +195,11 @@ impl Datapath {
         loader.map_max_entries(names::CONNTRACK, options.conntrack_entries);
         let pins = options.pin_dir.as_deref().map(PinDir::open).transpose()?;
         let mut adopted = false;
+        let mut globals_adopted = false;
         if let Some(pins) = &pins {
             let prepared = pins.prepare(object, options.conntrack_entries)?;
             adopted = prepared.reused.contains(&names::SERVICES);
+            globals_adopted = prepared.reused.contains(&names::GLOBALS);
             if !prepared.reused.is_empty() {
                 info!(maps = ?prepared.reused, "adopting pinned maps");
             }
@@ -212,10 +214,13 @@ impl Datapath {
         let maps = Maps::take(&mut ebpf)?;
         let mut datapath =
             Self { ebpf, maps, attachments: Vec::new(), pins, pinned_links: Vec::new(), adopted };
-        let hz = datapath.ticks_per_second()?;
-        // An adopted GLOBALS keeps its flags until the configuration is applied again.
-        let flags = if adopted { datapath.maps.globals.get()?.flags } else { 0 };
-        datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, flags))?;
+        // An adopted GLOBALS is left as the data path forwarding by it has it (its hash
+        // seed and timeouts) until the daemon applies its configuration, which may still be
+        // refused; a fresh one gets `options`' at once.
+        if !globals_adopted {
+            let hz = datapath.ticks_per_second()?;
+            datapath.maps.globals.set(&globals(&options.timeouts, options.hash_seed, hz, 0))?;
+        }
         // A pinned epoch may be one an earlier program's slots were filled in.
         datapath.maps.conntrack.invalidate_cache()?;
         Ok(datapath)

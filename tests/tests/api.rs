@@ -703,9 +703,11 @@ fn a_change_that_fails_part_way_is_undone() {
     let Some(f) = Fixture::new("fails_part_way", None) else { return };
     let before = (f.fingerprint(), f.config_text());
     let nat = format!("mode = \"nat\"\nnat_source = \"{}\"", lab::LB_BACK_V4);
-    let text = format!(
+    // A backend removed, the service replaced by another, a passthrough service and a
+    // firewall added.
+    let body = format!(
         "{}{}{}[firewall]\n[[firewall.rule]]\nname = \"no-telnet\"\naction = \"deny\"\nprotocol = \"tcp\"\nports = [23]\n",
-        fixture_config().replace("weight = 50", "weight = 70"),
+        config::pool("web", &[(lab::backend_v4(0), "weight = 70")]),
         config::tcp_service("extra", lab::VIP_V4, 8080, "web", &nat),
         config::tls_passthrough_service(
             "tls",
@@ -715,6 +717,7 @@ fn a_change_that_fails_part_way_is_undone() {
             &config::tls_route("www.example.com", "web")
         ),
     );
+    let text = daemon::sandbox_config("listen = \"\"", &body);
     let new = Config::parse(&text, "change").unwrap();
     let daemon = f.state.daemon.clone();
     let failed = f.ns.enter(move || daemon.lock().unwrap().change(new).map(drop)).unwrap();
@@ -723,6 +726,9 @@ fn a_change_that_fails_part_way_is_undone() {
     assert_eq!((f.fingerprint(), f.config_text()), before, "the failed change left something");
     let orig = f.config_path.with_extension("toml.orig");
     assert!(!orig.exists(), "the failed change left {}", orig.display());
+    // The removed backend is live again under its id, not retired (its flows would be cut
+    // at its drain deadline).
+    assert_eq!(f.state.daemon.lock().unwrap().balancer.retired().count(), 0);
     // The daemon still applies a change (its in-memory state matches the maps again).
     let (status, text) = f.send(
         Method::PUT,

@@ -1601,8 +1601,9 @@ fn icmp_errors_about_nat_flows_are_translated_back_to_the_client() {
                     output: Output::Frame(expected),
                 });
                 // ICMPv6's number on IPv4 (or ICMP's on IPv6) is no error message of either.
+                // Type 3 is an error under either number.
                 let other = if v6 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
-                let mut message = vec![unreach, port_unreach, 0, 0, 0, 0, 0, 0];
+                let mut message = vec![3, 3, 0, 0, 0, 0, 0, 0];
                 message.extend_from_slice(&quote(&sent));
                 let base = match (backend, nat) {
                     (IpAddr::V4(s), IpAddr::V4(d)) => Packet::ipv4(s, d),
@@ -1778,6 +1779,35 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
             }
         }
     }
+}
+
+#[test]
+fn an_icmp_error_to_another_nat_source_is_not_translated() {
+    // Two NAT sources: an error sent to the second, quoting a packet the first sent a
+    // backend, is about no flow of the address it reached (forged, or misrouted) and goes to
+    // the kernel untouched rather than to the first flow's client.
+    let other_source = Ipv4Addr::new(198, 18, 1, 2);
+    let toml = nat_config(false, "tcp")
+        + &format!(
+            "[[service]]\nname = \"u\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 81\npool = \"p\"\nmode = \"nat\"\nnat_source = \"{other_source}\"\n"
+        );
+    let Some(mut lb) = Lb::new("icmp_other_nat_source", &toml, &[]) else { return };
+    let (client, vip) = (IpAddr::from(CLIENT4), IpAddr::from(VIP4));
+    let original = client_packet(client, vip, IPPROTO_TCP, 48_400, 80).build();
+    assert_eq!(lb.bed.run(&original).unwrap().verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) = lb.flow_of(client, 48_400, vip, 80, IPPROTO_TCP);
+    let bmac = backend_mac(backend);
+    let sent = rewritten(NAT4.into(), backend, nat_port, bport, IPPROTO_TCP, (EGRESS_MAC, bmac));
+    let quoting = |to: IpAddr| icmp_error(backend, to, 3, 3, [0; 4], &sent[14..], (bmac, LB_MAC));
+    lb.bed
+        .check_all(&[Case::pass(
+            "an error to the other NAT source",
+            quoting(other_source.into()),
+            Reason::NotService,
+        )])
+        .unwrap();
+    // The same error to the address that sent the packet is translated (the control).
+    assert_eq!(lb.bed.run(&quoting(NAT4.into())).unwrap().verdict, Some(Action::Tx));
 }
 
 #[test]
@@ -2688,6 +2718,67 @@ fn with_syn_cookies_a_lost_syn_to_the_backend_is_sent_again() {
     assert_eq!(after, flows, "the same connection, not a new flow");
     assert_eq!(segment(&again.output), (nat_port, 700, tcp_flags::SYN), "the same SYN again");
     assert_eq!(again.output.len(), first.output.len(), "without the client's data");
+}
+
+#[test]
+fn a_backend_answer_for_a_cookie_flow_whose_client_side_is_gone_is_dropped() {
+    // The cookie ACK became a SYN to the backend; then the flow's forward entry went (evicted
+    // when the table is full, here by hand). The backend's SYN-ACK must not complete a
+    // handshake no client packet can reach any more: dropped, the reply entry left waiting.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("cookies_client_side_gone", &config, &[]) else { return };
+    let cport = 46_500;
+    let client = |flags: u8, seq: u32, ack: u32| {
+        Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).build()
+    };
+    let answer = lb.bed.run(&client(tcp_flags::SYN, 900, 0)).unwrap();
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    let opened = lb.bed.run(&client(tcp_flags::ACK, 901, cookie.wrapping_add(1))).unwrap();
+    assert_eq!(opened.verdict, Some(Action::Tx));
+    let (backend, bport, nat_port) =
+        lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+    let key = lb_common::FlowKey::new((CLIENT4, cport).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key]), 1);
+    let IpAddr::V4(backend4) = backend else { unreachable!() };
+    let syn_ack = Packet::ipv4(backend4, NAT4)
+        .macs(backend_mac(backend), LB_MAC)
+        .tcp(bport, nat_port)
+        .flags(tcp_flags::SYN | tcp_flags::ACK)
+        .seq_ack(0x1234_5678, 901)
+        .build();
+    lb.bed
+        .check_all(&[Case {
+            description: "the backend's SYN-ACK after the client's side went".into(),
+            input: syn_ack,
+            verdict: Action::Drop,
+            reason: Some(Reason::SynProxyPending),
+            output: Output::Unchanged,
+        }])
+        .unwrap();
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 1, "the reply entry alone: {entries:?}");
+    let reply = entries[0].1;
+    assert!(reply.flags & FLOW_REPLY != 0, "{reply:?}");
+    assert!(
+        reply.flags & lb_common::conntrack::FLOW_SYN_PROXY != 0,
+        "still waiting, not completed: {reply:?}"
+    );
+}
+
+#[test]
+fn a_removed_backend_configured_again_takes_its_id_back() {
+    // Removed, its flows draining under its retired id; configured again before they end:
+    // the same id, so its flows go on as its own (not cut at a drain deadline) and its
+    // counters keep counting.
+    let config = dsr_config(false, "tcp");
+    let Some(mut lb) = Lb::new("retired_taken_back", &config, &[]) else { return };
+    let b = identity("p", "198.18.1.12");
+    let id = lb.balancer.backend_id(&b).unwrap();
+    lb.reapply(&config.replace("[[pool.backend]]\naddress = \"198.18.1.12\"\n", ""));
+    assert_eq!(lb.balancer.retired().map(|(i, _)| i).collect::<Vec<_>>(), vec![id]);
+    lb.reapply(&config);
+    assert_eq!(lb.balancer.backend_id(&b), Some(id), "the same id");
+    assert_eq!(lb.balancer.retired().count(), 0, "no longer retired");
 }
 
 #[test]

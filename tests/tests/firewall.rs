@@ -302,7 +302,7 @@ fn unreadable_transport_headers_are_refused() {
         |n: usize| (0..n).fold(v6(), |p, _| p.ext_header(ExtHeader::DestOpts { len: 0 }));
     let mut doff4 = tcp4(other4, dst4, 23, syn);
     doff4[14 + 20 + 12] = 0x40;
-    let unreadable = vec![
+    let unreadable = [
         ("v4 first fragment holding 8 bytes of a TCP header to port 23", tiny4(other4)),
         ("the same from the admins' /28: refused before any rule", tiny4(admin4)),
         ("v4 TCP data offset 4", doff4),

@@ -491,6 +491,9 @@ fn a_refused_start_leaves_the_pinned_services_as_they_were() {
         pin_dir: Some(pin_dir.clone()),
         ..LoadOptions::default()
     };
+    // Loading adopts the pinned GLOBALS as they are: the seed read back is the pinned one,
+    // not this one.
+    let load_again = LoadOptions { hash_seed: 99, ..load.clone() };
     let services = move || {
         let datapath = Datapath::load_with(&load).unwrap();
         let mut keys: Vec<String> = datapath
@@ -511,7 +514,32 @@ fn a_refused_start_leaves_the_pinned_services_as_they_were() {
         ns.enter(move || Daemon::start(b, None, None).map(drop).map_err(|e| format!("{e:#}")));
     let error = refused.unwrap().unwrap_err();
     assert!(error.contains("nope0"), "{error}");
-    assert_eq!(ns.enter(services).unwrap(), before, "the refused start changed the services");
+    assert_eq!(
+        ns.enter(services.clone()).unwrap(),
+        before,
+        "the refused start changed the services"
+    );
+    // Refused for a firewall prefix file that is not there, which is read once the data
+    // path is loaded: the pinned GLOBALS keep the running hash seed (another seed would
+    // send picked-up flows to other backends than the other nodes choose).
+    let missing = format!(
+        "{}[firewall]\n[[firewall.rule]]\nname = \"block\"\naction = \"deny\"\nsource_file = \"{}\"\n",
+        first.replace("[api]", "hash_seed = 7\n[api]"),
+        bpffs.dir.join("no-such-file").display()
+    );
+    let c = parse(&missing);
+    let refused =
+        ns.enter(move || Daemon::start(c, None, None).map(drop).map_err(|e| format!("{e:#}")));
+    let error = refused.unwrap().unwrap_err();
+    assert!(error.contains("no-such-file"), "{error}");
+    let seed = ns
+        .enter(move || {
+            let datapath = Datapath::load_with(&load_again).unwrap();
+            datapath.maps().globals.get().unwrap().hash_seed
+        })
+        .unwrap();
+    assert_eq!(seed, 0, "the refused start changed the pinned hash seed");
+    assert_eq!(ns.enter(services).unwrap(), before);
     drop(ns);
     drop(bpffs);
 }

@@ -414,16 +414,22 @@ impl Firewall {
                 self.enabled = false;
                 info!("firewall off");
                 // Read by no packet now: cleared to free its memory, as a generation
-                // switched out is.
+                // switched out is. The firewall is off either way: a failure here is
+                // logged, and the generation read back when next written.
                 let generation = self.active;
-                let old = match self.held[generation as usize].take() {
-                    Some(old) => old,
-                    None => Arc::new(Self::read_back(maps, generation)?),
-                };
-                let empty = Compiled::empty();
-                (summary.prefixes_written, summary.prefixes_removed) =
-                    write_generation(maps, generation, &empty, &old)?;
-                self.held[generation as usize] = Some(Arc::new(empty));
+                let held = self.held[generation as usize].take();
+                let cleared = held
+                    .map_or_else(|| Self::read_back(maps, generation).map(Arc::new), Ok)
+                    .and_then(|old| write_generation(maps, generation, &Compiled::empty(), &old));
+                match cleared {
+                    Ok((w, r)) => {
+                        (summary.prefixes_written, summary.prefixes_removed) = (w, r);
+                        self.held[generation as usize] = Some(Arc::new(Compiled::empty()));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the firewall's rules could not be cleared");
+                    }
+                }
             }
             return Ok(summary);
         };

@@ -29,6 +29,8 @@ const WEBHOOK_ATTEMPTS: u32 = 4;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest time a rate is taken over (see [`Engine::sample`]).
+const MIN_SAMPLE: Duration = Duration::from_millis(500);
 
 /// One policy's clock: since when its condition holds, and when it last fired. Times are
 /// offsets from any fixed instant, so tests drive it with fake time.
@@ -167,12 +169,17 @@ pub struct Inputs<'a> {
 impl Engine {
     /// Takes a sample at `now`; returns the events of policies that fire, with the policy.
     pub fn sample(&mut self, inputs: &Inputs<'_>, now: Instant) -> Vec<(Event, AutoscaleConfig)> {
+        // Samples closer than this to the last (ticks missed while the daemon was busy,
+        // fired back to back) are skipped, the last kept: a rate over a few microseconds is
+        // noise, and a zero would reset every policy's holding time.
+        if let Some((then, _)) = &self.last
+            && now.saturating_duration_since(*then) < MIN_SAMPLE
+        {
+            return Vec::new();
+        }
         let previous = self.last.replace((now, inputs.counters.clone()));
         let Some((then, before)) = previous else { return Vec::new() };
         let secs = now.saturating_duration_since(then).as_secs_f64();
-        if secs <= 0.0 {
-            return Vec::new();
-        }
         let mut events = Vec::new();
         let mut keep = std::collections::HashSet::new();
         self.signals.clear();
@@ -359,6 +366,10 @@ fn post(url: &str, body: &[u8], signature: Option<&str>, id: &str) -> Result<u16
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(WEBHOOK_TIMEOUT))
         .http_status_as_error(false)
+        // A redirect would turn the POST into a GET without the event, and its 2xx count as
+        // delivered: the redirect's status is the answer.
+        .max_redirects(0)
+        .tls_config(ureq::tls::TlsConfig::builder().root_certs(trust_roots()).build())
         .build()
         .into();
     let mut request = agent
@@ -374,7 +385,52 @@ fn post(url: &str, body: &[u8], signature: Option<&str>, id: &str) -> Result<u16
     if (200..300).contains(&status) { Ok(status) } else { Err(format!("status {status}")) }
 }
 
+/// Bundles of trusted CA certificates where distributions keep them, tried in order after
+/// `SSL_CERT_FILE`.
+const SYSTEM_CA_BUNDLES: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+/// The CAs webhook servers are verified against: the host's trust store (`SSL_CERT_FILE`,
+/// else the distribution's bundle), where a private CA is added with
+/// `update-ca-certificates`; Mozilla's list built into lbd when the host has none. Read once.
+fn trust_roots() -> ureq::tls::RootCerts {
+    static ROOTS: std::sync::OnceLock<ureq::tls::RootCerts> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+            let candidates =
+                from_env.into_iter().chain(SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from));
+            for path in candidates {
+                if let Some(certs) = std::fs::read(&path).ok().and_then(|pem| certificates(&pem)) {
+                    info!(bundle = %path.display(), certificates = certs.len(), "webhook CAs");
+                    return ureq::tls::RootCerts::Specific(Arc::new(certs));
+                }
+            }
+            ureq::tls::RootCerts::WebPki
+        })
+        .clone()
+}
+
+/// The certificates in a PEM bundle, if it holds any.
+fn certificates(pem: &[u8]) -> Option<Vec<ureq::tls::Certificate<'static>>> {
+    let certs: Vec<_> = ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+            _ => None,
+        })
+        .collect();
+    (!certs.is_empty()).then_some(certs)
+}
+
 async fn run_command(command: &[String], body: &[u8]) -> Result<(), String> {
+    run_command_within(command, body, COMMAND_TIMEOUT).await
+}
+
+async fn run_command_within(
+    command: &[String],
+    body: &[u8],
+    limit: Duration,
+) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("no command")?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
@@ -383,13 +439,24 @@ async fn run_command(command: &[String], body: &[u8]) -> Result<(), String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(body).await.map_err(|e| format!("{program} stdin: {e}"))?;
-    }
-    let status = tokio::time::timeout(COMMAND_TIMEOUT, child.wait())
+    let stdin = child.stdin.take();
+    // The event and the run under one bound: a hook that never reads its input would
+    // otherwise hold the write (and itself) for ever once the event outgrows the pipe.
+    let run = async {
+        if let Some(mut stdin) = stdin {
+            // A hook that exits without reading all of it closes the pipe: its exit status
+            // says how it went.
+            if let Err(e) = stdin.write_all(body).await
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                return Err(format!("{program} stdin: {e}"));
+            }
+        }
+        child.wait().await.map_err(|e| e.to_string())
+    };
+    let status = tokio::time::timeout(limit, run)
         .await
-        .map_err(|_| format!("{program} did not finish within {} s", COMMAND_TIMEOUT.as_secs()))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| format!("{program} did not finish within {limit:?}"))??;
     if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
 }
 
@@ -453,6 +520,70 @@ mod tests {
         assert!(!s.evaluate(&p, 3.0, at(170)));
         assert!(!s.evaluate(&p, 1.0, at(171)));
         assert!(s.evaluate(&p, 1.0, at(220)));
+    }
+
+    /// A self-signed certificate (a test CA of no use beyond this test).
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBgDCCASegAwIBAgIUHciXsHrYB810ZmuC7dLkKH91aFUwCgYIKoZIzj0EAwIw
+FTETMBEGA1UEAwwKbGIgdGVzdCBDQTAgFw0yNjExMjcwODIwMTdaGA8yMTI2MTEw
+MzA4MjAxN1owFTETMBEGA1UEAwwKbGIgdGVzdCBDQTBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABMjAJHiPAkSHEHOZ8Y/is76V1cZ6OfZgxGy580yCdoHqzo8JtiEs
+Op6aiKAWIVe1/lIwBwz4DTYiRCYmw7wul8mjUzBRMB0GA1UdDgQWBBTQHLvT4dn0
+e0M1ZV9EcrqhgrUJcjAfBgNVHSMEGDAWgBTQHLvT4dn0e0M1ZV9EcrqhgrUJcjAP
+BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIEwwd7Fvj1dnHhNudGBG
+gLPk03KmblW0WVM/O+4OilFnAiB4I9IzDlM9aU35VCPfgNOksMe62nTsSSoEWLa9
+d5uJNQ==
+-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn a_ca_bundle_gives_its_certificates() {
+        let bundle = format!("# comment\n{TEST_CA}{TEST_CA}");
+        assert_eq!(certificates(bundle.as_bytes()).map(|c| c.len()), Some(2));
+        assert!(certificates(b"no certificates here").is_none());
+    }
+
+    #[test]
+    fn samples_closer_than_half_a_second_are_skipped() {
+        let text = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.autoscale]]\nname = \"out\"\nsignal = \"new_flows_per_second\"\nabove = 50.0\nfor_secs = 0\ncooldown_secs = 0\ncommand = [\"true\"]\n";
+        let config = Config::parse(text, "t").unwrap();
+        let t0 = Instant::now();
+        let lifecycle = Lifecycle::starting(&config, t0, &std::collections::HashSet::new());
+        let identity = crate::lifecycle::backends(&config).next().unwrap().0;
+        let ids = HashMap::from([(identity, 0u32)]);
+        let live = HashMap::new();
+        let mut engine = Engine::default();
+        let mut sample = |flows: u64, at: Duration| {
+            let inputs = Inputs {
+                config: &config,
+                lifecycle: &lifecycle,
+                ids: &ids,
+                counters: HashMap::from([(0, (flows, 0))]),
+                live: &live,
+            };
+            engine.sample(&inputs, t0 + at).len()
+        };
+        assert_eq!(sample(0, Duration::ZERO), 0, "the first sample is the baseline");
+        // 10 flows 1 ms later (a missed tick fired late) is no rate of 10,000 a second.
+        assert_eq!(sample(10, Duration::from_millis(1)), 0);
+        // A second after the baseline: 40 flows in 1 s, below 50.
+        assert_eq!(sample(40, Duration::from_secs(1)), 0);
+        // 100 more in the next second fires.
+        assert_eq!(sample(140, Duration::from_secs(2)), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_does_not_read_its_event_is_bounded() {
+        let event = vec![b'x'; 1 << 20];
+        let started = Instant::now();
+        let stuck = ["sleep".to_owned(), "30".to_owned()];
+        let error = run_command_within(&stuck, &event, Duration::from_millis(500)).await;
+        assert!(error.is_err_and(|e| e.contains("did not finish")));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // One that exits at once without reading it succeeded: its status says so.
+        assert_eq!(
+            run_command_within(&["true".to_owned()], &event, Duration::from_secs(5)).await,
+            Ok(())
+        );
     }
 
     #[test]

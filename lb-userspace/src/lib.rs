@@ -116,6 +116,11 @@ pub async fn run(
     let mut stats_tick = tokio::time::interval(Duration::from_secs(interval.max(1)));
     let mut hop_tick = tokio::time::interval(NEXT_HOP_INTERVAL);
     let mut sweep_tick = tokio::time::interval(SWEEP_INTERVAL);
+    // Ticks missed while the daemon was busy (a long sweep, a reload) are not fired back to
+    // back: each tick's work reads rates and deadlines over the time since the last.
+    for tick in [&mut lifecycle_tick, &mut stats_tick, &mut hop_tick, &mut sweep_tick] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("failed to listen for SIGHUP")?;
     loop {

@@ -63,11 +63,7 @@ impl Probe {
 
     async fn http(&self, target: SocketAddr, tls: bool) -> Result<(), String> {
         let stream = connect(target, self.mark).await?;
-        let host = match (&self.host, target.ip()) {
-            (Some(host), _) => host.clone(),
-            (None, IpAddr::V4(a)) => a.to_string(),
-            (None, IpAddr::V6(a)) => format!("[{a}]"),
-        };
+        let host = self.host_header(target, tls);
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
             self.path
@@ -80,6 +76,25 @@ impl Probe {
             exchange(&mut stream, request.as_bytes()).await?
         };
         check_http_response(&response, self.expect_status, self.expect.as_deref())
+    }
+
+    /// The `Host` header: the configured one as written; else the server name the TLS
+    /// handshake sends (a server may refuse a Host that differs, 421), else the address,
+    /// with the port when it is not the scheme's own (RFC 9110 §7.2).
+    fn host_header(&self, target: SocketAddr, tls: bool) -> String {
+        if let Some(host) = &self.host {
+            return host.clone();
+        }
+        let name = match (self.sni.as_ref().filter(|_| tls), target.ip()) {
+            (Some(sni), _) => sni.clone(),
+            (None, IpAddr::V4(a)) => a.to_string(),
+            (None, IpAddr::V6(a)) => format!("[{a}]"),
+        };
+        if target.port() == if tls { 443 } else { 80 } {
+            name
+        } else {
+            format!("{name}:{}", target.port())
+        }
     }
 
     async fn udp(&self, target: SocketAddr) -> Result<(), String> {
@@ -108,16 +123,35 @@ impl Probe {
 
     async fn command(&self) -> Result<(), String> {
         let (program, args) = self.command.split_first().ok_or("no command")?;
-        let status = tokio::process::Command::new(program)
+        // In a process group of its own: a check timed out (this future dropped) takes the
+        // whole group with it, the programs a shell started included, which would otherwise
+        // pile up one per timeout.
+        let mut child = tokio::process::Command::new(program)
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
-            .status()
-            .await
+            .spawn()
             .map_err(|e| format!("{program}: {e}"))?;
+        let mut group = KillGroup(child.id());
+        let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
+        group.0 = None;
         if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
+    }
+}
+
+/// Kills a check command's process group when dropped before the command ended.
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.and_then(|id| libc::pid_t::try_from(id).ok()) {
+            // SAFETY: a signal to the group this check started (its leader not yet reaped,
+            // so the id is still the group's).
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -388,6 +422,17 @@ mod tests {
         command.command = vec!["sleep".into(), "5".into()];
         command.timeout = Duration::from_millis(100);
         assert!(command.run().await.unwrap_err().contains("timed out"));
+        // A timeout ends what the command started too: the shell's background job would
+        // leave a mark a second later.
+        let mark = std::env::temp_dir().join(format!("lb-probe-group-{}", std::process::id()));
+        let script = format!("(sleep 1; touch {}) & wait", mark.display());
+        command.command = vec!["sh".into(), "-c".into(), script];
+        command.timeout = Duration::from_millis(200);
+        assert!(command.run().await.unwrap_err().contains("timed out"));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let left = mark.exists();
+        let _ = std::fs::remove_file(&mark);
+        assert!(!left, "the timed-out check's background job ran on");
     }
 
     #[tokio::test]
@@ -494,5 +539,14 @@ mod tests {
         assert!(probe.run().await.unwrap_err().contains("404"), "the address as host");
         probe.host = Some("app.example".into());
         assert_eq!(probe.run().await, Ok(()));
+        // Defaults: the address and its port (not the scheme's), or the server name.
+        let https = Probe { sni: Some("app.example".into()), ..check(CheckKind::Https, addr) };
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(check(CheckKind::Http, at(8080)).host_header(at(8080), false), "127.0.0.1:8080");
+        assert_eq!(check(CheckKind::Http, at(80)).host_header(at(80), false), "127.0.0.1");
+        assert_eq!(https.host_header(at(443), true), "app.example");
+        assert_eq!(https.host_header(at(8443), true), "app.example:8443");
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8080));
+        assert_eq!(check(CheckKind::Http, v6).host_header(v6, false), "[::1]:8080");
     }
 }

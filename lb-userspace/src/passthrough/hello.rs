@@ -60,8 +60,9 @@ const MAX_DNS_LABEL_LEN: usize = 63;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientHello {
     /// The first `host_name` of the server_name extension, validated as a DNS name,
-    /// lowercased and without a trailing dot; `None` when the client sent no SNI. With ECH
-    /// this is the outer (public) name.
+    /// lowercased and without a trailing dot; empty when it is not a valid host name (it
+    /// matches no route); `None` when the client sent no SNI. With ECH this is the outer
+    /// (public) name.
     pub server_name: Option<String>,
     /// Whether the hello carries an `encrypted_client_hello` extension.
     pub has_ech: bool,
@@ -314,9 +315,14 @@ fn parse_server_name(data: &[u8]) -> Result<Option<String>, HelloError> {
     let Some(name) = host_name else {
         return Ok(None);
     };
-    let text = std::str::from_utf8(name).map_err(|_| bad.clone())?;
-    let normalized = normalize_host_name(text).ok_or(bad)?;
-    Ok(Some(normalized.into_owned()))
+    // RFC 6066: a HostName is at least one byte.
+    if name.is_empty() {
+        return Err(bad);
+    }
+    // A name that is no DNS host name (an underscore, an IP address, which clients do send)
+    // is still a name: empty here, it matches no route and takes the `unknown_sni` path.
+    let normalized = std::str::from_utf8(name).ok().and_then(normalize_host_name);
+    Ok(Some(normalized.map(Cow::into_owned).unwrap_or_default()))
 }
 
 /// Validates a DNS host name and normalises it: ASCII letters, digits and hyphens in
@@ -667,7 +673,7 @@ mod tests {
     }
 
     #[test]
-    fn invalid_server_names_are_rejected() {
+    fn invalid_server_names_match_nothing() {
         let long_label = "a".repeat(64);
         let long_name = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(62)].join(".");
         assert_eq!(long_name.len(), 254);
@@ -678,7 +684,6 @@ mod tests {
             b".example",
             b"..",
             b".",
-            b"",
             b"caf\xc3\xa9.example",
             b"\xff\xfe",
             b"a/b",
@@ -687,8 +692,11 @@ mod tests {
             long_name.as_bytes(),
         ] {
             let buf = into_records(&hello_with_sni(name), &[512]);
-            assert_eq!(parse(&buf), Err(HelloError::Malformed("server_name")), "{name:?}");
+            expect_name(&buf, Some(""));
         }
+        // An empty name is no name: the extension is malformed.
+        let buf = into_records(&hello_with_sni(b""), &[512]);
+        assert_eq!(parse(&buf), Err(HelloError::Malformed("server_name")));
         let longest = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".");
         let buf = into_records(&hello_with_sni(format!("{longest}.").as_bytes()), &[512]);
         expect_name(&buf, Some(&longest));

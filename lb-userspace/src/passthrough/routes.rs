@@ -210,6 +210,8 @@ mod tests {
         assert_eq!(route(&routes, "badexample.com"), None);
         assert_eq!(route(&routes, "a.example.org"), None);
         assert_eq!(route(&routes, "com"), None);
+        // A name the hello parser found invalid arrives empty: no route, no wildcard.
+        assert_eq!(route(&routes, ""), None);
     }
 
     #[test]

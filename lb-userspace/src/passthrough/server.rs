@@ -216,7 +216,7 @@ async fn handle(
     // Pending until the backend answers: a flood of hellos to a pool that black-holes SYNs
     // is held by the same caps as a flood of slow hellos.
     let connected = async {
-        let (hello, route, backend) = decide(&mut client, peer, &policy).await?;
+        let (hello, route, backend) = decide(&mut client, peer, &policy, &runtime).await?;
         stats.decided(service, accepted.elapsed());
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
             Ok(Ok(stream)) => Ok((hello, route, backend, stream)),
@@ -305,6 +305,7 @@ async fn decide(
     client: &mut TcpStream,
     peer: SocketAddr,
     policy: &Policy,
+    runtime: &ServiceRuntime,
 ) -> Result<(Hello, super::policy::Route, SocketAddr), RejectReason> {
     let (bytes, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
         .await
@@ -318,6 +319,10 @@ async fn decide(
     if hello.has_ech {
         debug!(%peer, "hello with encrypted_client_hello: routed on its outer server name");
     }
+    // Routed by the policy as it is now, not as it was when the connection came in: the
+    // hello may take up to its timeout (minutes), in which a backend may be disabled and its
+    // relays cut, which a choice made by the old policy would escape.
+    let policy = runtime.policy();
     let route = policy.route(hello.server_name.as_deref())?;
     let backend = policy.select(&route.pool, peer).ok_or("no_backend")?;
     Ok((Hello { bytes, ended }, route, backend))

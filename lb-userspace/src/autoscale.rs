@@ -98,8 +98,24 @@ pub struct Event {
 pub struct Counters {
     /// (pool, policy) -> events fired.
     pub fired: BTreeMap<(String, String), u64>,
-    /// (pool, policy, target "webhook"/"command", result "ok"/"failed") -> deliveries.
+    /// (pool, policy, target "webhook"/"command", result "ok"/"failed"/"skipped") ->
+    /// deliveries.
     pub deliveries: BTreeMap<(String, String, &'static str, &'static str), u64>,
+    /// (pool, policy) whose delivery runs now.
+    pub in_flight: std::collections::HashSet<(String, String)>,
+}
+
+/// Marks a policy's delivery as running until dropped (the task's end, however it ends).
+struct Running {
+    counters: SharedCounters,
+    key: (String, String),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut c = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.in_flight.remove(&self.key);
+    }
 }
 
 pub type SharedCounters = Arc<Mutex<Counters>>;
@@ -305,13 +321,32 @@ pub async fn deliver(event: Event, policy: AutoscaleConfig, counters: SharedCoun
             return;
         }
     };
-    let count = |target: &'static str, ok: bool| {
+    let count_as = |target: &'static str, result: &'static str| {
         let mut c = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = if ok { "ok" } else { "failed" };
         *c.deliveries
             .entry((event.pool.clone(), event.policy.clone(), target, result))
             .or_default() += 1;
     };
+    let count = |target: &'static str, ok: bool| count_as(target, if ok { "ok" } else { "failed" });
+    // One delivery per policy at a time: with an endpoint that hangs (each attempt up to its
+    // timeout, four attempts) and a short cooldown, deliveries would pile up.
+    let key = (event.pool.clone(), event.policy.clone());
+    let fresh = {
+        let mut c = counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.in_flight.insert(key.clone())
+    };
+    if !fresh {
+        warn!(pool = %event.pool, policy = %event.policy, id = %event.id, "the policy's previous delivery still runs: this event is skipped");
+        for (target, set) in
+            [("webhook", policy.webhook.is_some()), ("command", !policy.command.is_empty())]
+        {
+            if set {
+                count_as(target, "skipped");
+            }
+        }
+        return;
+    }
+    let _running = Running { counters: counters.clone(), key };
     if let Some(url) = &policy.webhook {
         let ok = post_with_retries(url, policy.secret_file.as_deref(), &body, &event).await;
         count("webhook", ok);
@@ -584,6 +619,46 @@ d5uJNQ==
             run_command_within(&["true".to_owned()], &event, Duration::from_secs(5)).await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn a_policy_delivers_one_event_at_a_time() {
+        let counters = SharedCounters::default();
+        let mut hook = policy(Some(1.0), None, 0, 0);
+        hook.webhook = None;
+        hook.command = vec!["sleep".into(), "1".into()];
+        let event = |id: &str| Event {
+            version: 1,
+            id: id.into(),
+            time: 0,
+            pool: "web".into(),
+            policy: "p".into(),
+            signal: "new_flows_per_second".into(),
+            value: 2.0,
+            threshold: 1.0,
+            direction: "above".into(),
+            for_secs: 0,
+            backends: Vec::new(),
+            healthy_backends: 0,
+        };
+        let first = tokio::spawn(deliver(event("1"), hook.clone(), counters.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The first still sleeps: the second is skipped at once.
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            deliver(event("2"), hook.clone(), counters.clone()),
+        )
+        .await
+        .expect("a skipped delivery returns at once");
+        first.await.unwrap();
+        // Then the policy delivers again.
+        deliver(event("3"), hook, counters.clone()).await;
+        let c = counters.lock().unwrap();
+        let n = |result: &'static str| {
+            c.deliveries.get(&("web".into(), "p".into(), "command", result)).copied().unwrap_or(0)
+        };
+        assert_eq!((n("ok"), n("skipped")), (2, 1));
+        assert!(c.in_flight.is_empty());
     }
 
     #[test]

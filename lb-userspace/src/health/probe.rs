@@ -208,7 +208,14 @@ where
     while response.len() < MAX_RESPONSE {
         match stream.read(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                response.extend_from_slice(&buf[..n]);
+                // Complete by its own framing: a server that keeps the connection open
+                // despite `Connection: close` is not waited for until the timeout.
+                if body_of(&response).is_some() {
+                    break;
+                }
+            }
             // Servers that close without a TLS close_notify end the response just the same.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {
                 break;
@@ -239,12 +246,65 @@ pub fn check_http_response(
         return Err(format!("status {status}, expected {expect_status}"));
     }
     if let Some(expect) = expect {
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        // The body as sent, chunks joined (text split across chunks is still found); a
+        // response cut short is matched as it came.
+        let body = body_of(response).map_or_else(
+            || text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned()),
+            |body| String::from_utf8_lossy(&body).into_owned(),
+        );
         if !body.contains(expect) {
             return Err(format!("body does not contain {expect:?}"));
         }
     }
     Ok(())
+}
+
+/// The body of a complete HTTP response by its framing — `Content-Length`, chunked transfer
+/// coding (chunks joined), none for 1xx, 204 and 304 — or `None` while more is to come
+/// (and for a response framed by the end of the connection alone).
+fn body_of(response: &[u8]) -> Option<Vec<u8>> {
+    let header_end = find(response, b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&response[..header_end]);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Some(Vec::new());
+    }
+    let (mut length, mut chunked) = (None, false);
+    for (name, value) in lines.filter_map(|line| line.split_once(':')) {
+        let value = value.trim();
+        if name.trim().eq_ignore_ascii_case("content-length") {
+            length = value.parse::<usize>().ok();
+        } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    let rest = &response[header_end..];
+    if chunked {
+        return dechunk(rest);
+    }
+    length.and_then(|n| rest.get(..n)).map(<[u8]>::to_vec)
+}
+
+/// A chunked body joined, once its last chunk has come (trailers ignored).
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = find(rest, b"\r\n")?;
+        let size = std::str::from_utf8(&rest[..line_end]).ok()?.split(';').next()?.trim();
+        let size = usize::from_str_radix(size, 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn tls_connect(
@@ -370,6 +430,27 @@ mod tests {
     }
 
     #[test]
+    fn http_bodies_are_read_by_their_framing() {
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nheal\r\n3;x=y\r\nthy\r\n0\r\n\r\n";
+        assert_eq!(body_of(chunked).as_deref(), Some(&b"healthy"[..]));
+        assert_eq!(
+            check_http_response(chunked, 200, Some("healthy")),
+            Ok(()),
+            "split across chunks"
+        );
+        assert_eq!(body_of(&chunked[..chunked.len() - 5]), None, "the last chunk not yet here");
+        let sized = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nhealthy";
+        assert_eq!(body_of(sized).as_deref(), Some(&b"healthy"[..]));
+        assert_eq!(body_of(&sized[..sized.len() - 1]), None);
+        assert_eq!(body_of(b"HTTP/1.1 204 No Content\r\n\r\n").as_deref(), Some(&b""[..]));
+        assert_eq!(body_of(b"HTTP/1.1 200 OK\r\n\r\nto the end"), None, "framed by the close");
+        assert_eq!(
+            check_http_response(b"HTTP/1.1 200 OK\r\n\r\nto the end", 200, Some("end")),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn http_responses_are_judged_by_status_and_body() {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nbackend-1\n";
         assert_eq!(check_http_response(ok, 200, None), Ok(()));
@@ -406,6 +487,24 @@ mod tests {
         assert_eq!(probe(CheckKind::Tcp, None).run().await, Ok(()));
         assert_eq!(probe(CheckKind::Http, Some("healthy")).run().await, Ok(()));
         assert!(probe(CheckKind::Http, Some("sick")).run().await.is_err());
+        // A server that keeps the connection open after a complete (chunked) answer, despite
+        // `Connection: close`: the check ends with the answer, not at its timeout.
+        let lingering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lingering_addr = lingering.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = lingering.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nheal\r\n3\r\nthy\r\n0\r\n\r\n";
+                    let _ = stream.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                });
+            }
+        });
+        let mut kept_open = probe(CheckKind::Http, Some("healthy"));
+        kept_open.targets = vec![lingering_addr];
+        assert_eq!(kept_open.run().await, Ok(()));
         // A closed port fails at once.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed_addr = closed.local_addr().unwrap();

@@ -290,6 +290,10 @@ impl Daemon {
 
     /// Takes in one health-check result; a flip changes the weights installed.
     pub fn record_health(&mut self, report: &Report) {
+        // A result of a check that no longer runs (restarted or stopped since it was sent).
+        if self.checker.as_ref().is_some_and(|c| !c.is_current(report)) {
+            return;
+        }
         if self.lifecycle.record(report, Instant::now()) {
             self.refresh_weights();
             self.mark_down();

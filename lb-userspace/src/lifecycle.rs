@@ -449,8 +449,13 @@ mode = "dsr-l2"
         let t0 = Instant::now();
         let config = Config::parse(CONFIG, "t").unwrap();
         let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
-        let report =
-            |healthy, flip| Report { backend: identity(12), result: Ok(()), flip, healthy };
+        let report = |healthy, flip| Report {
+            backend: identity(12),
+            task: 0,
+            result: Ok(()),
+            flip,
+            healthy,
+        };
         assert!(l.record(&report(false, Some(Flip::Down)), t0));
         // One of two down is not below half: no panic, the down one gets nothing.
         assert_eq!(weights(&l, &config, t0), [100, 0]);
@@ -471,8 +476,13 @@ mode = "dsr-l2"
         // Its checks start (failing): the health stays; another backend's start resets.
         l.reset_health(&[identity(11), identity(12)], &down);
         assert_eq!(weights(&l, &config, t0), [100, 0]);
-        let up =
-            Report { backend: identity(12), result: Ok(()), flip: Some(Flip::Up), healthy: true };
+        let up = Report {
+            backend: identity(12),
+            task: 0,
+            result: Ok(()),
+            flip: Some(Flip::Up),
+            healthy: true,
+        };
         assert!(l.record(&up, t0 + Duration::from_secs(1)));
         assert_eq!(l.unhealthy().count(), 0);
         assert_eq!(weights(&l, &config, t0 + Duration::from_secs(6)), [100, 50], "slow start");

@@ -40,6 +40,8 @@ pub struct Spec {
 #[derive(Clone, Debug)]
 pub struct Report {
     pub backend: BackendIdentity,
+    /// The check task that sent it (see [`Checker::is_current`]).
+    pub task: u64,
     pub result: Result<(), String>,
     /// The flip this result caused, if any.
     pub flip: Option<Flip>,
@@ -138,7 +140,10 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
 /// The running check tasks.
 #[derive(Debug)]
 pub struct Checker {
-    tasks: HashMap<BackendIdentity, (Spec, CancellationToken)>,
+    /// Per backend: its check, the task's stop, the task's number.
+    tasks: HashMap<BackendIdentity, (Spec, CancellationToken, u64)>,
+    /// The number the next task gets.
+    next_task: u64,
     reports: mpsc::UnboundedSender<Report>,
     routes: CheckRoutes,
     runtime: tokio::runtime::Handle,
@@ -148,7 +153,22 @@ impl Checker {
     /// A checker whose tasks run on `runtime` and report to `reports`.
     #[must_use]
     pub fn new(reports: mpsc::UnboundedSender<Report>, runtime: tokio::runtime::Handle) -> Self {
-        Self { tasks: HashMap::new(), reports, routes: CheckRoutes::default(), runtime }
+        Self {
+            tasks: HashMap::new(),
+            next_task: 0,
+            reports,
+            routes: CheckRoutes::default(),
+            runtime,
+        }
+    }
+
+    /// Whether `report` comes from the backend's running check task: a result queued
+    /// while its check was restarted (a reload, an API change) or stopped (the backend
+    /// removed or disabled) is of a check that no longer runs, and would set the new
+    /// task's state by the old one's.
+    #[must_use]
+    pub fn is_current(&self, report: &Report) -> bool {
+        self.tasks.get(&report.backend).is_some_and(|(_, _, task)| *task == report.task)
     }
 
     /// Runs exactly `plan`'s checks: stops those no longer wanted or changed, starts new
@@ -160,7 +180,7 @@ impl Checker {
         start_down: &std::collections::HashSet<BackendIdentity>,
     ) -> Vec<BackendIdentity> {
         self.routes.sync(&plan.routes);
-        self.tasks.retain(|backend, (spec, cancel)| {
+        self.tasks.retain(|backend, (spec, cancel, _)| {
             let keep = plan.specs.get(backend) == Some(spec);
             if !keep {
                 cancel.cancel();
@@ -173,22 +193,24 @@ impl Checker {
                 continue;
             }
             let cancel = CancellationToken::new();
+            let task = self.next_task;
+            self.next_task += 1;
             self.runtime.spawn(check_loop(
-                backend.clone(),
+                (backend.clone(), task),
                 spec.clone(),
                 !start_down.contains(&backend),
                 self.reports.clone(),
                 cancel.clone(),
             ));
             started.push(backend.clone());
-            self.tasks.insert(backend, (spec, cancel));
+            self.tasks.insert(backend, (spec, cancel, task));
         }
         started
     }
 
     /// Stops every check and removes the check routes.
     pub fn stop(&mut self) {
-        for (_, (_, cancel)) in self.tasks.drain() {
+        for (_, (_, cancel, _)) in self.tasks.drain() {
             cancel.cancel();
         }
         self.routes.clear();
@@ -202,7 +224,7 @@ impl Drop for Checker {
 }
 
 async fn check_loop(
-    backend: BackendIdentity,
+    (backend, task): (BackendIdentity, u64),
     spec: Spec,
     healthy: bool,
     reports: mpsc::UnboundedSender<Report>,
@@ -222,7 +244,8 @@ async fn check_loop(
             result = spec.probe.run() => result,
         };
         let flip = state.observe(result.is_ok());
-        let report = Report { backend: backend.clone(), result, flip, healthy: state.is_healthy() };
+        let healthy = state.is_healthy();
+        let report = Report { backend: backend.clone(), task, result, flip, healthy };
         if reports.send(report).is_err() {
             return;
         }
@@ -255,5 +278,60 @@ pub fn describe(backend: &BackendIdentity) -> String {
         (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}"),
         (a, Some(port)) => format!("{a}:{port}"),
         (a, None) => a.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::probe::tests::{check, own_netns};
+
+    /// A command check that passes, every `every` (restarted when `every` changes).
+    fn passing(every: u64) -> Spec {
+        let mut probe = check(CheckKind::Command, "127.0.0.1:1".parse().unwrap());
+        probe.command = vec!["true".into()];
+        let every = Duration::from_millis(every);
+        Spec {
+            probe,
+            interval: every,
+            fast_interval: every,
+            jitter: Duration::ZERO,
+            rise: 1,
+            fall: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_check_s_queued_results_are_not_current() {
+        // Its own namespace: the checker clears check routes (`ip rule`) where it runs.
+        if !own_netns("a_restarted_check_s_queued_results_are_not_current") {
+            return;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = Checker::new(tx, tokio::runtime::Handle::current());
+        let backend =
+            BackendIdentity { pool: "web".into(), addr: [198, 18, 1, 11].into(), port: None };
+        let plan = |every| Plan {
+            specs: HashMap::from([(backend.clone(), passing(every))]),
+            routes: BTreeMap::new(),
+        };
+        let none = std::collections::HashSet::new();
+        checker.sync(plan(20), &none);
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, rx.recv()).await.unwrap().unwrap();
+        assert!(checker.is_current(&first));
+        // The check's settings change: a new task; the old one's results are stale.
+        assert_eq!(checker.sync(plan(30), &none), vec![backend.clone()]);
+        assert!(!checker.is_current(&first));
+        let current = loop {
+            let report = tokio::time::timeout(within, rx.recv()).await.unwrap().unwrap();
+            if report.task != first.task {
+                break report;
+            }
+        };
+        assert!(checker.is_current(&current));
+        // Stopped (the backend removed): nothing of it is current.
+        checker.sync(Plan::default(), &none);
+        assert!(!checker.is_current(&current));
     }
 }

@@ -390,12 +390,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A check of `kind` against `target` with the defaults the tests start from (2 s
     /// timeout, `GET /` expecting 200, nothing else set).
-    fn check(kind: CheckKind, target: SocketAddr) -> Probe {
+    pub(crate) fn check(kind: CheckKind, target: SocketAddr) -> Probe {
         Probe {
             kind,
             targets: vec![target],
@@ -415,7 +415,7 @@ mod tests {
     /// namespace of its own with `lo` up, so the servers these tests start touch nothing of
     /// the host's. Needs root, as `cargo xtask test` runs; without it the test says so and
     /// skips, except in CI (`CI=true` or `1`), where it fails.
-    fn own_netns(test: &str) -> bool {
+    pub(crate) fn own_netns(test: &str) -> bool {
         // SAFETY: a flag-only system call; it changes this thread's namespace alone.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             let error = std::io::Error::last_os_error();

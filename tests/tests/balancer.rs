@@ -1782,6 +1782,46 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
 }
 
 #[test]
+fn a_quoted_udp_checksum_that_comes_to_zero_is_written_as_ffff() {
+    // A client datagram whose checksum computes to zero carries 0xffff (zero would say "no
+    // checksum"). Quoted in an ICMP error after NAT and translated back, it must read
+    // 0xffff again, as the client sent it: the exact frame compares it.
+    let Some(mut lb) = Lb::new("icmp_quoted_udp_ffff", &nat_config(false, "udp"), &[]) else {
+        return;
+    };
+    let udp = |payload: &[u8]| Packet::ipv4(CLIENT4, VIP4).udp(48_500, 80).payload(payload).build();
+    let checksum = |frame: &[u8]| u16::from_be_bytes([frame[14 + 20 + 6], frame[14 + 20 + 7]]);
+    let payload = (0..=u16::MAX)
+        .map(u16::to_be_bytes)
+        .find(|p| checksum(&udp(p)) == 0xffff)
+        .expect("a payload whose checksum computes to zero");
+    let original = udp(&payload);
+    let out = lb.bed.run(&original).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx));
+    let (backend, ..) = lb.flow_of(CLIENT4.into(), 48_500, VIP4.into(), 80, IPPROTO_UDP);
+    let bmac = backend_mac(backend);
+    let sent = out.output;
+    assert_ne!(checksum(&sent), 0, "the NAT rewrite keeps a checksum");
+    lb.bed
+        .check_all(&[Case {
+            description: "port unreachable about the datagram".into(),
+            input: icmp_error(backend, NAT4.into(), 3, 3, [0; 4], &sent[14..], (bmac, LB_MAC)),
+            verdict: Action::Tx,
+            reason: None,
+            output: Output::Frame(icmp_error(
+                VIP4.into(),
+                CLIENT4.into(),
+                3,
+                3,
+                [0; 4],
+                &original[14..],
+                (LB_MAC, CLIENT_MAC),
+            )),
+        }])
+        .unwrap();
+}
+
+#[test]
 fn an_icmp_error_to_another_nat_source_is_not_translated() {
     // Two NAT sources: an error sent to the second, quoting a packet the first sent a
     // backend, is about no flow of the address it reached (forged, or misrouted) and goes to

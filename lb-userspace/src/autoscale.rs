@@ -433,14 +433,26 @@ fn trust_roots() -> ureq::tls::RootCerts {
     ROOTS
         .get_or_init(|| {
             let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-            let candidates =
-                from_env.into_iter().chain(SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from));
+            let candidates = from_env
+                .iter()
+                .cloned()
+                .chain(SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from));
             for path in candidates {
-                if let Some(certs) = std::fs::read(&path).ok().and_then(|pem| certificates(&pem)) {
-                    info!(bundle = %path.display(), certificates = certs.len(), "webhook CAs");
-                    return ureq::tls::RootCerts::Specific(Arc::new(certs));
+                let read = std::fs::read(&path).map_err(|e| e.to_string());
+                match read.and_then(|pem| certificates(&pem).ok_or_else(|| "no certificates".into()))
+                {
+                    Ok(certs) => {
+                        info!(bundle = %path.display(), certificates = certs.len(), "webhook CAs");
+                        return ureq::tls::RootCerts::Specific(Arc::new(certs));
+                    }
+                    // Said when it was asked for; the distributions' paths are only tried.
+                    Err(error) if from_env.as_ref() == Some(&path) => {
+                        warn!(bundle = %path.display(), %error, "SSL_CERT_FILE unusable for webhook CAs");
+                    }
+                    Err(_) => {}
                 }
             }
+            warn!("no CA bundle on this host: webhooks trust lbd's built-in list");
             ureq::tls::RootCerts::WebPki
         })
         .clone()
@@ -467,13 +479,17 @@ async fn run_command_within(
     limit: Duration,
 ) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("no command")?;
+    // In a process group of its own, killed whole at the timeout (what a shell started
+    // too), as health-check commands are.
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
+    let mut group = crate::health::probe::KillGroup(child.id());
     let stdin = child.stdin.take();
     // The event and the run under one bound: a hook that never reads its input would
     // otherwise hold the write (and itself) for ever once the event outgrows the pipe.
@@ -492,6 +508,7 @@ async fn run_command_within(
     let status = tokio::time::timeout(limit, run)
         .await
         .map_err(|_| format!("{program} did not finish within {limit:?}"))??;
+    group.0 = None;
     if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
 }
 
@@ -614,6 +631,15 @@ d5uJNQ==
         let error = run_command_within(&stuck, &event, Duration::from_millis(500)).await;
         assert!(error.is_err_and(|e| e.contains("did not finish")));
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // What a timed-out hook started goes with it (its process group).
+        let mark = std::env::temp_dir().join(format!("lb-hook-group-{}", std::process::id()));
+        let script = format!("(sleep 1; touch {}) & wait", mark.display());
+        let shell = ["sh".to_owned(), "-c".to_owned(), script];
+        assert!(run_command_within(&shell, b"{}", Duration::from_millis(200)).await.is_err());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let left = mark.exists();
+        let _ = std::fs::remove_file(&mark);
+        assert!(!left, "the timed-out hook's background job ran on");
         // One that exits at once without reading it succeeded: its status says so.
         assert_eq!(
             run_command_within(&["true".to_owned()], &event, Duration::from_secs(5)).await,

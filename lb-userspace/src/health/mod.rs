@@ -137,13 +137,14 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
     plan
 }
 
+/// The number the next check task gets.
+static NEXT_TASK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The running check tasks.
 #[derive(Debug)]
 pub struct Checker {
     /// Per backend: its check, the task's stop, the task's number.
     tasks: HashMap<BackendIdentity, (Spec, CancellationToken, u64)>,
-    /// The number the next task gets.
-    next_task: u64,
     reports: mpsc::UnboundedSender<Report>,
     routes: CheckRoutes,
     runtime: tokio::runtime::Handle,
@@ -153,13 +154,7 @@ impl Checker {
     /// A checker whose tasks run on `runtime` and report to `reports`.
     #[must_use]
     pub fn new(reports: mpsc::UnboundedSender<Report>, runtime: tokio::runtime::Handle) -> Self {
-        Self {
-            tasks: HashMap::new(),
-            next_task: 0,
-            reports,
-            routes: CheckRoutes::default(),
-            runtime,
-        }
+        Self { tasks: HashMap::new(), reports, routes: CheckRoutes::default(), runtime }
     }
 
     /// Whether `report` comes from the backend's running check task: a result queued
@@ -193,8 +188,8 @@ impl Checker {
                 continue;
             }
             let cancel = CancellationToken::new();
-            let task = self.next_task;
-            self.next_task += 1;
+            // Numbered across checkers too: a report of another checker's task never passes.
+            let task = NEXT_TASK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.runtime.spawn(check_loop(
                 (backend.clone(), task),
                 spec.clone(),

@@ -86,6 +86,7 @@ impl Probe {
             return host.clone();
         }
         let name = match (self.sni.as_ref().filter(|_| tls), target.ip()) {
+            (Some(sni), _) if sni.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{sni}]"),
             (Some(sni), _) => sni.clone(),
             (None, IpAddr::V4(a)) => a.to_string(),
             (None, IpAddr::V6(a)) => format!("[{a}]"),
@@ -143,7 +144,7 @@ impl Probe {
 }
 
 /// Kills a check command's process group when dropped before the command ended.
-struct KillGroup(Option<u32>);
+pub(crate) struct KillGroup(pub(crate) Option<u32>);
 
 impl Drop for KillGroup {
     fn drop(&mut self) {
@@ -232,6 +233,7 @@ pub fn check_http_response(
     expect_status: u16,
     expect: Option<&str>,
 ) -> Result<(), String> {
+    let response = final_answer(response);
     let text = String::from_utf8_lossy(response);
     let status_line = text.lines().next().unwrap_or_default();
     let mut parts = status_line.split_whitespace();
@@ -263,11 +265,12 @@ pub fn check_http_response(
 /// coding (chunks joined), none for 1xx, 204 and 304 — or `None` while more is to come
 /// (and for a response framed by the end of the connection alone).
 fn body_of(response: &[u8]) -> Option<Vec<u8>> {
+    let response = final_answer(response);
     let header_end = find(response, b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&response[..header_end]);
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    if (100..200).contains(&status) || status == 204 || status == 304 {
+    if status == 101 || status == 204 || status == 304 {
         return Some(Vec::new());
     }
     let (mut length, mut chunked) = (None, false);
@@ -284,6 +287,20 @@ fn body_of(response: &[u8]) -> Option<Vec<u8>> {
         return dechunk(rest);
     }
     length.and_then(|n| rest.get(..n)).map(<[u8]>::to_vec)
+}
+
+/// The response after any interim (1xx, but 101) answers before it, such as 103 Early
+/// Hints: the final answer follows them on the same connection.
+fn final_answer(mut response: &[u8]) -> &[u8] {
+    loop {
+        let Some(end) = find(response, b"\r\n\r\n") else { return response };
+        let head = String::from_utf8_lossy(&response[..end]);
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
+        match status {
+            Some(s) if (100..200).contains(&s) && s != 101 => response = &response[end + 4..],
+            _ => return response,
+        }
+    }
 }
 
 /// A chunked body joined, once its last chunk has come (trailers ignored).
@@ -443,6 +460,12 @@ pub(crate) mod tests {
         assert_eq!(body_of(sized).as_deref(), Some(&b"healthy"[..]));
         assert_eq!(body_of(&sized[..sized.len() - 1]), None);
         assert_eq!(body_of(b"HTTP/1.1 204 No Content\r\n\r\n").as_deref(), Some(&b""[..]));
+        // Interim answers (103 Early Hints) come before the final one.
+        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+        assert_eq!(body_of(hints), None, "the final answer is still to come");
+        let both = [&hints[..], &sized[..]].concat();
+        assert_eq!(body_of(&both).as_deref(), Some(&b"healthy"[..]));
+        assert_eq!(check_http_response(&both, 200, Some("healthy")), Ok(()));
         assert_eq!(body_of(b"HTTP/1.1 200 OK\r\n\r\nto the end"), None, "framed by the close");
         assert_eq!(
             check_http_response(b"HTTP/1.1 200 OK\r\n\r\nto the end", 200, Some("end")),
@@ -645,6 +668,8 @@ pub(crate) mod tests {
         assert_eq!(check(CheckKind::Http, at(80)).host_header(at(80), false), "127.0.0.1");
         assert_eq!(https.host_header(at(443), true), "app.example");
         assert_eq!(https.host_header(at(8443), true), "app.example:8443");
+        let literal = Probe { sni: Some("fd00::7".into()), ..check(CheckKind::Https, addr) };
+        assert_eq!(literal.host_header(at(443), true), "[fd00::7]");
         let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8080));
         assert_eq!(check(CheckKind::Http, v6).host_header(v6, false), "[::1]:8080");
     }

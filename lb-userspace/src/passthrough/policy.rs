@@ -82,7 +82,10 @@ impl Policy {
                 SniFallback::Reject => Err("missing_sni"),
             };
         };
-        if matches_any(&self.tls.deny, name) {
+        // A name that is no host name (empty here) cannot be told apart from a denied one
+        // written otherwise (`secret_x.internal.example.com`): refused wherever a deny list
+        // is set.
+        if matches_any(&self.tls.deny, name) || (name.is_empty() && !self.tls.deny.is_empty()) {
             return Err("denied");
         }
         if !self.tls.allow.is_empty() && !matches_any(&self.tls.allow, name) {

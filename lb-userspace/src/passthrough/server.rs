@@ -216,10 +216,10 @@ async fn handle(
     // Pending until the backend answers: a flood of hellos to a pool that black-holes SYNs
     // is held by the same caps as a flood of slow hellos.
     let connected = async {
-        let (hello, route, backend) = decide(&mut client, peer, &policy, &runtime).await?;
+        let (hello, route, backend, now) = decide(&mut client, peer, &policy, &runtime).await?;
         stats.decided(service, accepted.elapsed());
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => Ok((hello, route, backend, stream)),
+            Ok(Ok(stream)) => Ok((hello, route, backend, stream, now)),
             Ok(Err(error)) => {
                 debug!(%peer, %backend, %error, "connecting to the backend failed");
                 Err("connect_failed")
@@ -230,7 +230,8 @@ async fn handle(
     .await;
     stats.pending(service, -1);
     drop(pending);
-    let (hello, route, backend, upstream) = match connected {
+    // From here on, the policy the backend was chosen by (its PROXY header and relay).
+    let (hello, route, backend, upstream, policy) = match connected {
         Ok(connected) => connected,
         Err(reason) => {
             debug!(%peer, service, reason, "passthrough connection refused");
@@ -306,7 +307,7 @@ async fn decide(
     peer: SocketAddr,
     policy: &Policy,
     runtime: &ServiceRuntime,
-) -> Result<(Hello, super::policy::Route, SocketAddr), RejectReason> {
+) -> Result<(Hello, super::policy::Route, SocketAddr, Arc<Policy>), RejectReason> {
     let (bytes, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
         .await
         .map_err(|_| "hello_timeout")??;
@@ -325,7 +326,7 @@ async fn decide(
     let policy = runtime.policy();
     let route = policy.route(hello.server_name.as_deref())?;
     let backend = policy.select(&route.pool, peer).ok_or("no_backend")?;
-    Ok((Hello { bytes, ended }, route, backend))
+    Ok((Hello { bytes, ended }, route, backend, policy))
 }
 
 /// Reads until the buffer holds a whole ClientHello (record by record: it may come in any

@@ -108,21 +108,12 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     // The firewall first: what it drops never reaches a service or the connection table.
     firewall::filter(ctx, scratch, now)?;
     let packet = &scratch.packet;
-    if packet.l4_error != 0 {
-        return Err(unreadable(packet));
+    if packet.l4_error != 0 || packet.fragment != Fragment::None {
+        return Err(without_ports(packet));
     }
     // Most traffic on a host is not ours: prove it with a bit, not two hash lookups.
     if !select::may_be_ours(packet) {
         return Err(Reason::NotService);
-    }
-    if packet.fragment != Fragment::None {
-        // To a service: not balanced without ports in every fragment. (Fragments to a NAT
-        // source go to the host: they may be its own traffic, see architecture.md.)
-        return if select::is_vip(packet) {
-            Err(Reason::Fragment)
-        } else {
-            Err(Reason::NotService)
-        };
     }
     // TCP and UDP packets of live flows, either direction, by one connection lookup.
     let l4 = packet.has_l4 && (packet.proto == IPPROTO_TCP || packet.proto == IPPROTO_UDP);
@@ -147,12 +138,15 @@ fn try_lb_ingress(ctx: &XdpContext) -> Result<Action, Reason> {
     }
 }
 
-/// Why a packet whose transport header cannot be read is not balanced: to a service, a
-/// fragment or a packet with IP options or extension headers, dropped as such (the host must
-/// not answer for the service); anything else goes to the kernel with the parser's reason.
-/// Out of line: rare.
+/// Why a packet without ports to balance by — a fragment, or one whose transport header
+/// cannot be read — is not balanced. To a service address: a fragment is dropped (not every
+/// fragment carries the ports), and so is an unreadable packet with IP options or extension
+/// headers (the host might reassemble or follow it and answer for the service). Anything
+/// else goes to the kernel: with the parser's reason when it could not read the header,
+/// else as not a service's (fragments to a NAT source may be the host's own traffic, see
+/// architecture.md). Out of line: rare.
 #[inline(never)]
-fn unreadable(packet: &parse::Packet) -> Reason {
+fn without_ports(packet: &parse::Packet) -> Reason {
     if select::may_be_ours(packet) && select::is_vip(packet) {
         if packet.fragment != Fragment::None {
             return Reason::Fragment;
@@ -160,6 +154,9 @@ fn unreadable(packet: &parse::Packet) -> Reason {
         if packet.has_ip_options {
             return Reason::IpOptions;
         }
+    }
+    if packet.l4_error == 0 {
+        return Reason::NotService;
     }
     Reason::from_u32(u32::from(packet.l4_error)).unwrap_or(Reason::Truncated)
 }

@@ -479,18 +479,15 @@ async fn run_command_within(
     limit: Duration,
 ) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("no command")?;
-    // In a process group of its own, killed whole at the timeout (what a shell started
-    // too), as health-check commands are.
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
-    let mut group = crate::health::probe::KillGroup(child.id());
-    let stdin = child.stdin.take();
+    // In a process group of its own, killed whole at the timeout (see `process`).
+    let mut child = crate::process::spawn(
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null()),
+    )
+    .map_err(|e| format!("{program}: {e}"))?;
+    let stdin = child.child.stdin.take();
     // The event and the run under one bound: a hook that never reads its input would
     // otherwise hold the write (and itself) for ever once the event outgrows the pipe.
     let run = async {
@@ -508,7 +505,6 @@ async fn run_command_within(
     let status = tokio::time::timeout(limit, run)
         .await
         .map_err(|_| format!("{program} did not finish within {limit:?}"))??;
-    group.0 = None;
     if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
 }
 

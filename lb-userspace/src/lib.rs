@@ -16,6 +16,7 @@ pub mod maps;
 pub mod nexthop;
 pub mod passthrough;
 pub mod pins;
+pub mod process;
 pub mod rng;
 pub mod synflood;
 pub mod sysctl;

@@ -125,34 +125,17 @@ impl Probe {
     async fn command(&self) -> Result<(), String> {
         let (program, args) = self.command.split_first().ok_or("no command")?;
         // In a process group of its own: a check timed out (this future dropped) takes the
-        // whole group with it, the programs a shell started included, which would otherwise
-        // pile up one per timeout.
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("{program}: {e}"))?;
-        let mut group = KillGroup(child.id());
+        // whole group with it (see `process`).
+        let mut child = crate::process::spawn(
+            tokio::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+        .map_err(|e| format!("{program}: {e}"))?;
         let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
-        group.0 = None;
         if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
-    }
-}
-
-/// Kills a check command's process group when dropped before the command ended.
-pub(crate) struct KillGroup(pub(crate) Option<u32>);
-
-impl Drop for KillGroup {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0.and_then(|id| libc::pid_t::try_from(id).ok()) {
-            // SAFETY: a signal to the group this check started (its leader not yet reaped,
-            // so the id is still the group's).
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
     }
 }
 

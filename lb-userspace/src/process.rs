@@ -1,0 +1,41 @@
+//! Programs lbd runs on an operator's behalf (command health checks, autoscaling hooks):
+//! each in a process group of its own, killed whole when lbd gives up on it — what a shell
+//! started too, which would otherwise pile up one per timeout.
+
+use std::{io, process::ExitStatus};
+
+/// A program started by [`spawn`]. Dropped before [`Grouped::wait`] saw it exit (a timeout
+/// dropped the future waiting for it), it takes its whole process group with it.
+#[derive(Debug)]
+pub struct Grouped {
+    pub child: tokio::process::Child,
+    /// The group to kill on drop; `None` once the program has exited.
+    group: Option<u32>,
+}
+
+/// Starts `command` as the leader of a new process group.
+pub fn spawn(command: &mut tokio::process::Command) -> io::Result<Grouped> {
+    let child = command.process_group(0).kill_on_drop(true).spawn()?;
+    Ok(Grouped { group: child.id(), child })
+}
+
+impl Grouped {
+    /// Waits for the program to exit; its group is left alone from then on.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = self.child.wait().await;
+        if status.is_ok() {
+            self.group = None;
+        }
+        status
+    }
+}
+
+impl Drop for Grouped {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.group.and_then(|id| libc::pid_t::try_from(id).ok()) {
+            // SAFETY: a signal to the group this program leads (the leader not yet reaped:
+            // `child` is dropped after this, so the id is still the group's).
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}

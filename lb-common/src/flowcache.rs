@@ -1,31 +1,46 @@
 //! The flow cache: per CPU, a direct-mapped copy of the connection-table entries of live
-//! forward flows, so that a packet of a busy flow costs an array read and a 40-byte compare
-//! instead of the kernel's hash lookup (a jhash of the key, a bucket walk, a `memcmp`, and
-//! the calls and hardened returns between them).
+//! flows, so that a packet of a busy flow costs an array read and a 40-byte compare instead
+//! of the kernel's hash lookup (a jhash of the key, a bucket walk, a `memcmp`, and the calls
+//! and hardened returns between them). Both directions: a client's packets find their
+//! forward entry's copy, a NAT backend's replies their reply entry's.
 //!
 //! The connection table stays the truth; a slot is a copy the data path may use only while
 //! the table's entry would carry the packet the same way without being rewritten:
 //! - the slot holds the packet's key and the current [`CACHE_EPOCH`](crate::maps::CACHE_EPOCH)
 //!   (the daemon bumps it after removing entries of flows that may be live, after writing
 //!   services, before releasing a backend id, at every load);
-//! - [`carry`](crate::conntrack::carry) on the slot's state and `last_seen` (the entry's, as
-//!   cached) keeps the state and asks for no refresh. So a cached flow goes back to the table
-//!   at least once every refresh interval: the entry is refreshed on the same schedule as
-//!   without the cache, and the slot with it; a packet that changes the state (FIN, RST) or
-//!   carries a SYN always goes to the table;
-//! - a NAT copy's port has not been taken by another flow since (`NAT_PORT_GEN`).
+//! - a forward copy: [`carry`](crate::conntrack::carry) on the slot's state and `last_seen`
+//!   (the entry's, as cached) keeps the state and asks for no refresh; a reply copy
+//!   ([`carries_reply`]): neither expired nor due for a refresh, and the packet neither a
+//!   reset nor a SYN. So a cached flow goes back to the table at least once every refresh
+//!   interval in each direction: the entries are refreshed on the same schedule as without
+//!   the cache (a reply's refresh keeps the forward entry alive too), and the slots with
+//!   them; a packet that changes the state (FIN, RST) or carries a SYN always goes to the
+//!   table;
+//! - a NAT copy's port has not been taken by another flow since (`NAT_PORT_GEN`). For a
+//!   reply copy that is the whole of the port's story: the table's entry under a reply key
+//!   is whichever flow holds the port to that backend, and a flow that takes it over (the
+//!   old entry evicted, expired or released) moves the generation on.
 //!
-//! Only plain DSR and NAT forward entries in the established or datagram state are used (no
-//! SYN-cookie flows, no reply entries); whatever the table does with a flow, the data path
-//! refills or empties its slot on that CPU. The sweep never removes an entry a slot could
-//! still be used for (it removes entries expired for longer than the overwrite window, and a
-//! slot is used only within a refresh interval of a `last_seen` no later than the entry's).
-//! A slot holds whichever flow last filled it: a collision costs a table lookup, never a
-//! wrong backend.
+//! Only plain DSR and NAT entries in the established or datagram state are used (no
+//! SYN-cookie flows); whatever the table does with a flow, the data path refills or empties
+//! its slot on that CPU. The sweep never removes an entry a slot could still be used for (it
+//! removes entries expired for longer than the overwrite window, and a slot is used only
+//! within a refresh interval of a `last_seen` no later than the entry's). A slot holds
+//! whichever flow last filled it: a collision costs a table lookup, never a wrong backend
+//! or client.
+//!
+//! What a copy may lag behind in: the state the other direction moved the table's entries
+//! to (a reply copy still says established for up to a refresh interval after the client's
+//! FIN or reset closed the flow, and translates the backend's packets to the same client as
+//! before until then, or until another flow takes the port), and the MAC addresses of a NAT
+//! tuple reopened over its dead flow's own entries (the client's, as the dead flow's
+//! packets had them; a reopened flow with SYN-cookie numbers moves the port's generation
+//! on, its translation being another).
 
 use crate::{
     FlowKey,
-    conntrack::{FLOW_NAT, Flow, FlowState, Timeouts, carry},
+    conntrack::{FLOW_NAT, FLOW_REPLY, Flow, FlowState, Timeouts, carry},
     flow::{pair, top_bits},
 };
 
@@ -104,21 +119,20 @@ pub const fn key_words(key: &FlowKey) -> [u64; 5] {
     ]
 }
 
-/// Whether a slot holding the forward entry `e` may be used: a plain DSR or NAT entry (no
-/// SYN-cookie flags) in the established or datagram state (states only the table leaves).
-/// Reply entries are never cached: a NAT port whose reply entry the LRU evicted may be taken
-/// over by another client's flow at once, and a cached copy would send that flow's replies
-/// to the first client; a forward entry's key is the client's own tuple.
+/// Whether a slot holding the entry `e` may be used: a plain DSR or NAT forward entry, or a
+/// NAT reply entry (no SYN-cookie flags), in the established or datagram state (states only
+/// the table leaves).
 #[inline(always)]
 #[must_use]
 pub const fn usable(e: &Flow) -> bool {
-    (e.flags == 0 || e.flags == FLOW_NAT)
+    (e.flags == 0 || e.flags == FLOW_NAT || e.flags == FLOW_NAT | FLOW_REPLY)
         && (e.state == FlowState::Established as u8 || e.state == FlowState::Datagram as u8)
 }
 
-/// Whether the cached forward entry `e` carries a packet of `proto` with `flags` (TCP
-/// flags) at `now` as its table entry would, without the entry being rewritten: it is
-/// [`usable`], and [`carry`] keeps its state and asks for no refresh.
+/// Whether the cached entry `e` carries a packet of `proto` with `flags` (TCP flags) at
+/// `now` as its table entry would, without the entry being rewritten: it is [`usable`], and
+/// as a forward entry [`carry`] keeps its state and asks for no refresh, as a reply entry
+/// [`carries_reply`].
 #[inline(always)]
 #[must_use]
 pub const fn carries(
@@ -129,11 +143,33 @@ pub const fn carries(
     refresh: u64,
     now: u64,
 ) -> bool {
-    usable(e)
-        && matches!(
-            carry(e.state, e.last_seen, proto, flags, timeouts, refresh, now),
-            Some((_, false))
-        )
+    if !usable(e) {
+        return false;
+    }
+    if e.flags & FLOW_REPLY != 0 {
+        return carries_reply(e, proto, flags, timeouts, refresh, now);
+    }
+    matches!(carry(e.state, e.last_seen, proto, flags, timeouts, refresh, now), Some((_, false)))
+}
+
+/// Whether the usable reply entry `e` carries a backend's packet as the table's reply path
+/// would without writing the entry: not expired, no refresh due (the table path refreshes
+/// both entries once a refresh interval), and not a TCP reset (which closes the flow) or
+/// SYN (a SYN-ACK: the table's, as a client's SYN is).
+#[inline(always)]
+#[must_use]
+pub const fn carries_reply(
+    e: &Flow,
+    proto: u8,
+    flags: u8,
+    timeouts: &Timeouts,
+    refresh: u64,
+    now: u64,
+) -> bool {
+    let control = crate::net::tcp_flags::RST | crate::net::tcp_flags::SYN;
+    !timeouts.is_expired(e.state, e.last_seen, now)
+        && now.saturating_sub(e.last_seen) <= refresh
+        && (proto != crate::net::IPPROTO_TCP || flags & control == 0)
 }
 
 #[cfg(test)]
@@ -145,7 +181,7 @@ mod tests {
         conntrack::{FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, TimeoutSecs},
         net::{
             IPPROTO_TCP,
-            tcp_flags::{ACK, FIN, PSH, RST},
+            tcp_flags::{ACK, FIN, PSH, RST, SYN},
         },
     };
 
@@ -254,18 +290,23 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_established_forward_entries_are_used() {
+    fn only_plain_established_entries_are_used() {
         let flow = |flags, state: FlowState| Flow { flags, state: state as u8, ..Flow::default() };
+        let reply = FLOW_NAT | FLOW_REPLY;
         for state in [FlowState::Established, FlowState::Datagram] {
             assert!(usable(&flow(0, state)));
             assert!(usable(&flow(FLOW_NAT, state)));
-            assert!(!usable(&flow(FLOW_NAT | FLOW_SEQ_ADJ, state)));
-            assert!(!usable(&flow(FLOW_NAT | FLOW_SYN_PROXY, state)));
-            assert!(!usable(&flow(FLOW_NAT | FLOW_REPLY, state)));
+            assert!(usable(&flow(reply, state)));
+            for cookie in [FLOW_SEQ_ADJ, FLOW_SYN_PROXY] {
+                assert!(!usable(&flow(FLOW_NAT | cookie, state)));
+                assert!(!usable(&flow(reply | cookie, state)));
+            }
+            assert!(!usable(&flow(FLOW_REPLY, state)), "a reply entry is a NAT flow's");
         }
         for state in [FlowState::SynSeen, FlowState::Closing, FlowState::Closed] {
             assert!(!usable(&flow(0, state)));
             assert!(!usable(&flow(FLOW_NAT, state)));
+            assert!(!usable(&flow(reply, state)));
         }
     }
 
@@ -290,8 +331,39 @@ mod tests {
         let udp = Flow { state: FlowState::Datagram as u8, flags: 0, ..e };
         assert!(carries(&udp, 17, 0, &t, S, 11 * S));
         assert!(!carries(&udp, 17, 0, &t, S, 11 * S + 1));
-        // A reply entry never is, whatever the packet.
-        let reply = Flow { flags: FLOW_NAT | FLOW_REPLY, ..e };
-        assert!(!carries(&reply, tcp, ACK, &t, S, 10 * S));
+    }
+
+    #[test]
+    fn a_cached_reply_entry_leaves_resets_handshakes_refreshes_and_expiry_to_the_table() {
+        const S: u64 = 1000;
+        let t = Timeouts::from_secs(&TimeoutSecs::default(), S);
+        let e = Flow {
+            flags: FLOW_NAT | FLOW_REPLY,
+            state: FlowState::Established as u8,
+            last_seen: 10 * S,
+            ..Flow::default()
+        };
+        let tcp = IPPROTO_TCP;
+        assert!(carries(&e, tcp, ACK, &t, S, 11 * S));
+        assert!(carries(&e, tcp, ACK | PSH, &t, S, 10 * S));
+        // The reply path moves no state on a backend's FIN (the client's FIN does).
+        assert!(carries(&e, tcp, FIN | ACK, &t, S, 10 * S));
+        assert!(!carries(&e, tcp, ACK, &t, S, 11 * S + 1), "refresh due");
+        assert!(!carries(&e, tcp, RST, &t, S, 10 * S), "a reset closes the flow");
+        assert!(!carries(&e, tcp, RST | ACK, &t, S, 10 * S), "a reset closes the flow");
+        assert!(!carries(&e, tcp, SYN | ACK, &t, S, 10 * S), "the handshake's");
+        let short = Timeouts { established: S / 2, ..t };
+        assert!(!carries(&e, tcp, ACK, &short, S, 10 * S + S / 2 + 1), "expired");
+        // Not by the forward rules: a SYN-seen forward entry is not usable either, and an
+        // established reply entry carries the backend's packets whatever their flags but
+        // those two.
+        let udp = Flow { state: FlowState::Datagram as u8, ..e };
+        assert!(carries(&udp, 17, 0, &t, S, 11 * S));
+        assert!(carries(&udp, 17, RST | SYN, &t, S, 11 * S), "no TCP flags on UDP");
+        assert!(!carries(&udp, 17, 0, &t, S, 11 * S + 1));
+        let cookie = Flow { flags: e.flags | FLOW_SEQ_ADJ, ..e };
+        assert!(!carries(&cookie, tcp, ACK, &t, S, 10 * S), "sequence numbers to shift");
+        let closing = Flow { state: FlowState::Closing as u8, ..e };
+        assert!(!carries(&closing, tcp, ACK, &t, S, 10 * S));
     }
 }

@@ -165,7 +165,10 @@ pub fn open_nat(
     buf: &mut EntryBuf,
     g: &Globals,
 ) -> Result<(), Reason> {
-    if try_open_nat(ctx, key, service, live, buf, g)? == Port::Taken {
+    // A kept port's reply entry translates as before, unless the new flow shifts sequence
+    // numbers (opened by a SYN cookie): a copy of the dead flow's reply entry must not be
+    // used for it.
+    if try_open_nat(ctx, key, service, live, buf, g)? == Port::Taken || live.cookie_flags != 0 {
         crate::flowcache::port_taken(live.nat_port);
     }
     Ok(())
@@ -247,8 +250,11 @@ enum Port {
     /// be current on this reply key (whoever installed its entry last, after any other flow's
     /// copy was recorded, is this tuple, and that install moved the generation on), save in
     /// the instant between the lookup and the write, in which the element may be freed and
-    /// reused (see [`overwrite`]). Copies of flows on the same port number to other
-    /// backends or NAT addresses stay current, as they should. A re-insert (see
+    /// reused (see [`overwrite`]); a copy of the dead flow's reply entry translates the new
+    /// flow's replies as the new entry does (same client, service, backend and port), unless
+    /// the new flow is a SYN cookie's ([`open_nat`] then moves the generation on). Copies
+    /// of flows on the same port number to other backends or NAT addresses stay current,
+    /// as they should. A re-insert (see
     /// [`replace_entry`]) counts as taken: the sweep may have removed the entry and another
     /// flow taken the port in between.
     Kept,

@@ -80,9 +80,9 @@ pub fn find(packet: &Packet, g: &Globals) -> Slot {
 }
 
 impl Slot {
-    /// The cached forward entry of the packet's flow, if the slot holds it in `epoch`, a
-    /// NAT flow's port has not been taken since, and the table's entry would carry this
-    /// packet without being rewritten.
+    /// The cached entry of the packet's flow (forward, or a NAT flow's reply entry), if the
+    /// slot holds it in `epoch`, a NAT flow's port has not been taken since, and the
+    /// table's entry would carry this packet without being rewritten.
     #[inline(always)]
     pub fn hit(&self, packet: &Packet, g: &Globals, epoch: u32, now: u64) -> Option<&'static Flow> {
         if !self.holds || epoch == 0 {
@@ -110,8 +110,8 @@ impl Slot {
         c.epoch == epoch && c.flow.flags & FLOW_NAT != 0 && port_gen(c.flow.nat_port) != c.port_gen
     }
 
-    /// Copies the forward entry `e` of the packet's flow into the slot as the table left it
-    /// after carrying the packet, with `port_gen`, the generation of a NAT flow's port read
+    /// Copies the entry `e` of the packet's flow into the slot as the table left it after
+    /// carrying the packet, with `port_gen`, the generation of a NAT flow's port read
     /// before the table showed the port is still the flow's; an entry the slot may not
     /// carry empties the slot instead, if it held the flow (a slot never keeps an older
     /// state of a flow the table has moved on). Word by word: copying the key or the entry
@@ -135,6 +135,17 @@ impl Slot {
             let flow = (&raw mut (*self.slot).flow).cast::<u64>();
             copy_words(flow, core::ptr::from_ref(e).cast(), FLOW_WORDS);
         }
+    }
+
+    /// Copies the reply entry `e` the table found under the packet's key into the slot (or
+    /// empties it, see [`Slot::fill`]). The entry under a reply key is whichever flow holds
+    /// the port to that backend now, so no port check is needed; the port's generation is
+    /// read before the entry is copied: a flow that takes the port over after that writes
+    /// its entry first and moves the generation on after (the copy is then never used).
+    #[inline(always)]
+    pub fn fill_reply(&self, packet: &Packet, e: &Flow, epoch: u32) {
+        let generation = port_gen(packet.flow_key().dport);
+        self.fill(packet, e, epoch, generation);
     }
 
     /// Follows the table's forward entry `e` of a NAT flow the table carried without a

@@ -194,6 +194,9 @@ fn established(
     let handshake = packet.proto == IPPROTO_TCP && packet.tcp_flags & tcp_flags::SYN != 0;
     let cached = if handshake { None } else { slot.hit(packet, g, epoch, now) };
     let (e, state, refresh) = if let Some(e) = cached {
+        if e.flags & FLOW_REPLY != 0 {
+            return nat::translate(ctx, packet, e);
+        }
         (e, e.state, false)
     } else {
         let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else {
@@ -203,11 +206,11 @@ fn established(
         // SAFETY: a map value pointer from a successful lookup; concurrent writers only race
         // on the timestamp and state, which any of them may win.
         let e = unsafe { &mut *entry };
-        if e.flags & (FLOW_REPLY | FLOW_SYN_PROXY) != 0 {
-            slot.forget();
-        }
         if e.flags & FLOW_REPLY != 0 {
-            return nat::reply(ctx, packet, e, g, now);
+            return nat::reply(ctx, packet, e, g, now, (&slot, epoch));
+        }
+        if e.flags & FLOW_SYN_PROXY != 0 {
+            slot.forget();
         }
         if e.flags & FLOW_SYN_PROXY != 0 {
             // The backend has not answered the SYN this flow sent it: the client's segments

@@ -11,6 +11,7 @@ use lb_common::{
 };
 
 use crate::{
+    flowcache::Slot,
     forward,
     maps::{CONNTRACK, NAT_SOURCES, Scratch},
     mem::put_addr,
@@ -143,7 +144,9 @@ fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
     }
 }
 
-/// Translates a backend's reply back to the client, by its reply entry `e`.
+/// Translates a backend's reply back to the client, by its reply entry `e` (the table's),
+/// and has the packet's flow-cache slot (`slot`, in `epoch`) follow the entry: filled from
+/// it as this packet leaves it, or emptied.
 #[inline(always)]
 pub fn reply(
     ctx: &XdpContext,
@@ -151,11 +154,15 @@ pub fn reply(
     e: &mut Flow,
     g: &Globals,
     now: u64,
+    (slot, epoch): (&Slot, u32),
 ) -> Result<Action, Reason> {
     if g.timeouts.is_expired(e.state, e.last_seen, now) {
+        slot.forget();
         return Err(Reason::NotService);
     }
     if packet.proto == IPPROTO_TCP && e.flags & (FLOW_SYN_PROXY | FLOW_SEQ_ADJ) != 0 {
+        // Never cached, and neither may an older copy of the key be used.
+        slot.forget();
         if e.flags & FLOW_SYN_PROXY != 0 {
             if packet.tcp_flags & tcp_flags::RST == 0 {
                 // The backend's SYN-ACK to the load balancer's SYN: answered here.
@@ -183,6 +190,14 @@ pub fn reply(
         }
         touch_forward(e, packet.proto, packet.family as u8, reset, now);
     }
+    slot.fill_reply(packet, e, epoch);
+    translate(ctx, packet, e)
+}
+
+/// Translates a backend's reply back to the client by the reply entry `e`, the table's or
+/// a flow-cache copy: addresses and ports, counters, transmission.
+#[inline(always)]
+pub fn translate(ctx: &XdpContext, packet: &Packet, e: &Flow) -> Result<Action, Reason> {
     let to = Rewrite { src: &e.vip_addr, dst: &e.peer_addr, sport: e.vip_port, dport: e.peer_port };
     rewrite(ctx, packet, &to)?;
     let (service_id, backend_id) = (e.service_id, e.backend_id);

@@ -1032,6 +1032,147 @@ fn a_nat_flow_whose_replies_refresh_it_stays_cached() {
     assert!(lb.bed.datapath.maps().conntrack.get(&key).is_none(), "carried by the slot");
 }
 
+/// A segment from the backend of the flow from client port `cport` (its address, port and
+/// NAT port `flow`) to the NAT address, and that segment as it reaches the client.
+fn reply_both_ways(
+    client: IpAddr,
+    vip: IpAddr,
+    nat: IpAddr,
+    cport: u16,
+    flow: (IpAddr, u16, u16),
+    proto: u8,
+    flags: u8,
+) -> (Vec<u8>, Vec<u8>) {
+    let (backend, bport, nat_port) = flow;
+    let segment = |p: Packet, sport: u16, dport: u16| {
+        if proto == IPPROTO_TCP {
+            p.tcp(sport, dport).flags(flags).seq_ack(7000, 1001).payload(b"reply").build()
+        } else {
+            p.udp(sport, dport).payload(b"reply").build()
+        }
+    };
+    (
+        segment(ip_packet(backend, nat).macs(backend_mac(backend), LB_MAC), bport, nat_port),
+        segment(ip_packet(vip, client).macs(LB_MAC, CLIENT_MAC), 80, cport),
+    )
+}
+
+#[test]
+fn a_nat_reply_is_carried_by_the_flow_cache_until_the_table_must_see_it() {
+    // A backend's replies are carried by the flow cache's copy of the flow's reply entry
+    // (per CPU; the harness keeps the test on one), exactly as the table translates them.
+    // Seen by the LRU evicting the reply entry behind the cache's back: the next reply still
+    // reaches the client and is counted, and the table stays without the entry. A cut (the
+    // epoch), a reset from the backend (the table's: it closes the flow, and a closed
+    // flow's copy is not used) send replies to the table again.
+    for (v6, proto) in [(false, IPPROTO_TCP), (true, IPPROTO_TCP), (false, IPPROTO_UDP)] {
+        let tcp = proto == IPPROTO_TCP;
+        let name = format!(
+            "reply_cache_{}_{}",
+            if v6 { "v6" } else { "v4" },
+            if tcp { "tcp" } else { "udp" }
+        );
+        let (client, vip, nat) = addresses(v6);
+        let Some(mut lb) = Lb::new(&name, &nat_config(v6, if tcp { "tcp" } else { "udp" }), &[])
+        else {
+            return;
+        };
+        lb.set_globals(|g| g.refresh = g.timeouts.established / 2);
+        let open = |lb: &mut Lb, port: u16| {
+            let frames = if tcp {
+                vec![
+                    ip_packet(client, vip).tcp(port, 80).flags(tcp_flags::SYN).build(),
+                    ip_packet(client, vip).tcp(port, 80).flags(tcp_flags::ACK).build(),
+                ]
+            } else {
+                vec![ip_packet(client, vip).udp(port, 80).payload(b"hello").build()]
+            };
+            for frame in frames {
+                assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx));
+            }
+            lb.flow_of(client, port, vip, 80, proto)
+        };
+        let data = tcp_flags::ACK | tcp_flags::PSH;
+        let sid = lb.balancer.service_id("s").unwrap();
+
+        let port = 46_500;
+        let flow = open(&mut lb, port);
+        let (reply, back) = reply_both_ways(client, vip, nat, port, flow, proto, data);
+        let out = lb.bed.run(&reply).unwrap();
+        assert_eq!(out.verdict, Some(Action::Tx), "{name}");
+        assert_eq!(hex(&out.output), hex(&back), "{name}: by the table");
+        assert_eq!(lb.evict_reply_entries(), 1, "{name}");
+        let before = lb.bed.datapath.maps().traffic.service(sid).unwrap();
+        let out = lb.bed.run(&reply).unwrap();
+        assert_eq!(out.verdict, Some(Action::Tx), "{name}");
+        assert_eq!(hex(&out.output), hex(&back), "{name}: by the cache, as by the table");
+        assert_eq!(lb.evict_reply_entries(), 0, "{name}: the table was not written");
+        let after = lb.bed.datapath.maps().traffic.service(sid).unwrap();
+        assert_eq!(after.reply_packets, before.reply_packets + 1, "{name}: counted");
+
+        // The daemon's cuts bump the epoch: the table's again, which has no such flow.
+        let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+        assert_eq!(conntrack.remove_flows_of_services(&[sid], None).unwrap(), 1, "{name}");
+        assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Pass), "{name}: after a cut");
+
+        if tcp {
+            // A reset from the backend goes to the table, which closes the flow: the slot
+            // follows (a closed flow's copy is not used) and, its entry evicted, the
+            // backend's next segment finds nothing to translate it by.
+            let port = 46_501;
+            let flow = open(&mut lb, port);
+            let (reply, _) = reply_both_ways(client, vip, nat, port, flow, proto, data);
+            let (rst, _) = reply_both_ways(
+                client,
+                vip,
+                nat,
+                port,
+                flow,
+                proto,
+                tcp_flags::RST | tcp_flags::ACK,
+            );
+            assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Tx), "{name}");
+            assert_eq!(lb.bed.run(&rst).unwrap().verdict, Some(Action::Tx), "{name}: the reset");
+            let key = lb_common::FlowKey::new((client, port).into(), (vip, 80).into(), proto);
+            let entry = lb.bed.datapath.maps().conntrack.get(&key).unwrap();
+            assert_eq!(entry.state, FlowState::Closed as u8, "{name}: closed by the table");
+            assert_eq!(lb.evict_reply_entries(), 1, "{name}");
+            assert_eq!(
+                lb.bed.run(&reply).unwrap().verdict,
+                Some(Action::Pass),
+                "{name}: no copy of a closed flow"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_nat_port_taken_over_sends_its_replies_to_the_flow_that_took_it() {
+    // One NAT port, one backend: the backend's replies to port 20000 belong to whichever
+    // flow holds it. `a`'s reply entry is cached, then evicted, and `b` takes the port: the
+    // backend's next reply to the port must reach `b`, not `a` through the stale copy (the
+    // port's generation moved).
+    let Some(mut lb) = one_port_cached("reply_cache_port") else { return };
+    let (client, vip, nat) = addresses(false);
+    let (a, b) = (46_510, 46_511);
+    open_cached(&mut lb, a);
+    let data = tcp_flags::ACK | tcp_flags::PSH;
+    let flow_a = lb.flow_of(client, a, vip, 80, IPPROTO_TCP);
+    let (reply, back_to_a) = reply_both_ways(client, vip, nat, a, flow_a, IPPROTO_TCP, data);
+    for _ in 0..2 {
+        assert_eq!(hex(&lb.bed.run(&reply).unwrap().output), hex(&back_to_a));
+    }
+    assert_eq!(lb.evict_reply_entries(), 1);
+    assert_eq!(lb.bed.run(&syn4(b)).unwrap().verdict, Some(Action::Tx));
+    let flow_b = lb.flow_of(client, b, vip, 80, IPPROTO_TCP);
+    assert_eq!(flow_b, flow_a, "the same backend and port");
+    let (same_reply, back_to_b) = reply_both_ways(client, vip, nat, b, flow_b, IPPROTO_TCP, data);
+    assert_eq!(same_reply, reply);
+    let out = lb.bed.run(&reply).unwrap();
+    assert_eq!(out.verdict, Some(Action::Tx));
+    assert_eq!(hex(&out.output), hex(&back_to_b), "to the flow that holds the port now");
+}
+
 #[test]
 fn a_port_taken_back_by_its_first_flow_stops_the_slot_of_the_flow_between() {
     // One NAT port. `a`'s reply entry is evicted and `c` takes the port, is cached, and then

@@ -168,24 +168,33 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
 
     let mut scenarios = scenarios();
     // The reply of an established NAT flow (timed before the new-flow runs, which empty the
-    // connection table): learn its NAT port from the table.
+    // connection table): learn its NAT port from the table. Cached as a busy flow's replies
+    // are, and uncached (each reply the table's, as when its slot was taken by another flow).
     let reply = reply_frame(&mut datapath, &balancer)?;
     let before_new_flows =
         scenarios.iter().position(|s| s.name == "conntrack insert alone").unwrap_or(0);
-    scenarios.insert(
-        before_new_flows,
-        Scenario {
-            name: "NAT IPv4 reply",
-            program: BENCH_INGRESS,
-            floor: BENCH_FLOOR,
-            frame: reply,
-            verdict: Action::Tx,
-            new_flows: false,
-            warmup: false,
-            reopen: None,
-            opening: None,
-        },
-    );
+    for (i, (name, program, floor)) in [
+        ("NAT IPv4 reply", BENCH_INGRESS, BENCH_FLOOR),
+        ("NAT IPv4 reply, uncached", BENCH_UNCACHED, BENCH_UNCACHED_FLOOR),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        scenarios.insert(
+            before_new_flows + i,
+            Scenario {
+                name,
+                program,
+                floor,
+                frame: reply.clone(),
+                verdict: Action::Tx,
+                new_flows: false,
+                warmup: true,
+                reopen: None,
+                opening: None,
+            },
+        );
+    }
     // `LB_BENCH_LOOP=NAME`: run that one path for 10 s and nothing else, for a profiler
     // (`perf record -a` alongside) to see where its time goes.
     if let Ok(name) = std::env::var("LB_BENCH_LOOP") {
@@ -727,14 +736,12 @@ fn tcp_key(client: IpAddr, sport: u16, service: IpAddr) -> lb_common::FlowKey {
     lb_common::FlowKey::new((client, sport).into(), (service, 80).into(), 6)
 }
 
+/// A backend's reply on an established NAT flow (opened here by the client's SYN and ACK).
 fn reply_frame(datapath: &mut Datapath, balancer: &Balancer) -> anyhow::Result<Vec<u8>> {
-    let open = frame(
-        IpAddr::V4(CLIENT4),
-        IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)),
-        40_100,
-        tcp_flags::SYN,
-    );
-    run_once(datapath, BENCH_INGRESS, &open, Action::Tx)?;
+    let (client, service) = (IpAddr::V4(CLIENT4), IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)));
+    for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+        run_once(datapath, BENCH_INGRESS, &frame(client, service, 40_100, flags), Action::Tx)?;
+    }
     let key = tcp_key(IpAddr::V4(CLIENT4), 40_100, IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)));
     let flow = datapath.maps().conntrack.get(&key).context("the NAT flow was not opened")?;
     let backend = datapath.maps().backends.get(flow.backend_id)?;

@@ -141,11 +141,28 @@ impl PoolTable {
     /// hashes a 5-tuple; `None` when the pool has no backend with weight.
     #[must_use]
     pub fn select(&self, client: SocketAddr, service: SocketAddr) -> Option<(u32, SocketAddr)> {
+        self.select_untried(client, service, &[])
+    }
+
+    /// [`PoolTable::select`] for a connection whose backends `tried` (ids) failed it: the
+    /// first backend not tried in the table from the connection's own slot on. The slots
+    /// interleave the backends by weight, so a failed backend's connections spread over
+    /// the others as its slots would on its removal, and the same connection always gets
+    /// the same next backend. `None` once every backend with weight has been tried.
+    #[must_use]
+    pub fn select_untried(
+        &self,
+        client: SocketAddr,
+        service: SocketAddr,
+        tried: &[u32],
+    ) -> Option<(u32, SocketAddr)> {
         let size = u32::try_from(self.slots.len()).ok().filter(|s| *s > 0)?;
         let key = FlowKey::new(client, service, lb_common::net::IPPROTO_TCP);
-        let id = self.slots[scale(flow_hash(&key, self.hash_seed, false), size) as usize];
-        let (addr, port) = self.backends.get(&id)?;
-        Some((id, SocketAddr::new(*addr, port.unwrap_or(service.port()))))
+        let start = scale(flow_hash(&key, self.hash_seed, false), size) as usize;
+        let (first, wrapped) = self.slots.split_at(start);
+        let id = wrapped.iter().chain(first).find(|id| !tried.contains(id))?;
+        let (addr, port) = self.backends.get(id)?;
+        Some((*id, SocketAddr::new(*addr, port.unwrap_or(service.port()))))
     }
 }
 
@@ -870,5 +887,61 @@ fn service_value(config: &Config, service: &ServiceConfig, id: u32, cookies_on: 
         nat_port_min: if service.mode == ForwardingMode::Nat { min } else { 0 },
         nat_port_max: if service.mode == ForwardingMode::Nat { max } else { 0 },
         nat_addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool table of backends 1 to `n` (198.18.1.1 to .n, port 8443), equal weights.
+    fn table(n: u8) -> PoolTable {
+        let members: Vec<(u64, u32, u32)> =
+            (1..=n).map(|id| (u64::from(id), u32::from(id), 1)).collect();
+        PoolTable {
+            slots: build_table(&maglev_members(&members), 65_537),
+            backends: (1..=n)
+                .map(|id| (u32::from(id), (IpAddr::from([198, 18, 1, id]), Some(8443))))
+                .collect(),
+            hash_seed: 7,
+        }
+    }
+
+    #[test]
+    fn a_connection_that_failed_on_its_backends_goes_on_to_the_others_in_turn() {
+        let t = table(4);
+        let service: SocketAddr = "198.18.100.1:443".parse().unwrap();
+        let mut next_counts = HashMap::<u32, u32>::new();
+        for port in 40_000..41_000u16 {
+            let client = SocketAddr::from(([198, 18, 0, 2], port));
+            let first = t.select(client, service).unwrap();
+            assert_eq!(t.select_untried(client, service, &[]), Some(first));
+            // Every backend once, each time another, then none; the same order every time.
+            let mut tried = Vec::new();
+            while let Some((id, addr)) = t.select_untried(client, service, &tried) {
+                assert!(!tried.contains(&id), "{id} twice");
+                assert_eq!(addr, SocketAddr::new(t.backends[&id].0, 8443));
+                tried.push(id);
+            }
+            assert_eq!(tried.len(), 4, "every backend once: {tried:?}");
+            assert_eq!(tried[0], first.0);
+            *next_counts.entry(tried[1]).or_default() += 1;
+            let again: Vec<u32> =
+                (0..4).map(|i| t.select_untried(client, service, &tried[..i]).unwrap().0).collect();
+            assert_eq!(again, tried, "the order is the connection's own");
+        }
+        // The second choices spread over the other backends, not onto one of them.
+        assert_eq!(next_counts.len(), 4, "{next_counts:?}");
+        for n in next_counts.values() {
+            assert!((180..320).contains(n), "{next_counts:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_pool_selects_nothing() {
+        let t = PoolTable::default();
+        let (client, service) =
+            ("198.18.0.2:40000".parse().unwrap(), "198.18.100.1:443".parse().unwrap());
+        assert_eq!(t.select_untried(client, service, &[]), None);
     }
 }

@@ -654,6 +654,9 @@ const fn default_max_pending() -> u32 {
 const fn default_max_pending_per_source() -> u32 {
     64
 }
+const fn default_connect_attempts() -> u32 {
+    3
+}
 
 /// `[service.tls]`: the routing policy of a `tls-passthrough` service. See
 /// `docs/tls-passthrough.md`.
@@ -688,6 +691,10 @@ pub struct TlsPassthroughConfig {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub relay: RelayMode,
+    /// Backends tried for one connection, each another: a backend that refuses the
+    /// connection or does not answer in time is followed by the next the pool's table gives.
+    #[serde(default = "default_connect_attempts")]
+    pub connect_attempts: u32,
 }
 
 impl Default for TlsPassthroughConfig {
@@ -703,6 +710,7 @@ impl Default for TlsPassthroughConfig {
             max_pending_per_source: default_max_pending_per_source(),
             proxy_protocol: false,
             relay: RelayMode::Sockmap,
+            connect_attempts: default_connect_attempts(),
         }
     }
 }
@@ -1484,13 +1492,26 @@ fn check_passthrough(service: &ServiceConfig, p: &mut Problems<'_>) {
     }
     if !(1..=65_536).contains(&tls.max_pending) || tls.max_pending_per_source == 0 {
         p.add(
-            at,
+            at.clone(),
             &format!(
                 "service {name:?}: max_pending is 1 to 65536 and max_pending_per_source at least 1"
             ),
         );
     }
+    if !(1..=MAX_CONNECT_ATTEMPTS).contains(&tls.connect_attempts) {
+        p.add(
+            at,
+            &format!(
+                "service {name:?}: connect_attempts {} is out of range; use 1 to {MAX_CONNECT_ATTEMPTS}",
+                tls.connect_attempts
+            ),
+        );
+    }
 }
+
+/// Backends a passthrough connection may try, at most: each attempt may wait out the
+/// connect timeout while the client waits.
+pub const MAX_CONNECT_ATTEMPTS: u32 = 8;
 
 /// Parses `"first-last"` into a port range of at least one port, above 1023.
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
@@ -1807,6 +1828,7 @@ pool = "web"
         let tls = service.tls.as_ref().unwrap();
         assert_eq!(tls.routes.len(), 2);
         assert_eq!(tls.hello_timeout_ms, 10_000);
+        assert_eq!(tls.connect_attempts, 3);
         assert_eq!(tls.unknown_sni, SniFallback::Default);
         assert_eq!(tls.relay, RelayMode::Sockmap);
         // The API writes configurations back: the policy survives the round trip.
@@ -1848,6 +1870,8 @@ pool = "web"
                 "allow/deny pattern \"bad name\"",
             ),
             (("deny = [", "hello_timeout_ms = 5\ndeny = ["), "hello_timeout_ms 5 is out of range"),
+            (("deny = [", "connect_attempts = 0\ndeny = ["), "connect_attempts 0 is out of range"),
+            (("deny = [", "connect_attempts = 9\ndeny = ["), "connect_attempts 9 is out of range"),
             (
                 ("mode = \"tls-passthrough\"", "mode = \"dsr-l2\""),
                 "has a `[service.tls]` table but is dsr-l2",

@@ -34,6 +34,9 @@ const TLS_PORT: u16 = 443;
 const STRICT_PORT: u16 = 8443;
 const PROXY_PORT: u16 = 7443;
 const SPLICE_PORT: u16 = 9443;
+/// Services on a pool where only backend 1 listens: trying the others in turn, and not.
+const FAILOVER_PORT: u16 = 6443;
+const ONE_ATTEMPT_PORT: u16 = 5443;
 /// Where the backends listen: `openssl s_server`, and the test's own rustls and PROXY
 /// servers.
 const S_SERVER_PORT: u16 = 8443;
@@ -58,6 +61,9 @@ fn config() -> String {
         ("proxy-check", vec![b(2, PROXY_CHECK_PORT)]),
         ("tls6-www", vec![b6(1, S_SERVER_PORT)]),
         ("tls6-default", vec![b6(0, S_SERVER_PORT)]),
+        // Nothing listens on port 1: backends 2 and 3 refuse every connection. No health
+        // check, so they stay in the pool (as a backend does until its checks fail).
+        ("tls-failover", vec![b(0, S_SERVER_PORT), b(1, 1), b(2, 1)]),
     ] {
         c.push_str(&config::pool(name, &backends));
     }
@@ -93,6 +99,14 @@ fn config() -> String {
         SPLICE_PORT,
         "tls-bulk",
         "relay = \"splice\"\n",
+    ));
+    c.push_str(&tls_passthrough_service("tls4-failover", VIP4, FAILOVER_PORT, "tls-failover", ""));
+    c.push_str(&tls_passthrough_service(
+        "tls4-one-attempt",
+        VIP4,
+        ONE_ATTEMPT_PORT,
+        "tls-failover",
+        "connect_attempts = 1\n",
     ));
     c.push_str(&tls_passthrough_service(
         "tls6",
@@ -252,6 +266,7 @@ fn tls_passthrough() {
     assert!(tls4["bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64, "{tls4}");
 
     relays_of_a_disabled_backend_are_cut(&setup, vip4, &hello);
+    refusing_backends_are_passed_over(&setup);
 
     // A reload takes new routes for new connections, and a removed service stops listening.
     let rerouted = config().replace(
@@ -276,6 +291,35 @@ fn tls_passthrough() {
     assert!(refused, "the removed service still accepts connections");
     let log = setup.daemon.take().unwrap().finish();
     assert!(log.contains("TLS passthrough started") && log.contains("relay=\"sockmap\""), "{log}");
+}
+
+/// Two of the pool's three backends refuse connections. With the default three attempts,
+/// every client reaches the one that listens (the refusals counted as failed attempts, not
+/// as refused connections); with one attempt, clients hashed to a refusing backend are
+/// closed (`connect_failed`), as they were before connections tried another backend.
+fn refusing_backends_are_passed_over(setup: &Setup) {
+    let lab = &setup.lab;
+    let failures = |service: &str| {
+        setup.metric(&format!(
+            "lb_passthrough_connect_failures_total{{service=\"{service}\",reason=\"connect_failed\"}}"
+        ))
+    };
+    let failover = SocketAddr::from((VIP4, FAILOVER_PORT));
+    for i in 0..12 {
+        let got = s_client_peer(&lab.client, failover, Some("www.example.com"));
+        assert_eq!(got.as_deref(), Some("backend-1"), "connection {i}");
+    }
+    assert_eq!(rejected(setup, "tls4-failover", "connect_failed"), 0);
+    // Each client's own source port picks its first backend: two in three refuse.
+    assert!(failures("tls4-failover") >= 1, "no connection met a refusing backend");
+
+    let one = SocketAddr::from((VIP4, ONE_ATTEMPT_PORT));
+    let refused =
+        (0..12).filter(|_| s_client_peer(&lab.client, one, Some("www.example.com")).is_none());
+    let refused = refused.count() as u64;
+    assert!(refused >= 1, "every one-attempt connection reached the listening backend");
+    assert_eq!(rejected(setup, "tls4-one-attempt", "connect_failed"), refused);
+    assert_eq!(failures("tls4-one-attempt"), refused);
 }
 
 /// The ClientHello `openssl s_client -tls1_2` sends for `www.example.com` (TLS 1.2, so the

@@ -361,6 +361,19 @@ impl Snapshot {
             "Connections closed before reaching a backend, by reason.",
             &rejected,
         )?;
+        let failures: Vec<(Labels, u64)> = p
+            .connect_failures
+            .iter()
+            .map(|((service, reason), n)| {
+                (vec![("service", service.clone()), ("reason", (*reason).to_owned())], *n)
+            })
+            .collect();
+        counter(
+            e,
+            "lb_passthrough_connect_failures",
+            "Attempts to connect to a backend that failed, by reason (the connection then tries another backend, up to connect_attempts).",
+            &failures,
+        )?;
         let pending: Vec<(Labels, i64)> = p
             .pending
             .iter()

@@ -101,10 +101,16 @@ impl Policy {
     }
 
     /// The backend of `pool` for a connection from `client`: the data path's hash over the
-    /// connection's 5-tuple, healthy (weighted) backends only.
+    /// connection's 5-tuple, healthy (weighted) backends only, none of those `tried` (ids:
+    /// they failed the connection; see `PoolTable::select_untried`).
     #[must_use]
-    pub fn select(&self, pool: &str, client: SocketAddr) -> Option<SocketAddr> {
-        self.tables.get(pool)?.select(client, self.address).map(|(_, addr)| addr)
+    pub fn select(
+        &self,
+        pool: &str,
+        client: SocketAddr,
+        tried: &[u32],
+    ) -> Option<(u32, SocketAddr)> {
+        self.tables.get(pool)?.select_untried(client, self.address, tried)
     }
 
     /// Every route label and its pool, the default last (for metrics).
@@ -134,6 +140,12 @@ impl Policy {
     #[must_use]
     pub const fn max_pending_per_source(&self) -> u32 {
         self.tls.max_pending_per_source
+    }
+
+    /// Backends one connection may try (see [`Policy::select`]).
+    #[must_use]
+    pub const fn connect_attempts(&self) -> u32 {
+        self.tls.connect_attempts
     }
 
     #[must_use]

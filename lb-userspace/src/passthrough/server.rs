@@ -216,16 +216,10 @@ async fn handle(
     // Pending until the backend answers: a flood of hellos to a pool that black-holes SYNs
     // is held by the same caps as a flood of slow hellos.
     let connected = async {
-        let (hello, route, backend, now) = decide(&mut client, peer, &policy, &runtime).await?;
+        let (hello, route, now) = decide(&mut client, peer, &policy, &runtime).await?;
         stats.decided(service, accepted.elapsed());
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => Ok((hello, route, backend, stream, now)),
-            Ok(Err(error)) => {
-                debug!(%peer, %backend, %error, "connecting to the backend failed");
-                Err("connect_failed")
-            }
-            Err(_) => Err("connect_timeout"),
-        }
+        let (backend, stream) = connect(&now, &route.pool, peer, stats).await?;
+        Ok((hello, route, backend, stream, now))
     }
     .await;
     stats.pending(service, -1);
@@ -300,14 +294,42 @@ fn keep_alive(socket: &TcpStream) {
     }
 }
 
+/// Connects to a backend of `pool` for the client `peer`: the one the pool's table gives,
+/// then, while it refuses or does not answer in time, the next ones not tried (up to the
+/// policy's `connect_attempts` in all). Each failed attempt is counted; the last one's
+/// reason is the connection's.
+async fn connect(
+    policy: &Policy,
+    pool: &str,
+    peer: SocketAddr,
+    stats: &Stats,
+) -> Result<(SocketAddr, TcpStream), RejectReason> {
+    let mut tried = Vec::new();
+    let mut reason = "no_backend";
+    for _ in 0..policy.connect_attempts() {
+        let Some((id, backend)) = policy.select(pool, peer, &tried) else { break };
+        tried.push(id);
+        reason = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+            Ok(Ok(stream)) => return Ok((backend, stream)),
+            Ok(Err(error)) => {
+                debug!(%peer, %backend, %error, "connecting to the backend failed");
+                "connect_failed"
+            }
+            Err(_) => "connect_timeout",
+        };
+        stats.connect_failed(&policy.service, reason);
+    }
+    Err(reason)
+}
+
 /// Reads the hello within the policy's timeout and routes it: the bytes read, the route and
-/// the backend.
+/// the policy that routed it.
 async fn decide(
     client: &mut TcpStream,
     peer: SocketAddr,
     policy: &Policy,
     runtime: &ServiceRuntime,
-) -> Result<(Hello, super::policy::Route, SocketAddr, Arc<Policy>), RejectReason> {
+) -> Result<(Hello, super::policy::Route, Arc<Policy>), RejectReason> {
     let (bytes, hello) = tokio::time::timeout(policy.hello_timeout(), read_hello(client))
         .await
         .map_err(|_| "hello_timeout")??;
@@ -325,8 +347,7 @@ async fn decide(
     // relays cut, which a choice made by the old policy would escape.
     let policy = runtime.policy();
     let route = policy.route(hello.server_name.as_deref())?;
-    let backend = policy.select(&route.pool, peer).ok_or("no_backend")?;
-    Ok((Hello { bytes, ended }, route, backend, policy))
+    Ok((Hello { bytes, ended }, route, policy))
 }
 
 /// Reads until the buffer holds a whole ClientHello (record by record: it may come in any

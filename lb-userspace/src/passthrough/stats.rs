@@ -42,6 +42,9 @@ pub struct StatsSnapshot {
     pub routes: BTreeMap<RouteId, RouteCounters>,
     /// (service, reason) to connections closed without reaching a backend.
     pub rejected: BTreeMap<(String, &'static str), u64>,
+    /// (service, reason) to attempts to connect to a backend that failed (`connect_failed`,
+    /// `connect_timeout`); the connection may have gone on to another backend.
+    pub connect_failures: BTreeMap<(String, &'static str), u64>,
     pub decisions: BTreeMap<String, Decisions>,
     /// Connections waiting for their hello now, by service.
     pub pending: BTreeMap<String, u64>,
@@ -75,6 +78,10 @@ impl Stats {
 
     pub fn reject(&self, service: &str, reason: &'static str) {
         self.with(|s| *s.rejected.entry((service.to_owned(), reason)).or_default() += 1);
+    }
+
+    pub fn connect_failed(&self, service: &str, reason: &'static str) {
+        self.with(|s| *s.connect_failures.entry((service.to_owned(), reason)).or_default() += 1);
     }
 
     pub fn pending(&self, service: &str, delta: i64) {

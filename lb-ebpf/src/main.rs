@@ -195,6 +195,10 @@ fn established(
     let cached = if handshake { None } else { slot.hit(packet, g, epoch, now) };
     let (e, state, refresh) = if let Some(e) = cached {
         if e.flags & FLOW_REPLY != 0 {
+            // Dropped as the table path drops them (see below).
+            if packet.has_ip_options {
+                return Err(Reason::IpOptions);
+            }
             return nat::translate(ctx, packet, e);
         }
         (e, e.state, false)
@@ -207,6 +211,12 @@ fn established(
         // on the timestamp and state, which any of them may win.
         let e = unsafe { &mut *entry };
         if e.flags & FLOW_REPLY != 0 {
+            // A NAT flow's packets with IP options or IPv6 extension headers are dropped
+            // both ways (a routing header would also make the checksum's pseudo-header
+            // another address than the one rewritten), before they move the flow's state.
+            if packet.has_ip_options {
+                return Err(Reason::IpOptions);
+            }
             return nat::reply(ctx, packet, e, g, now, (&slot, epoch));
         }
         if e.flags & FLOW_SYN_PROXY != 0 {

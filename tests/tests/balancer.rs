@@ -1294,6 +1294,54 @@ fn ip_options_on_a_live_flow_are_dropped_and_the_flow_goes_on() {
 }
 
 #[test]
+fn ip_options_on_a_nat_reply_are_dropped_and_the_flow_goes_on() {
+    // The backend's side of a NAT flow likewise: a reply with IPv4 options or an IPv6
+    // extension header (a routing header would put another address in the checksum's
+    // pseudo-header than the one translated) is dropped, whether the table or the flow
+    // cache carries it, a reset with options does not close the flow, and the next reply
+    // is translated.
+    for v6 in [false, true] {
+        let name = if v6 { "reply_options_v6" } else { "reply_options_v4" };
+        let (client, vip, nat) = addresses(v6);
+        let Some(mut lb) = Lb::new(name, &nat_config(v6, "tcp"), &[]) else { return };
+        for (cached, port) in [(false, 46_392), (true, 46_393)] {
+            let what = format!("{name}, {}", if cached { "cached" } else { "by the table" });
+            lb.set_globals(|g| g.refresh = if cached { g.timeouts.established / 2 } else { 0 });
+            for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+                let frame = ip_packet(client, vip).tcp(port, 80).flags(flags).build();
+                assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx), "{what}");
+            }
+            let flow = lb.flow_of(client, port, vip, 80, IPPROTO_TCP);
+            let (backend, bport, nat_port) = flow;
+            let data = tcp_flags::ACK | tcp_flags::PSH;
+            let (reply, back) = reply_both_ways(client, vip, nat, port, flow, IPPROTO_TCP, data);
+            assert_eq!(hex(&lb.bed.run(&reply).unwrap().output), hex(&back), "{what}");
+            let key = lb_common::FlowKey::new((client, port).into(), (vip, 80).into(), IPPROTO_TCP);
+            let state = |lb: &Lb| lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
+            let with_options = |flags: u8| {
+                let p = ip_packet(backend, nat).macs(backend_mac(backend), LB_MAC);
+                let p = if v6 {
+                    p.ext_header(ExtHeader::Routing { len: 2 })
+                } else {
+                    p.ipv4_options(&[1, 1, 1, 1])
+                };
+                p.tcp(bport, nat_port).flags(flags).seq_ack(7000, 1001).build()
+            };
+            let before = lb.bed.datapath.stats().read().unwrap();
+            for frame in [with_options(data), with_options(tcp_flags::RST | tcp_flags::ACK)] {
+                let out = lb.bed.run(&frame).unwrap();
+                assert_eq!(out.verdict, Some(Action::Drop), "{what}");
+                assert_eq!(out.output, frame, "{what}: the frame is left as it came");
+            }
+            assert_eq!(state(&lb), FlowState::Established as u8, "{what}: the state did not move");
+            let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
+            assert_eq!(delta.reason(Reason::IpOptions).packets, 2, "{what}: {}", delta.summary());
+            assert_eq!(hex(&lb.bed.run(&reply).unwrap().output), hex(&back), "{what}: goes on");
+        }
+    }
+}
+
+#[test]
 fn a_rewritten_service_is_seen_by_the_next_new_flow() {
     // The service cache holds a NAT service's copy; the daemon switches SYN cookies on (a
     // rewrite of the service entry): the next SYN is answered with a cookie, not balanced.

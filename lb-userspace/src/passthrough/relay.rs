@@ -183,7 +183,7 @@ async fn sockmap(
     for (from, to) in [(client, upstream), (upstream, client)] {
         let _ = set_int(from.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1);
         let mut queued = Vec::new();
-        let taken = take_queued(from, &mut buf, &mut queued);
+        let taken = take_queued(from, &mut buf, &mut queued, usize::MAX);
         write_all(to, &queued).await?;
         if taken.is_err() {
             // Reset already (the read took the error, so no poll will report it).
@@ -211,7 +211,7 @@ async fn sockmap(
                 // Whatever the kernel left in the queue goes on before the end. A read that
                 // fails means a reset, whatever the poll said.
                 let mut rest = Vec::new();
-                let taken = take_queued(from, &mut buf, &mut rest);
+                let taken = take_queued(from, &mut buf, &mut rest, usize::MAX);
                 write_all(to, &rest).await?;
                 if end == End::Reset || taken.is_err() {
                     // Nothing more can reach the reset side; what it sent still goes on,
@@ -268,14 +268,26 @@ pub enum Queued {
     Open,
     /// The peer's FIN.
     Ended,
+    /// `limit` bytes read; more may be queued.
+    Full,
 }
 
-/// Appends to `out` what is queued on `from` without waiting. By `recv(2)` itself, not
-/// tokio's `try_read`: that answers "would block" without asking the kernel whenever tokio
-/// has not yet seen a readiness event, and bytes that came just before (the backend's first
-/// answer, say) would stay in the queue with nobody left to read them.
-pub fn take_queued(from: &TcpStream, buf: &mut [u8], out: &mut Vec<u8>) -> io::Result<Queued> {
+/// Appends to `out` what is queued on `from` without waiting, until `out` holds `limit`
+/// bytes or more (a sender as fast as the reads would otherwise keep the loop going and
+/// `out` growing). By `recv(2)` itself, not tokio's `try_read`: that answers "would block"
+/// without asking the kernel whenever tokio has not yet seen a readiness event, and bytes
+/// that came just before (the backend's first answer, say) would stay in the queue with
+/// nobody left to read them.
+pub fn take_queued(
+    from: &impl AsRawFd,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Queued> {
     loop {
+        if out.len() >= limit {
+            return Ok(Queued::Full);
+        }
         // SAFETY: recv into a buffer writable for its length, on a socket this process holds.
         let n = unsafe {
             libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
@@ -567,4 +579,32 @@ fn splice_fd(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, os::unix::net::UnixStream};
+
+    use super::*;
+
+    #[test]
+    fn taking_what_is_queued_stops_at_its_limit_and_reports_the_end() {
+        let (mut writer, reader) = UnixStream::pair().unwrap();
+        reader.set_nonblocking(true).unwrap();
+        writer.write_all(&vec![7u8; 64 * 1024]).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut out = b"hello".to_vec();
+        // Stops once `out` holds the limit, with the rest left queued.
+        let limit = 20_000;
+        assert_eq!(take_queued(&reader, &mut buf, &mut out, limit).unwrap(), Queued::Full);
+        assert!((limit..limit + buf.len()).contains(&out.len()), "{}", out.len());
+        assert_eq!(&out[..5], b"hello");
+        // Without a limit: the rest, then nothing more for now; then the peer's end.
+        let mut rest = Vec::new();
+        assert_eq!(take_queued(&reader, &mut buf, &mut rest, usize::MAX).unwrap(), Queued::Open);
+        assert_eq!(out.len() - 5 + rest.len(), 64 * 1024);
+        assert!(out[5..].iter().chain(&rest).all(|b| *b == 7));
+        drop(writer);
+        assert_eq!(take_queued(&reader, &mut buf, &mut rest, usize::MAX).unwrap(), Queued::Ended);
+    }
 }

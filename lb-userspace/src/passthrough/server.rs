@@ -28,7 +28,8 @@ use super::{
 /// How long connecting to a backend may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read while waiting for a complete hello, at most: a 16 KiB handshake in records of
-/// one byte each comes to 96 KiB; anything larger is not a hello worth waiting for.
+/// one byte each comes to 96 KiB; anything larger is not a hello worth waiting for. Also the
+/// most the hello and the bytes that came with it (a first flight's early data) may hold.
 const MAX_HELLO_BUFFER: usize = 6 * (MAX_HANDSHAKE_BYTES + 5);
 /// Listen backlog of the daemon's listeners: bursts of new connections queue in the kernel
 /// rather than being refused.
@@ -334,11 +335,17 @@ async fn decide(
         .await
         .map_err(|_| "hello_timeout")??;
     // Whatever followed the hello (early data) is taken too, so that no segment is left
-    // half read: the kernel relay would send it again whole.
+    // half read: the kernel relay would send it again whole. Up to a bound: a client does
+    // not send more than its first flight before the server's answer, and one that keeps
+    // sending as fast as the reads take it would hold the loop and grow the buffer.
     let mut bytes = bytes;
     let mut chunk = [0u8; 4096];
-    let ended = relay::take_queued(client, &mut chunk, &mut bytes).map_err(|_| "read_error")?
-        == relay::Queued::Ended;
+    let queued = relay::take_queued(client, &mut chunk, &mut bytes, MAX_HELLO_BUFFER)
+        .map_err(|_| "read_error")?;
+    if queued == relay::Queued::Full {
+        return Err("too_large");
+    }
+    let ended = queued == relay::Queued::Ended;
     if hello.has_ech {
         debug!(%peer, "hello with encrypted_client_hello: routed on its outer server name");
     }

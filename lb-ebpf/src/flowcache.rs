@@ -8,7 +8,7 @@
 //! `Packet`) and the slot: one load and one compare per word.
 
 use lb_common::{
-    conntrack::{FLOW_NAT, Flow},
+    conntrack::{FLOW_NAT, FLOW_REPLY, Flow},
     flowcache::{CachedFlow, carries, same_words, slot_of_words, usable},
     service::Globals,
 };
@@ -138,14 +138,26 @@ impl Slot {
     }
 
     /// Copies the reply entry `e` the table found under the packet's key into the slot (or
-    /// empties it, see [`Slot::fill`]). The entry under a reply key is whichever flow holds
-    /// the port to that backend now, so no port check is needed; the port's generation is
-    /// read before the entry is copied: a flow that takes the port over after that writes
-    /// its entry first and moves the generation on after (the copy is then never used).
+    /// empties it, see [`Slot::fill`]), with `generation`, its port's generation read
+    /// before the table lookup that found `e`. The entry under a reply key is whichever
+    /// flow holds the port to that backend, so no port check is needed: a flow that takes
+    /// the port over after the read (the LRU having evicted `e`'s element, which may then
+    /// hold the taker's entry or any other) writes its entry first and moves the
+    /// generation on after, so the copy is never used. An element reused for another kind
+    /// of entry moves no generation: the copy must also be a reply entry of this port.
     #[inline(always)]
-    pub fn fill_reply(&self, packet: &Packet, e: &Flow, epoch: u32) {
-        let generation = port_gen(packet.flow_key().dport);
+    pub fn fill_reply(&self, packet: &Packet, e: &Flow, epoch: u32, generation: u32) {
         self.fill(packet, e, epoch, generation);
+        if self.slot.is_null() {
+            return;
+        }
+        // SAFETY: a valid slot (see `find`), this CPU's alone; read back as copied.
+        unsafe {
+            let c = &*self.slot;
+            if c.flow.flags != FLOW_NAT | FLOW_REPLY || c.flow.nat_port != packet.flow_key().dport {
+                (*self.slot).epoch = 0;
+            }
+        }
     }
 
     /// Follows the table's forward entry `e` of a NAT flow the table carried without a

@@ -203,6 +203,10 @@ fn established(
         }
         (e, e.state, false)
     } else {
+        // Should the table hold a reply entry under the key: its port's generation, read
+        // before the lookup (see `Slot::fill_reply`; the packet's destination port is the
+        // NAT port).
+        let generation = flowcache::port_gen(key.dport);
         let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else {
             slot.forget();
             return Ok(Action::Pass);
@@ -217,7 +221,7 @@ fn established(
             if packet.has_ip_options {
                 return Err(Reason::IpOptions);
             }
-            return nat::reply(ctx, packet, e, g, now, (&slot, epoch));
+            return nat::reply(ctx, packet, e, g, now, (&slot, epoch, generation));
         }
         if e.flags & FLOW_SYN_PROXY != 0 {
             slot.forget();

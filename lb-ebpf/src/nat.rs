@@ -100,8 +100,15 @@ fn is_nat_source(packet: &Packet) -> bool {
 #[inline(always)]
 pub fn try_icmp_error(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Outcome {
     let Scratch { packet, buf, .. } = scratch;
-    // Cheap tests first: the address lookups are the expensive ones.
-    if packet.has_l4 && packet.fragment == Fragment::None && crate::icmp::is_error(packet) {
+    // Cheap tests first: the address lookups are the expensive ones. An error with IP
+    // options or IPv6 extension headers is not translated, as a NAT flow's packets with
+    // them are not (a routing header would put another address in the ICMPv6 checksum's
+    // pseudo-header than the one rewritten): it goes to the host.
+    if packet.has_l4
+        && packet.fragment == Fragment::None
+        && !packet.has_ip_options
+        && crate::icmp::is_error(packet)
+    {
         let nat_source = is_nat_source(packet);
         if nat_source {
             // Fails with `not_service` before it changes the packet.
@@ -146,7 +153,8 @@ fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
 
 /// Translates a backend's reply back to the client, by its reply entry `e` (the table's),
 /// and has the packet's flow-cache slot (`slot`, in `epoch`) follow the entry: filled from
-/// it as this packet leaves it, or emptied.
+/// it as this packet leaves it (with `generation`, the port's read before the lookup that
+/// found `e`: see `Slot::fill_reply`), or emptied.
 #[inline(always)]
 pub fn reply(
     ctx: &XdpContext,
@@ -154,7 +162,7 @@ pub fn reply(
     e: &mut Flow,
     g: &Globals,
     now: u64,
-    (slot, epoch): (&Slot, u32),
+    (slot, epoch, generation): (&Slot, u32, u32),
 ) -> Result<Action, Reason> {
     if g.timeouts.is_expired(e.state, e.last_seen, now) {
         slot.forget();
@@ -190,7 +198,7 @@ pub fn reply(
         }
         touch_forward(e, packet.proto, packet.family as u8, reset, now);
     }
-    slot.fill_reply(packet, e, epoch);
+    slot.fill_reply(packet, e, epoch, generation);
     translate(ctx, packet, e)
 }
 

@@ -134,11 +134,21 @@ pub struct PoolTable {
     /// Backend id to address and port (`None`: the service's port).
     backends: HashMap<u32, (IpAddr, Option<u16>)>,
     hash_seed: u32,
+    /// Hash the client's address alone (a service's `hash = "source"`), not the 5-tuple.
+    source_only: bool,
 }
 
 impl PoolTable {
+    /// The table hashing as a service with `hash` does.
+    #[must_use]
+    pub fn hashing(mut self, hash: crate::config::HashInput) -> Self {
+        self.source_only = hash == crate::config::HashInput::Source;
+        self
+    }
+
     /// The backend for a TCP connection from `client` to `service`, hashed as the data path
-    /// hashes a 5-tuple; `None` when the pool has no backend with weight.
+    /// hashes a 5-tuple (or the client's address, see [`PoolTable::hashing`]); `None` when
+    /// the pool has no backend with weight.
     #[must_use]
     pub fn select(&self, client: SocketAddr, service: SocketAddr) -> Option<(u32, SocketAddr)> {
         self.select_untried(client, service, &[])
@@ -158,7 +168,7 @@ impl PoolTable {
     ) -> Option<(u32, SocketAddr)> {
         let size = u32::try_from(self.slots.len()).ok().filter(|s| *s > 0)?;
         let key = FlowKey::new(client, service, lb_common::net::IPPROTO_TCP);
-        let start = scale(flow_hash(&key, self.hash_seed, false), size) as usize;
+        let start = scale(flow_hash(&key, self.hash_seed, self.source_only), size) as usize;
         let (first, wrapped) = self.slots.split_at(start);
         let id = wrapped.iter().chain(first).find(|id| !tried.contains(id))?;
         let (addr, port) = self.backends.get(id)?;
@@ -573,6 +583,7 @@ impl Balancer {
             slots: build_table(&maglev_members(&members), size),
             backends,
             hash_seed: self.hash_seed,
+            source_only: false,
         }
     }
 
@@ -904,7 +915,39 @@ mod tests {
                 .map(|id| (u32::from(id), (IpAddr::from([198, 18, 1, id]), Some(8443))))
                 .collect(),
             hash_seed: 7,
+            source_only: false,
         }
+    }
+
+    #[test]
+    fn a_source_hashed_table_gives_a_client_one_backend_and_one_failover_order() {
+        let t = table(4).hashing(crate::config::HashInput::Source);
+        let five_tuple = table(4);
+        let service: SocketAddr = "198.18.100.1:443".parse().unwrap();
+        let mut spread = HashMap::<u32, u32>::new();
+        for client in 1..=200u8 {
+            let from = |port: u16| SocketAddr::from(([198, 18, 0, client], port));
+            let order = |port: u16| -> Vec<u32> {
+                let mut tried = Vec::new();
+                while let Some((id, _)) = t.select_untried(from(port), service, &tried) {
+                    tried.push(id);
+                }
+                tried
+            };
+            let first = order(40_000);
+            for port in [40_001, 50_000, 65_535] {
+                assert_eq!(order(port), first, "client {client}, port {port}");
+            }
+            *spread.entry(first[0]).or_default() += 1;
+        }
+        // Clients still spread over the backends; the 5-tuple table moves a client's ports.
+        assert_eq!(spread.len(), 4, "{spread:?}");
+        let client = |port: u16| SocketAddr::from(([198, 18, 0, 9], port));
+        let ids: std::collections::HashSet<u32> = (40_000..40_064)
+            .filter_map(|p| five_tuple.select(client(p), service))
+            .map(|s| s.0)
+            .collect();
+        assert!(ids.len() > 1, "{ids:?}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ const SPLICE_PORT: u16 = 9443;
 /// Services on a pool where only backend 1 listens: trying the others in turn, and not.
 const FAILOVER_PORT: u16 = 6443;
 const ONE_ATTEMPT_PORT: u16 = 5443;
+/// A service hashing the client's address alone, on a pool of three listening backends.
+const STICKY_PORT: u16 = 4443;
 /// Where the backends listen: `openssl s_server`, and the test's own rustls and PROXY
 /// servers.
 const S_SERVER_PORT: u16 = 8443;
@@ -64,6 +66,7 @@ fn config() -> String {
         // Nothing listens on port 1: backends 2 and 3 refuse every connection. No health
         // check, so they stay in the pool (as a backend does until its checks fail).
         ("tls-failover", vec![b(0, S_SERVER_PORT), b(1, 1), b(2, 1)]),
+        ("tls-three", vec![b(0, S_SERVER_PORT), b(1, S_SERVER_PORT), b(2, S_SERVER_PORT)]),
     ] {
         c.push_str(&config::pool(name, &backends));
     }
@@ -107,6 +110,13 @@ fn config() -> String {
         ONE_ATTEMPT_PORT,
         "tls-failover",
         "connect_attempts = 1\n",
+    ));
+    c.push_str(&config::tcp_service(
+        "tls4-sticky",
+        VIP4,
+        STICKY_PORT,
+        "tls-three",
+        "mode = \"tls-passthrough\"\nhash = \"source\"\n",
     ));
     c.push_str(&tls_passthrough_service(
         "tls6",
@@ -267,6 +277,7 @@ fn tls_passthrough() {
 
     relays_of_a_disabled_backend_are_cut(&setup, vip4, &hello);
     refusing_backends_are_passed_over(&setup);
+    source_hashing_keeps_a_client_on_one_backend(&setup);
 
     // A reload takes new routes for new connections, and a removed service stops listening.
     let rerouted = config().replace(
@@ -320,6 +331,18 @@ fn refusing_backends_are_passed_over(setup: &Setup) {
     assert!(refused >= 1, "every one-attempt connection reached the listening backend");
     assert_eq!(rejected(setup, "tls4-one-attempt", "connect_failed"), refused);
     assert_eq!(failures("tls4-one-attempt"), refused);
+}
+
+/// `hash = "source"` on a passthrough service: every connection of one client reaches the
+/// same backend of three (by the 5-tuple, twelve connections would all meet one backend
+/// once in 177,000 runs).
+fn source_hashing_keeps_a_client_on_one_backend(setup: &Setup) {
+    let sticky = SocketAddr::from((VIP4, STICKY_PORT));
+    let got: std::collections::BTreeSet<Option<String>> = (0..12)
+        .map(|_| s_client_peer(&setup.lab.client, sticky, Some("www.example.com")))
+        .collect();
+    assert_eq!(got.len(), 1, "one backend for the client: {got:?}");
+    assert!(got.iter().all(Option::is_some), "{got:?}");
 }
 
 /// The ClientHello `openssl s_client -tls1_2` sends for `www.example.com` (TLS 1.2, so the

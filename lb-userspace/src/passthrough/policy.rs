@@ -55,13 +55,14 @@ impl Policy {
         // The service's own table size applies to its pool; routed pools are sized for
         // themselves.
         let own_size = service.table_size.as_ref().map(|s| *s.get_ref());
+        // Every table hashes as the service says (`hash = "source"`: a client keeps its
+        // backend across connections, as through the data path's services).
+        let table =
+            |pool: &str, size| balancer.pool_table(pool, effective, size).hashing(service.hash);
         let mut tables = HashMap::new();
-        tables
-            .insert(default_pool.clone(), balancer.pool_table(&default_pool, effective, own_size));
+        tables.insert(default_pool.clone(), table(&default_pool, own_size));
         for pool in tls.routes.iter().map(|r| r.pool.get_ref()) {
-            tables
-                .entry(pool.clone())
-                .or_insert_with(|| balancer.pool_table(pool, effective, None));
+            tables.entry(pool.clone()).or_insert_with(|| table(pool, None));
         }
         Self {
             service: service.name.get_ref().clone(),

@@ -272,9 +272,9 @@ pub enum Queued {
     Full,
 }
 
-/// Appends to `out` what is queued on `from` without waiting, until `out` holds `limit`
-/// bytes or more (a sender as fast as the reads would otherwise keep the loop going and
-/// `out` growing). By `recv(2)` itself, not tokio's `try_read`: that answers "would block"
+/// Appends to `out` what is queued on `from` without waiting, until a read leaves `out`
+/// holding `limit` bytes or more (a sender as fast as the reads would otherwise keep the
+/// loop going and `out` growing). By `recv(2)` itself, not tokio's `try_read`: that answers "would block"
 /// without asking the kernel whenever tokio has not yet seen a readiness event, and bytes
 /// that came just before (the backend's first answer, say) would stay in the queue with
 /// nobody left to read them.
@@ -285,16 +285,18 @@ pub fn take_queued(
     limit: usize,
 ) -> io::Result<Queued> {
     loop {
-        if out.len() >= limit {
-            return Ok(Queued::Full);
-        }
         // SAFETY: recv into a buffer writable for its length, on a socket this process holds.
         let n = unsafe {
             libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
         };
         match usize::try_from(n) {
             Ok(0) => return Ok(Queued::Ended),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.len() >= limit {
+                    return Ok(Queued::Full);
+                }
+            }
             Err(_) => {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -599,6 +601,11 @@ mod tests {
         assert_eq!(take_queued(&reader, &mut buf, &mut out, limit).unwrap(), Queued::Full);
         assert!((limit..limit + buf.len()).contains(&out.len()), "{}", out.len());
         assert_eq!(&out[..5], b"hello");
+        // A limit `out` is past already, with nothing queued: nothing more, not full.
+        let (_idle_writer, idle) = UnixStream::pair().unwrap();
+        idle.set_nonblocking(true).unwrap();
+        let mut big = vec![1u8; 100];
+        assert_eq!(take_queued(&idle, &mut buf, &mut big, 50).unwrap(), Queued::Open);
         // Without a limit: the rest, then nothing more for now; then the peer's end.
         let mut rest = Vec::new();
         assert_eq!(take_queued(&reader, &mut buf, &mut rest, usize::MAX).unwrap(), Queued::Open);

@@ -219,7 +219,7 @@ async fn handle(
     let connected = async {
         let (hello, route, now) = decide(&mut client, peer, &policy, &runtime).await?;
         stats.decided(service, accepted.elapsed());
-        let (backend, stream) = connect(&now, &route.pool, peer, stats).await?;
+        let (backend, stream, now) = connect(now, &runtime, &route.pool, peer, stats).await?;
         Ok((hello, route, backend, stream, now))
     }
     .await;
@@ -297,21 +297,29 @@ fn keep_alive(socket: &TcpStream) {
 
 /// Connects to a backend of `pool` for the client `peer`: the one the pool's table gives,
 /// then, while it refuses or does not answer in time, the next ones not tried (up to the
-/// policy's `connect_attempts` in all). Each failed attempt is counted; the last one's
-/// reason is the connection's.
+/// policy's `connect_attempts` in all). The first choice is `policy`'s (the one the hello
+/// was routed by); each later one the service's policy as it is then (an attempt may take
+/// seconds, in which a backend may be disabled and its relays cut: a choice from the old
+/// table would escape the cut). Each failed attempt is counted; the last one's reason is
+/// the connection's. Returns the policy the backend was chosen by.
 async fn connect(
-    policy: &Policy,
+    policy: Arc<Policy>,
+    runtime: &ServiceRuntime,
     pool: &str,
     peer: SocketAddr,
     stats: &Stats,
-) -> Result<(SocketAddr, TcpStream), RejectReason> {
+) -> Result<(SocketAddr, TcpStream, Arc<Policy>), RejectReason> {
+    let mut policy = policy;
     let mut tried = Vec::new();
     let mut reason = "no_backend";
-    for _ in 0..policy.connect_attempts() {
+    for attempt in 0..policy.connect_attempts() {
+        if attempt > 0 {
+            policy = runtime.policy();
+        }
         let Some((id, backend)) = policy.select(pool, peer, &tried) else { break };
         tried.push(id);
         reason = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => return Ok((backend, stream)),
+            Ok(Ok(stream)) => return Ok((backend, stream, policy)),
             Ok(Err(error)) => {
                 debug!(%peer, %backend, %error, "connecting to the backend failed");
                 "connect_failed"

@@ -187,7 +187,8 @@ impl Reason {
         if (value as usize) < Self::ALL.len() { Some(Self::ALL[value as usize]) } else { None }
     }
 
-    /// Label used in metrics (`lb_packets_total{reason="..."}`) and logs.
+    /// Label used in metrics (`lb_dropped_packets_total{reason="..."}`,
+    /// `lb_passed_packets_total{reason="..."}`) and logs.
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {

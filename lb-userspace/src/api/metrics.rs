@@ -382,7 +382,7 @@ impl Snapshot {
         gauge(
             e,
             "lb_passthrough_pending_handshakes",
-            "Connections waiting for their ClientHello now.",
+            "Connections waiting for their ClientHello or for a backend to answer now.",
             &pending,
         )?;
         let relays: Vec<(Labels, u64)> =
@@ -390,12 +390,12 @@ impl Snapshot {
         counter(
             e,
             "lb_passthrough_relays",
-            "Relays finished, by how they moved bytes (sockmap: in the kernel; splice).",
+            "Relays finished, by how they moved bytes (sockmap: in the kernel; splice); relays ended by an error are not counted.",
             &relays,
         )?;
         let mut family = e.encode_descriptor(
             "lb_passthrough_decision_seconds",
-            "Time from accepting a connection to choosing its backend (reading the hello included).",
+            "Time from accepting a connection to routing it to a pool (reading the hello included; connecting to the backend not).",
             None,
             prometheus_client::metrics::MetricType::Histogram,
         )?;

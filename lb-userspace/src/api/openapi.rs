@@ -23,7 +23,8 @@ fn error_responses() -> Value {
     json!({
         "400": { "description": "Invalid input; the message says what and how to fix it. Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
         "401": { "description": "Missing or wrong bearer token. Nothing changed." },
-        "404": { "description": "No such pool or backend. Nothing changed." },
+        "404": { "description": "No such pool or backend (POST /v1/reload: lbd runs without a configuration file). Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
+        "405": { "description": "The path exists, not with this method. Nothing changed." },
         "409": { "description": "The backend exists already, or the configuration file was edited since lbd last read it (reload it first). Nothing changed.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
         "500": { "description": "Internal error; the cause is in the daemon's log." }
     })
@@ -50,7 +51,15 @@ fn address_params() -> Value {
 /// The document.
 #[must_use]
 pub fn document_value() -> Value {
-    let ok = |schema: Value| json!({ "200": { "description": "OK", "content": { "application/json": { "schema": schema } } }, "401": { "description": "Missing or wrong bearer token." } });
+    let ok = |schema: Value| {
+        json!({
+            "200": { "description": "OK", "content": { "application/json": { "schema": schema } } },
+            "400": { "description": "A query string (these take none).", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
+            "401": { "description": "Missing or wrong bearer token." },
+            "405": { "description": "The path exists, not with this method." },
+            "500": { "description": "A map could not be read; the cause is in the daemon's log." }
+        })
+    };
     json!({
         "openapi": "3.0.3",
         "info": { "title": "lbd", "version": env!("CARGO_PKG_VERSION"), "description": "The load balancer daemon's API. Every request carries `Authorization: Bearer <token>` when a token file is configured." },
@@ -114,7 +123,7 @@ pub fn document_value() -> Value {
                 "responses": change_response("200") } },
             "/v1/firewall": { "get": { "summary": "The firewall: policy, audit mode, active generation, per-rule hit counters, default-policy and would-drop counters, prefix counts.", "responses": ok(json!({ "$ref": "#/components/schemas/Firewall" })) } },
             "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
-            "/v1/openapi.json": { "get": { "summary": "This document.", "responses": ok(json!({ "type": "object" })) } },
+            "/v1/openapi.json": { "get": { "summary": "This document.", "responses": { "200": { "description": "OK", "content": { "application/json": { "schema": { "type": "object" } } } }, "401": { "description": "Missing or wrong bearer token." } } } },
             "/metrics": { "get": { "summary": "Metrics in the Prometheus text format.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }
         }
     })

@@ -322,6 +322,9 @@ impl Daemon {
         self.refresh_weights();
         self.cut_flows(now);
         self.govern_cookies(now);
+        if let Some(checker) = &mut self.checker {
+            checker.retry_routes(now);
+        }
         let ids: HashMap<BackendIdentity, u32> =
             self.balancer.backends().map(|(k, id)| (k.clone(), id)).collect();
         let mut counters = autoscale::BackendCounters::new();

@@ -36,6 +36,9 @@ pub struct Spec {
     pub fall: u32,
 }
 
+/// How often check routes that could not be set are tried again.
+pub const ROUTE_RETRY: Duration = Duration::from_secs(5);
+
 /// One check's result, sent to the daemon.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -147,6 +150,8 @@ pub struct Checker {
     tasks: HashMap<BackendIdentity, (Spec, CancellationToken, u64)>,
     reports: mpsc::UnboundedSender<Report>,
     routes: CheckRoutes,
+    /// When the check routes were last tried again (see [`Checker::retry_routes`]).
+    last_route_retry: Option<std::time::Instant>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -154,7 +159,13 @@ impl Checker {
     /// A checker whose tasks run on `runtime` and report to `reports`.
     #[must_use]
     pub fn new(reports: mpsc::UnboundedSender<Report>, runtime: tokio::runtime::Handle) -> Self {
-        Self { tasks: HashMap::new(), reports, routes: CheckRoutes::default(), runtime }
+        Self {
+            tasks: HashMap::new(),
+            reports,
+            routes: CheckRoutes::default(),
+            runtime,
+            last_route_retry: None,
+        }
     }
 
     /// Whether `report` comes from the backend's running check task: a result queued
@@ -201,6 +212,15 @@ impl Checker {
             self.tasks.insert(backend, (spec, cancel, task));
         }
         started
+    }
+
+    /// Sets the check routes the last sync could not, at most once every
+    /// [`ROUTE_RETRY`] (called every second by the daemon's tick).
+    pub fn retry_routes(&mut self, now: std::time::Instant) {
+        if self.routes.pending() && self.last_route_retry.is_none_or(|t| now >= t + ROUTE_RETRY) {
+            self.last_route_retry = Some(now);
+            self.routes.retry();
+        }
     }
 
     /// Stops every check and removes the check routes.

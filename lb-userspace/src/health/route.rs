@@ -18,7 +18,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Firewall mark (and routing table) of backend id 0; backend `id` uses `MARK_BASE + id`.
 pub const MARK_BASE: u32 = 0x4c42_0000;
@@ -39,14 +39,25 @@ pub type CheckRoute = (IpAddr, BTreeSet<IpAddr>);
 pub struct CheckRoutes {
     installed: BTreeMap<u32, CheckRoute>,
     cleaned: bool,
+    /// Per family (IPv4, IPv6): its last batch failed in part, so what is installed is not
+    /// known; the next sync rebuilds the family whole (see [`CheckRoutes::retry`]).
+    failed: [bool; 2],
 }
 
 impl CheckRoutes {
     /// Makes the installed rules and routes exactly `wanted`.
     pub fn sync(&mut self, wanted: &BTreeMap<u32, CheckRoute>) {
         if !self.cleaned {
-            remove_stale();
+            remove_stale(&["-4", "-6"]);
             self.cleaned = true;
+        }
+        // A family whose last batch failed: its rules and routes go, as an earlier run's
+        // do at start, and every wanted one is added again.
+        for (v6, family) in [(false, "-4"), (true, "-6")] {
+            if self.failed[usize::from(v6)] {
+                remove_stale(&[family]);
+                self.installed.retain(|_, route| route.0.is_ipv6() != v6);
+            }
         }
         let mut script = [String::new(), String::new()];
         for (id, route) in &self.installed {
@@ -70,12 +81,32 @@ impl CheckRoutes {
                 let _ = writeln!(s, "route replace {vip}/{len} via {backend} table {m}");
             }
         }
-        for (family, script) in ["-4", "-6"].iter().zip(&script) {
+        for (i, (family, script)) in ["-4", "-6"].iter().zip(&script).enumerate() {
             if !script.is_empty() {
-                run_batch(family, script);
+                let ok = run_batch(family, script, self.failed[i]);
+                if ok && self.failed[i] {
+                    info!(family, "health-check routes set");
+                }
+                self.failed[i] = !ok;
             }
         }
         self.installed.clone_from(wanted);
+    }
+
+    /// Whether a family's last batch failed: [`CheckRoutes::retry`] has work to do.
+    #[must_use]
+    pub fn pending(&self) -> bool {
+        self.failed.iter().any(|f| *f)
+    }
+
+    /// Tries again to set what the last sync could not (a route whose gateway was not
+    /// reachable yet, at boot before the interface has its address, say): without it, that
+    /// backend's DSR checks would go by the main table until the next change.
+    pub fn retry(&mut self) {
+        if self.pending() {
+            let wanted = self.installed.clone();
+            self.sync(&wanted);
+        }
     }
 
     /// Removes every rule and route installed.
@@ -84,9 +115,10 @@ impl CheckRoutes {
     }
 }
 
-/// Removes rules (and their tables) that an earlier run left at our priority.
-fn remove_stale() {
-    for family in ["-4", "-6"] {
+/// Removes the rules (and their tables) at our priority in these families (`-4`, `-6`):
+/// an earlier run's, or a family's whose batch failed.
+fn remove_stale(families: &[&str]) {
+    for family in families {
         let Ok(output) = Command::new("ip")
             .args(["-json", family, "rule", "show", "priority", &RULE_PRIORITY.to_string()])
             .output()
@@ -103,12 +135,14 @@ fn remove_stale() {
         }
         if !script.is_empty() {
             debug!(family, "removing check routes left by an earlier run");
-            run_batch(family, &script);
+            run_batch(family, &script, false);
         }
     }
 }
 
-fn run_batch(family: &str, script: &str) {
+/// Runs `script` through `ip -batch`; whether every line succeeded. A failure is logged as
+/// a warning, or (`again`: the family failed before too, retries) at debug level.
+fn run_batch(family: &str, script: &str, again: bool) -> bool {
     let child = Command::new("ip")
         .args([family, "-force", "-batch", "-"])
         .stdin(Stdio::piped())
@@ -119,12 +153,62 @@ fn run_batch(family: &str, script: &str) {
         child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
         child.wait_with_output()
     });
-    match result {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => warn!(
-            errors = %String::from_utf8_lossy(&output.stderr).trim(),
-            "some health-check routes could not be set"
-        ),
-        Err(error) => warn!(%error, "cannot run ip to set health-check routes"),
+    let error = match result {
+        Ok(output) if output.status.success() => return true,
+        Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        Err(error) => format!("cannot run ip: {error}"),
+    };
+    if again {
+        debug!(family, errors = %error, "health-check routes still not set; trying again");
+    } else {
+        warn!(family, errors = %error, "some health-check routes could not be set; trying again every few seconds");
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::probe::tests::own_netns;
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip").args(args).output().expect("ip runs");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn routes_that_could_not_be_set_are_set_when_tried_again() {
+        // Its own namespace (this thread's, which the `ip` children share): rules at the
+        // check priority and a backend on a network no interface has yet, as at boot.
+        if !own_netns("routes_that_could_not_be_set_are_set_when_tried_again") {
+            return;
+        }
+        let backend: IpAddr = [198, 18, 1, 11].into();
+        let vip: IpAddr = [198, 18, 100, 1].into();
+        let wanted = BTreeMap::from([(7, (backend, BTreeSet::from([vip])))]);
+        let table = mark(7).to_string();
+        let mut routes = CheckRoutes::default();
+        routes.sync(&wanted);
+        assert!(routes.pending(), "the gateway is unreachable: the route cannot be set");
+        assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");
+
+        // The interface comes up with the backend's network; the retry sets the route, and
+        // leaves one rule, not one per attempt.
+        ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+        ip(&["addr", "add", "198.18.1.1/24", "dev", "d0"]);
+        ip(&["link", "set", "d1", "up"]);
+        ip(&["link", "set", "d0", "up"]);
+        routes.retry();
+        assert!(!routes.pending());
+        let routed = ip(&["-4", "route", "show", "table", &table]);
+        assert!(routed.contains("198.18.100.1 via 198.18.1.11"), "{routed}");
+        let rules = ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]);
+        assert_eq!(rules.lines().count(), 1, "{rules}");
+        // Nothing pending: a retry changes nothing; clearing removes both.
+        routes.retry();
+        routes.clear();
+        assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]).trim(), "");
+        assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");
     }
 }

@@ -282,16 +282,25 @@ fn trie_bits(
     }
 }
 
-/// Takes a token from the bucket of `rule` for the packet's source (1: admitted). Out of
-/// line, like logging.
+/// Takes a token from the bucket of `rule` for the packet's source (1: admitted): an IPv4
+/// address, or an IPv6 /64 (a host holds a whole /64 and may send from any address in it:
+/// a bucket per address would give it a full bucket per packet). Out of line, like logging.
 #[inline(never)]
 fn admit(packet: &Packet, rule_index: u32, rule: &FwRule, now: u64) -> u32 {
-    let key = RateKey {
+    let mut key = RateKey {
         addr: packet.src,
         rule: rule_index as u8,
         family: packet.family as u8,
         _pad: [0; 2],
     };
+    if packet.family == Family::V6 {
+        // SAFETY: valid stack references; volatile so LLVM keeps 4-byte stores (it merged
+        // the key's words into a misaligned 8-byte one, which the verifier refuses).
+        unsafe {
+            core::ptr::write_volatile(&raw mut key.addr[2], 0);
+            core::ptr::write_volatile(&raw mut key.addr[3], 0);
+        }
+    }
     if let Some(bucket) = FW_RATE.get_ptr_mut(&key) {
         // SAFETY: a map value pointer from a successful lookup. CPUs may race on one
         // bucket: a lost update admits or refuses one packet more, never corrupts it.

@@ -177,7 +177,13 @@ pub fn reply(
                 return crate::syncookie::on_backend_answer(ctx, packet, e, now).into_result();
             }
             // Refused: the client hears it at the sequence number it expects (cookie + 1).
-            let seq = crate::syncookie::seq_of(ctx, packet)?;
+            // Only a reset that acknowledges the load balancer's SYN (the client's ISN + 1),
+            // as a kernel in SYN-SENT takes it: a blind one (forged, or another
+            // connection's on the port) would end a handshake it does not belong to.
+            let (seq, ack) = crate::syncookie::seq_and_ack(ctx, packet)?;
+            if packet.tcp_flags & tcp_flags::ACK == 0 || ack != e.isn.wrapping_add(1) {
+                return Err(Reason::SynProxyPending);
+            }
             crate::syncookie::shift(
                 ctx,
                 packet,

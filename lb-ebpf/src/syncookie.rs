@@ -112,7 +112,8 @@ struct Segment {
 /// a cookie-opened flow (`FLOW_SYN_PROXY`); an ACK with an invalid one is dropped while
 /// cookies are on, and so is anything else (a RST, a SYN-ACK, a segment without flags):
 /// under a flood, only a cookie opens a flow. With cookies off, anything else goes on as an
-/// ordinary new flow (`DONE`).
+/// ordinary new flow (`DONE`), counted with the SYNs: it takes two entries and a NAT port
+/// like a SYN does, so a flood of spoofed ACKs turns `auto` cookies on as a SYN flood does.
 #[inline(never)]
 pub fn on_new_flow(
     ctx: &XdpContext,
@@ -138,7 +139,11 @@ pub fn on_new_flow(
         return Outcome::from_result(answer(ctx, packet, cookie));
     }
     if flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) != tcp_flags::ACK {
-        return if active { Outcome::err(Reason::SynCookieInvalid) } else { Outcome::DONE };
+        if active {
+            return Outcome::err(Reason::SynCookieInvalid);
+        }
+        count(service.id, Count::Syn);
+        return Outcome::DONE;
     }
     if check(ctx, packet, cookie) {
         count(service.id, Count::Valid);
@@ -152,7 +157,9 @@ pub fn on_new_flow(
         count(service.id, Count::Invalid);
         Outcome::err(Reason::SynCookieInvalid)
     } else {
-        // `auto` while SYNs get no cookies: an ordinary mid-stream pickup.
+        // `auto` while SYNs get no cookies: an ordinary mid-stream pickup, counted for the
+        // rate (see above).
+        count(service.id, Count::Syn);
         Outcome::DONE
     }
 }
@@ -324,28 +331,29 @@ pub fn on_backend_answer(ctx: &XdpContext, packet: &Packet, e: &mut Flow, now: u
     {
         return Outcome::err(Reason::SynProxyPending);
     }
-    f.flags = (f.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
-    f.seq_delta = delta;
-    f.state = established;
+    // The offset before the flag that says to apply it (volatile: in this order; x86 makes
+    // stores visible in order): a packet on another CPU in between must not shift by the
+    // cookie's number instead of the offset.
+    // SAFETY: map value pointers from successful lookups.
+    unsafe {
+        core::ptr::write_volatile(&raw mut f.seq_delta, delta);
+        core::ptr::write_volatile(&raw mut f.state, established);
+        core::ptr::write_volatile(&raw mut f.flags, (f.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ);
+    }
     f.last_seen = now;
-    e.flags = (e.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ;
-    e.seq_delta = delta;
-    e.state = established;
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(&raw mut e.seq_delta, delta);
+        core::ptr::write_volatile(&raw mut e.state, established);
+        core::ptr::write_volatile(&raw mut e.flags, (e.flags & !FLOW_SYN_PROXY) | FLOW_SEQ_ADJ);
+    }
     e.last_seen = now;
     ack_backend(ctx, packet, client_isn, backend_isn)
 }
 
-/// The backend's initial sequence number, from its SYN-ACK.
-#[inline(always)]
-pub fn seq_of(ctx: &XdpContext, packet: &Packet) -> Result<u32, Reason> {
-    let tcp: *const TcpHdr = ptr_at(ctx, packet.l4_off)?;
-    // SAFETY: checked by ptr_at.
-    Ok(u32::from_be_bytes(unsafe { (*tcp).seq }))
-}
-
 /// A TCP packet's sequence and acknowledgement numbers.
 #[inline(always)]
-fn seq_and_ack(ctx: &XdpContext, packet: &Packet) -> Result<(u32, u32), Reason> {
+pub fn seq_and_ack(ctx: &XdpContext, packet: &Packet) -> Result<(u32, u32), Reason> {
     let tcp: *const TcpHdr = ptr_at(ctx, packet.l4_off)?;
     // SAFETY: checked by ptr_at.
     let tcp = unsafe { &*tcp };

@@ -316,6 +316,14 @@ impl Balancer {
     ) -> Result<ApplySummary, ApplyError> {
         self.check_capacity(config)?;
         self.last_removed.clear();
+        // Cookies switched on by `auto` stay on only for services still in `auto` mode: one
+        // set to "off" (or removed) and back to "auto" starts with them off.
+        self.cookies_active.retain(|name| {
+            config
+                .services
+                .iter()
+                .any(|s| s.name.get_ref() == name && s.syn_cookies == SynCookies::Auto)
+        });
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
         let all_ports = config.services.iter().any(|s| s.port().is_none());
@@ -930,6 +938,7 @@ mod tests {
             let order = |port: u16| -> Vec<u32> {
                 let mut tried = Vec::new();
                 while let Some((id, _)) = t.select_untried(from(port), service, &tried) {
+                    assert!(!tried.contains(&id) && tried.len() < 4, "{id} after {tried:?}");
                     tried.push(id);
                 }
                 tried
@@ -962,7 +971,7 @@ mod tests {
             // Every backend once, each time another, then none; the same order every time.
             let mut tried = Vec::new();
             while let Some((id, addr)) = t.select_untried(client, service, &tried) {
-                assert!(!tried.contains(&id), "{id} twice");
+                assert!(!tried.contains(&id) && tried.len() < 4, "{id} after {tried:?}");
                 assert_eq!(addr, SocketAddr::new(t.backends[&id].0, 8443));
                 tried.push(id);
             }

@@ -366,8 +366,10 @@ impl Daemon {
         for (name, threshold) in auto {
             let Some(id) = self.balancer.service_id(&name) else { continue };
             let Ok(counter) = self.datapath.maps().traffic.syn(id) else { continue };
+            let installed = self.balancer.cookies_active(&name);
+            let times = (elapsed, since_start);
             let Some(on) =
-                self.auto_cookies.observe(&name, counter.syns, threshold, elapsed, since_start)
+                self.auto_cookies.observe(&name, counter.syns, threshold, times, installed)
             else {
                 continue;
             };

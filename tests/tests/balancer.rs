@@ -1328,18 +1328,27 @@ fn ip_options_on_a_nat_reply_are_dropped_and_the_flow_goes_on() {
                 p.tcp(bport, nat_port).flags(flags).seq_ack(7000, 1001).build()
             };
             let before = lb.bed.datapath.stats().read().unwrap();
-            for frame in [with_options(data), with_options(tcp_flags::RST | tcp_flags::ACK)] {
+            // Cached: the reply entry evicted, so only the slot could carry the segment (a
+            // reset always goes to the table: the other variant's). By the table: the epoch
+            // moved before each frame, whatever the clock did since the last packet.
+            let frames = if cached {
+                assert!(lb.evict_reply_entries() >= 1, "{what}");
+                vec![with_options(data)]
+            } else {
+                vec![with_options(data), with_options(tcp_flags::RST | tcp_flags::ACK)]
+            };
+            for frame in &frames {
                 if !cached {
-                    // Whatever the clock did since the last packet: the table's.
                     lb.bed.datapath.maps_mut().conntrack.invalidate_cache().unwrap();
                 }
-                let out = lb.bed.run(&frame).unwrap();
+                let out = lb.bed.run(frame).unwrap();
                 assert_eq!(out.verdict, Some(Action::Drop), "{what}");
-                assert_eq!(out.output, frame, "{what}: the frame is left as it came");
+                assert_eq!(&out.output, frame, "{what}: the frame is left as it came");
             }
             assert_eq!(state(&lb), FlowState::Established as u8, "{what}: the state did not move");
             let delta = lb.bed.datapath.stats().read().unwrap().since(&before);
-            assert_eq!(delta.reason(Reason::IpOptions).packets, 2, "{what}: {}", delta.summary());
+            let dropped = delta.reason(Reason::IpOptions).packets;
+            assert_eq!(dropped, frames.len() as u64, "{what}: {}", delta.summary());
             assert_eq!(hex(&lb.bed.run(&reply).unwrap().output), hex(&back), "{what}: goes on");
         }
     }
@@ -2420,8 +2429,70 @@ fn syn_cookies_handshake_frame_by_frame() {
     }
 }
 
+/// The backend refuses the connection the load balancer opened for a cookie's client: its
+/// reset reaches the client at the sequence number the client expects (the cookie + 1) and
+/// closes the flow. Only a reset acknowledging the load balancer's SYN (the client's ISN +
+/// 1), as a kernel in SYN-SENT takes it: a blind one ends nothing.
+#[test]
+fn with_syn_cookies_a_backend_reset_refuses_the_handshake_only_if_it_acknowledges_it() {
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let name = "with_syn_cookies_a_backend_reset_refuses_the_handshake";
+    let Some(mut lb) = Lb::new(name, &config, &[]) else { return };
+    let (client, vip, nat) = addresses(false);
+    let (cport, client_isn) = (40_500u16, 9_000_000u32);
+    let syn = ip_packet(client, vip).tcp(cport, 80).flags(tcp_flags::SYN).seq_ack(client_isn, 0);
+    let answer = lb.bed.run(&syn.build()).unwrap();
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    let ack = ip_packet(client, vip)
+        .tcp(cport, 80)
+        .flags(tcp_flags::ACK)
+        .seq_ack(client_isn + 1, cookie.wrapping_add(1))
+        .build();
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx), "the SYN to the backend");
+    let (backend, bport, nat_port) = lb.flow_of(client, cport, vip, 80, IPPROTO_TCP);
+    let reset = |flags: u8, ack: u32| {
+        ip_packet(backend, nat)
+            .macs(backend_mac(backend), LB_MAC)
+            .tcp(bport, nat_port)
+            .flags(flags)
+            .seq_ack(0, ack)
+            .build()
+    };
+    let blind = |description: &str, input: Vec<u8>| Case {
+        description: description.into(),
+        input,
+        verdict: Action::Drop,
+        reason: Some(Reason::SynProxyPending),
+        output: Output::Unchanged,
+    };
+    lb.bed
+        .check_all(&[
+            blind("a reset without ACK", reset(tcp_flags::RST, 0)),
+            blind(
+                "a reset acknowledging something else",
+                reset(tcp_flags::RST | tcp_flags::ACK, client_isn + 2),
+            ),
+        ])
+        .unwrap();
+    let key = lb_common::FlowKey::new((client, cport).into(), (vip, 80).into(), IPPROTO_TCP);
+    let state = |lb: &Lb| lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
+    assert_eq!(state(&lb), FlowState::SynSeen as u8, "the blind resets ended nothing");
+
+    let refused = lb.bed.run(&reset(tcp_flags::RST | tcp_flags::ACK, client_isn + 1)).unwrap();
+    assert_eq!(refused.verdict, Some(Action::Tx));
+    let expected = ip_packet(vip, client)
+        .macs(LB_MAC, CLIENT_MAC)
+        .tcp(80, cport)
+        .flags(tcp_flags::RST | tcp_flags::ACK)
+        .seq_ack(cookie.wrapping_add(1), client_isn + 1)
+        .build();
+    assert_eq!(hex(&refused.output), hex(&expected), "the client's reset, in its numbering");
+    assert_eq!(state(&lb), FlowState::Closed as u8, "the flow closed");
+}
+
 /// `auto` while the SYN rate is low: SYNs open flows as usual (no cookie), and a stray ACK
-/// is picked up mid-stream rather than dropped.
+/// is picked up mid-stream rather than dropped; both count toward the rate (a spoofed ACK
+/// flood opens flows as a SYN flood does).
 #[test]
 fn syn_cookies_auto_stays_out_of_the_way_below_its_rate() {
     let config = nat_config(false, "tcp") + "syn_cookies = \"auto\"\nsyn_cookie_threshold = 1000\n";
@@ -2450,9 +2521,13 @@ fn syn_cookies_auto_stays_out_of_the_way_below_its_rate() {
     let sid = lb.balancer.service_id("s").unwrap();
     assert_eq!(
         lb.bed.datapath.maps().traffic.syn(sid).unwrap().syns,
-        1,
-        "SYNs are counted for the rate"
+        2,
+        "the SYN and the picked-up ACK are counted for the rate"
     );
+    // An ACK of a live flow opens nothing: not counted.
+    let ack = Packet::ipv4(CLIENT4, VIP4).tcp(40_000, 80).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.datapath.maps().traffic.syn(sid).unwrap().syns, 2);
 }
 
 /// A cookie goes stale when the kernel's cookie clock (jiffies / 60 s) has moved on twice:

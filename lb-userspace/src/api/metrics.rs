@@ -424,7 +424,7 @@ impl Snapshot {
         let families: [(&str, &str, Field); 4] = [
             (
                 "lb_service_syns",
-                "SYNs opening connections to the service (the rate auto mode watches).",
+                "SYNs opening connections to the service, and segments that open a flow without one while cookies are off (the rate auto mode watches).",
                 |c| c.syns,
             ),
             (

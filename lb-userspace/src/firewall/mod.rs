@@ -273,6 +273,11 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
 fn fw_rule(rule: &RuleConfig, ticks_per_second: u64) -> FwRule {
     let (mask, value) = rule.tcp_flags.as_deref().and_then(|f| tcp_flags(f).ok()).unwrap_or((0, 0));
     let rate = rule.rate.unwrap_or(0);
+    let per_tick = (rate * TOKEN / ticks_per_second.max(1)).max(u64::from(rate > 0));
+    // Tokens come in once a kernel tick and the bucket holds `burst`: a burst below one
+    // tick's worth would cap the rate at `burst` per tick (rate 100,000 with burst 100 at
+    // 250 ticks a second admits 25,000), so the bucket holds at least one tick's worth.
+    let burst = (rule.burst.unwrap_or(rate) * TOKEN).max(per_tick);
     FwRule {
         action: match rule.action {
             RuleAction::Allow => ACTION_ALLOW,
@@ -283,8 +288,8 @@ fn fw_rule(rule: &RuleConfig, ticks_per_second: u64) -> FwRule {
         tcp_flags_mask: mask,
         tcp_flags_value: value,
         log_one_in: rule.log.unwrap_or(0),
-        micro_tokens_per_tick: (rate * TOKEN / ticks_per_second.max(1)).max(u64::from(rate > 0)),
-        burst_micro_tokens: rule.burst.unwrap_or(rate) * TOKEN,
+        micro_tokens_per_tick: per_tick,
+        burst_micro_tokens: burst,
     }
 }
 
@@ -667,6 +672,22 @@ icmp_types = [8, 128]
         );
         assert_eq!((limit.micro_tokens_per_tick, limit.burst_micro_tokens), (100_000, 100 * TOKEN));
         assert_eq!((limit.flags, limit.log_one_in), (RULE_LOG, 10));
+    }
+
+    #[test]
+    fn a_burst_below_a_tick_s_worth_is_raised_to_it() {
+        // Rate 100,000 at 250 ticks a second: 400 a tick. A burst of 100 would cap the rate
+        // at 25,000 a second; the bucket holds a tick's worth. A larger burst stays.
+        let rule = |burst: u32| {
+            let toml = format!(
+                "[firewall]\n[[firewall.rule]]\nname = \"r\"\naction = \"rate_limit\"\nrate = 100000\nburst = {burst}\n"
+            );
+            compile(&config(&toml), 250).unwrap().rules[0]
+        };
+        let small = rule(100);
+        assert_eq!(small.micro_tokens_per_tick, 400 * TOKEN);
+        assert_eq!(small.burst_micro_tokens, 400 * TOKEN);
+        assert_eq!(rule(5000).burst_micro_tokens, 5000 * TOKEN);
     }
 
     #[test]

@@ -73,7 +73,9 @@ fn assert_shares(what: &str, counts: &BTreeMap<String, usize>, weights: &[u32], 
 }
 
 /// Weights 1:2:3. 40 new connections from each of 9 client addresses per service (360 flows):
-/// at p = 1/2 the standard deviation of a share is 2.6 points, so ±10 points is nearly four.
+/// at p = 1/2 the standard deviation of a share is 2.6 points, so ±12 points is over four and
+/// a half (24 shares checked: a chance failure about once in 10,000 runs), while equal
+/// weights (a third each) would miss the 1 and 3 shares by almost 17.
 #[test]
 fn every_mode_and_family_spreads_flows_by_weight() {
     if !require_privileges("every_mode_and_family_spreads_flows_by_weight") {
@@ -94,7 +96,7 @@ fn every_mode_and_family_spreads_flows_by_weight() {
             360,
             "{what}: every request answered: {counts:?}"
         );
-        assert_shares(what, &counts, &weights, 0.10);
+        assert_shares(what, &counts, &weights, 0.12);
     }
     for (what, addr, v6) in [
         ("NAT IPv4 UDP", IpAddr::from(lab::VIP_V4), false),
@@ -104,7 +106,7 @@ fn every_mode_and_family_spreads_flows_by_weight() {
     ] {
         let counts = spread_udp(&lab, &client_sources(v6), addr, 40);
         assert_eq!(counts.values().sum::<usize>(), 360, "{what}: every datagram answered");
-        assert_shares(what, &counts, &weights, 0.10);
+        assert_shares(what, &counts, &weights, 0.12);
     }
     let log = daemon.finish();
     assert!(log.contains("configuration applied"), "{log}");

@@ -39,6 +39,11 @@ pub struct Spec {
 /// How often check routes that could not be set are tried again.
 pub const ROUTE_RETRY: Duration = Duration::from_secs(5);
 
+/// Whether check routes last tried again at `last` may be tried again at `now`.
+fn retry_due(last: Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_RETRY)
+}
+
 /// One check's result, sent to the daemon.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -217,7 +222,7 @@ impl Checker {
     /// Sets the check routes the last sync could not, at most once every
     /// [`ROUTE_RETRY`] (called every second by the daemon's tick).
     pub fn retry_routes(&mut self, now: std::time::Instant) {
-        if self.routes.pending() && self.last_route_retry.is_none_or(|t| now >= t + ROUTE_RETRY) {
+        if self.routes.pending() && retry_due(self.last_route_retry, now) {
             self.last_route_retry = Some(now);
             self.routes.retry();
         }
@@ -316,6 +321,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn check_routes_are_tried_again_once_every_few_seconds() {
+        let t = std::time::Instant::now();
+        assert!(retry_due(None, t), "the first retry at once");
+        assert!(!retry_due(Some(t), t));
+        assert!(!retry_due(Some(t), t + ROUTE_RETRY.saturating_sub(Duration::from_millis(1))));
+        assert!(retry_due(Some(t), t + ROUTE_RETRY));
+        assert!(!retry_due(Some(t + ROUTE_RETRY), t), "a clock read out of order");
+    }
+
     #[tokio::test]
     async fn a_restarted_check_s_queued_results_are_not_current() {
         // Its own namespace: the checker clears check routes (`ip rule`) where it runs.
@@ -338,12 +353,17 @@ mod tests {
         // The check's settings change: a new task; the old one's results are stale.
         assert_eq!(checker.sync(plan(30), &none), vec![backend.clone()]);
         assert!(!checker.is_current(&first));
-        let current = loop {
-            let report = tokio::time::timeout(within, rx.recv()).await.unwrap().unwrap();
-            if report.task != first.task {
-                break report;
+        // Bounded as a whole: an old task that kept reporting would otherwise hold the loop.
+        let current = tokio::time::timeout(within, async {
+            loop {
+                let report = rx.recv().await.unwrap();
+                if report.task != first.task {
+                    break report;
+                }
             }
-        };
+        })
+        .await
+        .expect("a report of the new task within 5 s");
         assert!(checker.is_current(&current));
         // Stopped (the backend removed): nothing of it is current.
         checker.sync(Plan::default(), &none);

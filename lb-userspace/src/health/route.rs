@@ -207,6 +207,8 @@ mod tests {
         assert_eq!(rules.lines().count(), 1, "{rules}");
         // Nothing pending: a retry changes nothing; clearing removes both.
         routes.retry();
+        assert_eq!(ip(&["-4", "route", "show", "table", &table]), routed);
+        assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]), rules);
         routes.clear();
         assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]).trim(), "");
         assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");

@@ -39,3 +39,38 @@ impl Drop for Grouped {
         }
     }
 }
+
+/// Test helpers for programs a group kill should have ended.
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::{Duration, Instant};
+
+    /// A shell script whose background job writes its process id to `pid_file` at once and
+    /// would then run for 30 s; the script waits for it.
+    pub(crate) fn script_with_background_job(pid_file: &std::path::Path) -> String {
+        format!("sleep 30 & echo $! > {}; wait", pid_file.display())
+    }
+
+    /// Whether the process whose id `pid_file` holds is gone (no such process, or a zombie
+    /// nobody reaped yet) within `limit`.
+    pub(crate) async fn gone_within(pid_file: &std::path::Path, limit: Duration) -> bool {
+        let pid: libc::pid_t = std::fs::read_to_string(pid_file)
+            .expect("the background job wrote its id")
+            .trim()
+            .parse()
+            .expect("a process id");
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            // SAFETY: signal 0 only checks that the process exists.
+            let exists = unsafe { libc::kill(pid, 0) } == 0;
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'))
+            });
+            if !exists || zombie {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}

@@ -59,6 +59,19 @@ impl Netns {
         &self.name
     }
 
+    /// The MAC address of interface `dev` in this namespace.
+    pub fn mac_of(&self, dev: &str) -> anyhow::Result<[u8; 6]> {
+        let out = self.exec(&["ip", "-j", "link", "show", dev])?;
+        let json: serde_json::Value = serde_json::from_str(&out)?;
+        let text = json[0]["address"].as_str().context("no MAC")?;
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            *byte = u8::from_str_radix(parts.next().context("a short MAC")?, 16)?;
+        }
+        Ok(mac)
+    }
+
     /// Runs `args` inside the namespace and returns its stdout; a non-zero exit is an error
     /// carrying stderr.
     pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {

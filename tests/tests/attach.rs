@@ -256,17 +256,19 @@ fn lbd_attaches_on_start_and_detaches_on_sigterm() {
 
 #[test]
 fn lbd_rejects_a_bad_config_without_touching_the_kernel() {
+    // An interface no host has: a `check-config` that touched the kernel would fail on it
+    // rather than attach to a real one (this test runs in the host's namespace).
     let lbd = lab::bin_path("lbd").unwrap();
     let dir = std::env::temp_dir().join(lb_tests::netns::unique_id());
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[[interface]]\nname = \"eth0\"\nxdp_mode = \"fast\"\n").unwrap();
+    std::fs::write(&bad, "[[interface]]\nname = \"lbtcheck0\"\nxdp_mode = \"fast\"\n").unwrap();
     let out = Command::new(&lbd).args(["check-config"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 3, column 12"), "{err}");
     let good = dir.join("good.toml");
-    std::fs::write(&good, "[[interface]]\nname = \"eth0\"\n").unwrap();
+    std::fs::write(&good, "[[interface]]\nname = \"lbtcheck0\"\n").unwrap();
     let out = Command::new(&lbd).args(["check-config"]).arg(&good).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();

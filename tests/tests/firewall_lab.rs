@@ -7,6 +7,7 @@ use std::{net::IpAddr, time::Duration};
 
 use lb_tests::{
     daemon::LabDaemon,
+    flood::spoofed_syns,
     lab::{self, Lab, spread_http, url},
     netns::wait_for,
     privileged::require_privileges,
@@ -158,9 +159,10 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
 /// SYNs in the spoofed flood.
 const FLOOD: u32 = 20_000;
 
-/// A bounded spoofed SYN flood (hping3 `--rand-source`, a fixed count) against a NAT
-/// service with SYN cookies while a real client keeps opening connections through it: every
-/// request succeeds, and the flood leaves nothing in the connection table.
+/// A bounded spoofed SYN flood (random sources in 198.18.128.0/17, a fixed count, see
+/// `lb_tests::flood`) against a NAT service with SYN cookies while a real client keeps
+/// opening connections through it: every request succeeds, and the flood leaves nothing in
+/// the connection table.
 #[test]
 fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     if !require_privileges("a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table") {
@@ -173,33 +175,27 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     );
     assert!(config.contains("syn_cookies = \"on\""));
     let daemon = LabDaemon::start(&lab, &config);
-    let client_ns = lab.client.name().to_owned();
-    let vip = lab::VIP_V4.to_string();
-    let flood = std::thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &client_ns, "hping3", "-S", "-p", "80", "--rand-source", "-c"])
-            .arg(FLOOD.to_string())
-            .args(["-i", "u40", &vip])
-            .output()
-            .unwrap()
-    });
-    // A real client meanwhile: new connections, one after another, every one answered.
     let url = url(lab::VIP_V4.into(), lab::HTTP_PORT);
-    let mut answered = 0;
-    let start = std::time::Instant::now();
-    while !flood.is_finished() || answered < 20 {
-        let body = lab
-            .client
-            .exec(&["curl", "-sS", "--max-time", "5", &url])
-            .unwrap_or_else(|e| panic!("request {answered} during the flood failed: {e:#}"));
-        assert!(body.starts_with("backend-"), "{body}");
-        answered += 1;
-        assert!(start.elapsed() < Duration::from_mins(2), "the flood did not end");
-    }
-    let flood = flood.join().unwrap();
-    let text = String::from_utf8_lossy(&flood.stderr).into_owned()
-        + &String::from_utf8_lossy(&flood.stdout);
-    assert!(text.contains(&format!("{FLOOD} packets transmitted")), "{text}");
+    // 25,000 SYNs a second; a real client meanwhile: new connections, one after another,
+    // every one answered.
+    let (sent, answered) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            spoofed_syns(&lab, lab::VIP_V4, 80, FLOOD, Duration::from_micros(40), 0x5eed)
+        });
+        let mut answered = 0;
+        let start = std::time::Instant::now();
+        while !flood.is_finished() || answered < 20 {
+            let body = lab
+                .client
+                .exec(&["curl", "-sS", "--max-time", "5", &url])
+                .unwrap_or_else(|e| panic!("request {answered} during the flood failed: {e:#}"));
+            assert!(body.starts_with("backend-"), "{body}");
+            answered += 1;
+            assert!(start.elapsed() < Duration::from_mins(2), "the flood did not end");
+        }
+        (flood.join().unwrap().unwrap(), answered)
+    });
+    assert_eq!(sent, FLOOD);
     eprintln!("{answered} requests answered during a flood of {FLOOD} spoofed SYNs");
 
     let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).unwrap();
@@ -252,24 +248,8 @@ fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
     };
     assert_eq!(active(), Some(0), "cookies on before any flood");
     // About 2,000 spoofed SYNs a second for 3 s: ten times the threshold.
-    let flood = lab
-        .client
-        .exec_output(&[
-            "hping3",
-            "-S",
-            "-p",
-            "80",
-            "--rand-source",
-            "-c",
-            "6000",
-            "-i",
-            "u500",
-            &lab::VIP_V4.to_string(),
-        ])
-        .unwrap();
-    let text = String::from_utf8_lossy(&flood.stderr).into_owned()
-        + &String::from_utf8_lossy(&flood.stdout);
-    assert!(text.contains("6000 packets transmitted"), "{text}");
+    let sent = spoofed_syns(&lab, lab::VIP_V4, 80, 6000, Duration::from_micros(500), 0xf100d);
+    assert_eq!(sent.unwrap(), 6000);
     // On (a sample a second; the calm period keeps them on for 10 s after the flood).
     let on = wait_for(Duration::from_secs(5), || (active()? == 1).then_some(()));
     assert!(on.is_some(), "cookies not on after the flood: {:?}", active());

@@ -91,10 +91,15 @@ fn every_lbctl_command_against_a_running_daemon() {
     assert!(out.contains("draining") && out.contains("0/100"), "{out}");
     let (ok, out, err) = run(&["backend", "disable", "web", "198.18.1.11"], TOKEN);
     assert!(ok, "{out}{err}");
+    let (_, out, _) = run(&["pools"], TOKEN);
+    assert!(out.contains("disabled") && out.contains("0/100"), "disable took: {out}");
     let (ok, out, err) = run(&["backend", "enable", "web", "198.18.1.11"], TOKEN);
     assert!(ok, "{out}{err}");
     let (_, out, _) = run(&["pools"], TOKEN);
-    assert!(out.contains("active") && !out.contains("draining"), "{out}");
+    assert!(
+        out.contains("active") && !out.contains("draining") && !out.contains("disabled"),
+        "{out}"
+    );
     let (ok, out, err) = run(&["backend", "remove", "web", "198.18.1.12"], TOKEN);
     assert!(ok && out.contains("1 retired"), "{out}{err}");
     let (ok, out, err) = run(&["reload"], TOKEN);

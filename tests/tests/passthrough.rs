@@ -474,7 +474,8 @@ fn garbage_is_closed(setup: &Setup, target: SocketAddr) {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    let started = Instant::now();
+    // Closed (a FIN or a reset) before the read times out; the reason counted below says it
+    // was for not being TLS, not by the 10 s hello timeout.
     let closed = setup
         .lab
         .client
@@ -483,13 +484,14 @@ fn garbage_is_closed(setup: &Setup, target: SocketAddr) {
             conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut buf = [0u8; 64];
-            matches!(conn.read(&mut buf), Ok(0) | Err(_))
+            match conn.read(&mut buf) {
+                Ok(0) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
         })
         .unwrap();
-    assert!(
-        closed && started.elapsed() < Duration::from_secs(2),
-        "garbage was not closed promptly"
-    );
+    assert!(closed, "garbage was not closed");
     assert_eq!(rejected(setup, "tls4", "not_tls"), 1);
     assert_eq!(opened(&setup.metrics()), opened(&before), "garbage reached a backend");
 }
@@ -516,14 +518,14 @@ fn slow_and_piled_up_clients(setup: &Setup, target: SocketAddr) {
                 Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
                 Ok(_) => false,
             };
-            // The idle ones: closed after the 1 s hello timeout.
-            let started = Instant::now();
+            // The idle ones: closed (before the read's own 5 s timeout), by the 1 s hello
+            // timeout as the reason counted below says.
             let mut timed_out = true;
             for mut conn in idle {
                 conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 timed_out &= matches!(conn.read(&mut buf), Ok(0));
             }
-            (timed_out && started.elapsed() < Duration::from_secs(3), refused)
+            (timed_out, refused)
         })
         .unwrap();
     assert!(refused, "a third pending handshake from one address was accepted");
@@ -619,8 +621,8 @@ fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello
             ])
             .unwrap();
     };
+    // Cut at once: the client's read (10 s timeout) ends in a reset, not a timeout.
     state("disabled");
-    let started = Instant::now();
     let ended = loop {
         match conn.read(&mut chunk) {
             Ok(0) => break Ok(0),
@@ -629,7 +631,6 @@ fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello
         }
     };
     assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "the cut relay's client");
-    assert!(started.elapsed() < Duration::from_secs(5), "the cut took {:?}", started.elapsed());
     state("active");
 }
 

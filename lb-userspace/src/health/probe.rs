@@ -527,17 +527,16 @@ pub(crate) mod tests {
         command.command = vec!["sleep".into(), "5".into()];
         command.timeout = Duration::from_millis(100);
         assert!(command.run().await.unwrap_err().contains("timed out"));
-        // A timeout ends what the command started too: the shell's background job would
-        // leave a mark a second later.
-        let mark = std::env::temp_dir().join(format!("lb-probe-group-{}", std::process::id()));
-        let script = format!("(sleep 1; touch {}) & wait", mark.display());
+        // A timeout ends what the command started too: the shell's background job (which
+        // would run 30 s) is gone.
+        let pid_file = std::env::temp_dir().join(format!("lb-probe-group-{}", std::process::id()));
+        let script = crate::process::tests::script_with_background_job(&pid_file);
         command.command = vec!["sh".into(), "-c".into(), script];
-        command.timeout = Duration::from_millis(200);
+        command.timeout = Duration::from_millis(500);
         assert!(command.run().await.unwrap_err().contains("timed out"));
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let left = mark.exists();
-        let _ = std::fs::remove_file(&mark);
-        assert!(!left, "the timed-out check's background job ran on");
+        let gone = crate::process::tests::gone_within(&pid_file, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(&pid_file);
+        assert!(gone, "the timed-out check's background job ran on");
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ struct Latency {
 pub fn run(quick: bool) -> anyhow::Result<serde_json::Value> {
     let secs: u64 = if quick { 2 } else { 5 };
     let lab = Lab::create(2).context("building the lab")?;
-    let front_mac = mac_of(&lab.lb, lab::LB_FRONT_IF)?;
+    let front_mac = lab.lb.mac_of(lab::LB_FRONT_IF)?;
     // veth has no queue: trafgen's ring flush fails with EAGAIN when the peer falls behind.
     // A queue makes the generator's excess drops instead.
     lab.client
@@ -281,17 +281,6 @@ fn print_tables(rows: &[Figures], api: Option<&(f64, Latency)>, secs: u64) {
             l.p50, l.p99
         );
     }
-}
-
-fn mac_of(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
-    let out = ns.exec(&["ip", "-j", "link", "show", dev])?;
-    let json: serde_json::Value = serde_json::from_str(&out)?;
-    let text = json[0]["address"].as_str().context("no MAC")?;
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16)?;
-    }
-    Ok(mac)
 }
 
 /// trafgen's configuration: 60-byte UDP frames from `src` to the service's UDP port, source

@@ -115,11 +115,15 @@ pub enum Reason {
     /// Rules by port, ICMP type or TCP flags cannot be applied to it, and the host may still
     /// accept it (it reassembles fragments and follows longer chains), so it is dropped.
     FirewallUnreadable = 22,
+    /// A SYN-cookie answer, or the backend's SYN built from a cookie ACK, could not be
+    /// written (the kernel's cookie helper or the frame's resize failed): dropped rather
+    /// than passed on as the packet that came in (the client retransmits).
+    SynCookieFailed = 23,
 }
 
 impl Reason {
     /// Every reason, in numeric order; userspace iterates this to read and export counters.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 24] = [
         Self::NotIp,
         Self::NotService,
         Self::Truncated,
@@ -143,6 +147,7 @@ impl Reason {
         Self::SynCookieInvalid,
         Self::SynProxyPending,
         Self::FirewallUnreadable,
+        Self::SynCookieFailed,
     ];
 
     /// What the data path does with a packet for this reason.
@@ -176,7 +181,8 @@ impl Reason {
             | Self::RateLimited
             | Self::SynCookieInvalid
             | Self::SynProxyPending
-            | Self::FirewallUnreadable => Action::Drop,
+            | Self::FirewallUnreadable
+            | Self::SynCookieFailed => Action::Drop,
         }
     }
 
@@ -215,6 +221,7 @@ impl Reason {
             Self::SynCookieInvalid => "syn_cookie_invalid",
             Self::SynProxyPending => "syn_proxy_pending",
             Self::FirewallUnreadable => "firewall_unreadable",
+            Self::SynCookieFailed => "syn_cookie_failed",
         }
     }
 }

@@ -189,7 +189,7 @@ fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<A
         }
     };
     if generated < 0 {
-        return Err(Reason::BadTcpHeader);
+        return Err(Reason::SynCookieFailed);
     }
     // The cookie in the low 32 bits, its MSS in the next 16.
     let generated = generated.cast_unsigned();
@@ -441,7 +441,7 @@ fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
     if delta != 0 {
         // SAFETY: the context pointer of this program run.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-            return Err(Reason::Truncated);
+            return Err(Reason::SynCookieFailed);
         }
     }
     let ctx = &reload(ctx);

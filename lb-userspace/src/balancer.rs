@@ -110,6 +110,10 @@ pub struct Balancer {
     adoptable_services: HashMap<ServiceKey, u32>,
     /// `auto` SYN-cookie services whose cookies are on now.
     cookies_active: BTreeSet<String>,
+    /// Adopted `auto` services whose cookies were on (a flood when the last daemon
+    /// stopped), by their `SERVICES` key: still on once the service is claimed in `auto`
+    /// mode, until the rate has been calm (not off for the first seconds of the new daemon).
+    adopted_cookies_on: HashSet<ServiceKey>,
     /// Services the last apply removed, by their `SERVICES` key: their ids, should that
     /// apply be undone (see [`Balancer::take_back_removed`]).
     last_removed: HashMap<ServiceKey, u32>,
@@ -254,6 +258,10 @@ impl Balancer {
     pub fn adopt(&mut self, maps: &Maps) -> Result<(), MapError> {
         for (key, service) in maps.services.entries()? {
             self.adoptable_services.insert(key, service.id);
+            let auto_on = SERVICE_SYN_COOKIES_AUTO | SERVICE_SYN_COOKIES;
+            if service.flags & auto_on == auto_on {
+                self.adopted_cookies_on.insert(key);
+            }
             if let Some(table) = maps.maglev.table(service.id)? {
                 self.adopted_tables.insert(key, table.into_iter().collect());
             }
@@ -410,6 +418,12 @@ impl Balancer {
             let previous = self.services.get(&name).cloned();
             let key = service_key(service);
             let adopted = previous.is_none() && self.adoptable_services.contains_key(&key);
+            if adopted
+                && self.adopted_cookies_on.remove(&key)
+                && service.syn_cookies == SynCookies::Auto
+            {
+                self.cookies_active.insert(name.clone());
+            }
             let id = match &previous {
                 Some(state) => state.id,
                 None => match self.adoptable_services.remove(&key) {

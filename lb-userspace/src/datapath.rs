@@ -100,6 +100,10 @@ pub enum DatapathError {
     #[error("no interface named {interface}")]
     UnknownInterface { interface: String },
     #[error(
+        "the pinned XDP link on {interface} refused this lbd's program ({error}); the running program stays attached and forwarding. Remove {path} to detach it and let lbd attach afresh"
+    )]
+    LinkTakeover { interface: String, path: String, error: String },
+    #[error(
         "failed to attach XDP to {interface} in driver mode: {source}; \
          try `xdp_mode = \"generic\"` or `\"auto\"`"
     )]
@@ -441,9 +445,18 @@ impl Datapath {
                     self.maps.tx_ports.add(ifindex)?;
                     return Ok(AttachedMode::Pinned);
                 }
-                Err(error) => {
+                Err(LinkTakeover::Defunct(error)) => {
                     warn!(%interface, %error, "pinned XDP link unusable; attaching afresh");
                     let _ = std::fs::remove_file(&path);
+                }
+                Err(LinkTakeover::Refused(error)) => {
+                    // The link lives and its program forwards: removing the pin would
+                    // detach it, and a fresh attach would likely be refused likewise.
+                    return Err(DatapathError::LinkTakeover {
+                        interface: interface.to_owned(),
+                        path: path.display().to_string(),
+                        error,
+                    });
                 }
             }
         }
@@ -562,11 +575,24 @@ pub fn if_index(interface: &str) -> Result<u32, DatapathError> {
 }
 
 /// Switches the pinned link at `path` to `program`.
-fn adopt_link(program: &mut Xdp, path: &std::path::Path) -> Result<XdpLinkId, String> {
-    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+/// Why a pinned link could not be taken over.
+enum LinkTakeover {
+    /// Unreadable, not an XDP link, or detached (its interface gone: `ENOLINK`).
+    Defunct(String),
+    /// A live link that refused this run's program: it keeps the one it has.
+    Refused(String),
+}
+
+fn adopt_link(program: &mut Xdp, path: &std::path::Path) -> Result<XdpLinkId, LinkTakeover> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| LinkTakeover::Defunct(e.to_string()))?;
     let fd_link: FdLink = pinned.into();
-    let link = XdpLink::try_from(fd_link).map_err(|e| e.to_string())?;
-    program.attach_to_link(link).map_err(|e| e.to_string())
+    let link = XdpLink::try_from(fd_link).map_err(|e| LinkTakeover::Defunct(e.to_string()))?;
+    program.attach_to_link(link).map_err(|error| match &error {
+        ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOLINK) => {
+            LinkTakeover::Defunct(error.to_string())
+        }
+        _ => LinkTakeover::Refused(error.to_string()),
+    })
 }
 
 /// The kernel tick rate (of those kernels are built with) closest to `ticks` ticks in

@@ -41,12 +41,20 @@ pub enum PinError {
     Io { path: String, source: io::Error },
     #[error("failed to parse the XDP object's maps: {0}")]
     Object(String),
+    #[error(
+        "{path} is in use by another lbd (it holds the directory's lock); one lbd per pin_dir: stop the other, or give this one another pin_dir"
+    )]
+    InUse { path: String },
 }
 
-/// Where this build's maps and links are pinned.
+/// Where this build's maps and links are pinned, locked for this process: two lbd on one
+/// pin directory would each adopt the other's maps and hand out the same backend ids.
 #[derive(Clone, Debug)]
 pub struct PinDir {
     root: PathBuf,
+    /// The directory opened with an exclusive `flock`, held as long as any copy lives (the
+    /// descriptor is close-on-exec: programs lbd starts do not inherit it).
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 /// What preparing the pins found.
@@ -80,7 +88,20 @@ impl PinDir {
         if !is_bpffs(root) {
             return Err(PinError::NotBpffs { path: root.display().to_string() });
         }
-        Ok(Self { root: root.to_owned() })
+        let io = |source| PinError::Io { path: root.display().to_string(), source };
+        let lock = std::fs::File::open(root).map_err(io)?;
+        // SAFETY: flock(2) on a descriptor this process holds.
+        if unsafe {
+            libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB)
+        } != 0
+        {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(PinError::InUse { path: root.display().to_string() });
+            }
+            return Err(io(error));
+        }
+        Ok(Self { root: root.to_owned(), _lock: std::sync::Arc::new(lock) })
     }
 
     fn maps_dir(&self) -> PathBuf {
@@ -102,33 +123,55 @@ impl PinDir {
                 .map_err(|source| PinError::Io { path: d.display().to_string(), source })?;
         }
         let obj = aya_obj::Object::parse(object).map_err(|e| PinError::Object(e.to_string()))?;
-        let mut prepared = Prepared::default();
+        // Which pinned maps differ from the object's definitions.
+        let mut mismatched = Vec::new();
         for name in names::PINNED {
             let Some(def) = obj.maps.get(*name) else { continue };
             let max_entries =
                 if *name == names::CONNTRACK { conntrack_entries } else { def.max_entries() };
             let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let flags = def.map_flags() | flags_set_by_kernel(def.map_type());
+            let wanted = (def.map_type(), def.key_size(), def.value_size(), max_entries, flags);
+            let found = MapInfo::from_pin(&path).map(|info| {
+                (
+                    info.map_type().map_or(u32::MAX, |t| t as u32),
+                    info.key_size(),
+                    info.value_size(),
+                    info.max_entries(),
+                    info.map_flags(),
+                )
+            });
+            if !found.as_ref().is_ok_and(|f| *f == wanted) {
+                warn!(map = name, path = %path.display(), ?wanted, ?found, "pinned map has another layout or size (type, key, value, entries, flags)");
+                mismatched.push(*name);
+            }
+        }
+        // The maps name each other's entries (service, backend and rule ids, the flows'
+        // backends): one replaced alone would leave the others pointing into an empty map
+        // that hands the same ids out afresh. So any map but the connection table (a size
+        // change; its flows are lost with it) replaces them all.
+        let replace_all = mismatched.iter().any(|name| *name != names::CONNTRACK);
+        if replace_all {
+            warn!(maps = ?mismatched, "pinned maps of another layout: replacing every pinned map (the flows and state they hold are lost)");
+        }
+        let mut prepared = Prepared::default();
+        for name in names::PINNED {
+            if !obj.maps.contains_key(*name) {
+                continue;
+            }
+            let path = dir.join(name);
             if path.exists() {
-                let flags = def.map_flags() | flags_set_by_kernel(def.map_type());
-                let wanted = (def.map_type(), def.key_size(), def.value_size(), max_entries, flags);
-                let found = MapInfo::from_pin(&path).map(|info| {
-                    (
-                        info.map_type().map_or(u32::MAX, |t| t as u32),
-                        info.key_size(),
-                        info.value_size(),
-                        info.max_entries(),
-                        info.map_flags(),
-                    )
-                });
-                if found.as_ref().is_ok_and(|f| *f == wanted) {
-                    prepared.reused.push(name);
-                } else {
-                    warn!(map = name, path = %path.display(), ?wanted, ?found, "pinned map has another layout or size (type, key, value, entries, flags); replacing it");
+                if replace_all || mismatched.contains(name) {
                     std::fs::remove_file(&path).map_err(|source| PinError::Io {
                         path: path.display().to_string(),
                         source,
                     })?;
                     prepared.replaced.push(name);
+                } else {
+                    prepared.reused.push(name);
                 }
             }
             prepared.paths.push((name, path));

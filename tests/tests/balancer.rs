@@ -3134,3 +3134,28 @@ fn a_backend_removed_while_lbd_was_down_retires_under_its_pool() {
     let retired: Vec<_> = lb.balancer.retired().map(|(i, b)| (i, b.clone())).collect();
     assert_eq!(retired, vec![(id, gone)], "retired under its pool");
 }
+
+#[test]
+fn auto_syn_cookies_on_at_a_restart_stay_on() {
+    // A flood had switched an `auto` service's cookies on when the daemon stopped: the
+    // restarted one (knowing the maps only) keeps them on rather than turning them off for
+    // its first seconds, the flood's SYNs opening flows meanwhile. A service no longer in
+    // `auto` mode takes its mode's setting.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"auto\"\n";
+    let Some(mut lb) = Lb::new("auto_cookies_restart", &config, &[]) else { return };
+    let cookies = |lb: &Lb| {
+        let services = lb.bed.datapath.maps().services.entries().unwrap();
+        services[0].1.flags & lb_common::service::SERVICE_SYN_COOKIES != 0
+    };
+    assert!(!cookies(&lb));
+    lb.balancer.set_cookies_active("s", true, lb.bed.datapath.maps_mut()).unwrap();
+    assert!(cookies(&lb));
+    lb.restart_balancer();
+    lb.reapply(&config);
+    assert!(cookies(&lb), "the restarted daemon turned the cookies off");
+    assert!(lb.balancer.cookies_active("s"));
+    // Restarted again with the service set to "off": off.
+    lb.restart_balancer();
+    lb.reapply(&config.replace("syn_cookies = \"auto\"", "syn_cookies = \"off\""));
+    assert!(!cookies(&lb), "an off service kept an auto state");
+}

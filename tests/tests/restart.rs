@@ -236,6 +236,11 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
     };
     let first = Datapath::load_with(&options(65_536)).unwrap();
     assert!(!first.adopted(), "nothing was pinned before");
+    // One lbd per pin directory: a second load while the first holds it is refused.
+    let Err(error) = Datapath::load_with(&options(65_536)) else {
+        panic!("a second data path loaded on a pin directory in use")
+    };
+    assert!(error.to_string().contains("in use by another lbd"), "{error}");
     drop(first);
     let pinned = pinned_ids();
     assert!(pinned.contains_key(lb_common::maps::TX_PORTS), "{pinned:?}");
@@ -263,15 +268,20 @@ fn pinned_maps_of_another_layout_are_replaced_not_misread() {
     assert!(!stale.exists(), "maps of another layout version are still there");
     drop(fourth);
     // A map of another type with the same sizes is replaced too (a per-CPU array where the
-    // caches' epoch, a plain one-entry array, is pinned).
+    // caches' epoch, a plain one-entry array, is pinned), and with it every other map: they
+    // name each other's ids, so none is adopted alone.
     let epoch = conntrack.with_file_name(lb_common::maps::CACHE_EPOCH);
     std::fs::remove_file(&epoch).unwrap();
     aya::maps::PerCpuArray::<_, u32>::create(1, 0).unwrap().pin(&epoch).unwrap();
-    let before = aya::maps::MapInfo::from_pin(&epoch).unwrap().id();
+    let before = pinned_ids();
     let fifth = Datapath::load_with(&options(131_072)).unwrap();
-    let after = aya::maps::MapInfo::from_pin(&epoch).unwrap();
-    assert_ne!(after.id(), before, "a pinned map of another type was adopted");
-    assert_eq!(after.map_type().unwrap(), aya::maps::MapType::Array);
+    assert!(!fifth.adopted(), "the services were adopted beside a replaced map");
+    let after = pinned_ids();
+    for (map, id) in &before {
+        assert_ne!(after.get(map), Some(id), "{map} was kept beside a replaced map");
+    }
+    let epoch_info = aya::maps::MapInfo::from_pin(&epoch).unwrap();
+    assert_eq!(epoch_info.map_type().unwrap(), aya::maps::MapType::Array);
     drop(fifth);
     drop(bpffs);
 }

@@ -115,9 +115,8 @@ pub enum Reason {
     /// Rules by port, ICMP type or TCP flags cannot be applied to it, and the host may still
     /// accept it (it reassembles fragments and follows longer chains), so it is dropped.
     FirewallUnreadable = 22,
-    /// A SYN-cookie answer, or the backend's SYN built from a cookie ACK, could not be
-    /// written (the kernel's cookie helper or the frame's resize failed): dropped rather
-    /// than passed on as the packet that came in (the client retransmits).
+    /// The kernel's cookie helper refused to make a SYN-ACK's cookie: the SYN is dropped
+    /// rather than passed on to the host as it came (the client retransmits).
     SynCookieFailed = 23,
 }
 

@@ -80,7 +80,22 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     let bpffs = Bpffs::mount(&lab.id);
     let pin_dir = bpffs.dir.join("lb");
     let config = std::env::temp_dir().join(format!("{}-lbd.toml", lab.id));
-    std::fs::write(&config, lab::lab_config(3, &[])).unwrap();
+    // The first backend (the lowest address) joins by a reload: it takes the next free id,
+    // where a fresh start would number it first and shift the others. So a restarted lbd
+    // that did not adopt the ids would send the established flow to another backend.
+    let full = lab::lab_config(3, &[]);
+    let first_backend =
+        |addr: IpAddr| format!("[[pool.backend]]\naddress = \"{addr}\"\nweight = 100\n");
+    let without_first = full
+        .replace(&first_backend(lab.backends[0].v4.into()), "")
+        .replace(&first_backend(lab.backends[0].v6.into()), "");
+    assert_eq!(
+        without_first.len()
+            + first_backend(lab.backends[0].v4.into()).len()
+            + first_backend(lab.backends[0].v6.into()).len(),
+        full.len()
+    );
+    std::fs::write(&config, &without_first).unwrap();
     for backend in &lab.backends {
         backend
             .ns
@@ -92,6 +107,14 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     let ready =
         wait_for(Duration::from_secs(20), || lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok());
     assert!(ready.is_some(), "lbd did not start serving: {}", kill(&mut first, "-TERM"));
+    std::fs::write(&config, &full).unwrap();
+    let reloaded = Command::new("kill").args(["-HUP", &first.id().to_string()]).status();
+    assert!(reloaded.is_ok_and(|s| s.success()));
+    let joined = wait_for(Duration::from_secs(20), || {
+        let body = lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).ok()?;
+        body.starts_with(&lab.backends[0].name).then_some(())
+    });
+    assert!(joined.is_some(), "the reloaded backend never answered: {}", kill(&mut first, "-TERM"));
     for b in &lab.backends {
         b.ns.wait_listening(lab::IPERF_PORT, &format!("iperf3 server on {}", b.name)).unwrap();
     }

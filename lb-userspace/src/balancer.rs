@@ -770,6 +770,8 @@ impl Balancer {
         summary: &mut ApplySummary,
     ) -> Result<(), ApplyError> {
         let adopted: Vec<(ServiceKey, u32)> = self.adoptable_services.drain().collect();
+        // Their cookie states go with them (a key taken back later starts as configured).
+        self.adopted_cookies_on.clear();
         let removed: Vec<String> =
             self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
         let gone = removed

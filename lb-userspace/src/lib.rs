@@ -63,6 +63,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     raise_fd_limit();
+    // Before anything is attached: a SIGHUP (a reload) arriving while lbd starts is taken
+    // once it runs, not the signal's default action, which ends the process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("failed to listen for SIGHUP")?;
     let api_config = config.api.clone();
     let token = api_config
         .token_file
@@ -122,8 +126,6 @@ pub async fn run(
     for tick in [&mut lifecycle_tick, &mut stats_tick, &mut hop_tick, &mut sweep_tick] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("failed to listen for SIGHUP")?;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -3,8 +3,10 @@
 //!
 //! Layout: `<pin_dir>/maps-v<MAPS_LAYOUT_VERSION>/<MAP>` and `<pin_dir>/links/<interface>`.
 //! A pinned map is reused only if its type, key size, value size, maximum entries and flags
-//! match what this build expects; otherwise it is unpinned and replaced, and the replacement
-//! is logged (a pinned map is never misread).
+//! match what this build expects (a pinned map is never misread); otherwise it is unpinned
+//! and replaced, and with it every other pinned map, as they name each other's ids (a
+//! connection table of another size alone replaces only itself). Replacements are logged.
+//! The directory is locked while a `PinDir` lives: one lbd per pin directory.
 
 use std::{
     io,

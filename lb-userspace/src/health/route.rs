@@ -82,13 +82,16 @@ impl CheckRoutes {
             }
         }
         for (i, (family, script)) in ["-4", "-6"].iter().zip(&script).enumerate() {
-            if !script.is_empty() {
-                let ok = run_batch(family, script, self.failed[i]);
-                if ok && self.failed[i] {
-                    info!(family, "health-check routes set");
-                }
-                self.failed[i] = !ok;
+            if script.is_empty() {
+                // Nothing to set in this family (its last failed routes removed since).
+                self.failed[i] = false;
+                continue;
             }
+            let ok = run_batch(family, script, self.failed[i]);
+            if ok && self.failed[i] {
+                info!(family, "health-check routes set");
+            }
+            self.failed[i] = !ok;
         }
         self.installed.clone_from(wanted);
     }
@@ -192,6 +195,11 @@ mod tests {
         routes.sync(&wanted);
         assert!(routes.pending(), "the gateway is unreachable: the route cannot be set");
         assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");
+        // The backend removed meanwhile: nothing left to retry.
+        routes.sync(&BTreeMap::new());
+        assert!(!routes.pending(), "a removed backend's failed route is retried for ever");
+        routes.sync(&wanted);
+        assert!(routes.pending());
 
         // The interface comes up with the backend's network; the retry sets the route, and
         // leaves one rule, not one per attempt.

@@ -335,9 +335,18 @@ impl Lifecycle {
         let ids: HashSet<u32> = retired.iter().map(|(id, _)| *id).collect();
         self.retired_since.retain(|id, _| ids.contains(id));
         let mut due = Vec::new();
+        // A backend removed while lbd was down, carrying no new flows then, retires under no
+        // pool (the adopted maps do not say which): it drains by the longest timeout any
+        // pool has (0, never, being the longest), not for ever.
+        let longest = config
+            .pools
+            .iter()
+            .map(|p| p.drain_timeout_secs)
+            .max_by_key(|t| if *t == 0 { u64::MAX } else { *t })
+            .unwrap_or(0);
         for (id, identity) in retired {
             let since = *self.retired_since.entry(*id).or_insert(now);
-            let timeout = config.pool(&identity.pool).map_or(0, |p| p.drain_timeout_secs);
+            let timeout = config.pool(&identity.pool).map_or(longest, |p| p.drain_timeout_secs);
             if timeout > 0 && now.saturating_duration_since(since) >= Duration::from_secs(timeout) {
                 due.push(*id);
             }
@@ -528,6 +537,11 @@ mode = "dsr-l2"
         assert!(l.due_retired(&retired, &config, t0).is_empty());
         assert!(l.due_retired(&retired, &config, t0 + Duration::from_secs(29)).is_empty());
         assert_eq!(l.due_retired(&retired, &config, t0 + Duration::from_secs(30)), [7]);
+        // One whose pool is not known (removed while lbd was down, at weight 0): the longest
+        // timeout of the configuration's pools, here the one pool's 30 s.
+        let unknown = [(8, BackendIdentity { pool: String::new(), ..identity(14) })];
+        assert!(l.due_retired(&unknown, &config, t0 + Duration::from_secs(40)).is_empty());
+        assert_eq!(l.due_retired(&unknown, &config, t0 + Duration::from_secs(70)), [8]);
     }
 
     #[test]

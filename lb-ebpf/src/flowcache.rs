@@ -1,8 +1,9 @@
 //! The flow cache's operations (see `lb_common::flowcache` for when a slot may be used): a
 //! packet's slot is found once ([`find`]); then either the slot carries the packet
 //! ([`Slot::hit`]), or the connection table does and the slot follows what the table did:
-//! filled from the entry that carried the packet ([`Slot::fill`]), emptied when the table
-//! has no live forward entry for the flow ([`Slot::forget`]).
+//! filled from the entry that carried the packet ([`Slot::fill`], a NAT reply's by
+//! [`Slot::fill_reply`]), emptied when the table has no live entry for the packet's flow
+//! ([`Slot::forget`]).
 //!
 //! Keys are handled as five 64-bit words, read straight from the packet's key (the head of
 //! `Packet`) and the slot: one load and one compare per word.

@@ -135,6 +135,20 @@ impl Slot {
             (*self.slot).port_gen = port_gen;
             let flow = (&raw mut (*self.slot).flow).cast::<u64>();
             copy_words(flow, core::ptr::from_ref(e).cast(), FLOW_WORDS);
+            // A forward entry holds its key's service address and port: a copy that does
+            // not is of an element the LRU freed and reused for another key between the
+            // lookup and the copy, and is not kept (reply copies: see `fill_reply`).
+            let (c, key) = (&(*self.slot).flow, packet.flow_key());
+            let v = &c.vip_addr;
+            if c.flags & FLOW_REPLY == 0
+                && (c.vip_port != key.dport
+                    || v[0] != key.dst[0]
+                    || v[1] != key.dst[1]
+                    || v[2] != key.dst[2]
+                    || v[3] != key.dst[3])
+            {
+                (*self.slot).epoch = 0;
+            }
         }
     }
 

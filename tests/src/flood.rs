@@ -19,31 +19,27 @@ use crate::{
 /// The client's interface towards the load balancer.
 const CLIENT_IF: &str = "eth0";
 
-/// Sends `count` SYNs to `target:port` from the lab's client namespace, one every `gap`
-/// (paced in batches), each from a random address in 198.18.128.0/17 and a random port, with
-/// a random sequence number (`seed` makes the run repeatable). Returns how many were sent.
-pub fn spoofed_syns(
-    lab: &Lab,
-    target: Ipv4Addr,
-    port: u16,
-    count: u32,
-    gap: Duration,
-    seed: u64,
-) -> anyhow::Result<u32> {
-    let src_mac = lab.client.mac_of(CLIENT_IF)?;
-    let dst_mac = lab.lb.mac_of(LB_FRONT_IF)?;
-    lab.client.enter(move || send(src_mac, dst_mac, target, port, count, gap, seed))?
+/// A bounded flood: `count` SYNs to `target:port`, one every `gap` (paced in batches), each
+/// from a random address in 198.18.128.0/17 and a random port, with a random sequence
+/// number (`seed` makes the run repeatable).
+#[derive(Clone, Copy, Debug)]
+pub struct SynFlood {
+    pub target: Ipv4Addr,
+    pub port: u16,
+    pub count: u32,
+    pub gap: Duration,
+    pub seed: u64,
 }
 
-fn send(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    target: Ipv4Addr,
-    port: u16,
-    count: u32,
-    gap: Duration,
-    seed: u64,
-) -> anyhow::Result<u32> {
+/// Sends `flood` from the lab's client namespace; returns how many SYNs were sent.
+pub fn spoofed_syns(lab: &Lab, flood: SynFlood) -> anyhow::Result<u32> {
+    let src_mac = lab.client.mac_of(CLIENT_IF)?;
+    let dst_mac = lab.lb.mac_of(LB_FRONT_IF)?;
+    lab.client.enter(move || send(src_mac, dst_mac, flood))?
+}
+
+fn send(src_mac: [u8; 6], dst_mac: [u8; 6], flood: SynFlood) -> anyhow::Result<u32> {
+    let SynFlood { target, port, count, gap, seed } = flood;
     let name = std::ffi::CString::new(CLIENT_IF)?;
     // SAFETY: a NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -65,13 +61,7 @@ fn send(
     to.sll_ifindex = i32::try_from(ifindex).context("ifindex")?;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&dst_mac);
-    let mut x = seed | 1;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = lb_userspace::rng::XorShift::new(seed);
     let started = Instant::now();
     let mut sent = 0;
     for i in 0..count {
@@ -81,7 +71,7 @@ fn send(
                 std::thread::sleep(wait);
             }
         }
-        let r = next();
+        let r = rng.next_u64();
         let source = Ipv4Addr::new(198, 18, 128 | ((r >> 8) & 0x7f) as u8, (r & 0xff) as u8);
         let sport = 1024 + ((r >> 16) % 64_000) as u16;
         let frame = Packet::ipv4(source, target)

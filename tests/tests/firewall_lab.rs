@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Duration};
 
 use lb_tests::{
     daemon::LabDaemon,
-    flood::spoofed_syns,
+    flood::{SynFlood, spoofed_syns},
     lab::{self, Lab, spread_http, url},
     netns::wait_for,
     privileged::require_privileges,
@@ -159,6 +159,11 @@ fn blocked_sources_get_nothing_through_while_others_are_untouched() {
 /// SYNs in the spoofed flood.
 const FLOOD: u32 = 20_000;
 
+/// A spoofed SYN flood of `count` SYNs to the lab's IPv4 NAT service, one every `gap`.
+fn flood(count: u32, gap: Duration, seed: u64) -> SynFlood {
+    SynFlood { target: lab::VIP_V4, port: lab::HTTP_PORT, count, gap, seed }
+}
+
 /// A bounded spoofed SYN flood (random sources in 198.18.128.0/17, a fixed count, see
 /// `lb_tests::flood`) against a NAT service with SYN cookies while a real client keeps
 /// opening connections through it: every request succeeds, and the flood leaves nothing in
@@ -179,9 +184,8 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     // 25,000 SYNs a second; a real client meanwhile: new connections, one after another,
     // every one answered.
     let (sent, answered) = std::thread::scope(|scope| {
-        let flood = scope.spawn(|| {
-            spoofed_syns(&lab, lab::VIP_V4, 80, FLOOD, Duration::from_micros(40), 0x5eed)
-        });
+        let flood =
+            scope.spawn(|| spoofed_syns(&lab, flood(FLOOD, Duration::from_micros(40), 0x5eed)));
         let mut answered = 0;
         let start = std::time::Instant::now();
         while !flood.is_finished() || answered < 20 {
@@ -248,7 +252,7 @@ fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
     };
     assert_eq!(active(), Some(0), "cookies on before any flood");
     // About 2,000 spoofed SYNs a second for 3 s: ten times the threshold.
-    let sent = spoofed_syns(&lab, lab::VIP_V4, 80, 6000, Duration::from_micros(500), 0xf100d);
+    let sent = spoofed_syns(&lab, flood(6000, Duration::from_micros(500), 0xf100d));
     assert_eq!(sent.unwrap(), 6000);
     // On (a sample a second; the calm period keeps them on for 10 s after the flood).
     let on = wait_for(Duration::from_secs(5), || (active()? == 1).then_some(()));

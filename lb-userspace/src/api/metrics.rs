@@ -348,31 +348,26 @@ impl Snapshot {
         let active: Vec<(Labels, i64)> =
             p.routes.iter().map(|(id, c)| (route_labels(id), clamp(c.active))).collect();
         gauge(e, "lb_passthrough_active_connections", "Relayed connections open now.", &active)?;
-        let rejected: Vec<(Labels, u64)> = p
-            .rejected
-            .iter()
-            .map(|((service, reason), n)| {
-                (vec![("service", service.clone()), ("reason", (*reason).to_owned())], *n)
-            })
-            .collect();
+        // (service, reason) counters.
+        let by_reason = |counts: &std::collections::BTreeMap<(String, &'static str), u64>| -> Vec<(Labels, u64)> {
+            counts
+                .iter()
+                .map(|((service, reason), n)| {
+                    (vec![("service", service.clone()), ("reason", (*reason).to_owned())], *n)
+                })
+                .collect()
+        };
         counter(
             e,
             "lb_passthrough_rejected",
             "Connections closed before reaching a backend, by reason.",
-            &rejected,
+            &by_reason(&p.rejected),
         )?;
-        let failures: Vec<(Labels, u64)> = p
-            .connect_failures
-            .iter()
-            .map(|((service, reason), n)| {
-                (vec![("service", service.clone()), ("reason", (*reason).to_owned())], *n)
-            })
-            .collect();
         counter(
             e,
             "lb_passthrough_connect_failures",
             "Attempts to connect to a backend that failed, by reason (the connection then tries another backend, up to connect_attempts).",
-            &failures,
+            &by_reason(&p.connect_failures),
         )?;
         let pending: Vec<(Labels, i64)> = p
             .pending

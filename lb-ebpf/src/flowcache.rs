@@ -1,9 +1,8 @@
 //! The flow cache's operations (see `lb_common::flowcache` for when a slot may be used): a
 //! packet's slot is found once ([`find`]); then either the slot carries the packet
 //! ([`Slot::hit`]), or the connection table does and the slot follows what the table did:
-//! filled from the entry that carried the packet ([`Slot::fill`], a NAT reply's by
-//! [`Slot::fill_reply`]), emptied when the table has no live entry for the packet's flow
-//! ([`Slot::forget`]).
+//! filled from the entry that carried the packet ([`Slot::fill`]), emptied when the table
+//! has no live entry for the packet's flow ([`Slot::forget`]).
 //!
 //! Keys are handled as five 64-bit words, read straight from the packet's key (the head of
 //! `Packet`) and the slot: one load and one compare per word.
@@ -112,11 +111,15 @@ impl Slot {
     }
 
     /// Copies the entry `e` of the packet's flow into the slot as the table left it after
-    /// carrying the packet, with `port_gen`, the generation of a NAT flow's port read
-    /// before the table showed the port is still the flow's; an entry the slot may not
-    /// carry empties the slot instead, if it held the flow (a slot never keeps an older
-    /// state of a flow the table has moved on). Word by word: copying the key or the entry
-    /// whole from one map value to another compiles to a `memmove` call (see `mem.rs`).
+    /// carrying the packet, with `port_gen`: for a NAT forward entry, its port's generation
+    /// read before the table showed the port is still the flow's; for a reply entry, read
+    /// before the table lookup that found it (the entry under a reply key is whichever flow
+    /// holds the port to that backend, so no port check is needed: a flow that takes the
+    /// port over after the read writes its entry first and moves the generation on after,
+    /// so the copy is never used). An entry the slot may not carry empties the slot
+    /// instead, if it held the flow (a slot never keeps an older state of a flow the table
+    /// has moved on). Word by word: copying the key or the entry whole from one map value
+    /// to another compiles to a `memmove` call (see `mem.rs`).
     #[inline(always)]
     pub fn fill(&self, packet: &Packet, e: &Flow, epoch: u32, port_gen: u32) {
         if self.slot.is_null() {
@@ -135,41 +138,23 @@ impl Slot {
             (*self.slot).port_gen = port_gen;
             let flow = (&raw mut (*self.slot).flow).cast::<u64>();
             copy_words(flow, core::ptr::from_ref(e).cast(), FLOW_WORDS);
-            // A forward entry holds its key's service address and port: a copy that does
-            // not is of an element the LRU freed and reused for another key between the
-            // lookup and the copy, and is not kept (reply copies: see `fill_reply`).
+            // The copy must name the packet's key as far as an entry tells: a forward
+            // entry its service address and port, a reply entry its NAT port. One that
+            // does not is of an element the LRU freed and gave to another key between the
+            // lookup and the copy (which moves no generation unless it takes the port),
+            // and is not kept.
             let (c, key) = (&(*self.slot).flow, packet.flow_key());
             let v = &c.vip_addr;
-            if c.flags & FLOW_REPLY == 0
-                && (c.vip_port != key.dport
-                    || v[0] != key.dst[0]
-                    || v[1] != key.dst[1]
-                    || v[2] != key.dst[2]
-                    || v[3] != key.dst[3])
-            {
-                (*self.slot).epoch = 0;
-            }
-        }
-    }
-
-    /// Copies the reply entry `e` the table found under the packet's key into the slot (or
-    /// empties it, see [`Slot::fill`]), with `generation`, its port's generation read
-    /// before the table lookup that found `e`. The entry under a reply key is whichever
-    /// flow holds the port to that backend, so no port check is needed: a flow that takes
-    /// the port over after the read (the LRU having evicted `e`'s element, which may then
-    /// hold the taker's entry or any other) writes its entry first and moves the
-    /// generation on after, so the copy is never used. An element reused for another kind
-    /// of entry moves no generation: the copy must also be a reply entry of this port.
-    #[inline(always)]
-    pub fn fill_reply(&self, packet: &Packet, e: &Flow, epoch: u32, generation: u32) {
-        self.fill(packet, e, epoch, generation);
-        if self.slot.is_null() {
-            return;
-        }
-        // SAFETY: a valid slot (see `find`), this CPU's alone; read back as copied.
-        unsafe {
-            let c = &*self.slot;
-            if c.flow.flags != FLOW_NAT | FLOW_REPLY || c.flow.nat_port != packet.flow_key().dport {
+            let names_key = if c.flags & FLOW_REPLY != 0 {
+                c.nat_port == key.dport
+            } else {
+                c.vip_port == key.dport
+                    && v[0] == key.dst[0]
+                    && v[1] == key.dst[1]
+                    && v[2] == key.dst[2]
+                    && v[3] == key.dst[3]
+            };
+            if !names_key {
                 (*self.slot).epoch = 0;
             }
         }

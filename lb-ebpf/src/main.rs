@@ -204,7 +204,7 @@ fn established(
         (e, e.state, false)
     } else {
         // Should the table hold a reply entry under the key: its port's generation, read
-        // before the lookup (see `Slot::fill_reply`; the packet's destination port is the
+        // before the lookup (see `Slot::fill`; the packet's destination port is the
         // NAT port).
         let generation = flowcache::port_gen(key.dport);
         let Some(entry) = maps::CONNTRACK.get_ptr_mut(key) else {

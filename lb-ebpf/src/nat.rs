@@ -154,7 +154,7 @@ fn touch_forward(e: &Flow, proto: u8, family: u8, reset: bool, now: u64) {
 /// Translates a backend's reply back to the client, by its reply entry `e` (the table's),
 /// and has the packet's flow-cache slot (`slot`, in `epoch`) follow the entry: filled from
 /// it as this packet leaves it (with `generation`, the port's read before the lookup that
-/// found `e`: see `Slot::fill_reply`), or emptied.
+/// found `e`: see `Slot::fill`), or emptied.
 #[inline(always)]
 pub fn reply(
     ctx: &XdpContext,
@@ -204,7 +204,7 @@ pub fn reply(
         }
         touch_forward(e, packet.proto, packet.family as u8, reset, now);
     }
-    slot.fill_reply(packet, e, epoch, generation);
+    slot.fill(packet, e, epoch, generation);
     translate(ctx, packet, e)
 }
 

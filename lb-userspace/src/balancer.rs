@@ -108,8 +108,6 @@ pub struct Balancer {
     flagged_down: HashSet<u32>,
     /// Service ids found in adopted maps, by their `SERVICES` key, not yet claimed.
     adoptable_services: HashMap<ServiceKey, u32>,
-    /// `auto` SYN-cookie services whose cookies are on now.
-    cookies_active: BTreeSet<String>,
     /// Adopted `auto` services whose cookies were on (a flood when the last daemon
     /// stopped), by their `SERVICES` key: still on once the service is claimed in `auto`
     /// mode, until the rate has been calm (not off for the first seconds of the new daemon).
@@ -324,14 +322,6 @@ impl Balancer {
     ) -> Result<ApplySummary, ApplyError> {
         self.check_capacity(config)?;
         self.last_removed.clear();
-        // Cookies switched on by `auto` stay on only for services still in `auto` mode: one
-        // set to "off" (or removed) and back to "auto" starts with them off.
-        self.cookies_active.retain(|name| {
-            config
-                .services
-                .iter()
-                .any(|s| s.name.get_ref() == name && s.syn_cookies == SynCookies::Auto)
-        });
         let mut summary = ApplySummary::default();
         self.hash_seed = config.daemon.hash_seed;
         let all_ports = config.services.iter().any(|s| s.port().is_none());
@@ -418,12 +408,15 @@ impl Balancer {
             let previous = self.services.get(&name).cloned();
             let key = service_key(service);
             let adopted = previous.is_none() && self.adoptable_services.contains_key(&key);
-            if adopted
-                && self.adopted_cookies_on.remove(&key)
-                && service.syn_cookies == SynCookies::Auto
-            {
-                self.cookies_active.insert(name.clone());
-            }
+            // Cookies `auto` switched on stay on while the service stays in `auto` mode, as
+            // its installed entry (or, adopted, the pinned one) says: one set to "off" and
+            // back to "auto" starts with them off.
+            let auto_on = SERVICE_SYN_COOKIES_AUTO | SERVICE_SYN_COOKIES;
+            let was_on = match &previous {
+                Some(state) => state.value.flags & auto_on == auto_on,
+                None => adopted && self.adopted_cookies_on.remove(&key),
+            };
+            let cookies_on = was_on && service.syn_cookies == SynCookies::Auto;
             let id = match &previous {
                 Some(state) => state.id,
                 None => match self.adoptable_services.remove(&key) {
@@ -431,7 +424,7 @@ impl Balancer {
                     None => self.free_service_id()?,
                 },
             };
-            let value = service_value(config, service, id, self.cookies_active.contains(&name));
+            let value = service_value(config, service, id, cookies_on);
             let table = TableInput {
                 size: config.table_size(service),
                 members: self.members(service.pool.get_ref(), config),
@@ -830,19 +823,12 @@ impl Balancer {
         active: bool,
         maps: &mut Maps,
     ) -> Result<(), MapError> {
-        let changed = if active {
-            self.cookies_active.insert(name.to_owned())
-        } else {
-            self.cookies_active.remove(name)
-        };
-        if let (true, Some(state)) = (changed, self.services.get_mut(name)) {
-            if active {
-                state.value.flags |= SERVICE_SYN_COOKIES;
-            } else {
-                state.value.flags &= !SERVICE_SYN_COOKIES;
-            }
-            maps.services.upsert(&state.key, &state.value)?;
+        let Some(state) = self.services.get_mut(name) else { return Ok(()) };
+        if (state.value.flags & SERVICE_SYN_COOKIES != 0) == active {
+            return Ok(());
         }
+        state.value.flags ^= SERVICE_SYN_COOKIES;
+        maps.services.upsert(&state.key, &state.value)?;
         Ok(())
     }
 

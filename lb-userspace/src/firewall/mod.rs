@@ -418,9 +418,11 @@ impl Firewall {
                 maps.set_active(self.active, false)?;
                 self.enabled = false;
                 info!("firewall off");
-                // Read by no packet now: cleared to free its memory, as a generation
-                // switched out is. The firewall is off either way: a failure here is
-                // logged, and the generation read back when next written.
+                // Read by no packet once the runs that began before the switch have ended:
+                // cleared then to free its memory, as a generation switched out is. The
+                // firewall is off either way: a failure here is logged, and the generation
+                // read back when next written.
+                crate::maps::wait_for_program_runs();
                 let generation = self.active;
                 let held = self.held[generation as usize].take();
                 let cleared = held
@@ -471,8 +473,12 @@ impl Firewall {
         let was_enabled = self.enabled;
         self.active = target;
         self.enabled = true;
-        // The old generation is no longer read by new packets: clear it to free its memory.
+        // The old generation is no longer read by new packets, nor, once the runs that
+        // began before the switch have ended, by any: cleared then, to free its memory (a
+        // packet still filtering by it must not find it half-emptied: a rule gone, its
+        // prefixes still naming it).
         if was_enabled && previous != target {
+            crate::maps::wait_for_program_runs();
             let empty = Compiled::empty();
             let old = match self.held[previous as usize].take() {
                 Some(old) => old,

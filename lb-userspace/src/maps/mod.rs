@@ -190,6 +190,35 @@ impl Maps {
     }
 }
 
+/// How [`wait_for_program_runs`] waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// For an RCU grace period: every program run that began before the call has ended.
+    GracePeriod,
+    /// For a fixed pause, the kernel having refused to wait for a grace period.
+    Pause,
+}
+
+/// How long [`wait_for_program_runs`] pauses where the kernel will not wait for a grace
+/// period: orders of magnitude longer than a program run (microseconds, never sleeping).
+const PROGRAM_RUN_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits until every data-path program run that may have read a map before the call has
+/// ended, so that what a switch made unreachable (the firewall's old generation) can be
+/// rewritten without a packet reading it half-written. XDP programs run inside RCU
+/// read-side critical sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU
+/// grace period (the kernel implements it with `synchronize_rcu`: a few milliseconds). A
+/// kernel booted with `nohz_full` refuses that command: there, a fixed pause.
+pub fn wait_for_program_runs() -> Waited {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a system call without pointer arguments.
+    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } == 0 {
+        return Waited::GracePeriod;
+    }
+    std::thread::sleep(PROGRAM_RUN_PAUSE);
+    Waited::Pause
+}
+
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapError> {
     ebpf.take_map(name).ok_or(MapError::Missing { name })
 }
@@ -200,4 +229,14 @@ where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
     T::try_from(map).map_err(|source| MapError::Layout { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_waits_for_a_grace_period() {
+        // The firewall's switch relies on it before emptying the old generation; the pause
+        // is only for kernels booted with `nohz_full`, which these machines are not.
+        assert_eq!(super::wait_for_program_runs(), super::Waited::GracePeriod);
+    }
 }

@@ -325,6 +325,7 @@ impl Daemon {
         if let Some(checker) = &mut self.checker {
             checker.retry_routes(now);
         }
+        self.passthrough.retry_listeners(now);
         let ids: HashMap<BackendIdentity, u32> =
             self.balancer.backends().map(|(k, id)| (k.clone(), id)).collect();
         let mut counters = autoscale::BackendCounters::new();

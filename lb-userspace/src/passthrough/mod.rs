@@ -20,6 +20,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -49,8 +50,14 @@ pub struct Passthrough {
     /// The socket maps (listeners, and relays unless they splice).
     listener_maps: Option<Arc<Mutex<RelayMaps>>>,
     running: HashMap<String, Running>,
+    /// When to try again to listen for services whose listener could not start (a socket
+    /// refused for want of descriptors or memory): set while one is missing.
+    retry_at: Option<Instant>,
     pub stats: Arc<Stats>,
 }
+
+/// How long after a listener failed to start it is tried again.
+const LISTEN_RETRY: Duration = Duration::from_secs(5);
 
 impl Passthrough {
     /// Whether `config` has passthrough services.
@@ -99,7 +106,16 @@ impl Passthrough {
         self.reconcile();
     }
 
+    /// Tries again to listen for the services whose listener could not start, once their
+    /// retry is due (the daemon's lifecycle tick calls this every second).
+    pub fn retry_listeners(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|at| now >= at) {
+            self.reconcile();
+        }
+    }
+
     fn reconcile(&mut self) {
+        self.retry_at = None;
         let Some(shared) = self.shared.clone() else { return };
         let Some(maps) = self.listener_maps.clone() else { return };
         let gone: Vec<String> = self
@@ -126,7 +142,8 @@ impl Passthrough {
                     self.running.insert(name.clone(), running);
                 }
                 Err(error) => {
-                    warn!(service = %name, %error, "passthrough service cannot listen");
+                    warn!(service = %name, %error, "passthrough service cannot listen; trying again in 5 s");
+                    self.retry_at = Some(Instant::now() + LISTEN_RETRY);
                 }
             }
         }

@@ -86,6 +86,13 @@ pub struct Health {
     pub healthy: bool,
     /// The last check's failure, if it failed.
     pub last_error: Option<String>,
+}
+
+/// How many health checks a backend had, and how many failed, since lbd started: counters
+/// for the metrics, kept while the backend is configured (its checks restarting or
+/// stopping, as when it is disabled, leave them), dropped with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckCounts {
     pub checks: u64,
     pub failures: u64,
 }
@@ -100,6 +107,8 @@ pub struct Lifecycle {
     states: HashMap<BackendIdentity, (BackendState, Instant)>,
     /// Health of checked backends; unchecked ones count as healthy.
     pub health: HashMap<BackendIdentity, Health>,
+    /// Health checks run and failed per backend (see [`CheckCounts`]).
+    pub check_counts: HashMap<BackendIdentity, CheckCounts>,
     /// Backends whose established flows were cut (disabled, or drained past the deadline).
     cut: HashSet<BackendIdentity>,
     /// When each retired backend id (removed from its pool) was first seen retired.
@@ -141,8 +150,6 @@ impl Lifecycle {
                             "failing its checks when lbd last stopped; waiting for them to pass"
                                 .to_owned(),
                         ),
-                        checks: 0,
-                        failures: 0,
                     },
                 );
             }
@@ -179,23 +186,21 @@ impl Lifecycle {
         self.states.retain(|k, _| seen.contains(k));
         self.came_in.retain(|k, _| seen.contains(k));
         self.health.retain(|k, _| seen.contains(k));
+        self.check_counts.retain(|k, _| seen.contains(k));
         self.cut.retain(|k| seen.contains(k));
     }
 
     /// Records a health-check result; returns whether the backend's health flipped.
     pub fn record(&mut self, report: &Report, now: Instant) -> bool {
-        let h = self.health.entry(report.backend.clone()).or_insert(Health {
-            healthy: true,
-            last_error: None,
-            checks: 0,
-            failures: 0,
-        });
-        h.checks += 1;
+        let h = self
+            .health
+            .entry(report.backend.clone())
+            .or_insert(Health { healthy: true, last_error: None });
         h.healthy = report.healthy;
         h.last_error = report.result.as_ref().err().cloned();
-        if h.last_error.is_some() {
-            h.failures += 1;
-        }
+        let counts = self.check_counts.entry(report.backend.clone()).or_default();
+        counts.checks += 1;
+        counts.failures += u64::from(h.last_error.is_some());
         let who = crate::health::describe(&report.backend);
         match report.flip {
             Some(Flip::Down) => {
@@ -212,8 +217,8 @@ impl Lifecycle {
     }
 
     /// Forgets the health of backends whose checks stopped (they count as healthy again),
-    /// and the counts of healthy backends whose checks restarted; a backend that is down stays
-    /// down, for its new checks start from there (see `Checker::sync`).
+    /// and of healthy backends whose checks restarted; a backend that is down stays down, for
+    /// its new checks start from there (see `Checker::sync`). Their check counts stay.
     pub fn reset_health(
         &mut self,
         restarted: &[BackendIdentity],
@@ -472,6 +477,38 @@ mode = "dsr-l2"
         assert!(!l.record(&report(false, None), t0));
         assert!(l.record(&report(true, Some(Flip::Up)), t0 + Duration::from_secs(2)));
         assert_eq!(weights(&l, &config, t0 + Duration::from_secs(7)), [100, 50]);
+    }
+
+    #[test]
+    fn check_counts_survive_restarted_and_stopped_checks_until_the_backend_goes() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
+        let report = |result: Result<(), String>| Report {
+            backend: identity(11),
+            task: 0,
+            healthy: true,
+            result,
+            flip: None,
+        };
+        for _ in 0..4 {
+            l.record(&report(Ok(())), t0);
+        }
+        l.record(&report(Err("refused".into())), t0);
+        let five = CheckCounts { checks: 5, failures: 1 };
+        assert_eq!(l.check_counts[&identity(11)], five);
+        // Its checks restart (a pool's interval changed), then stop (disabled): counters
+        // never go back.
+        l.reset_health(&[identity(11)], &HashSet::from([identity(11)]));
+        l.reset_health(&[], &HashSet::new());
+        assert!(!l.health.contains_key(&identity(11)));
+        assert_eq!(l.check_counts[&identity(11)], five);
+        l.observe(&config, t0);
+        assert_eq!(l.check_counts[&identity(11)], five);
+        // Removed from the configuration: its series go with it.
+        let without = Config::parse(&CONFIG.replace("198.18.1.11", "198.18.1.13"), "t").unwrap();
+        l.observe(&without, t0);
+        assert!(!l.check_counts.contains_key(&identity(11)));
     }
 
     #[test]

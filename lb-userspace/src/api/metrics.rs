@@ -57,8 +57,10 @@ struct BackendRow {
     weight: u32,
     effective_weight: u32,
     state: crate::config::BackendState,
+    /// `None` when its pool has no health check, or the backend is disabled (not checked).
+    healthy: Option<bool>,
     /// `None` when its pool has no health check.
-    health: Option<crate::lifecycle::Health>,
+    checks: Option<crate::lifecycle::CheckCounts>,
     live: u64,
 }
 
@@ -97,16 +99,14 @@ impl Snapshot {
                         Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
                         None => identity.addr.to_string(),
                     };
-                    let health = pool.health_check.as_ref().map(|_| {
-                        d.lifecycle.health.get(&identity).cloned().unwrap_or(
-                            crate::lifecycle::Health {
-                                healthy: true,
-                                last_error: None,
-                                checks: 0,
-                                failures: 0,
-                            },
-                        )
+                    // Checked pools' backends: their counts; their health while they are
+                    // checked (not disabled).
+                    let checks = pool.health_check.as_ref().map(|_| {
+                        d.lifecycle.check_counts.get(&identity).copied().unwrap_or_default()
                     });
+                    let healthy = checks
+                        .filter(|_| b.state != BackendState::Disabled)
+                        .map(|_| d.lifecycle.is_healthy(&identity));
                     s.backends.push(BackendRow {
                         pool: identity.pool.clone(),
                         label,
@@ -114,7 +114,8 @@ impl Snapshot {
                         weight: *b.weight.get_ref(),
                         effective_weight: d.lifecycle.applied_weight(&identity).unwrap_or(0),
                         state: b.state,
-                        health,
+                        healthy,
+                        checks,
                         live: d.live_by_backend.get(&id).copied().unwrap_or(0),
                     });
                 }
@@ -536,20 +537,20 @@ impl Snapshot {
         gauge(
             e,
             "lb_backend_healthy",
-            "1 if the backend passes its health checks (only backends of checked pools).",
-            &to_gauge(backend_rows(&|b| b.health.as_ref().map(|h| u64::from(h.healthy)))),
+            "1 if the backend passes its health checks (backends of checked pools, but disabled ones, which are not checked).",
+            &to_gauge(backend_rows(&|b| b.healthy.map(u64::from))),
         )?;
         counter(
             e,
             "lb_health_checks",
             "Health checks run against the backend.",
-            &backend_rows(&|b| b.health.as_ref().map(|h| h.checks)),
+            &backend_rows(&|b| b.checks.map(|c| c.checks)),
         )?;
         counter(
             e,
             "lb_health_check_failures",
             "Health checks of the backend that failed.",
-            &backend_rows(&|b| b.health.as_ref().map(|h| h.failures)),
+            &backend_rows(&|b| b.checks.map(|c| c.failures)),
         )?;
         let panics: Vec<(Labels, i64)> = self
             .pools

@@ -270,7 +270,7 @@ pub struct BackendView {
     pub state: BackendState,
     /// Seconds in that state.
     pub state_secs: u64,
-    /// `None` when the pool has no health check.
+    /// `None` when the pool has no health check, or the backend is disabled (not checked).
     pub healthy: Option<bool>,
     /// Why the last check failed, if it did.
     pub last_check_error: Option<String>,
@@ -304,7 +304,11 @@ async fn pools(_: NoQuery, State(state): State<AppState>) -> Result<Json<Vec<Poo
                     .lifecycle
                     .state_age(&identity, now)
                     .map_or(0, |(_, age)| age.as_secs()),
-                healthy: pool.health_check.as_ref().map(|_| health.is_none_or(|h| h.healthy)),
+                healthy: pool
+                    .health_check
+                    .as_ref()
+                    .filter(|_| b.state != BackendState::Disabled)
+                    .map(|_| health.is_none_or(|h| h.healthy)),
                 last_check_error: health.and_then(|h| h.last_error.clone()),
                 packets: counters.packets,
                 bytes: counters.bytes,

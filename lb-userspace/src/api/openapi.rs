@@ -83,7 +83,7 @@ pub fn document_value() -> Value {
                     "address": { "type": "string" }, "port": { "type": "integer", "nullable": true }, "weight": { "type": "integer" },
                     "effective_weight": { "type": "integer", "description": "The weight installed: 0 when draining, disabled or down; lower during slow start." },
                     "state": { "type": "string", "enum": ["active", "draining", "disabled"] }, "state_secs": { "type": "integer" },
-                    "healthy": { "type": "boolean", "nullable": true, "description": "null when the pool has no health check." },
+                    "healthy": { "type": "boolean", "nullable": true, "description": "null when the pool has no health check, or the backend is disabled (not checked)." },
                     "last_check_error": { "type": "string", "nullable": true },
                     "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" } } },
                 "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "panic": { "type": "boolean" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },

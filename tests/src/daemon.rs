@@ -116,9 +116,9 @@ impl LbdSandbox {
     }
 }
 
-/// A directory removed with everything in it on drop.
+/// A directory removed with everything in it on drop (a failed test's too).
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub struct TempDir(pub PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -48,7 +48,8 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
         return;
     }
     let lab = Lab::create(2).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-prom", lab.id));
+    let dir = lb_tests::daemon::TempDir(std::env::temp_dir().join(format!("{}-prom", lab.id)));
+    let dir = &dir.0;
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
@@ -119,12 +120,20 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
     );
     let passed = query(&lab, "lb_passed_packets_total{reason=\"not_service\"}").unwrap();
     assert_eq!(passed.len(), 1);
+    // A client that does not ask for OpenMetrics gets the text format, which Prometheus'
+    // own linter accepts whole (help, types, names).
+    let text = lab
+        .lb
+        .exec(&["sh", "-c", &format!("curl -sS -D {0}/headers -H 'Authorization: Bearer {TOKEN}' http://127.0.0.1:7070/metrics > {0}/metrics.txt && promtool check metrics < {0}/metrics.txt 2>&1; echo exit=$?", dir.display())])
+        .unwrap();
+    assert!(text.trim_end().ends_with("exit=0"), "promtool check metrics: {text}");
+    let headers = std::fs::read_to_string(dir.join("headers")).unwrap();
+    assert!(headers.contains("text/plain; version=0.0.4"), "{headers}");
+    let body = std::fs::read_to_string(dir.join("metrics.txt")).unwrap();
+    assert!(body.contains("# TYPE lb_service_new_flows_total counter"), "{body}");
 
     if let Some(mut child) = lab.lb.take_child(lbd_pid) {
-        let _ =
-            std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let _ = child.wait();
+        let stopped = lb_tests::netns::stop_child(&mut child, "-TERM", Duration::from_secs(20));
+        assert!(stopped.in_time, "lbd did not stop on SIGTERM");
     }
-    drop(lab);
-    let _ = std::fs::remove_dir_all(dir);
 }

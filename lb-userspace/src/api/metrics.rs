@@ -613,8 +613,41 @@ impl Snapshot {
     }
 }
 
+/// The exposition formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// OpenMetrics 1.0, for clients that ask for it (Prometheus does).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4, for every other client (`curl`, `promtool check
+    /// metrics`, older agents): OpenMetrics' counters would read as untyped there.
+    Text,
+}
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The format for a request's `Accept` header: OpenMetrics if it names
+/// `application/openmetrics-text` with a non-zero quality, else the text format (as
+/// Prometheus' own client libraries choose).
+fn negotiate(accept: Option<&str>) -> Format {
+    let wants_openmetrics = accept.is_some_and(|accept| {
+        accept.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let quality = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            media.eq_ignore_ascii_case("application/openmetrics-text") && quality > 0.0
+        })
+    });
+    if wants_openmetrics { Format::OpenMetrics } else { Format::Text }
+}
+
 /// `GET /metrics`.
-pub async fn scrape(axum::extract::State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn scrape(
+    axum::extract::State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let snapshot = {
         let d = lock(&state);
         Snapshot::take(&d).map_err(|e| ApiError::Internal(e.to_string()))?
@@ -622,12 +655,39 @@ pub async fn scrape(axum::extract::State(state): State<AppState>) -> Result<Resp
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
     let mut body = String::new();
-    prometheus_client::encoding::text::encode(&mut body, &registry)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        body,
-    )
-        .into_response())
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let content_type = match negotiate(accept) {
+        Format::OpenMetrics => {
+            prometheus_client::encoding::text::encode(&mut body, &registry)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            OPENMETRICS_CONTENT_TYPE
+        }
+        Format::Text => {
+            prometheus_client::encoding::prometheus_text::encode(&mut body, &registry)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+        }
+    };
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Format, negotiate};
+
+    #[test]
+    fn openmetrics_only_for_clients_that_ask_for_it() {
+        // What Prometheus 2.x and 3.x send.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            negotiate(Some("text/plain, Application/OpenMetrics-Text; q=0.3")),
+            Format::OpenMetrics
+        );
+        // curl, promtool, a browser, no header, or OpenMetrics refused.
+        assert_eq!(negotiate(Some("*/*")), Format::Text);
+        assert_eq!(negotiate(Some("text/plain;version=0.0.4")), Format::Text);
+        assert_eq!(negotiate(None), Format::Text);
+        assert_eq!(negotiate(Some("application/openmetrics-text;q=0, text/plain")), Format::Text);
+    }
 }

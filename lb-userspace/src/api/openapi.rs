@@ -124,7 +124,7 @@ pub fn document_value() -> Value {
             "/v1/firewall": { "get": { "summary": "The firewall: policy, audit mode, active generation, per-rule hit counters, default-policy and would-drop counters, prefix counts.", "responses": ok(json!({ "$ref": "#/components/schemas/Firewall" })) } },
             "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
             "/v1/openapi.json": { "get": { "summary": "This document.", "responses": { "200": { "description": "OK", "content": { "application/json": { "schema": { "type": "object" } } } }, "401": { "description": "Missing or wrong bearer token." } } } },
-            "/metrics": { "get": { "summary": "Metrics in the Prometheus text format.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }
+            "/metrics": { "get": { "summary": "Metrics: OpenMetrics 1.0 when Accept asks for it, else the Prometheus text format 0.0.4.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {}, "text/plain": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }
         }
     })
 }

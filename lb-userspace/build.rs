@@ -45,8 +45,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() != Ok("little") {
         bail!("lb-ebpf is built for {TARGET}: big-endian hosts are not supported");
     }
-    // A target directory of its own: the outer cargo holds a lock on its own.
-    let target_dir = out_dir.join("ebpf-target");
+    let target_dir = nested_target_dir(&out_dir);
     let flags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_owned(),
@@ -101,6 +100,22 @@ fn main() -> anyhow::Result<()> {
     std::fs::copy(&built, out_dir.join(BINARY))
         .with_context(|| format!("copying {} to {}", built.display(), out_dir.display()))?;
     Ok(())
+}
+
+/// The nested build's target directory: a directory of its own (the outer cargo holds a
+/// lock on its target directory), one per outer target directory, `<target>/lb-ebpf`,
+/// shared by the outer profiles and by clippy's builds, each of which runs this script
+/// with an `OUT_DIR` of its own (`<target>/<profile>/build/lb-userspace-<hash>/out`):
+/// the object is built once, not once per profile. The nested cargo locks it itself, and
+/// its output is the same whoever builds it. Under `OUT_DIR` if that is laid out otherwise.
+fn nested_target_dir(out_dir: &Path) -> PathBuf {
+    let mut up = out_dir.ancestors();
+    match (up.nth(2), up.nth(1)) {
+        (Some(build), Some(target)) if build.file_name() == Some("build".as_ref()) => {
+            target.join("lb-ebpf")
+        }
+        _ => out_dir.join("ebpf-target"),
+    }
 }
 
 /// Shows the nested build's warnings (rustc's, and LLVM's: one naming a target feature it

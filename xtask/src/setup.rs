@@ -132,9 +132,14 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
     }
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     let mut env = Env::default();
-    // Nightly is preferred; stable with RUSTC_BOOTSTRAP builds the same object (both LLVM 22).
-    let toolchain = if toolchains.lines().any(|l| l.starts_with("nightly")) {
-        "nightly"
+    // Nightly is preferred (by its installed name: a dated one is not `nightly`); stable with
+    // RUSTC_BOOTSTRAP builds the same object (both LLVM 22).
+    let nightly = toolchains
+        .lines()
+        .filter(|l| l.starts_with("nightly"))
+        .find_map(|l| l.split_whitespace().next());
+    let toolchain = if let Some(nightly) = nightly {
+        nightly
     } else {
         eprintln!(
             "xtask: no nightly toolchain; building the BPF object with stable + RUSTC_BOOTSTRAP"
@@ -151,15 +156,18 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
         "--toolchain",
         toolchain,
     ]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing rust-src for {toolchain}");
-        status(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            toolchain,
-        ]))?;
+    // rust-src builds `core` for the BPF target; clippy lints the BPF crate (`lint`).
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            eprintln!("xtask: installing {component} for {toolchain}");
+            status(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
     }
     ensure_bpf_linker(toolchain)?;
     Ok(env)
@@ -232,17 +240,41 @@ fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
         );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    status(Command::new("apt-get").args(["update", "-q"]))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    // A mirror's hiccup must not fail a fresh machine's run: apt retries each download and
+    // waits for another apt's lock, and update + install is tried three times (an `update`
+    // that failed to fetch its lists still exits 0; the install then fails).
+    for attempt in 1..=3 {
+        match apt_install(&missing) {
+            Ok(()) => break,
+            Err(error) if attempt < 3 => {
+                eprintln!("xtask: {error:#}; trying again");
+                std::thread::sleep(std::time::Duration::from_secs(10 * attempt));
+            }
+            Err(error) => return Err(error),
+        }
+    }
     for (package, command) in packages {
         if output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_err() {
             bail!("{package} installed but `{command}` is not on PATH");
         }
+    }
+    Ok(())
+}
+
+/// One `apt-get update` and `install` of `packages`; fails unless all are installed after.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    const OPTIONS: [&str; 4] = ["-o", "Acquire::Retries=5", "-o", "DPkg::Lock::Timeout=300"];
+    status(Command::new("apt-get").args(OPTIONS).args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args(OPTIONS)
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !is_installed(p)).collect();
+    if !missing.is_empty() {
+        bail!("apt-get did not install {}", missing.join(" "));
     }
     Ok(())
 }

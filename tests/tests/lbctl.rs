@@ -115,6 +115,30 @@ fn every_lbctl_command_against_a_running_daemon() {
     assert!(ok, "{err}");
     let (ok, _, err) = run(&["--token", TOKEN, "status"], "");
     assert!(ok, "{err}");
+    // Both at once: refused rather than one silently chosen.
+    let (ok, _, err) = run(&["--token-file", token_file.to_str().unwrap(), "status"], TOKEN);
+    assert!(!ok && err.contains("use one"), "{err}");
+    // A daemon that does not answer (stopped: the kernel still accepts the connection)
+    // fails the command once its timeout passes, instead of hanging.
+    let signal = |sig: &str| {
+        assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    // Bounded from outside too: a regression must fail the test, not hang it.
+    let out = Command::new("timeout")
+        .args(["20", "ip", "netns", "exec", ns.name()])
+        .arg(&lbctl)
+        .args(["--timeout", "1", "status"])
+        .env("LB_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let (ok, err) = (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned());
+    signal("-CONT");
+    assert!(!ok && err.contains("timeout") && took < Duration::from_secs(10), "{took:?}: {err}");
+    let (ok, _, err) = run(&["status"], TOKEN);
+    assert!(ok, "{err}");
 
     sandbox.stop_lbd(pid);
 }

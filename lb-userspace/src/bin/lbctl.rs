@@ -23,6 +23,10 @@ struct Cli {
     /// it), instead of the public web roots.
     #[arg(long, env = "LB_CA", global = true)]
     ca: Option<String>,
+    /// Seconds to wait for lbd's answer, connecting included, before giving up.
+    #[arg(long, env = "LB_TIMEOUT", default_value_t = 30, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -169,15 +173,23 @@ impl Client {
     }
 }
 
-fn run(cli: &Cli) -> Result<(), String> {
+/// The API client the options ask for: its token, timeout and trusted certificates.
+fn client(cli: &Cli) -> Result<Client, String> {
     let token = match (cli.token.as_ref().filter(|t| !t.is_empty()), &cli.token_file) {
-        (Some(token), _) => Some(token.clone()),
+        (Some(_), Some(file)) => {
+            return Err(format!(
+                "both a token (--token or LB_TOKEN) and a token file ({file}) are given: use one"
+            ));
+        }
+        (Some(token), None) => Some(token.clone()),
         (None, Some(file)) => Some(
             std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?.trim().to_owned(),
         ),
         (None, None) => None,
     };
-    let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(cli.timeout)));
     if let Some(ca) = &cli.ca {
         let pem = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
         let certs: Vec<_> = ureq::tls::parse_pem(&pem)
@@ -193,7 +205,11 @@ fn run(cli: &Cli) -> Result<(), String> {
         config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
     }
     let agent: ureq::Agent = config.build().into();
-    let client = Client { base: cli.api.clone(), token, agent };
+    Ok(Client { base: cli.api.clone(), token, agent })
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let client = client(cli)?;
     match &cli.command {
         Command::Status => {
             let (s, text): (Status, _) = client.get("/v1/status")?;

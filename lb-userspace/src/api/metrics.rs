@@ -72,8 +72,8 @@ impl Snapshot {
             conntrack_entries: d.conntrack_live,
             conntrack_capacity: d.config.conntrack.max_entries,
             interfaces: d.attached.iter().map(|(i, m)| (i.clone(), m.name().to_owned())).collect(),
-            passthrough: crate::passthrough::Passthrough::needed(&d.config)
-                .then(|| d.passthrough.stats.snapshot()),
+            // Once passthrough has started, its series stay (relays outlive their service).
+            passthrough: d.passthrough.started().then(|| d.passthrough.stats.snapshot()),
             ..Self::default()
         };
         for service in &d.config.services {

@@ -98,11 +98,12 @@ impl Passthrough {
             .filter(|s| s.mode == ForwardingMode::TlsPassthrough)
             .map(|s| (s.name.get_ref().clone(), Arc::new(Policy::compile(s, effective, balancer))))
             .collect();
-        for policy in self.wanted.values() {
-            for route in policy.labels() {
-                self.stats.declare(&(policy.service.clone(), route.label, route.pool));
-            }
-        }
+        self.stats.declare(self.wanted.values().flat_map(|policy| {
+            policy
+                .labels()
+                .into_iter()
+                .map(|route| (policy.service.clone(), route.label, route.pool))
+        }));
         self.reconcile();
     }
 

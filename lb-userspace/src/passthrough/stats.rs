@@ -2,7 +2,7 @@
 //! `/metrics` (`lb_passthrough_*`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Mutex, PoisonError},
     time::Duration,
 };
@@ -55,12 +55,39 @@ pub struct StatsSnapshot {
 /// Shared by every connection task; each update holds the lock for a few map operations.
 #[derive(Debug, Default)]
 pub struct Stats {
-    inner: Mutex<StatsSnapshot>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counters: StatsSnapshot,
+    /// The routes the configuration has now (see [`Stats::declare`]).
+    declared: BTreeSet<RouteId>,
+}
+
+impl Inner {
+    /// Drops the counters of routes the configuration no longer has once none of their
+    /// relays is open, and those of services it no longer has once none of their
+    /// connections is pending: a reload that renames routes or removes services does not
+    /// leave their series behind for the life of the process.
+    fn prune(&mut self) {
+        let Self { counters: c, declared } = self;
+        c.routes.retain(|route, n| n.active > 0 || declared.contains(route));
+        let services: BTreeSet<&String> = declared.iter().map(|(service, _, _)| service).collect();
+        let pending = &c.pending;
+        let keep = |service: &String| {
+            services.contains(service) || pending.get(service).is_some_and(|n| *n > 0)
+        };
+        c.rejected.retain(|(service, _), _| keep(service));
+        c.connect_failures.retain(|(service, _), _| keep(service));
+        c.decisions.retain(|service, _| keep(service));
+        c.pending.retain(|service, n| *n > 0 || services.contains(service));
+    }
 }
 
 impl Stats {
     fn with<T>(&self, f: impl FnOnce(&mut StatsSnapshot) -> T) -> T {
-        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner).counters)
     }
 
     /// A copy of every counter.
@@ -69,11 +96,17 @@ impl Stats {
         self.with(|s| s.clone())
     }
 
-    /// Makes a route's counters exist (at zero) before its first connection.
-    pub fn declare(&self, route: &RouteId) {
-        self.with(|s| {
-            s.routes.entry(route.clone()).or_default();
-        });
+    /// Sets the routes the configuration has (their counters exist, at zero, before their
+    /// first connection) and drops those of routes and services it no longer has, as soon
+    /// as nothing of theirs is open.
+    pub fn declare(&self, routes: impl IntoIterator<Item = RouteId>) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.declared = routes.into_iter().collect();
+        let Inner { counters, declared } = &mut *inner;
+        for route in declared.iter() {
+            counters.routes.entry(route.clone()).or_default();
+        }
+        inner.prune();
     }
 
     pub fn reject(&self, service: &str, reason: &'static str) {
@@ -85,10 +118,12 @@ impl Stats {
     }
 
     pub fn pending(&self, service: &str, delta: i64) {
-        self.with(|s| {
-            let n = s.pending.entry(service.to_owned()).or_default();
-            *n = n.saturating_add_signed(delta);
-        });
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = inner.counters.pending.entry(service.to_owned()).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            inner.prune();
+        }
     }
 
     pub fn decided(&self, service: &str, elapsed: Duration) {
@@ -126,13 +161,16 @@ impl Stats {
 
     /// A relay of `route` ended; `how` moved its bytes (`None`: it failed).
     pub fn closed(&self, route: &RouteId, how: Option<&'static str>) {
-        self.with(|s| {
-            if let Some(how) = how {
-                *s.relays.entry(how).or_default() += 1;
-            }
-            let c = s.routes.entry(route.clone()).or_default();
-            c.active = c.active.saturating_sub(1);
-        });
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = &mut inner.counters;
+        if let Some(how) = how {
+            *s.relays.entry(how).or_default() += 1;
+        }
+        let c = s.routes.entry(route.clone()).or_default();
+        c.active = c.active.saturating_sub(1);
+        if c.active == 0 {
+            inner.prune();
+        }
     }
 }
 
@@ -151,5 +189,28 @@ mod tests {
         assert_eq!(d.buckets[0], 1);
         assert_eq!(d.buckets[3], 1);
         assert_eq!(d.buckets[DECISION_BUCKETS.len()], 1);
+    }
+
+    #[test]
+    fn routes_and_services_the_configuration_dropped_go_once_idle() {
+        let route =
+            |service: &str, label: &str| (service.to_owned(), label.to_owned(), "p".to_owned());
+        let stats = Stats::default();
+        stats.declare([route("s", "a.example"), route("s", "b.example"), route("t", "*")]);
+        stats.opened(&route("s", "a.example"));
+        stats.reject("t", "unknown_sni");
+        stats.pending("t", 1);
+        // A reload drops route a.example (one relay open) and service t (one connection
+        // reading its hello): their series stay while those last.
+        stats.declare([route("s", "b.example")]);
+        let s = stats.snapshot();
+        assert_eq!(s.routes.len(), 2, "{:?}", s.routes);
+        assert!(s.rejected.contains_key(&("t".to_owned(), "unknown_sni")));
+        stats.closed(&route("s", "a.example"), Some("splice"));
+        stats.pending("t", -1);
+        let s = stats.snapshot();
+        assert_eq!(s.routes.keys().collect::<Vec<_>>(), [&route("s", "b.example")]);
+        assert!(s.rejected.is_empty() && s.pending.is_empty(), "{s:?}");
+        assert_eq!(s.relays["splice"], 1, "totals by relay kind stay");
     }
 }

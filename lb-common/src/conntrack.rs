@@ -142,6 +142,19 @@ impl Flow {
             _pad: 0,
         }
     }
+
+    /// The NAT source address of this entry (under `key`, its own) if it is a NAT flow's: a
+    /// forward entry holds it, a reply entry's key is addressed to it.
+    #[must_use]
+    pub const fn nat_source(&self, key: &crate::FlowKey) -> Option<[u32; 4]> {
+        if self.flags & FLOW_NAT == 0 {
+            None
+        } else if self.flags & FLOW_REPLY != 0 {
+            Some(key.dst)
+        } else {
+            Some(self.peer_addr)
+        }
+    }
 }
 
 /// How often a live flow's `last_seen` is rewritten, in seconds: often enough for
@@ -346,6 +359,18 @@ pub const fn carry(
     reason = "test arithmetic on small, known values"
 )]
 mod tests {
+    #[test]
+    fn a_nat_flows_source_address_is_read_from_either_entry() {
+        use crate::FlowKey;
+        let nat = [0x0a00_0002_u32.to_be(), 0, 0, 0];
+        let key = FlowKey { dst: [0x0a00_0001_u32.to_be(), 0, 0, 0], ..FlowKey::default() };
+        let forward = Flow { flags: FLOW_NAT, peer_addr: nat, ..Flow::default() };
+        assert_eq!(forward.nat_source(&key), Some(nat));
+        let reply = Flow { flags: FLOW_NAT | FLOW_REPLY, ..Flow::default() };
+        assert_eq!(reply.nat_source(&FlowKey { dst: nat, ..key }), Some(nat));
+        assert_eq!(Flow::default().nat_source(&key), None, "DSR");
+    }
+
     #[test]
     fn the_sweep_and_the_in_place_overwrite_never_share_an_entry() {
         // The sweep judges with its clock read before it removes; the data path's clock

@@ -192,6 +192,10 @@ pub struct ApplySummary {
     /// Ids of the services removed: their flows must be cut, since the data path forwards
     /// a live flow by its connection entry alone.
     pub removed_service_ids: Vec<u32>,
+    /// Whether a service address or a NAT source stopped being one (or the services were
+    /// adopted from a previous lbd, whose addresses may have differed): flows using it must
+    /// be cut (see `ConntrackMap::remove_orphans`).
+    pub addresses_gone: bool,
 }
 
 /// Failure to apply a configuration.
@@ -392,9 +396,12 @@ impl Balancer {
                 *nat_sources.entry(addr_key(*source.get_ref())).or_default() += 1;
             }
         }
+        let (vips_before, nat_sources_before) = (self.current_vips(), self.current_nat_sources());
+        summary.addresses_gone = vips_before.keys().any(|a| !vips.contains_key(a))
+            || nat_sources_before.keys().any(|a| !nat_sources.contains_key(a));
         maps.services.set_addresses(
-            &union(&self.current_vips(), &vips),
-            &union(&self.current_nat_sources(), &nat_sources),
+            &union(&vips_before, &vips),
+            &union(&nat_sources_before, &nat_sources),
         )?;
         // Then each service: its table (switched whole), then its entry. An address may move
         // from one service to another in one apply (a rename, a blue/green swap): a key
@@ -443,8 +450,11 @@ impl Balancer {
             }
             match &previous {
                 None => {
-                    // A fresh id starts its counters at zero; an adopted one keeps counting.
-                    if !adopted {
+                    // A fresh id starts its counters at zero; an adopted one keeps counting,
+                    // and its flows that the pinned entry made but this one would not go.
+                    if adopted {
+                        summary.addresses_gone = true;
+                    } else {
                         maps.traffic.reset_service(id)?;
                     }
                     summary.services_added += 1;
@@ -559,7 +569,8 @@ impl Balancer {
         Ok(done.len())
     }
 
-    /// The entry of backend `id` (live or retired), for the connection-table sweep.
+    /// The entry of backend `id` (live or retired). One lookup walks every backend: the
+    /// connection table's sweep and cuts take [`Self::backend_entries`] once instead.
     #[must_use]
     pub fn backend_entry(&self, id: u32) -> Option<Backend> {
         let identity = self
@@ -570,6 +581,19 @@ impl Balancer {
             .or_else(|| self.retired.get(&id))?;
         let flags = if self.flagged_down.contains(&id) { BACKEND_DOWN } else { 0 };
         Some(backend_value(identity, flags))
+    }
+
+    /// Every backend's entry (live and retired) by id, for the connection table's sweep and
+    /// cuts, which look up a backend for each NAT flow they meet.
+    #[must_use]
+    pub fn backend_entries(&self) -> HashMap<u32, Backend> {
+        let live = self.backends.iter().map(|(identity, s)| (s.id, identity));
+        live.chain(self.retired.iter().map(|(id, identity)| (*id, identity)))
+            .map(|(id, identity)| {
+                let flags = if self.flagged_down.contains(&id) { BACKEND_DOWN } else { 0 };
+                (id, backend_value(identity, flags))
+            })
+            .collect()
     }
 
     /// Pool `pool`'s Maglev table under `config`'s (effective) weights, for the daemon's own
@@ -680,6 +704,16 @@ impl Balancer {
             + self.retired.len()
             + self.adoptable_backends.values().map(Vec::len).sum::<usize>();
         fits("backend ids", held + new_backends, MAX_BACKENDS)
+    }
+
+    /// The service addresses and NAT sources installed, for cutting the flows of those gone
+    /// (see [`ApplySummary::addresses_gone`]).
+    #[must_use]
+    pub fn addresses(&self) -> (HashSet<AddrKey>, HashSet<AddrKey>) {
+        (
+            self.current_vips().into_keys().collect(),
+            self.current_nat_sources().into_keys().collect(),
+        )
     }
 
     fn current_vips(&self) -> BTreeMap<AddrKey, u32> {

@@ -181,16 +181,10 @@ impl Daemon {
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
-        // Services removed while lbd was down: their flows stop now, as on a reload.
-        if !summary.removed_service_ids.is_empty() {
-            let clock = datapath.flow_clock().ok();
-            let removed = datapath
-                .maps_mut()
-                .conntrack
-                .remove_flows_of_services(&summary.removed_service_ids, clock.as_ref())
-                .context("failed to cut the flows of removed services")?;
-            info!(removed, "flows of services removed while lbd was down cut");
-        }
+        // Services removed or changed while lbd was down: their flows stop now, as on a
+        // reload.
+        cut_service_flows(&mut datapath, &balancer, &summary)
+            .context("failed to cut the flows of removed or changed services")?;
         lifecycle.installed(&effective, panicking);
         balancer
             .mark_down(&down_at_start, datapath.maps_mut())
@@ -415,11 +409,11 @@ impl Daemon {
         if ids.is_empty() {
             return;
         }
-        let balancer = &self.balancer;
+        let entries = self.balancer.backend_entries();
         let clock = self.datapath.flow_clock().ok();
         match self.datapath.maps_mut().conntrack.remove_flows_of(
             &ids,
-            |id| balancer.backend_entry(id),
+            |id| entries.get(&id).copied(),
             clock.as_ref(),
         ) {
             Ok(removed) => {
@@ -455,8 +449,8 @@ impl Daemon {
             }
         };
         let swept = {
-            let balancer = &self.balancer;
-            self.datapath.maps_mut().conntrack.sweep(&clock, |id| balancer.backend_entry(id))
+            let entries = self.balancer.backend_entries();
+            self.datapath.maps_mut().conntrack.sweep(&clock, |id| entries.get(&id).copied())
         };
         match swept {
             Ok(result) => {
@@ -592,7 +586,7 @@ impl Daemon {
         lifecycle.installed(&effective, panicking);
         self.lifecycle = lifecycle;
         self.passthrough.sync(&effective, &self.balancer);
-        self.cut_removed_services(&summary.removed_service_ids);
+        self.cut_service_flows(&summary);
         self.config = new;
         reserve_nat_ports(&self.config.daemon.pin_dir, &[&self.config], true);
         if let Some(file) = file_now {
@@ -614,7 +608,7 @@ impl Daemon {
         let (effective, _) = self.lifecycle.effective(&self.config, now);
         self.balancer.take_back_removed();
         match self.balancer.apply(&effective, self.datapath.maps_mut(), &mut self.resolver) {
-            Ok(summary) => self.cut_removed_services(&summary.removed_service_ids),
+            Ok(summary) => self.cut_service_flows(&summary),
             Err(error) => tracing::error!(
                 %error,
                 "a failed change could not be undone: the data path may serve part of it until the next reload"
@@ -637,15 +631,11 @@ impl Daemon {
         }
     }
 
-    /// Cuts the flows of services a change removed (their ids, from its summary).
-    fn cut_removed_services(&mut self, ids: &[u32]) {
-        if ids.is_empty() {
-            return;
-        }
-        let clock = self.datapath.flow_clock().ok();
-        match self.datapath.maps_mut().conntrack.remove_flows_of_services(ids, clock.as_ref()) {
-            Ok(removed) => info!(removed, "flows of removed services cut"),
-            Err(error) => warn!(%error, "cutting flows of removed services failed"),
+    /// Cuts the flows of services a change removed, and those using an address it took
+    /// away (see [`cut_service_flows`]).
+    fn cut_service_flows(&mut self, summary: &ApplySummary) {
+        if let Err(error) = cut_service_flows(&mut self.datapath, &self.balancer, summary) {
+            warn!(%error, "cutting flows of removed or changed services failed");
         }
     }
 
@@ -810,6 +800,34 @@ enum FirewallChange {
     Keep,
     /// Installs this rule set (`None`: no firewall).
     Install(Option<firewall::Compiled>),
+}
+
+/// Cuts the flows of the services `summary`'s change removed, and the flows using a service
+/// address or NAT source it took away (a service's address or NAT source changed, a NAT
+/// service made DSR): neither can go on (see `ConntrackMap::remove_orphans`).
+fn cut_service_flows(
+    datapath: &mut Datapath,
+    balancer: &Balancer,
+    summary: &ApplySummary,
+) -> Result<(), crate::maps::MapError> {
+    if summary.removed_service_ids.is_empty() && !summary.addresses_gone {
+        return Ok(());
+    }
+    let clock = datapath.flow_clock().ok();
+    let conntrack = &mut datapath.maps_mut().conntrack;
+    if !summary.removed_service_ids.is_empty() {
+        let removed =
+            conntrack.remove_flows_of_services(&summary.removed_service_ids, clock.as_ref())?;
+        info!(removed, "flows of removed services cut");
+    }
+    if summary.addresses_gone {
+        let (vips, nat_sources) = balancer.addresses();
+        let removed = conntrack.remove_orphans(&vips, &nat_sources, clock.as_ref())?;
+        if removed > 0 {
+            info!(removed, "flows using an address no longer the data path's cut");
+        }
+    }
+    Ok(())
 }
 
 /// A change that passed every check ([`Daemon::prepare`]), ready for [`Daemon::install`].

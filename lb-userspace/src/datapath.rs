@@ -239,9 +239,17 @@ impl Datapath {
     /// The data path's clock now and the timeouts it judges connections by, to judge them
     /// alike (the daemon's sweep and cuts).
     pub fn flow_clock(&mut self) -> Result<crate::maps::FlowClock, DatapathError> {
+        let hz = self.ticks_per_second()?;
         let now = self.now_ticks()?;
+        let read_at = std::time::Instant::now();
         let globals = self.maps.globals.get()?;
-        Ok(crate::maps::FlowClock { timeouts: globals.timeouts, refresh: globals.refresh, now })
+        Ok(crate::maps::FlowClock {
+            timeouts: globals.timeouts,
+            refresh: globals.refresh,
+            now,
+            hz,
+            read_at,
+        })
     }
 
     /// The data path's clock now (`bpf_jiffies64`), which connection timestamps use.

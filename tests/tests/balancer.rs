@@ -869,6 +869,29 @@ fn a_flow_the_table_lost_is_not_carried_on_by_its_slot() {
 }
 
 #[test]
+fn the_table_walk_sees_every_entry_once_across_batches() {
+    // The sweep and the cuts read the table by BPF_MAP_LOOKUP_BATCH, a bucket cursor at a
+    // time: every entry exactly once, whatever the batch size (7 here: hundreds of
+    // batches, entries of one bucket never split).
+    let Some(mut lb) = Lb::new("table_walk", &dsr_config(false, "tcp"), &[]) else { return };
+    let ports: Vec<u16> = (47_000..48_500).collect();
+    for &port in &ports {
+        assert_eq!(lb.bed.run(&syn4(port)).unwrap().verdict, Some(Action::Tx));
+    }
+    let conntrack = &lb.bed.datapath.maps().conntrack;
+    for batch in [7, 4096] {
+        let mut seen = Vec::new();
+        conntrack
+            .walk_in(batch, |key, flow| seen.push((u16::from_be(key.sport), flow.state)))
+            .unwrap();
+        seen.sort_unstable();
+        let want: Vec<(u16, u8)> = ports.iter().map(|&p| (p, FlowState::SynSeen as u8)).collect();
+        assert_eq!(seen, want, "batches of {batch}");
+    }
+    assert_eq!(conntrack.len(), ports.len());
+}
+
+#[test]
 fn a_nat_port_taken_over_stops_the_slot_of_the_flow_that_lost_it() {
     // One NAT port. Client port `a`'s flow is cached, then the LRU evicts both its entries
     // and client port `b` takes the port. `a`'s next packet must not leave from that port
@@ -1401,6 +1424,50 @@ fn removing_a_service_cuts_its_flows() {
     for frame in [&ack, &reply] {
         assert_eq!(lb.bed.run(frame).unwrap().verdict, Some(Action::Pass));
     }
+}
+
+#[test]
+fn flows_using_an_address_taken_away_are_cut_and_others_go_on() {
+    // Service `s` moves its NAT source: its flow's replies would come back to the old
+    // address, no longer a NAT source, and the client would hang until the flow idled out.
+    // The change cuts that flow (both entries); `t`, unchanged on the same address, keeps
+    // its flow. Then `t` moves its port: its flow goes on by its entries.
+    let t = "[[service]]\nname = \"t\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 81\npool = \"p\"\nmode = \"nat\"\nnat_source = \"198.18.1.3\"\nnat_ports = \"21000-21999\"\n";
+    let before = format!("{}{t}", nat_config(false, "tcp"));
+    let Some(mut lb) = Lb::new("addresses_gone", &before, &[]) else { return };
+    let open = |lb: &mut Lb, vport: u16| {
+        for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+            let frame = Packet::ipv4(CLIENT4, VIP4).tcp(46_100, vport).flags(flags).build();
+            assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx));
+        }
+    };
+    open(&mut lb, 80);
+    open(&mut lb, 81);
+    assert_eq!(lb.bed.datapath.maps().conntrack.entries().unwrap().len(), 4);
+    let apply = |lb: &mut Lb, toml: &str| {
+        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+        let mut resolver = StaticResolver(HashMap::new());
+        let summary =
+            lb.balancer.apply(&config, lb.bed.datapath.maps_mut(), &mut resolver).unwrap();
+        let (vips, nats) = lb.balancer.addresses();
+        let clock = lb.bed.datapath.flow_clock().unwrap();
+        let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+        (summary.addresses_gone, conntrack.remove_orphans(&vips, &nats, Some(&clock)).unwrap())
+    };
+    let moved = before.replacen("nat_source = \"198.18.1.1\"", "nat_source = \"198.18.1.2\"", 1);
+    assert_ne!(moved, before);
+    assert_eq!(apply(&mut lb, &moved), (true, 2), "s's two entries");
+    let left = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    let s = lb.balancer.service_id("s").unwrap();
+    assert!(left.iter().all(|(_, f)| f.service_id != s && f.vip_port == 81u16.to_be()));
+    // No address gone: nothing to cut, and the walk finds nothing either.
+    let port_moved = moved.replace("port = 81", "port = 82");
+    assert_eq!(apply(&mut lb, &port_moved), (false, 0));
+    assert_eq!(lb.bed.datapath.maps().conntrack.entries().unwrap().len(), 2);
+    // The flow to port 81 goes on by its entries.
+    let ack = Packet::ipv4(CLIENT4, VIP4).tcp(46_100, 81).flags(tcp_flags::ACK).build();
+    assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
 }
 
 #[test]
@@ -2729,8 +2796,12 @@ fn a_service_address_moving_to_another_service_stays_served() {
 /// Runs the daemon's sweep of the connection table with the timeouts the data path has.
 fn sweep(lb: &mut Lb) -> lb_userspace::maps::SweepResult {
     let clock = lb.bed.datapath.flow_clock().unwrap();
-    let balancer = &lb.balancer;
-    lb.bed.datapath.maps_mut().conntrack.sweep(&clock, |id| balancer.backend_entry(id)).unwrap()
+    let entries = lb.balancer.backend_entries();
+    // The daemon's table of entries says what the one-by-one lookup says, for every id.
+    for id in 0..lb_common::service::MAX_BACKENDS {
+        assert_eq!(entries.get(&id).copied(), lb.balancer.backend_entry(id), "backend id {id}");
+    }
+    lb.bed.datapath.maps_mut().conntrack.sweep(&clock, |id| entries.get(&id).copied()).unwrap()
 }
 
 #[test]

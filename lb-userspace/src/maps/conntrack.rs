@@ -8,7 +8,7 @@ use lb_common::{
     FlowKey,
     conntrack::{FLOW_NAT, FLOW_REPLY, Flow, Timeouts},
     maps,
-    service::Backend,
+    service::{AddrKey, Backend},
 };
 
 use super::{CacheEpoch, MapError, typed};
@@ -49,18 +49,59 @@ impl ConntrackMap {
         self.epoch.bump()
     }
 
-    /// Every entry (for tests and inspection; a full walk, so not for the hot loop).
+    /// Every entry (for tests and inspection: the whole table in memory; the sweep and the
+    /// cuts [`walk`](Self::walk) it instead).
     pub fn entries(&self) -> Result<Vec<(FlowKey, Flow)>, MapError> {
         let mut out = Vec::new();
-        for item in &self.map {
-            match item {
-                Ok(entry) => out.push(entry),
-                // An entry evicted mid-walk: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(MapError::Access { name: maps::CONNTRACK, source }),
-            }
-        }
+        self.walk(|key, flow| out.push((*key, *flow)))?;
         Ok(out)
+    }
+
+    /// Calls `visit` with every entry, read in batches of [`WALK_BATCH`] by
+    /// `BPF_MAP_LOOKUP_BATCH`, whose cursor is a bucket of the table: one pass, whatever the
+    /// data path inserts and evicts meanwhile (an entry inserted during the walk may be seen
+    /// or not, as may one removed). A walk by `BPF_MAP_GET_NEXT_KEY` starts over from the
+    /// first bucket whenever the key it stands on is gone, which a full table's evictions
+    /// make likely under a flood: passes without end, each entry seen many times. Memory is
+    /// one batch, not the table.
+    pub fn walk(&self, visit: impl FnMut(&FlowKey, &Flow)) -> Result<(), MapError> {
+        self.walk_in(WALK_BATCH, visit)
+    }
+
+    /// [`walk`](Self::walk) in batches of `batch` entries (tests cross many batches' edges
+    /// with a small one).
+    pub fn walk_in(
+        &self,
+        batch: usize,
+        mut visit: impl FnMut(&FlowKey, &Flow),
+    ) -> Result<(), MapError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        use aya::maps::IterableMap as _;
+        let fd = self.map.map().fd().as_fd().as_raw_fd();
+        let mut keys = vec![FlowKey::default(); batch.max(1)];
+        let mut values = vec![Flow::default(); batch.max(1)];
+        let mut cursor: Option<u32> = None;
+        loop {
+            let mut next = 0u32;
+            let (count, done) =
+                lookup_batch(fd, cursor.as_ref(), &mut next, &mut keys, &mut values).map_err(
+                    |e| MapError::Access {
+                        name: maps::CONNTRACK,
+                        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                            call: "bpf_map_lookup_batch",
+                            io_error: e,
+                        }),
+                    },
+                )?;
+            for (key, flow) in keys.iter().zip(&values).take(count) {
+                visit(key, flow);
+            }
+            if done {
+                return Ok(());
+            }
+            cursor = Some(next);
+        }
     }
 
     /// Kernel memory charged to the table (`memlock` in its fdinfo), in bytes.
@@ -75,7 +116,8 @@ impl ConntrackMap {
 
     /// Removes every entry (benchmarks start each new-flow run from an empty table).
     pub fn clear(&mut self) -> Result<usize, MapError> {
-        let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
+        let mut keys = Vec::new();
+        self.walk(|key, _| keys.push(*key))?;
         for key in &keys {
             let _ = self.map.remove(key);
         }
@@ -83,9 +125,11 @@ impl ConntrackMap {
         Ok(keys.len())
     }
 
-    /// Entries in the table (a full walk).
+    /// Entries in the table (a full walk; 0 if it cannot be read).
     pub fn len(&self) -> usize {
-        self.map.keys().flatten().count()
+        let mut n = 0;
+        let _ = self.walk(|_, _| n += 1);
+        n
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,12 +156,12 @@ impl ConntrackMap {
         let expired = |flow: &Flow| clock.sweepable(flow);
         let mut result = SweepResult::default();
         let mut candidates = Vec::new();
-        for (key, flow) in self.entries()? {
-            if expired(&flow) {
-                candidates.push(key);
-                continue;
+        self.walk(|key, flow| {
+            if expired(flow) {
+                candidates.push(*key);
+                return;
             }
-            let live = clock.live(&flow);
+            let live = clock.live(flow);
             if live {
                 result.live += 1;
             }
@@ -127,7 +171,7 @@ impl ConntrackMap {
                 }
                 *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
             }
-        }
+        })?;
         for key in candidates {
             // Removed right after it is read again: the gap a reopened tuple could fall
             // into is one system call wide.
@@ -176,9 +220,24 @@ pub struct FlowClock {
     /// Ticks between refreshes of a live flow's `last_seen`.
     pub refresh: u64,
     pub now: u64,
+    /// The clock's ticks per second, and when (host time) `now` was read.
+    pub hz: u64,
+    pub read_at: std::time::Instant,
 }
 
 impl FlowClock {
+    /// The clock as it is now: `now` moved on by the host time elapsed since it was read.
+    #[must_use]
+    pub fn advanced(&self) -> Self {
+        let elapsed = self.read_at.elapsed();
+        let ticks = elapsed.as_nanos().saturating_mul(u128::from(self.hz)) / 1_000_000_000;
+        Self {
+            now: self.now.saturating_add(u64::try_from(ticks).unwrap_or(u64::MAX)),
+            read_at: self.read_at + elapsed,
+            ..*self
+        }
+    }
+
     /// Whether `flow` is live (not expired) now.
     #[must_use]
     pub const fn live(&self, flow: &Flow) -> bool {
@@ -212,19 +271,23 @@ impl ConntrackMap {
         backend: impl Fn(u32) -> Option<Backend>,
         clock: Option<&FlowClock>,
     ) -> Result<u64, MapError> {
+        let mut found = Vec::new();
+        self.walk(|key, flow| {
+            if ids.contains(&flow.backend_id) {
+                found.push((*key, *flow));
+            }
+        })?;
         let spared = |flow: &Flow| clock.is_some_and(|c| c.spared_by_cuts(flow));
         let mut doomed = Vec::new();
-        for (key, flow) in self.entries()? {
-            if ids.contains(&flow.backend_id) && !spared(&flow) {
-                doomed.push(key);
-                if let Some((partner, p)) = self.partner(&key, &flow, &backend)
-                    && !spared(&p)
-                {
-                    doomed.push(partner);
-                }
+        for (key, flow) in found.into_iter().filter(|(_, f)| !spared(f)) {
+            doomed.push(key);
+            if let Some((partner, p)) = self.partner(&key, &flow, &backend)
+                && !spared(&p)
+            {
+                doomed.push(partner);
             }
         }
-        self.remove_all(doomed)
+        self.cut(doomed, clock, |_, flow| ids.contains(&flow.backend_id))
     }
 
     /// Removes every entry (forward and reply) of the service ids in `ids` but dead ones
@@ -238,15 +301,73 @@ impl ConntrackMap {
         if ids.is_empty() {
             return Ok(0);
         }
-        let doomed = self
-            .entries()?
-            .into_iter()
-            .filter(|(_, flow)| {
-                ids.contains(&flow.service_id) && !clock.is_some_and(|c| c.spared_by_cuts(flow))
-            })
-            .map(|(key, _)| key)
-            .collect();
-        self.remove_all(doomed)
+        let mut doomed = Vec::new();
+        self.walk(|key, flow| {
+            if ids.contains(&flow.service_id) && !clock.is_some_and(|c| c.spared_by_cuts(flow)) {
+                doomed.push(*key);
+            }
+        })?;
+        self.cut(doomed, clock, |_, flow| ids.contains(&flow.service_id))
+    }
+
+    /// Removes the flows that can no longer go on because an address they use stopped
+    /// being the data path's: a service address no longer in `vips` (the address filter
+    /// hands its packets to the host before the connection lookup), or a NAT source no
+    /// longer in `nat_sources` (the backend's replies reach the host, which resets them).
+    /// Their clients would otherwise hang until the flow idled out, instead of hearing a
+    /// reset at their next segment (a fresh flow's, to the backend, or the host's); the
+    /// entries would count as live flows of their backends meanwhile. Flows of a service
+    /// that changed otherwise (its port, its mode) go on by their entries. Dead ones are
+    /// left to the sweep, with a `clock`. Returns how many entries went.
+    pub fn remove_orphans(
+        &mut self,
+        vips: &std::collections::HashSet<AddrKey>,
+        nat_sources: &std::collections::HashSet<AddrKey>,
+        clock: Option<&FlowClock>,
+    ) -> Result<u64, MapError> {
+        let orphan = |key: &FlowKey, flow: &Flow| {
+            let family = u32::from(key.family);
+            !vips.contains(&AddrKey { addr: flow.vip_addr, family })
+                || flow
+                    .nat_source(key)
+                    .is_some_and(|addr| !nat_sources.contains(&AddrKey { addr, family }))
+        };
+        let mut doomed = Vec::new();
+        self.walk(|key, flow| {
+            if orphan(key, flow) && !clock.is_some_and(|c| c.spared_by_cuts(flow)) {
+                doomed.push(*key);
+            }
+        })?;
+        self.cut(doomed, clock, orphan)
+    }
+
+    /// Removes the entries under `keys` a cut found, each read again just before it goes
+    /// and removed only if it still is what the cut is after (`ours`: a tuple reopened to
+    /// another backend since the walk is not) and, with a `clock`, still not dead by the
+    /// data path's clock as it is now: the walk of a large table takes a while, in which an
+    /// entry may have died and so become one the data path may write over in place (see
+    /// [`FlowClock::spared_by_cuts`]). Then the flow cache's copies. Returns how many went.
+    fn cut(
+        &mut self,
+        mut keys: Vec<FlowKey>,
+        clock: Option<&FlowClock>,
+        ours: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> Result<u64, MapError> {
+        keys.sort_unstable_by_key(|k| (k.src, k.dst, k.sport, k.dport, k.proto));
+        keys.dedup();
+        let mut removed = 0;
+        for key in keys {
+            let now = clock.map(FlowClock::advanced);
+            let Some(flow) = self.get(&key) else { continue };
+            if ours(&key, &flow)
+                && !now.is_some_and(|c| c.spared_by_cuts(&flow))
+                && self.map.remove(&key).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        self.invalidate_cache()?;
+        Ok(removed)
     }
 
     /// Removes `keys` (duplicates allowed) and nothing else, not a NAT flow's other entry;
@@ -274,6 +395,67 @@ impl ConntrackMap {
         }
         removed
     }
+}
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` of a walk: 4,096 keys and values, 480 KiB. A batch
+/// holds whole buckets; one longer than this (impossible at the table's load) fails the
+/// walk with `ENOSPC`.
+const WALK_BATCH: usize = 4096;
+
+/// `BPF_MAP_LOOKUP_BATCH` (aya has no call for it): fills `keys` and `values` from the
+/// bucket after `cursor` on (the first, without one), writes the cursor to go on from to
+/// `next`, and returns how many entries it filled and whether the walk is over.
+fn lookup_batch(
+    fd: std::os::fd::RawFd,
+    cursor: Option<&u32>,
+    next: &mut u32,
+    keys: &mut [FlowKey],
+    values: &mut [Flow],
+) -> std::io::Result<(usize, bool)> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = BatchAttr {
+        in_batch: cursor.map_or(0, |c| std::ptr::from_ref(c) as u64),
+        out_batch: std::ptr::from_mut(next) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: u32::try_from(keys.len().min(values.len())).unwrap_or(u32::MAX),
+        map_fd: u32::try_from(fd).unwrap_or(u32::MAX),
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at live buffers of `count` keys and values of the map's sizes
+    // (`ConntrackMap::new` checked them) and at two 4-byte cursors (a hash map's batch
+    // cursor is a bucket index); the kernel writes only within them and to `attr.count`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    let count = usize::try_from(attr.count).unwrap_or(0);
+    if ret == 0 {
+        return Ok((count, false));
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        // The last batch (possibly empty).
+        return Ok((count, true));
+    }
+    Err(error)
 }
 
 /// The key of the other direction of a NAT flow, if `flow` is one.
@@ -320,7 +502,8 @@ mod tests {
                 held += 1;
                 let flow = Flow { state, last_seen, ..Flow::default() };
                 for now in [packet_now - refresh, packet_now, packet_now + refresh] {
-                    let clock = FlowClock { timeouts, refresh, now };
+                    let read_at = std::time::Instant::now();
+                    let clock = FlowClock { timeouts, refresh, now, hz, read_at };
                     assert!(!clock.sweepable(&flow), "state {state}, age {age}, daemon at {now}");
                     assert!(clock.spared_by_cuts(&flow), "state {state}, age {age}, at {now}");
                 }

@@ -966,6 +966,39 @@ fn a_released_backend_id_leaves_no_slot_that_sends_to_it() {
 }
 
 #[test]
+fn a_removed_backends_id_is_kept_while_a_reply_entry_alone_names_it() {
+    // A NAT flow to a backend removed from the pool loses its forward entry to the LRU; the
+    // backend still sends, keeping the reply entry. The id must not be released (and handed
+    // to another backend, whose counters the replies would then feed) until that goes too.
+    let config = nat_config(false, "tcp");
+    let Some(mut lb) = Lb::new("released_with_reply", &config, &[]) else { return };
+    let port = 46_335;
+    for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+        let frame = Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(flags).build();
+        assert_eq!(lb.bed.run(&frame).unwrap().verdict, Some(Action::Tx));
+    }
+    let (backend, ..) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
+    lb.reapply(
+        &config.replace(&format!("[[pool.backend]]\naddress = \"{backend}\"\nport = 8080\n"), ""),
+    );
+    let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
+    let (forward, reply): (Vec<_>, Vec<_>) =
+        entries.into_iter().partition(|(_, f)| f.flags & lb_common::conntrack::FLOW_REPLY == 0);
+    assert_eq!((forward.len(), reply.len()), (1, 1));
+    let conntrack = &mut lb.bed.datapath.maps_mut().conntrack;
+    assert_eq!(conntrack.evict(vec![forward[0].0]), 1);
+    let result = sweep(&mut lb);
+    let released =
+        lb.balancer.release_retired(lb.bed.datapath.maps_mut(), &result.kept_by_backend).unwrap();
+    assert_eq!(released, 0, "the reply entry still names the id: {result:?}");
+    assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![reply[0].0]), 1);
+    let result = sweep(&mut lb);
+    let released =
+        lb.balancer.release_retired(lb.bed.datapath.maps_mut(), &result.kept_by_backend).unwrap();
+    assert_eq!(released, 1, "nothing names it now");
+}
+
+#[test]
 fn a_cached_flow_refreshes_its_entries_once_a_refresh_interval() {
     // The cache carries packets only within a refresh interval of the entry's last write:
     // a busy flow's next packet after that goes to the table, which refreshes the forward

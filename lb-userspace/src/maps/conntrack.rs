@@ -33,9 +33,11 @@ pub struct SweepResult {
     pub removed: u64,
     /// Live flows (forward entries) per backend id.
     pub live_by_backend: std::collections::HashMap<u32, u64>,
-    /// Forward entries per backend id that the sweep kept: live flows, and dead ones inside
-    /// the overwrite window (seconds old at most). A retired backend's id is not handed out
-    /// again while one names it.
+    /// Entries per backend id that the sweep kept, either direction: live flows, and dead
+    /// ones inside the overwrite window (seconds old at most). A retired backend's id is not
+    /// handed out again while one names it: not even a NAT flow's reply entry alone (its
+    /// forward entry evicted, the backend still sending), whose replies would otherwise be
+    /// counted as the next backend's.
     pub kept_by_backend: std::collections::HashMap<u32, u64>,
 }
 
@@ -125,6 +127,12 @@ impl ConntrackMap {
         Ok(keys.len())
     }
 
+    /// Entries in the table counted key by key (`BPF_MAP_GET_NEXT_KEY`), as walks were made
+    /// before [`walk`](Self::walk): the benchmark's baseline for it.
+    pub fn len_key_by_key(&self) -> usize {
+        self.map.keys().flatten().count()
+    }
+
     /// Entries in the table (a full walk; 0 if it cannot be read).
     pub fn len(&self) -> usize {
         let mut n = 0;
@@ -165,12 +173,10 @@ impl ConntrackMap {
             if live {
                 result.live += 1;
             }
-            if flow.flags & FLOW_REPLY == 0 {
-                if live {
-                    *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
-                }
-                *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
+            if live && flow.flags & FLOW_REPLY == 0 {
+                *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
             }
+            *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
         })?;
         for key in candidates {
             // Removed right after it is read again: the gap a reopened tuple could fall
@@ -181,8 +187,8 @@ impl ConntrackMap {
                     // Kept with its live half, and counted as the live flow it is.
                     if flow.flags & FLOW_REPLY == 0 {
                         *result.live_by_backend.entry(flow.backend_id).or_default() += 1;
-                        *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
                     }
+                    *result.kept_by_backend.entry(flow.backend_id).or_default() += 1;
                 }
                 Some((partner_key, _)) => result.removed += self.evict(vec![key, partner_key]),
                 None => result.removed += self.evict(vec![key]),

@@ -72,12 +72,23 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
         if batch.is_empty() {
             continue;
         }
-        let names: Vec<String> = {
+        // The names of the rule set in force, and its generation: an event of the other
+        // generation (a rule set switched out since the packet matched) names its rule by
+        // position, for these names may be another rule's.
+        let (names, generation): (Vec<String>, Option<u32>) = {
             let d = crate::daemon::lock(&daemon);
-            d.config.firewall.iter().flat_map(|f| &f.rules).map(|r| r.name.clone()).collect()
+            let names =
+                d.config.firewall.iter().flat_map(|f| &f.rules).map(|r| r.name.clone()).collect();
+            (names, d.firewall.active_generation())
         };
         for event in batch {
-            let rule = names.get(usize::from(event.rule)).map_or("?", String::as_str);
+            let replaced;
+            let rule = if generation.is_some_and(|g| g & 1 == u32::from(event.generation) & 1) {
+                names.get(usize::from(event.rule)).map_or("?", String::as_str)
+            } else {
+                replaced = format!("rule {} of a replaced rule set", usize::from(event.rule) + 1);
+                &replaced
+            };
             let outcome = match event.outcome {
                 EVENT_DROPPED => "dropped",
                 EVENT_AUDITED => "would drop (audit)",

@@ -279,6 +279,45 @@ fn a_draining_backend_past_its_deadline_has_its_flows_cut() {
     daemon.finish();
 }
 
+#[test]
+fn a_removed_backend_carrying_a_flow_stays_in_the_metrics_as_draining() {
+    // Removed while its iperf3 flow runs (no drain deadline), the backend keeps carrying
+    // it; its series stay, as draining, with its flow and its traffic still counted.
+    if !require_privileges("a_removed_backend_carrying_a_flow_stays_in_the_metrics_as_draining") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    lab.start_iperf_servers().unwrap();
+    let daemon = LabDaemon::start(&lab, &lab::lab_config(2, &[]));
+    let iperf = lab.iperf_client(lab::VIP_V4.into(), 14, "50M").unwrap();
+    let serving = wait_for(Duration::from_secs(5), || lab.iperf_backend()).expect("iperf3 up");
+    let addr = IpAddr::from(lab.backends[serving].v4);
+    api(&lab, "DELETE", &format!("/v1/pools/web4/backends/{addr}"), None);
+    let series = |name: &str, extra: &str| -> Option<u64> {
+        let metrics = api(&lab, "GET", "/metrics", None);
+        let prefix = format!("{name}{{pool=\"web4\",backend=\"{addr}\"{extra}}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok())
+    };
+    assert_eq!(series("lb_backend_state", ",state=\"draining\""), Some(1));
+    assert_eq!(series("lb_backend_effective_weight", ""), Some(0));
+    // The next sweep (every 5 s) counts its flows: iperf3's control connection and data
+    // flow (and the lab's readiness requests, while they close).
+    let live = wait_for(Duration::from_secs(12), || {
+        series("lb_backend_active_flows", "").filter(|n| *n >= 2)
+    });
+    assert!(
+        live.is_some(),
+        "the removed backend's flows: {:?}",
+        series("lb_backend_active_flows", "")
+    );
+    let before = series("lb_backend_packets_total", "").expect("its packet counter");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = series("lb_backend_packets_total", "").expect("its packet counter");
+    assert!(after > before, "its traffic still counted: {before} -> {after}");
+    lab::check_iperf("the removed backend's flow", iperf, 14, 5_000_000);
+    daemon.finish();
+}
+
 /// 20 s of slow start for a backend joining two others at weight 100. Its weight is about
 /// 5 at 1 s (share ~2%), 50 at 10 s (20%), 100 after 20 s (33%). 162 flows for the first
 /// sample, 324 and 486 for the next two: the growth checks compare shares about 11 points

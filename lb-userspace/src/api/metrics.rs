@@ -127,6 +127,27 @@ impl Snapshot {
                 d.autoscale.signals.get(name).cloned().unwrap_or_default(),
             ));
         }
+        // Backends removed from their pool whose flows go on (their ids retired until
+        // the flows end or the pool's drain deadline cuts them): draining, as they are,
+        // so their traffic and flows stay in view and their counters do not jump when
+        // one is configured again and takes its id back.
+        for (id, identity) in d.balancer.retired() {
+            let label = match identity.port {
+                Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
+                None => identity.addr.to_string(),
+            };
+            s.backends.push(BackendRow {
+                pool: identity.pool.clone(),
+                label,
+                counters: d.datapath.maps().traffic.backend(id)?,
+                weight: 0,
+                effective_weight: 0,
+                state: BackendState::Draining,
+                healthy: None,
+                checks: None,
+                live: d.live_by_backend.get(&id).copied().unwrap_or(0),
+            });
+        }
         let counters =
             d.autoscale.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         s.firewall = Some(super::firewall_view(d)?).filter(|f| f.enabled);

@@ -394,6 +394,17 @@ impl Daemon {
             }
             cut.push(backend.clone());
         }
+        // Backends cut before whose flows the last sweep still found alive (a cut that
+        // failed, or a flow it spared as about to expire that a packet then refreshed): cut
+        // again. They take no new flows, so this ends; at most once a sweep (a cut forgets
+        // the count until the next sweep makes it again).
+        for backend in self.lifecycle.cut_backends() {
+            if let Some(id) = self.balancer.backend_id(backend)
+                && self.live_by_backend.get(&id).copied().unwrap_or(0) > 0
+            {
+                ids.insert(id);
+            }
+        }
         let retired: Vec<(u32, BackendIdentity)> =
             self.balancer.retired().map(|(id, k)| (id, k.clone())).collect();
         for id in self.lifecycle.due_retired(&retired, &self.config, now) {

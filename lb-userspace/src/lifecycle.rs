@@ -330,6 +330,12 @@ impl Lifecycle {
         due
     }
 
+    /// Backends whose established flows were cut (disabled, or drained past the deadline)
+    /// and that stay so.
+    pub fn cut_backends(&self) -> impl Iterator<Item = &BackendIdentity> {
+        self.cut.iter()
+    }
+
     /// Retired backend ids (removed, still carrying flows) past their pool's drain deadline.
     pub fn due_retired(
         &mut self,

@@ -162,6 +162,20 @@ pub async fn run(
         lock(&daemon).datapath.detach_all();
         lock(&daemon).give_back_nat_ports();
         info!("XDP programs detached, pins removed and NAT ports given back");
+    } else {
+        // By design (a restart must not drop traffic), but an operator who meant to stop
+        // the load balancer must hear it, and how to take it down.
+        // (Without a pin directory the links die with lbd's descriptors.)
+        let d = lock(&daemon);
+        let interfaces: Vec<&str> = d.attached.iter().map(|(i, _)| i.as_str()).collect();
+        let pin_dir = &d.config.daemon.pin_dir;
+        if !interfaces.is_empty() && !pin_dir.is_empty() {
+            warn!(
+                interfaces = %interfaces.join(", "),
+                pin_dir = %pin_dir,
+                "lbd stopped; the data path stays attached and keeps forwarding (without health checks) until lbd starts again. To take it down: start lbd with --detach-on-exit and stop it, or remove the pin directory"
+            );
+        }
     }
     Ok(())
 }

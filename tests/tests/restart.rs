@@ -225,6 +225,8 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     );
     assert!(second_log.contains("replaced the program of the pinned XDP link"), "{second_log}");
     let _ = first_log;
+    // The second lbd, stopped without --detach-on-exit, said the data path stays.
+    assert!(second_log.contains("the data path stays attached"), "{second_log}");
     // After a clean stop without --detach-on-exit, the data path still serves.
     assert!(lab.curl(IpAddr::V4(lab::VIP_V4), lab::HTTP_PORT).unwrap().starts_with("backend-"));
     let _ = std::fs::remove_file(&config);

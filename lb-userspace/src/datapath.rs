@@ -84,11 +84,43 @@ impl AttachedMode {
     }
 }
 
+impl DatapathError {
+    /// A failed load, with a hint for the two likely causes the kernel's bare error number
+    /// does not name: missing privileges, and a connection table too large for the memory.
+    fn object(source: aya::EbpfError) -> Self {
+        let source = Box::new(source);
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*source);
+        let mut errno = None;
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                errno = io.raw_os_error();
+            }
+            cause = e.source();
+        }
+        let hint = match errno {
+            Some(libc::EPERM | libc::EACCES) => {
+                "; lbd needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN)"
+            }
+            Some(libc::ENOMEM) => {
+                "; out of memory: the connection table is allocated whole, 184 bytes per entry \
+                 (368 MiB at the default 2,097,152): lower conntrack.max_entries"
+            }
+            _ => "",
+        };
+        Self::Object { source, hint }
+    }
+}
+
 /// Failure to load or attach the data path.
 #[derive(Debug, Error)]
 pub enum DatapathError {
-    #[error("failed to parse the XDP object: {0}")]
-    Object(#[source] aya::EbpfError),
+    #[error("failed to load the XDP object (its maps and programs): {source}{hint}")]
+    Object {
+        #[source]
+        source: Box<aya::EbpfError>,
+        /// What the most likely causes need (see [`DatapathError::object`]).
+        hint: &'static str,
+    },
     #[error("program {name} is missing from the XDP object")]
     MissingProgram { name: &'static str },
     #[error("program {name} is not an XDP program: {source}")]
@@ -211,7 +243,7 @@ impl Datapath {
                 loader.map_pin_path(name, path);
             }
         }
-        let mut ebpf = loader.load(object).map_err(DatapathError::Object)?;
+        let mut ebpf = loader.load(object).map_err(DatapathError::object)?;
         for name in [INGRESS_PROGRAM, LAB_PEER_PROGRAM, CLOCK_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
@@ -661,6 +693,20 @@ fn raise_memlock_limit() {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_refused_load_names_privileges_or_memory() {
+        let failed = |errno| {
+            let source = aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+                name: "CONNTRACK".into(),
+                io_error: std::io::Error::from_raw_os_error(errno),
+            });
+            super::DatapathError::object(source).to_string()
+        };
+        assert!(failed(libc::EPERM).contains("lbd needs root"), "{}", failed(libc::EPERM));
+        assert!(failed(libc::ENOMEM).contains("lower conntrack.max_entries"));
+        assert!(!failed(libc::EINVAL).contains(';'), "{}", failed(libc::EINVAL));
+    }
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
 
     /// No program calls a `mem*` builtin: an assignment LLVM cannot prove disjoint, or a copy

@@ -271,5 +271,24 @@ fn lbd_rejects_a_bad_config_without_touching_the_kernel() {
     std::fs::write(&good, "[[interface]]\nname = \"lbtcheck0\"\n").unwrap();
     let out = Command::new(&lbd).args(["check-config"]).arg(&good).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Files lbd reads only at start are read too: a token others can read, and a TLS
+    // certificate that is not one, would stop it there.
+    let token = dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let cert = dir.join("api.crt");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let api = dir.join("api.toml");
+    let text = format!(
+        "[[interface]]\nname = \"lbtcheck0\"\n[api]\ntoken_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        token.display(),
+        cert.display(),
+        cert.display()
+    );
+    std::fs::write(&api, text).unwrap();
+    let out = Command::new(&lbd).args(["check-config"]).arg(&api).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readable by others") && err.contains("certificate"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

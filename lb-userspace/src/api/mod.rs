@@ -682,6 +682,25 @@ async fn reload(_: NoQuery, State(state): State<AppState>) -> Result<Json<Change
     Ok(Json(summary.into()))
 }
 
+/// What `lbd` would refuse at start in the `[api]` files (the token file, the TLS
+/// certificate and key), for `lbd check-config`: read as the start reads them.
+#[must_use]
+pub fn check_files(api: &crate::config::ApiConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(path) = &api.token_file
+        && let Err(error) = read_token(std::path::Path::new(path))
+    {
+        problems.push(format!("{error:#}"));
+    }
+    if let (Some(cert), Some(key)) = (&api.tls_cert_file, &api.tls_key_file)
+        && let Err(error) =
+            tls::server_config(std::path::Path::new(cert), std::path::Path::new(key))
+    {
+        problems.push(format!("{error:#}"));
+    }
+    problems
+}
+
 /// Reads the bearer token from `path`, refusing a file that group or others can read.
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt as _;

@@ -46,11 +46,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
-            // The firewall's prefix files are read too (the clock rate only scales rates).
+            // The firewall's prefix files are read too (the clock rate only scales rates), and
+            // the autoscalers' secrets and the API's token and TLS files.
             Ok(config) => {
                 match lb_userspace::daemon::compile_firewall(&config, 1000).and_then(|_| {
-                    let secrets = lb_userspace::daemon::check_secret_files(&config);
-                    if secrets.is_empty() { Ok(()) } else { Err(secrets) }
+                    let mut files = lb_userspace::daemon::check_secret_files(&config);
+                    files.extend(lb_userspace::api::check_files(&config.api));
+                    if files.is_empty() { Ok(()) } else { Err(files) }
                 }) {
                     Ok(()) => {
                         println!("{}: ok", file.display());

@@ -61,9 +61,12 @@ pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
     if !cfg!(target_os = "linux") {
         bail!("this project needs Linux (XDP); run it on a Linux host or VM");
     }
-    let env = ensure_bpf_toolchain()?;
+    // Root first: the toolchain's setup takes minutes, only to be refused after.
     if need >= Need::Run {
         ensure_root()?;
+    }
+    let env = ensure_bpf_toolchain()?;
+    if need >= Need::Run {
         ensure_kernel()?;
         let mut packages: Vec<_> = PACKAGES_RUN.to_vec();
         if need >= Need::Tests {
@@ -81,9 +84,10 @@ pub fn ensure_all(need: Need) -> anyhow::Result<Env> {
 fn ensure_root() -> anyhow::Result<()> {
     let out = Command::new("id").arg("-u").output().context("failed to run `id -u`")?;
     if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        // sudo resets PATH (secure_path) even with -E: cargo would not be found.
         bail!(
-            "loading XDP programs and creating network namespaces needs root: \
-             run `sudo -E cargo xtask ...` or as root"
+            "loading XDP programs and creating network namespaces needs root: run as root, \
+             or `sudo -E env \"PATH=$PATH\" cargo xtask ...`"
         );
     }
     Ok(())
@@ -134,10 +138,16 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
     let mut env = Env::default();
     // Nightly is preferred (by its installed name: a dated one is not `nightly`); stable with
     // RUSTC_BOOTSTRAP builds the same object (both LLVM 22).
-    let nightly = toolchains
+    let nightlies: Vec<&str> = toolchains
         .lines()
         .filter(|l| l.starts_with("nightly"))
-        .find_map(|l| l.split_whitespace().next());
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    // The undated one (kept current by `rustup update`) before any dated one.
+    let dated = |t: &&str| {
+        t.strip_prefix("nightly-").is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let nightly = nightlies.iter().find(|t| !dated(t)).or_else(|| nightlies.first()).copied();
     let toolchain = if let Some(nightly) = nightly {
         nightly
     } else {
@@ -203,7 +213,11 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
             p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.22"))
         })
         .with_context(|| {
-            format!("no LLVM 22 library in {}; bpf-linker needs it", lib_dir.display())
+            format!(
+                "no LLVM 22 library in {}; bpf-linker needs it: `rustup update` (Rust 1.95 or \
+                 later ships it)",
+                lib_dir.display()
+            )
         })?;
     // llvm-sys looks for `<prefix>/lib/libLLVM.so`; point a private prefix at the toolchain's.
     let prefix = std::env::temp_dir().join("lb-xtask-llvm-prefix");
@@ -226,9 +240,11 @@ fn ensure_bpf_linker(toolchain: &str) -> anyhow::Result<()> {
 }
 
 fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    // A command on PATH counts whatever installed it (another distribution's package
+    // manager, a build from source); dpkg's word otherwise.
     let missing: Vec<&str> = packages
         .iter()
-        .filter(|(package, _)| !is_installed(package))
+        .filter(|(package, command)| !on_path(command) && !is_installed(package))
         .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
@@ -254,7 +270,7 @@ fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
         }
     }
     for (package, command) in packages {
-        if output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_err() {
+        if !on_path(command) {
             bail!("{package} installed but `{command}` is not on PATH");
         }
     }
@@ -277,6 +293,11 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         bail!("apt-get did not install {}", missing.join(" "));
     }
     Ok(())
+}
+
+/// Whether `command` is on PATH.
+fn on_path(command: &str) -> bool {
+    output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_ok()
 }
 
 fn is_installed(package: &str) -> bool {

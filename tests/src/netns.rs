@@ -234,6 +234,26 @@ pub fn cleanup_stale() {
         kill_all_in(name);
         let _ = Command::new("ip").args(["netns", "del", name]).status();
     }
+    // Their files too (the lab's lbd configuration and certificates, named by the lab).
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(NETNS_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split_once('x').and_then(|(pid, _)| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 /// Creates a veth pair with one end in each namespace; both ends come up.

@@ -33,6 +33,9 @@ fn run() -> anyhow::Result<ExitCode> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        // The terminal closed (an SSH session lost): lbd takes SIGHUP as a reload and stays,
+        // so the lab must stop it and clean up rather than die and leave it running.
+        libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
     }
     // A lab killed with SIGKILL leaves its namespaces behind; the interactive lab clears
     // such leftovers of earlier labs (tests touch only the namespaces they create).
@@ -94,15 +97,19 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // Not `eprintln!`, which panics when the terminal is gone (after a SIGHUP).
+    let say = |text: &str| {
+        let _ = writeln!(std::io::stderr(), "lab: {text}");
+    };
     let code = if let Some(status) = status {
-        eprintln!("lab: lbd exited ({status}); removing the lab");
+        say(&format!("lbd exited ({status}); removing the lab"));
         ExitCode::FAILURE
     } else {
         // The terminal's Ctrl-C reached lbd too; signal it anyway in case it came by kill.
         // SAFETY: plain kill(2) on our child.
         unsafe { libc::kill(i32::try_from(daemon.id())?, libc::SIGINT) };
         let _ = daemon.wait();
-        eprintln!("lab: removing the lab");
+        say("removing the lab");
         ExitCode::SUCCESS
     };
     drop(lab);

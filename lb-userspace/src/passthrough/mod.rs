@@ -143,7 +143,7 @@ impl Passthrough {
                     self.running.insert(name.clone(), running);
                 }
                 Err(error) => {
-                    warn!(service = %name, %error, "passthrough service cannot listen; trying again in 5 s");
+                    warn!(service = %name, %error, retry_secs = LISTEN_RETRY.as_secs(), "passthrough service cannot listen; trying again");
                     self.retry_at = Some(Instant::now() + LISTEN_RETRY);
                 }
             }

@@ -223,17 +223,16 @@ async fn handle(
         Ok((hello, route, backend, stream, now))
     }
     .await;
+    // A refusal is counted while the connection still counts as pending: the last one of a
+    // service a reload removed must not bring its series back after they were dropped.
+    if let Err(reason) = connected {
+        debug!(%peer, service, reason, "passthrough connection refused");
+        stats.reject(service, reason);
+    }
     stats.pending(service, -1);
     drop(pending);
     // From here on, the policy the backend was chosen by (its PROXY header and relay).
-    let (hello, route, backend, upstream, policy) = match connected {
-        Ok(connected) => connected,
-        Err(reason) => {
-            debug!(%peer, service, reason, "passthrough connection refused");
-            stats.reject(service, reason);
-            return;
-        }
-    };
+    let Ok((hello, route, backend, upstream, policy)) = connected else { return };
     for socket in [&client, &upstream] {
         let _ = socket.set_nodelay(true);
         keep_alive(socket);

@@ -198,6 +198,7 @@ mod tests {
         let stats = Stats::default();
         stats.declare([route("s", "a.example"), route("s", "b.example"), route("t", "*")]);
         stats.opened(&route("s", "a.example"));
+        stats.pending("t", 1);
         stats.reject("t", "unknown_sni");
         stats.pending("t", 1);
         // A reload drops route a.example (one relay open) and service t (one connection
@@ -207,6 +208,9 @@ mod tests {
         assert_eq!(s.routes.len(), 2, "{:?}", s.routes);
         assert!(s.rejected.contains_key(&("t".to_owned(), "unknown_sni")));
         stats.closed(&route("s", "a.example"), Some("splice"));
+        // As a connection task ends: its refusal counted, then no longer pending.
+        stats.pending("t", -1);
+        stats.reject("t", "unknown_sni");
         stats.pending("t", -1);
         let s = stats.snapshot();
         assert_eq!(s.routes.keys().collect::<Vec<_>>(), [&route("s", "b.example")]);

@@ -131,11 +131,17 @@ impl Snapshot {
         // the flows end or the pool's drain deadline cuts them): draining, as they are,
         // so their traffic and flows stay in view and their counters do not jump when
         // one is configured again and takes its id back.
+        // One series per (pool, backend): a retired id whose identity another row already
+        // has (a live backend adopted at a restart under a second id, or two ids retired
+        // under no pool) is left out rather than reported twice.
         for (id, identity) in d.balancer.retired() {
             let label = match identity.port {
                 Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
                 None => identity.addr.to_string(),
             };
+            if s.backends.iter().any(|b| b.pool == identity.pool && b.label == label) {
+                continue;
+            }
             s.backends.push(BackendRow {
                 pool: identity.pool.clone(),
                 label,

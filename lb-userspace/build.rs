@@ -45,7 +45,14 @@ fn main() -> anyhow::Result<()> {
     if std::env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() != Ok("little") {
         bail!("lb-ebpf is built for {TARGET}: big-endian hosts are not supported");
     }
-    let target_dir = nested_target_dir(&out_dir);
+    let target_dir = nested_target_dir(&out_dir, &ebpf_dir);
+    // Held across the nested build and the copy out of it: another outer build sharing the
+    // directory (a debug and a release build at once) re-links the object meanwhile.
+    std::fs::create_dir_all(&target_dir)
+        .with_context(|| format!("creating {}", target_dir.display()))?;
+    let lock = std::fs::File::create(target_dir.join("lb-userspace-build.lock"))
+        .context("creating the nested build's lock file")?;
+    lock.lock().context("locking the nested build's directory")?;
     let flags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".to_owned(),
@@ -103,16 +110,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The nested build's target directory: a directory of its own (the outer cargo holds a
-/// lock on its target directory), one per outer target directory, `<target>/lb-ebpf`,
+/// lock on its target directory), one per outer target directory and source tree,
+/// `<target>/lb-ebpf-<hash of the sources' path>` (`<target>/<triple>/…` with `--target`),
 /// shared by the outer profiles and by clippy's builds, each of which runs this script
 /// with an `OUT_DIR` of its own (`<target>/<profile>/build/lb-userspace-<hash>/out`):
-/// the object is built once, not once per profile. The nested cargo locks it itself, and
-/// its output is the same whoever builds it. Under `OUT_DIR` if that is laid out otherwise.
-fn nested_target_dir(out_dir: &Path) -> PathBuf {
+/// the object is built once, not once per profile. Two checkouts sharing a target
+/// directory get one each. Under `OUT_DIR` if that is laid out otherwise.
+fn nested_target_dir(out_dir: &Path, sources: &Path) -> PathBuf {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    sources.hash(&mut hasher);
     let mut up = out_dir.ancestors();
     match (up.nth(2), up.nth(1)) {
         (Some(build), Some(target)) if build.file_name() == Some("build".as_ref()) => {
-            target.join("lb-ebpf")
+            target.join(format!("lb-ebpf-{:016x}", hasher.finish()))
         }
         _ => out_dir.join("ebpf-target"),
     }

@@ -26,6 +26,7 @@ pub fn run(env: &Env) -> anyhow::Result<()> {
         .find(|(k, _)| k == "LB_EBPF_TOOLCHAIN")
         .map_or("nightly", |(_, v)| v.as_str());
     // The BPF crate only builds for its own target, with the toolchain that builds it.
+    crate::setup::ensure_component(toolchain, "clippy")?;
     let mut bpf = std::process::Command::new("rustup");
     bpf.current_dir(&root)
         .env_remove("RUSTC")

@@ -159,6 +159,14 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
     };
     env.vars.push(("LB_EBPF_TOOLCHAIN".into(), toolchain.into()));
 
+    // rust-src builds `core` for the BPF target.
+    ensure_component(toolchain, "rust-src")?;
+    ensure_bpf_linker(toolchain)?;
+    Ok(env)
+}
+
+/// Installs `component` for `toolchain` unless it is there.
+pub fn ensure_component(toolchain: &str, component: &str) -> anyhow::Result<()> {
     let components = output(Command::new("rustup").args([
         "component",
         "list",
@@ -166,21 +174,17 @@ fn ensure_bpf_toolchain() -> anyhow::Result<Env> {
         "--toolchain",
         toolchain,
     ]))?;
-    // rust-src builds `core` for the BPF target; clippy lints the BPF crate (`lint`).
-    for component in ["rust-src", "clippy"] {
-        if !components.lines().any(|l| l.starts_with(component)) {
-            eprintln!("xtask: installing {component} for {toolchain}");
-            status(Command::new("rustup").args([
-                "component",
-                "add",
-                component,
-                "--toolchain",
-                toolchain,
-            ]))?;
-        }
+    if !components.lines().any(|l| l.starts_with(component)) {
+        eprintln!("xtask: installing {component} for {toolchain}");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            toolchain,
+        ]))?;
     }
-    ensure_bpf_linker(toolchain)?;
-    Ok(env)
+    Ok(())
 }
 
 fn cargo_home() -> PathBuf {

@@ -41,6 +41,22 @@ pub fn describe(event: &FwEvent) -> (String, String, String) {
     (with_port(addr(event.src), event.sport), with_port(addr(event.dst), event.dport), proto)
 }
 
+/// The rule an event names: by name when it is of the rule set in force (`names`, of
+/// `generation`) and no switch happened since the last read (`switched`), else by position.
+fn rule_label<'a>(
+    event: &FwEvent,
+    names: &'a [String],
+    generation: Option<u32>,
+    switched: bool,
+) -> std::borrow::Cow<'a, str> {
+    let current = generation.is_some_and(|g| g & 1 == u32::from(event.generation) & 1);
+    if current && !switched {
+        names.get(usize::from(event.rule)).map_or("?".into(), |n| n.as_str().into())
+    } else {
+        format!("rule {} of a replaced rule set", usize::from(event.rule) + 1).into()
+    }
+}
+
 /// Reads events until `shutdown`, logging each with its rule's name.
 pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: CancellationToken) {
     let interest = tokio::io::Interest::READABLE;
@@ -53,6 +69,8 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
             return;
         }
     };
+    // Rule-set switches as of the last batch read (or of the start).
+    let mut seen_switches = Some(crate::daemon::lock(&daemon).firewall.switches());
     loop {
         let mut guard = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -72,30 +90,26 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
         if batch.is_empty() {
             continue;
         }
-        // The names of the rule set in force, and its generation: an event of the other
-        // generation (a rule set switched out since the packet matched) names its rule by
+        // The names of the rule set in force, its generation, and whether a rule set was
+        // switched in since the last batch: an event of the other generation, or any event
+        // read across a switch (it may have waited through two), names its rule by
         // position, for these names may be another rule's.
-        let (names, generation): (Vec<String>, Option<u32>) = {
+        let (names, generation, switches): (Vec<String>, Option<u32>, u64) = {
             let d = crate::daemon::lock(&daemon);
             let names =
                 d.config.firewall.iter().flat_map(|f| &f.rules).map(|r| r.name.clone()).collect();
-            (names, d.firewall.active_generation())
+            (names, d.firewall.active_generation(), d.firewall.switches())
         };
+        let switched = seen_switches.replace(switches).is_some_and(|s| s != switches);
         for event in batch {
-            let replaced;
-            let rule = if generation.is_some_and(|g| g & 1 == u32::from(event.generation) & 1) {
-                names.get(usize::from(event.rule)).map_or("?", String::as_str)
-            } else {
-                replaced = format!("rule {} of a replaced rule set", usize::from(event.rule) + 1);
-                &replaced
-            };
+            let rule = rule_label(&event, &names, generation, switched);
             let outcome = match event.outcome {
                 EVENT_DROPPED => "dropped",
                 EVENT_AUDITED => "would drop (audit)",
                 _ => "passed",
             };
             let (src, dst, proto) = describe(&event);
-            info!(rule, outcome, %proto, %src, %dst, tcp_flags = event.tcp_flags, len = event.len, "firewall rule matched");
+            info!(rule = &*rule, outcome, %proto, %src, %dst, tcp_flags = event.tcp_flags, len = event.len, "firewall rule matched");
         }
     }
 }
@@ -103,6 +117,19 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_of_a_replaced_rule_set_name_their_rule_by_position() {
+        let names = ["blocked".to_owned(), "ssh".to_owned()];
+        let event = FwEvent { rule: 1, generation: 1, ..FwEvent::default() };
+        assert_eq!(rule_label(&event, &names, Some(1), false), "ssh");
+        let other = "rule 2 of a replaced rule set";
+        assert_eq!(rule_label(&event, &names, Some(0), false), other, "the other generation");
+        assert_eq!(rule_label(&event, &names, Some(1), true), other, "read across a switch");
+        assert_eq!(rule_label(&event, &names, None, false), other, "firewall off since");
+        let past_the_end = FwEvent { rule: 5, ..event };
+        assert_eq!(rule_label(&past_the_end, &names, Some(1), false), "?");
+    }
 
     #[test]
     fn decodes_and_describes_events() {

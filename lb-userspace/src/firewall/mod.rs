@@ -346,6 +346,8 @@ pub struct Firewall {
     /// Contents of each generation (`None`: unknown, as after a restart); shared, so that
     /// what is installed can be kept to install again (see [`Firewall::installed`]).
     held: [Option<Arc<Compiled>>; 2],
+    /// Rule sets switched in since lbd started (see [`Firewall::switches`]).
+    switches: u64,
 }
 
 impl Firewall {
@@ -353,7 +355,7 @@ impl Firewall {
     /// (packets keep being filtered) and the inactive one is cleared, so it can be written.
     pub fn adopt(maps: &mut FirewallMaps) -> Result<Self, MapError> {
         let (active, enabled) = maps.active()?;
-        let mut fw = Self { active, enabled, held: [None, None] };
+        let mut fw = Self { active, enabled, held: [None, None], switches: 0 };
         let inactive = 1 - active;
         let empty = Compiled::empty();
         let found = Self::read_back(maps, inactive)?;
@@ -378,7 +380,7 @@ impl Firewall {
     #[must_use]
     pub fn fresh() -> Self {
         let empty = Arc::new(Compiled::empty());
-        Self { active: 0, enabled: false, held: [Some(empty.clone()), Some(empty)] }
+        Self { active: 0, enabled: false, held: [Some(empty.clone()), Some(empty)], switches: 0 }
     }
 
     /// What the data path filters by now, to install again should a change fail after
@@ -389,6 +391,13 @@ impl Firewall {
             return Installed::Off;
         }
         self.held[self.active as usize].clone().map_or(Installed::Unknown, Installed::Rules)
+    }
+
+    /// How many rule sets were switched in since lbd started: the firewall log tells by it
+    /// whether an event it reads may be of a rule set since replaced.
+    #[must_use]
+    pub const fn switches(&self) -> u64 {
+        self.switches
     }
 
     /// The active generation, if the firewall is on.
@@ -468,6 +477,7 @@ impl Firewall {
         (summary.prefixes_written, summary.prefixes_removed) = (w, r);
         self.held[target as usize] = Some(Arc::new(new.clone()));
         maps.set_active(target, true)?;
+        self.switches += 1;
         summary.switched = true;
         let previous = self.active;
         let was_enabled = self.enabled;

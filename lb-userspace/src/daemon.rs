@@ -182,9 +182,10 @@ impl Daemon {
             .context("failed to install the services")?;
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed or changed while lbd was down: their flows stop now, as on a
-        // reload.
-        cut_service_flows(&mut datapath, &balancer, &summary)
-            .context("failed to cut the flows of removed or changed services")?;
+        // reload (a failure leaves them to idle out: no reason to refuse to start).
+        if let Err(error) = cut_service_flows(&mut datapath, &balancer, &summary) {
+            warn!(%error, "cutting the flows of services removed or changed while lbd was down failed");
+        }
         lifecycle.installed(&effective, panicking);
         balancer
             .mark_down(&down_at_start, datapath.maps_mut())

@@ -20,6 +20,21 @@ pub fn spawn(command: &mut tokio::process::Command) -> io::Result<Grouped> {
 }
 
 impl Grouped {
+    /// Waits for the program to exit, then kills what is left of its group (what it started
+    /// in the background): for programs run again and again (health checks), whose
+    /// leftovers would pile up one per run.
+    pub async fn wait_whole(&mut self) -> io::Result<ExitStatus> {
+        let group = self.group;
+        let status = self.wait().await?;
+        if let Some(pgid) = group.and_then(|id| libc::pid_t::try_from(id).ok()) {
+            // SAFETY: a signal to the group the program led, sent right after it was reaped:
+            // its id cannot be handed to another process while the group has members, and
+            // an empty group's is only reused after the whole pid space wrapped.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        Ok(status)
+    }
+
     /// Waits for the program to exit; its group is left alone from then on.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         let status = self.child.wait().await;

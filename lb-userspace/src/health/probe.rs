@@ -125,7 +125,8 @@ impl Probe {
     async fn command(&self) -> Result<(), String> {
         let (program, args) = self.command.split_first().ok_or("no command")?;
         // In a process group of its own: a check timed out (this future dropped) takes the
-        // whole group with it (see `process`).
+        // whole group with it (see `process`), and so does one that exits, leaving nothing
+        // behind to pile up one per interval.
         let mut child = crate::process::spawn(
             tokio::process::Command::new(program)
                 .args(args)
@@ -134,7 +135,7 @@ impl Probe {
                 .stderr(std::process::Stdio::null()),
         )
         .map_err(|e| format!("{program}: {e}"))?;
-        let status = child.wait().await.map_err(|e| format!("{program}: {e}"))?;
+        let status = child.wait_whole().await.map_err(|e| format!("{program}: {e}"))?;
         if status.success() { Ok(()) } else { Err(format!("{program} exited with {status}")) }
     }
 }
@@ -537,6 +538,13 @@ pub(crate) mod tests {
         let gone = crate::process::tests::gone_within(&pid_file, Duration::from_secs(5)).await;
         let _ = std::fs::remove_file(&pid_file);
         assert!(gone, "the timed-out check's background job ran on");
+        // One that passes without waiting for its background job leaves nothing either.
+        let script = format!("sleep 30 & echo $! > {}; exit 0", pid_file.display());
+        command.command = vec!["sh".into(), "-c".into(), script];
+        assert_eq!(command.run().await, Ok(()));
+        let gone = crate::process::tests::gone_within(&pid_file, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(&pid_file);
+        assert!(gone, "the passed check's background job ran on");
     }
 
     #[tokio::test]

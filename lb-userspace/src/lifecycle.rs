@@ -209,7 +209,12 @@ impl Lifecycle {
             }
             Some(Flip::Up) => {
                 info!(pool = %report.backend.pool, backend = %who, "backend is UP again: its health checks pass");
-                self.came_in.insert(report.backend.clone(), now);
+                // Slow start again only for a backend that was out: one a pool in panic kept
+                // serving goes on at the weight it had (ramping it from 1 would hand its
+                // share to the few healthy ones as the pool leaves panic).
+                if self.applied.get(&report.backend).is_none_or(|w| *w == 0) {
+                    self.came_in.insert(report.backend.clone(), now);
+                }
                 true
             }
             None => false,
@@ -515,6 +520,48 @@ mode = "dsr-l2"
         let without = Config::parse(&CONFIG.replace("198.18.1.11", "198.18.1.13"), "t").unwrap();
         l.observe(&without, t0);
         assert!(!l.check_counts.contains_key(&identity(11)));
+    }
+
+    #[test]
+    fn a_backend_a_panicking_pool_kept_serving_does_not_ramp_again_when_it_recovers() {
+        // Four backends, three down: the pool panics and serves all four. One recovers: the
+        // pool leaves panic, and that backend keeps its full weight rather than ramping
+        // from 1 (which would put nearly every new flow on the one that never failed).
+        let config = Config::parse(
+            &CONFIG
+                .replace("slow_start_secs = 10", "slow_start_secs = 300\nmin_healthy_share = 0.5")
+                .replace(
+                    "[[service]]",
+                    "[[pool.backend]]\naddress = \"198.18.1.13\"\n[[pool.backend]]\naddress = \"198.18.1.14\"\n[[service]]",
+                ),
+            "t",
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
+        let flip = |l: &mut Lifecycle, last: u8, healthy: bool, at: Instant| {
+            let report = Report {
+                backend: identity(last),
+                task: 0,
+                result: Ok(()),
+                flip: Some(if healthy { Flip::Up } else { Flip::Down }),
+                healthy,
+            };
+            assert!(l.record(&report, at));
+            let (effective, panicking) = l.effective(&config, at);
+            l.installed(&effective, panicking);
+        };
+        for last in [12, 13, 14] {
+            flip(&mut l, last, false, t0);
+        }
+        assert_eq!(weights(&l, &config, t0), [100, 100, 100, 100], "panic");
+        let later = t0 + Duration::from_secs(10);
+        flip(&mut l, 13, true, later);
+        assert!(l.panicking.is_empty());
+        assert_eq!(weights(&l, &config, later), [100, 0, 100, 0]);
+        // One that was out (fail_closed, or down outside panic) still ramps.
+        flip(&mut l, 12, true, later);
+        assert_eq!(weights(&l, &config, later + Duration::from_secs(150)), [100, 50, 100, 0]);
     }
 
     #[test]

@@ -374,6 +374,7 @@ async fn post_with_retries(url: &str, secret: Option<&str>, body: &[u8], event: 
                 return false;
             }
         };
+        let shown = redacted(url);
         let (url_owned, body_owned, id) = (url.to_owned(), body.to_vec(), event.id.clone());
         let result = tokio::task::spawn_blocking(move || {
             post(&url_owned, &body_owned, signed.as_deref(), &id)
@@ -382,11 +383,11 @@ async fn post_with_retries(url: &str, secret: Option<&str>, body: &[u8], event: 
         .unwrap_or_else(|e| Err(e.to_string()));
         match result {
             Ok(status) => {
-                info!(pool = %event.pool, policy = %event.policy, url, status, attempt, "autoscaling webhook delivered");
+                info!(pool = %event.pool, policy = %event.policy, url = %shown, status, attempt, "autoscaling webhook delivered");
                 return true;
             }
             Err(error) => {
-                warn!(pool = %event.pool, policy = %event.policy, url, attempt, %error, "autoscaling webhook failed");
+                warn!(pool = %event.pool, policy = %event.policy, url = %shown, attempt, %error, "autoscaling webhook failed");
             }
         }
         if attempt < WEBHOOK_ATTEMPTS {
@@ -395,6 +396,22 @@ async fn post_with_retries(url: &str, secret: Option<&str>, body: &[u8], event: 
         }
     }
     false
+}
+
+/// A webhook URL as logged: scheme, host and port only. Tokens ride in paths and queries
+/// (chat webhooks) and credentials in the authority: none of them belong in a log.
+fn redacted(url: &str) -> String {
+    match axum::http::Uri::try_from(url) {
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("?");
+            let host = uri.host().unwrap_or("?");
+            match uri.port_u16() {
+                Some(port) => format!("{scheme}://{host}:{port}/…"),
+                None => format!("{scheme}://{host}/…"),
+            }
+        }
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
 }
 
 fn post(url: &str, body: &[u8], signature: Option<&str>, id: &str) -> Result<u16, String> {
@@ -510,6 +527,16 @@ async fn run_command_within(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn webhook_urls_are_logged_without_path_query_or_credentials() {
+        assert_eq!(
+            super::redacted("https://user:pw@hooks.example.com:8443/services/T0/B1/secret?x=1"),
+            "https://hooks.example.com:8443/…"
+        );
+        assert_eq!(super::redacted("http://198.18.0.9/scale"), "http://198.18.0.9/…");
+        assert_eq!(super::redacted("not a url"), "(unparsable URL)");
+    }
     use super::*;
 
     fn policy(

@@ -12,7 +12,7 @@ use lb_common::{
         RULE_LOG, RateKey, RuleBits, class_of, counter_index, filter_chunk, filter_v4_16,
         filter_v4_24, filter_v6_32, lowest_bit, ports_index,
     },
-    net::IPPROTO_TCP,
+    net::{IPPROTO_ICMPV6, IPPROTO_TCP},
 };
 
 use crate::{
@@ -39,6 +39,32 @@ pub fn filter(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<(), R
     }
 }
 
+/// IPv6's link control, which the firewall leaves alone as it does ARP (IPv4's): neighbour
+/// discovery (router and neighbour solicitations and advertisements, redirects) with hop
+/// limit 255 and multicast listener discovery (queries, reports) with hop limit 1. Both
+/// hop limits prove the sender is on the link (RFC 4861, RFC 3810): a `default = "deny"`
+/// that dropped them would cut the host off IPv6 (its router, its backends' addresses)
+/// within minutes, and a rate limit over ICMPv6 would put every neighbour in one bucket.
+#[inline(always)]
+fn is_link_control(ctx: &XdpContext, packet: &Packet) -> bool {
+    const ND: core::ops::RangeInclusive<u8> = 133..=137;
+    const MLD: [u8; 4] = [130, 131, 132, 143];
+    if packet.family != Family::V6 || packet.proto != IPPROTO_ICMPV6 || !packet.has_l4 {
+        return false;
+    }
+    let kind = packet.icmp_type;
+    let want = if ND.contains(&kind) {
+        255
+    } else if MLD.contains(&kind) {
+        1
+    } else {
+        return false;
+    };
+    crate::parse::ptr_at::<crate::parse::Ipv6Hdr>(ctx, packet.l3_off)
+        // SAFETY: checked by ptr_at.
+        .is_ok_and(|ip| unsafe { (*ip).hop_limit } == want)
+}
+
 /// Out of line: inlined, its locals would grow the entry function's frame, which every call
 /// chain carries, past the 512-byte stack.
 #[inline(never)]
@@ -60,6 +86,9 @@ fn try_filter(
     let Some(active) = FW_ACTIVE.get(0) else { return Ok(()) };
     let active = *active;
     if active & ACTIVE_ENABLED == 0 {
+        return Ok(());
+    }
+    if is_link_control(ctx, packet) {
         return Ok(());
     }
     let generation = active & ACTIVE_GENERATION;

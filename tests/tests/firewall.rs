@@ -278,6 +278,38 @@ source = ["198.18.9.0/24"]
     assert_eq!(fw.hits(0), 1);
 }
 
+#[test]
+fn ipv6_link_control_passes_a_default_deny_as_arp_does() {
+    // Neighbour discovery (hop limit 255) and multicast listener discovery (hop limit 1)
+    // keep IPv6 working on the link: a default deny must not drop them, and a rule must not
+    // count them. The same types with any other hop limit, and other ICMPv6, meet the rules.
+    let toml = "[firewall]\ndefault = \"deny\"\n[[firewall.rule]]\nname = \"web\"\naction = \"allow\"\nprotocol = \"tcp\"\nports = [80]\n";
+    let Some(mut fw) = Fw::new("ipv6_link_control", toml) else { return };
+    let icmp6 = |src: &str, dst: &str, kind: u8, hops: u8| {
+        Packet::ipv6(src.parse().unwrap(), dst.parse().unwrap())
+            .ttl(hops)
+            .icmp(kind, 0, [0; 4])
+            .payload(&[0; 16])
+            .build()
+    };
+    let denied = Reason::FirewallDefaultDeny;
+    fw.bed
+        .check_all(&[
+            allow("router solicitation", icmp6("fe80::1", "ff02::2", 133, 255)),
+            allow("router advertisement", icmp6("fe80::2", "ff02::1", 134, 255)),
+            allow("neighbour solicitation", icmp6("fe80::1", "ff02::1:ff00:2", 135, 255)),
+            allow("neighbour advertisement", icmp6("fd00::2", "fd00::1", 136, 255)),
+            allow("redirect", icmp6("fe80::2", "fd00::1", 137, 255)),
+            allow("MLDv2 report", icmp6("fe80::1", "ff02::16", 143, 1)),
+            allow("MLD query", icmp6("fe80::2", "ff02::1", 130, 1)),
+            deny("a forwarded solicitation", icmp6("fd00:9::1", "fd00::1", 135, 64), denied),
+            deny("a forwarded report", icmp6("fd00:9::1", "ff02::16", 143, 2), denied),
+            deny("an echo request", icmp6("fe80::1", "fd00::1", 128, 255), denied),
+        ])
+        .unwrap();
+    assert_eq!(fw.hits(DEFAULT_SLOT), 3, "only the three denied met the rules");
+}
+
 /// A packet whose transport header cannot be read is refused while the firewall is on: no
 /// rule by port or flags could be matched, and the host may accept it whole (it reassembles
 /// a first fragment cut inside its TCP header, RFC 1858, and follows longer IPv6 header

@@ -431,9 +431,13 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
 
 /// Cuts or grows the packet to its IP and TCP headers and writes them from `s`: addresses,
 /// lengths, the TCP header (with an MSS option if `s.mss` is set) and both checksums. IPv4
-/// headers have no options here (services refuse them).
+/// headers have no options here (services refuse them). The segment starts out afresh: a
+/// hop limit of 64 (the packet it is made from arrived with what its hops left of the
+/// sender's: sent back with that, it may expire on the way) and no ECN codepoint (a SYN-ACK
+/// must not carry one, RFC 3168; DSCP is kept).
 #[inline(always)]
 fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
+    const HOP_LIMIT: u8 = 64;
     let tcp_len: u16 = if s.mss != 0 { 24 } else { 20 };
     let end = packet.l4_off + usize::from(tcp_len);
     let len = ctx.data_end() - ctx.data();
@@ -453,6 +457,9 @@ fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
         ip.payload_len = tcp_len.to_be_bytes();
+        ip.hop_limit = HOP_LIMIT;
+        // The traffic class's low two bits (ECN) are bits 4-5 of the header's second byte.
+        ip.version_tc_flow[1] &= !0x30;
         // SAFETY: packet memory.
         unsafe {
             crate::mem::put_addr(&mut ip.src, &s.src);
@@ -463,6 +470,8 @@ fn emit(ctx: &XdpContext, packet: &Packet, s: &Segment) -> Result<(), Reason> {
         // SAFETY: checked by ptr_at_mut.
         let ip = unsafe { &mut *ip };
         ip.tot_len = (20 + tcp_len).to_be_bytes();
+        ip.ttl = HOP_LIMIT;
+        ip.tos &= !0x03;
         ip.src = s.src[0].to_ne_bytes();
         ip.dst = s.dst[0].to_ne_bytes();
         ip.check = [0, 0];

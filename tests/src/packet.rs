@@ -53,6 +53,7 @@ enum L3 {
         src: Ipv6Addr,
         dst: Ipv6Addr,
         hop_limit: u8,
+        traffic_class: u8,
         ext: Vec<ExtHeader>,
     },
     /// Any other EtherType with raw bytes after the Ethernet header.
@@ -113,7 +114,7 @@ impl Packet {
     /// An IPv6 packet (next header 253 until an L4 is chosen).
     #[must_use]
     pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr) -> Self {
-        Self::with_l3(L3::V6 { src, dst, hop_limit: 64, ext: Vec::new() })
+        Self::with_l3(L3::V6 { src, dst, hop_limit: 64, traffic_class: 0, ext: Vec::new() })
     }
 
     /// A non-IP frame: `bytes` follow the Ethernet header (and VLAN tags).
@@ -161,6 +162,17 @@ impl Packet {
             L3::V4 { ttl, .. } => *ttl = value,
             L3::V6 { hop_limit, .. } => *hop_limit = value,
             L3::Raw { .. } => panic!("ttl on a non-IP frame"),
+        }
+        self
+    }
+
+    /// The IPv4 type-of-service byte or the IPv6 traffic class (DSCP and ECN).
+    #[must_use]
+    pub fn tos(mut self, value: u8) -> Self {
+        match &mut self.l3 {
+            L3::V4 { tos, .. } => *tos = value,
+            L3::V6 { traffic_class, .. } => *traffic_class = value,
+            L3::Raw { .. } => panic!("tos on a non-IP frame"),
         }
         self
     }
@@ -385,7 +397,7 @@ impl Packet {
     }
 
     fn render_ipv6(&self, proto: u8, l4_len: usize) -> Vec<u8> {
-        let L3::V6 { src, dst, hop_limit, ext } = &self.l3 else { unreachable!() };
+        let L3::V6 { src, dst, hop_limit, traffic_class, ext } = &self.l3 else { unreachable!() };
         let mut ext_bytes = Vec::new();
         let mut kinds: Vec<u8> = ext.iter().map(ExtHeader::number).collect();
         kinds.push(proto);
@@ -395,7 +407,7 @@ impl Packet {
         let first = kinds[0];
         let payload_len = u16::try_from(ext_bytes.len() + l4_len).expect("IPv6 payload too long");
         let mut h = Vec::with_capacity(40 + ext_bytes.len());
-        h.extend_from_slice(&[0x60, 0, 0, 0]);
+        h.extend_from_slice(&[0x60 | traffic_class >> 4, traffic_class << 4, 0, 0]);
         h.extend_from_slice(&payload_len.to_be_bytes());
         h.push(first);
         h.push(*hop_limit);

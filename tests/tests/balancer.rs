@@ -2293,8 +2293,12 @@ fn syn_cookies_handshake_frame_by_frame() {
         let [hi, lo] = mss.to_be_bytes();
         let mss_option = [2, 4, hi, lo];
         let (cport, client_isn) = (40_000u16, 7_000_000u32);
-        // A SYN with the options a Linux client sends; the answer keeps only the MSS.
+        // A SYN with the options a Linux client sends, 35 hops away (29 of its 64 left), with
+        // DSCP 8 and ECT(0): the answer keeps only the MSS, starts at hop limit 64 and
+        // carries no ECN codepoint.
         let syn = ip_packet(client, vip)
+            .ttl(29)
+            .tos(0x22)
             .tcp(cport, 80)
             .flags(tcp_flags::SYN)
             .seq_ack(client_isn, 0)
@@ -2305,6 +2309,7 @@ fn syn_cookies_handshake_frame_by_frame() {
         let (cookie, _) = tcp_seq_and_sport(&answer.output, v6);
         let expected = ip_packet(vip, client)
             .macs(LB_MAC, CLIENT_MAC)
+            .tos(0x20)
             .tcp(80, cport)
             .flags(tcp_flags::SYN | tcp_flags::ACK)
             .seq_ack(cookie, client_isn + 1)

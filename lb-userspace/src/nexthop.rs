@@ -138,7 +138,10 @@ impl Resolver for KernelResolver {
                     Resolution::Resolved(NextHop { ifindex: link.ifindex, flags, dmac, smac }),
                 );
             } else {
-                probe(next);
+                // To the backend, not the gateway: the kernel then resolves the gateway on
+                // the route's own interface. An IPv6 gateway is link-local, and a datagram
+                // to it without a scope goes out whichever interface's fe80::/64 comes first.
+                probe(dst);
                 out.insert(dst, Resolution::NoNeighbour);
             }
         }
@@ -168,7 +171,7 @@ fn run_ip_batch(script: &str) -> std::io::Result<Vec<serde_json::Value>> {
 }
 
 /// Sends one empty datagram to the discard port of `addr`, which makes the kernel resolve
-/// (or refresh) its neighbour entry.
+/// (or refresh) the neighbour entry of its next hop.
 fn probe(addr: IpAddr) {
     let bind: SocketAddr =
         if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");

@@ -292,3 +292,43 @@ fn lbd_rejects_a_bad_config_without_touching_the_kernel() {
     assert!(err.contains("readable by others") && err.contains("certificate"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_backend_behind_an_ipv6_link_local_gateway_gets_its_next_hop() {
+    // A routed IPv6 backend's gateway is link-local (as routers advertise themselves). The
+    // resolver's probe must make the kernel resolve it on the route's interface: a datagram
+    // to the gateway itself carries no scope, which the kernel refuses (and with two links
+    // it could not tell which). The load balancer has two links; the route uses the second.
+    if !require_privileges("a_backend_behind_an_ipv6_link_local_gateway_gets_its_next_hop") {
+        return;
+    }
+    use lb_tests::netns::{Netns, unique_id, veth};
+    use lb_userspace::nexthop::{KernelResolver, Resolution, Resolver as _};
+    let id = unique_id();
+    let lb = Netns::create(&format!("{id}-lb")).unwrap();
+    let other = Netns::create(&format!("{id}-ot")).unwrap();
+    let router = Netns::create(&format!("{id}-rt")).unwrap();
+    veth(&lb, "ln0", &other, "ln0").unwrap();
+    veth(&lb, "ln1", &router, "ln1").unwrap();
+    // The router's link-local address, once its duplicate detection is over.
+    let gateway = wait_for(Duration::from_secs(10), || {
+        let out = router.ip(&["-6", "-o", "addr", "show", "dev", "ln1", "scope", "link"]).ok()?;
+        let line = out.lines().find(|l| !l.contains("tentative"))?;
+        let addr = line.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+        Some(addr.split('/').next()?.to_owned())
+    })
+    .expect("the router's link-local address");
+    lb.ip(&["-6", "route", "add", "fd00:77::/64", "via", &gateway, "dev", "ln1"]).unwrap();
+    let backend: IpAddr = "fd00:77::10".parse().unwrap();
+    let router_mac = router.mac_of("ln1").unwrap();
+    let hop = wait_for(Duration::from_secs(5), || {
+        let resolved = lb.enter(|| KernelResolver.resolve(&[backend])).ok()?;
+        match resolved.get(&backend) {
+            Some(Resolution::Resolved(hop)) => Some(*hop),
+            _ => None,
+        }
+    });
+    let hop = hop.expect("the gateway's neighbour entry never appeared");
+    assert_eq!(hop.dmac, router_mac, "the router's MAC");
+    assert_eq!(hop.flags, 0, "through a gateway, not on the link");
+}

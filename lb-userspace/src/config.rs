@@ -1587,6 +1587,11 @@ pub fn not_a_host(addr: IpAddr) -> Option<&'static str> {
         IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
             Some("an IPv4-mapped IPv6 address; write the IPv4 address itself")
         }
+        // Meaningful on one link only, and lbd stores no scope: checks, passthrough connects
+        // and route lookups could not tell which link.
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            Some("link-local; use a global or unique-local (fd00::/8) address")
+        }
         _ => None,
     }
 }
@@ -1718,6 +1723,12 @@ nat_source = "198.18.1.1"
             panic!("an IPv4-mapped backend accepted");
         };
         assert!(problems[0].contains("write the IPv4 address itself"), "{problems:#?}");
+        // A link-local one holds no scope: no check, connect or route could use it.
+        let local = mapped.replace("::ffff:198.18.1.11", "fe80::11");
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&local, "t") else {
+            panic!("a link-local backend accepted");
+        };
+        assert!(problems[0].contains("link-local"), "{problems:#?}");
         // Duplicates are named in words, not as Rust values.
         let twice = FULL.replace("\"198.18.1.12\"\nport = 8080", "\"198.18.1.11\"");
         let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&twice, "t") else {

@@ -32,6 +32,14 @@ impl Prefix {
         };
         Ok(match addr {
             IpAddr::V4(a) => Self::V4 { addr: a.to_bits() & mask32(len), len },
+            // An IPv4 prefix written as IPv6 (`::ffff:203.0.113.0/120`, as some block lists
+            // do) is the IPv4 prefix: IPv4 packets are matched in the IPv4 trie, and as an
+            // IPv6 prefix it would match nothing.
+            IpAddr::V6(a) if len >= 96 && a.to_ipv4_mapped().is_some() => {
+                let v4 = a.to_ipv4_mapped().map_or(0, std::net::Ipv4Addr::to_bits);
+                let len = len - 96;
+                Self::V4 { addr: v4 & mask32(len), len }
+            }
             IpAddr::V6(a) => Self::V6 { addr: a.to_bits() & mask128(len), len },
         })
     }
@@ -167,6 +175,15 @@ mod tests {
 
     fn p(text: &str) -> Prefix {
         Prefix::parse(text).unwrap()
+    }
+
+    #[test]
+    fn an_ipv4_prefix_written_as_ipv6_is_the_ipv4_prefix() {
+        assert_eq!(p("::ffff:198.18.0.0/111"), p("198.18.0.0/15"));
+        assert_eq!(p("::ffff:198.18.7.9"), p("198.18.7.9/32"));
+        assert_eq!(p("::ffff:0:0/96"), p("0.0.0.0/0"));
+        // Shorter than the mapped range: an IPv6 prefix as written.
+        assert!(matches!(p("::ffff:0:0/95"), Prefix::V6 { len: 95, .. }));
     }
 
     #[test]

@@ -270,7 +270,14 @@ impl Daemon {
         // A backend known down (at a restart of lbd, or of its checks) starts its checks down.
         let down: HashSet<BackendIdentity> = self.lifecycle.unhealthy().cloned().collect();
         let started = checker.sync(plan, &down);
-        self.lifecycle.reset_health(&started, &checked);
+        let checked_pools: HashSet<&str> = self
+            .config
+            .pools
+            .iter()
+            .filter(|p| p.health_check.is_some())
+            .map(|p| p.name.get_ref().as_str())
+            .collect();
+        self.lifecycle.reset_health(&started, &checked, &checked_pools);
         self.mark_down();
     }
 

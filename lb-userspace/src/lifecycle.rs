@@ -223,18 +223,28 @@ impl Lifecycle {
 
     /// Forgets the health of backends whose checks stopped (they count as healthy again),
     /// and of healthy backends whose checks restarted; a backend that is down stays down, for
-    /// its new checks start from there (see `Checker::sync`). Their check counts stay.
+    /// its new checks start from there (see `Checker::sync`). So does a down backend disabled
+    /// in a pool that still checks (`checked_pools`): enabled again before it is mended, it
+    /// must pass its checks before it takes flows. Their check counts stay.
     pub fn reset_health(
         &mut self,
         restarted: &[BackendIdentity],
         checked: &HashSet<BackendIdentity>,
+        checked_pools: &HashSet<&str>,
     ) {
         for b in restarted {
             if self.is_healthy(b) {
                 self.health.remove(b);
             }
         }
-        self.health.retain(|k, _| checked.contains(k));
+        let states = &self.states;
+        let disabled = |k: &BackendIdentity| {
+            states.get(k).is_some_and(|(state, _)| *state == BackendState::Disabled)
+        };
+        self.health.retain(|k, h| {
+            checked.contains(k)
+                || (!h.healthy && disabled(k) && checked_pools.contains(k.pool.as_str()))
+        });
     }
 
     /// Whether a backend counts as healthy.
@@ -510,8 +520,8 @@ mode = "dsr-l2"
         assert_eq!(l.check_counts[&identity(11)], five);
         // Its checks restart (a pool's interval changed), then stop (disabled): counters
         // never go back.
-        l.reset_health(&[identity(11)], &HashSet::from([identity(11)]));
-        l.reset_health(&[], &HashSet::new());
+        l.reset_health(&[identity(11)], &HashSet::from([identity(11)]), &HashSet::from(["web"]));
+        l.reset_health(&[], &HashSet::new(), &HashSet::new());
         assert!(!l.health.contains_key(&identity(11)));
         assert_eq!(l.check_counts[&identity(11)], five);
         l.observe(&config, t0);
@@ -565,6 +575,42 @@ mode = "dsr-l2"
     }
 
     #[test]
+    fn a_down_backend_disabled_then_enabled_starts_down() {
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
+        let down = Report {
+            backend: identity(12),
+            task: 0,
+            result: Err("refused".into()),
+            flip: Some(Flip::Down),
+            healthy: false,
+        };
+        assert!(l.record(&down, t0));
+        // Disabled: its checks stop, but its pool still checks; it stays known down.
+        let disabled = Config::parse(
+            &CONFIG.replace(
+                "address = \"198.18.1.12\"",
+                "address = \"198.18.1.12\"\nstate = \"disabled\"",
+            ),
+            "t",
+        )
+        .unwrap();
+        l.observe(&disabled, t0);
+        let pools = HashSet::from(["web"]);
+        l.reset_health(&[], &HashSet::from([identity(11)]), &pools);
+        assert_eq!(l.unhealthy().collect::<Vec<_>>(), [&identity(12)]);
+        // Enabled again: its checks start down (the daemon passes `unhealthy()` on), and it
+        // takes nothing until they pass.
+        l.observe(&config, t0);
+        assert_eq!(weights(&l, &config, t0), [100, 0]);
+        // A pool that stops checking forgets it: nothing would ever bring it up.
+        l.observe(&disabled, t0);
+        l.reset_health(&[], &HashSet::new(), &HashSet::new());
+        assert_eq!(l.unhealthy().count(), 0);
+    }
+
+    #[test]
     fn a_backend_down_before_a_restart_takes_nothing_until_it_recovers() {
         let t0 = Instant::now();
         let config = Config::parse(CONFIG, "t").unwrap();
@@ -573,7 +619,7 @@ mode = "dsr-l2"
         assert_eq!(weights(&l, &config, t0), [100, 0]);
         assert_eq!(l.unhealthy().collect::<Vec<_>>(), [&identity(12)]);
         // Its checks start (failing): the health stays; another backend's start resets.
-        l.reset_health(&[identity(11), identity(12)], &down);
+        l.reset_health(&[identity(11), identity(12)], &down, &HashSet::from(["web"]));
         assert_eq!(weights(&l, &config, t0), [100, 0]);
         let up = Report {
             backend: identity(12),

@@ -13,13 +13,14 @@ use std::{
 use lb_common::{Action, Reason};
 use lb_tests::{
     lab::{self, LB_FRONT_IF, Lab},
-    netns::wait_for,
+    netns::{Netns, unique_id, veth, wait_for},
     privileged::require_privileges,
 };
 use lb_userspace::{
     Datapath,
     datapath::{AttachedMode, DatapathError, XdpModeSetting},
     maps::StatsSnapshot,
+    nexthop::{KernelResolver, Resolution, Resolver as _},
 };
 
 /// nftables counters on the front interface's ingress hook, which sees exactly the frames
@@ -302,8 +303,6 @@ fn a_backend_behind_an_ipv6_link_local_gateway_gets_its_next_hop() {
     if !require_privileges("a_backend_behind_an_ipv6_link_local_gateway_gets_its_next_hop") {
         return;
     }
-    use lb_tests::netns::{Netns, unique_id, veth};
-    use lb_userspace::nexthop::{KernelResolver, Resolution, Resolver as _};
     let id = unique_id();
     let lb = Netns::create(&format!("{id}-lb")).unwrap();
     let other = Netns::create(&format!("{id}-ot")).unwrap();

@@ -353,6 +353,22 @@ impl Datapath {
         xdp_program(&mut self.ebpf, name)
     }
 
+    /// A bench-only program (loaded on first use) and the maps at once: a benchmark runs
+    /// the one on a thread while it reads the other on another.
+    pub fn bench_program_and_maps(
+        &mut self,
+        name: &'static str,
+    ) -> Result<(&Xdp, &Maps), DatapathError> {
+        self.bench_program(name)?;
+        let program: &Xdp = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::NotXdp { name, source })?;
+        Ok((program, &self.maps))
+    }
+
     /// The names of every program in the object.
     pub fn program_names(&self) -> Vec<String> {
         self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()

@@ -199,13 +199,30 @@ pub fn stay_on_this_cpu() -> anyhow::Result<CpuPin> {
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
             bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
         }
-        Ok(CpuPin { previous })
+        Ok(CpuPin { previous, cpu: usize::try_from(cpu)? })
     }
 }
 
 /// The CPUs a thread pinned by [`stay_on_this_cpu`] ran on before, given back on drop.
 pub struct CpuPin {
     previous: libc::cpu_set_t,
+    cpu: usize,
+}
+
+impl CpuPin {
+    /// Moves the calling thread (another than the pinned one: threads inherit the pin) to
+    /// the CPUs the pinned thread had but its own, so the two run side by side. Keeps the
+    /// pin if there is no other CPU.
+    pub fn elsewhere(&self) {
+        let mut set = self.previous;
+        // SAFETY: a CPU set of the size passed, and the calling thread's affinity.
+        unsafe {
+            libc::CPU_CLR(self.cpu, &mut set);
+            if libc::CPU_COUNT(&set) > 0 {
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for CpuPin {

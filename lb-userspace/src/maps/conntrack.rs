@@ -133,6 +133,26 @@ impl ConntrackMap {
         self.map.keys().flatten().count()
     }
 
+    /// The key-by-key walk of [`len_key_by_key`](Self::len_key_by_key), stopped after
+    /// `max_steps` keys or at `deadline` (under a flood it may not end): the keys it read,
+    /// how many distinct, and whether it reached the end.
+    pub fn walk_key_by_key_bounded(
+        &self,
+        max_steps: usize,
+        deadline: std::time::Instant,
+    ) -> (usize, usize, bool) {
+        let mut seen = std::collections::HashSet::new();
+        let mut steps = 0;
+        for key in self.map.keys().flatten() {
+            seen.insert(key);
+            steps += 1;
+            if steps >= max_steps || (steps % 4096 == 0 && std::time::Instant::now() >= deadline) {
+                return (steps, seen.len(), false);
+            }
+        }
+        (steps, seen.len(), true)
+    }
+
     /// Entries in the table (a full walk; 0 if it cannot be read).
     pub fn len(&self) -> usize {
         let mut n = 0;

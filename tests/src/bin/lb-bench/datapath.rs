@@ -162,7 +162,7 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
     };
     // One CPU throughout this section (given back at its end, before the live sections
     // start their processes): the data path's caches are per CPU.
-    let _pin = lb_tests::testrun::stay_on_this_cpu()?;
+    let pin = lb_tests::testrun::stay_on_this_cpu()?;
     let ns = Netns::create(&lb_tests::netns::unique_id())?;
     let (mut datapath, balancer) = ns.enter(|| setup(a_object))??;
 
@@ -287,6 +287,8 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         by_key_ms / batched_ms.max(f64::MIN_POSITIVE)
     );
 
+    let flood = walk_under_flood(&mut datapath, &pin)?;
+
     let firewall = firewall_bench(&mut datapath, repeat, rounds)?;
     drop(ns);
     Ok(serde_json::json!({
@@ -297,7 +299,82 @@ pub fn run(repeat: u32, rounds: usize) -> anyhow::Result<serde_json::Value> {
         "conntrack_memory_bytes": memory,
         "conntrack_entries": LoadOptions::default().conntrack_entries,
         "conntrack_walk": { "entries": batched, "batched_ms": batched_ms, "key_by_key_ms": by_key_ms },
+        "conntrack_walk_under_flood": flood,
     }))
+}
+
+/// The daemon's table walk while new flows flood a full table (another thread runs the
+/// new-flow program on another CPU, each flow a fresh key: the LRU evicts one entry per
+/// insert): by batches, against the key-by-key walk, which starts over from the first bucket
+/// whenever the key it stands on is evicted. The key-by-key walk is cut off at three times
+/// the table's size or 30 s.
+fn walk_under_flood(
+    datapath: &mut Datapath,
+    pin: &lb_tests::testrun::CpuPin,
+) -> anyhow::Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let capacity = usize::try_from(LoadOptions::default().conntrack_entries)?;
+    datapath.maps_mut().conntrack.clear()?;
+    let flood_frame =
+        frame(CLIENT4.into(), IpAddr::V4(Ipv4Addr::new(198, 18, 100, 2)), 40_009, tcp_flags::SYN);
+    let (program, maps) = datapath.bench_program_and_maps(BENCH_NEW_FLOW)?;
+    let conntrack = &maps.conntrack;
+    let (stop, inserted) = (AtomicBool::new(false), AtomicU64::new(0));
+    let result = std::thread::scope(|scope| -> anyhow::Result<serde_json::Value> {
+        let flood = scope.spawn(|| -> anyhow::Result<()> {
+            pin.elsewhere();
+            let mut out = vec![0u8; flood_frame.len() + 256];
+            while !stop.load(Ordering::Relaxed) {
+                program.test_run(TestRunOptions {
+                    data_in: Some(&flood_frame),
+                    data_out: Some(&mut out),
+                    repeat: 100_000,
+                    ..TestRunOptions::default()
+                })?;
+                inserted.fetch_add(100_000, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        // Until the table is full and evicting (twice its size inserted), at most 60 s.
+        let started = Instant::now();
+        while inserted.load(Ordering::Relaxed) < 2 * capacity as u64
+            && started.elapsed() < std::time::Duration::from_mins(1)
+            && !flood.is_finished()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let before = inserted.load(Ordering::Relaxed);
+        let walk_started = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        let mut read = 0usize;
+        conntrack.walk(|key, _| {
+            read += 1;
+            seen.insert(*key);
+        })?;
+        let batched_ms = walk_started.elapsed().as_secs_f64() * 1e3;
+        let batched_distinct = seen.len();
+        drop(seen);
+        let during_batched = inserted.load(Ordering::Relaxed) - before;
+        let before = inserted.load(Ordering::Relaxed);
+        let walk_started = Instant::now();
+        let deadline = walk_started + std::time::Duration::from_secs(30);
+        let (steps, distinct, finished) = conntrack.walk_key_by_key_bounded(3 * capacity, deadline);
+        let by_key_ms = walk_started.elapsed().as_secs_f64() * 1e3;
+        let during_by_key = inserted.load(Ordering::Relaxed) - before;
+        stop.store(true, Ordering::Relaxed);
+        flood.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+        println!(
+            "CONNTRACK walk of a full table under a flood of new flows: by batches {read} entries read ({batched_distinct} distinct) in {batched_ms:.0} ms ({during_batched} flows inserted meanwhile); key by key {steps} read ({distinct} distinct) in {by_key_ms:.0} ms ({during_by_key} inserted), {}: {:.2}x the time",
+            if finished { "reached the end" } else { "cut off before the end" },
+            by_key_ms / batched_ms.max(f64::MIN_POSITIVE)
+        );
+        Ok(serde_json::json!({
+            "batched": { "read": read, "distinct": batched_distinct, "ms": batched_ms, "inserted_meanwhile": during_batched },
+            "key_by_key": { "read": steps, "distinct": distinct, "ms": by_key_ms, "finished": finished, "inserted_meanwhile": during_by_key },
+        }))
+    });
+    datapath.maps_mut().conntrack.clear()?;
+    result
 }
 
 /// Readies `datapath` for scenario `s` (the reused tuple to age, the flow to open) and

@@ -291,10 +291,19 @@ impl Balancer {
     }
 
     /// Whether the adopted maps marked the backend at `addr` and `port` as failing its
-    /// health checks when the previous daemon stopped.
+    /// health checks when the previous daemon stopped, in any pool: before the pools have
+    /// taken their ids back (see [`Self::id_was_down`] after).
     #[must_use]
     pub fn was_down(&self, addr: IpAddr, port: Option<u16>) -> bool {
         self.adopted_down.contains(&(addr, port))
+    }
+
+    /// Whether the backend `identity`, its id taken back from the adopted maps, was marked
+    /// failing its checks there: a backend in two pools has an id in each, and only the
+    /// pool whose checks failed had it down.
+    #[must_use]
+    pub fn id_was_down(&self, identity: &BackendIdentity) -> bool {
+        self.backend_id(identity).is_some_and(|id| self.flagged_down.contains(&id))
     }
 
     /// Marks exactly the backends in `down` (by identity) `BACKEND_DOWN` in `BACKENDS`,

@@ -169,17 +169,31 @@ impl Daemon {
                     && config.pool(&b.pool).is_some_and(|p| p.health_check.is_some())
             })
             .collect();
+        let mut lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
+        let (mut effective, mut panicking) = lifecycle.effective(&config, Instant::now());
+        let mut summary = balancer
+            .apply(&effective, datapath.maps_mut(), &mut resolver)
+            .context("failed to install the services")?;
+        // By the ids the pools took back, the down ones exactly: a backend down in one pool
+        // (its checks there failed) is not down in another (whose checks passed). Installed
+        // again if that leaves some out of the set taken by address.
+        let down_at_start: HashSet<BackendIdentity> =
+            down_at_start.into_iter().filter(|b| balancer.id_was_down(b)).collect();
+        if down_at_start.len() != lifecycle.unhealthy().count() {
+            lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
+            (effective, panicking) = lifecycle.effective(&config, Instant::now());
+            let again = balancer
+                .apply(&effective, datapath.maps_mut(), &mut resolver)
+                .context("failed to install the services")?;
+            summary.removed_service_ids.extend(again.removed_service_ids);
+            summary.addresses_gone |= again.addresses_gone;
+        }
         if !down_at_start.is_empty() {
             info!(
                 backends = down_at_start.len(),
                 "backends failing their checks before the restart stay out until they pass"
             );
         }
-        let mut lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
-        let (effective, panicking) = lifecycle.effective(&config, Instant::now());
-        let summary = balancer
-            .apply(&effective, datapath.maps_mut(), &mut resolver)
-            .context("failed to install the services")?;
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed or changed while lbd was down: their flows stop now, as on a
         // reload (a failure leaves them to idle out: no reason to refuse to start).

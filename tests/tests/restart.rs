@@ -433,6 +433,63 @@ fn a_backend_down_before_a_restart_stays_out_after_it() {
     drop(bpffs);
 }
 
+#[test]
+fn a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone() {
+    // Backend 1 is in two pools: `web4` checks HTTP (which it serves) and `alt` checks the
+    // iperf3 port (where it runs no server). Down in `alt` alone before the restart, it
+    // starts down in `alt` alone after it: `web4` sends it flows from the first moment.
+    if !require_privileges("a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone") {
+        return;
+    }
+    let lab = Lab::create(3).unwrap();
+    for i in [0, 2] {
+        let b = &lab.backends[i];
+        b.ns.spawn(&["iperf3", "-s", "-p", &lab::IPERF_PORT.to_string()], ChildOutput::Discard)
+            .unwrap();
+        b.ns.wait_listening(lab::IPERF_PORT, "iperf3").unwrap();
+    }
+    let bpffs = Bpffs::mount(&lab.id);
+    let pin_dir = bpffs.dir.join("lb");
+    let config = std::env::temp_dir().join(format!("{}-pools.toml", lab.id));
+    let extras = lab::PoolExtras { keys: "", tables: SLOW_CHECK };
+    let members: Vec<String> = (0..3)
+        .map(|i| format!("[[pool.backend]]\naddress = \"{}\"\n", lab::backend_v4(i)))
+        .collect();
+    let alt = format!(
+        "[[pool]]\nname = \"alt\"\n{}[pool.health_check]\nkind = \"tcp\"\nport = {}\ninterval_ms = 1000\nfast_interval_ms = 300\ntimeout_ms = 250\nrise = 2\nfall = 3\n[[service]]\nname = \"alt\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = {}\npool = \"alt\"\nmode = \"nat\"\nnat_source = \"{}\"\nnat_ports = \"31000-31999\"\n",
+        members.concat(),
+        lab::IPERF_PORT,
+        lab::VIP_V4,
+        lab::IPERF_PORT + 1,
+        lab::LB_BACK_V4,
+    );
+    std::fs::write(&config, lab::lab_config_pools(3, &[], "", "", &extras) + &alt).unwrap();
+    let victim = lab::backend_v4(1);
+    let healthy = |pool: &str, value: u8| {
+        format!("lb_backend_healthy{{pool=\"{pool}\",backend=\"{victim}\"}} {value}")
+    };
+    let mut first = start_lbd(&lab, &config, &pin_dir);
+    let settled = wait_for(Duration::from_secs(20), || {
+        metrics(&lab).filter(|m| m.contains(&healthy("web4", 1)) && m.contains(&healthy("alt", 0)))
+    });
+    assert!(settled.is_some(), "checks never settled: {}", kill(&mut first, "-TERM"));
+    kill(&mut first, "-KILL");
+
+    let mut second = start_lbd(&lab, &config, &pin_dir);
+    let scrape = wait_for(Duration::from_secs(20), || metrics(&lab));
+    let Some(scrape) = scrape else {
+        panic!("the second lbd did not answer: {}", kill(&mut second, "-TERM"));
+    };
+    let log = kill(&mut second, "-TERM");
+    assert!(scrape.contains(&healthy("alt", 0)), "down in alt from the start: {scrape}\n{log}");
+    assert!(scrape.contains(&healthy("web4", 1)), "up in web4 from the start: {scrape}\n{log}");
+    let weight = format!("lb_backend_effective_weight{{pool=\"web4\",backend=\"{victim}\"}} 100");
+    assert!(scrape.contains(&weight), "its full weight in web4: {scrape}");
+    let _ = std::fs::remove_file(&config);
+    drop(lab);
+    drop(bpffs);
+}
+
 /// The load balancer namespace's `net.ipv4.ip_local_reserved_ports`.
 fn reserved_ports(lab: &Lab) -> String {
     lab.lb.exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]).unwrap().trim().to_owned()

@@ -32,14 +32,6 @@ impl Prefix {
         };
         Ok(match addr {
             IpAddr::V4(a) => Self::V4 { addr: a.to_bits() & mask32(len), len },
-            // An IPv4 prefix written as IPv6 (`::ffff:203.0.113.0/120`, as some block lists
-            // do) is the IPv4 prefix: IPv4 packets are matched in the IPv4 trie, and as an
-            // IPv6 prefix it would match nothing.
-            IpAddr::V6(a) if len >= 96 && a.to_ipv4_mapped().is_some() => {
-                let v4 = a.to_ipv4_mapped().map_or(0, std::net::Ipv4Addr::to_bits);
-                let len = len - 96;
-                Self::V4 { addr: v4 & mask32(len), len }
-            }
             IpAddr::V6(a) => Self::V6 { addr: a.to_bits() & mask128(len), len },
         })
     }
@@ -178,12 +170,11 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv4_prefix_written_as_ipv6_is_the_ipv4_prefix() {
-        assert_eq!(p("::ffff:198.18.0.0/111"), p("198.18.0.0/15"));
-        assert_eq!(p("::ffff:198.18.7.9"), p("198.18.7.9/32"));
-        assert_eq!(p("::ffff:0:0/96"), p("0.0.0.0/0"));
-        // Shorter than the mapped range: an IPv6 prefix as written.
-        assert!(matches!(p("::ffff:0:0/95"), Prefix::V6 { len: 95, .. }));
+    fn an_ipv4_mapped_prefix_stays_an_ipv6_prefix() {
+        // As bogon lists mean `::ffff:0:0/96`: IPv6 packets with such addresses, not every
+        // IPv4 packet.
+        assert!(matches!(p("::ffff:0:0/96"), Prefix::V6 { len: 96, .. }));
+        assert!(matches!(p("::ffff:198.18.0.0/111"), Prefix::V6 { len: 111, .. }));
     }
 
     #[test]

@@ -39,12 +39,15 @@ pub fn filter(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<(), R
     }
 }
 
-/// IPv6's link control, which the firewall leaves alone as it does ARP (IPv4's): neighbour
-/// discovery (router and neighbour solicitations and advertisements, redirects) with hop
-/// limit 255 and multicast listener discovery (queries, reports) with hop limit 1. Both
-/// hop limits prove the sender is on the link (RFC 4861, RFC 3810): a `default = "deny"`
-/// that dropped them would cut the host off IPv6 (its router, its backends' addresses)
-/// within minutes, and a rate limit over ICMPv6 would put every neighbour in one bucket.
+/// IPv6's link control, which neither a `default = "deny"` nor a rate limit drops (ARP,
+/// IPv4's, is not IP and never meets the firewall): neighbour discovery (router and
+/// neighbour solicitations and advertisements, redirects) with hop limit 255, and multicast
+/// listener discovery (queries, reports) with hop limit 1 from a link-local source (or the
+/// unspecified one, a report's before its address is configured). Routers forward neither
+/// hop limit 255 nor link-local sources: only a sender on the link produces them (RFC
+/// 4861, RFC 3810). Dropped, the host loses its router and its neighbours within minutes,
+/// and a rate limit over ICMPv6 would put every neighbour in one bucket. A `deny` rule that
+/// matches one (a router-advertisement guard) still drops it.
 #[inline(always)]
 fn is_link_control(ctx: &XdpContext, packet: &Packet) -> bool {
     const ND: core::ops::RangeInclusive<u8> = 133..=137;
@@ -53,16 +56,23 @@ fn is_link_control(ctx: &XdpContext, packet: &Packet) -> bool {
         return false;
     }
     let kind = packet.icmp_type;
-    let want = if ND.contains(&kind) {
-        255
-    } else if MLD.contains(&kind) {
-        1
-    } else {
+    let nd = ND.contains(&kind);
+    if !nd && !MLD.contains(&kind) {
+        return false;
+    }
+    let Ok(ip) = crate::parse::ptr_at::<crate::parse::Ipv6Hdr>(ctx, packet.l3_off) else {
         return false;
     };
-    crate::parse::ptr_at::<crate::parse::Ipv6Hdr>(ctx, packet.l3_off)
-        // SAFETY: checked by ptr_at.
-        .is_ok_and(|ip| unsafe { (*ip).hop_limit } == want)
+    // SAFETY: checked by ptr_at.
+    let hop_limit = unsafe { (*ip).hop_limit };
+    if nd {
+        return hop_limit == 255;
+    }
+    // The source, network order in the packet's first word: fe80::/10, or all zero.
+    let first = u32::from_be(packet.src[0]);
+    let link_local = first & 0xffc0_0000 == 0xfe80_0000;
+    let unspecified = packet.src == [0; 4];
+    hop_limit == 1 && (link_local || unspecified)
 }
 
 /// Out of line: inlined, its locals would grow the entry function's frame, which every call
@@ -86,9 +96,6 @@ fn try_filter(
     let Some(active) = FW_ACTIVE.get(0) else { return Ok(()) };
     let active = *active;
     if active & ACTIVE_ENABLED == 0 {
-        return Ok(());
-    }
-    if is_link_control(ctx, packet) {
         return Ok(());
     }
     let generation = active & ACTIVE_GENERATION;
@@ -120,7 +127,7 @@ fn try_filter(
     }
     if candidates == 0 {
         count(generation, DEFAULT_SLOT, bytes);
-        return if meta.flags & META_DEFAULT_DENY != 0 {
+        return if meta.flags & META_DEFAULT_DENY != 0 && !is_link_control(ctx, packet) {
             refuse(generation, meta.flags, Reason::FirewallDefaultDeny, bytes)
         } else {
             Ok(())
@@ -131,7 +138,9 @@ fn try_filter(
     let Some(rule) = rule_at(generation, index) else { return Ok(()) };
     let result = match rule.action {
         ACTION_DENY => refuse(generation, meta.flags, Reason::FirewallDeny, bytes),
-        ACTION_RATE_LIMIT if admit(packet, index, rule, now) == 0 => {
+        ACTION_RATE_LIMIT
+            if !is_link_control(ctx, packet) && admit(packet, index, rule, now) == 0 =>
+        {
             refuse(generation, meta.flags, Reason::RateLimited, bytes)
         }
         _ => Ok(()),

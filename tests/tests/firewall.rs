@@ -279,11 +279,13 @@ source = ["198.18.9.0/24"]
 }
 
 #[test]
-fn ipv6_link_control_passes_a_default_deny_as_arp_does() {
-    // Neighbour discovery (hop limit 255) and multicast listener discovery (hop limit 1)
-    // keep IPv6 working on the link: a default deny must not drop them, and a rule must not
-    // count them. The same types with any other hop limit, and other ICMPv6, meet the rules.
-    let toml = "[firewall]\ndefault = \"deny\"\n[[firewall.rule]]\nname = \"web\"\naction = \"allow\"\nprotocol = \"tcp\"\nports = [80]\n";
+fn ipv6_link_control_passes_a_default_deny_and_rate_limits_but_not_a_rule_against_it() {
+    // Neighbour discovery (hop limit 255) and multicast listener discovery (hop limit 1, a
+    // link-local source) keep IPv6 working on the link: neither a default deny nor a rate
+    // limit drops them. The same types with any other hop limit, an MLD message from a
+    // global source (a router forwards hop limit 2 to 1), and other ICMPv6 meet the rules;
+    // and a rule that denies a type by name (a router-advertisement guard) still drops it.
+    let toml = "[firewall]\ndefault = \"deny\"\n[[firewall.rule]]\nname = \"ra-guard\"\naction = \"deny\"\nprotocol = \"icmp\"\nicmp_types = [134]\n[[firewall.rule]]\nname = \"web\"\naction = \"allow\"\nprotocol = \"tcp\"\nports = [80]\n";
     let Some(mut fw) = Fw::new("ipv6_link_control", toml) else { return };
     let icmp6 = |src: &str, dst: &str, kind: u8, hops: u8| {
         Packet::ipv6(src.parse().unwrap(), dst.parse().unwrap())
@@ -296,18 +298,44 @@ fn ipv6_link_control_passes_a_default_deny_as_arp_does() {
     fw.bed
         .check_all(&[
             allow("router solicitation", icmp6("fe80::1", "ff02::2", 133, 255)),
-            allow("router advertisement", icmp6("fe80::2", "ff02::1", 134, 255)),
+            deny(
+                "a router advertisement, by rule",
+                icmp6("fe80::2", "ff02::1", 134, 255),
+                Reason::FirewallDeny,
+            ),
             allow("neighbour solicitation", icmp6("fe80::1", "ff02::1:ff00:2", 135, 255)),
             allow("neighbour advertisement", icmp6("fd00::2", "fd00::1", 136, 255)),
             allow("redirect", icmp6("fe80::2", "fd00::1", 137, 255)),
             allow("MLDv2 report", icmp6("fe80::1", "ff02::16", 143, 1)),
+            allow("MLDv2 report before an address", icmp6("::", "ff02::16", 143, 1)),
             allow("MLD query", icmp6("fe80::2", "ff02::1", 130, 1)),
             deny("a forwarded solicitation", icmp6("fd00:9::1", "fd00::1", 135, 64), denied),
             deny("a forwarded report", icmp6("fd00:9::1", "ff02::16", 143, 2), denied),
+            deny(
+                "a report from afar at hop limit 1",
+                icmp6("fd00:9::1", "fd00::1", 143, 1),
+                denied,
+            ),
             deny("an echo request", icmp6("fe80::1", "fd00::1", 128, 255), denied),
         ])
         .unwrap();
-    assert_eq!(fw.hits(DEFAULT_SLOT), 3, "only the three denied met the rules");
+    assert_eq!(fw.hits(0), 1, "the guard's one");
+    // Counted where they fall, passed or not: the rules and the default see them.
+    assert_eq!(fw.hits(DEFAULT_SLOT), 11, "every other");
+    // A rate limit over all ICMPv6 (one packet, then nothing): neighbour solicitations go
+    // through it all the same, echo requests do not.
+    let limited = "[firewall]\n[[firewall.rule]]\nname = \"icmp\"\naction = \"rate_limit\"\nprotocol = \"icmp\"\nrate = 1\nburst = 1\n";
+    fw.install(limited);
+    let mut cases = Vec::new();
+    for i in 0..5 {
+        cases.push(allow(
+            &format!("solicitation {i}"),
+            icmp6("fe80::1", "ff02::1:ff00:2", 135, 255),
+        ));
+    }
+    cases.push(allow("the first echo request", icmp6("fd00::9", "fd00::1", 128, 64)));
+    cases.push(deny("the second", icmp6("fd00::9", "fd00::1", 128, 64), Reason::RateLimited));
+    fw.bed.check_all(&cases).unwrap();
 }
 
 /// A packet whose transport header cannot be read is refused while the firewall is on: no

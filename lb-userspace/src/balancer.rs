@@ -106,6 +106,9 @@ pub struct Balancer {
     adopted_down: HashSet<(IpAddr, Option<u16>)>,
     /// Backend ids whose `BACKENDS` entry carries `BACKEND_DOWN`.
     flagged_down: HashSet<u32>,
+    /// Backends that took their id back by their pool's adopted Maglev tables: known to be
+    /// their own, not merely the lowest left for their address (see [`Self::id_was_down`]).
+    claimed_by_table: HashSet<BackendIdentity>,
     /// Service ids found in adopted maps, by their `SERVICES` key, not yet claimed.
     adoptable_services: HashMap<ServiceKey, u32>,
     /// Adopted `auto` services whose cookies were on (a flood when the last daemon
@@ -298,12 +301,19 @@ impl Balancer {
         self.adopted_down.contains(&(addr, port))
     }
 
-    /// Whether the backend `identity`, its id taken back from the adopted maps, was marked
-    /// failing its checks there: a backend in two pools has an id in each, and only the
-    /// pool whose checks failed had it down.
+    /// Whether the backend `identity`, its id taken back from the adopted maps, counts as
+    /// failing its checks when the previous daemon stopped: a backend in two pools has an id
+    /// in each, and only the pool whose checks failed had it down. Its own id unflagged
+    /// clears it only if the pool took that id back by its adopted tables; an id taken as
+    /// the lowest left for the address may be another pool's (a down backend has no slots
+    /// in its pool's tables), and then it stays down, the safe side.
     #[must_use]
     pub fn id_was_down(&self, identity: &BackendIdentity) -> bool {
-        self.backend_id(identity).is_some_and(|id| self.flagged_down.contains(&id))
+        match self.backend_id(identity) {
+            Some(id) if self.flagged_down.contains(&id) => true,
+            Some(_) if self.claimed_by_table.contains(identity) => false,
+            _ => self.was_down(identity.addr, identity.port),
+        }
     }
 
     /// Marks exactly the backends in `down` (by identity) `BACKEND_DOWN` in `BACKENDS`,
@@ -759,6 +769,7 @@ impl Balancer {
             let own = |id: u32| adopted_pool.get(&id) == Some(&identity.pool);
             if let Some(id) = self.claim_adopted(identity, own) {
                 claimed.insert(identity.clone(), id);
+                self.claimed_by_table.insert(identity.clone());
             }
         }
         claimed

@@ -400,7 +400,7 @@ async fn post_with_retries(url: &str, secret: Option<&str>, body: &[u8], event: 
 
 /// A webhook URL as logged: scheme, host and port only. Tokens ride in paths and queries
 /// (chat webhooks) and credentials in the authority: none of them belong in a log.
-fn redacted(url: &str) -> String {
+pub(crate) fn redacted(url: &str) -> String {
     match axum::http::Uri::try_from(url) {
         Ok(uri) => {
             let scheme = uri.scheme_str().unwrap_or("?");
@@ -527,17 +527,17 @@ async fn run_command_within(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn webhook_urls_are_logged_without_path_query_or_credentials() {
         assert_eq!(
-            super::redacted("https://user:pw@hooks.example.com:8443/services/T0/B1/secret?x=1"),
+            redacted("https://user:pw@hooks.example.com:8443/services/T0/B1/secret?x=1"),
             "https://hooks.example.com:8443/…"
         );
-        assert_eq!(super::redacted("http://198.18.0.9/scale"), "http://198.18.0.9/…");
-        assert_eq!(super::redacted("not a url"), "(unparsable URL)");
+        assert_eq!(redacted("http://198.18.0.9/scale"), "http://198.18.0.9/…");
+        assert_eq!(redacted("not a url"), "(unparsable URL)");
     }
-    use super::*;
 
     fn policy(
         above: Option<f64>,

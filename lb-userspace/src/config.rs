@@ -1376,7 +1376,11 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
         {
             p.add(
                 at.clone(),
-                &format!("pool {name:?}: autoscale webhook {url:?} is not an http(s) URL"),
+                // Not the URL itself: webhooks carry tokens in their paths.
+                &format!(
+                    "pool {name:?}: an autoscale webhook is not an http(s) URL ({})",
+                    crate::autoscale::redacted(url)
+                ),
             );
         }
     }

@@ -210,15 +210,20 @@ pub struct CpuPin {
 }
 
 impl CpuPin {
-    /// Moves the calling thread (another than the pinned one: threads inherit the pin) to
-    /// the CPUs the pinned thread had but its own, so the two run side by side. Keeps the
+    /// Pins the calling thread (another than the pinned one: threads inherit the pin) to
+    /// one other CPU the pinned thread had, so the two run side by side, each on its own
+    /// (per-CPU state, such as the bench wrappers' counters, stays one CPU's). Keeps the
     /// pin if there is no other CPU.
     pub fn elsewhere(&self) {
-        let mut set = self.previous;
-        // SAFETY: a CPU set of the size passed, and the calling thread's affinity.
-        unsafe {
-            libc::CPU_CLR(self.cpu, &mut set);
-            if libc::CPU_COUNT(&set) > 0 {
+        let other = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: reads of a CPU set within its size.
+            .find(|cpu| *cpu != self.cpu && unsafe { libc::CPU_ISSET(*cpu, &self.previous) });
+        if let Some(cpu) = other {
+            // SAFETY: a zeroed, then filled, CPU set of the size passed, and the calling
+            // thread's affinity.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
                 libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
             }
         }

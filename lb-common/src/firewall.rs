@@ -311,6 +311,28 @@ pub const fn class_of(proto: u8) -> u32 {
     }
 }
 
+/// Whether an ICMPv6 message of type `kind`, arriving with `hop_limit` from `src` (network
+/// order words), is IPv6's link control, which neither a `default = "deny"` nor a rate
+/// limit drops (ARP, IPv4's, is not IP and never meets the firewall): neighbour discovery
+/// (router and neighbour solicitations and advertisements, redirects) with hop limit 255,
+/// and multicast listener discovery (queries, reports) with hop limit 1 from a link-local
+/// source (or the unspecified one, a report's before its address is configured). Routers
+/// forward neither hop limit 255 nor link-local sources: only a sender on the link produces
+/// them (RFC 4861, RFC 3810). A `deny` rule that matches one still drops it.
+#[inline(always)]
+#[must_use]
+pub fn is_link_control(kind: u8, hop_limit: u8, src: &[u32; 4]) -> bool {
+    match kind {
+        133..=137 => hop_limit == 255,
+        130..=132 | 143 => {
+            let link_local = u32::from_be(src[0]) & 0xffc0_0000 == 0xfe80_0000;
+            let unspecified = src[0] | src[1] | src[2] | src[3] == 0;
+            hop_limit == 1 && (link_local || unspecified)
+        }
+        _ => false,
+    }
+}
+
 /// Index in `FW_PORTS` of a generation, class and port (host order).
 #[inline(always)]
 #[must_use]
@@ -364,6 +386,32 @@ pub const fn lowest_bit(bits: RuleBits) -> u32 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn link_control_is_nd_at_hop_limit_255_and_link_local_mld_at_1() {
+        let addr = |text: &str| {
+            let bits = text.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            let word =
+                |i: usize| u32::from_ne_bytes([bits[i], bits[i + 1], bits[i + 2], bits[i + 3]]);
+            [word(0), word(4), word(8), word(12)]
+        };
+        let (link, global, site, none) =
+            (addr("fe80::1"), addr("fd00::1"), addr("fec0::1"), addr("::"));
+        for kind in 133..=137 {
+            assert!(super::is_link_control(kind, 255, &global), "ND {kind}");
+            assert!(!super::is_link_control(kind, 254, &link), "ND {kind} forwarded");
+        }
+        for kind in [130, 131, 132, 143] {
+            assert!(super::is_link_control(kind, 1, &link), "MLD {kind}");
+            assert!(super::is_link_control(kind, 1, &none), "MLD {kind} before an address");
+            assert!(!super::is_link_control(kind, 1, &global), "MLD {kind} from afar");
+            assert!(!super::is_link_control(kind, 1, &site), "MLD {kind} from fec0::");
+            assert!(!super::is_link_control(kind, 2, &link), "MLD {kind} at hop limit 2");
+        }
+        for kind in [128, 129, 1, 2, 3, 4, 138] {
+            assert!(!super::is_link_control(kind, 255, &link), "type {kind}");
+        }
+    }
     use super::*;
 
     fn rule(rate: u64, burst: u64, hz: u64) -> FwRule {

@@ -39,25 +39,10 @@ pub fn filter(ctx: &XdpContext, scratch: &mut Scratch, now: u64) -> Result<(), R
     }
 }
 
-/// IPv6's link control, which neither a `default = "deny"` nor a rate limit drops (ARP,
-/// IPv4's, is not IP and never meets the firewall): neighbour discovery (router and
-/// neighbour solicitations and advertisements, redirects) with hop limit 255, and multicast
-/// listener discovery (queries, reports) with hop limit 1 from a link-local source (or the
-/// unspecified one, a report's before its address is configured). Routers forward neither
-/// hop limit 255 nor link-local sources: only a sender on the link produces them (RFC
-/// 4861, RFC 3810). Dropped, the host loses its router and its neighbours within minutes,
-/// and a rate limit over ICMPv6 would put every neighbour in one bucket. A `deny` rule that
-/// matches one (a router-advertisement guard) still drops it.
+/// Whether `packet` is IPv6's link control (see `lb_common::firewall::is_link_control`).
 #[inline(always)]
 fn is_link_control(ctx: &XdpContext, packet: &Packet) -> bool {
-    const ND: core::ops::RangeInclusive<u8> = 133..=137;
-    const MLD: [u8; 4] = [130, 131, 132, 143];
     if packet.family != Family::V6 || packet.proto != IPPROTO_ICMPV6 || !packet.has_l4 {
-        return false;
-    }
-    let kind = packet.icmp_type;
-    let nd = ND.contains(&kind);
-    if !nd && !MLD.contains(&kind) {
         return false;
     }
     let Ok(ip) = crate::parse::ptr_at::<crate::parse::Ipv6Hdr>(ctx, packet.l3_off) else {
@@ -65,14 +50,7 @@ fn is_link_control(ctx: &XdpContext, packet: &Packet) -> bool {
     };
     // SAFETY: checked by ptr_at.
     let hop_limit = unsafe { (*ip).hop_limit };
-    if nd {
-        return hop_limit == 255;
-    }
-    // The source, network order in the packet's first word: fe80::/10, or all zero.
-    let first = u32::from_be(packet.src[0]);
-    let link_local = first & 0xffc0_0000 == 0xfe80_0000;
-    let unspecified = packet.src == [0; 4];
-    hop_limit == 1 && (link_local || unspecified)
+    lb_common::firewall::is_link_control(packet.icmp_type, hop_limit, &packet.src)
 }
 
 /// Out of line: inlined, its locals would grow the entry function's frame, which every call
@@ -126,12 +104,17 @@ fn try_filter(
         candidates = first_with_flags(packet, generation, candidates);
     }
     if candidates == 0 {
+        if meta.flags & META_DEFAULT_DENY == 0 {
+            count(generation, DEFAULT_SLOT, bytes);
+            return Ok(());
+        }
+        // Link control passes a deny default uncounted, as ARP does: the default's counter
+        // says how often the policy applied.
+        if is_link_control(ctx, packet) {
+            return Ok(());
+        }
         count(generation, DEFAULT_SLOT, bytes);
-        return if meta.flags & META_DEFAULT_DENY != 0 && !is_link_control(ctx, packet) {
-            refuse(generation, meta.flags, Reason::FirewallDefaultDeny, bytes)
-        } else {
-            Ok(())
-        };
+        return refuse(generation, meta.flags, Reason::FirewallDefaultDeny, bytes);
     }
     let index = lowest_bit(candidates);
     count(generation, index, bytes);

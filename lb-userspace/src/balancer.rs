@@ -293,6 +293,12 @@ impl Balancer {
         Ok(())
     }
 
+    /// Forgets which backends took their ids back by their pools' adopted tables, once the
+    /// start has judged them (see [`Self::id_was_down`]): later applies adopt nothing.
+    pub fn forget_start_claims(&mut self) {
+        self.claimed_by_table.clear();
+    }
+
     /// Whether the adopted maps marked the backend at `addr` and `port` as failing its
     /// health checks when the previous daemon stopped, in any pool: before the pools have
     /// taken their ids back (see [`Self::id_was_down`] after).
@@ -307,6 +313,7 @@ impl Balancer {
     /// clears it only if the pool took that id back by its adopted tables; an id taken as
     /// the lowest left for the address may be another pool's (a down backend has no slots
     /// in its pool's tables), and then it stays down, the safe side.
+    /// For the start only: [`Self::forget_start_claims`] ends it.
     #[must_use]
     pub fn id_was_down(&self, identity: &BackendIdentity) -> bool {
         match self.backend_id(identity) {

@@ -179,6 +179,7 @@ impl Daemon {
         // again if that leaves some out of the set taken by address.
         let down_at_start: HashSet<BackendIdentity> =
             down_at_start.into_iter().filter(|b| balancer.id_was_down(b)).collect();
+        balancer.forget_start_claims();
         if down_at_start.len() != lifecycle.unhealthy().count() {
             lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
             (effective, panicking) = lifecycle.effective(&config, Instant::now());

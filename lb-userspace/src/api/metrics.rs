@@ -54,8 +54,10 @@ struct BackendRow {
     /// `address[:port]`
     label: String,
     counters: TrafficCounter,
-    weight: u32,
-    effective_weight: u32,
+    /// Configured and installed weights; `None` for a removed backend still carrying flows
+    /// (no weight of its own: an alert on a pool's weights must not count it).
+    weight: Option<u32>,
+    effective_weight: Option<u32>,
     state: crate::config::BackendState,
     /// `None` when its pool has no health check, or the backend is disabled (not checked).
     healthy: Option<bool>,
@@ -111,8 +113,8 @@ impl Snapshot {
                         pool: identity.pool.clone(),
                         label,
                         counters: d.datapath.maps().traffic.backend(id)?,
-                        weight: *b.weight.get_ref(),
-                        effective_weight: d.lifecycle.applied_weight(&identity).unwrap_or(0),
+                        weight: Some(*b.weight.get_ref()),
+                        effective_weight: Some(d.lifecycle.applied_weight(&identity).unwrap_or(0)),
                         state: b.state,
                         healthy,
                         checks,
@@ -146,8 +148,8 @@ impl Snapshot {
                 pool: identity.pool.clone(),
                 label,
                 counters: d.datapath.maps().traffic.backend(id)?,
-                weight: 0,
-                effective_weight: 0,
+                weight: None,
+                effective_weight: None,
                 state: BackendState::Draining,
                 healthy: None,
                 checks: None,
@@ -299,7 +301,7 @@ impl Collector for Snapshot {
             &mut e,
             "lb_backend_weight",
             "Configured weight of the backend.",
-            &to_gauge(backend_rows(&|b| Some(u64::from(b.weight)))),
+            &to_gauge(backend_rows(&|b| b.weight.map(u64::from))),
         )?;
         self.encode_lifecycle(&mut e)?;
         self.encode_firewall(&mut e)?;
@@ -544,7 +546,7 @@ impl Snapshot {
             e,
             "lb_backend_effective_weight",
             "Weight installed in the Maglev tables: 0 when draining, disabled or down, lower during slow start.",
-            &to_gauge(backend_rows(&|b| Some(u64::from(b.effective_weight)))),
+            &to_gauge(backend_rows(&|b| b.effective_weight.map(u64::from))),
         )?;
         let states: Vec<(Labels, i64)> = self
             .backends

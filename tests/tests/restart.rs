@@ -490,6 +490,64 @@ fn a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone() {
     drop(bpffs);
 }
 
+#[test]
+fn a_backend_down_where_no_table_tells_its_pool_stays_down_after_a_restart() {
+    // Backend 1 is down in `web4` (its HTTP server stopped: weight 0, no slots in web4's
+    // tables) and up in `alt`, a pool added later (a higher id), at weight 0 (no slots in
+    // any table either). No table says which of its two pinned ids is which pool's: the
+    // restart hands out the lowest first, in pool-name order, so `alt` takes web4's
+    // flagged id and `web4` alt's unflagged one. `web4` must not take that as "up": the
+    // dead backend would get new flows from the first moment.
+    if !require_privileges(
+        "a_backend_down_where_no_table_tells_its_pool_stays_down_after_a_restart",
+    ) {
+        return;
+    }
+    let lab = Lab::create(3).unwrap();
+    lab.start_iperf_servers().unwrap();
+    let bpffs = Bpffs::mount(&lab.id);
+    let pin_dir = bpffs.dir.join("lb");
+    let config = std::env::temp_dir().join(format!("{}-evidence.toml", lab.id));
+    let extras = lab::PoolExtras { keys: "", tables: SLOW_CHECK };
+    let base = lab::lab_config_pools(3, &[], "", "", &extras);
+    let victim = lab::backend_v4(1);
+    let alt = format!(
+        "[[pool]]\nname = \"alt\"\n[[pool.backend]]\naddress = \"{victim}\"\nweight = 0\n[pool.health_check]\nkind = \"tcp\"\nport = {}\ninterval_ms = 1000\nfast_interval_ms = 300\ntimeout_ms = 250\nrise = 2\nfall = 3\n",
+        lab::IPERF_PORT,
+    );
+    let healthy = |pool: &str, value: u8| {
+        format!("lb_backend_healthy{{pool=\"{pool}\",backend=\"{victim}\"}} {value}")
+    };
+    std::fs::write(&config, &base).unwrap();
+    let mut first = start_lbd(&lab, &config, &pin_dir);
+    let up = wait_for(Duration::from_secs(20), || {
+        metrics(&lab).filter(|m| m.contains(&healthy("web4", 1)))
+    });
+    assert!(up.is_some(), "lbd did not come up: {}", kill(&mut first, "-TERM"));
+    // `alt` joins by a reload: its id for the backend comes after web4's.
+    std::fs::write(&config, format!("{base}{alt}")).unwrap();
+    let _ = std::process::Command::new("kill").args(["-HUP", &first.id().to_string()]).status();
+    lab.stop_server(1).unwrap();
+    let settled = wait_for(Duration::from_secs(20), || {
+        metrics(&lab).filter(|m| m.contains(&healthy("web4", 0)) && m.contains(&healthy("alt", 1)))
+    });
+    assert!(settled.is_some(), "checks never settled: {}", kill(&mut first, "-TERM"));
+    kill(&mut first, "-KILL");
+
+    let mut second = start_lbd(&lab, &config, &pin_dir);
+    let scrape = wait_for(Duration::from_secs(20), || metrics(&lab));
+    let Some(scrape) = scrape else {
+        panic!("the second lbd did not answer: {}", kill(&mut second, "-TERM"));
+    };
+    let log = kill(&mut second, "-TERM");
+    assert!(scrape.contains(&healthy("web4", 0)), "down in web4 from the start: {scrape}\n{log}");
+    let weight = format!("lb_backend_effective_weight{{pool=\"web4\",backend=\"{victim}\"}} 0");
+    assert!(scrape.contains(&weight), "no weight in web4 from the start: {scrape}");
+    let _ = std::fs::remove_file(&config);
+    drop(lab);
+    drop(bpffs);
+}
+
 /// The load balancer namespace's `net.ipv4.ip_local_reserved_ports`.
 fn reserved_ports(lab: &Lab) -> String {
     lab.lb.exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]).unwrap().trim().to_owned()

@@ -380,6 +380,13 @@ impl Lifecycle {
         due
     }
 
+    /// How long the retired backend id `id` (removed, still carrying flows) has been so,
+    /// as the drain deadline counts it (`None` before the first tick saw it).
+    #[must_use]
+    pub fn retired_age(&self, id: u32, now: Instant) -> Option<std::time::Duration> {
+        self.retired_since.get(&id).map(|t| now.saturating_duration_since(*t))
+    }
+
     /// The weight a backend got in the last install.
     #[must_use]
     pub fn applied_weight(&self, backend: &BackendIdentity) -> Option<u32> {

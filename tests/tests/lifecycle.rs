@@ -311,6 +311,10 @@ fn a_removed_backend_carrying_a_flow_stays_in_the_metrics_as_draining() {
         "the removed backend's flows: {:?}",
         series("lb_backend_active_flows", "")
     );
+    // `/v1/pools` (and `lbctl pools`) list it too, as removed.
+    let view = backend_view(&lab, "web4", addr);
+    assert_eq!((&view["removed"], &view["state"]), (&true.into(), &"draining".into()), "{view}");
+    assert!(view["active_flows"].as_u64().is_some_and(|n| n >= 2), "{view}");
     let before = series("lb_backend_packets_total", "").expect("its packet counter");
     std::thread::sleep(Duration::from_secs(1));
     let after = series("lb_backend_packets_total", "").expect("its packet counter");

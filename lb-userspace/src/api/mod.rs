@@ -278,6 +278,10 @@ pub struct BackendView {
     pub bytes: u64,
     pub new_flows: u64,
     pub active_flows: u64,
+    /// Removed from the pool, its flows going on (`draining`, weights 0) until they end or
+    /// the pool's drain deadline cuts them.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 async fn pools(_: NoQuery, State(state): State<AppState>) -> Result<Json<Vec<PoolView>>, ApiError> {
@@ -314,6 +318,41 @@ async fn pools(_: NoQuery, State(state): State<AppState>) -> Result<Json<Vec<Poo
                 bytes: counters.bytes,
                 new_flows: counters.new_flows,
                 active_flows: id.and_then(|id| d.live_by_backend.get(&id).copied()).unwrap_or(0),
+                removed: false,
+            });
+        }
+        // Backends removed from the pool whose flows go on (by the last sweep's count: one
+        // removed without flows is gone from the list at once).
+        let carrying = |id: u32| d.live_by_backend.get(&id).is_some_and(|n| *n > 0);
+        let removed =
+            d.balancer.retired().filter(|(id, i)| i.pool == *pool.name.get_ref() && carrying(*id));
+        for (id, identity) in removed {
+            if backends
+                .iter()
+                .any(|b: &BackendView| b.address == identity.addr && b.port == identity.port)
+            {
+                continue;
+            }
+            let counters = d
+                .datapath
+                .maps()
+                .traffic
+                .backend(id)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            backends.push(BackendView {
+                address: identity.addr,
+                port: identity.port,
+                weight: 0,
+                effective_weight: 0,
+                state: BackendState::Draining,
+                state_secs: d.lifecycle.retired_age(id, now).map_or(0, |age| age.as_secs()),
+                healthy: None,
+                last_check_error: None,
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                active_flows: d.live_by_backend.get(&id).copied().unwrap_or(0),
+                removed: true,
             });
         }
         out.push(PoolView {

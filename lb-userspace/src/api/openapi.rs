@@ -85,7 +85,8 @@ pub fn document_value() -> Value {
                     "state": { "type": "string", "enum": ["active", "draining", "disabled"] }, "state_secs": { "type": "integer" },
                     "healthy": { "type": "boolean", "nullable": true, "description": "null when the pool has no health check, or the backend is disabled (not checked)." },
                     "last_check_error": { "type": "string", "nullable": true },
-                    "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" } } },
+                    "packets": { "type": "integer" }, "bytes": { "type": "integer" }, "new_flows": { "type": "integer" }, "active_flows": { "type": "integer" },
+                    "removed": { "type": "boolean", "description": "Removed from the pool, its flows going on (draining, weights 0) until they end or the pool's drain deadline cuts them." } } },
                 "Pool": { "type": "object", "properties": { "name": { "type": "string" }, "panic": { "type": "boolean" }, "backends": { "type": "array", "items": { "$ref": "#/components/schemas/Backend" } } } },
                 "NewBackend": { "type": "object", "additionalProperties": false, "required": ["address"], "properties": {
                     "address": { "type": "string" }, "port": { "type": "integer", "minimum": 1, "maximum": 65535, "nullable": true }, "weight": { "type": "integer", "minimum": 0, "maximum": 65535, "nullable": true } } },

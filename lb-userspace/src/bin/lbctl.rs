@@ -291,12 +291,13 @@ fn run(cli: &Cli) -> Result<(), String> {
                         Some(true) => "up",
                         Some(false) => "DOWN",
                     };
+                    let state = if b.removed { "removed" } else { b.state.name() };
                     println!(
                         "{:<12} {:<28} {:<6} {:<9} {:<7} {:>11} {:>12} {:>14} {:>10} {:>8}",
                         pool,
                         b.address,
                         port,
-                        b.state.name(),
+                        state,
                         health,
                         format!("{}/{}", b.effective_weight, b.weight),
                         b.packets,

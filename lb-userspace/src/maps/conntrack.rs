@@ -127,15 +127,10 @@ impl ConntrackMap {
         Ok(keys.len())
     }
 
-    /// Entries in the table counted key by key (`BPF_MAP_GET_NEXT_KEY`), as walks were made
-    /// before [`walk`](Self::walk): the benchmark's baseline for it.
-    pub fn len_key_by_key(&self) -> usize {
-        self.map.keys().flatten().count()
-    }
-
-    /// The key-by-key walk of [`len_key_by_key`](Self::len_key_by_key), stopped after
-    /// `max_steps` keys or at `deadline` (under a flood it may not end): the keys it read,
-    /// how many distinct, and whether it reached the end.
+    /// The table walked key by key (`BPF_MAP_GET_NEXT_KEY`), as walks were made before
+    /// [`walk`](Self::walk): the benchmark's baseline for it. Stopped after `max_steps` keys
+    /// or at `deadline` (under a flood it may not end): the keys it read, how many distinct,
+    /// and whether it reached the end.
     pub fn walk_key_by_key_bounded(
         &self,
         max_steps: usize,
@@ -327,13 +322,7 @@ impl ConntrackMap {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut doomed = Vec::new();
-        self.walk(|key, flow| {
-            if ids.contains(&flow.service_id) && !clock.is_some_and(|c| c.spared_by_cuts(flow)) {
-                doomed.push(*key);
-            }
-        })?;
-        self.cut(doomed, clock, |_, flow| ids.contains(&flow.service_id))
+        self.cut_where(clock, |_, flow| ids.contains(&flow.service_id))
     }
 
     /// Removes the flows that can no longer go on because an address they use stopped
@@ -358,13 +347,23 @@ impl ConntrackMap {
                     .nat_source(key)
                     .is_some_and(|addr| !nat_sources.contains(&AddrKey { addr, family }))
         };
+        self.cut_where(clock, orphan)
+    }
+
+    /// Removes every entry that is `ours` but dead ones (left for the sweep, with a
+    /// `clock`): a walk, then [`cut`](Self::cut).
+    fn cut_where(
+        &mut self,
+        clock: Option<&FlowClock>,
+        ours: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> Result<u64, MapError> {
         let mut doomed = Vec::new();
         self.walk(|key, flow| {
-            if orphan(key, flow) && !clock.is_some_and(|c| c.spared_by_cuts(flow)) {
+            if ours(key, flow) && !clock.is_some_and(|c| c.spared_by_cuts(flow)) {
                 doomed.push(*key);
             }
         })?;
-        self.cut(doomed, clock, orphan)
+        self.cut(doomed, clock, ours)
     }
 
     /// Removes the entries under `keys` a cut found, each read again just before it goes

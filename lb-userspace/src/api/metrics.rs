@@ -97,10 +97,7 @@ impl Snapshot {
         for pool in &d.config.pools {
             for (identity, b) in crate::lifecycle::pool_backends(pool) {
                 if let Some(id) = d.balancer.backend_id(&identity) {
-                    let label = match b.port() {
-                        Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
-                        None => identity.addr.to_string(),
-                    };
+                    let label = crate::health::describe(&identity);
                     // Checked pools' backends: their counts; their health while they are
                     // checked (not disabled).
                     let checks = pool.health_check.as_ref().map(|_| {
@@ -137,10 +134,7 @@ impl Snapshot {
         // has (a live backend adopted at a restart under a second id, or two ids retired
         // under no pool) is left out rather than reported twice.
         for (id, identity) in d.balancer.retired() {
-            let label = match identity.port {
-                Some(port) => std::net::SocketAddr::new(identity.addr, port).to_string(),
-                None => identity.addr.to_string(),
-            };
+            let label = crate::health::describe(identity);
             if s.backends.iter().any(|b| b.pool == identity.pool && b.label == label) {
                 continue;
             }

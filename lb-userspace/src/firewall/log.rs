@@ -70,7 +70,7 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
         }
     };
     // Rule-set switches as of the last batch read (or of the start).
-    let mut seen_switches = Some(crate::daemon::lock(&daemon).firewall.switches());
+    let mut seen_switches = crate::daemon::lock(&daemon).firewall.switches();
     loop {
         let mut guard = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -100,7 +100,7 @@ pub async fn run(events: RingBuf<MapData>, daemon: SharedDaemon, shutdown: Cance
                 d.config.firewall.iter().flat_map(|f| &f.rules).map(|r| r.name.clone()).collect();
             (names, d.firewall.active_generation(), d.firewall.switches())
         };
-        let switched = seen_switches.replace(switches).is_some_and(|s| s != switches);
+        let switched = std::mem::replace(&mut seen_switches, switches) != switches;
         for event in batch {
             let rule = rule_label(&event, &names, generation, switched);
             let outcome = match event.outcome {

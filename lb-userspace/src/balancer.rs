@@ -106,6 +106,9 @@ pub struct Balancer {
     adopted_down: HashSet<(IpAddr, Option<u16>)>,
     /// Backend ids whose `BACKENDS` entry carries `BACKEND_DOWN`.
     flagged_down: HashSet<u32>,
+    /// Service addresses and NAT sources the adopted maps held, until the first apply has
+    /// compared them with its own (see [`ApplySummary::addresses_gone`]).
+    adopted_addresses: (BTreeSet<AddrKey>, BTreeSet<AddrKey>),
     /// Backends that took their id back by their pool's adopted Maglev tables: known to be
     /// their own, not merely the lowest left for their address (see [`Self::id_was_down`]).
     claimed_by_table: HashSet<BackendIdentity>,
@@ -195,9 +198,9 @@ pub struct ApplySummary {
     /// Ids of the services removed: their flows must be cut, since the data path forwards
     /// a live flow by its connection entry alone.
     pub removed_service_ids: Vec<u32>,
-    /// Whether a service address or a NAT source stopped being one (or the services were
-    /// adopted from a previous lbd, whose addresses may have differed): flows using it must
-    /// be cut (see `ConntrackMap::remove_orphans`).
+    /// Whether a service address or a NAT source stopped being one (at a start, of those
+    /// the adopted maps held): flows using it must be cut (see
+    /// `ConntrackMap::remove_orphans`).
     pub addresses_gone: bool,
 }
 
@@ -261,6 +264,11 @@ impl Balancer {
     /// backends by address and port, so the connection table's flows keep pointing at the
     /// same backends. Call before the first [`Balancer::apply`].
     pub fn adopt(&mut self, maps: &Maps) -> Result<(), MapError> {
+        let (vips, nat_sources) = maps.services.addresses()?;
+        self.adopted_addresses = (
+            vips.into_iter().map(|(a, _)| a).collect(),
+            nat_sources.into_iter().map(|(a, _)| a).collect(),
+        );
         for (key, service) in maps.services.entries()? {
             self.adoptable_services.insert(key, service.id);
             let auto_on = SERVICE_SYN_COOKIES_AUTO | SERVICE_SYN_COOKIES;
@@ -323,6 +331,31 @@ impl Balancer {
         }
     }
 
+    /// Gives `config`'s backends the ids the adopted maps hold for them, so their flows keep
+    /// going: each pool its own first (by its services' adopted tables), then the lowest
+    /// left for the address. Writes nothing; [`Self::apply`] does it first, and a start
+    /// calls it before, to judge the backends that were down by the ids they take back
+    /// (see [`Self::id_was_down`]) before anything is installed.
+    pub fn claim_adopted_ids(&mut self, config: &Config) {
+        if self.adoptable_backends.is_empty() {
+            return;
+        }
+        let wanted = wanted_backends(config);
+        let adopted_pool = self.adopted_pools(config);
+        let mut claimed = self.claim_pools_own_ids(&wanted, &adopted_pool);
+        for (identity, weight) in &wanted {
+            if self.backends.contains_key(identity) {
+                continue;
+            }
+            let adopted =
+                claimed.remove(identity).or_else(|| self.claim_adopted(identity, |_| true));
+            if let Some(id) = adopted {
+                self.backend_addrs.insert(id, identity.addr);
+                self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
+            }
+        }
+    }
+
     /// Marks exactly the backends in `down` (by identity) `BACKEND_DOWN` in `BACKENDS`,
     /// writing only the entries that change.
     pub fn mark_down(
@@ -367,30 +400,16 @@ impl Balancer {
         ))?;
 
         // 1. Backends: keep ids of those that stay, give new ones free ids, retire the rest.
-        let wanted: BTreeMap<BackendIdentity, u32> = config
-            .pools
-            .iter()
-            .flat_map(|pool| {
-                pool.backends
-                    .iter()
-                    .map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
-            })
-            .collect();
-        let adopted_pool = self.adopted_pools(config);
-        let mut claimed = self.claim_pools_own_ids(&wanted, &adopted_pool);
+        let wanted = wanted_backends(config);
+        self.claim_adopted_ids(config);
         for (identity, weight) in &wanted {
             if let Some(state) = self.backends.get_mut(identity) {
                 state.weight = *weight;
                 continue;
             }
-            // A backend the pinned maps already hold keeps its id, so its flows keep going;
-            // so does one removed and configured again while its flows drain (they go on
-            // as its flows, not cut at the drain deadline of a backend no longer there).
-            let adopted = claimed
-                .remove(identity)
-                .or_else(|| self.claim_adopted(identity, |_| true))
-                .or_else(|| self.take_back_retired(identity));
-            if let Some(id) = adopted {
+            // One removed and configured again while its flows drain keeps its id (they go
+            // on as its flows, not cut at the drain deadline of a backend no longer there).
+            if let Some(id) = self.take_back_retired(identity) {
                 self.backend_addrs.insert(id, identity.addr);
                 self.backends.insert(identity.clone(), BackendState { id, weight: *weight });
                 continue;
@@ -423,8 +442,13 @@ impl Balancer {
             }
         }
         let (vips_before, nat_sources_before) = (self.current_vips(), self.current_nat_sources());
-        summary.addresses_gone = vips_before.keys().any(|a| !vips.contains_key(a))
-            || nat_sources_before.keys().any(|a| !nat_sources.contains_key(a));
+        let (adopted_vips, adopted_nat_sources) = std::mem::take(&mut self.adopted_addresses);
+        summary.addresses_gone =
+            vips_before.keys().chain(&adopted_vips).any(|a| !vips.contains_key(a))
+                || nat_sources_before
+                    .keys()
+                    .chain(&adopted_nat_sources)
+                    .any(|a| !nat_sources.contains_key(a));
         maps.services.set_addresses(
             &union(&vips_before, &vips),
             &union(&nat_sources_before, &nat_sources),
@@ -476,11 +500,8 @@ impl Balancer {
             }
             match &previous {
                 None => {
-                    // A fresh id starts its counters at zero; an adopted one keeps counting,
-                    // and its flows that the pinned entry made but this one would not go.
-                    if adopted {
-                        summary.addresses_gone = true;
-                    } else {
+                    // A fresh id starts its counters at zero; an adopted one keeps counting.
+                    if !adopted {
                         maps.traffic.reset_service(id)?;
                     }
                     summary.services_added += 1;
@@ -517,6 +538,7 @@ impl Balancer {
         // Adopted backends the configuration no longer has: retired the same way, under the
         // pool whose (still configured) services' tables held them, so its drain deadline
         // applies (none known: never cut, the default).
+        let adopted_pool = self.adopted_pools(config);
         for ((addr, port), ids) in std::mem::take(&mut self.adoptable_backends) {
             for id in ids {
                 let pool = adopted_pool.get(&id).cloned().unwrap_or_default();
@@ -903,6 +925,17 @@ impl Balancer {
     pub fn service_pools(&self) -> impl Iterator<Item = (&str, &str)> {
         self.services.iter().map(|(name, s)| (name.as_str(), s.pool.as_str()))
     }
+}
+
+/// Every backend of `config`'s pools with its configured weight.
+fn wanted_backends(config: &Config) -> BTreeMap<BackendIdentity, u32> {
+    config
+        .pools
+        .iter()
+        .flat_map(|pool| {
+            pool.backends.iter().map(move |b| (BackendIdentity::of(pool, b), *b.weight.get_ref()))
+        })
+        .collect()
 }
 
 fn union(a: &BTreeMap<AddrKey, u32>, b: &BTreeMap<AddrKey, u32>) -> Vec<(AddrKey, u32)> {

@@ -161,34 +161,23 @@ impl Daemon {
             .install(&mut datapath.maps_mut().firewall, compiled.as_ref())
             .context("failed to install the firewall")?;
         // Backends that were failing their checks when the previous lbd stopped (marked in
-        // the adopted maps) stay out until their checks pass again.
+        // the adopted maps) stay out until their checks pass again: judged by the ids their
+        // pools take back, so that a backend down in one pool (its checks there failed) is
+        // not down in another (whose checks passed), before anything is installed.
+        balancer.claim_adopted_ids(&config);
         let down_at_start: HashSet<BackendIdentity> = crate::lifecycle::backends(&config)
             .map(|(identity, _)| identity)
             .filter(|b| {
-                balancer.was_down(b.addr, b.port)
+                balancer.id_was_down(b)
                     && config.pool(&b.pool).is_some_and(|p| p.health_check.is_some())
             })
             .collect();
+        balancer.forget_start_claims();
         let mut lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
-        let (mut effective, mut panicking) = lifecycle.effective(&config, Instant::now());
-        let mut summary = balancer
+        let (effective, panicking) = lifecycle.effective(&config, Instant::now());
+        let summary = balancer
             .apply(&effective, datapath.maps_mut(), &mut resolver)
             .context("failed to install the services")?;
-        // By the ids the pools took back, the down ones exactly: a backend down in one pool
-        // (its checks there failed) is not down in another (whose checks passed). Installed
-        // again if that leaves some out of the set taken by address.
-        let down_at_start: HashSet<BackendIdentity> =
-            down_at_start.into_iter().filter(|b| balancer.id_was_down(b)).collect();
-        balancer.forget_start_claims();
-        if down_at_start.len() != lifecycle.unhealthy().count() {
-            lifecycle = Lifecycle::starting(&config, Instant::now(), &down_at_start);
-            (effective, panicking) = lifecycle.effective(&config, Instant::now());
-            let again = balancer
-                .apply(&effective, datapath.maps_mut(), &mut resolver)
-                .context("failed to install the services")?;
-            summary.removed_service_ids.extend(again.removed_service_ids);
-            summary.addresses_gone |= again.addresses_gone;
-        }
         if !down_at_start.is_empty() {
             info!(
                 backends = down_at_start.len(),

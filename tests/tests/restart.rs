@@ -433,6 +433,29 @@ fn a_backend_down_before_a_restart_stays_out_after_it() {
     drop(bpffs);
 }
 
+/// A pool `alt` of `members` (TOML `[[pool.backend]]` tables) checked by TCP on the
+/// iperf3 port, quickly (as `SLOW_CHECK`).
+fn alt_pool(members: &str) -> String {
+    format!(
+        "[[pool]]\nname = \"alt\"\n{members}[pool.health_check]\nkind = \"tcp\"\nport = {}\ninterval_ms = 1000\nfast_interval_ms = 300\ntimeout_ms = 250\nrise = 2\nfall = 3\n",
+        lab::IPERF_PORT
+    )
+}
+
+/// The `lb_backend_healthy` line of backend `backend` in `pool` with `value`.
+fn healthy_line(pool: &str, backend: std::net::Ipv4Addr, value: u8) -> String {
+    format!("lb_backend_healthy{{pool=\"{pool}\",backend=\"{backend}\"}} {value}")
+}
+
+/// Starts lbd again on `pin_dir` and returns its first metrics and its log (it is stopped
+/// as soon as it has answered).
+fn first_scrape_of_a_restart(lab: &Lab, config: &Path, pin_dir: &Path) -> (String, String) {
+    let mut second = start_lbd(lab, config, pin_dir);
+    let scrape = wait_for(Duration::from_secs(20), || metrics(lab));
+    let log = kill(&mut second, "-TERM");
+    (scrape.unwrap_or_else(|| panic!("the second lbd did not answer: {log}")), log)
+}
+
 #[test]
 fn a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone() {
     // Backend 1 is in two pools: `web4` checks HTTP (which it serves) and `alt` checks the
@@ -456,18 +479,15 @@ fn a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone() {
         .map(|i| format!("[[pool.backend]]\naddress = \"{}\"\n", lab::backend_v4(i)))
         .collect();
     let alt = format!(
-        "[[pool]]\nname = \"alt\"\n{}[pool.health_check]\nkind = \"tcp\"\nport = {}\ninterval_ms = 1000\nfast_interval_ms = 300\ntimeout_ms = 250\nrise = 2\nfall = 3\n[[service]]\nname = \"alt\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = {}\npool = \"alt\"\nmode = \"nat\"\nnat_source = \"{}\"\nnat_ports = \"31000-31999\"\n",
-        members.concat(),
-        lab::IPERF_PORT,
+        "{}[[service]]\nname = \"alt\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = {}\npool = \"alt\"\nmode = \"nat\"\nnat_source = \"{}\"\nnat_ports = \"31000-31999\"\n",
+        alt_pool(&members.concat()),
         lab::VIP_V4,
         lab::IPERF_PORT + 1,
         lab::LB_BACK_V4,
     );
     std::fs::write(&config, lab::lab_config_pools(3, &[], "", "", &extras) + &alt).unwrap();
     let victim = lab::backend_v4(1);
-    let healthy = |pool: &str, value: u8| {
-        format!("lb_backend_healthy{{pool=\"{pool}\",backend=\"{victim}\"}} {value}")
-    };
+    let healthy = |pool: &str, value: u8| healthy_line(pool, victim, value);
     let mut first = start_lbd(&lab, &config, &pin_dir);
     let settled = wait_for(Duration::from_secs(20), || {
         metrics(&lab).filter(|m| m.contains(&healthy("web4", 1)) && m.contains(&healthy("alt", 0)))
@@ -475,12 +495,7 @@ fn a_backend_down_in_one_pool_only_starts_down_in_that_pool_alone() {
     assert!(settled.is_some(), "checks never settled: {}", kill(&mut first, "-TERM"));
     kill(&mut first, "-KILL");
 
-    let mut second = start_lbd(&lab, &config, &pin_dir);
-    let scrape = wait_for(Duration::from_secs(20), || metrics(&lab));
-    let Some(scrape) = scrape else {
-        panic!("the second lbd did not answer: {}", kill(&mut second, "-TERM"));
-    };
-    let log = kill(&mut second, "-TERM");
+    let (scrape, log) = first_scrape_of_a_restart(&lab, &config, &pin_dir);
     assert!(scrape.contains(&healthy("alt", 0)), "down in alt from the start: {scrape}\n{log}");
     assert!(scrape.contains(&healthy("web4", 1)), "up in web4 from the start: {scrape}\n{log}");
     let weight = format!("lb_backend_effective_weight{{pool=\"web4\",backend=\"{victim}\"}} 100");
@@ -511,13 +526,8 @@ fn a_backend_down_where_no_table_tells_its_pool_stays_down_after_a_restart() {
     let extras = lab::PoolExtras { keys: "", tables: SLOW_CHECK };
     let base = lab::lab_config_pools(3, &[], "", "", &extras);
     let victim = lab::backend_v4(1);
-    let alt = format!(
-        "[[pool]]\nname = \"alt\"\n[[pool.backend]]\naddress = \"{victim}\"\nweight = 0\n[pool.health_check]\nkind = \"tcp\"\nport = {}\ninterval_ms = 1000\nfast_interval_ms = 300\ntimeout_ms = 250\nrise = 2\nfall = 3\n",
-        lab::IPERF_PORT,
-    );
-    let healthy = |pool: &str, value: u8| {
-        format!("lb_backend_healthy{{pool=\"{pool}\",backend=\"{victim}\"}} {value}")
-    };
+    let alt = alt_pool(&format!("[[pool.backend]]\naddress = \"{victim}\"\nweight = 0\n"));
+    let healthy = |pool: &str, value: u8| healthy_line(pool, victim, value);
     std::fs::write(&config, &base).unwrap();
     let mut first = start_lbd(&lab, &config, &pin_dir);
     let up = wait_for(Duration::from_secs(20), || {
@@ -534,12 +544,7 @@ fn a_backend_down_where_no_table_tells_its_pool_stays_down_after_a_restart() {
     assert!(settled.is_some(), "checks never settled: {}", kill(&mut first, "-TERM"));
     kill(&mut first, "-KILL");
 
-    let mut second = start_lbd(&lab, &config, &pin_dir);
-    let scrape = wait_for(Duration::from_secs(20), || metrics(&lab));
-    let Some(scrape) = scrape else {
-        panic!("the second lbd did not answer: {}", kill(&mut second, "-TERM"));
-    };
-    let log = kill(&mut second, "-TERM");
+    let (scrape, log) = first_scrape_of_a_restart(&lab, &config, &pin_dir);
     assert!(scrape.contains(&healthy("web4", 0)), "down in web4 from the start: {scrape}\n{log}");
     let weight = format!("lb_backend_effective_weight{{pool=\"web4\",backend=\"{victim}\"}} 0");
     assert!(scrape.contains(&weight), "no weight in web4 from the start: {scrape}");

@@ -673,7 +673,18 @@ d5uJNQ==
         let counters = SharedCounters::default();
         let mut hook = policy(Some(1.0), None, 0, 0);
         hook.webhook = None;
-        hook.command = vec!["sleep".into(), "1".into()];
+        // A hook that runs until the test lets it end (by a file; at most 20 s).
+        let release =
+            std::env::temp_dir().join(format!("lb-hook-release-{}", std::process::id()));
+        let _ = std::fs::remove_file(&release);
+        hook.command = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "i=0; while [ ! -e '{}' ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done",
+                release.display()
+            ),
+        ];
         let event = |id: &str| Event {
             version: 1,
             id: id.into(),
@@ -689,17 +700,26 @@ d5uJNQ==
             healthy_backends: 0,
         };
         let first = tokio::spawn(deliver(event("1"), hook.clone(), counters.clone()));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // The first still sleeps: the second is skipped at once.
-        tokio::time::timeout(
-            Duration::from_millis(500),
+        // In flight once the policy counts it (bounded: the spawned task may start late).
+        for _ in 0..500 {
+            if !counters.lock().unwrap().in_flight.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!counters.lock().unwrap().in_flight.is_empty(), "the first delivery started");
+        // The first still runs: the second is skipped, without waiting for it.
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
             deliver(event("2"), hook.clone(), counters.clone()),
         )
-        .await
-        .expect("a skipped delivery returns at once");
+        .await;
+        std::fs::write(&release, b"").unwrap();
+        second.expect("a skipped delivery does not wait for the one in flight");
         first.await.unwrap();
-        // Then the policy delivers again.
+        // Then the policy delivers again (its hook ends at once: the file is there).
         deliver(event("3"), hook, counters.clone()).await;
+        let _ = std::fs::remove_file(&release);
         let c = counters.lock().unwrap();
         let n = |result: &'static str| {
             c.deliveries.get(&("web".into(), "p".into(), "command", result)).copied().unwrap_or(0)

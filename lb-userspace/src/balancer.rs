@@ -1009,6 +1009,23 @@ fn service_value(config: &Config, service: &ServiceConfig, id: u32, cookies_on: 
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_maglev_identity_is_the_address_and_port_alone() {
+        // The bytes lb-common's pinned table test hashes: octets, then the port big-endian
+        // (0 for none); not the pool, nor the id this node gave.
+        let identity = |pool: &str, port| BackendIdentity {
+            pool: pool.to_owned(),
+            addr: IpAddr::from([198, 18, 1, 11]),
+            port,
+        };
+        assert_eq!(identity("web", None).maglev_identity(0), 0xc016_bdf6_1957_ca90);
+        assert_eq!(identity("api", None).maglev_identity(0), 0xc016_bdf6_1957_ca90);
+        assert_eq!(
+            identity("web", Some(8080)).maglev_identity(7),
+            lb_common::maglev::identity_hash(&[198, 18, 1, 11, 0x1f, 0x90], 7)
+        );
+    }
+
     /// A pool table of backends 1 to `n` (198.18.1.1 to .n, port 8443), equal weights.
     fn table(n: u8) -> PoolTable {
         let members: Vec<(u64, u32, u32)> =

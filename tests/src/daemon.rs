@@ -126,6 +126,25 @@ impl Drop for TempDir {
     }
 }
 
+/// A file removed when dropped (also when the test fails).
+#[derive(Debug)]
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    /// `<temp dir>/<unique id>-<suffix>`: named as the lab's files, which the interactive
+    /// lab's `cleanup_stale` removes after a killed run.
+    #[must_use]
+    pub fn named(suffix: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("{}-{suffix}", crate::netns::unique_id())))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// `lbd` running in the lab with a configuration file it can be told to reload.
 #[derive(Debug)]
 pub struct LabDaemon {

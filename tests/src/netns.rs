@@ -18,6 +18,11 @@ use anyhow::{Context as _, bail};
 /// Prefix of every namespace a test or lab creates; `cleanup_stale` removes leftovers by it.
 pub const NETNS_PREFIX: &str = "lbt";
 
+/// The longest a command run by [`Netns::exec`] or [`Netns::exec_output`] may take: far above
+/// any the tests run to completion (long jobs such as iperf3 are spawned, with bounds of
+/// their own), well below CI's limit.
+pub const EXEC_LIMIT_SECS: u32 = 120;
+
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this process and call: `lbt<pid>x<n>`.
@@ -72,23 +77,29 @@ impl Netns {
         Ok(mac)
     }
 
-    /// Runs `args` inside the namespace and returns its stdout; a non-zero exit is an error
-    /// carrying stderr.
-    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
+    /// `ip netns exec` of `args` in this namespace, killed after [`EXEC_LIMIT_SECS`]: a
+    /// command that waits on a wedged peer (a curl to a stopped lbd) fails the test instead
+    /// of hanging the suite.
+    fn bounded<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        let out = run_cmd(&mut cmd)?;
+        cmd.args(["netns", "exec", &self.name, "timeout", "--kill-after=5"])
+            .arg(EXEC_LIMIT_SECS.to_string())
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `args` inside the namespace (bounded, see [`EXEC_LIMIT_SECS`]) and returns its
+    /// stdout; a non-zero exit is an error carrying stderr.
+    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
+        let out = run_cmd(&mut self.bounded(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs `args` inside the namespace and returns its whole output, whatever its status.
+    /// Runs `args` inside the namespace (bounded, see [`EXEC_LIMIT_SECS`]) and returns its
+    /// whole output, whatever its status (124 when the bound ended it).
     pub fn exec_output<S: AsRef<OsStr>>(&self, args: &[S]) -> anyhow::Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("failed to run ip netns exec")
+        self.bounded(args).output().context("failed to run ip netns exec")
     }
 
     /// `ip ARGS` inside the namespace.

@@ -282,7 +282,8 @@ pub fn exchange(
     exchange_within(config, target, server_name, upload, download, Duration::from_secs(30))
 }
 
-/// [`exchange`], giving up when a read waits longer than `read_timeout`.
+/// [`exchange`], giving up when a read or a write waits longer than `read_timeout` (a relay
+/// that stops forwarding fills the upload's buffers: the write would wait for ever).
 pub fn exchange_within(
     config: Arc<rustls::ClientConfig>,
     target: SocketAddr,
@@ -293,6 +294,7 @@ pub fn exchange_within(
 ) -> anyhow::Result<Exchange> {
     let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
     tcp.set_read_timeout(Some(read_timeout))?;
+    tcp.set_write_timeout(Some(read_timeout))?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(server_name.to_owned())?;
     let mut tls = rustls::StreamOwned::new(rustls::ClientConnection::new(config, name)?, tcp);

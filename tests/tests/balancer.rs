@@ -1068,17 +1068,17 @@ fn a_nat_flow_whose_replies_refresh_it_stays_cached() {
     let Some(mut lb) = Lb::new("flow_cache_replies", &nat_config(false, "tcp"), &[]) else {
         return;
     };
-    // A refresh interval of a second: the steps after the sleep must fit inside one, on a
-    // machine that may stall the test for a few hundred milliseconds.
+    // A refresh interval of three seconds: the steps after the sleep must fit inside it, on
+    // a machine that may stall the test for a second or more.
     let hz = lb.bed.datapath.ticks_per_second().unwrap();
-    lb.set_globals(|g| g.refresh = hz);
+    lb.set_globals(|g| g.refresh = 3 * hz);
     let port = 46_380;
     let ack = Packet::ipv4(CLIENT4, VIP4).tcp(port, 80).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&syn4(port)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
     let (backend, bport, nat_port) = lb.flow_of(CLIENT4.into(), port, VIP4.into(), 80, IPPROTO_TCP);
     let IpAddr::V4(backend4) = backend else { unreachable!() };
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::thread::sleep(std::time::Duration::from_millis(3100));
     let reply = Packet::ipv4(backend4, NAT4).tcp(bport, nat_port).flags(tcp_flags::ACK).build();
     assert_eq!(lb.bed.run(&reply).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx));
@@ -2882,7 +2882,7 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     let Some(mut lb) = Lb::new("one_way_udp", &nat_config(false, "udp"), &[]) else { return };
     let hz = lb.bed.datapath.ticks_per_second().unwrap();
     lb.set_globals(|g| {
-        g.timeouts.datagram = hz / 2; // 500 ms: a step may stall for 400 ms
+        g.timeouts.datagram = hz * 3 / 2; // 1.5 s: a step may stall for 1.2 s
         g.refresh = 0;
     });
     let cport = 45_400;
@@ -2891,9 +2891,9 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     let (backend, bport, nat_port) =
         lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_UDP);
     let datagram = Packet::ipv4(ip4(backend), NAT4).udp(bport, nat_port).payload(b"stream").build();
-    // 1.2 s of replies (over twice the timeout), 100 ms apart, sweeping as the daemon does.
+    // 3.6 s of replies (over twice the timeout), 300 ms apart, sweeping as the daemon does.
     for i in 0..12 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(300));
         let out = lb.bed.run(&datagram).unwrap();
         assert_eq!(out.verdict, Some(Action::Tx), "reply {i}");
         let swept = sweep(&mut lb);
@@ -2905,7 +2905,7 @@ fn a_one_way_udp_stream_from_the_backend_outlives_the_datagram_timeout() {
     assert_eq!(lb.bed.run(&first).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.datapath.maps().traffic.service(sid).unwrap().new_flows, before);
     // Silence on both sides: the sweep takes the pair.
-    std::thread::sleep(std::time::Duration::from_millis(1200));
+    std::thread::sleep(std::time::Duration::from_millis(3600));
     assert_eq!(sweep(&mut lb).removed, 2);
 }
 

@@ -128,8 +128,10 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
         let serving =
             wait_for(Duration::from_secs(5), || lab.iperf_backend()).expect("iperf3 connected");
         std::thread::sleep(Duration::from_secs(2));
+        // By SIGHUP (the API's reload comes next), seen applied in the pools' listing.
         daemon.reload(&lab::lab_config(3, &[]));
-        std::thread::sleep(Duration::from_secs(2));
+        assert!(lists_backend(&lab, 2, true), "{what}: backend-3 not added by SIGHUP");
+        std::thread::sleep(Duration::from_secs(1));
         // Remove a backend that is not carrying the flow (keep backend-3, just added).
         let keep: Vec<usize> = (0..3).filter(|i| *i == serving || *i == 2).collect();
         let mut config = lab::lab_config(3, &[]);
@@ -151,8 +153,29 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
         assert_eq!(lab.iperf_backend(), None, "{what}: the connection is closed");
         // Back to two backends for the next mode.
         daemon.reload(&two);
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(lists_backend(&lab, 2, false), "{what}: backend-3 not removed by SIGHUP");
     }
     let log = daemon.finish();
     assert!(log.contains("configuration reloaded"), "{log}");
+}
+
+/// Waits up to 10 s until lbd's `/v1/pools` lists (`listed`) or no longer lists lab backend
+/// `i` (by its IPv4 address, as a live backend: a removed one still carrying flows is listed
+/// with `"removed": true`); says whether it did.
+fn lists_backend(lab: &Lab, i: usize, listed: bool) -> bool {
+    let address = lab::backend_v4(i).to_string();
+    wait_for(Duration::from_secs(10), || {
+        let out =
+            lab.lb.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:7070/v1/pools"]).ok()?;
+        let pools: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let found = pools.as_array()?.iter().any(|pool| {
+            pool["backends"].as_array().is_some_and(|backends| {
+                backends.iter().any(|b| {
+                    b["address"].as_str() == Some(&address) && b["removed"].as_bool() != Some(true)
+                })
+            })
+        });
+        (found == listed).then_some(())
+    })
+    .is_some()
 }

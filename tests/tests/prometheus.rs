@@ -47,9 +47,12 @@ fn prometheus_scrapes_the_counters_of_known_traffic() {
     if !require_privileges("prometheus_scrapes_the_counters_of_known_traffic") {
         return;
     }
-    let lab = Lab::create(2).unwrap();
-    let dir = lb_tests::daemon::TempDir(std::env::temp_dir().join(format!("{}-prom", lab.id)));
+    // Made before the lab, so dropped after it (and the Prometheus writing into it).
+    let dir = lb_tests::daemon::TempDir(
+        std::env::temp_dir().join(format!("{}-prom", lb_tests::netns::unique_id())),
+    );
     let dir = &dir.0;
+    let lab = Lab::create(2).unwrap();
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();

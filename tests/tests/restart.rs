@@ -40,7 +40,10 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // Lazily: after a failed assertion this drops before the lab does, while the lbd it
+        // kills still holds the pin directory's lock (a plain unmount is refused then, and
+        // the mount with its pinned tables would outlive the test).
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -188,10 +191,18 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     // The data path runs on without any daemon.
     let link = lab.lb.ip(&["link", "show", lab::LB_FRONT_IF]).unwrap();
     assert!(link.contains("xdp"), "XDP went with the killed daemon: {link}");
+    // At least two seconds without a daemon, and two requests answered in them (at most ten
+    // seconds: a loaded machine may start the curls slowly).
     std::thread::sleep(Duration::from_secs(2));
+    let _ = wait_for(Duration::from_secs(8), || {
+        (ok_in_gap.load(Ordering::SeqCst) >= 2).then_some(())
+    });
     gap.store(false, Ordering::SeqCst);
     let mut second = start_lbd(&lab, &config, &pin_dir);
-    std::thread::sleep(Duration::from_secs(5));
+    // Its API answers once the maps are adopted and the program replaced.
+    let serving = wait_for(Duration::from_secs(30), || metrics(&lab));
+    assert!(serving.is_some(), "the second lbd never answered: {}", kill(&mut second, "-TERM"));
+    std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
     looper.join().unwrap();
 

@@ -140,6 +140,10 @@ pub fn on_new_flow(
     }
     if flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) != tcp_flags::ACK {
         if active {
+            // Counted: `auto` watches SYNs and these drops together, or a flood of segments
+            // that would open flows turned cookies on, and, dropped uncounted once they are
+            // on, let them go off again while it goes on.
+            count(service.id, Count::Invalid);
             return Outcome::err(Reason::SynCookieInvalid);
         }
         count(service.id, Count::Syn);

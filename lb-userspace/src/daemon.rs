@@ -375,8 +375,11 @@ impl Daemon {
             let Ok(counter) = self.datapath.maps().traffic.syn(id) else { continue };
             let installed = self.balancer.cookies_active(&name);
             let times = (elapsed, since_start);
-            let Some(on) =
-                self.auto_cookies.observe(&name, counter.syns, threshold, times, installed)
+            // Segments that would open a flow: SYNs, and those refused without a cookie
+            // (counted as SYNs while cookies are off, as invalid while they are on: a
+            // spoofed ACK flood must keep them on as long as it lasts).
+            let opening = counter.syns.saturating_add(counter.cookies_invalid);
+            let Some(on) = self.auto_cookies.observe(&name, opening, threshold, times, installed)
             else {
                 continue;
             };

@@ -1,6 +1,7 @@
-//! A bounded spoofed SYN flood from the lab's client namespace: frames built by the packet
-//! builder and sent through a raw packet socket, from random sources inside 198.18.128.0/17
-//! (the test range: `hping3 --rand-source` would use the whole IPv4 space), at a fixed pace.
+//! A bounded spoofed SYN (or ACK) flood from the lab's client namespace: frames built by the
+//! packet builder and sent through a raw packet socket, from random sources inside
+//! 198.18.128.0/17 (the test range: `hping3 --rand-source` would use the whole IPv4 space),
+//! at a fixed pace.
 
 use std::{
     net::Ipv4Addr,
@@ -9,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use lb_common::net::tcp_flags::SYN;
+use lb_common::net::tcp_flags::ACK;
 
 use crate::{
     lab::{LB_FRONT_IF, Lab},
@@ -19,9 +20,10 @@ use crate::{
 /// The client's interface towards the load balancer.
 const CLIENT_IF: &str = "eth0";
 
-/// A bounded flood: `count` SYNs to `target:port`, one every `gap` (paced in batches), each
-/// from a random address in 198.18.128.0/17 and a random port, with a random sequence
-/// number (`seed` makes the run repeatable).
+/// A bounded flood: `count` segments with TCP `flags` (`SYN`; `ACK` for a spoofed ACK
+/// flood) to `target:port`, one every `gap` (paced in batches), each from a random address
+/// in 198.18.128.0/17 and a random port, with random sequence and acknowledgement numbers
+/// (`seed` makes the run repeatable).
 #[derive(Clone, Copy, Debug)]
 pub struct SynFlood {
     pub target: Ipv4Addr,
@@ -29,9 +31,10 @@ pub struct SynFlood {
     pub count: u32,
     pub gap: Duration,
     pub seed: u64,
+    pub flags: u8,
 }
 
-/// Sends `flood` from the lab's client namespace; returns how many SYNs were sent.
+/// Sends `flood` from the lab's client namespace; returns how many segments were sent.
 pub fn spoofed_syns(lab: &Lab, flood: SynFlood) -> anyhow::Result<u32> {
     let src_mac = lab.client.mac_of(CLIENT_IF)?;
     let dst_mac = lab.lb.mac_of(LB_FRONT_IF)?;
@@ -39,7 +42,7 @@ pub fn spoofed_syns(lab: &Lab, flood: SynFlood) -> anyhow::Result<u32> {
 }
 
 fn send(src_mac: [u8; 6], dst_mac: [u8; 6], flood: SynFlood) -> anyhow::Result<u32> {
-    let SynFlood { target, port, count, gap, seed } = flood;
+    let SynFlood { target, port, count, gap, seed, flags } = flood;
     let name = std::ffi::CString::new(CLIENT_IF)?;
     // SAFETY: a NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -77,8 +80,8 @@ fn send(src_mac: [u8; 6], dst_mac: [u8; 6], flood: SynFlood) -> anyhow::Result<u
         let frame = Packet::ipv4(source, target)
             .macs(src_mac, dst_mac)
             .tcp(sport, port)
-            .flags(SYN)
-            .seq_ack((r >> 32) as u32, 0)
+            .flags(flags)
+            .seq_ack((r >> 32) as u32, if flags & ACK == 0 { 0 } else { r.rotate_left(17) as u32 })
             .build();
         // A full device queue (veth's peer behind): wait a moment and send again, boundedly.
         for attempt in 0..100 {
@@ -99,7 +102,7 @@ fn send(src_mac: [u8; 6], dst_mac: [u8; 6], flood: SynFlood) -> anyhow::Result<u
             }
             let error = std::io::Error::last_os_error();
             if error.raw_os_error() != Some(libc::ENOBUFS) || attempt == 99 {
-                bail!("sending SYN {i}: {error}");
+                bail!("sending segment {i}: {error}");
             }
             std::thread::sleep(Duration::from_micros(200));
         }

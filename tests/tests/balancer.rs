@@ -2952,6 +2952,11 @@ fn with_syn_cookies_on_only_a_cookie_opens_a_flow() {
     lb.bed.check_all(&cases).unwrap();
     let entries = lb.bed.datapath.maps().conntrack.entries().unwrap();
     assert!(entries.is_empty(), "{entries:?}");
+    // Each counted for `auto`'s rate, which must not fall while such a flood goes on: the
+    // two with SYN as SYNs, the seven others as refused (invalid).
+    let sid = lb.balancer.service_id("s").unwrap();
+    let stats = lb.bed.datapath.maps().traffic.syn(sid).unwrap();
+    assert_eq!((stats.syns, stats.cookies_invalid), (2, 7));
 }
 
 #[test]

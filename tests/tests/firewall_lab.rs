@@ -5,6 +5,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
+use lb_common::net::tcp_flags::{ACK, SYN};
 use lb_tests::{
     daemon::LabDaemon,
     flood::{SynFlood, spoofed_syns},
@@ -161,7 +162,7 @@ const FLOOD: u32 = 20_000;
 
 /// A spoofed SYN flood of `count` SYNs to the lab's IPv4 NAT service, one every `gap`.
 fn flood(count: u32, gap: Duration, seed: u64) -> SynFlood {
-    SynFlood { target: lab::VIP_V4, port: lab::HTTP_PORT, count, gap, seed }
+    SynFlood { target: lab::VIP_V4, port: lab::HTTP_PORT, count, gap, seed, flags: SYN }
 }
 
 /// A bounded spoofed SYN flood (random sources in 198.18.128.0/17, a fixed count, see
@@ -262,5 +263,65 @@ fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
     let off = wait_for(Duration::from_secs(25), || (active()? == 0).then_some(()));
     assert!(off.is_some(), "cookies still on 25 s after the flood: {:?}", active());
     assert!(lab.curl(lab::VIP_V4.into(), lab::HTTP_PORT).unwrap().starts_with("backend-"));
+    daemon.finish();
+}
+
+#[test]
+fn auto_syn_cookies_stay_on_as_long_as_a_spoofed_ack_flood_lasts() {
+    // A spoofed ACK flood turns `auto` cookies on (each ACK would open a flow without them);
+    // once they are on, its ACKs are refused as invalid cookies, and must keep counting:
+    // else the rate falls, cookies go off after the calm period, and the flood opens flows
+    // again until they come back, over and over.
+    if !require_privileges("auto_syn_cookies_stay_on_as_long_as_a_spoofed_ack_flood_lasts") {
+        return;
+    }
+    let lab = Lab::create(2).unwrap();
+    let config = lab::lab_config(2, &[]).replace(
+        "[[service]]\nname = \"web4\"\n",
+        "[[service]]\nname = \"web4\"\nsyn_cookies = \"auto\"\nsyn_cookie_threshold = 200\n",
+    );
+    assert!(config.contains("syn_cookies = \"auto\""));
+    let daemon = LabDaemon::start(&lab, &config);
+    let metric = |name: &str| -> Option<u64> {
+        let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).ok()?;
+        let prefix = format!("{name}{{service=\"web4\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(metric("lb_service_syn_cookies_active"), Some(0), "cookies on before any flood");
+    // About 2,000 spoofed ACKs a second (ten times the threshold) for 18 s: longer than the
+    // second or two cookies take to go on plus the ten-second calm period.
+    let ack_flood = SynFlood {
+        target: lab::VIP_V4,
+        port: lab::HTTP_PORT,
+        count: 36_000,
+        gap: Duration::from_micros(500),
+        seed: 0xacc,
+        flags: ACK,
+    };
+    let (samples, sent) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| spoofed_syns(&lab, ack_flood));
+        let on = wait_for(Duration::from_secs(6), || {
+            (metric("lb_service_syn_cookies_active")? == 1).then_some(())
+        });
+        assert!(on.is_some(), "cookies not on under the ACK flood");
+        // Then sampled every half second until the flood ends (bounded by its length).
+        let mut samples = Vec::new();
+        for _ in 0..80 {
+            if flood.is_finished() {
+                break;
+            }
+            samples.push(metric("lb_service_syn_cookies_active"));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        (samples, flood.join().unwrap().unwrap())
+    });
+    assert_eq!(sent, 36_000);
+    assert!(samples.len() >= 20, "the flood ran on for {} samples only", samples.len());
+    assert!(
+        samples.iter().all(|s| *s == Some(1)),
+        "cookies went off while the ACK flood went on: {samples:?}"
+    );
+    let invalid = metric("lb_service_syn_cookies_invalid_total").unwrap_or(0);
+    assert!(invalid >= 20_000, "the flood's ACKs refused as invalid: {invalid}");
     daemon.finish();
 }

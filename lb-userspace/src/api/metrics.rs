@@ -458,7 +458,7 @@ impl Snapshot {
             ),
             (
                 "lb_service_syn_cookies_invalid",
-                "ACKs without a flow whose cookie was not valid (dropped).",
+                "Segments without a flow dropped while cookies are on: ACKs whose cookie was not valid, and segments neither SYN nor ACK.",
                 |c| c.cookies_invalid,
             ),
         ];

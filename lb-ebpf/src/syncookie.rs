@@ -41,7 +41,9 @@ use crate::{
     parse::{EthHdr, Family, Ipv4Hdr, Ipv6Hdr, Packet, TcpHdr, ptr_at, ptr_at_mut, reload},
 };
 
-/// MSS offered to backends (the cookie does not carry the client's exact one).
+/// MSS offered to backends for the client (the cookie does not carry the client's exact
+/// one), and to the client for the backend in the cookie SYN-ACK (the backend, not asked
+/// yet, is taken to sit behind a 1500-byte MTU, as the client is taken to).
 const BACKEND_MSS_V4: u16 = 1460;
 const BACKEND_MSS_V6: u16 = 1440;
 /// Receive window in the segments the load balancer writes (no window scaling).
@@ -195,7 +197,10 @@ fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<A
     if generated < 0 {
         return Err(Reason::SynCookieFailed);
     }
-    // The cookie in the low 32 bits, its MSS in the next 16.
+    // The cookie in the low 32 bits, its MSS (the client's, rounded down to the kernel's
+    // table) in the next 16: that is what the client receives, not what the backend does.
+    // The SYN-ACK offers the backend's side instead: a client on a jumbo link (IPv6's table
+    // goes up to 8940) told its own MSS would send segments the backend's link drops.
     let generated = generated.cast_unsigned();
     let client_seq =
         u32::from_be_bytes([cookie.tcp[4], cookie.tcp[5], cookie.tcp[6], cookie.tcp[7]]);
@@ -208,7 +213,7 @@ fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<A
         ack: client_seq.wrapping_add(1),
         flags: tcp_flags::SYN | tcp_flags::ACK,
         window: WINDOW,
-        mss: (generated >> 32) as u16,
+        mss: if packet.family == Family::V4 { BACKEND_MSS_V4 } else { BACKEND_MSS_V6 },
     };
     swap_macs(ctx)?;
     emit(ctx, packet, &segment)?;

@@ -2278,6 +2278,37 @@ fn ip_packet(src: IpAddr, dst: IpAddr) -> Packet {
     }
 }
 
+/// A client on a jumbo link offers an MSS of 8960: its cookie carries 8940 (IPv6's table),
+/// but the cookie SYN-ACK offers the backend side's 1440 (IPv6; IPv4's table tops out at
+/// the 1460 it offers), else the client would send segments a 1500-byte backend link drops.
+#[test]
+fn a_cookie_syn_ack_offers_the_backend_sides_mss_not_the_clients() {
+    for v6 in [false, true] {
+        let name = format!("cookie_mss_{}", if v6 { "v6" } else { "v4" });
+        let config = nat_config(v6, "tcp") + "syn_cookies = \"on\"\n";
+        let Some(mut lb) = Lb::new(&name, &config, &[]) else { return };
+        let (client, vip, _) = addresses(v6);
+        let syn = ip_packet(client, vip)
+            .tcp(40_100, 80)
+            .flags(tcp_flags::SYN)
+            .seq_ack(9_000, 0)
+            .tcp_options(&[2, 4, 0x23, 0x00])
+            .build();
+        let answer = lb.bed.run(&syn).unwrap();
+        assert_eq!(answer.verdict, Some(Action::Tx), "{name}");
+        let (cookie, _) = tcp_seq_and_sport(&answer.output, v6);
+        let [hi, lo] = (if v6 { 1440u16 } else { 1460 }).to_be_bytes();
+        let expected = ip_packet(vip, client)
+            .macs(LB_MAC, CLIENT_MAC)
+            .tcp(80, 40_100)
+            .flags(tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(cookie, 9_001)
+            .tcp_options(&[2, 4, hi, lo])
+            .build();
+        assert_eq!(hex(&answer.output), hex(&expected), "{name}: the cookie SYN-ACK");
+    }
+}
+
 /// The whole SYN-cookie handshake as exact frames, for both families: the cookie SYN-ACK,
 /// the validated ACK turned into the backend's SYN, the backend's SYN-ACK answered with an
 /// ACK, then data both ways with sequence numbers shifted; and the ACKs that must not pass.

@@ -479,9 +479,18 @@ impl Daemon {
             self.datapath.maps_mut().conntrack.sweep(&clock, |id| entries.get(&id).copied())
         };
         match swept {
-            Ok(result) => {
+            Ok(mut result) => {
                 if result.removed > 0 {
                     info!(removed = result.removed, live = result.live, "connection table swept");
+                }
+                // TLS passthrough relays to a removed backend keep its id as its flows do:
+                // released, it would never be due for its pool's drain deadline, and the
+                // relays would run on to a backend long gone from the configuration.
+                for (id, identity) in self.balancer.retired() {
+                    let relays = self.passthrough.relays_to(identity) as u64;
+                    if relays > 0 {
+                        *result.kept_by_backend.entry(id).or_default() += relays;
+                    }
                 }
                 if let Err(error) =
                     self.balancer.release_retired(self.datapath.maps_mut(), &result.kept_by_backend)

@@ -81,7 +81,7 @@ fn send(src_mac: [u8; 6], dst_mac: [u8; 6], flood: SynFlood) -> anyhow::Result<u
             .macs(src_mac, dst_mac)
             .tcp(sport, port)
             .flags(flags)
-            .seq_ack((r >> 32) as u32, if flags & ACK == 0 { 0 } else { r.rotate_left(17) as u32 })
+            .seq_ack((r >> 32) as u32, if flags & ACK == 0 { 0 } else { (r << 7 >> 32) as u32 })
             .build();
         // A full device queue (veth's peer behind): wait a moment and send again, boundedly.
         for attempt in 0..100 {

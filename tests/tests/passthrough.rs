@@ -44,6 +44,9 @@ const STICKY_PORT: u16 = 4443;
 const S_SERVER_PORT: u16 = 8443;
 const BULK_PORT: u16 = 9443;
 const PROXY_CHECK_PORT: u16 = 7443;
+/// tls-www's drain deadline: longer than a sweep interval (5 s), after which the old code
+/// had forgotten a removed backend with relays alone.
+const DRAIN_SECS: u64 = 8;
 /// Bytes each way in the bulk transfers.
 const BULK_BYTES: usize = 48 << 20;
 /// Short connections in the storm through each relay: threads, and connections each.
@@ -70,6 +73,12 @@ fn config() -> String {
     ] {
         c.push_str(&config::pool(name, &backends));
     }
+    // Relays to a backend removed from tls-www run on this long (see
+    // `relays_of_a_removed_backend_are_cut_at_the_deadline`).
+    c = c.replace(
+        "[[pool]]\nname = \"tls-www\"\n",
+        &format!("[[pool]]\nname = \"tls-www\"\ndrain_timeout_secs = {DRAIN_SECS}\n"),
+    );
     let routes = [
         tls_route("www.example.com", "tls-www"),
         tls_route("*.example.com", "tls-wild"),
@@ -276,6 +285,7 @@ fn tls_passthrough() {
     assert!(tls4["bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64, "{tls4}");
 
     relays_of_a_disabled_backend_are_cut(&setup, vip4, &hello);
+    relays_of_a_removed_backend_are_cut_at_the_deadline(&setup, vip4, &hello);
     refusing_backends_are_passed_over(&setup);
     source_hashing_keeps_a_client_on_one_backend(&setup);
 
@@ -579,12 +589,12 @@ fn proxy_protocol_and_resets(setup: &Setup, hello: &[u8]) {
     assert_eq!(head[28], 0x16, "the hello follows the header");
 }
 
-/// Disabling a backend through the API cuts its running relays, as it cuts the data path's
-/// flows: the client sees a reset.
-fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello: &[u8]) {
-    let lab = &setup.lab;
+/// A connection to `target` sending `hello` (www.example.com's, routed to tls-www), once
+/// backend-1 has answered through it: a running relay, with a 10 s read timeout.
+fn relay_to_backend_1(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStream {
     let hello = hello.to_vec();
-    let client = lab
+    let mut conn = setup
+        .lab
         .client
         .enter(move || {
             let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
@@ -593,15 +603,22 @@ fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello
             conn
         })
         .unwrap();
-    // The backend answered: the relay runs.
     let mut answer = Vec::new();
     let mut chunk = [0u8; 4096];
-    let mut conn = client;
     while !contains(&answer, b"backend-1") {
         let n = conn.read(&mut chunk).unwrap();
         assert!(n > 0, "the relay ended before the test cut it");
         answer.extend_from_slice(&chunk[..n]);
     }
+    conn
+}
+
+/// Disabling a backend through the API cuts its running relays, as it cuts the data path's
+/// flows: the client sees a reset.
+fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello: &[u8]) {
+    let lab = &setup.lab;
+    let mut conn = relay_to_backend_1(setup, target, hello);
+    let mut chunk = [0u8; 4096];
     let state = |state: &str| {
         let url = format!(
             "http://{API}/v1/pools/tls-www/backends/{}/state?port={S_SERVER_PORT}",
@@ -632,6 +649,50 @@ fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello
     };
     assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "the cut relay's client");
     state("active");
+}
+
+/// A relay whose backend is removed through the API runs on until the pool's drain deadline,
+/// then is cut: its backend's id stays retired while relays alone use it (no data path flow
+/// does), else the deadline would never come for it. The backend is put back after.
+fn relays_of_a_removed_backend_are_cut_at_the_deadline(
+    setup: &Setup,
+    target: SocketAddr,
+    hello: &[u8],
+) {
+    let lab = &setup.lab;
+    let mut conn = relay_to_backend_1(setup, target, hello);
+    let backend =
+        format!("http://{API}/v1/pools/tls-www/backends/{}?port={S_SERVER_PORT}", backend_v4(0));
+    lab.lb.exec(&["curl", "-sf", "--max-time", "10", "-X", "DELETE", &backend]).unwrap();
+    let removed = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(3 * DRAIN_SECS))).unwrap();
+    let mut chunk = [0u8; 4096];
+    let ended = loop {
+        match conn.read(&mut chunk) {
+            Ok(0) => break Ok(0),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    let after = removed.elapsed();
+    assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "after {after:?}");
+    assert!(after >= Duration::from_secs(DRAIN_SECS - 1), "cut before the deadline: {after:?}");
+    let put_back = format!("{{\"address\": \"{}\", \"port\": {S_SERVER_PORT}}}", backend_v4(0));
+    lab.lb
+        .exec(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "10",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &put_back,
+            &format!("http://{API}/v1/pools/tls-www/backends"),
+        ])
+        .unwrap();
 }
 
 /// A real TLS session (rustls both ends) moves `BULK_BYTES` each way intact through the

@@ -171,16 +171,17 @@ impl Passthrough {
         if backends.is_empty() {
             return;
         }
-        let n = shared.cut(|pool, backend| {
-            backends.iter().any(|b| {
-                b.pool == pool
-                    && b.addr == backend.ip()
-                    && b.port.is_none_or(|p| p == backend.port())
-            })
-        });
+        let n = shared.cut(|pool, backend| backends.iter().any(|b| is_to(b, pool, backend)));
         if n > 0 {
             info!(relays = n, "passthrough relays cut");
         }
+    }
+
+    /// How many relays run to `backend`: they keep a removed backend's id retired, as its
+    /// data path flows do, so its pool's drain deadline still cuts them.
+    #[must_use]
+    pub fn relays_to(&self, backend: &BackendIdentity) -> usize {
+        self.shared.as_ref().map_or(0, |shared| shared.count(|pool, to| is_to(backend, pool, to)))
     }
 
     /// Stops every listener (relayed connections carry on until they end).
@@ -188,4 +189,9 @@ impl Passthrough {
         self.wanted.clear();
         self.reconcile();
     }
+}
+
+/// Whether a relay of `pool` to `to` goes to `backend` (one without a port: any port).
+fn is_to(backend: &BackendIdentity, pool: &str, to: SocketAddr) -> bool {
+    backend.pool == pool && backend.addr == to.ip() && backend.port.is_none_or(|p| p == to.port())
 }

@@ -65,6 +65,13 @@ impl Shared {
         }
     }
 
+    /// How many relays run (not cut) to backends `matches` accepts, given a relay's pool and
+    /// backend address.
+    pub fn count(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
+        let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+        relays.values().filter(|r| !r.cut.is_cancelled() && matches(&r.pool, r.backend)).count()
+    }
+
     /// Ends (with resets) the running relays to backends `matches` accepts, given a relay's
     /// pool and backend address. Returns how many.
     pub fn cut(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {

@@ -88,14 +88,19 @@ pub struct FwMeta {
     pub flag_rules: RuleBits,
     /// `META_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// A digest of the rules' names in order, which the data path does not read: counters
+    /// are kept by rule position, so the daemon switches in a rule set whose names moved
+    /// (counters from zero) rather than update prefixes in place, and after a restart it
+    /// knows the names of the rule set it adopts only by this. Zero in a generation written
+    /// before it was.
+    pub rule_names: u32,
     /// Budget of logged events per CPU: a token bucket like a rate-limit rule's.
     pub log_micro_tokens_per_tick: u64,
     pub log_burst_micro_tokens: u64,
 }
 const _: () = assert!(core::mem::size_of::<FwMeta>() == 48);
 #[cfg(feature = "user")]
-// SAFETY: repr(C), explicit padding.
+// SAFETY: repr(C), no padding.
 unsafe impl aya::Pod for FwMeta {}
 
 /// `FwMeta::flags`: no rule matched means drop.

@@ -5,12 +5,12 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32, programs::
 use lb_common::{
     Reason,
     firewall::{
-        ACTION_ALLOW, ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION,
-        AUDIT_SLOT, Bucket, CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, EVENT_AUDITED,
-        EVENT_DROPPED, EVENT_PASSED, FwEvent, FwMeta, FwRule, FwV4, FwV6, GENERATION_BITS,
-        MAX_RULES, META_AUDIT, META_DEFAULT_DENY, META_HAS_DST, META_NO_SRC, META_SRC_FILTER,
-        RULE_LOG, RateKey, RuleBits, class_of, counter_index, filter_chunk, filter_v4_16,
-        filter_v4_24, filter_v6_32, lowest_bit, ports_index,
+        ACTION_DENY, ACTION_RATE_LIMIT, ACTIVE_ENABLED, ACTIVE_GENERATION, AUDIT_SLOT, Bucket,
+        CLASS_ICMP, CLASS_OTHER, COUNTER_SLOTS, DEFAULT_SLOT, EVENT_AUDITED, EVENT_DROPPED,
+        EVENT_PASSED, FwEvent, FwMeta, FwRule, FwV4, FwV6, GENERATION_BITS, MAX_RULES, META_AUDIT,
+        META_DEFAULT_DENY, META_HAS_DST, META_NO_SRC, META_SRC_FILTER, RULE_LOG, RateKey, RuleBits,
+        class_of, counter_index, filter_chunk, filter_v4_16, filter_v4_24, filter_v6_32,
+        lowest_bit, ports_index,
     },
     net::{IPPROTO_ICMPV6, IPPROTO_TCP},
 };
@@ -119,22 +119,27 @@ fn try_filter(
     let index = lowest_bit(candidates);
     count(generation, index, bytes);
     let Some(rule) = rule_at(generation, index) else { return Ok(()) };
-    let result = match rule.action {
-        ACTION_DENY => refuse(generation, meta.flags, Reason::FirewallDeny, bytes),
+    // Why the rule would drop the packet, if it would: kept apart from what `refuse` makes
+    // of it, for audit mode lets a refused packet through as it lets an admitted one.
+    let refused = match rule.action {
+        ACTION_DENY => Some(Reason::FirewallDeny),
         ACTION_RATE_LIMIT
             if !is_link_control(ctx, packet) && admit(packet, index, rule, now) == 0 =>
         {
-            refuse(generation, meta.flags, Reason::RateLimited, bytes)
+            Some(Reason::RateLimited)
         }
-        _ => Ok(()),
+        _ => None,
+    };
+    let result = match refused {
+        Some(reason) => refuse(generation, meta.flags, reason, bytes),
+        None => Ok(()),
     };
     if rule.flags & RULE_LOG != 0 {
-        let outcome = match (&result, rule.action) {
-            (Err(_), _) => EVENT_DROPPED,
-            (Ok(()), ACTION_ALLOW) => EVENT_PASSED,
-            // Admitted by its bucket, or let through by audit mode.
-            (Ok(()), ACTION_RATE_LIMIT) if meta.flags & META_AUDIT == 0 => EVENT_PASSED,
-            (Ok(()), _) => EVENT_AUDITED,
+        let outcome = match (refused, &result) {
+            // Allowed, admitted by its bucket, or link control a rate limit lets through.
+            (None, _) => EVENT_PASSED,
+            (Some(_), Err(_)) => EVENT_DROPPED,
+            (Some(_), Ok(())) => EVENT_AUDITED,
         };
         let what = Logged { index, generation, outcome, bytes, now };
         log_sampled(packet, rule, meta, &what);

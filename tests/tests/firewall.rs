@@ -17,8 +17,9 @@ use std::{
 use lb_common::{
     Action, Reason,
     firewall::{
-        AUDIT_SLOT, DEFAULT_SLOT, FILTER_CHUNK_BITS, FilterChunk, META_SRC_FILTER,
-        SRC_FILTER_CHUNKS, filter_v4_16, filter_v4_24, filter_v6_32,
+        AUDIT_SLOT, DEFAULT_SLOT, EVENT_AUDITED, EVENT_DROPPED, EVENT_PASSED, FILTER_CHUNK_BITS,
+        FilterChunk, FwEvent, META_SRC_FILTER, SRC_FILTER_CHUNKS, filter_v4_16, filter_v4_24,
+        filter_v6_32,
     },
     net::{IPPROTO_TCP, tcp_flags},
 };
@@ -74,6 +75,15 @@ fn chunk_words() -> usize {
 fn compile(toml: &str, hz: u64) -> firewall::Compiled {
     let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
     firewall::compile(config.firewall.as_ref().unwrap(), hz).unwrap()
+}
+
+/// The events waiting in the firewall's ring buffer, oldest first.
+fn drain(events: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<FwEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = events.next() {
+        out.push(firewall::log::decode(&item).unwrap());
+    }
+    out
 }
 
 fn deny(description: &str, input: Vec<u8>, reason: Reason) -> Case {
@@ -488,22 +498,22 @@ ports = [80]
     fw.bed.check_all(&port_cases()).unwrap();
     // A rule whose source file is empty matches nothing (as a trie miss did); filling the
     // file switches a generation in, with the source lookup back.
-    let file = std::env::temp_dir().join(format!("lbt-{}-nosrc.txt", std::process::id()));
-    std::fs::write(&file, "").unwrap();
+    let file = lb_tests::daemon::TempFile::named("nosrc.txt");
+    let file = &file.0;
+    std::fs::write(file, "").unwrap();
     let from_file = format!(
         "{ports}[[firewall.rule]]\nname = \"listed\"\naction = \"allow\"\nsource_file = \"{}\"\n",
         file.display()
     );
     assert!(fw.install(&from_file).switched);
     fw.bed.check_all(&port_cases()).unwrap();
-    std::fs::write(&file, "198.18.9.0/24\nfd00::9/128\n").unwrap();
+    std::fs::write(file, "198.18.9.0/24\nfd00::9/128\n").unwrap();
     assert!(fw.install(&from_file).switched, "the source lookup is needed again");
     let listed = fw.bed.check_all(&[
         allow("v4 listed source", tcp4([198, 18, 9, 1], dst, 81, 0)),
         allow("v6 listed source", tcp6("fd00::9", "fd00::2", 81, 0)),
         deny("v4 unlisted", tcp4([198, 18, 8, 1], dst, 81, 0), Reason::FirewallDefaultDeny),
     ]);
-    let _ = std::fs::remove_file(&file);
     listed.unwrap();
 }
 
@@ -698,6 +708,111 @@ fn rule_sets_switch_whole_and_prefix_lists_change_in_place() {
     fw.bed.check_all(&[allow("firewall off", from([198, 18, 0, 1]))]).unwrap();
 }
 
+/// Counters are kept by rule position and named by the rule now there (as log events are):
+/// rules that keep their actions but trade places (two block lists swapped; allow, deny,
+/// allow with the allows swapped) or names make a new rule set, switched in with counters
+/// from zero, also when the old one was adopted from an earlier lbd. Only other prefixes for
+/// the same rules at the same positions are written in place, the counters counting on.
+#[test]
+fn rules_reordered_or_renamed_switch_in_with_counters_from_zero() {
+    // Rules of one source prefix each: (name, action, prefix).
+    let rule_set = |rules: &[(&str, &str, &str)]| {
+        rules.iter().fold("[firewall]\n".to_owned(), |mut toml, (name, action, source)| {
+            let _ = write!(
+                toml,
+                "[[firewall.rule]]\nname = \"{name}\"\naction = \"{action}\"\nsource = [\"{source}\"]\n"
+            );
+            toml
+        })
+    };
+    let (bl_a, bl_b) = (("bl-a", "deny", "198.18.1.0/24"), ("bl-b", "deny", "198.18.2.0/24"));
+    let Some(mut fw) = Fw::new(
+        "rules_reordered_or_renamed_switch_in_with_counters_from_zero",
+        &rule_set(&[bl_a, bl_b]),
+    ) else {
+        return;
+    };
+    let from = |net: u8| tcp4([198, 18, net, 1], [198, 18, 100, 1], 80, 0);
+    let listed = |net: u8| deny("listed", from(net), Reason::FirewallDeny);
+    fw.bed.check_all(&[listed(1), listed(1), listed(2)]).unwrap();
+    assert_eq!((fw.hits(0), fw.hits(1)), (2, 1));
+
+    let switches = fw.firewall.switches();
+    let summary = fw.install(&rule_set(&[bl_b, bl_a]));
+    assert!(summary.switched, "block lists swapped: {summary:?}");
+    assert_eq!(fw.firewall.switches(), switches + 1, "the log reads events across a switch");
+    assert_eq!((fw.hits(0), fw.hits(1)), (0, 0), "bl-b does not inherit bl-a's count");
+    fw.bed.check_all(&[listed(1), listed(2), listed(2)]).unwrap();
+    assert_eq!((fw.hits(0), fw.hits(1)), (2, 1), "bl-b's two, then bl-a's one");
+    let renamed = rule_set(&[("bl-c", "deny", bl_b.2), bl_a]);
+    assert!(fw.install(&renamed).switched, "a rule renamed");
+    assert_eq!(fw.hits(0), 0);
+
+    let (first, middle, last) = (
+        ("x", "allow", "198.18.3.0/24"),
+        ("y", "deny", "198.18.4.0/24"),
+        ("z", "allow", "198.18.5.0/24"),
+    );
+    assert!(fw.install(&rule_set(&[first, middle, last])).switched);
+    fw.bed.check_all(&[allow("x", from(3)), allow("x", from(3)), allow("z", from(5))]).unwrap();
+    assert!(fw.install(&rule_set(&[last, middle, first])).switched, "the allows swapped");
+    assert_eq!((fw.hits(0), fw.hits(2)), (0, 0));
+    fw.bed.check_all(&[allow("z", from(5)), listed(4)]).unwrap();
+
+    // The same rules, z with another prefix: in place, counting on.
+    let moved = [("z", "allow", "198.18.6.0/24"), middle, first];
+    let summary = fw.install(&rule_set(&moved));
+    assert_eq!(
+        summary,
+        InstallSummary { switched: false, prefixes_written: 1, prefixes_removed: 1 }
+    );
+    assert_eq!((fw.hits(0), fw.hits(1)), (1, 1));
+
+    // Adopted by a restarted lbd: the same rule set stays, a reordered one switches.
+    fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
+    assert!(!fw.install(&rule_set(&moved)).switched, "the rule set as before the restart");
+    assert_eq!((fw.hits(0), fw.hits(1)), (1, 1));
+    let summary = fw.install(&rule_set(&[first, middle, moved[0]]));
+    assert!(summary.switched, "the allows swapped across a restart: {summary:?}");
+    assert_eq!((fw.hits(0), fw.hits(1)), (0, 0));
+}
+
+/// A restarted lbd adopts the pinned rule set, and given the same rules keeps it, counters
+/// and all: also when the last rule is a plain `allow` (no flags, no log), which the maps
+/// hold as all zeros, as they hold an unused slot.
+#[test]
+fn a_restarted_lbd_keeps_a_rule_set_ending_in_a_plain_allow_and_its_counters() {
+    let toml = r#"
+[firewall]
+default = "deny"
+[[firewall.rule]]
+name = "no-telnet"
+action = "deny"
+protocol = "tcp"
+ports = [23]
+[[firewall.rule]]
+name = "admins"
+action = "allow"
+source = ["198.18.0.16/28"]
+"#;
+    let Some(mut fw) =
+        Fw::new("a_restarted_lbd_keeps_a_rule_set_ending_in_a_plain_allow_and_its_counters", toml)
+    else {
+        return;
+    };
+    let admin = tcp4([198, 18, 0, 20], [198, 18, 100, 1], 80, 0);
+    fw.bed.check_all(&[allow("admin", admin.clone())]).unwrap();
+    assert_eq!(fw.hits(1), 1);
+    let generation = fw.firewall.active_generation();
+    fw.firewall = Firewall::adopt(&mut fw.bed.datapath.maps_mut().firewall).unwrap();
+    let summary = fw.install(toml);
+    assert_eq!(summary, InstallSummary::default(), "nothing to change");
+    assert_eq!(fw.firewall.active_generation(), generation);
+    assert_eq!(fw.firewall.switches(), 0);
+    fw.bed.check_all(&[allow("admin after the restart", admin)]).unwrap();
+    assert_eq!(fw.hits(1), 2, "the count goes on");
+}
+
 /// A bucket of rate 500/s and burst 50, hit as fast as `BPF_PROG_TEST_RUN` goes for about a
 /// second: it admits burst + rate × the time between its first and last packet. That time is
 /// bracketed on the data path's own clock (jiffies, as the bucket's): read just before the
@@ -822,8 +937,9 @@ fn a_million_prefixes_per_family_load_and_match() {
             let _ = writeln!(text, "{prefix}");
         }
     }
-    let path = std::env::temp_dir().join(format!("lbt-{}-million.txt", std::process::id()));
-    std::fs::write(&path, &text).unwrap();
+    let path = lb_tests::daemon::TempFile::named("million.txt");
+    let path = &path.0;
+    std::fs::write(path, &text).unwrap();
     let toml = format!(
         "[firewall]\n[[firewall.rule]]\nname = \"blocklist\"\naction = \"deny\"\nsource_file = \"{}\"\n",
         path.display()
@@ -874,7 +990,7 @@ fn a_million_prefixes_per_family_load_and_match() {
     let extra: Vec<String> =
         (0..1000).map(|i| format!("172.16.{}.{}/32", i / 256, i % 256)).collect();
     updated.extend(extra.iter().map(String::as_str));
-    std::fs::write(&path, updated.join("\n")).unwrap();
+    std::fs::write(path, updated.join("\n")).unwrap();
     let compiled = firewall::compile(config.firewall.as_ref().unwrap(), fw.hz).unwrap();
     let start = Instant::now();
     let summary =
@@ -898,7 +1014,6 @@ fn a_million_prefixes_per_family_load_and_match() {
             allow("delisted", tcp4(hit4.octets(), [198, 18, 100, 1], 80, 0)),
         ])
         .unwrap();
-    let _ = std::fs::remove_file(&path);
 }
 
 /// Logging is sampled and capped: with `log = 1` every match is a candidate, but a CPU logs
@@ -908,13 +1023,6 @@ fn logging_is_sampled_and_capped() {
     let toml = "[firewall]\n[[firewall.rule]]\nname = \"all\"\naction = \"deny\"\nsource = [\"198.18.0.0/24\"]\nlog = 1\n[[firewall.rule]]\nname = \"some\"\naction = \"allow\"\nlog = 50\n";
     let Some(mut fw) = Fw::new("logging_is_sampled_and_capped", toml) else { return };
     let mut events = fw.bed.datapath.maps_mut().firewall_events.take().unwrap().0;
-    let drain = |events: &mut aya::maps::RingBuf<aya::maps::MapData>| {
-        let mut n = Vec::new();
-        while let Some(item) = events.next() {
-            n.push(lb_userspace::firewall::log::decode(&item).unwrap());
-        }
-        n
-    };
     let blocked = tcp4([198, 18, 0, 9], [198, 18, 100, 1], 80, tcp_flags::SYN);
     let start = Instant::now();
     for _ in 0..2000 {
@@ -926,10 +1034,7 @@ fn logging_is_sampled_and_capped() {
     eprintln!("{} of 2000 logged in {elapsed:.3} s (cap {cap:.0})", logged.len());
     assert!(logged.len() >= 100 && (logged.len() as f64) <= cap, "{} logged", logged.len());
     let first = logged[0];
-    assert_eq!(
-        (first.rule, first.outcome, first.proto),
-        (0, lb_common::firewall::EVENT_DROPPED, 6)
-    );
+    assert_eq!((first.rule, first.outcome, first.proto), (0, EVENT_DROPPED, 6));
     assert_eq!(first.src[0], u32::from_ne_bytes([198, 18, 0, 9]));
     // Sampling: wait for the budget to refill, then 1,000 matches of the 1-in-50 rule.
     std::thread::sleep(Duration::from_millis(1100));
@@ -942,5 +1047,48 @@ fn logging_is_sampled_and_capped() {
     eprintln!("{} of 1000 sampled at one in 50", sampled.len());
     // Expected 20; the binomial's standard deviation is 4.4: 5 to 40 is over three of them.
     assert!((5..=40).contains(&sampled.len()), "{}", sampled.len());
-    assert!(sampled.iter().all(|e| e.rule == 1 && e.outcome == lb_common::firewall::EVENT_PASSED));
+    assert!(sampled.iter().all(|e| e.rule == 1 && e.outcome == EVENT_PASSED));
+}
+
+/// Audit mode logs a packet as "would drop" only when a rule would have dropped it: a packet
+/// a rate limit admits, and IPv6 link control, which rate limits let through, are logged as
+/// passed, as without audit mode (where the refused one is dropped). The audit counter
+/// counts the would-be drop alone.
+#[test]
+fn audit_mode_logs_what_a_rate_limit_admits_as_passed() {
+    let limit = "[firewall]\n[[firewall.rule]]\nname = \"limit\"\naction = \"rate_limit\"\nrate = 1\nburst = 1\nlog = 1\n";
+    let audit = limit.replace("[firewall]\n", "[firewall]\naudit = true\n");
+    let Some(mut fw) = Fw::new("audit_mode_logs_what_a_rate_limit_admits_as_passed", &audit) else {
+        return;
+    };
+    let mut events = fw.bed.datapath.maps_mut().firewall_events.take().unwrap().0;
+    let solicitation = Packet::ipv6("fe80::1".parse().unwrap(), "ff02::1:ff00:2".parse().unwrap())
+        .ttl(255)
+        .icmp(135, 0, [0; 4])
+        .payload(&[0; 16])
+        .build();
+    // Rate 1 with a burst of 1: a source's first packet is admitted, its second refused
+    // (unless the machine stalls a second between them).
+    let from = |net: u8| tcp4([198, 18, net, 1], [198, 18, 100, 1], 80, 0);
+    fw.bed
+        .check_all(&[
+            allow("admitted", from(1)),
+            allow("audit: refused, let through", from(1)),
+            allow("link control", solicitation.clone()),
+        ])
+        .unwrap();
+    let outcomes = |events: &mut _| drain(events).iter().map(|e| e.outcome).collect::<Vec<_>>();
+    assert_eq!(outcomes(&mut events), [EVENT_PASSED, EVENT_AUDITED, EVENT_PASSED]);
+    assert_eq!((fw.hits(0), fw.hits(AUDIT_SLOT)), (3, 1));
+
+    // Without audit mode (buckets are kept across the switch: another source).
+    assert!(fw.install(limit).switched);
+    fw.bed
+        .check_all(&[
+            allow("admitted", from(2)),
+            deny("refused", from(2), Reason::RateLimited),
+            allow("link control", solicitation),
+        ])
+        .unwrap();
+    assert_eq!(outcomes(&mut events), [EVENT_PASSED, EVENT_DROPPED, EVENT_PASSED]);
 }

@@ -3,8 +3,9 @@
 //!
 //! A changed rule set is written into the inactive generation and switched in with one write
 //! (then the old generation is cleared). When only prefix lists change (the same rules,
-//! ports and policy), the active generation's tries are updated in place, entry by entry, so
-//! a block list of a million prefixes takes only its changes.
+//! named alike in the same order, ports and policy), the active generation's tries are
+//! updated in place, entry by entry, so a block list of a million prefixes takes only its
+//! changes.
 
 pub mod log;
 pub mod prefix;
@@ -171,7 +172,9 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// Whether `other` differs only in its prefixes (so it can be updated in place).
+    /// Whether `other` differs only in its prefixes (so it can be updated in place): the
+    /// same rules with the same names at the same positions (the meta's `rule_names`), for
+    /// counters are kept by position and shown by name, and the same ports and policy.
     fn same_rules(&self, other: &Self) -> bool {
         self.rules == other.rules && self.meta == other.meta && self.ports == other.ports
     }
@@ -224,6 +227,7 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
                 }
             }
         }
+        // Every rule matches some (class, port): `Firewall::read_back` counts on it.
         set_ports(&mut out.ports, rule, bit);
         out.rules.push(fw_rule(rule, ticks_per_second));
         if rule.tcp_flags.is_some() {
@@ -233,6 +237,7 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
     if !errors.is_empty() {
         return Err(errors);
     }
+    out.meta.rule_names = names_digest(&config.rules);
     out.meta.any_src = any_src;
     out.meta.any_dst = any_dst;
     if !dst_entries.is_empty() {
@@ -268,6 +273,22 @@ pub fn compile(config: &FirewallConfig, ticks_per_second: u64) -> Result<Compile
         return Err(errors);
     }
     Ok(out)
+}
+
+/// FNV-1a (32 bits) of the rules' names in order, each ended by a zero byte (which no name
+/// holds), for `FwMeta::rule_names`. Written out because a pinned generation outlives the lbd
+/// that wrote it, and std's hashers promise no stable output. Two lists of names share a
+/// digest by a chance in four billion (the rule set is then updated in place).
+fn names_digest(rules: &[RuleConfig]) -> u32 {
+    rules
+        .iter()
+        .flat_map(|rule| rule.name.bytes().chain([0]))
+        .fold(0x811c_9dc5, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+}
+
+/// Rules in use by their bits (`used`: the union of every rule's bits): up to the highest.
+fn rule_count(used: RuleBits) -> usize {
+    usize::try_from(RuleBits::BITS - used.leading_zeros()).unwrap_or(MAX_RULES)
 }
 
 fn fw_rule(rule: &RuleConfig, ticks_per_second: u64) -> FwRule {
@@ -514,13 +535,17 @@ impl Firewall {
         for i in 0..MAX_RULES {
             c.rules.push(maps.rule(generation, i)?);
         }
-        while c.rules.last().is_some_and(|r| *r == FwRule::default()) {
-            c.rules.pop();
-        }
         for (i, bits) in c.ports.iter_mut().enumerate() {
             let index = port_index(generation, i);
             *bits = maps.port_bits(index)?;
         }
+        // A plain `allow` (no flags, no log) is all zeros, as an unused slot is: the rules in
+        // use are told by the ports array, where every rule has a bit (a rule set read back
+        // one rule short is not the same rules, and would be switched in anew, its counters
+        // reset).
+        let used = c.ports.iter().fold(0, |all, bits| all | bits);
+        let set = c.rules.iter().rposition(|r| *r != FwRule::default()).map_or(0, |i| i + 1);
+        c.rules.truncate(rule_count(used).max(set));
         c.sources = maps.prefixes(Direction::Source, generation)?;
         c.destinations = maps.prefixes(Direction::Destination, generation)?;
         Ok(c)
@@ -688,6 +713,49 @@ icmp_types = [8, 128]
         );
         assert_eq!((limit.micro_tokens_per_tick, limit.burst_micro_tokens), (100_000, 100 * TOKEN));
         assert_eq!((limit.flags, limit.log_one_in), (RULE_LOG, 10));
+    }
+
+    #[test]
+    fn only_other_prefixes_for_the_same_named_rules_are_the_same_rules() {
+        // Rules of one source prefix each: (name, action, prefix).
+        let compiled = |rules: &[(&str, &str, &str)]| {
+            let toml = rules.iter().fold("[firewall]\n".to_owned(), |toml, (name, action, src)| {
+                toml + &format!(
+                    "[[firewall.rule]]\nname = \"{name}\"\naction = \"{action}\"\nsource = [\"{src}\"]\n"
+                )
+            });
+            compile(&config(&toml), 250).unwrap()
+        };
+        let (bl_a, bl_b) = (("bl-a", "deny", "198.18.1.0/24"), ("bl-b", "deny", "198.18.2.0/24"));
+        let before = compiled(&[bl_a, bl_b]);
+        assert!(before.same_rules(&compiled(&[bl_a, ("bl-b", "deny", "198.18.3.0/24")])));
+        let lists_swapped = [("bl-a", "deny", bl_b.2), ("bl-b", "deny", bl_a.2)];
+        assert!(before.same_rules(&compiled(&lists_swapped)), "lists swapped");
+        assert!(!before.same_rules(&compiled(&[bl_b, bl_a])), "rules swapped");
+        assert!(!before.same_rules(&compiled(&[("bl-c", "deny", bl_a.2), bl_b])), "a rule renamed");
+        let (first, middle) = (("x", "allow", "10.0.0.0/8"), ("y", "deny", "10.1.0.0/16"));
+        let last = ("z", "allow", "10.2.0.0/16");
+        assert!(
+            !compiled(&[first, middle, last]).same_rules(&compiled(&[last, middle, first])),
+            "allows swapped"
+        );
+    }
+
+    #[test]
+    fn the_names_digest_is_fnv_1a_of_the_names_each_ended_by_a_zero() {
+        // Pinned generations hold it: another function would switch every rule set in after
+        // an upgrade.
+        let c = config(
+            "[firewall]\n[[firewall.rule]]\nname = \"admins\"\naction = \"allow\"\n[[firewall.rule]]\nname = \"block\"\naction = \"deny\"\n",
+        );
+        assert_eq!(compile(&c, 250).unwrap().meta.rule_names, 0xd146_3210);
+    }
+
+    #[test]
+    fn the_rule_count_is_up_to_the_highest_bit_in_use() {
+        assert_eq!(rule_count(0), 0);
+        assert_eq!(rule_count(0b101), 3);
+        assert_eq!(rule_count(RuleBits::MAX), MAX_RULES);
     }
 
     #[test]

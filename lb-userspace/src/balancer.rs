@@ -497,6 +497,11 @@ impl Balancer {
                 }
                 maps.maglev.set(id, &built[&table])?;
                 summary.tables_installed += 1;
+                // Recorded at once: should the service's entry fail below, the change is put
+                // back by comparing with this, and must find the old table to install again.
+                if let Some(state) = self.services.get_mut(&name) {
+                    state.table = table.clone();
+                }
             }
             match &previous {
                 None => {
@@ -850,18 +855,23 @@ impl Balancer {
         self.adopted_cookies_on.clear();
         let removed: Vec<String> =
             self.services.keys().filter(|n| !kept.contains(*n)).cloned().collect();
-        let gone = removed
+        let gone: Vec<(ServiceKey, u32)> = removed
             .iter()
             .filter_map(|name| self.services.remove(name))
             .map(|state| (state.key, state.id))
-            .chain(adopted);
-        for (key, id) in gone.collect::<Vec<_>>() {
+            .chain(adopted)
+            .collect();
+        // All recorded before any is removed from the map: should a removal fail, putting
+        // the change back finds every one of them, to install under its id again.
+        for (key, id) in &gone {
+            summary.services_removed += 1;
+            summary.removed_service_ids.push(*id);
+            self.last_removed.insert(*key, *id);
+        }
+        for (key, _) in gone {
             if !claimed.contains(&key) {
                 maps.services.remove(&key)?;
             }
-            summary.services_removed += 1;
-            summary.removed_service_ids.push(id);
-            self.last_removed.insert(key, id);
         }
         Ok(())
     }

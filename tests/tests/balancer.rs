@@ -121,20 +121,26 @@ impl Lb {
             .pools
             .iter()
             .flat_map(|p| &p.backends)
-            .map(|b| {
-                let addr = *b.address.get_ref();
-                let hop = NextHop {
-                    ifindex: INGRESS_IFINDEX,
-                    flags: NEXTHOP_ON_LINK,
-                    dmac: backend_mac(addr),
-                    smac: EGRESS_MAC,
-                };
-                (addr, hop)
-            })
+            .map(|b| (*b.address.get_ref(), on_link_hop(*b.address.get_ref())))
             .collect();
         let mut resolver = StaticResolver(hops);
         self.balancer.apply(&config, self.bed.datapath.maps_mut(), &mut resolver).unwrap();
         self.config = config;
+    }
+
+    /// Applies `toml` as [`Lb::reapply`] does, returning the error of an apply that fails.
+    fn try_apply(&mut self, toml: &str) -> anyhow::Result<()> {
+        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
+        let hops = config
+            .pools
+            .iter()
+            .flat_map(|p| &p.backends)
+            .map(|b| (*b.address.get_ref(), on_link_hop(*b.address.get_ref())))
+            .collect();
+        let mut resolver = StaticResolver(hops);
+        self.balancer.apply(&config, self.bed.datapath.maps_mut(), &mut resolver)?;
+        self.config = config;
+        Ok(())
     }
 
     /// Changes the data path's globals (timeouts, refresh interval) as `f` says.
@@ -211,6 +217,11 @@ fn identity(pool: &str, addr: &str) -> lb_userspace::balancer::BackendIdentity {
         addr: addr.parse().unwrap(),
         port: None,
     }
+}
+
+/// A backend's next hop in the fixtures: on the ingress interface's link.
+fn on_link_hop(addr: IpAddr) -> NextHop {
+    NextHop { ifindex: INGRESS_IFINDEX, flags: NEXTHOP_ON_LINK, dmac: backend_mac(addr), smac: EGRESS_MAC }
 }
 
 fn nat_config(v6: bool, proto: &str) -> String {
@@ -3303,4 +3314,51 @@ fn auto_syn_cookies_on_at_a_restart_stay_on() {
     lb.restart_balancer();
     lb.reapply(&config.replace("syn_cookies = \"auto\"", "syn_cookies = \"off\""));
     assert!(!cookies(&lb), "an off service kept an auto state");
+}
+
+#[test]
+fn a_change_that_fails_after_a_services_new_table_gets_the_old_table_back() {
+    // Service `s` moves to port 81 with one backend fewer, and a new service takes its port
+    // 80: `s`'s new table goes in, then its new entry is refused (the service map is full,
+    // and its old key stays, claimed by the new service). The daemon puts a failed change
+    // back by applying the old configuration again, which must install `s`'s old table
+    // again: left on the new one, `s` would balance new flows by a rejected configuration.
+    let Some(mut lb) = Lb::new("failed_table_put_back", &dsr_config(false, "tcp"), &[]) else {
+        return;
+    };
+    let sid = lb.balancer.service_id("s").unwrap();
+    let before = lb.bed.datapath.maps().maglev.table(sid).unwrap().unwrap();
+    let changed = dsr_config(false, "tcp")
+        .replace("[[pool.backend]]\naddress = \"198.18.1.12\"\n", "")
+        .replace("port = 80\n", "port = 81\n")
+        + "[[service]]\nname = \"t\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\npool = \"p\"\nmode = \"dsr-l2\"\n";
+    let services = &mut lb.bed.datapath.maps_mut().services;
+    let used = services.entries().unwrap().len();
+    let filler = |i: usize| lb_common::service::ServiceKey {
+        addr: [u32::from(Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)).to_be(), 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        family: 4,
+    };
+    let fillers = lb_common::service::MAX_SERVICES as usize - used;
+    let dummy = services.entries().unwrap()[0].1;
+    for i in 0..fillers {
+        services.upsert(&filler(i), &dummy).unwrap();
+    }
+    let error = lb.try_apply(&changed).expect_err("the full service map refuses the new entry");
+    assert_ne!(
+        lb.bed.datapath.maps().maglev.table(sid).unwrap().unwrap(),
+        before,
+        "the new table went in before the failure: {error:#}"
+    );
+    let services = &mut lb.bed.datapath.maps_mut().services;
+    for i in 0..fillers {
+        services.remove(&filler(i)).unwrap();
+    }
+    lb.reapply(&dsr_config(false, "tcp"));
+    assert_eq!(
+        lb.bed.datapath.maps().maglev.table(sid).unwrap().unwrap(),
+        before,
+        "the old table is back"
+    );
 }

@@ -14,7 +14,9 @@ use std::{
 use lb_common::{
     conntrack::TimeoutSecs,
     maglev::{MAX_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, table_size_for},
-    service::{DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_SERVICES},
+    service::{
+        DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_NAT_SOURCES, MAX_SERVICES,
+    },
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -1038,6 +1040,21 @@ impl Config {
                 &format!("{} services; at most {MAX_SERVICES} are allowed", self.services.len()),
             );
         }
+        let nat_sources: HashSet<IpAddr> = self
+            .services
+            .iter()
+            .filter(|s| s.mode == ForwardingMode::Nat)
+            .filter_map(|s| s.nat_source.as_ref().map(|a| *a.get_ref()))
+            .collect();
+        if nat_sources.len() > MAX_NAT_SOURCES as usize {
+            p.add(
+                None,
+                &format!(
+                    "{} distinct nat_source addresses; at most {MAX_NAT_SOURCES} are allowed",
+                    nat_sources.len()
+                ),
+            );
+        }
         let mut names = HashSet::new();
         let mut keys: HashMap<(IpAddr, Protocol, Option<u16>), &str> = HashMap::new();
         for service in &self.services {
@@ -1653,6 +1670,30 @@ nat_source = "198.18.1.1"
         let pool = config.pool("web").unwrap();
         assert_eq!(*pool.backends[0].weight.get_ref(), DEFAULT_WEIGHT);
         assert_eq!(pool.backends[1].port(), Some(8080));
+    }
+
+    #[test]
+    fn more_nat_sources_than_the_data_path_holds_are_refused_by_check_config() {
+        // The data path's NAT_SOURCES holds 256 addresses: a 257th was accepted here and
+        // refused by lbd at start, with advice ("two steps") a start cannot follow.
+        let services = |n: usize| {
+            (0..n).fold(String::new(), |text, i| {
+                text + &format!(
+                    "[[service]]\nname = \"s{i}\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = {}\npool = \"web\"\nmode = \"nat\"\nnat_source = \"198.19.{}.{}\"\n",
+                    1000 + i,
+                    i / 256,
+                    i % 256
+                )
+            })
+        };
+        let pool = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n";
+        let max = MAX_NAT_SOURCES as usize;
+        assert!(Config::parse(&format!("{pool}{}", services(max)), "t").is_ok());
+        let error = Config::parse(&format!("{pool}{}", services(max + 1)), "t").unwrap_err();
+        assert!(
+            error.to_string().contains("257 distinct nat_source addresses; at most 256"),
+            "{error}"
+        );
     }
 
     #[test]

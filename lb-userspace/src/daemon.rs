@@ -142,15 +142,18 @@ impl Daemon {
         let hz = datapath.ticks_per_second()?;
         let compiled = compile_firewall(&config, hz)
             .map_err(|e| anyhow::anyhow!("invalid firewall:\n  {}", e.join("\n  ")))?;
-        // Added before the services apply; what an earlier lbd reserved and this
-        // configuration no longer holds is given back once they have (the pinned data path
-        // may be handing those ports out until then).
-        reserve_nat_ports(&config.daemon.pin_dir, &[&config], false);
         let mut resolver = KernelResolver;
         let mut balancer = Balancer::new(hz);
         if datapath.adopted() {
             balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;
         }
+        // Refused before the NAT ports or the firewall change: the pinned data path keeps
+        // what it has.
+        balancer.check_capacity(&config).context("the configuration does not fit")?;
+        // Added before the services apply; what an earlier lbd reserved and this
+        // configuration no longer holds is given back once they have (the pinned data path
+        // may be handing those ports out until then).
+        reserve_nat_ports(&config.daemon.pin_dir, &[&config], false);
         let mut firewall = if datapath.adopted() {
             Firewall::adopt(&mut datapath.maps_mut().firewall)
                 .context("failed to read the pinned firewall maps")?

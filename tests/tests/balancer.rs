@@ -3362,3 +3362,32 @@ fn a_change_that_fails_after_a_services_new_table_gets_the_old_table_back() {
         "the old table is back"
     );
 }
+
+#[test]
+fn the_address_sets_are_replaced_within_their_room() {
+    // A full set of NAT sources replaced by as many others (a start adopting a pinned data
+    // path whose services all moved to new addresses): the old ones leave before the new
+    // ones come in, or the map would need room for both and refuse the change, at every
+    // start. The service addresses are left as they are.
+    let Some(mut lb) = Lb::new("address_sets_room", &nat_config(false, "tcp"), &[]) else {
+        return;
+    };
+    let services = &mut lb.bed.datapath.maps_mut().services;
+    let (vips, _) = services.addresses().unwrap();
+    let set = |third: u8| -> Vec<(lb_common::service::AddrKey, u32)> {
+        (0..lb_common::service::MAX_NAT_SOURCES)
+            .map(|i| {
+                let addr = Ipv4Addr::new(198, 19, third + (i >> 8) as u8, i as u8);
+                (lb_common::service::AddrKey { addr: [u32::from(addr).to_be(), 0, 0, 0], family: 4 }, 1)
+            })
+            .collect()
+    };
+    services.set_addresses(&vips, &set(0)).unwrap();
+    services.set_addresses(&vips, &set(8)).expect("a full set replaced by another");
+    let (_, sources) = services.addresses().unwrap();
+    let mut sources: Vec<_> = sources.into_iter().map(|(k, _)| k.addr[0]).collect();
+    sources.sort_unstable();
+    let mut wanted: Vec<_> = set(8).into_iter().map(|(k, _)| k.addr[0]).collect();
+    wanted.sort_unstable();
+    assert_eq!(sources, wanted);
+}

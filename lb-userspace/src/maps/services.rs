@@ -154,16 +154,16 @@ impl ServicesMap {
     }
 }
 
-/// Makes `map` hold exactly `entries`: inserts first, then removes the rest, so a key that
-/// stays is never missing in between.
+/// Makes `map` hold exactly `entries`: removes the keys not among them first (no key that
+/// stays is ever missing: they are only written over), then writes the rest, so the map
+/// never holds more than the larger of before and after. Inserting first would need room
+/// for both: a start adopting a pinned map full of addresses the configuration dropped
+/// would be refused for want of room for the new ones, at every start.
 fn replace_all(
     map: &mut HashMap<MapData, AddrKey, u32>,
     entries: &[(AddrKey, u32)],
     name: &'static str,
 ) -> Result<(), MapError> {
-    for (key, value) in entries {
-        map.insert(key, value, 0).map_err(|source| MapError::Update { name, source })?;
-    }
     let stale: Vec<AddrKey> = map
         .keys()
         .filter_map(Result::ok)
@@ -171,6 +171,9 @@ fn replace_all(
         .collect();
     for key in stale {
         remove_ok_if_missing(map, &key, name)?;
+    }
+    for (key, value) in entries {
+        map.insert(key, value, 0).map_err(|source| MapError::Update { name, source })?;
     }
     Ok(())
 }

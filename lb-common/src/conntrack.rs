@@ -284,7 +284,10 @@ pub const fn opens_connection(flags: u8) -> bool {
 }
 
 /// The state a new TCP flow starts in for a packet with `flags`. A flow picked up without its
-/// SYN (after a restart, or a failover from another node) is taken as established.
+/// SYN (after a restart, or a failover from another node) starts unconfirmed, as a SYN's
+/// does (the SYN timeout), and is established by its next packet: a live connection sends
+/// one soon, while a spoofed ACK flood's entries (and, for NAT, their ports) would otherwise
+/// be held for the established timeout, two hours by default.
 #[inline(always)]
 #[must_use]
 pub const fn initial_tcp_state(flags: u8) -> FlowState {
@@ -292,10 +295,8 @@ pub const fn initial_tcp_state(flags: u8) -> FlowState {
         FlowState::Closed
     } else if flags & tcp_flags::FIN != 0 {
         FlowState::Closing
-    } else if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 {
-        FlowState::SynSeen
     } else {
-        FlowState::Established
+        FlowState::SynSeen
     }
 }
 
@@ -460,11 +461,15 @@ mod tests {
     }
 
     #[test]
-    fn mid_stream_pickup_is_established() {
-        assert_eq!(initial_tcp_state(ACK), FlowState::Established);
-        assert_eq!(initial_tcp_state(SYN | ACK), FlowState::Established);
+    fn a_mid_stream_pickup_is_established_by_its_next_packet() {
+        assert_eq!(initial_tcp_state(ACK), FlowState::SynSeen);
+        assert_eq!(initial_tcp_state(SYN | ACK), FlowState::SynSeen);
         assert_eq!(initial_tcp_state(FIN | ACK), FlowState::Closing);
         assert_eq!(initial_tcp_state(RST), FlowState::Closed);
+        assert_eq!(
+            next_tcp_state(initial_tcp_state(ACK) as u8, ACK),
+            Transition::Keep(FlowState::Established)
+        );
     }
 
     #[test]

@@ -364,6 +364,7 @@ fn invalid_input_gets_a_4xx_with_a_message_and_changes_nothing() {
         ),
         (Method::POST, "/v1/reload?force=1", None, StatusCode::BAD_REQUEST, "no query"),
         (Method::GET, "/v1/pools?name=web", None, StatusCode::BAD_REQUEST, "no query"),
+        (Method::GET, "/v1/openapi.json?v=2", None, StatusCode::BAD_REQUEST, "no query"),
         (
             Method::POST,
             "/v1/pools/web/backends",

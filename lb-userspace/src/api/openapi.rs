@@ -131,6 +131,6 @@ pub fn document_value() -> Value {
 }
 
 /// `GET /v1/openapi.json`.
-pub async fn document() -> Json<Value> {
+pub async fn document(_: super::NoQuery) -> Json<Value> {
     Json(document_value())
 }

@@ -142,7 +142,7 @@ impl Daemon {
         let hz = datapath.ticks_per_second()?;
         let compiled = compile_firewall(&config, hz)
             .map_err(|e| anyhow::anyhow!("invalid firewall:\n  {}", e.join("\n  ")))?;
-        let mut resolver = KernelResolver;
+        let mut resolver = KernelResolver::default();
         let mut balancer = Balancer::new(hz);
         if datapath.adopted() {
             balancer.adopt(datapath.maps()).context("failed to read the pinned maps")?;

@@ -36,7 +36,39 @@ pub trait Resolver: Send {
 
 /// Resolves through the kernel of the current network namespace.
 #[derive(Debug, Default)]
-pub struct KernelResolver;
+pub struct KernelResolver {
+    /// Egress interfaces already warned about (see [`xdp_cannot_transmit`]).
+    warned: std::collections::HashSet<String>,
+}
+
+/// Whether a device of link kind `kind` (`ip -details link`'s `info_kind`; none for a
+/// physical NIC) is one XDP cannot transmit on: the kernel drops frames redirected to a
+/// device without XDP transmit support (no `ndo_xdp_xmit`), and these kinds have none. A
+/// backend routed through one (a VLAN subinterface, most often) gets nothing.
+#[must_use]
+pub fn xdp_cannot_transmit(kind: &str) -> bool {
+    matches!(
+        kind,
+        "vlan"
+            | "macvlan"
+            | "macvtap"
+            | "ipvlan"
+            | "ipvtap"
+            | "vxlan"
+            | "geneve"
+            | "bridge"
+            | "dummy"
+            | "gre"
+            | "gretap"
+            | "ip6gre"
+            | "ip6gretap"
+            | "ipip"
+            | "ip6tnl"
+            | "sit"
+            | "wireguard"
+            | "team"
+    )
+}
 
 /// Fixed answers, for datapath tests that run the program without interfaces.
 #[derive(Debug, Default)]
@@ -77,6 +109,12 @@ struct LinkJson {
     ifindex: u32,
     ifname: String,
     address: Option<String>,
+    linkinfo: Option<LinkInfoJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkInfoJson {
+    info_kind: Option<String>,
 }
 
 impl Resolver for KernelResolver {
@@ -126,6 +164,17 @@ impl Resolver for KernelResolver {
             let next = gateway.unwrap_or(dst);
             let Some(link) = links.iter().find(|l| l.ifname == dev) else { continue };
             let Some(smac) = link.address.as_deref().and_then(parse_mac) else { continue };
+            let kind = link.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref());
+            if let Some(kind) = kind.filter(|k| xdp_cannot_transmit(k))
+                && self.warned.insert(dev.clone())
+            {
+                tracing::warn!(
+                    backend = %dst,
+                    interface = %dev,
+                    kind,
+                    "backends routed through this interface get nothing: XDP cannot transmit on a {kind} device; route them through an interface lbd serves (see docs/architecture.md, Next hops)"
+                );
+            }
             let neighbour = neighs.iter().find(|n| {
                 n.dst.parse::<IpAddr>().ok() == Some(next)
                     && n.dev.as_deref() == Some(dev.as_str())
@@ -151,7 +200,7 @@ impl Resolver for KernelResolver {
 
 fn run_ip_batch(script: &str) -> std::io::Result<Vec<serde_json::Value>> {
     let mut child = Command::new("ip")
-        .args(["-json", "-force", "-batch", "-"])
+        .args(["-json", "-details", "-force", "-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -200,6 +249,41 @@ mod tests {
         assert_eq!(parse_mac("02:00:00:00:0a"), None);
         assert_eq!(parse_mac("02:00:00:00:0a:ff:01"), None);
         assert_eq!(parse_mac("zz:00:00:00:0a:ff"), None);
+    }
+
+    #[test]
+    fn backends_behind_a_device_xdp_cannot_transmit_on_are_warned_about() {
+        // A veth and a macvlan on it (as a VLAN subinterface would be: this kernel has no
+        // 802.1Q module), a backend behind each: both resolve (the frames would go there),
+        // and the macvlan is named in a warning, once: the kernel drops what XDP redirects
+        // to it.
+        if !crate::health::probe::tests::own_netns(
+            "backends_behind_a_device_xdp_cannot_transmit_on_are_warned_about",
+        ) {
+            return;
+        }
+        let script = "link add v0 type veth peer name v1\n\
+                      link add link v0 name mv0 type macvlan mode bridge\n\
+                      link set v0 up\nlink set v1 up\nlink set mv0 up\n\
+                      addr add 198.18.7.1/24 dev v0\naddr add 198.18.8.1/24 dev mv0\n\
+                      neigh add 198.18.7.11 lladdr 02:00:00:00:07:0b dev v0 nud permanent\n\
+                      neigh add 198.18.8.11 lladdr 02:00:00:00:08:0b dev mv0 nud permanent\n";
+        let mut child = Command::new("ip")
+            .args(["-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "setting up the links failed");
+        let (plain, tagged): (IpAddr, IpAddr) =
+            ("198.18.7.11".parse().unwrap(), "198.18.8.11".parse().unwrap());
+        let mut resolver = KernelResolver::default();
+        for _ in 0..2 {
+            let got = resolver.resolve(&[plain, tagged]);
+            assert!(matches!(got[&plain], Resolution::Resolved(_)), "{got:?}");
+            assert!(matches!(got[&tagged], Resolution::Resolved(_)), "{got:?}");
+        }
+        assert_eq!(resolver.warned, ["mv0".to_owned()].into());
     }
 
     #[test]

@@ -143,6 +143,21 @@ fn every_endpoint_answers_and_the_openapi_document_matches_the_routes() {
     assert_eq!(services[0].name, "web");
     assert_eq!(services[0].mode, "nat");
 
+    // Asking for what is already so changes nothing: 200, nothing applied, the operator's
+    // file (comments and all) not rewritten.
+    let text = f.config_text();
+    let (status, body) = f.send(
+        Method::PUT,
+        "/v1/pools/web/backends/198.18.1.12/state",
+        t,
+        Some(r#"{"state": "active"}"#),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let unchanged: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(unchanged["tables_installed"], 0, "{body}");
+    assert_eq!(f.config_text(), text, "the file was rewritten for no change");
+    assert!(!f.config_path.with_extension("toml.orig").exists());
+
     let (status, body) = f.send(
         Method::POST,
         "/v1/pools/web/backends",

@@ -603,6 +603,12 @@ fn change(
     let mut d = lock(state);
     let mut new = d.config.clone();
     edit(&mut new)?;
+    // Asked for what is already so (a backend's own state or weight again): nothing to
+    // apply, and the file (the operator's, with its comments) is not rewritten.
+    if matches!((new.to_toml(), d.config.to_toml()), (Ok(a), Ok(b)) if a == b) {
+        info!(change = what, "configuration unchanged: already so");
+        return Ok(Json(crate::balancer::ApplySummary::default().into()));
+    }
     let summary = d.change(new)?;
     info!(change = what, ?summary, "configuration changed through the API");
     Ok(Json(summary.into()))

@@ -113,6 +113,9 @@ pub struct Lifecycle {
     cut: HashSet<BackendIdentity>,
     /// When each retired backend id (removed from its pool) was first seen retired.
     retired_since: HashMap<u32, Instant>,
+    /// Each pool's drain deadline as last configured (seconds), kept after a change removes
+    /// the pool: its retired backends still drain by it.
+    drain_secs: HashMap<String, u64>,
     /// Pools in panic.
     pub panicking: BTreeSet<String>,
     /// The effective weights last installed.
@@ -155,7 +158,15 @@ impl Lifecycle {
             }
             l.states.insert(identity, (b.state, now));
         }
+        l.note_drain_deadlines(config);
         l
+    }
+
+    /// Records every pool's drain deadline (see `drain_secs`).
+    fn note_drain_deadlines(&mut self, config: &Config) {
+        for pool in &config.pools {
+            self.drain_secs.insert(pool.name.get_ref().clone(), pool.drain_timeout_secs);
+        }
     }
 
     /// Backends whose checks fail.
@@ -167,6 +178,7 @@ impl Lifecycle {
     /// start their slow start now; state changes restart their clocks; facts of removed
     /// backends are dropped.
     pub fn observe(&mut self, config: &Config, now: Instant) {
+        self.note_drain_deadlines(config);
         let mut seen = HashSet::new();
         for (identity, b) in backends(config) {
             seen.insert(identity.clone());
@@ -360,10 +372,16 @@ impl Lifecycle {
     ) -> Vec<u32> {
         let ids: HashSet<u32> = retired.iter().map(|(id, _)| *id).collect();
         self.retired_since.retain(|id, _| ids.contains(id));
+        // Removed pools' deadlines are kept while a backend of theirs is retired.
+        self.drain_secs.retain(|pool, _| {
+            config.pool(pool).is_some() || retired.iter().any(|(_, b)| b.pool == *pool)
+        });
         let mut due = Vec::new();
-        // A backend removed while lbd was down, carrying no new flows then, retires under no
-        // pool (the adopted maps do not say which): it drains by the longest timeout any
-        // pool has (0, never, being the longest), not for ever.
+        // A backend retires under its pool, whose deadline it drains by, also when a change
+        // removed that pool (as last configured). One removed while lbd was down, carrying
+        // no new flows then, retires under no pool (the adopted maps do not say which): it
+        // drains by the longest timeout any pool has (0, never, being the longest), not for
+        // ever.
         let longest = config
             .pools
             .iter()
@@ -372,7 +390,11 @@ impl Lifecycle {
             .unwrap_or(0);
         for (id, identity) in retired {
             let since = *self.retired_since.entry(*id).or_insert(now);
-            let timeout = config.pool(&identity.pool).map_or(longest, |p| p.drain_timeout_secs);
+            let timeout = config
+                .pool(&identity.pool)
+                .map(|p| p.drain_timeout_secs)
+                .or_else(|| self.drain_secs.get(&identity.pool).copied())
+                .unwrap_or(longest);
             if timeout > 0 && now.saturating_duration_since(since) >= Duration::from_secs(timeout) {
                 due.push(*id);
             }
@@ -685,6 +707,29 @@ mode = "dsr-l2"
         let unknown = [(8, BackendIdentity { pool: String::new(), ..identity(14) })];
         assert!(l.due_retired(&unknown, &config, t0 + Duration::from_secs(40)).is_empty());
         assert_eq!(l.due_retired(&unknown, &config, t0 + Duration::from_secs(70)), [8]);
+    }
+
+    #[test]
+    fn a_removed_pools_backends_drain_by_its_own_deadline() {
+        // Pool "web" (30 s) removed with its backend while pool "other" drains never (0):
+        // the backend still drains by web's 30 s, not by the longest remaining (never).
+        let t0 = Instant::now();
+        let config = Config::parse(
+            "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\ndrain_timeout_secs = 30\n[[pool.backend]]\naddress = \"198.18.1.13\"\n[[pool]]\nname = \"other\"\n[[pool.backend]]\naddress = \"198.18.1.14\"\n",
+            "t",
+        )
+        .unwrap();
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
+        let without_web = Config::parse(
+            "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"other\"\n[[pool.backend]]\naddress = \"198.18.1.14\"\n",
+            "t",
+        )
+        .unwrap();
+        l.observe(&without_web, t0);
+        let retired = [(7, identity(13))];
+        assert!(l.due_retired(&retired, &without_web, t0).is_empty(), "first seen retired");
+        assert!(l.due_retired(&retired, &without_web, t0 + Duration::from_secs(29)).is_empty());
+        assert_eq!(l.due_retired(&retired, &without_web, t0 + Duration::from_secs(30)), [7]);
     }
 
     #[test]

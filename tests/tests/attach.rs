@@ -321,7 +321,7 @@ fn a_backend_behind_an_ipv6_link_local_gateway_gets_its_next_hop() {
     let backend: IpAddr = "fd00:77::10".parse().unwrap();
     let router_mac = router.mac_of("ln1").unwrap();
     let hop = wait_for(Duration::from_secs(5), || {
-        let resolved = lb.enter(|| KernelResolver.resolve(&[backend])).ok()?;
+        let resolved = lb.enter(|| KernelResolver::default().resolve(&[backend])).ok()?;
         match resolved.get(&backend) {
             Some(Resolution::Resolved(hop)) => Some(*hop),
             _ => None,

@@ -62,12 +62,15 @@ mod tests {
 
     #[test]
     fn slots_do_not_overlap() {
+        let mut seen = std::collections::BTreeSet::new();
         for action in Action::ALL {
             assert!(action_slot(action) < ACTION_SLOTS);
+            assert!(seen.insert(action_slot(action)), "{action:?} shares a slot");
         }
         for reason in Reason::ALL {
             let slot = reason_slot(reason);
             assert!((ACTION_SLOTS..STATS_SLOTS).contains(&slot));
+            assert!(seen.insert(slot), "{reason:?} shares a slot");
         }
     }
 }

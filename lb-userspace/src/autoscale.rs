@@ -508,16 +508,32 @@ async fn run_command_within(
     // The event and the run under one bound: a hook that never reads its input would
     // otherwise hold the write (and itself) for ever once the event outgrows the pipe.
     let run = async {
-        if let Some(mut stdin) = stdin {
-            // A hook that exits without reading all of it closes the pipe: its exit status
-            // says how it went.
-            if let Err(e) = stdin.write_all(body).await
-                && e.kind() != std::io::ErrorKind::BrokenPipe
-            {
-                return Err(format!("{program} stdin: {e}"));
+        // Written while the hook runs, not before waiting for it: the write ends when the
+        // hook does (dropped, which closes the pipe), even if a job it left behind holds
+        // the pipe open unread, and the hook's exit status alone says how it went.
+        let feed = async {
+            if let Some(mut stdin) = stdin {
+                // A hook that exits without reading all of it closes the pipe.
+                if let Err(e) = stdin.write_all(body).await
+                    && e.kind() != std::io::ErrorKind::BrokenPipe
+                {
+                    return Err(format!("{program} stdin: {e}"));
+                }
             }
-        }
-        child.wait().await.map_err(|e| e.to_string())
+            Ok(())
+        };
+        // Once the hook exits, what it started in the background is killed with its group:
+        // a hook that leaves a stuck job behind would otherwise leave one per firing.
+        let exited = child.wait_whole();
+        tokio::pin!(feed, exited);
+        let status = tokio::select! {
+            status = &mut exited => status,
+            fed = &mut feed => {
+                fed?;
+                exited.await
+            }
+        };
+        status.map_err(|e| e.to_string())
     };
     let status = tokio::time::timeout(limit, run)
         .await
@@ -669,13 +685,41 @@ d5uJNQ==
     }
 
     #[tokio::test]
+    async fn a_hook_that_exits_takes_its_background_jobs_with_it() {
+        let pid_file =
+            std::env::temp_dir().join(format!("lb-hook-leftover-{}", std::process::id()));
+        let script = crate::process::tests::script_leaving_a_job_behind(&pid_file);
+        let shell = ["sh".to_owned(), "-c".to_owned(), script];
+        let result = run_command_within(&shell, b"{}", Duration::from_secs(5)).await;
+        let gone = crate::process::tests::gone_within(&pid_file, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(&pid_file);
+        assert_eq!(result, Ok(()));
+        assert!(gone, "the hook's background job ran on after the hook exited");
+    }
+
+    #[tokio::test]
+    async fn an_event_a_leftover_job_holds_unread_does_not_outlast_the_hook() {
+        // Larger than a pipe's buffer (64 KiB): the write cannot finish while the job holds
+        // the pipe and reads nothing.
+        let event = vec![b'x'; 1 << 20];
+        let pid_file = std::env::temp_dir().join(format!("lb-hook-stdin-{}", std::process::id()));
+        let script = crate::process::tests::script_leaving_a_job_behind(&pid_file);
+        let shell = ["sh".to_owned(), "-c".to_owned(), script];
+        let result = run_command_within(&shell, &event, Duration::from_secs(10)).await;
+        let _ = crate::process::tests::gone_within(&pid_file, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(&pid_file);
+        // The hook exited 0 at once: that is the delivery's result (a write waiting on the
+        // job would have run into the bound, an error).
+        assert_eq!(result, Ok(()));
+    }
+
+    #[tokio::test]
     async fn a_policy_delivers_one_event_at_a_time() {
         let counters = SharedCounters::default();
         let mut hook = policy(Some(1.0), None, 0, 0);
         hook.webhook = None;
         // A hook that runs until the test lets it end (by a file; at most 20 s).
-        let release =
-            std::env::temp_dir().join(format!("lb-hook-release-{}", std::process::id()));
+        let release = std::env::temp_dir().join(format!("lb-hook-release-{}", std::process::id()));
         let _ = std::fs::remove_file(&release);
         hook.command = vec![
             "sh".into(),

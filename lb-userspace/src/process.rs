@@ -66,6 +66,13 @@ pub(crate) mod tests {
         format!("sleep 30 & echo $! > {}; wait", pid_file.display())
     }
 
+    /// A shell script that leaves a background job behind, holding the script's standard
+    /// input unread (a shell gives a background job `/dev/null` unless told otherwise), and
+    /// exits 0 at once; the job writes its process id to `pid_file` and would run for 30 s.
+    pub(crate) fn script_leaving_a_job_behind(pid_file: &std::path::Path) -> String {
+        format!("exec 3<&0; sleep 30 <&3 & echo $! > {}", pid_file.display())
+    }
+
     /// Whether the process whose id `pid_file` holds is gone (no such process, or a zombie
     /// nobody reaped yet) within `limit`.
     pub(crate) async fn gone_within(pid_file: &std::path::Path, limit: Duration) -> bool {

@@ -285,6 +285,7 @@ fn tls_passthrough() {
     assert!(tls4["bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64, "{tls4}");
 
     relays_of_a_disabled_backend_are_cut(&setup, vip4, &hello);
+    a_backend_disabled_while_a_connection_connects_to_it_cuts_that_connection(&setup, vip4, &hello);
     relays_of_a_removed_backend_are_cut_at_the_deadline(&setup, vip4, &hello);
     refusing_backends_are_passed_over(&setup);
     source_hashing_keeps_a_client_on_one_backend(&setup);
@@ -613,33 +614,36 @@ fn relay_to_backend_1(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStr
     conn
 }
 
+/// Sets backend-1's state in tls-www through the API.
+fn set_backend_1_state(setup: &Setup, state: &str) {
+    let url = format!(
+        "http://{API}/v1/pools/tls-www/backends/{}/state?port={S_SERVER_PORT}",
+        backend_v4(0)
+    );
+    setup
+        .lab
+        .lb
+        .exec(&[
+            "curl",
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &format!("{{\"state\": \"{state}\"}}"),
+            &url,
+        ])
+        .unwrap();
+}
+
 /// Disabling a backend through the API cuts its running relays, as it cuts the data path's
 /// flows: the client sees a reset.
 fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello: &[u8]) {
-    let lab = &setup.lab;
     let mut conn = relay_to_backend_1(setup, target, hello);
     let mut chunk = [0u8; 4096];
-    let state = |state: &str| {
-        let url = format!(
-            "http://{API}/v1/pools/tls-www/backends/{}/state?port={S_SERVER_PORT}",
-            backend_v4(0)
-        );
-        lab.lb
-            .exec(&[
-                "curl",
-                "-sf",
-                "-X",
-                "PUT",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                &format!("{{\"state\": \"{state}\"}}"),
-                &url,
-            ])
-            .unwrap();
-    };
     // Cut at once: the client's read (10 s timeout) ends in a reset, not a timeout.
-    state("disabled");
+    set_backend_1_state(setup, "disabled");
     let ended = loop {
         match conn.read(&mut chunk) {
             Ok(0) => break Ok(0),
@@ -648,7 +652,62 @@ fn relays_of_a_disabled_backend_are_cut(setup: &Setup, target: SocketAddr, hello
         }
     };
     assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "the cut relay's client");
-    state("active");
+    set_backend_1_state(setup, "active");
+}
+
+/// A connection whose backend is disabled while lbd connects to it (chosen before, answering
+/// after) is cut as a running relay is: the client sees a reset, and nothing of the disabled
+/// backend's. Backend-1 drops lbd's SYNs until the backend is disabled, then lets the
+/// retransmitted one (a second later) through, well within lbd's 5 s connect timeout.
+fn a_backend_disabled_while_a_connection_connects_to_it_cuts_that_connection(
+    setup: &Setup,
+    target: SocketAddr,
+    hello: &[u8],
+) {
+    let backend = &setup.lab.backends[0].ns;
+    let opened = || {
+        setup.metric(
+            "lb_passthrough_connections_total{service=\"tls4\",route=\"www.example.com\",pool=\"tls-www\"}",
+        )
+    };
+    let before = opened();
+    let hold = format!(
+        "add table inet hold; add chain inet hold input {{ type filter hook input priority 0; }}; \
+         add rule inet hold input tcp dport {S_SERVER_PORT} tcp flags & (syn | ack) == syn drop"
+    );
+    backend.exec(&["nft", &hold]).unwrap();
+    let hello = hello.to_vec();
+    let mut conn = setup
+        .lab
+        .client
+        .enter(move || {
+            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            conn.write_all(&hello).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            conn
+        })
+        .unwrap();
+    // Routed and connecting: pending until the backend answers.
+    let connecting = wait_for(Duration::from_secs(2), || {
+        (setup.metric("lb_passthrough_pending_handshakes{service=\"tls4\"}") == 1).then_some(())
+    });
+    set_backend_1_state(setup, "disabled");
+    backend.exec(&["nft", "delete table inet hold"]).unwrap();
+    assert!(connecting.is_some(), "the connection never waited for its backend");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let ended = loop {
+        match conn.read(&mut chunk) {
+            Ok(0) => break Ok(0),
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    set_backend_1_state(setup, "active");
+    // The backend answered (the connection was relayed), after the cut.
+    assert_eq!(opened(), before + 1, "the connection never reached its backend");
+    assert!(!contains(&answer, b"backend-1"), "the disabled backend answered the client");
+    assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "the cut connection's client");
 }
 
 /// A relay whose backend is removed through the API runs on until the pool's drain deadline,

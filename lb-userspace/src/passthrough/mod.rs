@@ -164,8 +164,9 @@ impl Passthrough {
         Ok(Running { address: policy.address, runtime, cancel })
     }
 
-    /// Ends the running relays to these backends (a backend without a port: any port),
-    /// as the data path's flows of a disabled, overdue draining or removed backend are cut.
+    /// Ends the relays to these backends, running or still connecting (a backend without a
+    /// port: any port), as the data path's flows of a disabled, overdue draining or removed
+    /// backend are cut.
     pub fn cut(&self, backends: &[BackendIdentity]) {
         let Some(shared) = &self.shared else { return };
         if backends.is_empty() {
@@ -177,8 +178,8 @@ impl Passthrough {
         }
     }
 
-    /// How many relays run to `backend`: they keep a removed backend's id retired, as its
-    /// data path flows do, so its pool's drain deadline still cuts them.
+    /// How many relays run or connect to `backend`: they keep a removed backend's id
+    /// retired, as its data path flows do, so its pool's drain deadline still cuts them.
     #[must_use]
     pub fn relays_to(&self, backend: &BackendIdentity) -> usize {
         self.shared.as_ref().map_or(0, |shared| shared.count(|pool, to| is_to(backend, pool, to)))
@@ -194,4 +195,52 @@ impl Passthrough {
 /// Whether a relay of `pool` to `to` goes to `backend` (one without a port: any port).
 fn is_to(backend: &BackendIdentity, pool: &str, to: SocketAddr) -> bool {
     backend.pool == pool && backend.addr == to.ip() && backend.port.is_none_or(|p| p == to.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_written_with_a_final_dot_counts_under_the_series_it_declared() {
+        let config = Config::parse(
+            r#"
+[[interface]]
+name = "eth0"
+[[pool]]
+name = "web"
+[[pool.backend]]
+address = "198.18.1.11"
+[[pool]]
+name = "www"
+[[pool.backend]]
+address = "198.18.1.12"
+[[service]]
+name = "tls"
+address = "198.18.100.2"
+protocol = "tcp"
+port = 443
+pool = "web"
+mode = "tls-passthrough"
+[[service.tls.route]]
+server_name = "WWW.Example.com."
+pool = "www"
+"#,
+            "t",
+        )
+        .unwrap();
+        let mut passthrough = Passthrough::default();
+        passthrough.sync(&config, &Balancer::new(100));
+        let policy = passthrough.wanted["tls"].clone();
+        let route = policy.route(Some("www.example.com")).unwrap();
+        let id = (policy.service.clone(), route.label, route.pool);
+        assert_eq!(id.1, "www.example.com");
+        // One connection, relayed and ended: its count stays in the route's declared series
+        // (a series nobody declared goes once its last relay ends, taking the count along).
+        passthrough.stats.opened(&id);
+        passthrough.stats.closed(&id, Some("splice"));
+        let routes = passthrough.stats.snapshot().routes;
+        let counted: Vec<_> = routes.iter().map(|(id, c)| (id.1.as_str(), c.connections)).collect();
+        assert_eq!(counted, [("default", 0), ("www.example.com", 1)]);
+    }
 }

@@ -30,6 +30,9 @@ pub struct Policy {
     /// The service's address and port (what clients connect to).
     pub address: SocketAddr,
     routes: Routes<String>,
+    /// The routes' labels (their patterns as `routes` normalised them) and pools, in the
+    /// configuration's order.
+    labels: Vec<Route>,
     default_pool: String,
     tls: TlsPassthroughConfig,
     tables: HashMap<String, PoolTable>,
@@ -42,13 +45,19 @@ impl Policy {
     pub fn compile(service: &ServiceConfig, effective: &Config, balancer: &Balancer) -> Self {
         let tls = service.tls.clone().unwrap_or_default();
         let mut routes = Routes::new();
+        let mut labels = Vec::new();
         for route in &tls.routes {
+            let pool = route.pool.get_ref();
             // Validated (`Config::check`): patterns are well formed and unique as `Routes`
             // judges them, so this cannot fail for a checked configuration.
-            if let Err(error) =
-                routes.insert(route.server_name.get_ref(), route.pool.get_ref().clone())
-            {
-                tracing::error!(service = %service.name.get_ref(), %error, "server_name route not installed");
+            match routes.insert(route.server_name.get_ref(), pool.clone()) {
+                // Labelled as the table normalised the pattern (lowercase, no final dot),
+                // which is the text `route` reports: a route's series is declared under the
+                // label its connections are counted under, however the pattern is written.
+                Ok(label) => labels.push(Route { label, pool: pool.clone() }),
+                Err(error) => {
+                    tracing::error!(service = %service.name.get_ref(), %error, "server_name route not installed");
+                }
             }
         }
         let default_pool = service.pool.get_ref().clone();
@@ -68,6 +77,7 @@ impl Policy {
             service: service.name.get_ref().clone(),
             address: SocketAddr::new(*service.address.get_ref(), service.port().unwrap_or(0)),
             routes,
+            labels,
             default_pool,
             tls,
             tables,
@@ -117,13 +127,9 @@ impl Policy {
     /// Every route label and its pool, the default last (for metrics).
     #[must_use]
     pub fn labels(&self) -> Vec<Route> {
-        self.tls
-            .routes
+        self.labels
             .iter()
-            .map(|r| Route {
-                label: r.server_name.get_ref().to_ascii_lowercase(),
-                pool: r.pool.get_ref().clone(),
-            })
+            .cloned()
             .chain([Route { label: "default".to_owned(), pool: self.default_pool.clone() }])
             .collect()
     }

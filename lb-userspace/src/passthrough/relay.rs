@@ -56,6 +56,11 @@ pub async fn run(
 ) -> io::Result<&'static str> {
     let result = async {
         let (client, upstream) = (&client, &upstream);
+        // Cut while it connected (its backend left service before answering): nothing of
+        // the client's reaches that backend.
+        if cut.is_cancelled() {
+            return Err(io::Error::other("cut: its backend left service"));
+        }
         // Written before any relaying: the kernel never sends into `upstream` ahead of it.
         write_all(upstream, &first).await?;
         stats.relayed(route, first.len() as u64, 0);

@@ -126,25 +126,27 @@ impl<T> Routes<T> {
 
     /// Adds a route. The pattern is normalised (lowercased, trailing dot removed), so
     /// `WWW.Example.com.` and `www.example.com` are the same pattern and the second is a
-    /// duplicate.
-    pub fn insert(&mut self, pattern: &str, value: T) -> Result<(), RouteError> {
+    /// duplicate. Returns the pattern as normalised: the text [`Routes::lookup`] reports
+    /// for the names it matches.
+    pub fn insert(&mut self, pattern: &str, value: T) -> Result<String, RouteError> {
         match parse_pattern(pattern).map_err(RouteError::Invalid)? {
             Pattern::Exact(name) => {
                 let name = name.into_owned();
                 if self.exact.contains_key(&name) {
                     return Err(RouteError::Duplicate(name));
                 }
-                self.exact.insert(name, value);
+                self.exact.insert(name.clone(), value);
+                Ok(name)
             }
             Pattern::Wildcard(suffix) => {
                 let text = format!("*.{suffix}");
                 if self.wildcard.contains_key(suffix.as_ref()) {
                     return Err(RouteError::Duplicate(text));
                 }
-                self.wildcard.insert(suffix.into_owned(), (text, value));
+                self.wildcard.insert(suffix.into_owned(), (text.clone(), value));
+                Ok(text)
             }
         }
-        Ok(())
     }
 
     /// Finds the route for a server name: the matching pattern (normalised, as in
@@ -273,6 +275,15 @@ mod tests {
         for pattern in ["example.com", "*.example.com", "*.com", "localhost", "Www.Example.com."] {
             assert_eq!(is_valid_pattern(pattern), Ok(()), "{pattern:?}");
         }
+    }
+
+    #[test]
+    fn insert_reports_the_pattern_as_lookup_does() {
+        let mut routes = Routes::new();
+        assert_eq!(routes.insert("WWW.Example.com.", 0), Ok("www.example.com".to_owned()));
+        assert_eq!(routes.insert("*.EU.example.COM.", 1), Ok("*.eu.example.com".to_owned()));
+        assert_eq!(route(&routes, "www.example.com"), Some(("www.example.com", 0)));
+        assert_eq!(route(&routes, "x.eu.example.com"), Some(("*.eu.example.com", 1)));
     }
 
     #[test]

@@ -41,12 +41,13 @@ pub struct Shared {
     /// The socket maps; `None` relays by splice.
     pub maps: Option<SharedMaps>,
     pub stats: Arc<Stats>,
-    /// Running relays, so the daemon can cut those of a backend it takes out of service.
+    /// Relays running or connecting to their backend, so the daemon can cut those of a
+    /// backend it takes out of service (see [`Shared::choose`]).
     pub relays: Mutex<HashMap<u64, RelayHandle>>,
     pub next_relay: std::sync::atomic::AtomicU64,
 }
 
-/// A running relay: its pool and backend, and how to end it.
+/// A relay, running or connecting: its pool and backend, and how to end it.
 #[derive(Debug)]
 pub struct RelayHandle {
     pub pool: String,
@@ -65,15 +66,16 @@ impl Shared {
         }
     }
 
-    /// How many relays run (not cut) to backends `matches` accepts, given a relay's pool and
-    /// backend address.
+    /// How many relays run or connect (not cut) to backends `matches` accepts, given a
+    /// relay's pool and backend address.
     pub fn count(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
         relays.values().filter(|r| !r.cut.is_cancelled() && matches(&r.pool, r.backend)).count()
     }
 
-    /// Ends (with resets) the running relays to backends `matches` accepts, given a relay's
-    /// pool and backend address. Returns how many.
+    /// Ends (with resets) the relays to backends `matches` accepts, given a relay's pool and
+    /// backend address: those running, and those still connecting, which end as soon as
+    /// their backend answers. Returns how many.
     pub fn cut(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
@@ -85,12 +87,41 @@ impl Shared {
         }
         n
     }
+
+    /// Chooses the backend of `pool` for a connection from `peer` (none of those `tried`)
+    /// by `runtime`'s policy as it is now, and registers the relay to it before connecting.
+    /// Returns the policy, the backend's id and address, and the registration.
+    ///
+    /// The policy is read and the relay registered under the registry's lock, one step as
+    /// a cut sees it: the daemon installs the policy that takes a backend out of service
+    /// before it cuts the backend's relays, so a relay is either registered before the cut
+    /// (which ends it, connected yet or not) or chosen by a policy without that backend.
+    /// Registered only once connected, a relay whose backend was chosen before a cut and
+    /// answered after it (up to `CONNECT_TIMEOUT` later) would run on to a backend out of
+    /// service, the cut having come and gone.
+    fn choose(
+        &self,
+        runtime: &ServiceRuntime,
+        pool: &str,
+        peer: SocketAddr,
+        tried: &[u32],
+    ) -> Option<(Arc<Policy>, u32, SocketAddr, Registered<'_>)> {
+        let mut relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+        let policy = runtime.policy();
+        let (backend_id, backend) = policy.select(pool, peer, tried)?;
+        let cut = CancellationToken::new();
+        let id = self.next_relay.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        relays.insert(id, RelayHandle { pool: pool.to_owned(), backend, cut: cut.clone() });
+        Some((policy, backend_id, backend, Registered { shared: self, id, cut }))
+    }
 }
 
-/// Removes a relay from the registry when its task ends.
+/// A relay in the registry, removed when dropped (its connection failed, or its task ended).
 struct Registered<'a> {
     shared: &'a Shared,
     id: u64,
+    /// Cancelled when the daemon cuts the relay.
+    cut: CancellationToken,
 }
 
 impl Drop for Registered<'_> {
@@ -224,10 +255,12 @@ async fn handle(
     // Pending until the backend answers: a flood of hellos to a pool that black-holes SYNs
     // is held by the same caps as a flood of slow hellos.
     let connected = async {
-        let (hello, route, now) = decide(&mut client, peer, &policy, &runtime).await?;
+        let (hello, route, routed) = decide(&mut client, peer, &policy, &runtime).await?;
         stats.decided(service, accepted.elapsed());
-        let (backend, stream, now) = connect(now, &runtime, &route.pool, peer, stats).await?;
-        Ok((hello, route, backend, stream, now))
+        let attempts = routed.connect_attempts();
+        let (backend, stream, chosen, registered) =
+            connect(attempts, &runtime, &shared, &route.pool, peer, stats).await?;
+        Ok((hello, route, backend, stream, chosen, registered))
     }
     .await;
     // A refusal is counted while the connection still counts as pending: the last one of a
@@ -239,7 +272,7 @@ async fn handle(
     stats.pending(service, -1);
     drop(pending);
     // From here on, the policy the backend was chosen by (its PROXY header and relay).
-    let Ok((hello, route, backend, upstream, policy)) = connected else { return };
+    let Ok((hello, route, backend, upstream, policy, registered)) = connected else { return };
     for socket in [&client, &upstream] {
         let _ = socket.set_nodelay(true);
         keep_alive(socket);
@@ -257,15 +290,9 @@ async fn handle(
     } else {
         None
     };
-    let cut = CancellationToken::new();
-    let id = shared.next_relay.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    shared
-        .relays
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, RelayHandle { pool: route_id.2.clone(), backend, cut: cut.clone() });
-    let _registered = Registered { shared: &shared, id };
-    let relayed = relay::run(client, upstream, first, hello.ended, maps, stats, &route_id, &cut);
+    // Cut while it connected, the relay resets both sides at once (see `relay::run`).
+    let relayed =
+        relay::run(client, upstream, first, hello.ended, maps, stats, &route_id, &registered.cut);
     let how = match relayed.await {
         Ok(how) => {
             debug!(%peer, %backend, how, "relay finished");
@@ -302,30 +329,30 @@ fn keep_alive(socket: &TcpStream) {
 }
 
 /// Connects to a backend of `pool` for the client `peer`: the one the pool's table gives,
-/// then, while it refuses or does not answer in time, the next ones not tried (up to the
-/// policy's `connect_attempts` in all). The first choice is `policy`'s (the one the hello
-/// was routed by); each later one the service's policy as it is then (an attempt may take
-/// seconds, in which a backend may be disabled and its relays cut: a choice from the old
-/// table would escape the cut). Each failed attempt is counted; the last one's reason is
-/// the connection's. Returns the policy the backend was chosen by.
-async fn connect(
-    policy: Arc<Policy>,
+/// then, while it refuses or does not answer in time, the next ones not tried (up to
+/// `attempts` in all). Each choice is by the service's policy as it is then (an attempt may
+/// take seconds, in which a backend may be disabled and its relays cut: a choice from the
+/// old table would escape the cut), and registers the relay (see [`Shared::choose`]). Each
+/// failed attempt is counted; the last one's reason is the connection's. Returns the policy
+/// the backend was chosen by, and the relay's registration.
+async fn connect<'s>(
+    attempts: u32,
     runtime: &ServiceRuntime,
+    shared: &'s Shared,
     pool: &str,
     peer: SocketAddr,
     stats: &Stats,
-) -> Result<(SocketAddr, TcpStream, Arc<Policy>), RejectReason> {
-    let mut policy = policy;
+) -> Result<(SocketAddr, TcpStream, Arc<Policy>, Registered<'s>), RejectReason> {
     let mut tried = Vec::new();
     let mut reason = "no_backend";
-    for attempt in 0..policy.connect_attempts() {
-        if attempt > 0 {
-            policy = runtime.policy();
-        }
-        let Some((id, backend)) = policy.select(pool, peer, &tried) else { break };
+    for _ in 0..attempts {
+        let Some((policy, id, backend, registered)) = shared.choose(runtime, pool, peer, &tried)
+        else {
+            break;
+        };
         tried.push(id);
         reason = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => return Ok((backend, stream, policy)),
+            Ok(Ok(stream)) => return Ok((backend, stream, policy, registered)),
             Ok(Err(error)) => {
                 debug!(%peer, %backend, %error, "connecting to the backend failed");
                 "connect_failed"

@@ -144,12 +144,38 @@ impl Signals {
 /// Counters of one backend id: (new flows, bytes).
 pub type BackendCounters = HashMap<u32, (u64, u64)>;
 
+/// TLS-passthrough totals per pool: connections relayed and bytes both ways (running
+/// totals), and relays open now. Passthrough connections are lbd's sockets, not the data
+/// path's flows: a pool that passthrough services use is busy by these too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayTotals {
+    pub connections: u64,
+    pub bytes: u64,
+    pub active: u64,
+}
+
+/// [`RelayTotals`] by pool.
+pub type PoolRelays = HashMap<String, RelayTotals>;
+
+/// Sums passthrough route counters by pool.
+#[must_use]
+pub fn relays_by_pool(stats: &crate::passthrough::stats::StatsSnapshot) -> PoolRelays {
+    let mut out = PoolRelays::new();
+    for ((_, _, pool), c) in &stats.routes {
+        let t = out.entry(pool.clone()).or_default();
+        t.connections += c.connections;
+        t.bytes += c.bytes_to_backend + c.bytes_to_client;
+        t.active += c.active;
+    }
+    out
+}
+
 /// Samples signals and evaluates every policy.
 #[derive(Debug)]
 pub struct Engine {
     epoch: Instant,
     states: HashMap<(String, String), PolicyState>,
-    last: Option<(Instant, BackendCounters)>,
+    last: Option<(Instant, BackendCounters, PoolRelays)>,
     sequence: u64,
     pub counters: SharedCounters,
     /// The latest signal values per pool (for the API and metrics).
@@ -180,6 +206,8 @@ pub struct Inputs<'a> {
     pub counters: BackendCounters,
     /// Live flows per backend id (last sweep).
     pub live: &'a HashMap<u32, u64>,
+    /// TLS-passthrough totals per pool.
+    pub relays: PoolRelays,
 }
 
 impl Engine {
@@ -188,13 +216,13 @@ impl Engine {
         // Samples closer than this to the last (ticks missed while the daemon was busy,
         // fired back to back) are skipped, the last kept: a rate over a few microseconds is
         // noise, and a zero would reset every policy's holding time.
-        if let Some((then, _)) = &self.last
+        if let Some((then, _, _)) = &self.last
             && now.saturating_duration_since(*then) < MIN_SAMPLE
         {
             return Vec::new();
         }
-        let previous = self.last.replace((now, inputs.counters.clone()));
-        let Some((then, before)) = previous else { return Vec::new() };
+        let previous = self.last.replace((now, inputs.counters.clone(), inputs.relays.clone()));
+        let Some((then, before, relays_before)) = previous else { return Vec::new() };
         let secs = now.saturating_duration_since(then).as_secs_f64();
         let mut events = Vec::new();
         let mut keep = std::collections::HashSet::new();
@@ -223,6 +251,16 @@ impl Engine {
                         healthy += 1;
                     }
                 }
+            }
+            if let Some(now_r) = inputs.relays.get(name) {
+                let before_r = relays_before.get(name).copied().unwrap_or_default();
+                #[allow(clippy::cast_precision_loss, reason = "rates")]
+                {
+                    signals.new_flows_per_second +=
+                        now_r.connections.saturating_sub(before_r.connections) as f64;
+                    signals.bytes_per_second += now_r.bytes.saturating_sub(before_r.bytes) as f64;
+                }
+                live += now_r.active;
             }
             #[allow(clippy::cast_precision_loss, reason = "counts")]
             {
@@ -634,6 +672,68 @@ d5uJNQ==
     }
 
     #[test]
+    fn a_pool_that_passthrough_services_use_is_busy_by_their_relays() {
+        // No data path flow at all (the pool serves TLS passthrough only): its signals come
+        // from the relays, and a scale-in policy ("below 50 new flows a second") must not
+        // fire while 100 connections a second go through them.
+        let text = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.backend]]\naddress = \"198.18.1.12\"\n[[pool.autoscale]]\nname = \"in\"\nsignal = \"new_flows_per_second\"\nbelow = 50.0\nfor_secs = 0\ncooldown_secs = 0\ncommand = [\"true\"]\n";
+        let config = Config::parse(text, "t").unwrap();
+        let t0 = Instant::now();
+        let lifecycle = Lifecycle::starting(&config, t0, &std::collections::HashSet::new());
+        let ids: HashMap<BackendIdentity, u32> =
+            crate::lifecycle::backends(&config).map(|(b, _)| b).zip(0..).collect();
+        let live = HashMap::new();
+        let mut engine = Engine::default();
+        let mut sample = |secs: u64| {
+            let relays = PoolRelays::from([(
+                "web".to_owned(),
+                RelayTotals { connections: 100 * secs, bytes: 1_000_000 * secs, active: 30 },
+            )]);
+            let inputs = Inputs {
+                config: &config,
+                lifecycle: &lifecycle,
+                ids: &ids,
+                counters: HashMap::from([(0, (0, 0)), (1, (0, 0))]),
+                live: &live,
+                relays,
+            };
+            engine.sample(&inputs, t0 + Duration::from_secs(secs)).len()
+        };
+        assert_eq!(sample(0), 0, "the first sample is the baseline");
+        assert_eq!(sample(1), 0, "100 connections a second is not below 50");
+        let signals = &engine.signals["web"];
+        assert!((signals.new_flows_per_second - 100.0).abs() < 1e-9, "{signals:?}");
+        assert!((signals.bytes_per_second - 1e6).abs() < 1e-3, "{signals:?}");
+        assert!((signals.active_flows_per_backend - 15.0).abs() < 1e-9, "{signals:?}");
+    }
+
+    #[test]
+    fn relay_totals_are_summed_by_pool() {
+        use crate::passthrough::stats::{RouteCounters, StatsSnapshot};
+        let route = |service: &str, label: &str, pool: &str| {
+            (service.to_owned(), label.to_owned(), pool.to_owned())
+        };
+        let c = |connections, active| RouteCounters {
+            connections,
+            active,
+            bytes_to_backend: 10,
+            bytes_to_client: 5,
+        };
+        let stats = StatsSnapshot {
+            routes: [
+                (route("tls", "www.example.com", "web"), c(3, 1)),
+                (route("tls", "default", "other"), c(1, 0)),
+                (route("tls6", "www.example.com", "web"), c(2, 2)),
+            ]
+            .into(),
+            ..StatsSnapshot::default()
+        };
+        let by_pool = relays_by_pool(&stats);
+        assert_eq!(by_pool["web"], RelayTotals { connections: 5, bytes: 30, active: 3 });
+        assert_eq!(by_pool["other"], RelayTotals { connections: 1, bytes: 15, active: 0 });
+    }
+
+    #[test]
     fn samples_closer_than_half_a_second_are_skipped() {
         let text = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.autoscale]]\nname = \"out\"\nsignal = \"new_flows_per_second\"\nabove = 50.0\nfor_secs = 0\ncooldown_secs = 0\ncommand = [\"true\"]\n";
         let config = Config::parse(text, "t").unwrap();
@@ -650,6 +750,7 @@ d5uJNQ==
                 ids: &ids,
                 counters: HashMap::from([(0, (flows, 0))]),
                 live: &live,
+                relays: PoolRelays::new(),
             };
             engine.sample(&inputs, t0 + at).len()
         };

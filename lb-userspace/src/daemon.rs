@@ -349,6 +349,7 @@ impl Daemon {
             ids: &ids,
             counters,
             live: &self.live_by_backend,
+            relays: autoscale::relays_by_pool(&self.passthrough.stats.snapshot()),
         };
         let events = self.autoscale.sample(&inputs, now);
         for (event, _) in &events {

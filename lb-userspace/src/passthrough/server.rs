@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
-    hello::{ClientHello, MAX_HANDSHAKE_BYTES, parse_client_hello},
+    hello::{ClientHello, HelloReader, MAX_HANDSHAKE_BYTES},
     policy::{Policy, RejectReason},
     proxy_v2::proxy_v2_header,
     relay::{self, SharedMaps},
@@ -403,13 +403,15 @@ async fn decide(
 async fn read_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), RejectReason> {
     let mut buffer = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
+    // Resumed read after read: each record header is walked once.
+    let mut reader = HelloReader::default();
     loop {
         let n = client.read(&mut chunk).await.map_err(|_| "read_error")?;
         if n == 0 {
             return Err("closed_before_hello");
         }
         buffer.extend_from_slice(&chunk[..n]);
-        match parse_client_hello(&buffer, MAX_HANDSHAKE_BYTES) {
+        match reader.parse(&buffer, MAX_HANDSHAKE_BYTES) {
             Ok(Some(hello)) => return Ok((buffer, hello)),
             Ok(None) if buffer.len() >= MAX_HELLO_BUFFER => return Err("too_large"),
             Ok(None) => {}

@@ -136,11 +136,26 @@ struct Flow {
 
 impl Flow {
     fn start(source: &TcpStream, sink: &TcpStream, fin_in_base: bool) -> io::Result<Self> {
+        // Each base is a counter from `tcp_info` and a queue length from an ioctl: read of one
+        // moment (see `settled`), or a segment or an ACK arriving between the two would leave
+        // the base off by its length: too low a received base waits at the FIN for bytes that
+        // never come (then resets), too low an entered base sends the FIN before the last
+        // bytes entered the sink (cutting them off).
         let fd = source.as_raw_fd();
-        let received_base = tcp_info(fd)?.tcpi_bytes_received.saturating_sub(queued_in(fd)?);
+        let received_base = settled(
+            || Ok(tcp_info(fd)?.tcpi_bytes_received),
+            || queued_in(fd),
+            |received, queued| received.saturating_sub(queued),
+        )?;
+        let sink_fd = sink.as_raw_fd();
+        let entered_base = settled(
+            || Ok(tcp_info(sink_fd)?.tcpi_bytes_acked),
+            || ioctl_int(sink_fd, libc::TIOCOUTQ),
+            |acked, queued| acked + queued,
+        )?;
         Ok(Self {
             received_base,
-            entered_base: bytes_entered(sink.as_raw_fd())?,
+            entered_base,
             fin_in_base,
             done: false,
             reported: 0,
@@ -450,7 +465,33 @@ fn queued_in(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
 
-/// Bytes that entered a TCP socket's send path so far: acknowledged plus still queued.
+/// `combine(counter, queue)` from a counter and a queue length read with separate calls, of
+/// one moment: the counter read again after the queue, until it has not moved (a segment or
+/// an ACK came between); at most `SETTLE_TRIES` times, then the last reading (as one call
+/// pair would give). The relay starts when the hello is through and before the bulk of the
+/// bytes: the counters are nearly still then.
+fn settled(
+    mut counter: impl FnMut() -> io::Result<u64>,
+    mut queue: impl FnMut() -> io::Result<u64>,
+    combine: impl Fn(u64, u64) -> u64,
+) -> io::Result<u64> {
+    const SETTLE_TRIES: usize = 1000;
+    let mut before = counter()?;
+    let mut value = combine(before, queue()?);
+    for _ in 0..SETTLE_TRIES {
+        let after = counter()?;
+        if after == before {
+            break;
+        }
+        before = after;
+        value = combine(before, queue()?);
+    }
+    Ok(value)
+}
+
+/// Bytes that entered a TCP socket's send path so far: acknowledged plus still queued. An
+/// ACK between the two reads makes it low, never high: while waiting for a count to reach
+/// a mark, that only means one more look.
 fn bytes_entered(fd: RawFd) -> io::Result<u64> {
     Ok(tcp_info(fd)?.tcpi_bytes_acked + ioctl_int(fd, libc::TIOCOUTQ)?)
 }
@@ -593,6 +634,21 @@ mod tests {
     use std::{io::Write as _, os::unix::net::UnixStream};
 
     use super::*;
+
+    #[test]
+    fn a_base_is_read_of_one_moment() {
+        // A segment of 4 bytes arrives between the first counter read (10) and the queue
+        // read (which already holds it: 9 queued): 10 - 9 would put the base a segment low.
+        // The counter, read again, has moved: the pair is read again (14, 9).
+        let counters = std::cell::RefCell::new(vec![10, 14, 14].into_iter());
+        let queues = std::cell::RefCell::new(vec![9, 9].into_iter());
+        let base = settled(
+            || Ok(counters.borrow_mut().next().unwrap()),
+            || Ok(queues.borrow_mut().next().unwrap()),
+            |received, queued| received - queued,
+        );
+        assert_eq!(base.unwrap(), 5);
+    }
 
     #[test]
     fn taking_what_is_queued_stops_at_its_limit_and_reports_the_end() {

@@ -57,6 +57,13 @@ pub const FLOW_SYN_PROXY: u8 = 0x04;
 /// `Flow::flags`: opened by a SYN cookie; sequence numbers differ by `seq_delta` (the
 /// backend's initial sequence number minus the cookie) between client and backend.
 pub const FLOW_SEQ_ADJ: u8 = 0x08;
+/// `Flow::flags`, forward entries of closed or closing connections: a SYN reused the tuple
+/// while cookies were on, and got a cookie SYN-ACK; the entries stay. An ACK with a valid
+/// cookie starts the tuple over (a client's new connection); any other segment goes on as
+/// this flow's (the reset that closed it may have been forged by someone who knew the
+/// tuple, and the SYN with it: removing the entries would leave the connection's next
+/// segments without a flow or a valid cookie, dropped).
+pub const FLOW_COOKIE_REOPEN: u8 = 0x10;
 
 /// Value of the `CONNTRACK` map.
 ///
@@ -304,7 +311,11 @@ pub const fn initial_tcp_state(flags: u8) -> FlowState {
 /// client's side (the only side a DSR balancer sees).
 ///
 /// A retransmitted SYN keeps the flow (and so its backend and NAT port): no second entry.
-/// A SYN on a closed or closing tuple starts a new connection.
+/// A SYN on a closed or closing tuple starts a new connection. A segment after a reset,
+/// neither a SYN nor a reset, shows the reset did not end the connection (forged by someone
+/// who knew the tuple, or out of the receiver's window, which it then ignores, RFC 5961):
+/// the flow goes on as if picked up, unconfirmed until its next segment, instead of being
+/// left to the closed state's short timeout.
 #[inline(always)]
 #[must_use]
 pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
@@ -312,7 +323,10 @@ pub const fn next_tcp_state(state: u8, flags: u8) -> Transition {
     match FlowState::from_u8(state) {
         Some(FlowState::Closed | FlowState::Closing) if syn_only => Transition::Restart,
         _ if flags & tcp_flags::RST != 0 => Transition::Keep(FlowState::Closed),
-        Some(FlowState::Closed) => Transition::Keep(FlowState::Closed),
+        Some(FlowState::Closed) if flags & tcp_flags::FIN != 0 => {
+            Transition::Keep(FlowState::Closing)
+        }
+        Some(FlowState::Closed) => Transition::Keep(FlowState::SynSeen),
         _ if flags & tcp_flags::FIN != 0 => Transition::Keep(FlowState::Closing),
         Some(FlowState::Closing) => Transition::Keep(FlowState::Closing),
         Some(FlowState::SynSeen) if syn_only => Transition::Keep(FlowState::SynSeen),
@@ -436,11 +450,22 @@ mod tests {
     fn syn_after_close_restarts() {
         assert_eq!(next_tcp_state(FlowState::Closed as u8, SYN), Transition::Restart);
         assert_eq!(next_tcp_state(FlowState::Closing as u8, SYN), Transition::Restart);
-        assert_eq!(
-            next_tcp_state(FlowState::Closed as u8, ACK),
-            Transition::Keep(FlowState::Closed)
-        );
         assert_eq!(next_tcp_state(0, ACK), Transition::Restart, "unknown state");
+    }
+
+    #[test]
+    fn a_segment_after_a_reset_shows_the_connection_goes_on() {
+        // A forged reset (or one out of the receiver's window) followed by the connection's
+        // own segments: back to unconfirmed, then established, not left to the closed
+        // state's ten seconds.
+        let closed = FlowState::Closed as u8;
+        assert_eq!(next_tcp_state(closed, ACK), Transition::Keep(FlowState::SynSeen));
+        assert_eq!(
+            next_tcp_state(FlowState::SynSeen as u8, ACK),
+            Transition::Keep(FlowState::Established)
+        );
+        assert_eq!(next_tcp_state(closed, FIN | ACK), Transition::Keep(FlowState::Closing));
+        assert_eq!(next_tcp_state(closed, RST | ACK), Transition::Keep(FlowState::Closed));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Action, FlowKey, Reason,
-    conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow},
+    conntrack::{FLOW_COOKIE_REOPEN, FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow},
     net::{IPPROTO_TCP, IPPROTO_UDP, tcp_flags},
     service::{Globals, SERVICE_NAT, SERVICE_SYN_COOKIES, SERVICE_SYN_COOKIES_AUTO, Service},
 };
@@ -181,10 +181,11 @@ fn established(
     now: u64,
     dead_entry: &mut *mut Flow,
 ) -> Result<Action, Reason> {
-    let Scratch { packet, buf, live, dead, .. } = scratch;
+    let Scratch { packet, buf, live, dead, cookie, .. } = scratch;
     dead.present = 0;
     dead.has_stale = 0;
     dead.retry = 0;
+    dead.restart = 0;
     let key = packet.flow_key();
     // A busy flow's packets find its entry in the flow cache, without the table's lookup;
     // otherwise the table carries the packet and the slot follows it. A packet with SYN set
@@ -247,9 +248,25 @@ fn established(
             slot.forget();
             return Err(Reason::IpOptions);
         }
+        // A closed connection whose tuple a SYN got a cookie for: an ACK with a valid cookie
+        // starts the tuple over, as on an expired one (see `FLOW_COOKIE_REOPEN`).
+        if e.flags & FLOW_COOKIE_REOPEN != 0
+            && select::closed(e.state)
+            && syncookie::reopens(ctx, packet, cookie)
+        {
+            slot.forget();
+            select::note_dead(dead, e);
+            if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
+                *dead_entry = entry;
+            }
+            return Ok(Action::Pass);
+        }
         let Some((state, refresh)) = select::keep(packet, e, g, now) else {
             slot.forget();
             select::note_dead(dead, e);
+            if e.flags & FLOW_REPLY == 0 && !g.timeouts.is_expired(e.state, e.last_seen, now) {
+                dead.restart = 1;
+            }
             if g.timeouts.in_overwrite_window(e.state, e.last_seen, now, g.refresh) {
                 *dead_entry = entry;
             }
@@ -372,9 +389,13 @@ fn try_balance(
         // A SYN answered with a cookie ends here; a valid cookie marks `live`.
         let outcome = syncookie::on_new_flow(ctx, service, packet, cookie, live);
         if outcome.into_result()? == Action::Tx {
-            // A client starting over on a dead flow's tuple: its cookie ACK must find no
-            // entry, or it would go on as that flow's (to its backend and port, which reset).
-            forget_dead_nat(key, dead, buf);
+            // A client starting over on a dead flow's tuple: its cookie ACK must not go on as
+            // that flow's (to its backend and port, which reset). An expired flow's entries
+            // go; a closed connection's not yet timed out stay, marked, for its reset may
+            // have been forged (see `FLOW_COOKIE_REOPEN`): the ACK is told by its cookie.
+            if dead.restart == 0 || !mark_reopen(key, dead_entry) {
+                forget_dead_nat(key, dead, buf);
+            }
             return Ok(Action::Tx);
         }
         proxied = live.cookie_flags & FLOW_SYN_PROXY != 0;
@@ -416,6 +437,22 @@ fn try_balance(
     open_flow(key, service, live, buf, entry, g)?;
     let new_flow = live.new_flow && dead.retry == 0;
     send(ctx, packet, key, live, is_nat, new_flow, proxied)
+}
+
+/// Marks the closed connection's forward entry on `key`'s tuple (`entry` when not null, the
+/// live-flow lookup's, else looked up again) `FLOW_COOKIE_REOPEN`; says whether it did.
+#[inline(never)]
+fn mark_reopen(key: &FlowKey, entry: *mut Flow) -> bool {
+    let entry = if entry.is_null() { maps::CONNTRACK.get_ptr_mut(key) } else { Some(entry) };
+    let Some(entry) = entry else { return false };
+    // SAFETY: a map value pointer from a successful lookup, here or this run's live-flow
+    // lookup (an element the LRU reused meanwhile is another tuple's: see `overwrite`).
+    let e = unsafe { &mut *entry };
+    if e.flags & FLOW_REPLY != 0 {
+        return false;
+    }
+    e.flags |= FLOW_COOKIE_REOPEN;
+    true
 }
 
 /// Removes the dead NAT flow on `key`'s tuple that `dead` found: its forward entry, and its

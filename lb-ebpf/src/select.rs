@@ -149,6 +149,9 @@ pub struct DeadFlow {
     /// 1 when it is a cookie-opened flow whose backend never answered, started over: the
     /// same connection, not a new flow to count.
     pub retry: u8,
+    /// 1 when it is a closed or closing connection, not yet timed out, whose tuple a SYN
+    /// reuses: kept when the SYN gets a cookie (see `FLOW_COOKIE_REOPEN`).
+    pub restart: u8,
     pub stale: StaleNat,
 }
 
@@ -165,6 +168,12 @@ pub fn note_dead(dead: &mut DeadFlow, e: &Flow) {
         dead.stale.nat_port = e.nat_port;
         dead.stale.vip_port = e.vip_port;
     }
+}
+
+/// Whether a TCP flow in `state` is closed or closing.
+#[inline(always)]
+pub fn closed(state: u8) -> bool {
+    state == FlowState::Closed as u8 || state == FlowState::Closing as u8
 }
 
 /// The state a new flow starts in.

@@ -170,6 +170,17 @@ pub fn on_new_flow(
     }
 }
 
+/// Whether `packet`, on a closed connection's tuple marked `FLOW_COOKIE_REOPEN`, is a
+/// client's ACK carrying a valid cookie (its new connection's third segment), not one of
+/// the old connection's. Out of line: the established path only calls it for such tuples.
+#[inline(never)]
+pub fn reopens(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> bool {
+    let ctx = &reload(ctx);
+    packet.proto == IPPROTO_TCP
+        && packet.tcp_flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) == tcp_flags::ACK
+        && check(ctx, packet, cookie)
+}
+
 /// Answers a SYN with a cookie SYN-ACK, sent back where it came from.
 #[inline(always)]
 fn answer(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> Result<Action, Reason> {

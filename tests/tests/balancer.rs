@@ -3073,6 +3073,51 @@ fn with_syn_cookies_on_a_client_reopening_a_closed_tuple_gets_a_new_connection()
 }
 
 #[test]
+fn a_forged_reset_and_syn_do_not_end_a_connection_while_cookies_are_on() {
+    // Someone who knows a live connection's tuple sends a reset (any sequence number) and a
+    // SYN on it. With cookies on, the SYN gets a cookie SYN-ACK; the flow's entries used to
+    // be removed then, so the connection's next segments found no flow and no valid cookie,
+    // and were dropped. Now they stay, marked: only an ACK with a valid cookie starts the
+    // tuple over, and the connection's own segments go on as before.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("forged_rst_syn", &config, &[]) else { return };
+    let cport = 46_700;
+    let client = |flags: u8, seq: u32, ack: u32| {
+        Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).payload(b"x").build()
+    };
+    let answer = lb.bed.run(&client(tcp_flags::SYN, 100, 0)).unwrap();
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    let ack = lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap();
+    assert_eq!(ack.verdict, Some(Action::Tx), "the cookie ACK opens the flow");
+    let before = lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+    let (backend, bport, nat_port) = before;
+    let syn_ack = Packet::ipv4(ip4(backend), NAT4)
+        .tcp(bport, nat_port)
+        .flags(tcp_flags::SYN | tcp_flags::ACK)
+        .seq_ack(5000, 101)
+        .build();
+    assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&client(tcp_flags::ACK, 102, cookie + 1)).unwrap().verdict, Some(Action::Tx));
+    // The forgeries: a reset at any sequence number, then a SYN (answered with a cookie,
+    // which goes to the real client: its answer carries no valid cookie).
+    assert_eq!(lb.bed.run(&client(tcp_flags::RST, 77_777, 0)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&client(tcp_flags::SYN, 88_888, 0)).unwrap().verdict, Some(Action::Tx));
+    // The connection's next segment: to its backend and port, its acknowledgement still
+    // shifted from the cookie's numbering to the backend's (5000 + 1).
+    let next = lb.bed.run(&client(tcp_flags::ACK | tcp_flags::PSH, 103, cookie + 1)).unwrap();
+    assert_eq!(next.verdict, Some(Action::Tx), "the connection's segment was dropped");
+    let ack = u32::from_be_bytes(next.output[14 + 20 + 8..14 + 20 + 12].try_into().unwrap());
+    assert_eq!(ack, 5001, "shifted as the connection's segments are");
+    assert_eq!(lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP), before);
+    // And it goes on: its next one too, the flow back from the reset.
+    let more = lb.bed.run(&client(tcp_flags::ACK, 104, cookie + 1)).unwrap();
+    assert_eq!(more.verdict, Some(Action::Tx));
+    let key = lb_common::FlowKey::new((CLIENT4, cport).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    let state = lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
+    assert_eq!(state, FlowState::Established as u8);
+}
+
+#[test]
 fn a_change_too_big_to_apply_side_by_side_is_refused_with_nothing_changed() {
     // 520 services renamed at once: new ids are taken before the old ones are let go, so the
     // change needs 1,040 service ids where 1,024 exist. It must be refused before anything

@@ -15,7 +15,8 @@ use lb_common::{
     conntrack::TimeoutSecs,
     maglev::{MAX_TABLE_SIZE, MIN_SLOTS_PER_BACKEND, is_prime, table_size_for},
     service::{
-        DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_NAT_SOURCES, MAX_SERVICES,
+        DEFAULT_CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_BACKENDS_PER_POOL, MAX_NAT_SOURCES,
+        MAX_SERVICES,
     },
 };
 use serde::{Deserialize, Serialize};

@@ -268,11 +268,8 @@ mod tests {
                       addr add 198.18.7.1/24 dev v0\naddr add 198.18.8.1/24 dev mv0\n\
                       neigh add 198.18.7.11 lladdr 02:00:00:00:07:0b dev v0 nud permanent\n\
                       neigh add 198.18.8.11 lladdr 02:00:00:00:08:0b dev mv0 nud permanent\n";
-        let mut child = Command::new("ip")
-            .args(["-batch", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            Command::new("ip").args(["-batch", "-"]).stdin(Stdio::piped()).spawn().unwrap();
         child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "setting up the links failed");
         let (plain, tagged): (IpAddr, IpAddr) =

@@ -221,7 +221,12 @@ fn identity(pool: &str, addr: &str) -> lb_userspace::balancer::BackendIdentity {
 
 /// A backend's next hop in the fixtures: on the ingress interface's link.
 fn on_link_hop(addr: IpAddr) -> NextHop {
-    NextHop { ifindex: INGRESS_IFINDEX, flags: NEXTHOP_ON_LINK, dmac: backend_mac(addr), smac: EGRESS_MAC }
+    NextHop {
+        ifindex: INGRESS_IFINDEX,
+        flags: NEXTHOP_ON_LINK,
+        dmac: backend_mac(addr),
+        smac: EGRESS_MAC,
+    }
 }
 
 fn nat_config(v6: bool, proto: &str) -> String {
@@ -3083,7 +3088,12 @@ fn a_forged_reset_and_syn_do_not_end_a_connection_while_cookies_are_on() {
     let Some(mut lb) = Lb::new("forged_rst_syn", &config, &[]) else { return };
     let cport = 46_700;
     let client = |flags: u8, seq: u32, ack: u32| {
-        Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).payload(b"x").build()
+        Packet::ipv4(CLIENT4, VIP4)
+            .tcp(cport, 80)
+            .flags(flags)
+            .seq_ack(seq, ack)
+            .payload(b"x")
+            .build()
     };
     let answer = lb.bed.run(&client(tcp_flags::SYN, 100, 0)).unwrap();
     let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
@@ -3097,7 +3107,10 @@ fn a_forged_reset_and_syn_do_not_end_a_connection_while_cookies_are_on() {
         .seq_ack(5000, 101)
         .build();
     assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx));
-    assert_eq!(lb.bed.run(&client(tcp_flags::ACK, 102, cookie + 1)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(
+        lb.bed.run(&client(tcp_flags::ACK, 102, cookie + 1)).unwrap().verdict,
+        Some(Action::Tx)
+    );
     // The forgeries: a reset at any sequence number, then a SYN (answered with a cookie,
     // which goes to the real client: its answer carries no valid cookie).
     assert_eq!(lb.bed.run(&client(tcp_flags::RST, 77_777, 0)).unwrap().verdict, Some(Action::Tx));
@@ -3380,7 +3393,7 @@ fn a_change_that_fails_after_a_services_new_table_gets_the_old_table_back() {
     let services = &mut lb.bed.datapath.maps_mut().services;
     let used = services.entries().unwrap().len();
     let filler = |i: usize| lb_common::service::ServiceKey {
-        addr: [u32::from(Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8)).to_be(), 0, 0, 0],
+        addr: [(0xc613_0000 | u32::try_from(i).unwrap()).to_be(), 0, 0, 0],
         port: 80u16.to_be(),
         proto: IPPROTO_TCP,
         family: 4,
@@ -3422,8 +3435,14 @@ fn the_address_sets_are_replaced_within_their_room() {
     let set = |third: u8| -> Vec<(lb_common::service::AddrKey, u32)> {
         (0..lb_common::service::MAX_NAT_SOURCES)
             .map(|i| {
-                let addr = Ipv4Addr::new(198, 19, third + (i >> 8) as u8, i as u8);
-                (lb_common::service::AddrKey { addr: [u32::from(addr).to_be(), 0, 0, 0], family: 4 }, 1)
+                let addr = Ipv4Addr::from(0xc613_0000 | u32::from(third) << 8 | i);
+                (
+                    lb_common::service::AddrKey {
+                        addr: [u32::from(addr).to_be(), 0, 0, 0],
+                        family: 4,
+                    },
+                    1,
+                )
             })
             .collect()
     };

@@ -165,8 +165,10 @@ fn an_iperf3_flow_survives_backends_added_and_removed() {
 fn lists_backend(lab: &Lab, i: usize, listed: bool) -> bool {
     let address = lab::backend_v4(i).to_string();
     wait_for(Duration::from_secs(10), || {
-        let out =
-            lab.lb.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:7070/v1/pools"]).ok()?;
+        let out = lab
+            .lb
+            .exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:7070/v1/pools"])
+            .ok()?;
         let pools: serde_json::Value = serde_json::from_str(&out).ok()?;
         let found = pools.as_array()?.iter().any(|pool| {
             pool["backends"].as_array().is_some_and(|backends| {

@@ -194,9 +194,8 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     // At least two seconds without a daemon, and two requests answered in them (at most ten
     // seconds: a loaded machine may start the curls slowly).
     std::thread::sleep(Duration::from_secs(2));
-    let _ = wait_for(Duration::from_secs(8), || {
-        (ok_in_gap.load(Ordering::SeqCst) >= 2).then_some(())
-    });
+    let _ =
+        wait_for(Duration::from_secs(8), || (ok_in_gap.load(Ordering::SeqCst) >= 2).then_some(()));
     gap.store(false, Ordering::SeqCst);
     let mut second = start_lbd(&lab, &config, &pin_dir);
     // Its API answers once the maps are adopted and the program replaced.

@@ -145,7 +145,7 @@ impl Flow {
         let received_base = settled(
             || Ok(tcp_info(fd)?.tcpi_bytes_received),
             || queued_in(fd),
-            |received, queued| received.saturating_sub(queued),
+            u64::saturating_sub,
         )?;
         let sink_fd = sink.as_raw_fd();
         let entered_base = settled(
@@ -153,13 +153,7 @@ impl Flow {
             || ioctl_int(sink_fd, libc::TIOCOUTQ),
             |acked, queued| acked + queued,
         )?;
-        Ok(Self {
-            received_base,
-            entered_base,
-            fin_in_base,
-            done: false,
-            reported: 0,
-        })
+        Ok(Self { received_base, entered_base, fin_in_base, done: false, reported: 0 })
     }
 
     /// What the sink's counter must reach for every byte received so far to have entered

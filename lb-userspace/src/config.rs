@@ -1291,10 +1291,11 @@ fn check_pool_lifecycle(pool: &PoolConfig, p: &mut Problems<'_>) {
         if hc.port == Some(0) {
             p.add(at.clone(), &format!("pool {name:?}: health_check port must be 1 to 65535"));
         }
-        if !(100..=599).contains(&hc.expect_status) {
+        // Informational answers other than 101 are never final (a check waits past them).
+        if !(100..=599).contains(&hc.expect_status) || matches!(hc.expect_status, 100 | 102..=199) {
             p.add(
                 at.clone(),
-                &format!("pool {name:?}: health_check expect_status must be 100 to 599"),
+                &format!("pool {name:?}: health_check expect_status must be 101 or 200 to 599 (other 1xx answers are never final)"),
             );
         }
         if let Some(sni) = &hc.sni {
@@ -1824,7 +1825,8 @@ nat_source = "198.18.1.1"
         assert!(Config::parse(&check("kind = \"https\"\nsni = \"api.example.com\""), "t").is_ok());
         for (settings, expected) in [
             ("kind = \"tcp\"\nport = 0", "port must be 1 to 65535"),
-            ("kind = \"http\"\nexpect_status = 0", "expect_status must be 100 to 599"),
+            ("kind = \"http\"\nexpect_status = 0", "expect_status must be 101 or 200 to 599"),
+            ("kind = \"http\"\nexpect_status = 103", "other 1xx answers are never final"),
             ("kind = \"https\"\nsni = \"not a name!\"", "is not a DNS name"),
             ("kind = \"tcp\"\nsni = \"api.example.com\"", "sni is for https checks"),
         ] {

@@ -149,7 +149,14 @@ impl Client {
         };
         let mut response = result.map_err(|e| format!("{url}: {e}"))?;
         let status = response.status();
-        let text = response.body_mut().read_to_string().map_err(|e| format!("{url}: {e}"))?;
+        // ureq stops at 10 MiB by default: `/v1/pools` of tens of thousands of backends, each
+        // with its last check's error during an outage, is larger (about 250 bytes each).
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(|e| format!("{url}: {e}"))?;
         if status.is_success() {
             Ok(text)
         } else {
@@ -173,6 +180,10 @@ impl Client {
     }
 }
 
+
+/// The largest answer read from lbd: `/v1/pools` with every backend allowed (65,536) and a
+/// check error on each fits several times over.
+const MAX_ANSWER_BYTES: u64 = 256 << 20;
 /// The API client the options ask for: its token, timeout and trusted certificates.
 fn client(cli: &Cli) -> Result<Client, String> {
     let token = match (cli.token.as_ref().filter(|t| !t.is_empty()), &cli.token_file) {

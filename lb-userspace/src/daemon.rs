@@ -405,13 +405,15 @@ impl Daemon {
     /// deadline, and of removed ones past their pool's deadline.
     fn cut_flows(&mut self, now: Instant) {
         let mut ids = HashSet::new();
-        let mut cut = Vec::new();
+        // TLS passthrough relays go by id too: a backend without a port of its own and one
+        // with the service's port are two backends at one address.
+        let mut cut = HashSet::new();
         for backend in self.lifecycle.due_cuts(&self.config, now) {
             if let Some(id) = self.balancer.backend_id(&backend) {
                 info!(pool = %backend.pool, backend = %health::describe(&backend), "cutting the backend's established flows");
                 ids.insert(id);
+                cut.insert(id);
             }
-            cut.push(backend.clone());
         }
         // Backends cut before whose flows the last sweep still found alive (a cut that
         // failed, or a flow it spared as about to expire that a packet then refreshed): cut
@@ -427,9 +429,7 @@ impl Daemon {
         let retired: Vec<(u32, BackendIdentity)> =
             self.balancer.retired().map(|(id, k)| (id, k.clone())).collect();
         for id in self.lifecycle.due_retired(&retired, &self.config, now) {
-            if let Some((_, identity)) = retired.iter().find(|(i, _)| *i == id) {
-                cut.push(identity.clone());
-            }
+            cut.insert(id);
             if self.live_by_backend.get(&id).copied().unwrap_or(0) > 0 {
                 ids.insert(id);
             }
@@ -490,8 +490,8 @@ impl Daemon {
                 // TLS passthrough relays to a removed backend keep its id as its flows do:
                 // released, it would never be due for its pool's drain deadline, and the
                 // relays would run on to a backend long gone from the configuration.
-                for (id, identity) in self.balancer.retired() {
-                    let relays = self.passthrough.relays_to(identity) as u64;
+                for (id, _) in self.balancer.retired() {
+                    let relays = self.passthrough.relays_to(id) as u64;
                     if relays > 0 {
                         *result.kept_by_backend.entry(id).or_default() += relays;
                     }

@@ -31,7 +31,7 @@ use self::{
     server::{ServiceRuntime, Shared},
     stats::Stats,
 };
-use crate::{Balancer, Config, balancer::BackendIdentity, config::ForwardingMode, maps::RelayMaps};
+use crate::{Balancer, Config, config::ForwardingMode, maps::RelayMaps};
 
 /// A service being served.
 #[derive(Debug)]
@@ -164,25 +164,24 @@ impl Passthrough {
         Ok(Running { address: policy.address, runtime, cancel })
     }
 
-    /// Ends the relays to these backends, running or still connecting (a backend without a
-    /// port: any port), as the data path's flows of a disabled, overdue draining or removed
-    /// backend are cut.
-    pub fn cut(&self, backends: &[BackendIdentity]) {
+    /// Ends the relays to the backends `ids`, running or still connecting, as the data
+    /// path's flows of a disabled, overdue draining or removed backend are cut.
+    pub fn cut(&self, ids: &std::collections::HashSet<u32>) {
         let Some(shared) = &self.shared else { return };
-        if backends.is_empty() {
+        if ids.is_empty() {
             return;
         }
-        let n = shared.cut(|pool, backend| backends.iter().any(|b| is_to(b, pool, backend)));
+        let n = shared.cut(ids);
         if n > 0 {
             info!(relays = n, "passthrough relays cut");
         }
     }
 
-    /// How many relays run or connect to `backend`: they keep a removed backend's id
+    /// How many relays run or connect to the backend `id`: they keep a removed backend's id
     /// retired, as its data path flows do, so its pool's drain deadline still cuts them.
     #[must_use]
-    pub fn relays_to(&self, backend: &BackendIdentity) -> usize {
-        self.shared.as_ref().map_or(0, |shared| shared.count(|pool, to| is_to(backend, pool, to)))
+    pub fn relays_to(&self, id: u32) -> usize {
+        self.shared.as_ref().map_or(0, |shared| shared.count(id))
     }
 
     /// Stops every listener (relayed connections carry on until they end).
@@ -192,10 +191,6 @@ impl Passthrough {
     }
 }
 
-/// Whether a relay of `pool` to `to` goes to `backend` (one without a port: any port).
-fn is_to(backend: &BackendIdentity, pool: &str, to: SocketAddr) -> bool {
-    backend.pool == pool && backend.addr == to.ip() && backend.port.is_none_or(|p| p == to.port())
-}
 
 #[cfg(test)]
 mod tests {

@@ -47,11 +47,11 @@ pub struct Shared {
     pub next_relay: std::sync::atomic::AtomicU64,
 }
 
-/// A relay, running or connecting: its pool and backend, and how to end it.
+/// A relay, running or connecting: its backend (by id: a backend without a port of its own
+/// and one with the service's port are two backends at one address), and how to end it.
 #[derive(Debug)]
 pub struct RelayHandle {
-    pub pool: String,
-    pub backend: SocketAddr,
+    pub backend_id: u32,
     pub cut: CancellationToken,
 }
 
@@ -66,20 +66,18 @@ impl Shared {
         }
     }
 
-    /// How many relays run or connect (not cut) to backends `matches` accepts, given a
-    /// relay's pool and backend address.
-    pub fn count(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
+    /// How many relays run or connect (not cut) to the backend `backend_id`.
+    pub fn count(&self, backend_id: u32) -> usize {
         let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
-        relays.values().filter(|r| !r.cut.is_cancelled() && matches(&r.pool, r.backend)).count()
+        relays.values().filter(|r| !r.cut.is_cancelled() && r.backend_id == backend_id).count()
     }
 
-    /// Ends (with resets) the relays to backends `matches` accepts, given a relay's pool and
-    /// backend address: those running, and those still connecting, which end as soon as
-    /// their backend answers. Returns how many.
-    pub fn cut(&self, matches: impl Fn(&str, SocketAddr) -> bool) -> usize {
+    /// Ends (with resets) the relays to the backends `ids`: those running, and those still
+    /// connecting, which end as soon as their backend answers. Returns how many.
+    pub fn cut(&self, ids: &std::collections::HashSet<u32>) -> usize {
         let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
         let mut n = 0;
-        for relay in relays.values().filter(|r| matches(&r.pool, r.backend)) {
+        for relay in relays.values().filter(|r| ids.contains(&r.backend_id)) {
             if !relay.cut.is_cancelled() {
                 relay.cut.cancel();
                 n += 1;
@@ -111,7 +109,7 @@ impl Shared {
         let (backend_id, backend) = policy.select(pool, peer, tried)?;
         let cut = CancellationToken::new();
         let id = self.next_relay.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        relays.insert(id, RelayHandle { pool: pool.to_owned(), backend, cut: cut.clone() });
+        relays.insert(id, RelayHandle { backend_id, cut: cut.clone() });
         Some((policy, backend_id, backend, Registered { shared: self, id, cut }))
     }
 }
@@ -417,5 +415,32 @@ async fn read_hello(client: &mut TcpStream) -> Result<(Vec<u8>, ClientHello), Re
             Ok(None) => {}
             Err(error) => return Err(error.reason()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relays_are_counted_and_cut_by_backend_id_not_address() {
+        // A backend without a port of its own (id 1, removed) and one at the same address
+        // with the service's port (id 2, live) relay to the same socket address: a cut of
+        // the removed one, or its count keeping its id retired, must not take the other's.
+        let shared = Shared::new(None, Arc::new(Stats::default()));
+        let handle = |backend_id| RelayHandle { backend_id, cut: CancellationToken::new() };
+        {
+            let mut relays = shared.relays.lock().unwrap();
+            relays.insert(10, handle(1));
+            relays.insert(11, handle(2));
+            relays.insert(12, handle(2));
+        }
+        assert_eq!((shared.count(1), shared.count(2)), (1, 2));
+        assert_eq!(shared.cut(&[1].into()), 1);
+        let relays = shared.relays.lock().unwrap();
+        assert!(relays[&10].cut.is_cancelled());
+        assert!(!relays[&11].cut.is_cancelled() && !relays[&12].cut.is_cancelled());
+        drop(relays);
+        assert_eq!((shared.count(1), shared.count(2)), (0, 2), "a cut relay counts no more");
     }
 }

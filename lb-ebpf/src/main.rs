@@ -252,7 +252,12 @@ fn established(
         // starts the tuple over, as on an expired one (see `FLOW_COOKIE_REOPEN`).
         if e.flags & FLOW_COOKIE_REOPEN != 0
             && select::closed(e.state)
-            && syncookie::reopens(ctx, packet, cookie)
+            && syncookie::reopens(
+                ctx,
+                packet,
+                cookie,
+                (e.flags & (FLOW_SEQ_ADJ | FLOW_SYN_PROXY) != 0).then_some(e.isn),
+            )
         {
             slot.forget();
             select::note_dead(dead, e);
@@ -440,7 +445,8 @@ fn try_balance(
 }
 
 /// Marks the closed connection's forward entry on `key`'s tuple (`entry` when not null, the
-/// live-flow lookup's, else looked up again) `FLOW_COOKIE_REOPEN`; says whether it did.
+/// live-flow lookup's, else looked up again) `FLOW_COOKIE_REOPEN`; says whether the entries
+/// stay (not when the tuple's entry is gone, or is a reply entry).
 #[inline(never)]
 fn mark_reopen(key: &FlowKey, entry: *mut Flow) -> bool {
     let entry = if entry.is_null() { maps::CONNTRACK.get_ptr_mut(key) } else { Some(entry) };
@@ -451,7 +457,10 @@ fn mark_reopen(key: &FlowKey, entry: *mut Flow) -> bool {
     if e.flags & FLOW_REPLY != 0 {
         return false;
     }
-    e.flags |= FLOW_COOKIE_REOPEN;
+    // Open again by now (another CPU started the tuple over): left as it is.
+    if select::closed(e.state) {
+        e.flags |= FLOW_COOKIE_REOPEN;
+    }
     true
 }
 

@@ -3,7 +3,10 @@
 
 use lb_common::{
     FlowKey, Reason,
-    conntrack::{FLOW_NAT, FLOW_REPLY, Flow, FlowState, carry, initial_tcp_state},
+    conntrack::{
+        FLOW_COOKIE_REOPEN, FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY, Flow, FlowState,
+        carry, initial_tcp_state,
+    },
     flow::{flow_hash, scale},
     maglev::NO_BACKEND,
     net::{IPPROTO_TCP, IPPROTO_UDP},
@@ -129,8 +132,23 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
         return None;
     }
     let (proto, flags) = (packet.proto, packet.tcp_flags);
-    let (state, refresh) = carry(e.state, e.last_seen, proto, flags, &g.timeouts, g.refresh, now)?;
+    let (mut state, refresh) =
+        carry(e.state, e.last_seen, proto, flags, &g.timeouts, g.refresh, now)?;
     if refresh {
+        // A cookie-opened connection is not brought back from a reset (see `next_tcp_state`):
+        // its next SYN on the tuple, taken for a retransmission, would be shifted into the
+        // old connection's numbering. Its packets go on while they come within the closed
+        // timeout.
+        if e.state == FlowState::Closed as u8
+            && state == FlowState::SynSeen as u8
+            && e.flags & (FLOW_SEQ_ADJ | FLOW_SYN_PROXY) != 0
+        {
+            state = FlowState::Closed as u8;
+        }
+        // Back from a reset: no longer a tuple a SYN got a cookie for.
+        if state != FlowState::Closed as u8 && state != FlowState::Closing as u8 {
+            e.flags &= !FLOW_COOKIE_REOPEN;
+        }
         e.state = state;
         e.last_seen = now;
     }

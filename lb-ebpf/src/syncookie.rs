@@ -172,13 +172,30 @@ pub fn on_new_flow(
 
 /// Whether `packet`, on a closed connection's tuple marked `FLOW_COOKIE_REOPEN`, is a
 /// client's ACK carrying a valid cookie (its new connection's third segment), not one of
-/// the old connection's. Out of line: the established path only calls it for such tuples.
+/// the old connection's. `old_isn`: the old connection's initial sequence number when a
+/// cookie opened it too, whose own segments carry a valid cookie until either side sends
+/// data (sequence number ISN + 1, acknowledgement cookie + 1): one of those is the old
+/// connection's (a challenge ACK its client sends back for a forged SYN). Out of line: the
+/// established path only calls it for marked tuples.
 #[inline(never)]
-pub fn reopens(ctx: &XdpContext, packet: &Packet, cookie: &mut CookieBuf) -> bool {
+pub fn reopens(
+    ctx: &XdpContext,
+    packet: &Packet,
+    cookie: &mut CookieBuf,
+    old_isn: Option<u32>,
+) -> bool {
     let ctx = &reload(ctx);
-    packet.proto == IPPROTO_TCP
-        && packet.tcp_flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) == tcp_flags::ACK
-        && check(ctx, packet, cookie)
+    if packet.proto != IPPROTO_TCP
+        || packet.tcp_flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) != tcp_flags::ACK
+    {
+        return false;
+    }
+    if let Some(isn) = old_isn
+        && seq_and_ack(ctx, packet).is_ok_and(|(seq, _)| seq == isn.wrapping_add(1))
+    {
+        return false;
+    }
+    check(ctx, packet, cookie)
 }
 
 /// Answers a SYN with a cookie SYN-ACK, sent back where it came from.

@@ -3122,12 +3122,11 @@ fn a_forged_reset_and_syn_do_not_end_a_connection_while_cookies_are_on() {
     let ack = u32::from_be_bytes(next.output[14 + 20 + 8..14 + 20 + 12].try_into().unwrap());
     assert_eq!(ack, 5001, "shifted as the connection's segments are");
     assert_eq!(lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP), before);
-    // And it goes on: its next one too, the flow back from the reset.
+    // And it goes on: its next one too (a cookie-opened connection stays closed, carried
+    // while its segments come within the closed timeout: see the next test).
     let more = lb.bed.run(&client(tcp_flags::ACK, 104, cookie + 1)).unwrap();
     assert_eq!(more.verdict, Some(Action::Tx));
-    let key = lb_common::FlowKey::new((CLIENT4, cport).into(), (VIP4, 80).into(), IPPROTO_TCP);
-    let state = lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
-    assert_eq!(state, FlowState::Established as u8);
+    assert_eq!(lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP), before);
 }
 
 #[test]
@@ -3472,4 +3471,48 @@ fn a_flow_picked_up_mid_stream_is_unconfirmed_until_its_next_packet() {
         assert_eq!(lb.bed.run(&ack).unwrap().verdict, Some(Action::Tx), "{name}");
         assert_eq!(state(&lb), FlowState::Established as u8, "{name}: its next packet");
     }
+}
+
+#[test]
+fn a_young_cookie_connection_s_own_ack_after_a_forged_syn_is_not_a_new_connection() {
+    // Before either side sends data, a cookie-opened connection's client segments carry a
+    // valid cookie (sequence ISN + 1, acknowledgement cookie + 1). After a forged RST and
+    // SYN, the client's challenge ACK is such a segment: it must go on as the connection's,
+    // shifted, not start the tuple over.
+    let config = nat_config(false, "tcp") + "syn_cookies = \"on\"\n";
+    let Some(mut lb) = Lb::new("young_cookie_ack", &config, &[]) else { return };
+    let cport = 46_800;
+    let client = |flags: u8, seq: u32, ack: u32| {
+        Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).build()
+    };
+    let answer = lb.bed.run(&client(tcp_flags::SYN, 100, 0)).unwrap();
+    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+    assert_eq!(
+        lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap().verdict,
+        Some(Action::Tx)
+    );
+    let before = lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+    let (backend, bport, nat_port) = before;
+    let syn_ack = Packet::ipv4(ip4(backend), NAT4)
+        .tcp(bport, nat_port)
+        .flags(tcp_flags::SYN | tcp_flags::ACK)
+        .seq_ack(5000, 101)
+        .build();
+    assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&client(tcp_flags::RST, 55_555, 0)).unwrap().verdict, Some(Action::Tx));
+    assert_eq!(lb.bed.run(&client(tcp_flags::SYN, 66_666, 0)).unwrap().verdict, Some(Action::Tx));
+    let own = lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap();
+    assert_eq!(own.verdict, Some(Action::Tx));
+    assert_eq!(own.output[14 + 20 + 13], tcp_flags::ACK, "not a SYN to the backend");
+    let ack = u32::from_be_bytes(own.output[14 + 20 + 8..14 + 20 + 12].try_into().unwrap());
+    assert_eq!(ack, 5001, "shifted as the connection's segments are");
+    assert_eq!(lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP), before);
+    // A cookie connection is not brought back from a reset by its stray segments: the
+    // client's next SYN on the tuple gets a cookie, not the old connection's numbering.
+    let key = lb_common::FlowKey::new((CLIENT4, cport).into(), (VIP4, 80).into(), IPPROTO_TCP);
+    let state = lb.bed.datapath.maps().conntrack.get(&key).unwrap().state;
+    assert_eq!(state, FlowState::Closed as u8);
+    let again = lb.bed.run(&client(tcp_flags::SYN, 9_000, 0)).unwrap();
+    assert_eq!(again.verdict, Some(Action::Tx));
+    assert_eq!(again.output[14 + 20 + 13], tcp_flags::SYN | tcp_flags::ACK, "a cookie SYN-ACK");
 }

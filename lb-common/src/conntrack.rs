@@ -290,20 +290,24 @@ pub const fn opens_connection(flags: u8) -> bool {
     flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN) == tcp_flags::SYN
 }
 
-/// The state a new TCP flow starts in for a packet with `flags`. A flow picked up without its
-/// SYN (after a restart, or a failover from another node) starts unconfirmed, as a SYN's
-/// does (the SYN timeout), and is established by its next packet: a live connection sends
-/// one soon, while a spoofed ACK flood's entries (and, for NAT, their ports) would otherwise
-/// be held for the established timeout, two hours by default.
+/// The state a new TCP flow (`nat`: of a NAT service) starts in for a packet with `flags`.
+/// A flow picked up without its SYN (after a restart, or a failover from another node) is
+/// taken as established when DSR: a live connection, pinned to its backend however rarely it
+/// sends. A NAT one starts unconfirmed, as a SYN's does (the SYN timeout), and is
+/// established by its next packet: a picked-up NAT connection cannot go on anyway (its
+/// source port is new to the backend, which resets it), and a spoofed ACK flood's entries
+/// would otherwise hold their ports for the established timeout, two hours by default.
 #[inline(always)]
 #[must_use]
-pub const fn initial_tcp_state(flags: u8) -> FlowState {
+pub const fn initial_tcp_state(flags: u8, nat: bool) -> FlowState {
     if flags & tcp_flags::RST != 0 {
         FlowState::Closed
     } else if flags & tcp_flags::FIN != 0 {
         FlowState::Closing
-    } else {
+    } else if nat || opens_connection(flags) {
         FlowState::SynSeen
+    } else {
+        FlowState::Established
     }
 }
 
@@ -417,7 +421,7 @@ mod tests {
 
     #[test]
     fn handshake_data_and_close() {
-        let syn = initial_tcp_state(SYN);
+        let syn = initial_tcp_state(SYN, false);
         assert_eq!(syn, FlowState::SynSeen);
         let Transition::Keep(est) = next_tcp_state(syn as u8, ACK) else { panic!() };
         assert_eq!(est, FlowState::Established);
@@ -487,14 +491,20 @@ mod tests {
 
     #[test]
     fn a_mid_stream_pickup_is_established_by_its_next_packet() {
-        assert_eq!(initial_tcp_state(ACK), FlowState::SynSeen);
-        assert_eq!(initial_tcp_state(SYN | ACK), FlowState::SynSeen);
-        assert_eq!(initial_tcp_state(FIN | ACK), FlowState::Closing);
-        assert_eq!(initial_tcp_state(RST), FlowState::Closed);
+        // NAT: unconfirmed until its next packet.
+        assert_eq!(initial_tcp_state(ACK, true), FlowState::SynSeen);
+        assert_eq!(initial_tcp_state(SYN | ACK, true), FlowState::SynSeen);
         assert_eq!(
-            next_tcp_state(initial_tcp_state(ACK) as u8, ACK),
+            next_tcp_state(initial_tcp_state(ACK, true) as u8, ACK),
             Transition::Keep(FlowState::Established)
         );
+        // DSR: a live connection taken over, established at once.
+        assert_eq!(initial_tcp_state(ACK, false), FlowState::Established);
+        assert_eq!(initial_tcp_state(SYN, false), FlowState::SynSeen);
+        for nat in [false, true] {
+            assert_eq!(initial_tcp_state(FIN | ACK, nat), FlowState::Closing);
+            assert_eq!(initial_tcp_state(RST, nat), FlowState::Closed);
+        }
     }
 
     #[test]

@@ -383,7 +383,7 @@ fn try_balance(
     let key = packet.flow_key();
     let is_nat = service.flags & SERVICE_NAT != 0;
     live.start(service.id, &service.nat_addr, now);
-    live.state = select::initial_state(packet) as u8;
+    live.state = select::initial_state(packet, is_nat) as u8;
     let cookies = is_nat
         && packet.proto == IPPROTO_TCP
         && service.flags & (SERVICE_SYN_COOKIES | SERVICE_SYN_COOKIES_AUTO) != 0;

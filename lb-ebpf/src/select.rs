@@ -194,11 +194,11 @@ pub fn closed(state: u8) -> bool {
     state == FlowState::Closed as u8 || state == FlowState::Closing as u8
 }
 
-/// The state a new flow starts in.
+/// The state a new flow (`nat`: of a NAT service) starts in.
 #[inline(always)]
-pub fn initial_state(packet: &Packet) -> FlowState {
+pub fn initial_state(packet: &Packet, nat: bool) -> FlowState {
     if packet.proto == IPPROTO_TCP {
-        initial_tcp_state(packet.tcp_flags)
+        initial_tcp_state(packet.tcp_flags, nat)
     } else {
         FlowState::Datagram
     }

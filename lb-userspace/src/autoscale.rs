@@ -144,38 +144,21 @@ impl Signals {
 /// Counters of one backend id: (new flows, bytes).
 pub type BackendCounters = HashMap<u32, (u64, u64)>;
 
-/// TLS-passthrough totals per pool: connections relayed and bytes both ways (running
-/// totals), and relays open now. Passthrough connections are lbd's sockets, not the data
-/// path's flows: a pool that passthrough services use is busy by these too.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RelayTotals {
-    pub connections: u64,
-    pub bytes: u64,
-    pub active: u64,
-}
-
-/// [`RelayTotals`] by pool.
-pub type PoolRelays = HashMap<String, RelayTotals>;
-
-/// Sums passthrough route counters by pool.
-#[must_use]
-pub fn relays_by_pool(stats: &crate::passthrough::stats::StatsSnapshot) -> PoolRelays {
-    let mut out = PoolRelays::new();
-    for ((_, _, pool), c) in &stats.routes {
-        let t = out.entry(pool.clone()).or_default();
-        t.connections += c.connections;
-        t.bytes += c.bytes_to_backend + c.bytes_to_client;
-        t.active += c.active;
-    }
-    out
-}
+/// TLS-passthrough counters by route (service, route, pool): passthrough connections are
+/// lbd's sockets, not the data path's flows, and a pool that passthrough services use is
+/// busy by them too. By route, not summed by pool: a route's series goes when a reload
+/// removes it and its last relay ends, and a pool total would fall with it (a rate of 0).
+pub type RouteRelays = std::collections::BTreeMap<
+    crate::passthrough::stats::RouteId,
+    crate::passthrough::stats::RouteCounters,
+>;
 
 /// Samples signals and evaluates every policy.
 #[derive(Debug)]
 pub struct Engine {
     epoch: Instant,
     states: HashMap<(String, String), PolicyState>,
-    last: Option<(Instant, BackendCounters, PoolRelays)>,
+    last: Option<(Instant, BackendCounters, RouteRelays)>,
     sequence: u64,
     pub counters: SharedCounters,
     /// The latest signal values per pool (for the API and metrics).
@@ -206,8 +189,8 @@ pub struct Inputs<'a> {
     pub counters: BackendCounters,
     /// Live flows per backend id (last sweep).
     pub live: &'a HashMap<u32, u64>,
-    /// TLS-passthrough totals per pool.
-    pub relays: PoolRelays,
+    /// TLS-passthrough counters by route.
+    pub relays: RouteRelays,
 }
 
 impl Engine {
@@ -252,13 +235,17 @@ impl Engine {
                     }
                 }
             }
-            if let Some(now_r) = inputs.relays.get(name) {
-                let before_r = relays_before.get(name).copied().unwrap_or_default();
+            // Routes to the pool: their growth since the last sample (a route new since then
+            // from zero), and their open relays. Bytes to the backends, as the data path
+            // counts them.
+            for (route, now_r) in inputs.relays.iter().filter(|(route, _)| route.2 == *name) {
+                let before_r = relays_before.get(route).copied().unwrap_or_default();
                 #[allow(clippy::cast_precision_loss, reason = "rates")]
                 {
                     signals.new_flows_per_second +=
                         now_r.connections.saturating_sub(before_r.connections) as f64;
-                    signals.bytes_per_second += now_r.bytes.saturating_sub(before_r.bytes) as f64;
+                    signals.bytes_per_second +=
+                        now_r.bytes_to_backend.saturating_sub(before_r.bytes_to_backend) as f64;
                 }
                 live += now_r.active;
             }
@@ -675,7 +662,9 @@ d5uJNQ==
     fn a_pool_that_passthrough_services_use_is_busy_by_their_relays() {
         // No data path flow at all (the pool serves TLS passthrough only): its signals come
         // from the relays, and a scale-in policy ("below 50 new flows a second") must not
-        // fire while 100 connections a second go through them.
+        // fire while 100 connections a second go through them. A route that a reload
+        // removed (its series gone) takes nothing away from the others' growth.
+        use crate::passthrough::stats::RouteCounters;
         let text = "[[interface]]\nname = \"eth0\"\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddress = \"198.18.1.11\"\n[[pool.backend]]\naddress = \"198.18.1.12\"\n[[pool.autoscale]]\nname = \"in\"\nsignal = \"new_flows_per_second\"\nbelow = 50.0\nfor_secs = 0\ncooldown_secs = 0\ncommand = [\"true\"]\n";
         let config = Config::parse(text, "t").unwrap();
         let t0 = Instant::now();
@@ -684,11 +673,14 @@ d5uJNQ==
             crate::lifecycle::backends(&config).map(|(b, _)| b).zip(0..).collect();
         let live = HashMap::new();
         let mut engine = Engine::default();
-        let mut sample = |secs: u64| {
-            let relays = PoolRelays::from([(
-                "web".to_owned(),
-                RelayTotals { connections: 100 * secs, bytes: 1_000_000 * secs, active: 30 },
-            )]);
+        let route = |label: &str, pool: &str| ("tls".to_owned(), label.to_owned(), pool.to_owned());
+        let counters = |connections, active| RouteCounters {
+            connections,
+            active,
+            bytes_to_backend: 10_000 * connections,
+            bytes_to_client: 99_999,
+        };
+        let mut sample = |secs: u64, relays: RouteRelays| {
             let inputs = Inputs {
                 config: &config,
                 lifecycle: &lifecycle,
@@ -699,38 +691,16 @@ d5uJNQ==
             };
             engine.sample(&inputs, t0 + Duration::from_secs(secs)).len()
         };
-        assert_eq!(sample(0), 0, "the first sample is the baseline");
-        assert_eq!(sample(1), 0, "100 connections a second is not below 50");
+        let www = |n| (route("www.example.com", "web"), counters(n, 20));
+        let old = (route("old.example.com", "web"), counters(5_000, 0));
+        let elsewhere = (route("default", "other"), counters(1_000_000, 7));
+        assert_eq!(sample(0, [www(0), old, elsewhere.clone()].into()), 0, "the baseline");
+        // A second later: 100 more on www, old's series gone, another pool's ignored.
+        assert_eq!(sample(1, [www(100), elsewhere].into()), 0, "100 a second is not below 50");
         let signals = &engine.signals["web"];
         assert!((signals.new_flows_per_second - 100.0).abs() < 1e-9, "{signals:?}");
-        assert!((signals.bytes_per_second - 1e6).abs() < 1e-3, "{signals:?}");
-        assert!((signals.active_flows_per_backend - 15.0).abs() < 1e-9, "{signals:?}");
-    }
-
-    #[test]
-    fn relay_totals_are_summed_by_pool() {
-        use crate::passthrough::stats::{RouteCounters, StatsSnapshot};
-        let route = |service: &str, label: &str, pool: &str| {
-            (service.to_owned(), label.to_owned(), pool.to_owned())
-        };
-        let c = |connections, active| RouteCounters {
-            connections,
-            active,
-            bytes_to_backend: 10,
-            bytes_to_client: 5,
-        };
-        let stats = StatsSnapshot {
-            routes: [
-                (route("tls", "www.example.com", "web"), c(3, 1)),
-                (route("tls", "default", "other"), c(1, 0)),
-                (route("tls6", "www.example.com", "web"), c(2, 2)),
-            ]
-            .into(),
-            ..StatsSnapshot::default()
-        };
-        let by_pool = relays_by_pool(&stats);
-        assert_eq!(by_pool["web"], RelayTotals { connections: 5, bytes: 30, active: 3 });
-        assert_eq!(by_pool["other"], RelayTotals { connections: 1, bytes: 15, active: 0 });
+        assert!((signals.bytes_per_second - 1e6).abs() < 1e-3, "to the backends: {signals:?}");
+        assert!((signals.active_flows_per_backend - 10.0).abs() < 1e-9, "{signals:?}");
     }
 
     #[test]
@@ -750,7 +720,7 @@ d5uJNQ==
                 ids: &ids,
                 counters: HashMap::from([(0, (flows, 0))]),
                 live: &live,
-                relays: PoolRelays::new(),
+                relays: RouteRelays::new(),
             };
             engine.sample(&inputs, t0 + at).len()
         };

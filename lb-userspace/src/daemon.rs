@@ -349,7 +349,7 @@ impl Daemon {
             ids: &ids,
             counters,
             live: &self.live_by_backend,
-            relays: autoscale::relays_by_pool(&self.passthrough.stats.snapshot()),
+            relays: self.passthrough.stats.snapshot().routes,
         };
         let events = self.autoscale.sample(&inputs, now);
         for (event, _) in &events {

@@ -297,13 +297,21 @@ impl Daemon {
         }
     }
 
-    /// Takes in one health-check result; a flip changes the weights installed.
-    pub fn record_health(&mut self, report: &Report) {
-        // A result of a check that no longer runs (restarted or stopped since it was sent).
-        if self.checker.as_ref().is_some_and(|c| !c.is_current(report)) {
-            return;
+    /// Takes in health-check results (those waiting, taken together); flips among them
+    /// change the weights installed, once for all: a thousand backends failing together (a
+    /// partition) rebuild their pools' tables once, not a thousand times under the lock the
+    /// API and the ticks wait on.
+    pub fn record_health(&mut self, reports: &[Report]) {
+        let now = Instant::now();
+        let mut flipped = false;
+        for report in reports {
+            // A result of a check that no longer runs (restarted or stopped since it was sent).
+            if self.checker.as_ref().is_some_and(|c| !c.is_current(report)) {
+                continue;
+            }
+            flipped |= self.lifecycle.record(report, now);
         }
-        if self.lifecycle.record(report, Instant::now()) {
+        if flipped {
             self.refresh_weights();
             self.mark_down();
         }

@@ -51,6 +51,8 @@ pub struct RunOptions {
 const NEXT_HOP_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the connection table is swept of expired flows.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Health-check results taken in at once (see `Daemon::record_health`).
+const MAX_REPORT_BATCH: usize = 4096;
 /// How often slow-start weights, drain deadlines and autoscaling policies are evaluated.
 const LIFECYCLE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -141,7 +143,16 @@ pub async fn run(
                 lock(&daemon).refresh_next_hops();
             }
             _ = sweep_tick.tick() => lock(&daemon).sweep(),
-            Some(report) = reports.recv() => lock(&daemon).record_health(&report),
+            Some(report) = reports.recv() => {
+                // With every other result already waiting (bounded): one install for all.
+                let mut batch = vec![report];
+                while batch.len() < MAX_REPORT_BATCH
+                    && let Ok(report) = reports.try_recv()
+                {
+                    batch.push(report);
+                }
+                lock(&daemon).record_health(&batch);
+            }
             _ = lifecycle_tick.tick() => {
                 let (events, counters) = {
                     let mut d = lock(&daemon);

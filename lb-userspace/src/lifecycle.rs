@@ -317,7 +317,11 @@ impl Lifecycle {
         self.applied = Self::weights(effective);
         for pool in panicking.difference(&self.panicking) {
             let (healthy, total) = self.pool_health(effective, pool);
-            error!(pool = %pool, healthy, active = total, "pool in PANIC: too few healthy backends; sending to all of them (set fail_closed to send to the healthy ones only)");
+            if effective.pool(pool).is_some_and(|p| p.fail_closed) {
+                error!(pool = %pool, healthy, active = total, "pool in PANIC: too few healthy backends; fail_closed: sending to the healthy ones only");
+            } else {
+                error!(pool = %pool, healthy, active = total, "pool in PANIC: too few healthy backends; sending to all of them (set fail_closed to send to the healthy ones only)");
+            }
         }
         for pool in self.panicking.difference(&panicking) {
             info!(pool = %pool, "pool out of panic");

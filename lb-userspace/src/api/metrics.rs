@@ -583,7 +583,7 @@ impl Snapshot {
         gauge(
             e,
             "lb_pool_panic",
-            "1 while fewer than the pool's min_healthy_share of its backends are healthy (it then sends to all).",
+            "1 while fewer than the pool's min_healthy_share of its backends are healthy (it then sends to all of them, or to the healthy ones only if fail_closed).",
             &panics,
         )?;
         {

@@ -105,6 +105,8 @@ pub struct Lifecycle {
     came_in: HashMap<BackendIdentity, Instant>,
     /// Each backend's state and since when.
     states: HashMap<BackendIdentity, (BackendState, Instant)>,
+    /// Each backend's configured weight, as last observed.
+    weights: HashMap<BackendIdentity, u32>,
     /// Health of checked backends; unchecked ones count as healthy.
     pub health: HashMap<BackendIdentity, Health>,
     /// Health checks run and failed per backend (see [`CheckCounts`]).
@@ -156,6 +158,7 @@ impl Lifecycle {
                     },
                 );
             }
+            l.weights.insert(identity.clone(), *b.weight.get_ref());
             l.states.insert(identity, (b.state, now));
         }
         l.note_drain_deadlines(config);
@@ -175,13 +178,21 @@ impl Lifecycle {
     }
 
     /// Takes in a new configuration: backends that are new, or that become active again,
-    /// start their slow start now; state changes restart their clocks; facts of removed
-    /// backends are dropped.
+    /// start their slow start now, and so do active ones given a weight again after 0
+    /// (which, as draining, took no new flows); state changes restart their clocks; facts
+    /// of removed backends are dropped.
     pub fn observe(&mut self, config: &Config, now: Instant) {
         self.note_drain_deadlines(config);
         let mut seen = HashSet::new();
         for (identity, b) in backends(config) {
             seen.insert(identity.clone());
+            let weight = *b.weight.get_ref();
+            if self.weights.insert(identity.clone(), weight) == Some(0)
+                && weight > 0
+                && b.state == BackendState::Active
+            {
+                self.came_in.insert(identity.clone(), now);
+            }
             match self.states.get(&identity) {
                 Some((state, _)) if *state == b.state => {}
                 previous => {
@@ -196,6 +207,7 @@ impl Lifecycle {
             }
         }
         self.states.retain(|k, _| seen.contains(k));
+        self.weights.retain(|k, _| seen.contains(k));
         self.came_in.retain(|k, _| seen.contains(k));
         self.health.retain(|k, _| seen.contains(k));
         self.check_counts.retain(|k, _| seen.contains(k));
@@ -510,6 +522,33 @@ mode = "dsr-l2"
         assert_eq!(weights(&l, &added, t0 + Duration::from_secs(1)), [100, 100, 1]);
         assert_eq!(weights(&l, &added, t0 + Duration::from_secs(6)), [100, 100, 50]);
         assert_eq!(weights(&l, &added, t0 + Duration::from_secs(11)), [100, 100, 100]);
+    }
+
+    #[test]
+    fn a_backend_given_a_weight_again_after_0_ramps() {
+        // Weight 0 takes no new flows, as draining: back to 100, the backend starts slow,
+        // not at full weight at once.
+        let t0 = Instant::now();
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let mut l = Lifecycle::starting(&config, t0, &HashSet::new());
+        let weighted = |w: u32| {
+            Config::parse(
+                &CONFIG.replace(
+                    "address = \"198.18.1.12\"\n",
+                    &format!("address = \"198.18.1.12\"\nweight = {w}\n"),
+                ),
+                "t",
+            )
+            .unwrap()
+        };
+        l.observe(&weighted(0), t0 + Duration::from_secs(1));
+        assert_eq!(weights(&l, &weighted(0), t0 + Duration::from_secs(1)), [100, 0]);
+        l.observe(&weighted(100), t0 + Duration::from_secs(20));
+        assert_eq!(weights(&l, &weighted(100), t0 + Duration::from_secs(20)), [100, 1]);
+        assert_eq!(weights(&l, &weighted(100), t0 + Duration::from_secs(25)), [100, 50]);
+        // Another weight (not from 0) takes effect at once.
+        l.observe(&weighted(60), t0 + Duration::from_secs(40));
+        assert_eq!(weights(&l, &weighted(60), t0 + Duration::from_secs(40)), [100, 60]);
     }
 
     #[test]

@@ -180,7 +180,6 @@ impl Client {
     }
 }
 
-
 /// The largest answer read from lbd: `/v1/pools` with every backend allowed (65,536) and a
 /// check error on each fits several times over.
 const MAX_ANSWER_BYTES: u64 = 256 << 20;

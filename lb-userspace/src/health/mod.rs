@@ -38,6 +38,8 @@ pub struct Spec {
 
 /// How often check routes that could not be set are tried again.
 pub const ROUTE_RETRY: Duration = Duration::from_secs(5);
+/// How often every check route is written again.
+pub const ROUTE_REASSERT: Duration = Duration::from_secs(10);
 
 /// Whether check routes last tried again at `last` may be tried again at `now`.
 fn retry_due(last: Option<std::time::Instant>, now: std::time::Instant) -> bool {
@@ -157,6 +159,8 @@ pub struct Checker {
     routes: CheckRoutes,
     /// When the check routes were last tried again (see [`Checker::retry_routes`]).
     last_route_retry: Option<std::time::Instant>,
+    /// When the check routes were last written again (see [`CheckRoutes::reassert`]).
+    last_route_reassert: Option<std::time::Instant>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -170,6 +174,7 @@ impl Checker {
             routes: CheckRoutes::default(),
             runtime,
             last_route_retry: None,
+            last_route_reassert: None,
         }
     }
 
@@ -225,6 +230,15 @@ impl Checker {
         if self.routes.pending() && retry_due(self.last_route_retry, now) {
             self.last_route_retry = Some(now);
             self.routes.retry();
+        }
+        // And writes them all again now and then: an interface that went down took its
+        // routes with it.
+        if self
+            .last_route_reassert
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROUTE_REASSERT)
+        {
+            self.last_route_reassert = Some(now);
+            self.routes.reassert();
         }
     }
 

@@ -72,14 +72,10 @@ impl CheckRoutes {
             if self.installed.get(id) == Some(route) {
                 continue;
             }
-            let (backend, vips) = route;
-            let s = &mut script[usize::from(backend.is_ipv6())];
+            let s = &mut script[usize::from(route.0.is_ipv6())];
             let m = mark(*id);
             let _ = writeln!(s, "rule add priority {RULE_PRIORITY} fwmark {m} table {m}");
-            for vip in vips.iter().filter(|v| v.is_ipv6() == backend.is_ipv6()) {
-                let len = if vip.is_ipv4() { 32 } else { 128 };
-                let _ = writeln!(s, "route replace {vip}/{len} via {backend} table {m}");
-            }
+            write_routes(s, *id, route);
         }
         for (i, (family, script)) in ["-4", "-6"].iter().zip(&script).enumerate() {
             if script.is_empty() {
@@ -94,6 +90,22 @@ impl CheckRoutes {
             self.failed[i] = !ok;
         }
         self.installed.clone_from(wanted);
+    }
+
+    /// Writes every installed route again (`route replace`: nothing changes where they are
+    /// in place): the kernel removes routes through an interface that goes down or loses
+    /// its address, and nothing else would put them back. Failures are left to the next
+    /// time (the table's unreachable default meanwhile fails the checks).
+    pub fn reassert(&self) {
+        let mut script = [String::new(), String::new()];
+        for (id, route) in &self.installed {
+            write_routes(&mut script[usize::from(route.0.is_ipv6())], *id, route);
+        }
+        for (family, script) in ["-4", "-6"].iter().zip(&script) {
+            if !script.is_empty() {
+                let _ = run_batch(family, script, true);
+            }
+        }
     }
 
     /// Whether a family's last batch failed: [`CheckRoutes::retry`] has work to do.
@@ -145,6 +157,19 @@ fn remove_stale(families: &[&str]) {
 
 /// Runs `script` through `ip -batch`; whether every line succeeded. A failure is logged as
 /// a warning, or (`again`: the family failed before too, retries) at debug level.
+/// Writes backend `id`'s check routes to `script`: the service addresses via the backend,
+/// and an unreachable default, so that a check whose route is missing (its interface down)
+/// fails instead of going by the main table, to whatever answers the service address there
+/// (another backend, through this host's own data path).
+fn write_routes(script: &mut String, id: u32, (backend, vips): &CheckRoute) {
+    let m = mark(id);
+    let _ = writeln!(script, "route replace unreachable default table {m}");
+    for vip in vips.iter().filter(|v| v.is_ipv6() == backend.is_ipv6()) {
+        let len = if vip.is_ipv4() { 32 } else { 128 };
+        let _ = writeln!(script, "route replace {vip}/{len} via {backend} table {m}");
+    }
+}
+
 fn run_batch(family: &str, script: &str, again: bool) -> bool {
     let child = Command::new("ip")
         .args([family, "-force", "-batch", "-"])
@@ -194,7 +219,8 @@ mod tests {
         let mut routes = CheckRoutes::default();
         routes.sync(&wanted);
         assert!(routes.pending(), "the gateway is unreachable: the route cannot be set");
-        assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");
+        // Checks meanwhile fail rather than go by the main table.
+        assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "unreachable default");
         // The backend removed meanwhile: nothing left to retry.
         routes.sync(&BTreeMap::new());
         assert!(!routes.pending(), "a removed backend's failed route is retried for ever");
@@ -217,6 +243,19 @@ mod tests {
         routes.retry();
         assert_eq!(ip(&["-4", "route", "show", "table", &table]), routed);
         assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]), rules);
+        // The kernel takes the route away (the interface lost its address): the check's
+        // lookup is refused, not sent by the main table, and the route comes back when
+        // the address does.
+        ip(&["addr", "del", "198.18.1.1/24", "dev", "d0"]);
+        assert!(!ip(&["-4", "route", "show", "table", &table]).contains("198.18.100.1"));
+        let lookup = Command::new("ip")
+            .args(["-4", "route", "get", "198.18.100.1", "mark", &table])
+            .output()
+            .unwrap();
+        assert!(!lookup.status.success(), "{}", String::from_utf8_lossy(&lookup.stdout));
+        ip(&["addr", "add", "198.18.1.1/24", "dev", "d0"]);
+        routes.reassert();
+        assert_eq!(ip(&["-4", "route", "show", "table", &table]), routed);
         routes.clear();
         assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]).trim(), "");
         assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");

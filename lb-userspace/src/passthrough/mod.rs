@@ -191,7 +191,6 @@ impl Passthrough {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3521,20 +3521,3 @@ fn a_young_cookie_connection_s_own_ack_after_a_forged_syn_is_not_a_new_connectio
     assert_eq!(again.verdict, Some(Action::Tx));
     assert_eq!(again.output[14 + 20 + 13], tcp_flags::SYN | tcp_flags::ACK, "a cookie SYN-ACK");
 }
-
-#[test]
-fn a_pool_serving_two_ports_is_checked_on_each() {
-    // One DSR pool behind services on port 80 and port 443 (nginx on both, say), checked by
-    // TCP without a port of its own: each service address on its own port, not both on the
-    // first service's (which one of them does not serve: the backend would be down for both).
-    let config = dsr_config(false, "tcp")
-        + "[pool.health_check]\nkind = \"tcp\"\n\
-           [[service]]\nname = \"tls\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 443\npool = \"p\"\nmode = \"dsr-l2\"\n";
-    let Some(lb) = Lb::new("check_ports", &config, &[]) else { return };
-    let plan = lb_userspace::health::plan(&lb.config, &lb.balancer);
-    assert_eq!(plan.specs.len(), 2, "both backends checked");
-    for (backend, spec) in &plan.specs {
-        let targets: Vec<String> = spec.probe.targets.iter().map(ToString::to_string).collect();
-        assert_eq!(targets, ["198.18.100.1:80", "198.18.100.2:443"], "{backend:?}");
-    }
-}

@@ -84,22 +84,18 @@ pub fn plan(config: &Config, balancer: &Balancer) -> Plan {
             let port = config.health_check_port(pool, backend).unwrap_or(0);
             let addr = identity.addr;
             // DSR services are checked at their own addresses (through the backend's check
-            // route); NAT services, or none, at the backend's. Each on the port its clients'
-            // flows reach the backend on, unless the check or the backend names one: a pool
-            // serving port 80 and port 443 is checked on both, not on the first service's.
+            // route); NAT services, or none, at the backend's.
             let mut targets = BTreeSet::new();
             let mut vips = BTreeSet::new();
             for service in &services {
                 let vip = *service.address.get_ref();
-                let service_port =
-                    check.port.or(backend.port()).or(service.port()).unwrap_or(port);
                 if service.mode == ForwardingMode::DsrL2 {
                     if vip.is_ipv4() == addr.is_ipv4() {
                         vips.insert(vip);
-                        targets.insert(SocketAddr::new(vip, service_port));
+                        targets.insert(SocketAddr::new(vip, port));
                     }
                 } else {
-                    targets.insert(SocketAddr::new(addr, service_port));
+                    targets.insert(SocketAddr::new(addr, port));
                 }
             }
             if targets.is_empty() {

@@ -157,13 +157,17 @@ fn remove_stale(families: &[&str]) {
 
 /// Runs `script` through `ip -batch`; whether every line succeeded. A failure is logged as
 /// a warning, or (`again`: the family failed before too, retries) at debug level.
-/// Writes backend `id`'s check routes to `script`: the service addresses via the backend,
-/// and an unreachable default, so that a check whose route is missing (its interface down)
-/// fails instead of going by the main table, to whatever answers the service address there
-/// (another backend, through this host's own data path).
+/// Writes backend `id`'s check routes to `script`: the service addresses via the backend;
+/// the backend's own address thrown back to the next rule (the main table: the backend's
+/// checks of NAT services go there, from the same marked sockets); and an unreachable
+/// default, so that a check whose route is missing (its interface down) fails instead of
+/// going by the main table, to whatever answers the service address there (another
+/// backend, through this host's own data path).
 fn write_routes(script: &mut String, id: u32, (backend, vips): &CheckRoute) {
     let m = mark(id);
+    let len = if backend.is_ipv4() { 32 } else { 128 };
     let _ = writeln!(script, "route replace unreachable default table {m}");
+    let _ = writeln!(script, "route replace throw {backend}/{len} table {m}");
     for vip in vips.iter().filter(|v| v.is_ipv6() == backend.is_ipv6()) {
         let len = if vip.is_ipv4() { 32 } else { 128 };
         let _ = writeln!(script, "route replace {vip}/{len} via {backend} table {m}");
@@ -219,8 +223,12 @@ mod tests {
         let mut routes = CheckRoutes::default();
         routes.sync(&wanted);
         assert!(routes.pending(), "the gateway is unreachable: the route cannot be set");
-        // Checks meanwhile fail rather than go by the main table.
-        assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "unreachable default");
+        // Checks meanwhile fail rather than go by the main table (but for the backend's own
+        // address, thrown back to it).
+        let pending = ip(&["-4", "route", "show", "table", &table]);
+        let mut lines: Vec<&str> = pending.lines().map(str::trim).collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["throw 198.18.1.11", "unreachable default"], "{pending}");
         // The backend removed meanwhile: nothing left to retry.
         routes.sync(&BTreeMap::new());
         assert!(!routes.pending(), "a removed backend's failed route is retried for ever");
@@ -248,14 +256,20 @@ mod tests {
         // the address does.
         ip(&["addr", "del", "198.18.1.1/24", "dev", "d0"]);
         assert!(!ip(&["-4", "route", "show", "table", &table]).contains("198.18.100.1"));
-        let lookup = Command::new("ip")
-            .args(["-4", "route", "get", "198.18.100.1", "mark", &table])
-            .output()
-            .unwrap();
-        assert!(!lookup.status.success(), "{}", String::from_utf8_lossy(&lookup.stdout));
+        let lookup = |to: &str| {
+            Command::new("ip").args(["-4", "route", "get", to, "mark", &table]).output().unwrap()
+        };
+        let vip = lookup("198.18.100.1");
+        assert!(!vip.status.success(), "{}", String::from_utf8_lossy(&vip.stdout));
+
         ip(&["addr", "add", "198.18.1.1/24", "dev", "d0"]);
         routes.reassert();
         assert_eq!(ip(&["-4", "route", "show", "table", &table]), routed);
+        // The backend's own address goes by the main table (its checks of NAT services
+        // come from the same marked sockets), not into the unreachable default.
+        let own = lookup("198.18.1.11");
+        assert!(own.status.success(), "{}", String::from_utf8_lossy(&own.stderr));
+        assert!(String::from_utf8_lossy(&own.stdout).contains("dev d0"));
         routes.clear();
         assert_eq!(ip(&["-4", "rule", "show", "priority", &RULE_PRIORITY.to_string()]).trim(), "");
         assert_eq!(ip(&["-4", "route", "show", "table", &table]).trim(), "");

@@ -132,19 +132,20 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
         return None;
     }
     let (proto, flags) = (packet.proto, packet.tcp_flags);
-    let (mut state, refresh) =
+    let (mut state, mut refresh) =
         carry(e.state, e.last_seen, proto, flags, &g.timeouts, g.refresh, now)?;
+    // A cookie-opened connection is not brought back from a reset (see `next_tcp_state`):
+    // its next SYN on the tuple, taken for a retransmission, would be shifted into the old
+    // connection's numbering. Its packets go on while they come within the closed timeout,
+    // the entry refreshed as any other's, not at every packet.
+    if e.state == FlowState::Closed as u8
+        && state == FlowState::SynSeen as u8
+        && e.flags & (FLOW_SEQ_ADJ | FLOW_SYN_PROXY) != 0
+    {
+        state = FlowState::Closed as u8;
+        refresh = now.saturating_sub(e.last_seen) > g.refresh;
+    }
     if refresh {
-        // A cookie-opened connection is not brought back from a reset (see `next_tcp_state`):
-        // its next SYN on the tuple, taken for a retransmission, would be shifted into the
-        // old connection's numbering. Its packets go on while they come within the closed
-        // timeout.
-        if e.state == FlowState::Closed as u8
-            && state == FlowState::SynSeen as u8
-            && e.flags & (FLOW_SEQ_ADJ | FLOW_SYN_PROXY) != 0
-        {
-            state = FlowState::Closed as u8;
-        }
         // Back from a reset: no longer a tuple a SYN got a cookie for.
         if state != FlowState::Closed as u8 && state != FlowState::Closing as u8 {
             e.flags &= !FLOW_COOKIE_REOPEN;

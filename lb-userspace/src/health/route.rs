@@ -75,7 +75,7 @@ impl CheckRoutes {
             let s = &mut script[usize::from(route.0.is_ipv6())];
             let m = mark(*id);
             let _ = writeln!(s, "rule add priority {RULE_PRIORITY} fwmark {m} table {m}");
-            write_routes(s, *id, route);
+            write_routes(s, *id, route, "replace");
         }
         for (i, (family, script)) in ["-4", "-6"].iter().zip(&script).enumerate() {
             if script.is_empty() {
@@ -92,19 +92,26 @@ impl CheckRoutes {
         self.installed.clone_from(wanted);
     }
 
-    /// Writes every installed route again (`route replace`: nothing changes where they are
-    /// in place): the kernel removes routes through an interface that goes down or loses
-    /// its address, and nothing else would put them back. Failures are left to the next
+    /// Adds every installed route again where it is missing (`route add`: one in place is
+    /// refused, unchanged, and no route change is announced): the kernel removes routes
+    /// through an interface that goes down or loses its address, and nothing else would put
+    /// them back. In a thread of its own, not waited for: with thousands of backends the
+    /// `ip` run is long, and the daemon's lock is held here. What fails is left to the next
     /// time (the table's unreachable default meanwhile fails the checks).
     pub fn reassert(&self) {
         let mut script = [String::new(), String::new()];
         for (id, route) in &self.installed {
-            write_routes(&mut script[usize::from(route.0.is_ipv6())], *id, route);
+            write_routes(&mut script[usize::from(route.0.is_ipv6())], *id, route, "add");
         }
-        for (family, script) in ["-4", "-6"].iter().zip(&script) {
-            if !script.is_empty() {
-                let _ = run_batch(family, script, true);
+        let run = move || {
+            for (family, script) in ["-4", "-6"].iter().zip(&script) {
+                if !script.is_empty() {
+                    run_quiet(family, script);
+                }
             }
+        };
+        if let Err(error) = std::thread::Builder::new().name("check-routes".into()).spawn(run) {
+            debug!(%error, "cannot start the thread that adds check routes again");
         }
     }
 
@@ -163,14 +170,31 @@ fn remove_stale(families: &[&str]) {
 /// default, so that a check whose route is missing (its interface down) fails instead of
 /// going by the main table, to whatever answers the service address there (another
 /// backend, through this host's own data path).
-fn write_routes(script: &mut String, id: u32, (backend, vips): &CheckRoute) {
+fn write_routes(script: &mut String, id: u32, (backend, vips): &CheckRoute, verb: &str) {
     let m = mark(id);
     let len = if backend.is_ipv4() { 32 } else { 128 };
-    let _ = writeln!(script, "route replace unreachable default table {m}");
-    let _ = writeln!(script, "route replace throw {backend}/{len} table {m}");
+    let _ = writeln!(script, "route {verb} unreachable default table {m}");
+    let _ = writeln!(script, "route {verb} throw {backend}/{len} table {m}");
     for vip in vips.iter().filter(|v| v.is_ipv6() == backend.is_ipv6()) {
         let len = if vip.is_ipv4() { 32 } else { 128 };
-        let _ = writeln!(script, "route replace {vip}/{len} via {backend} table {m}");
+        let _ = writeln!(script, "route {verb} {vip}/{len} via {backend} table {m}");
+    }
+}
+
+/// Runs an `ip` batch whose refusals are expected (routes already in place).
+fn run_quiet(family: &str, script: &str) {
+    let child = Command::new("ip")
+        .args([family, "-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let result = child.and_then(|mut child| {
+        child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
+        child.wait()
+    });
+    if let Err(error) = result {
+        debug!(family, %error, "cannot run ip to add check routes again");
     }
 }
 
@@ -264,7 +288,16 @@ mod tests {
 
         ip(&["addr", "add", "198.18.1.1/24", "dev", "d0"]);
         routes.reassert();
-        assert_eq!(ip(&["-4", "route", "show", "table", &table]), routed);
+        // In a thread of its own: at most 10 s.
+        let mut back = String::new();
+        for _ in 0..200 {
+            back = ip(&["-4", "route", "show", "table", &table]);
+            if back == routed {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(back, routed);
         // The backend's own address goes by the main table (its checks of NAT services
         // come from the same marked sockets), not into the unreachable default.
         let own = lookup("198.18.1.11");

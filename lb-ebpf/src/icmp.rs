@@ -25,7 +25,7 @@ use lb_common::{
     Action, FlowKey, Reason,
     conntrack::{FLOW_NAT, FLOW_REPLY, FLOW_SEQ_ADJ, FLOW_SYN_PROXY},
     csum::{replace_u16, replace_u32, replace_u128},
-    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN},
+    net::{IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN},
     service::{SERVICE_NAT, ServiceKey},
 };
 
@@ -79,7 +79,7 @@ fn try_translate_error(
     // The quoted packet went from the NAT source to the backend: its reply entry is keyed the
     // other way round.
     // Every `not_service` below comes before the packet changes (see `nat::try_icmp_error`).
-    let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
+    let inner_l4 = quoted_key(ctx, packet, &mut buf.key, false)?;
     // It must have come from the NAT source address the error went to.
     let (from, to) = (&buf.key.dst, &packet.dst);
     if from[0] != to[0] || from[1] != to[1] || from[2] != to[2] || from[3] != to[3] {
@@ -128,7 +128,10 @@ fn try_error_to_backend(
 ) -> Result<Action, Reason> {
     // The quoted packet went from the service to the client: the flow's forward entry is
     // keyed the other way round. It must have come from the address the error went to.
-    let inner_l4 = quoted_key(ctx, packet, &mut buf.key)?;
+    // A fragment quoted: only a DSR flow's (passed on whole); a NAT flow's packets carry no
+    // extension headers (dropped both ways), and its quoted headers are rewritten.
+    let inner_l4 = quoted_key(ctx, packet, &mut buf.key, true)?;
+    let fragment = inner_l4 != packet.l4_off + 8 + IPV6_HLEN && packet.family == Family::V6;
     let key = &buf.key;
     let (from, to) = (&key.dst, &packet.dst);
     if from[0] != to[0] || from[1] != to[1] || from[2] != to[2] || from[3] != to[3] {
@@ -148,6 +151,9 @@ fn try_error_to_backend(
     };
     if e.flags & FLOW_NAT == 0 {
         return forward::send_dsr(ctx, e.service_id, e.backend_id, false);
+    }
+    if fragment {
+        return Err(Reason::NotService);
     }
     let (backend, backend_port) = backend_at(e.backend_id, key.dport)?;
     // Only while the flow still holds its NAT port: once another flow has taken it over (the
@@ -201,9 +207,16 @@ fn to_table_backend(ctx: &XdpContext, key: &FlowKey) -> Outcome {
 
 /// Writes the key of the quoted packet's flow, its addresses and ports swapped, to `key`:
 /// `key.dst` is the quoted source and `key.src` the quoted destination. Returns the offset
-/// of the quoted L4 header; only TCP and UDP are quoted flows.
+/// of the quoted L4 header; only TCP and UDP are quoted flows. With `fragment_ok`, a quoted
+/// IPv6 first fragment (a fragment header with offset 0: a DSR backend's UDP answer larger
+/// than the path, fragmented at its source) is read through its fragment header.
 #[inline(always)]
-fn quoted_key(ctx: &XdpContext, packet: &Packet, key: &mut FlowKey) -> Result<usize, Reason> {
+fn quoted_key(
+    ctx: &XdpContext,
+    packet: &Packet,
+    key: &mut FlowKey,
+    fragment_ok: bool,
+) -> Result<usize, Reason> {
     let inner_off = packet.l4_off + 8;
     key.family = packet.family as u8;
     key._pad = 0;
@@ -227,7 +240,19 @@ fn quoted_key(ctx: &XdpContext, packet: &Packet, key: &mut FlowKey) -> Result<us
         key.dst = words(&ip.src);
         key.src = words(&ip.dst);
         key.proto = ip.next_header;
-        inner_off + IPV6_HLEN
+        if fragment_ok && key.proto == IPPROTO_FRAGMENT {
+            // Next header, reserved, offset (13 bits) and flags, identification.
+            let frag: *mut [u8; 8] = ptr_at_mut(ctx, inner_off + IPV6_HLEN)?;
+            // SAFETY: checked by ptr_at_mut.
+            let frag = unsafe { &*frag };
+            if u16::from_be_bytes([frag[2], frag[3]]) >> 3 != 0 {
+                return Err(Reason::NotService);
+            }
+            key.proto = frag[0];
+            inner_off + IPV6_HLEN + 8
+        } else {
+            inner_off + IPV6_HLEN
+        }
     };
     if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
         return Err(Reason::NotService);

@@ -2079,6 +2079,40 @@ fn icmp_errors_to_a_service_reach_the_flows_backend() {
                 chosen.insert(backend);
             }
             assert!(mode == "nat" || chosen.len() == 2, "{name}: both backends seen: {chosen:?}");
+            // A DSR backend's IPv6 UDP answer larger than the path, fragmented at its source:
+            // the error quotes the first fragment (a fragment header, offset 0), and reaches
+            // the flow's backend, as it came; a later fragment has no ports.
+            if v6 && mode == "dsr" {
+                lb.bed.run(&client_packet(client, vip, IPPROTO_UDP, 48_300, 80).build()).unwrap();
+                let (backend, _, _) = lb.flow_of(client, 48_300, vip, 80, IPPROTO_UDP);
+                let fragment = |offset: u16, more: bool| {
+                    Packet::ipv6(VIP6, CLIENT6)
+                        .ext_header(ExtHeader::Fragment { offset, more, id: 7 })
+                        .udp(80, 48_300)
+                        .payload(&[0x5a; 64])
+                        .build()
+                };
+                let first = too_big_to_service(&fragment(0, true)[14..]);
+                let mut expected = first.clone();
+                expected[..6].copy_from_slice(&backend_mac(backend));
+                expected[6..12].copy_from_slice(&EGRESS_MAC);
+                lb.bed
+                    .check_all(&[
+                        Case {
+                            description: format!("{name}: quoting a first fragment"),
+                            input: first,
+                            verdict: Action::Tx,
+                            reason: None,
+                            output: Output::Frame(expected),
+                        },
+                        Case::pass(
+                            format!("{name}: quoting a later fragment"),
+                            too_big_to_service(&fragment(1400, false)[14..]),
+                            Reason::NotService,
+                        ),
+                    ])
+                    .unwrap();
+            }
             // A quoted later fragment has no ports: not read as a flow's.
             if !v6 {
                 let fragment = Packet::ipv4(VIP4, CLIENT4)

@@ -32,7 +32,7 @@ fn error_responses() -> Value {
 
 fn change_response(status: &str) -> Value {
     let mut responses = error_responses();
-    responses[status] = json!({ "description": "Applied and written back to the configuration file.", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ChangeResult" } } } });
+    responses[status] = json!({ "description": "Applied and written back to the configuration file (a change asking for what is already so: nothing applied, nothing written).", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ChangeResult" } } } });
     responses
 }
 
@@ -124,7 +124,7 @@ pub fn document_value() -> Value {
                 "responses": change_response("200") } },
             "/v1/firewall": { "get": { "summary": "The firewall: policy, audit mode, active generation, per-rule hit counters, default-policy and would-drop counters, prefix counts.", "responses": ok(json!({ "$ref": "#/components/schemas/Firewall" })) } },
             "/v1/reload": { "post": { "summary": "Re-read the configuration file and apply it (rejected files change nothing).", "responses": change_response("200") } },
-            "/v1/openapi.json": { "get": { "summary": "This document.", "responses": { "200": { "description": "OK", "content": { "application/json": { "schema": { "type": "object" } } } }, "401": { "description": "Missing or wrong bearer token." } } } },
+            "/v1/openapi.json": { "get": { "summary": "This document.", "responses": { "200": { "description": "OK", "content": { "application/json": { "schema": { "type": "object" } } } }, "400": { "description": "A query string (this endpoint takes none)." }, "401": { "description": "Missing or wrong bearer token." } } } },
             "/metrics": { "get": { "summary": "Metrics: OpenMetrics 1.0 when Accept asks for it, else the Prometheus text format 0.0.4.", "responses": { "200": { "description": "OK", "content": { "application/openmetrics-text": {}, "text/plain": {} } }, "401": { "description": "Missing or wrong bearer token." } } } }
         }
     })

@@ -6,6 +6,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
     programs::XdpContext,
 };
 use lb_common::{
@@ -22,9 +23,12 @@ use crate::{
     select::StaleNat,
 };
 
-/// NAT source ports tried for a new flow before giving up. Probes are random, so with a
-/// fraction f of a backend's ports in use all of them collide with probability f^16: below
-/// one in a million while a backend holds under 40% of the range.
+/// NAT source ports tried for a new flow before giving up. The first probe is the tuple's
+/// own (two CPUs opening one tuple at once meet on it), the others random at each attempt,
+/// so with a fraction f of a backend's ports in use all of them collide with probability
+/// about f^16 (below one in a million while a backend holds under 40% of the range), and a
+/// retransmitted SYN draws again: a tuple whose probes all met taken ports is not refused
+/// for as long as it tries, while free ports remain.
 const NAT_PORT_ATTEMPTS: u32 = 16;
 /// Seed tweak so the NAT port probe sequence is independent of the backend choice.
 const NAT_PORT_SEED: u32 = 0x5bd1_e995;
@@ -210,9 +214,17 @@ fn try_open_nat(
     }
     let range = max - min + 1;
     let start = flow_hash(key, g.hash_seed ^ NAT_PORT_SEED, false);
+    let mut salt = 0;
     for attempt in 0..NAT_PORT_ATTEMPTS {
-        // Probes spread over the range with a large odd stride.
-        let port = min + scale(start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)), range);
+        if attempt == 1 {
+            // SAFETY: a helper without arguments.
+            salt = unsafe { bpf_get_prandom_u32() };
+        }
+        // Probes spread over the range with a large odd stride, from the second on drawn
+        // afresh for each packet (two CPUs racing past the first port may take two ports:
+        // the forward entry's insert makes the loser follow the winner, its reply entry
+        // left to expire).
+        let port = min + scale(start.wrapping_add(attempt.wrapping_mul(0x9e37_79b9)) ^ salt, range);
         let raw_port = (port as u16).to_be();
         buf.key.dport = raw_port;
         buf.flow.nat_port = raw_port;

@@ -3555,3 +3555,38 @@ fn a_young_cookie_connection_s_own_ack_after_a_forged_syn_is_not_a_new_connectio
     assert_eq!(again.verdict, Some(Action::Tx));
     assert_eq!(again.output[14 + 20 + 13], tcp_flags::SYN | tcp_flags::ACK, "a cookie SYN-ACK");
 }
+
+#[test]
+fn a_tuple_whose_port_probes_met_taken_ports_finds_the_free_one_by_trying_again() {
+    // A hundred NAT ports to one backend, ninety-nine of them held: a new tuple's sixteen
+    // probes miss the one free port most of the time. Its retransmitted SYN must draw other
+    // ports (not walk the same sixteen again, refused for as long as it tries). Eight
+    // tuples in turn, each freed after it got the port: with fixed probes, all eight would
+    // have to have the free port among their own by chance.
+    let config = one_port_nat_config().replace("20000-20000", "20000-20099");
+    let Some(mut lb) = Lb::new("probes_draw_again", &config, &[]) else { return };
+    let syn = |cport: u16| Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(tcp_flags::SYN).build();
+    let key = |cport: u16| {
+        lb_common::FlowKey::new((CLIENT4, cport).into(), (VIP4, 80).into(), IPPROTO_TCP)
+    };
+    let mut held = 0;
+    for cport in 30_000..35_000u16 {
+        if held == 99 {
+            break;
+        }
+        if lb.bed.run(&syn(cport)).unwrap().verdict == Some(Action::Tx) {
+            held += 1;
+        }
+    }
+    assert_eq!(held, 99, "ninety-nine ports held");
+    for cport in 40_000..40_008u16 {
+        let took = (0..150).any(|_| lb.bed.run(&syn(cport)).unwrap().verdict == Some(Action::Tx));
+        assert!(took, "client port {cport}: the free port never found in 150 SYNs");
+        // Free the port again for the next tuple: the flow's two entries go.
+        let (_, bport, nat_port) = lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+        let backend = Ipv4Addr::new(198, 18, 1, 11);
+        let reply =
+            lb_common::FlowKey::new((backend, bport).into(), (NAT4, nat_port).into(), IPPROTO_TCP);
+        assert_eq!(lb.bed.datapath.maps_mut().conntrack.evict(vec![key(cport), reply]), 2);
+    }
+}

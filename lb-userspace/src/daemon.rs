@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     Balancer, Config, Datapath,
@@ -100,6 +100,9 @@ pub struct Daemon {
     started: Instant,
     /// TLS-passthrough services (started with the first one).
     pub passthrough: Passthrough,
+    /// Cuts of removed services' flows (their ids) and of flows using addresses taken away
+    /// that failed, tried again at each sweep (see [`Daemon::retry_service_cuts`]).
+    pending_cuts: Option<(Vec<u32>, bool)>,
 }
 
 /// A configuration file and the text read from it, which the configuration was parsed from.
@@ -189,10 +192,14 @@ impl Daemon {
         }
         reserve_nat_ports(&config.daemon.pin_dir, &[&config], true);
         // Services removed or changed while lbd was down: their flows stop now, as on a
-        // reload (a failure leaves them to idle out: no reason to refuse to start).
-        if let Err(error) = cut_service_flows(&mut datapath, &balancer, &summary) {
-            warn!(%error, "cutting the flows of services removed or changed while lbd was down failed");
-        }
+        // reload (a failure is tried again at each sweep: no reason to refuse to start).
+        let pending_cuts = match cut_service_flows(&mut datapath, &balancer, &summary) {
+            Ok(()) => None,
+            Err(error) => {
+                warn!(%error, "cutting the flows of services removed or changed while lbd was down failed; trying again at each sweep");
+                Some((summary.removed_service_ids.clone(), summary.addresses_gone))
+            }
+        };
         lifecycle.installed(&effective, panicking);
         balancer
             .mark_down(&down_at_start, datapath.maps_mut())
@@ -241,6 +248,7 @@ impl Daemon {
             last_tick: None,
             started: Instant::now(),
             passthrough,
+            pending_cuts,
         })
     }
 
@@ -479,6 +487,7 @@ impl Daemon {
     /// the timeouts the data path has (`GLOBALS`), not the configuration's: a change that
     /// failed after writing them must not make the two judge entries differently.
     pub fn sweep(&mut self) {
+        self.retry_service_cuts();
         let clock = match self.datapath.flow_clock() {
             Ok(clock) => clock,
             Err(error) => {
@@ -679,10 +688,37 @@ impl Daemon {
     }
 
     /// Cuts the flows of services a change removed, and those using an address it took
-    /// away (see [`cut_service_flows`]).
+    /// away (see [`cut_service_flows`]); a failure is tried again at each sweep.
     fn cut_service_flows(&mut self, summary: &ApplySummary) {
         if let Err(error) = cut_service_flows(&mut self.datapath, &self.balancer, summary) {
-            warn!(%error, "cutting flows of removed or changed services failed");
+            warn!(%error, "cutting flows of removed or changed services failed; trying again at each sweep");
+            let (ids, gone) = self.pending_cuts.get_or_insert_with(|| (Vec::new(), false));
+            ids.extend(&summary.removed_service_ids);
+            *gone |= summary.addresses_gone;
+        }
+    }
+
+    /// Tries again the cuts that failed: a removed service's established flows would go on
+    /// to its backends until they idle out (hours), keeping their backends retired. A
+    /// removed id a service has taken since is left out: its old flows cannot be told from
+    /// the new service's, and idle out.
+    fn retry_service_cuts(&mut self) {
+        let Some((mut ids, addresses_gone)) = self.pending_cuts.take() else { return };
+        let in_use: HashSet<u32> = self.balancer.services().map(|(_, id)| id).collect();
+        ids.retain(|id| !in_use.contains(id));
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() && !addresses_gone {
+            return;
+        }
+        let summary =
+            ApplySummary { removed_service_ids: ids, addresses_gone, ..ApplySummary::default() };
+        match cut_service_flows(&mut self.datapath, &self.balancer, &summary) {
+            Ok(()) => info!("the flows of removed or changed services are cut, tried again"),
+            Err(error) => {
+                debug!(%error, "cutting flows of removed or changed services failed again");
+                self.pending_cuts = Some((summary.removed_service_ids, addresses_gone));
+            }
         }
     }
 

@@ -147,7 +147,7 @@ pub fn keep(packet: &Packet, e: &mut Flow, g: &Globals, now: u64) -> Option<(u8,
     }
     if refresh {
         // Back from a reset: no longer a tuple a SYN got a cookie for.
-        if state != FlowState::Closed as u8 && state != FlowState::Closing as u8 {
+        if !closed(state) {
             e.flags &= !FLOW_COOKIE_REOPEN;
         }
         e.state = state;

@@ -183,32 +183,25 @@ fn write_routes(script: &mut String, id: u32, (backend, vips): &CheckRoute, verb
 
 /// Runs an `ip` batch whose refusals are expected (routes already in place).
 fn run_quiet(family: &str, script: &str) {
-    let child = Command::new("ip")
-        .args([family, "-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let result = child.and_then(|mut child| {
-        child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
-        child.wait()
-    });
-    if let Err(error) = result {
+    if let Err(error) = ip_batch(family, script) {
         debug!(family, %error, "cannot run ip to add check routes again");
     }
 }
 
-fn run_batch(family: &str, script: &str, again: bool) -> bool {
-    let child = Command::new("ip")
+/// Runs `script` through `ip -force -batch` for `family`; its standard error is captured.
+fn ip_batch(family: &str, script: &str) -> std::io::Result<std::process::Output> {
+    let mut child = Command::new("ip")
         .args([family, "-force", "-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn();
-    let result = child.and_then(|mut child| {
-        child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
-        child.wait_with_output()
-    });
+        .spawn()?;
+    child.stdin.take().expect("piped stdin").write_all(script.as_bytes())?;
+    child.wait_with_output()
+}
+
+fn run_batch(family: &str, script: &str, again: bool) -> bool {
+    let result = ip_batch(family, script);
     let error = match result {
         Ok(output) if output.status.success() => return true,
         Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),

@@ -116,19 +116,10 @@ impl Lb {
     /// Applies `toml` (pools and services) as a reload would; every backend's next hop is
     /// the ingress interface.
     fn reapply(&mut self, toml: &str) {
-        let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
-        let hops = config
-            .pools
-            .iter()
-            .flat_map(|p| &p.backends)
-            .map(|b| (*b.address.get_ref(), on_link_hop(*b.address.get_ref())))
-            .collect();
-        let mut resolver = StaticResolver(hops);
-        self.balancer.apply(&config, self.bed.datapath.maps_mut(), &mut resolver).unwrap();
-        self.config = config;
+        self.try_apply(toml).unwrap();
     }
 
-    /// Applies `toml` as [`Lb::reapply`] does, returning the error of an apply that fails.
+    /// [`Lb::reapply`], returning the error of an apply that fails.
     fn try_apply(&mut self, toml: &str) -> anyhow::Result<()> {
         let config = Config::parse(&format!("{INTERFACE}{toml}"), "fixture").unwrap();
         let hops = config
@@ -141,6 +132,30 @@ impl Lb {
         self.balancer.apply(&config, self.bed.datapath.maps_mut(), &mut resolver)?;
         self.config = config;
         Ok(())
+    }
+
+    /// Opens a cookie connection from client port `cport` (IPv4, initial sequence number
+    /// `isn`) to the NAT service: SYN, cookie SYN-ACK, cookie ACK (the backend's SYN), and
+    /// the backend's SYN-ACK with sequence number 5000. Returns the cookie and the flow
+    /// (backend, its port, NAT port).
+    fn cookie_connection(&mut self, cport: u16, isn: u32) -> (u32, (IpAddr, u16, u16)) {
+        let client = |flags: u8, seq: u32, ack: u32| {
+            Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).build()
+        };
+        let answer = self.bed.run(&client(tcp_flags::SYN, isn, 0)).unwrap();
+        assert_eq!(answer.verdict, Some(Action::Tx), "the cookie SYN-ACK");
+        let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
+        let opened = self.bed.run(&client(tcp_flags::ACK, isn + 1, cookie.wrapping_add(1)));
+        assert_eq!(opened.unwrap().verdict, Some(Action::Tx), "the cookie ACK opens the flow");
+        let flow = self.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
+        let (backend, bport, nat_port) = flow;
+        let syn_ack = Packet::ipv4(ip4(backend), NAT4)
+            .tcp(bport, nat_port)
+            .flags(tcp_flags::SYN | tcp_flags::ACK)
+            .seq_ack(5000, isn + 1)
+            .build();
+        assert_eq!(self.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx), "the backend's");
+        (cookie, flow)
     }
 
     /// Changes the data path's globals (timeouts, refresh interval) as `f` says.
@@ -3129,18 +3144,7 @@ fn a_forged_reset_and_syn_do_not_end_a_connection_while_cookies_are_on() {
             .payload(b"x")
             .build()
     };
-    let answer = lb.bed.run(&client(tcp_flags::SYN, 100, 0)).unwrap();
-    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
-    let ack = lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap();
-    assert_eq!(ack.verdict, Some(Action::Tx), "the cookie ACK opens the flow");
-    let before = lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
-    let (backend, bport, nat_port) = before;
-    let syn_ack = Packet::ipv4(ip4(backend), NAT4)
-        .tcp(bport, nat_port)
-        .flags(tcp_flags::SYN | tcp_flags::ACK)
-        .seq_ack(5000, 101)
-        .build();
-    assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx));
+    let (cookie, before) = lb.cookie_connection(cport, 100);
     assert_eq!(
         lb.bed.run(&client(tcp_flags::ACK, 102, cookie + 1)).unwrap().verdict,
         Some(Action::Tx)
@@ -3524,20 +3528,7 @@ fn a_young_cookie_connection_s_own_ack_after_a_forged_syn_is_not_a_new_connectio
     let client = |flags: u8, seq: u32, ack: u32| {
         Packet::ipv4(CLIENT4, VIP4).tcp(cport, 80).flags(flags).seq_ack(seq, ack).build()
     };
-    let answer = lb.bed.run(&client(tcp_flags::SYN, 100, 0)).unwrap();
-    let (cookie, _) = tcp_seq_and_sport(&answer.output, false);
-    assert_eq!(
-        lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap().verdict,
-        Some(Action::Tx)
-    );
-    let before = lb.flow_of(CLIENT4.into(), cport, VIP4.into(), 80, IPPROTO_TCP);
-    let (backend, bport, nat_port) = before;
-    let syn_ack = Packet::ipv4(ip4(backend), NAT4)
-        .tcp(bport, nat_port)
-        .flags(tcp_flags::SYN | tcp_flags::ACK)
-        .seq_ack(5000, 101)
-        .build();
-    assert_eq!(lb.bed.run(&syn_ack).unwrap().verdict, Some(Action::Tx));
+    let (cookie, before) = lb.cookie_connection(cport, 100);
     assert_eq!(lb.bed.run(&client(tcp_flags::RST, 55_555, 0)).unwrap().verdict, Some(Action::Tx));
     assert_eq!(lb.bed.run(&client(tcp_flags::SYN, 66_666, 0)).unwrap().verdict, Some(Action::Tx));
     let own = lb.bed.run(&client(tcp_flags::ACK, 101, cookie.wrapping_add(1))).unwrap();

@@ -233,6 +233,23 @@ fn a_spoofed_syn_flood_neither_stops_clients_nor_fills_the_table() {
     daemon.finish();
 }
 
+/// The lab's configuration with `auto` SYN cookies on service web4, above 200 SYNs a second.
+fn auto_cookies_config() -> String {
+    let config = lab::lab_config(2, &[]).replace(
+        "[[service]]\nname = \"web4\"\n",
+        "[[service]]\nname = \"web4\"\nsyn_cookies = \"auto\"\nsyn_cookie_threshold = 200\n",
+    );
+    assert!(config.contains("syn_cookies = \"auto\""));
+    config
+}
+
+/// Service web4's value of the metric family `name`, as lbd exports it now.
+fn web4_metric(lab: &Lab, name: &str) -> Option<u64> {
+    let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).ok()?;
+    let prefix = format!("{name}{{service=\"web4\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
 #[test]
 fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
     // `syn_cookies = "auto"`: the daemon switches a service's cookies on when its SYN rate
@@ -242,19 +259,8 @@ fn auto_syn_cookies_go_on_under_a_flood_and_off_after_it() {
         return;
     }
     let lab = Lab::create(2).unwrap();
-    let config = lab::lab_config(2, &[]).replace(
-        "[[service]]\nname = \"web4\"\n",
-        "[[service]]\nname = \"web4\"\nsyn_cookies = \"auto\"\nsyn_cookie_threshold = 200\n",
-    );
-    assert!(config.contains("syn_cookies = \"auto\""));
-    let daemon = LabDaemon::start(&lab, &config);
-    let active = || -> Option<u64> {
-        let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).ok()?;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("lb_service_syn_cookies_active{service=\"web4\"} "))
-            .and_then(|v| v.trim().parse().ok())
-    };
+    let daemon = LabDaemon::start(&lab, &auto_cookies_config());
+    let active = || web4_metric(&lab, "lb_service_syn_cookies_active");
     assert_eq!(active(), Some(0), "cookies on before any flood");
     // About 2,000 spoofed SYNs a second for 3 s: ten times the threshold.
     let sent = spoofed_syns(&lab, flood(6000, Duration::from_micros(500), 0xf100d));
@@ -280,17 +286,8 @@ fn auto_syn_cookies_stay_on_as_long_as_a_spoofed_ack_flood_lasts() {
         return;
     }
     let lab = Lab::create(2).unwrap();
-    let config = lab::lab_config(2, &[]).replace(
-        "[[service]]\nname = \"web4\"\n",
-        "[[service]]\nname = \"web4\"\nsyn_cookies = \"auto\"\nsyn_cookie_threshold = 200\n",
-    );
-    assert!(config.contains("syn_cookies = \"auto\""));
-    let daemon = LabDaemon::start(&lab, &config);
-    let metric = |name: &str| -> Option<u64> {
-        let metrics = lab.lb.exec(&["curl", "-sS", "http://127.0.0.1:7070/metrics"]).ok()?;
-        let prefix = format!("{name}{{service=\"web4\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
-    };
+    let daemon = LabDaemon::start(&lab, &auto_cookies_config());
+    let metric = |name: &str| web4_metric(&lab, name);
     assert_eq!(metric("lb_service_syn_cookies_active"), Some(0), "cookies on before any flood");
     // About 2,000 spoofed ACKs a second (ten times the threshold) for 18 s: longer than the
     // second or two cookies take to go on plus the ten-second calm period.

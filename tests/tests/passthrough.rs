@@ -590,11 +590,11 @@ fn proxy_protocol_and_resets(setup: &Setup, hello: &[u8]) {
     assert_eq!(head[28], 0x16, "the hello follows the header");
 }
 
-/// A connection to `target` sending `hello` (www.example.com's, routed to tls-www), once
-/// backend-1 has answered through it: a running relay, with a 10 s read timeout.
-fn relay_to_backend_1(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStream {
+/// A connection from the client to `target` that has sent `hello` (www.example.com's,
+/// routed to tls-www), with a 10 s read timeout.
+fn send_hello_from_client(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStream {
     let hello = hello.to_vec();
-    let mut conn = setup
+    setup
         .lab
         .client
         .enter(move || {
@@ -603,7 +603,12 @@ fn relay_to_backend_1(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStr
             conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             conn
         })
-        .unwrap();
+        .unwrap()
+}
+
+/// [`send_hello_from_client`], once backend-1 has answered through it: a running relay.
+fn relay_to_backend_1(setup: &Setup, target: SocketAddr, hello: &[u8]) -> TcpStream {
+    let mut conn = send_hello_from_client(setup, target, hello);
     let mut answer = Vec::new();
     let mut chunk = [0u8; 4096];
     while !contains(&answer, b"backend-1") {
@@ -676,17 +681,7 @@ fn a_backend_disabled_while_a_connection_connects_to_it_cuts_that_connection(
          add rule inet hold input tcp dport {S_SERVER_PORT} tcp flags & (syn | ack) == syn drop"
     );
     backend.exec(&["nft", &hold]).unwrap();
-    let hello = hello.to_vec();
-    let mut conn = setup
-        .lab
-        .client
-        .enter(move || {
-            let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
-            conn.write_all(&hello).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            conn
-        })
-        .unwrap();
+    let mut conn = send_hello_from_client(setup, target, hello);
     // Routed and connecting: pending until the backend answers.
     let connecting = wait_for(Duration::from_secs(2), || {
         (setup.metric("lb_passthrough_pending_handshakes{service=\"tls4\"}") == 1).then_some(())
